@@ -1,0 +1,19 @@
+//! The topology: which hosts exist, which roles each one holds, which ports the services use,
+//! the health-check and alert settings, and the firewall policy compiled from all of that.
+//!
+//! This crate owns the model and its validation (raw TOML → [`Topology`], with errors that
+//! name the file, the key and the fix). It never opens a socket, spawns a process or touches
+//! the disk beyond reading the one file it is asked to load.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod model;
+mod policy;
+mod raw;
+
+pub use error::ConfigError;
+pub use model::{
+    AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site, Topology, DEFAULT_TOML,
+};
+pub use policy::{Policy, Rule, Service, Sources};

@@ -1,0 +1,786 @@
+//! The validated topology. Defaults live here, once, documented on their fields.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Serialize, Serializer};
+
+use crate::raw::{RawHost, RawTopology};
+use crate::ConfigError;
+
+/// The default topology as TOML: the reference design for `www.foobar.com` on one machine.
+/// `rampart init` writes exactly this text to `rampart.toml`.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+const BUILT_IN: &str = "<built-in default>";
+
+/// A role a host can hold. A host holds any set of roles; one `rampart node` process per host
+/// runs them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// The load balancer: HTTPS/HTTP listeners, the site certificate, health checks.
+    Lb,
+    /// The web server: application files, `/healthz`, `/api` to the application.
+    Web,
+    /// The application server (the guestbook), mounted under `/api` of the web server.
+    App,
+    /// The MariaDB primary (accepts writes).
+    DbPrimary,
+    /// A MariaDB replica (serves reads, replicates from the primary with GTID).
+    DbReplica,
+    /// The monitoring service: ingest, series store, alert rules, dashboard, API.
+    Monitor,
+    /// The monitoring client: procfs and role metrics, `/metrics`, push to the monitor.
+    Agent,
+}
+
+impl Role {
+    /// Every role, in the order `rampart node` starts them (databases before the
+    /// application that uses them, backends before the load balancer).
+    pub const ALL: [Role; 7] = [
+        Role::DbPrimary,
+        Role::DbReplica,
+        Role::Monitor,
+        Role::App,
+        Role::Web,
+        Role::Lb,
+        Role::Agent,
+    ];
+
+    /// The name used in TOML and in `rampart status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Lb => "lb",
+            Role::Web => "web",
+            Role::App => "app",
+            Role::DbPrimary => "db-primary",
+            Role::DbReplica => "db-replica",
+            Role::Monitor => "monitor",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or(())
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The public site served by the load balancer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Site {
+    /// The name on the certificate and in the URL. Default `www.foobar.com`.
+    pub domain: String,
+    /// Further names on the site certificate. Default `["foobar.com"]`.
+    pub aliases: Vec<String>,
+    /// HTTPS listener port. `None` (the default) means 443 where the process may bind it,
+    /// otherwise 8443; `rampart up` resolves it before starting nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_port: Option<u16>,
+    /// HTTP listener port (it only redirects to HTTPS). `None` means 80 where permitted,
+    /// otherwise 8080.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
+    /// The reference design's insecure variant: LB→web in clear HTTP instead of mutual TLS.
+    /// Default `false`; only for showing and measuring the difference.
+    pub plain_backends: bool,
+}
+
+/// Service ports. Every host has its own address, so hosts share port numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ports {
+    /// Web server listener (mutual TLS from the load balancer). Default 9443.
+    pub web: u16,
+    /// Monitoring agent `/metrics` listener (HTTPS, mutual TLS). Default 9100.
+    pub agent: u16,
+    /// MariaDB listener (behind the firewall relay in loopback mode). Default 3306.
+    pub mysql: u16,
+    /// Loopback mode only: the replica host's outbound relay that gives replication traffic
+    /// its host's source address. Default 3307.
+    pub mysql_egress: u16,
+    /// Monitoring service listener: agent push, dashboard and API (HTTPS, mutual TLS).
+    /// Default 9090.
+    pub ingest: u16,
+}
+
+/// Active health checks from the load balancer to each backend (Pingora/HAProxy style:
+/// `rise` consecutive successes mark a backend up, `fall` consecutive failures mark it down).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    /// Path requested with `GET`. Default `/healthz`.
+    pub path: String,
+    /// Milliseconds between checks. Default 1000.
+    pub interval_ms: u64,
+    /// Milliseconds before a check counts as failed. Default 1000.
+    pub timeout_ms: u64,
+    /// Consecutive successes to mark a backend up. Default 2.
+    pub rise: u32,
+    /// Consecutive failures to mark a backend down. Default 3.
+    pub fall: u32,
+}
+
+/// The QPS alert: fires when a server's request rate stays above `threshold_rps` for
+/// `for_seconds`, resolves once it is at or below `clear_rps`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertRule {
+    /// Requests per second above which the rule is pending. Default 100.
+    pub threshold_rps: f64,
+    /// Seconds the condition must hold before the alert fires. Default 10.
+    pub for_seconds: u64,
+    /// Requests per second at or below which a firing alert resolves (hysteresis against
+    /// flapping). Default 80 % of the threshold.
+    pub clear_rps: f64,
+    /// Seconds of samples the rate is computed over. Default 10.
+    pub window_seconds: u64,
+}
+
+/// Which database engine the data tier uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbEngine {
+    /// MariaDB when `mariadbd` is installed, SQLite otherwise (the default).
+    Auto,
+    /// MariaDB, an error when it is not installed.
+    Mariadb,
+    /// The embedded SQLite store: no replication.
+    Sqlite,
+}
+
+/// Database settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Database {
+    /// Engine choice. Default `auto`.
+    pub engine: DbEngine,
+    /// Schema (database) name used by the application. Default `foobar`.
+    pub name: String,
+}
+
+/// One host of the topology.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Host {
+    /// Host name, a DNS label such as `web-01`.
+    pub name: String,
+    /// The host's own address. In loopback mode an address in 127.0.0.0/8.
+    pub address: IpAddr,
+    /// Roles, sorted and de-duplicated.
+    pub roles: Vec<Role>,
+}
+
+impl Host {
+    /// Whether this host holds `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct FirewallOut {
+    operator_sources: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct AlertsOut<'a> {
+    qps: &'a AlertRule,
+}
+
+/// A validated topology. Build one with [`Topology::load`], [`Topology::parse`] or
+/// [`Topology::default_topology`]; every invariant below holds for any value of this type:
+/// host names and addresses are unique; exactly one host has `monitor` if any has `agent`;
+/// at least one `lb` and one `web`; `app` only on `web` hosts; at most one `db-primary`, and
+/// replicas only with a primary; `clear_rps < threshold_rps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// The public site.
+    pub site: Site,
+    /// Service ports.
+    pub ports: Ports,
+    /// Load balancer health checks.
+    pub health_check: HealthCheck,
+    /// The QPS alert rule.
+    pub qps_alert: AlertRule,
+    /// Database settings.
+    pub database: Database,
+    /// Sources allowed to reach operator-facing ports (monitor API/dashboard, agents'
+    /// `/metrics`) besides the hosts that need them. Default `127.0.0.1/32` (the operator's
+    /// shell on this machine).
+    pub operator_sources: Vec<IpNet>,
+    /// Hosts, in file order.
+    pub hosts: Vec<Host>,
+}
+
+impl Topology {
+    /// The built-in default topology (the text of [`DEFAULT_TOML`]).
+    pub fn default_topology() -> Topology {
+        // The built-in text is covered by a unit test, so this cannot fail at run time.
+        Topology::parse(DEFAULT_TOML, BUILT_IN).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Reads and validates a topology file.
+    ///
+    /// Errors: the file cannot be read, is not TOML, has an unknown key, or breaks an
+    /// invariant of [`Topology`]; each error names `path`, the key and the fix.
+    pub fn load(path: &Path) -> Result<Topology, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                &name,
+                "(file)",
+                format!("cannot read the topology: {e}"),
+                "pass an existing file with -f, or run `rampart init` to write the default",
+            )
+        })?;
+        Topology::parse(&text, &name)
+    }
+
+    /// Parses and validates topology TOML; `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Topology, ConfigError> {
+        let raw: RawTopology = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let mut err = ConfigError::new(
+                file,
+                "(syntax)",
+                e.message().trim().to_string(),
+                "correct the TOML at that line; `rampart init` writes a valid example",
+            );
+            err.line = line;
+            err
+        })?;
+        validate(raw, file)
+    }
+
+    /// The topology as TOML that [`Topology::parse`] reads back to an equal value.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            site: &'a Site,
+            ports: &'a Ports,
+            health_check: &'a HealthCheck,
+            alerts: AlertsOut<'a>,
+            database: &'a Database,
+            firewall: FirewallOut,
+            hosts: &'a [Host],
+        }
+        let out = Out {
+            site: &self.site,
+            ports: &self.ports,
+            health_check: &self.health_check,
+            alerts: AlertsOut {
+                qps: &self.qps_alert,
+            },
+            database: &self.database,
+            firewall: FirewallOut {
+                operator_sources: self
+                    .operator_sources
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+            },
+            hosts: &self.hosts,
+        };
+        toml::to_string(&out).unwrap_or_else(|e| panic!("topology serializes: {e}"))
+    }
+
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Hosts holding `role`, in file order.
+    pub fn hosts_with(&self, role: Role) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(move |h| h.has(role))
+    }
+
+    /// The host holding `db-primary`, if the topology has a database.
+    pub fn db_primary(&self) -> Option<&Host> {
+        self.hosts_with(Role::DbPrimary).next()
+    }
+
+    /// The host holding `monitor`, if any.
+    pub fn monitor(&self) -> Option<&Host> {
+        self.hosts_with(Role::Monitor).next()
+    }
+
+    /// HTTPS port, 443 when unresolved.
+    pub fn https_port(&self) -> u16 {
+        self.site.https_port.unwrap_or(443)
+    }
+
+    /// HTTP port, 80 when unresolved.
+    pub fn http_port(&self) -> u16 {
+        self.site.http_port.unwrap_or(80)
+    }
+}
+
+fn err(file: &str, key: impl Into<String>, reason: impl Into<String>, fix: &str) -> ConfigError {
+    ConfigError::new(file, key, reason, fix)
+}
+
+fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
+    let site = Site {
+        domain: raw.site.domain.unwrap_or_else(|| "www.foobar.com".into()),
+        aliases: raw
+            .site
+            .aliases
+            .unwrap_or_else(|| vec!["foobar.com".into()]),
+        https_port: raw.site.https_port,
+        http_port: raw.site.http_port,
+        plain_backends: raw.site.plain_backends.unwrap_or(false),
+    };
+    for (key, name) in std::iter::once(("site.domain".to_string(), &site.domain)).chain(
+        site.aliases
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("site.aliases[{i}]"), a)),
+    ) {
+        if !is_dns_name(name) {
+            return Err(err(
+                file,
+                key,
+                format!("{name:?} is not a DNS name"),
+                "use letters, digits, '-' and '.', e.g. \"www.foobar.com\"",
+            ));
+        }
+    }
+    for (key, port) in [
+        ("site.https_port", site.https_port),
+        ("site.http_port", site.http_port),
+    ] {
+        if port == Some(0) {
+            return Err(err(
+                file,
+                key,
+                "port 0",
+                "use a port from 1 to 65535, or remove the key for the default",
+            ));
+        }
+    }
+
+    let p = raw.ports;
+    let ports = Ports {
+        web: p.web.unwrap_or(9443),
+        agent: p.agent.unwrap_or(9100),
+        mysql: p.mysql.unwrap_or(3306),
+        mysql_egress: p.mysql_egress.unwrap_or(3307),
+        ingest: p.ingest.unwrap_or(9090),
+    };
+    for (key, port) in [
+        ("ports.web", ports.web),
+        ("ports.agent", ports.agent),
+        ("ports.mysql", ports.mysql),
+        ("ports.mysql_egress", ports.mysql_egress),
+        ("ports.ingest", ports.ingest),
+    ] {
+        if port == 0 {
+            return Err(err(file, key, "port 0", "use a port from 1 to 65535"));
+        }
+    }
+
+    let h = raw.health_check;
+    let health_check = HealthCheck {
+        path: h.path.unwrap_or_else(|| "/healthz".into()),
+        interval_ms: h.interval_ms.unwrap_or(1000),
+        timeout_ms: h.timeout_ms.unwrap_or(1000),
+        rise: h.rise.unwrap_or(2),
+        fall: h.fall.unwrap_or(3),
+    };
+    if !health_check.path.starts_with('/') {
+        return Err(err(
+            file,
+            "health_check.path",
+            "must start with '/'",
+            "e.g. path = \"/healthz\"",
+        ));
+    }
+    if health_check.interval_ms < 100 {
+        return Err(err(
+            file,
+            "health_check.interval_ms",
+            "below 100 ms",
+            "use at least 100",
+        ));
+    }
+    if health_check.timeout_ms == 0 {
+        return Err(err(
+            file,
+            "health_check.timeout_ms",
+            "must be positive",
+            "e.g. timeout_ms = 1000",
+        ));
+    }
+    if health_check.rise == 0 || health_check.fall == 0 {
+        return Err(err(
+            file,
+            "health_check.rise/fall",
+            "must be at least 1",
+            "e.g. rise = 2, fall = 3",
+        ));
+    }
+
+    let q = raw.alerts.qps.unwrap_or_default();
+    let threshold_rps = q.threshold_rps.unwrap_or(100.0);
+    if !(threshold_rps.is_finite() && threshold_rps > 0.0) {
+        return Err(err(
+            file,
+            "alerts.qps.threshold_rps",
+            "must be a positive number",
+            "e.g. threshold_rps = 100.0",
+        ));
+    }
+    let qps_alert = AlertRule {
+        threshold_rps,
+        for_seconds: q.for_seconds.unwrap_or(10),
+        clear_rps: q.clear_rps.unwrap_or(threshold_rps * 0.8),
+        window_seconds: q.window_seconds.unwrap_or(10),
+    };
+    if !(qps_alert.clear_rps.is_finite()
+        && qps_alert.clear_rps >= 0.0
+        && qps_alert.clear_rps < threshold_rps)
+    {
+        return Err(err(
+            file,
+            "alerts.qps.clear_rps",
+            format!("must be at least 0 and below threshold_rps ({threshold_rps})"),
+            "set it below the threshold, or remove it for 80 % of the threshold",
+        ));
+    }
+    if qps_alert.window_seconds == 0 {
+        return Err(err(
+            file,
+            "alerts.qps.window_seconds",
+            "must be at least 1",
+            "e.g. window_seconds = 10",
+        ));
+    }
+
+    let engine = match raw.database.engine.as_deref() {
+        None | Some("auto") => DbEngine::Auto,
+        Some("mariadb") => DbEngine::Mariadb,
+        Some("sqlite") => DbEngine::Sqlite,
+        Some(other) => {
+            return Err(err(
+                file,
+                "database.engine",
+                format!("unknown engine {other:?}"),
+                "use \"auto\", \"mariadb\" or \"sqlite\"",
+            ))
+        }
+    };
+    let db_name = raw.database.name.unwrap_or_else(|| "foobar".into());
+    if db_name.is_empty()
+        || db_name.len() > 64
+        || !db_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(err(
+            file,
+            "database.name",
+            format!("{db_name:?} is not a plain identifier"),
+            "use 1-64 letters, digits or '_'",
+        ));
+    }
+    let database = Database {
+        engine,
+        name: db_name,
+    };
+
+    let mut operator_sources = Vec::new();
+    for (i, s) in raw
+        .firewall
+        .operator_sources
+        .unwrap_or_else(|| vec!["127.0.0.1/32".into()])
+        .iter()
+        .enumerate()
+    {
+        let net = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                err(
+                    file,
+                    format!("firewall.operator_sources[{i}]"),
+                    format!("{s:?} is not an address or CIDR network"),
+                    "e.g. \"127.0.0.1/32\"",
+                )
+            })?;
+        operator_sources.push(net);
+    }
+
+    let hosts = validate_hosts(raw.hosts, file)?;
+    Ok(Topology {
+        site,
+        ports,
+        health_check,
+        qps_alert,
+        database,
+        operator_sources,
+        hosts,
+    })
+}
+
+fn validate_hosts(raw: Vec<RawHost>, file: &str) -> Result<Vec<Host>, ConfigError> {
+    if raw.is_empty() {
+        return Err(err(
+            file,
+            "hosts",
+            "no hosts",
+            "add [[hosts]] tables; `rampart init` writes an example",
+        ));
+    }
+    let mut hosts: Vec<Host> = Vec::new();
+    for (i, rh) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("hosts[{i}].{k}");
+        let name = rh.name.ok_or_else(|| {
+            err(
+                file,
+                key("name"),
+                "missing",
+                "give every host a name, e.g. name = \"web-01\"",
+            )
+        })?;
+        if !is_dns_label(&name) {
+            return Err(err(
+                file,
+                key("name"),
+                format!("{name:?} is not a host name"),
+                "use a DNS label: letters, digits and '-', e.g. \"web-01\"",
+            ));
+        }
+        if hosts.iter().any(|h| h.name == name) {
+            return Err(err(
+                file,
+                key("name"),
+                format!("host {name:?} appears twice"),
+                "give each host a unique name",
+            ));
+        }
+        let address = rh.address.ok_or_else(|| {
+            err(
+                file,
+                key("address"),
+                "missing",
+                "give the host its own address, e.g. address = \"127.80.0.11\"",
+            )
+        })?;
+        let address: IpAddr = address.parse().map_err(|_| {
+            err(
+                file,
+                key("address"),
+                format!("{address:?} is not an IP address"),
+                "e.g. address = \"127.80.0.11\"",
+            )
+        })?;
+        if address.is_unspecified() || address == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            return Err(err(
+                file,
+                key("address"),
+                format!("{address} cannot be a host's own address"),
+                "use an address no other process uses, e.g. 127.80.0.11",
+            ));
+        }
+        if let Some(other) = hosts.iter().find(|h| h.address == address) {
+            return Err(err(
+                file,
+                key("address"),
+                format!("{address} is already {}'s address", other.name),
+                "give each host its own address",
+            ));
+        }
+        let mut roles = BTreeSet::new();
+        for (j, r) in rh.roles.unwrap_or_default().iter().enumerate() {
+            let role = r.parse::<Role>().map_err(|_| {
+                err(
+                    file,
+                    format!("hosts[{i}].roles[{j}]"),
+                    format!("unknown role {r:?}"),
+                    "use lb, web, app, db-primary, db-replica, monitor or agent",
+                )
+            })?;
+            roles.insert(role);
+        }
+        if roles.is_empty() {
+            return Err(err(
+                file,
+                key("roles"),
+                "no roles",
+                "list what the host runs, e.g. roles = [\"web\", \"app\", \"agent\"]",
+            ));
+        }
+        if roles.contains(&Role::App) && !roles.contains(&Role::Web) {
+            return Err(err(
+                file,
+                key("roles"),
+                "role app without web",
+                "the application is served by the web server: add \"web\"",
+            ));
+        }
+        if roles.contains(&Role::DbPrimary) && roles.contains(&Role::DbReplica) {
+            return Err(err(
+                file,
+                key("roles"),
+                "a host cannot be both db-primary and db-replica",
+                "keep one of them",
+            ));
+        }
+        hosts.push(Host {
+            name,
+            address,
+            roles: roles.into_iter().collect(),
+        });
+    }
+    let count = |r: Role| hosts.iter().filter(|h| h.has(r)).count();
+    if count(Role::Lb) == 0 {
+        return Err(err(
+            file,
+            "hosts",
+            "no host has role lb",
+            "add \"lb\" to one host's roles",
+        ));
+    }
+    if count(Role::Web) == 0 {
+        return Err(err(
+            file,
+            "hosts",
+            "no host has role web",
+            "add \"web\" to at least one host's roles",
+        ));
+    }
+    if count(Role::Monitor) > 1 {
+        return Err(err(
+            file,
+            "hosts",
+            "more than one host has role monitor",
+            "keep \"monitor\" on one host",
+        ));
+    }
+    if count(Role::Agent) > 0 && count(Role::Monitor) == 0 {
+        return Err(err(
+            file,
+            "hosts",
+            "agents but no host has role monitor",
+            "add \"monitor\" to one host, e.g. mon-01",
+        ));
+    }
+    if count(Role::DbPrimary) > 1 {
+        return Err(err(
+            file,
+            "hosts",
+            "more than one host has role db-primary",
+            "keep \"db-primary\" on one host; the others are db-replica",
+        ));
+    }
+    if count(Role::DbReplica) > 0 && count(Role::DbPrimary) == 0 {
+        return Err(err(
+            file,
+            "hosts",
+            "replicas but no db-primary",
+            "add \"db-primary\" to one host",
+        ));
+    }
+    if count(Role::App) > 0 && count(Role::DbPrimary) == 0 {
+        return Err(err(
+            file,
+            "hosts",
+            "application hosts but no db-primary",
+            "add \"db-primary\" to one host",
+        ));
+    }
+    Ok(hosts)
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_topology_is_the_reference_design() {
+        let t = Topology::default_topology();
+        let names: Vec<_> = t.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["lb-01", "web-01", "web-02", "mon-01"]);
+        assert_eq!(t.db_primary().map(|h| h.name.as_str()), Some("web-01"));
+        assert!(t.host("web-02").is_some_and(|h| h.has(Role::DbReplica)));
+        assert_eq!(t.hosts_with(Role::Agent).count(), 3);
+        assert_eq!(t.qps_alert.threshold_rps, 100.0);
+        assert_eq!(t.qps_alert.for_seconds, 10);
+        assert_eq!(t.health_check.rise, 2);
+        assert_eq!(t.health_check.fall, 3);
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        let mut t = Topology::default_topology();
+        t.site.https_port = Some(8443);
+        let back = Topology::parse(&t.to_toml(), "x").expect("round trip");
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let e = Topology::parse("[site]\ndomian = \"x\"\n", "rampart.toml").unwrap_err();
+        assert_eq!(e.file, "rampart.toml");
+        assert_eq!(e.line, Some(2));
+        assert!(e.reason.contains("domian"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_names_key_and_fix() {
+        let text = DEFAULT_TOML.replace("127.80.0.12", "not-an-ip");
+        let e = Topology::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(e.key, "hosts[2].address");
+        assert!(e.to_string().contains("fix:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_address_is_rejected() {
+        let text = DEFAULT_TOML.replace("127.80.0.12", "127.80.0.11");
+        let e = Topology::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(e.key, "hosts[2].address");
+        assert!(e.reason.contains("web-01"), "{e}");
+    }
+
+    #[test]
+    fn unknown_role_and_clear_threshold_are_rejected() {
+        let text = DEFAULT_TOML.replace("\"agent\"]", "\"agnet\"]");
+        assert!(Topology::parse(&text, "t")
+            .unwrap_err()
+            .reason
+            .contains("agnet"));
+        let text = DEFAULT_TOML.replace("clear_rps = 80.0", "clear_rps = 120.0");
+        assert_eq!(
+            Topology::parse(&text, "t").unwrap_err().key,
+            "alerts.qps.clear_rps"
+        );
+    }
+}
