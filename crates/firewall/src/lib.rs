@@ -18,8 +18,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixStream};
 use topology::{Policy, Service};
 
 /// The filter of one listener: the rule for `(host, service)` plus its counters.
@@ -77,16 +80,37 @@ pub struct GuardedListener {
 }
 
 impl GuardedListener {
-    /// Binds `addr` (with `SO_REUSEADDR`) guarded by `filter`.
+    /// Binds `addr` (with `SO_REUSEADDR`, backlog [`BACKLOG`]) guarded by `filter`. Port 0
+    /// lets the kernel choose; read it back with [`GuardedListener::local_addr`].
+    ///
+    /// Errors: those of `socket(2)`, `bind(2)` (e.g. `EADDRINUSE`, `EADDRNOTAVAIL`) and
+    /// `listen(2)`. Must be called inside a Tokio runtime.
     pub async fn bind(addr: SocketAddr, filter: Arc<Filter>) -> io::Result<GuardedListener> {
-        let _ = (addr, filter);
-        todo!("GuardedListener::bind")
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        Ok(GuardedListener { listener, filter })
     }
 
     /// The next allowed connection. Disallowed ones are closed with a TCP RST (`SO_LINGER`
     /// 0) and counted, never returned. Errors are those of `accept(2)`.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        todo!("GuardedListener::accept")
+        loop {
+            let (stream, peer) = self.listener.accept().await?;
+            if self.filter.check(peer.ip()) {
+                return Ok((stream, peer));
+            }
+            tracing::debug!(
+                host = %self.filter.host,
+                service = %self.filter.service,
+                %peer,
+                "firewall: refused connection",
+            );
+            refuse(stream);
+        }
     }
 
     /// The bound address.
@@ -100,11 +124,35 @@ impl GuardedListener {
     }
 }
 
+/// `listen(2)` backlog of every [`GuardedListener`].
+pub const BACKLOG: i32 = 1024;
+
+/// Closes `stream` with a TCP RST instead of a FIN: `SO_LINGER` with a zero timeout makes
+/// `close(2)` abort the connection (RFC 793 §3.5 "abort", socket(7) `SO_LINGER`).
+fn refuse(stream: TcpStream) {
+    // A zero linger time never blocks close(2), unlike a positive one.
+    if let Err(e) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "firewall: SO_LINGER on refused connection");
+    }
+    drop(stream);
+}
+
 /// Connects to `dst` from the host address `src` (port chosen by the kernel), so the peer's
 /// firewall sees the calling host. Sets `TCP_NODELAY`.
+///
+/// Errors: `bind(2)` fails with `EADDRNOTAVAIL` when `src` is not a local address (any
+/// 127.0.0.0/8 address is local on Linux); otherwise the errors of `connect(2)` (e.g.
+/// `ECONNREFUSED`). `src` and `dst` must be of the same family.
 pub async fn connect_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-    let _ = (src, dst);
-    todo!("connect_from")
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(src, 0))?;
+    let stream = socket.connect(dst).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Where a relay or egress forwards connections.
@@ -123,21 +171,71 @@ pub enum Target {
 
 /// Accepts allowed connections on `listener` and copies bytes both ways to a new
 /// connection to `target`, until either side closes. Runs until the listener fails.
+///
+/// Each connection is served by its own task; a failed connection to `target` or a broken
+/// copy is logged and closes only that connection. Returns the `accept(2)` error that
+/// stopped the loop.
 pub async fn relay(listener: GuardedListener, target: Target) -> io::Result<()> {
-    let _ = (listener, target);
-    todo!("relay")
+    let target = Arc::new(target);
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        spawn_forward(stream, peer.to_string(), &target);
+    }
 }
 
 /// Forwards every connection accepted on a plain `listener` (for a local process such as a
 /// MariaDB replica) to `target`. Runs until the listener fails.
+///
+/// No filtering: the listener should be bound where only the local process reaches it.
+/// Per-connection failures are logged as in [`relay`].
 pub async fn egress(listener: TcpListener, target: Target) -> io::Result<()> {
-    let _ = (listener, target);
-    todo!("egress")
+    let target = Arc::new(target);
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        spawn_forward(stream, peer.to_string(), &target);
+    }
 }
 
 /// Like [`egress`], for a local process that can only be pointed at a Unix socket path
 /// (the application's MariaDB client connects through one per database host).
 pub async fn egress_unix(listener: tokio::net::UnixListener, target: Target) -> io::Result<()> {
-    let _ = (listener, target);
-    todo!("egress_unix")
+    let target = Arc::new(target);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        spawn_forward(stream, "unix socket".to_string(), &target);
+    }
+}
+
+/// Serves one accepted connection on its own task: see [`forward`].
+fn spawn_forward<S>(inbound: S, peer: String, target: &Arc<Target>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let target = Arc::clone(target);
+    tokio::spawn(async move {
+        match forward(inbound, &target).await {
+            Ok((up, down)) => {
+                tracing::debug!(%peer, ?target, up, down, "forwarded connection closed")
+            }
+            Err(e) => tracing::warn!(%peer, ?target, error = %e, "forwarding failed"),
+        }
+    });
+}
+
+/// Connects to `target` and copies bytes both ways until both directions are shut down.
+/// Returns the byte counts (inbound → target, target → inbound).
+async fn forward<S>(mut inbound: S, target: &Target) -> io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match target {
+        Target::Unix(path) => {
+            let mut outbound = UnixStream::connect(path).await?;
+            tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await
+        }
+        Target::Tcp { from, to } => {
+            let mut outbound = connect_from(*from, *to).await?;
+            tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await
+        }
+    }
 }
