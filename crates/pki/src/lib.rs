@@ -11,13 +11,27 @@
 
 #![forbid(unsafe_code)]
 
+mod issue;
+
+use std::fs::File;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, ServerConfig};
+use rustls::server::WebPkiClientVerifier;
+use rustls::version::{TLS12, TLS13};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
 use topology::Topology;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// TLS versions every config here accepts: 1.3 (RFC 8446) preferred, then 1.2 (RFC 5246).
+static VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
+
+/// ALPN protocols of the public site and of [`ca_client_config`], in order of preference.
+const WEB_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Errors from issuing, reading or using certificates.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +131,7 @@ impl PkiPaths {
 /// Errors: [`PkiError::Io`] when `dir` is not writable, [`PkiError::Issue`] from rcgen,
 /// [`PkiError::Pem`] when an existing CA file is unreadable.
 pub fn ensure(dir: &Path, topology: &Topology) -> Result<PkiPaths, PkiError> {
-    let _ = (dir, topology);
-    todo!("pki::ensure")
+    issue::ensure(dir, topology)
 }
 
 /// The rustls crypto provider every config here uses (`ring`).
@@ -126,23 +139,72 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every certificate of a PEM file. Errors when the file holds none.
+/// Reads every certificate of a PEM file (RFC 7468 `CERTIFICATE` blocks), in file order.
+///
+/// Errors: [`PkiError::Io`] when the file cannot be read, [`PkiError::Pem`] when it holds
+/// no certificate or a malformed PEM block.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let _ = path;
-    todo!("pki::load_certs")
+    let mut reader = open(path)?;
+    let certs = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, format!("malformed PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "no certificate in file".to_string()));
+    }
+    Ok(certs)
 }
 
 /// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+///
+/// Errors: [`PkiError::Io`] when the file cannot be read, [`PkiError::Pem`] when it holds
+/// no private key or a malformed PEM block.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    let _ = path;
-    todo!("pki::load_key")
+    let mut reader = open(path)?;
+    rustls_pemfile::private_key(&mut reader)
+        .map_err(|e| pem_err(path, format!("malformed PEM: {e}")))?
+        .ok_or_else(|| pem_err(path, "no private key in file".to_string()))
+}
+
+fn open(path: &Path) -> Result<BufReader<File>, PkiError> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|source| PkiError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn pem_err(path: &Path, reason: String) -> PkiError {
+    PkiError::Pem {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// A root store holding only the internal CA.
+fn ca_roots(paths: &PkiPaths) -> Result<Arc<RootCertStore>, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(&paths.ca_cert())? {
+        roots.add(cert)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
+    alpn.iter().map(|p| p.to_vec()).collect()
 }
 
 /// The public site's server config: the site certificate, TLS 1.2 and 1.3 only, ALPN `h2`
 /// then `http/1.1` (RFC 7301), no client authentication.
 pub fn site_server_config(paths: &PkiPaths) -> Result<ServerConfig, PkiError> {
-    let _ = paths;
-    todo!("pki::site_server_config")
+    let certs = load_certs(&paths.site_cert())?;
+    let key = load_key(&paths.site_key())?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = alpn_list(WEB_ALPN);
+    Ok(config)
 }
 
 /// An internal server config for host `host`: its host certificate, TLS 1.2/1.3, a client
@@ -154,8 +216,17 @@ pub fn mtls_server_config(
     host: &str,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, PkiError> {
-    let _ = (paths, host, alpn);
-    todo!("pki::mtls_server_config")
+    let verifier = WebPkiClientVerifier::builder_with_provider(ca_roots(paths)?, provider())
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    let certs = load_certs(&paths.host_cert(host))?;
+    let key = load_key(&paths.host_key(host))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = alpn_list(alpn);
+    Ok(config)
 }
 
 /// An internal client config presenting `identity`'s certificate (a host's or the admin's)
@@ -166,20 +237,42 @@ pub fn mtls_client_config(
     identity: &Identity,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, PkiError> {
-    let _ = (paths, identity, alpn);
-    todo!("pki::mtls_client_config")
+    let (cert_path, key_path) = match identity {
+        Identity::Host(name) => (paths.host_cert(name), paths.host_key(name)),
+        Identity::Admin => (paths.admin_cert(), paths.admin_key()),
+    };
+    let certs = load_certs(&cert_path)?;
+    let key = load_key(&key_path)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(ca_roots(paths)?)
+        .with_client_auth_cert(certs, key)?;
+    config.alpn_protocols = alpn_list(alpn);
+    Ok(config)
 }
 
 /// A client config trusting only the internal CA and presenting no certificate (what a
 /// visitor's browser is, once it trusts `ca.pem`). ALPN `h2`, `http/1.1`.
 pub fn ca_client_config(paths: &PkiPaths) -> Result<ClientConfig, PkiError> {
-    let _ = paths;
-    todo!("pki::ca_client_config")
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(ca_roots(paths)?)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn_list(WEB_ALPN);
+    Ok(config)
 }
 
 /// The identity in a verified end-entity certificate's `rampart://` URI SAN, or `None`
 /// when it has none or cannot be parsed. Call it only on certificates rustls has verified.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
-    let _ = cert;
-    todo!("pki::peer_identity")
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) if *uri == issue::ADMIN_URI => Some(Identity::Admin),
+        GeneralName::URI(uri) => uri
+            .strip_prefix(issue::HOST_URI_PREFIX)
+            .filter(|host| !host.is_empty())
+            .map(|host| Identity::Host(host.to_string())),
+        _ => None,
+    })
 }
