@@ -173,13 +173,16 @@ pub enum Target {
 /// connection to `target`, until either side closes. Runs until the listener fails.
 ///
 /// Each connection is served by its own task; a failed connection to `target` or a broken
-/// copy is logged and closes only that connection. Returns the `accept(2)` error that
-/// stopped the loop.
+/// copy is logged and closes only that connection. Transient accept errors
+/// ([`is_transient_accept_error`]) are logged and retried; any other `accept(2)` error
+/// stops the loop and is returned.
 pub async fn relay(listener: GuardedListener, target: Target) -> io::Result<()> {
     let target = Arc::new(target);
     loop {
-        let (stream, peer) = listener.accept().await?;
-        spawn_forward(stream, peer.to_string(), &target);
+        match listener.accept().await {
+            Ok((stream, peer)) => spawn_forward(stream, peer.to_string(), &target),
+            Err(e) => accept_failed(e).await?,
+        }
     }
 }
 
@@ -191,8 +194,10 @@ pub async fn relay(listener: GuardedListener, target: Target) -> io::Result<()> 
 pub async fn egress(listener: TcpListener, target: Target) -> io::Result<()> {
     let target = Arc::new(target);
     loop {
-        let (stream, peer) = listener.accept().await?;
-        spawn_forward(stream, peer.to_string(), &target);
+        match listener.accept().await {
+            Ok((stream, peer)) => spawn_forward(stream, peer.to_string(), &target),
+            Err(e) => accept_failed(e).await?,
+        }
     }
 }
 
@@ -201,8 +206,38 @@ pub async fn egress(listener: TcpListener, target: Target) -> io::Result<()> {
 pub async fn egress_unix(listener: tokio::net::UnixListener, target: Target) -> io::Result<()> {
     let target = Arc::new(target);
     loop {
-        let (stream, _) = listener.accept().await?;
-        spawn_forward(stream, "unix socket".to_string(), &target);
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_forward(stream, "unix socket".to_string(), &target),
+            Err(e) => accept_failed(e).await?,
+        }
+    }
+}
+
+/// Whether an `accept(2)` error concerns one connection or a momentary shortage (aborted
+/// handshake, out of file descriptors or memory), so an accept loop should go on rather than
+/// stop. See accept(2), ERRORS: `ECONNABORTED`, `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`.
+pub fn is_transient_accept_error(e: &io::Error) -> bool {
+    // Linux errno values: ENOMEM 12, ENFILE 23, EMFILE 24, ENOBUFS 105.
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || matches!(e.raw_os_error(), Some(12 | 23 | 24 | 105))
+}
+
+/// Pause after a transient accept error, so a shortage of descriptors does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Handles an accept error inside a forwarding loop: transient ones are logged and waited
+/// out (`Ok`), anything else stops the loop (`Err`).
+async fn accept_failed(e: io::Error) -> io::Result<()> {
+    if is_transient_accept_error(&e) {
+        tracing::warn!(error = %e, "accept failed, continuing");
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+        Ok(())
+    } else {
+        Err(e)
     }
 }
 
@@ -237,5 +272,31 @@ where
             let mut outbound = connect_from(*from, *to).await?;
             tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_accept_errors() {
+        assert!(is_transient_accept_error(&io::Error::from_raw_os_error(24)));
+        assert!(is_transient_accept_error(&io::Error::from(
+            io::ErrorKind::ConnectionAborted
+        )));
+        assert!(!is_transient_accept_error(&io::Error::from_raw_os_error(9)));
+    }
+
+    #[test]
+    fn filter_counts_verdicts_and_denies_by_default() {
+        let policy = Arc::new(Policy::compile(&topology::Topology::default_topology()));
+        let lb: IpAddr = [127, 80, 0, 10].into();
+        let web = Filter::new(Arc::clone(&policy), "web-01", Service::Web);
+        assert!(web.check(lb));
+        assert!(!web.check([127, 0, 0, 1].into()));
+        assert_eq!((web.accepted(), web.refused()), (1, 1));
+        let none = Filter::new(policy, "lb-01", Service::Mysql);
+        assert!(!none.check(lb));
     }
 }
