@@ -128,6 +128,14 @@ impl PkiPaths {
 /// `ca.pem` and `ca.key` exist), the site certificate, one certificate per host and the
 /// admin certificate. Leaves signed by the current CA are kept; keys are written mode 0600.
 ///
+/// A leaf is reissued when its certificate or key file is missing or unreadable, when its
+/// authority key identifier is not the CA's (the CA was replaced), when it expires within
+/// 30 days, or when its SANs differ from what `topology` asks for (a renamed domain, a moved
+/// host). The CA is ECDSA P-256 and valid ten years, leaves one year. Every file is written
+/// to a temporary name and renamed into place, so concurrent readers never see a partial
+/// file; concurrent *callers* for one directory are not coordinated (call it once, before
+/// starting the processes that read the files).
+///
 /// Errors: [`PkiError::Io`] when `dir` is not writable, [`PkiError::Issue`] from rcgen,
 /// [`PkiError::Pem`] when an existing CA file is unreadable.
 pub fn ensure(dir: &Path, topology: &Topology) -> Result<PkiPaths, PkiError> {
