@@ -1,1 +1,176 @@
-//! monitor (being written).
+//! Rampart monitoring: the *agent* every server runs (host collectors read from procfs, the
+//! roles' metrics, the firewall counters; `/metrics` in OpenMetrics text; a push every
+//! second to the monitoring service) and the *monitoring service* on the monitor host
+//! (validated, size-capped ingest; an in-memory per-series store; QPS per host; the QPS
+//! alert rule with `for` and a clear threshold; a JSON API and a live dashboard).
+//!
+//! Both listen only on a `firewall::GuardedListener` with mutual TLS from `pki`, and decide
+//! who may do what from the verified client certificate's identity, never from a request's
+//! content: only agent hosts push (and a push is stored under the identity of its
+//! certificate), only the admin reads the dashboard and API. The crate never persists
+//! samples to disk and never opens a connection except from its host's own address.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pki::PkiPaths;
+use topology::{AlertRule, Policy, Role, Topology};
+
+mod agent;
+pub mod alert;
+pub mod collect;
+pub mod exposition;
+mod serve;
+mod service;
+pub mod store;
+
+pub use agent::{start_agent, AgentHandle};
+pub use service::{app, start_monitor, MonitorHandle, MonitorState};
+
+/// The metric whose rate is a host's QPS (the metric contract shared by lb and web).
+pub const REQUESTS_METRIC: &str = "rampart_http_requests_total";
+
+/// The Content-Type of prometheus-client's text encoding (OpenMetrics 1.0, section
+/// "Overall structure").
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Errors starting the agent or the monitoring service.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// A certificate or key could not be loaded into a TLS configuration.
+    #[error("TLS: {0}")]
+    Pki(#[from] pki::PkiError),
+    /// The listener could not be bound (address not local, port in use).
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The push client could not be built.
+    #[error("push client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// What the agent of one host needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's name (its certificate identity).
+    pub host: String,
+    /// This host's address: the `/metrics` listener's and the source of pushes.
+    pub address: IpAddr,
+    /// `/metrics` listener port (0: any, in tests).
+    pub port: u16,
+    /// The monitoring service: host name (verified on its certificate) and ingest address.
+    pub monitor: (String, SocketAddr),
+    /// The PKI directory.
+    pub pki: PkiPaths,
+    /// The firewall policy for the `/metrics` listener.
+    pub policy: Arc<Policy>,
+    /// Time between pushes; 1 s from the topology.
+    pub push_interval: Duration,
+}
+
+impl AgentConfig {
+    /// The agent of `host` in `t`: its address, the topology's agent port, the monitor host
+    /// and ingest port, a 1 s push interval. `None` when `host` does not exist, does not
+    /// hold the `agent` role, or the topology has no monitor host.
+    pub fn from_topology(
+        t: &Topology,
+        host: &str,
+        pki: PkiPaths,
+        policy: Arc<Policy>,
+    ) -> Option<AgentConfig> {
+        let h = t.host(host).filter(|h| h.has(Role::Agent))?;
+        let mon = t.monitor()?;
+        Some(AgentConfig {
+            host: h.name.clone(),
+            address: h.address,
+            port: t.ports.agent,
+            monitor: (
+                mon.name.clone(),
+                SocketAddr::new(mon.address, t.ports.ingest),
+            ),
+            pki,
+            policy,
+            push_interval: Duration::from_secs(1),
+        })
+    }
+}
+
+/// What the monitoring service needs.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    /// The monitor host's name (its server certificate).
+    pub host: String,
+    /// Listener address.
+    pub address: IpAddr,
+    /// Listener port (push ingest, dashboard, API; 0: any, in tests).
+    pub port: u16,
+    /// The PKI directory.
+    pub pki: PkiPaths,
+    /// The firewall policy for the listener.
+    pub policy: Arc<Policy>,
+    /// The QPS alert rule.
+    pub rule: AlertRule,
+    /// Host identities allowed to push; each gets an alert and a QPS entry.
+    pub agent_hosts: Vec<String>,
+}
+
+impl MonitorConfig {
+    /// The monitoring service of `host` in `t`: its address, the ingest port, the
+    /// topology's QPS rule, the hosts holding `agent`. `None` when `host` does not exist
+    /// or does not hold the `monitor` role.
+    pub fn from_topology(
+        t: &Topology,
+        host: &str,
+        pki: PkiPaths,
+        policy: Arc<Policy>,
+    ) -> Option<MonitorConfig> {
+        let h = t.host(host).filter(|h| h.has(Role::Monitor))?;
+        Some(MonitorConfig {
+            host: h.name.clone(),
+            address: h.address,
+            port: t.ports.ingest,
+            pki,
+            policy,
+            rule: t.qps_alert.clone(),
+            agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, the clock samples and alerts are stamped with.
+pub(crate) fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_from_the_default_topology() {
+        let t = Topology::default_topology();
+        let policy = Arc::new(Policy::compile(&t));
+        let pki = PkiPaths::new("/tmp/x");
+        let a = AgentConfig::from_topology(&t, "web-01", pki.clone(), policy.clone()).unwrap();
+        assert_eq!(a.monitor.0, "mon-01");
+        assert_eq!(a.monitor.1, "127.80.0.20:9090".parse().unwrap());
+        assert_eq!(a.port, 9100);
+        assert!(AgentConfig::from_topology(&t, "mon-01", pki.clone(), policy.clone()).is_none());
+        let m = MonitorConfig::from_topology(&t, "mon-01", pki.clone(), policy.clone()).unwrap();
+        assert_eq!(m.agent_hosts, ["lb-01", "web-01", "web-02"]);
+        assert_eq!(m.rule.threshold_rps, 100.0);
+        assert!(MonitorConfig::from_topology(&t, "lb-01", pki, policy).is_none());
+    }
+}

@@ -1,0 +1,555 @@
+//! The monitoring service: ingest, store, rule evaluation, API and dashboard.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pki::Identity;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use topology::{AlertRule, Service};
+
+use crate::alert::{Alert, Event, State as AlertState};
+use crate::serve::{self, Peer};
+use crate::store::Store;
+use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
+
+/// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
+pub const MAX_PUSH_BYTES: usize = 1024 * 1024;
+/// Seconds without a push after which a host is stale: three times the agents' 1 s push
+/// interval.
+pub const STALE_AFTER_SECONDS: f64 = 3.0;
+/// Alert history entries kept.
+pub const HISTORY_LEN: usize = 200;
+/// The name the QPS rule's alerts carry in logs and the API.
+pub const ALERT_NAME: &str = "HighQPS";
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// A running monitoring service. Dropping it stops the listener and the rule evaluation.
+#[derive(Debug)]
+pub struct MonitorHandle {
+    addr: SocketAddr,
+    filter: Arc<firewall::Filter>,
+    state: Arc<MonitorState>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MonitorHandle {
+    /// The listener's bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The listener's filter (its firewall counters).
+    pub fn filters(&self) -> Vec<Arc<firewall::Filter>> {
+        vec![self.filter.clone()]
+    }
+
+    /// The service's state (store, alerts), e.g. for `rampart status`.
+    pub fn state(&self) -> Arc<MonitorState> {
+        self.state.clone()
+    }
+}
+
+impl Drop for MonitorHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the monitoring service on `cfg.address:cfg.port` (mutual TLS, ALPN h2 and
+/// http/1.1) and its rule evaluation, once a second.
+///
+/// Routes: `POST /api/v1/push` (agent hosts only; the body is an OpenMetrics/Prometheus
+/// text exposition of at most [`MAX_PUSH_BYTES`]), `GET /` (dashboard), `GET /api/v1/qps`,
+/// `GET /api/v1/alerts`, `GET /api/v1/series?name=&host=` (admin only), `GET /healthz`
+/// (any verified client). Wrong identities get 403.
+///
+/// Errors: TLS material missing or invalid, the address cannot be bound.
+pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorError> {
+    let tls = pki::mtls_server_config(&cfg.pki, &cfg.host, &[b"h2", b"http/1.1"])?;
+    let filter = firewall::Filter::new(cfg.policy.clone(), &cfg.host, Service::Ingest);
+    let bind = SocketAddr::new(cfg.address, cfg.port);
+    let listener = firewall::GuardedListener::bind(bind, filter.clone())
+        .await
+        .map_err(|source| MonitorError::Bind { addr: bind, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| MonitorError::Bind { addr: bind, source })?;
+    let state = Arc::new(MonitorState::new(cfg.rule, cfg.agent_hosts));
+    let server = serve::spawn(listener, Arc::new(tls), app(state.clone()), "monitor");
+    let eval_state = state.clone();
+    let evaluator = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            eval_state.evaluate(unix_now());
+        }
+    });
+    tracing::info!("monitoring service {} listening on {addr}", cfg.host);
+    Ok(MonitorHandle {
+        addr,
+        filter,
+        state,
+        tasks: vec![server, evaluator],
+    })
+}
+
+/// One entry of the alert history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// The host.
+    pub host: String,
+    /// `firing` or `resolved`.
+    pub event: Event,
+    /// Unix seconds.
+    pub at: f64,
+    /// The QPS that caused it.
+    pub value: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    alerts: BTreeMap<String, Alert>,
+    stale: BTreeMap<String, bool>,
+    history: VecDeque<HistoryEntry>,
+}
+
+/// The service's state: the store, each agent host's alert and the alert history. All
+/// methods take the time from the caller, so they are tested with an explicit clock.
+#[derive(Debug)]
+pub struct MonitorState {
+    rule: AlertRule,
+    agent_hosts: Vec<String>,
+    inner: Mutex<Inner>,
+}
+
+/// A host's QPS as reported by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostQps {
+    /// Requests per second over the rule's window; `null` with fewer than two pushes in it.
+    pub qps: Option<f64>,
+    /// Seconds the rate was actually computed over (first to last push in the window).
+    pub rate_window_seconds: Option<f64>,
+    /// Seconds since the last push; `null` when the host never pushed.
+    pub last_push_age_seconds: Option<f64>,
+    /// No push for more than [`STALE_AFTER_SECONDS`].
+    pub stale: bool,
+}
+
+impl MonitorState {
+    /// A service state for `rule` and the hosts allowed to push.
+    pub fn new(rule: AlertRule, agent_hosts: Vec<String>) -> MonitorState {
+        let now = unix_now();
+        MonitorState {
+            inner: Mutex::new(Inner {
+                store: Store::new(),
+                alerts: agent_hosts
+                    .iter()
+                    .map(|h| (h.clone(), Alert::new(now)))
+                    .collect(),
+                stale: BTreeMap::new(),
+                history: VecDeque::new(),
+            }),
+            rule,
+            agent_hosts,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (each update is one call).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parses and stores one push from `host` received at `now`; returns the sample count
+    /// or the reason it was rejected.
+    pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<usize, String> {
+        let samples = exposition::parse(text).map_err(|e| e.to_string())?;
+        self.lock()
+            .store
+            .ingest(host, now, samples)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The QPS of every agent host at `now`.
+    pub fn qps(&self, now: f64) -> BTreeMap<String, HostQps> {
+        let inner = self.lock();
+        self.agent_hosts
+            .iter()
+            .map(|h| (h.clone(), self.host_qps(&inner.store, h, now)))
+            .collect()
+    }
+
+    fn host_qps(&self, store: &Store, host: &str, now: f64) -> HostQps {
+        let rate = store.rate(host, REQUESTS_METRIC, now, self.rule.window_seconds as f64);
+        let age = store.last_push(host).map(|t| (now - t).max(0.0));
+        HostQps {
+            qps: rate.map(|r| r.per_second),
+            rate_window_seconds: rate.map(|r| r.span_seconds),
+            last_push_age_seconds: age,
+            stale: age.is_none_or(|a| a > STALE_AFTER_SECONDS),
+        }
+    }
+
+    /// Evaluates the rule for every agent host at `now`: feeds each alert its QPS (no data
+    /// when stale), logs firing, resolved and staleness changes, and records history.
+    pub fn evaluate(&self, now: f64) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for host in &self.agent_hosts {
+            let q = self.host_qps(&inner.store, host, now);
+            let was_stale = inner.stale.insert(host.clone(), q.stale);
+            match (was_stale, q.stale) {
+                (Some(false), true) => tracing::warn!(
+                    "host {host} is stale: no push for {:.1}s",
+                    q.last_push_age_seconds.unwrap_or(f64::INFINITY)
+                ),
+                (Some(true), false) => tracing::info!("host {host} is pushing again"),
+                _ => {}
+            }
+            let value = if q.stale { None } else { q.qps };
+            let alert = inner
+                .alerts
+                .entry(host.clone())
+                .or_insert_with(|| Alert::new(now));
+            let Some(event) = alert.observe(&self.rule, now, value) else {
+                continue;
+            };
+            let shown = value.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
+            match event {
+                Event::Firing => tracing::warn!(
+                    "alert firing: {ALERT_NAME} host={host} qps={shown} threshold={} for={}s",
+                    self.rule.threshold_rps,
+                    self.rule.for_seconds
+                ),
+                Event::Resolved => tracing::info!(
+                    "alert resolved: {ALERT_NAME} host={host} qps={shown} clear={}",
+                    self.rule.clear_rps
+                ),
+            }
+            if inner.history.len() == HISTORY_LEN {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(HistoryEntry {
+                host: host.clone(),
+                event,
+                at: now,
+                value,
+            });
+        }
+    }
+
+    /// The `/api/v1/alerts` document.
+    pub fn alerts_json(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let alerts: Vec<_> = inner
+            .alerts
+            .iter()
+            .map(|(host, a)| {
+                json!({
+                    "host": host,
+                    "state": a.state(),
+                    "since": a.since(),
+                    "value": a.value(),
+                    "stale": inner.stale.get(host).copied().unwrap_or(true),
+                })
+            })
+            .collect();
+        json!({
+            "rule": self.rule_json(),
+            "alerts": alerts,
+            "history": inner.history,
+        })
+    }
+
+    fn rule_json(&self) -> serde_json::Value {
+        let r = &self.rule;
+        json!({
+            "name": ALERT_NAME,
+            "expr": format!(
+                "sum by (host) (rate({REQUESTS_METRIC}[{}s])) > {}",
+                r.window_seconds, r.threshold_rps
+            ),
+            "threshold_rps": r.threshold_rps,
+            "for_seconds": r.for_seconds,
+            "clear_rps": r.clear_rps,
+            "window_seconds": r.window_seconds,
+        })
+    }
+
+    /// The state of `host`'s alert, if it is an agent host.
+    pub fn alert_state(&self, host: &str) -> Option<AlertState> {
+        self.lock().alerts.get(host).map(|a| a.state())
+    }
+}
+
+/// The service's routes over `state`, without a socket: every request must carry a
+/// [`Peer`]-like identity extension, which the TLS listener inserts per connection.
+pub fn app(state: Arc<MonitorState>) -> Router {
+    let ingest = Router::new()
+        .route("/api/v1/push", post(push))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_agent));
+    let admin = Router::new()
+        .route("/", get(dashboard))
+        .route("/api/v1/qps", get(qps))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/series", get(series))
+        .route_layer(middleware::from_fn(require_admin));
+    Router::new()
+        .merge(ingest)
+        .merge(admin)
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+fn forbidden(msg: &str) -> Response {
+    (StatusCode::FORBIDDEN, format!("forbidden: {msg}\n")).into_response()
+}
+
+async fn require_agent(
+    State(st): State<Arc<MonitorState>>,
+    peer: Option<Extension<Peer>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match peer.and_then(|Extension(p)| p.0) {
+        Some(Identity::Host(h)) if st.agent_hosts.contains(&h) => next.run(req).await,
+        _ => forbidden("only agent hosts may push"),
+    }
+}
+
+async fn require_admin(peer: Option<Extension<Peer>>, req: Request, next: Next) -> Response {
+    match peer.and_then(|Extension(p)| p.0) {
+        Some(Identity::Admin) => next.run(req).await,
+        _ => forbidden("admin only"),
+    }
+}
+
+async fn push(
+    State(st): State<Arc<MonitorState>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(Identity::Host(host)) = peer.0 else {
+        return forbidden("only agent hosts may push");
+    };
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("push larger than {MAX_PUSH_BYTES} bytes\n"),
+        )
+            .into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_PUSH_BYTES as u64) {
+        return too_large();
+    }
+    let bytes: Bytes = match Limited::new(body, MAX_PUSH_BYTES).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("reading body: {e}\n")).into_response(),
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return (StatusCode::BAD_REQUEST, "body is not UTF-8\n").into_response();
+    };
+    match st.ingest(&host, unix_now(), text) {
+        Ok(n) => Json(json!({ "accepted": n })).into_response(),
+        Err(reason) => {
+            tracing::debug!("push from {host} rejected: {reason}");
+            (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
+        }
+    }
+}
+
+async fn qps(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "window_seconds": st.rule.window_seconds,
+        "hosts": st.qps(unix_now()),
+    }))
+}
+
+async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
+    Json(st.alerts_json())
+}
+
+/// Query of `/api/v1/series`.
+#[derive(Debug, Deserialize)]
+struct SeriesQuery {
+    name: String,
+    host: Option<String>,
+}
+
+async fn series(
+    State(st): State<Arc<MonitorState>>,
+    Query(q): Query<SeriesQuery>,
+) -> Json<serde_json::Value> {
+    let inner = st.lock();
+    let series: Vec<_> = inner
+        .store
+        .series(&q.name, q.host.as_deref())
+        .into_iter()
+        .map(|s| {
+            let labels: BTreeMap<_, _> = s.labels.iter().cloned().collect();
+            let samples: Vec<[f64; 2]> = s.ring.points().map(|(t, v)| [t, v]).collect();
+            json!({ "name": q.name, "host": s.host, "labels": labels, "samples": samples })
+        })
+        .collect();
+    Json(json!({ "series": series }))
+}
+
+async fn healthz(peer: Option<Extension<Peer>>) -> Response {
+    match peer.and_then(|Extension(p)| p.0) {
+        Some(_) => "ok\n".into_response(),
+        None => forbidden("no client identity"),
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    fn rule() -> AlertRule {
+        AlertRule {
+            threshold_rps: 5.0,
+            for_seconds: 2,
+            clear_rps: 2.0,
+            window_seconds: 4,
+        }
+    }
+
+    fn state() -> Arc<MonitorState> {
+        Arc::new(MonitorState::new(
+            rule(),
+            vec!["lb-01".into(), "web-01".into()],
+        ))
+    }
+
+    fn req(method: &str, uri: &str, peer: Option<Identity>, body: &str) -> Request {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        r.extensions_mut().insert(Peer(peer));
+        r
+    }
+
+    async fn status(st: &Arc<MonitorState>, r: Request) -> StatusCode {
+        app(st.clone()).oneshot(r).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn routes_authorise_by_identity() {
+        let st = state();
+        let lb = Some(Identity::Host("lb-01".into()));
+        let body = "rampart_http_requests_total{code=\"2xx\"} 1\n";
+        assert_eq!(
+            status(&st, req("POST", "/api/v1/push", lb.clone(), body)).await,
+            StatusCode::OK
+        );
+        for who in [
+            Some(Identity::Admin),
+            Some(Identity::Host("mon-01".into())),
+            None,
+        ] {
+            assert_eq!(
+                status(&st, req("POST", "/api/v1/push", who, body)).await,
+                StatusCode::FORBIDDEN
+            );
+        }
+        assert_eq!(
+            status(&st, req("POST", "/api/v1/push", lb.clone(), "garbage\n")).await,
+            StatusCode::BAD_REQUEST
+        );
+        let big = "x".repeat(MAX_PUSH_BYTES + 1);
+        assert_eq!(
+            status(&st, req("POST", "/api/v1/push", lb.clone(), &big)).await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        for path in [
+            "/",
+            "/api/v1/qps",
+            "/api/v1/alerts",
+            "/api/v1/series?name=x",
+        ] {
+            assert_eq!(
+                status(&st, req("GET", path, Some(Identity::Admin), "")).await,
+                StatusCode::OK
+            );
+            assert_eq!(
+                status(&st, req("GET", path, lb.clone(), "")).await,
+                StatusCode::FORBIDDEN
+            );
+        }
+        assert_eq!(
+            status(&st, req("GET", "/healthz", lb, "")).await,
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn evaluation_fires_and_resolves_with_history() {
+        let st = state();
+        let push = |t: f64, v: f64| {
+            st.ingest(
+                "lb-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"2xx\"}} {v}\n"),
+            )
+            .unwrap();
+        };
+        let t0 = 1_000.0;
+        // 10 requests/s for 6 s
+        for i in 0..=6 {
+            let t = t0 + f64::from(i);
+            push(t, 10.0 * f64::from(i));
+            st.evaluate(t);
+        }
+        assert_eq!(st.alert_state("lb-01"), Some(AlertState::Firing));
+        // idle: the counter stays put, the rate falls to 0 once the window has passed
+        for i in 7..=14 {
+            let t = t0 + f64::from(i);
+            push(t, 60.0);
+            st.evaluate(t);
+        }
+        assert_eq!(st.alert_state("lb-01"), Some(AlertState::Inactive));
+        let doc = st.alerts_json();
+        let events: Vec<_> = doc["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["event"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(events, ["firing", "resolved"]);
+        // web-01 never pushed: stale, no alert
+        let q = st.qps(t0 + 14.0);
+        assert!(q["web-01"].stale && q["web-01"].qps.is_none());
+        assert!(!q["lb-01"].stale);
+        assert_eq!(q["lb-01"].qps, Some(0.0));
+        // lb-01 stops pushing: stale after 3 s
+        assert!(st.qps(t0 + 18.0)["lb-01"].stale);
+    }
+}

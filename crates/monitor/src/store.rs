@@ -1,0 +1,314 @@
+//! The in-memory series store: per host, per series (metric name + sorted labels), a bounded
+//! ring of `(receive time, value)` samples, plus the times of the host's pushes.
+//!
+//! Times are seconds on the caller's clock (the service uses Unix time); nothing here reads
+//! a clock, so the rate arithmetic is tested with explicit times.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::exposition::{Labels, Sample};
+
+/// Samples kept per series: 15 minutes at one push per second.
+pub const RING_CAPACITY: usize = 900;
+/// Seconds after its last sample a series (or a host's push record) is dropped.
+pub const RETENTION_SECONDS: f64 = 900.0;
+/// The most series one host may have; a push that would exceed it is rejected whole.
+pub const MAX_SERIES_PER_HOST: usize = 2_000;
+
+/// A series of one host: metric name and labels sorted by name.
+pub type SeriesId = (String, Labels);
+
+/// One stored series, as [`Store::series`] returns it.
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesRef<'a> {
+    /// The pushing host.
+    pub host: &'a str,
+    /// Labels sorted by name.
+    pub labels: &'a [(String, String)],
+    /// The samples.
+    pub ring: &'a Ring,
+}
+
+/// Why a push was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// The same series appeared twice in one push.
+    #[error("duplicate series {0}")]
+    DuplicateSeries(String),
+    /// The host would hold more than [`MAX_SERIES_PER_HOST`] series.
+    #[error("more than {MAX_SERIES_PER_HOST} series for this host")]
+    TooManySeries,
+}
+
+/// The samples of one series, oldest first, at most [`RING_CAPACITY`].
+#[derive(Debug, Clone, Default)]
+pub struct Ring {
+    points: VecDeque<(f64, f64)>,
+}
+
+impl Ring {
+    fn push(&mut self, t: f64, v: f64) {
+        if self.points.len() == RING_CAPACITY {
+            self.points.pop_front();
+        }
+        self.points.push_back((t, v));
+    }
+
+    /// `(time seconds, value)` pairs, oldest first.
+    pub fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.points.iter().copied()
+    }
+
+    /// Points with `t >= since`, oldest first.
+    fn since(&self, since: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
+        let start = self.points.partition_point(|&(t, _)| t < since);
+        self.points.range(start..).copied()
+    }
+
+    fn last_time(&self) -> Option<f64> {
+        self.points.back().map(|&(t, _)| t)
+    }
+}
+
+#[derive(Debug, Default)]
+struct HostSeries {
+    pushes: Ring,
+    series: HashMap<SeriesId, Ring>,
+}
+
+/// A per-second rate and the time span it was computed over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Increase per second.
+    pub per_second: f64,
+    /// Seconds between the first and the last push inside the window.
+    pub span_seconds: f64,
+}
+
+/// The store. Not synchronised: the service holds it behind a mutex.
+#[derive(Debug, Default)]
+pub struct Store {
+    hosts: HashMap<String, HostSeries>,
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// Stores one push of `host` received at `now`; returns how many samples were stored.
+    /// The whole push is rejected when it repeats a series or would take the host over
+    /// [`MAX_SERIES_PER_HOST`]. Series and hosts silent for [`RETENTION_SECONDS`] are dropped.
+    pub fn ingest(
+        &mut self,
+        host: &str,
+        now: f64,
+        samples: Vec<Sample>,
+    ) -> Result<usize, IngestError> {
+        self.expire(now);
+        let entry = self.hosts.entry(host.to_string()).or_default();
+        let mut seen = HashSet::with_capacity(samples.len());
+        let mut new = 0usize;
+        for s in &samples {
+            let id = (s.name.clone(), s.labels.clone());
+            if !entry.series.contains_key(&id) {
+                new += 1;
+            }
+            if !seen.insert(id) {
+                return Err(IngestError::DuplicateSeries(s.name.clone()));
+            }
+        }
+        if entry.series.len() + new > MAX_SERIES_PER_HOST {
+            return Err(IngestError::TooManySeries);
+        }
+        let count = samples.len();
+        for s in samples {
+            entry
+                .series
+                .entry((s.name, s.labels))
+                .or_default()
+                .push(now, s.value);
+        }
+        entry.pushes.push(now, count as f64);
+        Ok(count)
+    }
+
+    fn expire(&mut self, now: f64) {
+        let horizon = now - RETENTION_SECONDS;
+        self.hosts.retain(|_, h| {
+            h.series
+                .retain(|_, r| r.last_time().is_some_and(|t| t >= horizon));
+            h.pushes.last_time().is_some_and(|t| t >= horizon)
+        });
+    }
+
+    /// When `host` last pushed, if it has.
+    pub fn last_push(&self, host: &str) -> Option<f64> {
+        self.hosts.get(host).and_then(|h| h.pushes.last_time())
+    }
+
+    /// The per-second rate of the sum of `host`'s counters named `name` over the `window`
+    /// seconds before `now`, Prometheus `sum(rate(name[window]))` without extrapolation:
+    /// each series' increase between the pushes inside the window (a decrease means the
+    /// counter restarted from zero), summed, divided by the time between the first and the
+    /// last push inside the window. A host that pushed but has no such series has rate 0.
+    ///
+    /// `None` when fewer than two pushes fall inside the window.
+    pub fn rate(&self, host: &str, name: &str, now: f64, window: f64) -> Option<Rate> {
+        let h = self.hosts.get(host)?;
+        let since = now - window;
+        let mut pushes = h.pushes.since(since);
+        let first = pushes.next()?.0;
+        let last = pushes.last()?.0;
+        let span = last - first;
+        if span <= 0.0 {
+            return None;
+        }
+        let total: f64 = h
+            .series
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, ring)| increase(ring.since(since)))
+            .sum();
+        Some(Rate {
+            per_second: total / span,
+            span_seconds: span,
+        })
+    }
+
+    /// Every stored series named `name`, of `host` only when given, as
+    /// sorted by host then labels.
+    pub fn series(&self, name: &str, host: Option<&str>) -> Vec<SeriesRef<'_>> {
+        let mut out: Vec<_> =
+            self.hosts
+                .iter()
+                .filter(|(h, _)| host.is_none_or(|want| want == h.as_str()))
+                .flat_map(|(h, hs)| {
+                    hs.series.iter().filter(|((n, _), _)| n == name).map(
+                        move |((_, labels), ring)| SeriesRef {
+                            host: h.as_str(),
+                            labels: labels.as_slice(),
+                            ring,
+                        },
+                    )
+                })
+                .collect();
+        out.sort_by(|a, b| (a.host, a.labels).cmp(&(b.host, b.labels)));
+        out
+    }
+}
+
+/// The increase of a counter over consecutive points: the sum of the positive steps, and
+/// after a decrease (a counter reset, the process restarted) the new value itself, as the
+/// counter counted from zero since the restart. Non-finite values are skipped.
+pub fn increase(points: impl IntoIterator<Item = (f64, f64)>) -> f64 {
+    let mut prev: Option<f64> = None;
+    let mut total = 0.0;
+    for (_, v) in points {
+        if !v.is_finite() {
+            continue;
+        }
+        if let Some(p) = prev {
+            total += if v >= p { v - p } else { v };
+        }
+        prev = Some(v);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str, code: &str, value: f64) -> Sample {
+        Sample {
+            name: name.into(),
+            labels: vec![("code".into(), code.into())],
+            value,
+            timestamp: None,
+        }
+    }
+
+    const REQ: &str = "rampart_http_requests_total";
+
+    #[test]
+    fn increase_handles_counter_resets() {
+        let pts = [(0.0, 10.0), (1.0, 15.0), (2.0, 3.0), (3.0, 8.0)];
+        // 10→15: +5; reset to 3: +3; 3→8: +5
+        assert_eq!(increase(pts), 13.0);
+        assert_eq!(increase([(0.0, 4.0)]), 0.0);
+        assert_eq!(increase([(0.0, 1.0), (1.0, f64::NAN), (2.0, 2.0)]), 1.0);
+    }
+
+    #[test]
+    fn rate_sums_series_over_the_window() {
+        let mut s = Store::new();
+        for t in 0..=20 {
+            let t = f64::from(t);
+            s.ingest(
+                "web-01",
+                t,
+                vec![
+                    sample(REQ, "2xx", 10.0 * t),
+                    sample(REQ, "5xx", t),
+                    sample("other_total", "2xx", 1000.0 * t),
+                ],
+            )
+            .unwrap();
+        }
+        let r = s.rate("web-01", REQ, 20.0, 10.0).unwrap();
+        assert_eq!(r.span_seconds, 10.0);
+        assert!((r.per_second - 11.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(s.rate("web-02", REQ, 20.0, 10.0), None);
+        // a host without the series has rate 0
+        assert_eq!(
+            s.rate("web-01", "absent_total", 20.0, 10.0)
+                .unwrap()
+                .per_second,
+            0.0
+        );
+        // one push inside the window is not enough
+        assert_eq!(s.rate("web-01", REQ, 20.0, 0.5), None);
+    }
+
+    #[test]
+    fn rate_across_a_restart() {
+        let mut s = Store::new();
+        // 5/s, then the process restarts at t=5 and counts from zero again at 5/s
+        let values = [0.0, 5.0, 10.0, 15.0, 20.0, 5.0, 10.0, 15.0];
+        for (t, v) in values.iter().enumerate() {
+            s.ingest("lb-01", t as f64, vec![sample(REQ, "2xx", *v)])
+                .unwrap();
+        }
+        let r = s.rate("lb-01", REQ, 7.0, 10.0).unwrap();
+        assert_eq!(r.span_seconds, 7.0);
+        assert!((r.per_second - 5.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn pushes_are_validated_and_bounded() {
+        let mut s = Store::new();
+        let dup = vec![sample(REQ, "2xx", 1.0), sample(REQ, "2xx", 2.0)];
+        assert!(matches!(
+            s.ingest("h", 0.0, dup),
+            Err(IngestError::DuplicateSeries(_))
+        ));
+        assert_eq!(s.last_push("h"), None);
+        let many: Vec<_> = (0..=MAX_SERIES_PER_HOST)
+            .map(|i| sample("m", &i.to_string(), 1.0))
+            .collect();
+        assert_eq!(s.ingest("h", 0.0, many), Err(IngestError::TooManySeries));
+        for t in 0..(RING_CAPACITY + 5) {
+            s.ingest("h", t as f64, vec![sample("m", "x", t as f64)])
+                .unwrap();
+        }
+        let series = s.series("m", Some("h"));
+        assert_eq!(series.len(), 1);
+        assert_eq!(series[0].ring.points().count(), RING_CAPACITY);
+        // silent for longer than the retention: dropped on the next push
+        s.ingest("other", 10_000.0, vec![]).unwrap();
+        assert!(s.series("m", None).is_empty());
+        assert_eq!(s.last_push("h"), None);
+    }
+}
