@@ -1,1 +1,102 @@
-//! db (being written).
+//! The data tier: the guestbook's storage, run for real.
+//!
+//! This crate owns the MariaDB servers of the database hosts — their option files, datadirs,
+//! `mariadbd` child processes, bootstrap (schema and accounts), GTID replication from the
+//! primary to replicas, health and lag — the firewall relay in front of each server and the
+//! egress that gives a server's or an application's outbound connections its host's address.
+//! It also owns the embedded SQLite fallback used when MariaDB is not installed, and the
+//! application's client ([`DbClient`]): writes to the primary, reads from a replica with a
+//! fallback to the primary.
+//!
+//! It must never read or touch the machine's own MariaDB (`/etc/mysql`, the system datadir or
+//! service): every server runs from `<state>/hosts/<host>/mariadb/` with a generated
+//! `--defaults-file`, listens on a Unix socket only (`skip-networking`), and is reached over
+//! TCP only through a [`firewall::GuardedListener`]. It never decides firewall policy.
+//!
+//! Order of calls for a lab: [`Credentials::ensure`] once (`rampart up`), then on each
+//! database host [`start_server`], then on each application host [`connect_client`].
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod credentials;
+mod error;
+mod server;
+mod sqlite;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use topology::{DbEngine, Topology};
+
+pub use client::{
+    client_egress_socket, connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message,
+    MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
+};
+pub use credentials::{credentials_path, Credentials};
+pub use error::DbError;
+pub use server::{
+    mariadb_dir, mariadbd_defaults_file, mariadbd_pid_file, mariadbd_socket, start_server,
+    DbNodeStatus, DbServer, NodeRole, ServerConfig,
+};
+pub use sqlite::sqlite_path;
+
+/// The engine the data tier runs on, resolved from [`topology::DbEngine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// MariaDB servers with GTID replication.
+    Mariadb,
+    /// One embedded SQLite file shared by the application hosts; no replication.
+    Sqlite,
+}
+
+impl Engine {
+    /// `"mariadb"` or `"sqlite"` (as in `rampart status --json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Mariadb => "mariadb",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Resolves the topology's engine: `auto` → MariaDB when `mariadbd` is found (in `PATH`,
+/// `/usr/sbin` or `/usr/local/sbin`), SQLite otherwise; `mariadb` → MariaDB, or
+/// [`DbError::MariadbNotInstalled`] (which says to install `mariadb-server`) when absent;
+/// `sqlite` → SQLite.
+pub fn resolve_engine(t: &Topology) -> Result<Engine, DbError> {
+    match t.database.engine {
+        DbEngine::Sqlite => Ok(Engine::Sqlite),
+        DbEngine::Mariadb if find_mariadbd().is_some() => Ok(Engine::Mariadb),
+        DbEngine::Mariadb => Err(DbError::MariadbNotInstalled),
+        DbEngine::Auto if find_mariadbd().is_some() => Ok(Engine::Mariadb),
+        DbEngine::Auto => Ok(Engine::Sqlite),
+    }
+}
+
+/// The `mariadbd` binary: the first found in `PATH`, `/usr/sbin`, `/usr/local/sbin`.
+pub fn find_mariadbd() -> Option<PathBuf> {
+    find_program("mariadbd", &["/usr/sbin", "/usr/local/sbin"])
+}
+
+/// The first executable file `name` in `PATH`, then in `extra` directories.
+pub(crate) fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    path_dirs
+        .into_iter()
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}

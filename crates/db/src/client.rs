@@ -1,0 +1,554 @@
+//! The application's handle on the data tier: writes to the primary, reads from a replica
+//! (the one on the application's own host if there is one) with a fallback to the primary.
+//!
+//! In loopback mode a host's outbound connections must leave from the host's own address, and
+//! `mysql_async` cannot choose a source address. So for each database host it talks to, the
+//! client opens a Unix socket `<state>/hosts/<app host>/egress/mysql-<db host>.sock` served by
+//! [`firewall::egress_unix`], which connects to that host's MariaDB relay from the
+//! application host's address; the connection pool points at that socket.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, Row};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use topology::{Role, Topology};
+
+use crate::sqlite::{sqlite_path, SqliteStore};
+use crate::{Credentials, DbError, Engine};
+
+/// Longest accepted author name, in characters (the column is `VARCHAR(64)`).
+pub const MAX_AUTHOR_CHARS: usize = 64;
+/// Longest accepted message text, in bytes (the MariaDB `TEXT` column limit).
+pub const MAX_TEXT_BYTES: usize = 65_535;
+/// Largest `limit` [`DbClient::list_messages`] honours; larger values are capped.
+pub const MAX_LIST: u32 = 1000;
+
+/// Bound on taking a pooled connection (including a new connection and its handshake),
+/// seconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on one statement once connected, seconds.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One guestbook message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// Primary key, assigned by the primary (`AUTO_INCREMENT`), increasing.
+    pub id: u64,
+    /// Author name, at most [`MAX_AUTHOR_CHARS`] characters.
+    pub author: String,
+    /// Message text, at most [`MAX_TEXT_BYTES`] bytes.
+    pub text: String,
+    /// Creation time set by the database, RFC 3339 in UTC with a `Z` suffix and fractional
+    /// seconds (microseconds on MariaDB, milliseconds on SQLite).
+    pub created_at: String,
+}
+
+/// Where the data tier's reads and writes currently go.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DbInfo {
+    /// `"mariadb"` or `"sqlite"`.
+    pub engine: String,
+    /// Host name of the node taking writes (the primary).
+    pub write_node: String,
+    /// Host name of the node serving reads: the replica, or the primary when the replica is
+    /// unreachable (or there is none).
+    pub read_node: String,
+    /// The read node's `Seconds_Behind_Master` from `SHOW SLAVE STATUS` (MariaDB docs:
+    /// "SHOW REPLICA STATUS"), seconds; `None` when reads go to the primary, the replica's
+    /// SQL thread is not running, or the engine is SQLite.
+    pub lag_seconds: Option<f64>,
+}
+
+/// A database node the client reaches: its host name and its MariaDB (relay) address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbNode {
+    /// Host name, e.g. `web-01`.
+    pub host: String,
+    /// The host's MariaDB address and port (`ports.mysql`).
+    pub addr: SocketAddr,
+}
+
+/// What an application host needs to reach the data tier.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The application host's name.
+    pub host: String,
+    /// The application host's own address: connections leave from it.
+    pub address: IpAddr,
+    /// The lab's state directory (credentials, egress sockets, the SQLite file).
+    pub state_dir: PathBuf,
+    /// Engine in use.
+    pub engine: Engine,
+    /// Database (schema) name.
+    pub database: String,
+    /// The primary.
+    pub primary: DbNode,
+    /// The replica reads go to: the one on this host if any, else the first in topology
+    /// order; `None` when there is no replica.
+    pub read: Option<DbNode>,
+}
+
+impl ClientConfig {
+    /// The configuration for application host `host`; `None` when `host` does not exist,
+    /// does not hold [`Role::App`], or the topology has no `db-primary`.
+    pub fn from_topology(
+        t: &Topology,
+        host: &str,
+        state_dir: &Path,
+        engine: Engine,
+    ) -> Option<ClientConfig> {
+        let me = t.host(host).filter(|h| h.has(Role::App))?;
+        let node = |h: &topology::Host| DbNode {
+            host: h.name.clone(),
+            addr: SocketAddr::new(h.address, t.ports.mysql),
+        };
+        let primary = node(t.db_primary()?);
+        let read = if me.has(Role::DbReplica) {
+            Some(node(me))
+        } else {
+            t.hosts_with(Role::DbReplica).next().map(node)
+        };
+        Some(ClientConfig {
+            host: me.name.clone(),
+            address: me.address,
+            state_dir: state_dir.to_path_buf(),
+            engine,
+            database: t.database.name.clone(),
+            primary,
+            read,
+        })
+    }
+}
+
+/// `<state>/hosts/<app host>/egress/mysql-<db host>.sock`: the Unix socket through which
+/// `app_host`'s client reaches `db_host`'s MariaDB.
+pub fn client_egress_socket(state_dir: &Path, app_host: &str, db_host: &str) -> PathBuf {
+    state_dir
+        .join("hosts")
+        .join(app_host)
+        .join("egress")
+        .join(format!("mysql-{db_host}.sock"))
+}
+
+/// Opens the application's handle on the data tier. For MariaDB: loads the credentials
+/// (`<state>/db/credentials.json`), opens the egress sockets for the primary and the read
+/// replica (see the module docs) and builds small connection pools; no connection is made
+/// yet, so this succeeds while the servers are still starting. For SQLite: opens the shared
+/// file and creates the schema.
+///
+/// The egress listeners live as long as the returned client (and its clones).
+///
+/// Errors: [`DbError::Credentials`], [`DbError::Io`] when a socket cannot be bound,
+/// [`DbError::Config`] when a socket path is too long, [`DbError::Sqlite`].
+pub async fn connect_client(cfg: ClientConfig) -> Result<DbClient, DbError> {
+    let inner = match cfg.engine {
+        Engine::Sqlite => Inner::Sqlite {
+            store: SqliteStore::open(sqlite_path(&cfg.state_dir, &cfg.database)).await?,
+            node: cfg.primary.host.clone(),
+        },
+        Engine::Mariadb => Inner::Mariadb(MariaClient::open(&cfg).await?),
+    };
+    Ok(DbClient {
+        inner: Arc::new(inner),
+    })
+}
+
+/// The application's handle on the data tier. Cheap to clone (shared pools).
+#[derive(Clone)]
+pub struct DbClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DbClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let engine = match &*self.inner {
+            Inner::Sqlite { .. } => "sqlite",
+            Inner::Mariadb(_) => "mariadb",
+        };
+        f.debug_struct("DbClient").field("engine", &engine).finish()
+    }
+}
+
+enum Inner {
+    Sqlite { store: SqliteStore, node: String },
+    Mariadb(MariaClient),
+}
+
+impl DbClient {
+    /// Inserts a message on the primary and returns it as stored (id and `created_at` set
+    /// by the database).
+    ///
+    /// Errors: [`DbError::Invalid`] for an empty or over-long author or text; otherwise the
+    /// primary's error ([`DbError::Mysql`], [`DbError::Timeout`], [`DbError::Sqlite`]).
+    pub async fn insert_message(&self, author: &str, text: &str) -> Result<Message, DbError> {
+        validate(author, text)?;
+        match &*self.inner {
+            Inner::Sqlite { store, .. } => store.insert(author.into(), text.into()).await,
+            Inner::Mariadb(m) => m.insert(author, text).await,
+        }
+    }
+
+    /// The newest `limit` messages (capped at [`MAX_LIST`]), newest first, from the read
+    /// replica; from the primary when the replica is unreachable or fails.
+    pub async fn list_messages(&self, limit: u32) -> Result<Vec<Message>, DbError> {
+        let limit = limit.min(MAX_LIST);
+        match &*self.inner {
+            Inner::Sqlite { store, .. } => store.list(limit).await,
+            Inner::Mariadb(m) => m.list(limit).await,
+        }
+    }
+
+    /// The message with `id`: asked of the read replica first, then of the primary when the
+    /// replica does not have it (yet) or fails, so a client reads its own writes.
+    pub async fn get_message(&self, id: u64) -> Result<Option<Message>, DbError> {
+        match &*self.inner {
+            Inner::Sqlite { store, .. } => store.get(id).await,
+            Inner::Mariadb(m) => m.get(id).await,
+        }
+    }
+
+    /// Which nodes take writes and reads, and the read node's replication lag.
+    ///
+    /// Errors: none for MariaDB (an unreachable replica shows as reads going to the
+    /// primary); SQLite cannot fail here either. The `Result` leaves room for engines
+    /// that can.
+    pub async fn info(&self) -> Result<DbInfo, DbError> {
+        match &*self.inner {
+            Inner::Sqlite { node, .. } => Ok(DbInfo {
+                engine: Engine::Sqlite.as_str().into(),
+                write_node: node.clone(),
+                read_node: node.clone(),
+                lag_seconds: None,
+            }),
+            Inner::Mariadb(m) => Ok(m.info().await),
+        }
+    }
+}
+
+fn validate(author: &str, text: &str) -> Result<(), DbError> {
+    if author.trim().is_empty() {
+        return Err(DbError::Invalid("author is empty".into()));
+    }
+    if author.chars().count() > MAX_AUTHOR_CHARS {
+        return Err(DbError::Invalid(format!(
+            "author is longer than {MAX_AUTHOR_CHARS} characters"
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(DbError::Invalid("text is empty".into()));
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(DbError::Invalid(format!(
+            "text is longer than {MAX_TEXT_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// One MariaDB node reached through its egress socket.
+struct MariaNode {
+    host: String,
+    pool: Pool,
+}
+
+struct MariaClient {
+    primary: MariaNode,
+    /// `None` when there is no replica.
+    read: Option<MariaNode>,
+    /// Egress listeners; aborted (and their sockets removed) on drop.
+    _egress: EgressTasks,
+}
+
+struct EgressTasks(Vec<(JoinHandle<()>, PathBuf)>);
+
+impl Drop for EgressTasks {
+    fn drop(&mut self) {
+        for (task, path) in &self.0 {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+const SELECT_COLUMNS: &str =
+    "SELECT id, author, `text`, DATE_FORMAT(created_at, '%Y-%m-%dT%H:%i:%s.%fZ') FROM guestbook";
+
+impl MariaClient {
+    async fn open(cfg: &ClientConfig) -> Result<MariaClient, DbError> {
+        let creds = Credentials::load(&cfg.state_dir)?;
+        let mut egress = EgressTasks(Vec::new());
+        let primary = open_node(cfg, &cfg.primary, &creds, &mut egress)?;
+        let read = match &cfg.read {
+            Some(r) if r.host != cfg.primary.host => Some(open_node(cfg, r, &creds, &mut egress)?),
+            _ => None,
+        };
+        Ok(MariaClient {
+            primary,
+            read,
+            _egress: egress,
+        })
+    }
+
+    async fn insert(&self, author: &str, text: &str) -> Result<Message, DbError> {
+        let node = &self.primary;
+        let mut conn = node.conn().await?;
+        let q = async {
+            conn.exec_drop(
+                "INSERT INTO guestbook (author, `text`) VALUES (?, ?)",
+                (author, text),
+            )
+            .await?;
+            let id = conn.last_insert_id().unwrap_or_default();
+            conn.exec_first::<Row, _, _>(format!("{SELECT_COLUMNS} WHERE id = ?"), (id,))
+                .await
+        };
+        let row = node.bounded("insert", q).await?;
+        match row {
+            Some(row) => node.message(row),
+            None => Err(DbError::Data {
+                node: node.host.clone(),
+                reason: "the inserted row is not there".into(),
+            }),
+        }
+    }
+
+    async fn list(&self, limit: u32) -> Result<Vec<Message>, DbError> {
+        if let Some(r) = &self.read {
+            match r.list(limit).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(replica = %r.host, error = %e, "read failed, using the primary")
+                }
+            }
+        }
+        self.primary.list(limit).await
+    }
+
+    async fn get(&self, id: u64) -> Result<Option<Message>, DbError> {
+        if let Some(r) = &self.read {
+            match r.get(id).await {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(replica = %r.host, error = %e, "read failed, using the primary")
+                }
+            }
+        }
+        self.primary.get(id).await
+    }
+
+    async fn info(&self) -> DbInfo {
+        let mut info = DbInfo {
+            engine: Engine::Mariadb.as_str().into(),
+            write_node: self.primary.host.clone(),
+            read_node: self.primary.host.clone(),
+            lag_seconds: None,
+        };
+        if let Some(r) = &self.read {
+            match r.lag().await {
+                Ok(lag) => {
+                    info.read_node = r.host.clone();
+                    info.lag_seconds = lag;
+                }
+                Err(e) => tracing::warn!(replica = %r.host, error = %e, "replica unreachable"),
+            }
+        }
+        info
+    }
+}
+
+fn open_node(
+    cfg: &ClientConfig,
+    node: &DbNode,
+    creds: &Credentials,
+    egress: &mut EgressTasks,
+) -> Result<MariaNode, DbError> {
+    let path = client_egress_socket(&cfg.state_dir, &cfg.host, &node.host);
+    crate::server::check_socket_path(&path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
+    }
+    // A socket file left by an earlier run of this host's node.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| DbError::io(format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DbError::io(format!("chmod {}", path.display()), e))?;
+    let target = firewall::Target::Tcp {
+        from: cfg.address,
+        to: node.addr,
+    };
+    let db_host = node.host.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = firewall::egress_unix(listener, target).await {
+            tracing::error!(db_host = %db_host, error = %e, "MariaDB egress stopped");
+        }
+    });
+    egress.0.push((task, path.clone()));
+    let opts = OptsBuilder::default()
+        .socket(Some(path.to_string_lossy().into_owned()))
+        .prefer_socket(false)
+        .user(Some(creds.app_user.clone()))
+        .pass(Some(creds.app_password.clone()))
+        .db_name(Some(cfg.database.clone()))
+        .init(vec!["SET time_zone = '+00:00'"])
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(PoolConstraints::new(0, 8).unwrap_or_default())
+                .with_inactive_connection_ttl(Duration::from_secs(30))
+                .with_ttl_check_interval(Duration::from_secs(10)),
+        );
+    Ok(MariaNode {
+        host: node.host.clone(),
+        pool: Pool::new(opts),
+    })
+}
+
+impl MariaNode {
+    async fn conn(&self) -> Result<Conn, DbError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
+            Ok(r) => r.map_err(|e| DbError::mysql(&self.host, e)),
+            Err(_) => Err(DbError::Timeout {
+                what: format!("connecting to MariaDB on {}", self.host),
+                seconds: CONNECT_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = mysql_async::Result<T>>,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(QUERY_TIMEOUT, f).await {
+            Ok(r) => r.map_err(|e| DbError::mysql(&self.host, e)),
+            Err(_) => Err(DbError::Timeout {
+                what: format!("{what} on {}", self.host),
+                seconds: QUERY_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    async fn list(&self, limit: u32) -> Result<Vec<Message>, DbError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<Row> = self
+            .bounded(
+                "list",
+                conn.exec(
+                    format!("{SELECT_COLUMNS} ORDER BY id DESC LIMIT ?"),
+                    (limit,),
+                ),
+            )
+            .await?;
+        rows.into_iter().map(|r| self.message(r)).collect()
+    }
+
+    async fn get(&self, id: u64) -> Result<Option<Message>, DbError> {
+        let mut conn = self.conn().await?;
+        let row: Option<Row> = self
+            .bounded(
+                "get",
+                conn.exec_first(format!("{SELECT_COLUMNS} WHERE id = ?"), (id,)),
+            )
+            .await?;
+        row.map(|r| self.message(r)).transpose()
+    }
+
+    /// `Seconds_Behind_Master` of this node (`None` when it is not replicating or the SQL
+    /// thread is stopped).
+    async fn lag(&self) -> Result<Option<f64>, DbError> {
+        let mut conn = self.conn().await?;
+        let row: Option<Row> = self
+            .bounded("SHOW SLAVE STATUS", conn.query_first("SHOW SLAVE STATUS"))
+            .await?;
+        Ok(row.and_then(|r| crate::server::seconds_behind(&r)))
+    }
+
+    fn message(&self, row: Row) -> Result<Message, DbError> {
+        let (id, author, text, created_at) =
+            mysql_async::from_row_opt::<(u64, String, String, String)>(row).map_err(|e| {
+                DbError::Data {
+                    node: self.host.clone(),
+                    reason: format!("guestbook row: {e}"),
+                }
+            })?;
+        Ok(Message {
+            id,
+            author,
+            text,
+            created_at,
+        })
+    }
+}
+
+impl Drop for MariaClient {
+    fn drop(&mut self) {
+        // Close pooled connections in the background when a runtime is still there.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pools: Vec<Pool> = std::iter::once(self.primary.pool.clone())
+                .chain(self.read.as_ref().map(|r| r.pool.clone()))
+                .collect();
+            rt.spawn(async move {
+                for p in pools {
+                    let _ = p.disconnect().await;
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn validation_bounds() {
+        assert!(validate("ann", "hi").is_ok());
+        assert!(validate("", "hi").unwrap_err().is_invalid_input());
+        assert!(validate("ann", " ").unwrap_err().is_invalid_input());
+        assert!(validate(&"é".repeat(64), "x").is_ok());
+        assert!(validate(&"é".repeat(65), "x").is_err());
+        assert!(validate("a", &"x".repeat(MAX_TEXT_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn read_node_prefers_the_local_replica() {
+        let text = "
+[[hosts]]
+name = \"lb-01\"
+address = \"127.93.9.10\"
+roles = [\"lb\"]
+[[hosts]]
+name = \"web-01\"
+address = \"127.93.9.11\"
+roles = [\"web\", \"app\", \"db-primary\"]
+[[hosts]]
+name = \"web-02\"
+address = \"127.93.9.12\"
+roles = [\"web\", \"app\", \"db-replica\"]
+[[hosts]]
+name = \"web-03\"
+address = \"127.93.9.13\"
+roles = [\"web\", \"app\"]
+";
+        let t = Topology::parse(text, "t").unwrap();
+        let dir = Path::new("/state");
+        let c = |h| ClientConfig::from_topology(&t, h, dir, Engine::Mariadb).unwrap();
+        assert_eq!(c("web-01").read.unwrap().host, "web-02");
+        assert_eq!(c("web-02").read.unwrap().host, "web-02");
+        assert_eq!(c("web-03").read.unwrap().host, "web-02");
+        assert_eq!(c("web-03").primary.host, "web-01");
+        assert!(ClientConfig::from_topology(&t, "lb-01", dir, Engine::Mariadb).is_none());
+    }
+}

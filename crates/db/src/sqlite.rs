@@ -1,0 +1,143 @@
+//! The embedded engine: one SQLite file shared by every application host, no replication.
+//! Used when MariaDB is not installed (`engine = "auto"`) or asked for (`engine = "sqlite"`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::{DbError, Message};
+
+/// Schema of the guestbook. `created_at` is RFC 3339 UTC with milliseconds, set by SQLite.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS guestbook (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    author     TEXT NOT NULL,
+    text       TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);";
+
+/// How long a writer waits for another process's lock before failing (SQLite
+/// `busy_timeout`).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `<state>/db/<database>.sqlite3`, the file every application host opens.
+pub fn sqlite_path(state_dir: &Path, database: &str) -> PathBuf {
+    state_dir.join("db").join(format!("{database}.sqlite3"))
+}
+
+/// An open store. Cheap to clone; every call runs on the blocking pool.
+#[derive(Clone)]
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the file in WAL mode with a busy timeout and the schema.
+    pub(crate) async fn open(path: PathBuf) -> Result<SqliteStore, DbError> {
+        let p = path.clone();
+        let conn = blocking(&path, move || {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Err(DbError::io(format!("creating {}", dir.display()), e)))?;
+            }
+            let conn = Connection::open(&p).map_err(Ok)?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(Ok)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(Ok)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(Ok)?;
+            conn.execute_batch(SCHEMA).map_err(Ok)?;
+            Ok(conn)
+        })
+        .await?;
+        Ok(SqliteStore {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    pub(crate) async fn insert(&self, author: String, text: String) -> Result<Message, DbError> {
+        self.with(move |c| {
+            c.query_row(
+                "INSERT INTO guestbook (author, text) VALUES (?1, ?2) \
+                 RETURNING id, author, text, created_at",
+                params![author, text],
+                row_to_message,
+            )
+        })
+        .await
+    }
+
+    pub(crate) async fn get(&self, id: u64) -> Result<Option<Message>, DbError> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, author, text, created_at FROM guestbook WHERE id = ?1",
+                params![id],
+                row_to_message,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub(crate) async fn list(&self, limit: u32) -> Result<Vec<Message>, DbError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, author, text, created_at FROM guestbook ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit], row_to_message)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        blocking(&self.path, move || {
+            // A poisoned lock only means another call panicked; the connection is still usable.
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&c).map_err(Ok)
+        })
+        .await
+    }
+}
+
+/// Runs `f` on the blocking pool; `Err(Ok(e))` is an SQLite error of `path`, `Err(Err(e))`
+/// any other error.
+async fn blocking<T, F>(path: &Path, f: F) -> Result<T, DbError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Result<rusqlite::Error, DbError>> + Send + 'static,
+{
+    let path = path.to_path_buf();
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(Ok(source))) => Err(DbError::Sqlite { path, source }),
+        Ok(Err(Err(e))) => Err(e),
+        Err(join) => Err(DbError::io(
+            format!("SQLite task on {}", path.display()),
+            std::io::Error::other(join.to_string()),
+        )),
+    }
+}
+
+fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let id: i64 = row.get(0)?;
+    Ok(Message {
+        id: u64::try_from(id).unwrap_or_default(),
+        author: row.get(1)?,
+        text: row.get(2)?,
+        created_at: row.get(3)?,
+    })
+}

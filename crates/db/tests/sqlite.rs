@@ -1,0 +1,92 @@
+#![allow(clippy::unwrap_used, missing_docs)]
+//! The SQLite engine end to end: server start (schema), client insert/get/list, info.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use db::{connect_client, start_server, ClientConfig, Engine, ServerConfig};
+use topology::{Policy, Topology};
+
+const TOPOLOGY: &str = r#"
+[database]
+engine = "sqlite"
+[[hosts]]
+name = "lb-01"
+address = "127.93.1.10"
+roles = ["lb"]
+[[hosts]]
+name = "web-01"
+address = "127.93.1.11"
+roles = ["web", "app", "db-primary"]
+[[hosts]]
+name = "web-02"
+address = "127.93.1.12"
+roles = ["web", "app", "db-replica"]
+"#;
+
+async fn client(t: &Topology, host: &str, state: &Path) -> db::DbClient {
+    let cfg = ClientConfig::from_topology(t, host, state, Engine::Sqlite).unwrap();
+    connect_client(cfg).await.unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_round_trip() {
+    let t = Topology::parse(TOPOLOGY, "test").unwrap();
+    assert_eq!(db::resolve_engine(&t).unwrap(), Engine::Sqlite);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Arc::new(Policy::compile(&t));
+    let cfg = ServerConfig::from_topology(&t, "web-01", dir.path(), policy.clone(), Engine::Sqlite)
+        .unwrap();
+    assert!(
+        ServerConfig::from_topology(&t, "web-02", dir.path(), policy, Engine::Sqlite).is_none(),
+        "no replica under SQLite"
+    );
+    let server = start_server(cfg).await.unwrap();
+    let st = server.status();
+    assert!(st.healthy);
+    assert_eq!(
+        (st.role.as_str(), st.engine.as_str()),
+        ("primary", "sqlite")
+    );
+    assert_eq!(st.pid, None);
+    assert!(dir.path().join("db/foobar.sqlite3").is_file());
+
+    let a = client(&t, "web-01", dir.path()).await;
+    let b = client(&t, "web-02", dir.path()).await;
+    let m1 = a.insert_message("ann", "first").await.unwrap();
+    let m2 = b.insert_message("bob", "zweite ✓").await.unwrap();
+    let m3 = a.insert_message("ann", "third").await.unwrap();
+    assert!(m1.id < m2.id && m2.id < m3.id);
+    assert!(m1.created_at.ends_with('Z') && m1.created_at.contains('T'));
+    assert_eq!(b.get_message(m1.id).await.unwrap().unwrap(), m1);
+    assert_eq!(
+        a.get_message(m2.id).await.unwrap().unwrap().text,
+        "zweite ✓"
+    );
+    assert!(a.get_message(m3.id + 100).await.unwrap().is_none());
+
+    let all = b.list_messages(10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![m3.id, m2.id, m1.id]
+    );
+    assert_eq!(a.list_messages(2).await.unwrap(), all[..2].to_vec());
+
+    assert!(a
+        .insert_message("", "x")
+        .await
+        .unwrap_err()
+        .is_invalid_input());
+    assert!(a
+        .insert_message(&"n".repeat(65), "x")
+        .await
+        .unwrap_err()
+        .is_invalid_input());
+
+    let info = b.info().await.unwrap();
+    assert_eq!(info.engine, "sqlite");
+    assert_eq!(info.write_node, "web-01");
+    assert_eq!(info.read_node, "web-01");
+    assert_eq!(info.lag_seconds, None);
+    server.stop().await;
+}
