@@ -75,8 +75,13 @@ impl From<PathRejection> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        tracing::warn!(error = %e, "database request failed");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        match e {
+            StoreError::Invalid(reason) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, reason),
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "database request failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+            }
+        }
     }
 }
 
@@ -104,6 +109,9 @@ pub(crate) fn routes(host: &str, store: Arc<dyn Store>) -> Router {
         .route("/messages/{id}", get(get_message))
         .route("/whoami", get(whoami))
         .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ApiState {
             host: host.to_string(),

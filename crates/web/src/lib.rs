@@ -28,6 +28,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 pub use api::{ApiError, LIST_LIMIT, MAX_AUTHOR_CHARS, MAX_BODY_BYTES, MAX_TEXT_CHARS};
 pub use files::{deploy_site, NOT_FOUND_PAGE, SITE_FILES};
@@ -102,7 +103,8 @@ pub struct AppState {
 }
 
 /// The whole web server as an axum [`Router`], for serving or for tests with
-/// `tower::ServiceExt::oneshot`. Layers, outermost first: `X-Served-By`, health check,
+/// `tower::ServiceExt::oneshot`. Layers, outermost first: `X-Served-By`, access log
+/// (`tracing`, debug level), health check,
 /// request metrics, request timeout ([`REQUEST_TIMEOUT`] → 503), `ETag` coding suffix,
 /// compression (gzip, br), then `/api` or the static files (with validators and the 404
 /// page).
@@ -136,6 +138,7 @@ pub fn router(state: AppState) -> Router {
             state.health_path.clone(),
             health,
         ))
+        .layer(TraceLayer::new_for_http())
         .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
 }
 

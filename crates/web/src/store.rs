@@ -5,41 +5,22 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
-use serde::Serialize;
+pub use db::{DbInfo, Message};
 
 /// A boxed, sendable future returned by [`Store`] methods (keeps the trait usable as
 /// `Arc<dyn Store>`).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// A data-tier failure. The text is the detail for the log; clients only see a short reason.
+/// A data-tier failure.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
-
-/// One guestbook message as stored and as served by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Message {
-    /// Primary key, assigned by the primary on insert.
-    pub id: u64,
-    /// Who signed (1 to 64 characters).
-    pub author: String,
-    /// What they wrote (1 to 1000 characters, newlines allowed).
-    pub text: String,
-    /// Creation time, RFC 3339 in UTC (e.g. `2024-05-01T12:00:00Z`).
-    pub created_at: String,
-}
-
-/// Where the application's queries go, as reported by `GET /api/whoami`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DbInfo {
-    /// `mariadb` or `sqlite`.
-    pub engine: String,
-    /// Host name of the node taking writes (the primary).
-    pub write_node: String,
-    /// Host name of the node serving reads.
-    pub read_node: String,
-    /// Replication lag of the read node in seconds; `None` when unknown or not replicated.
-    pub lag_seconds: Option<f64>,
+pub enum StoreError {
+    /// The database could not answer (down, unreachable, timed out). The text is the detail
+    /// for the log; clients only see a short reason (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The database refused the values themselves; the text is shown to the client (422).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The guestbook's storage. Implemented by `db::DbClient` (writes on the primary, reads on
@@ -53,6 +34,45 @@ pub trait Store: Send + Sync + 'static {
     fn get_message(&self, id: u64) -> StoreFuture<'_, Option<Message>>;
     /// The engine and the nodes serving writes and reads.
     fn info(&self) -> StoreFuture<'_, DbInfo>;
+}
+
+impl Store for db::DbClient {
+    fn insert_message<'a>(&'a self, author: &'a str, text: &'a str) -> StoreFuture<'a, Message> {
+        Box::pin(async move {
+            db::DbClient::insert_message(self, author, text)
+                .await
+                .map_err(StoreError::from)
+        })
+    }
+
+    fn list_messages(&self, limit: u32) -> StoreFuture<'_, Vec<Message>> {
+        Box::pin(async move {
+            db::DbClient::list_messages(self, limit)
+                .await
+                .map_err(StoreError::from)
+        })
+    }
+
+    fn get_message(&self, id: u64) -> StoreFuture<'_, Option<Message>> {
+        Box::pin(async move {
+            db::DbClient::get_message(self, id)
+                .await
+                .map_err(StoreError::from)
+        })
+    }
+
+    fn info(&self) -> StoreFuture<'_, DbInfo> {
+        Box::pin(async move { db::DbClient::info(self).await.map_err(StoreError::from) })
+    }
+}
+
+impl From<db::DbError> for StoreError {
+    fn from(e: db::DbError) -> StoreError {
+        match e {
+            db::DbError::Invalid(reason) => StoreError::Invalid(reason),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 /// An in-memory [`Store`]: ids count up from 1, nothing survives the process. For tests and
@@ -82,11 +102,13 @@ impl MemoryStore {
 
     fn check(&self) -> Result<std::sync::MutexGuard<'_, Vec<Message>>, StoreError> {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StoreError("in-memory store set to fail".into()));
+            return Err(StoreError::Unavailable(
+                "in-memory store set to fail".into(),
+            ));
         }
         self.messages
             .lock()
-            .map_err(|_| StoreError("in-memory store poisoned".into()))
+            .map_err(|_| StoreError::Unavailable("in-memory store poisoned".into()))
     }
 }
 

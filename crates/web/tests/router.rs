@@ -356,3 +356,46 @@ async fn api_without_store_or_route_is_404_json() {
         StatusCode::METHOD_NOT_ALLOWED
     );
 }
+
+#[tokio::test]
+async fn guestbook_over_the_sqlite_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_support::topology_in_block(92);
+    let cfg = db::ClientConfig::from_topology(&topology, "web-01", dir.path(), db::Engine::Sqlite)
+        .unwrap();
+    let client = db::connect_client(cfg).await.unwrap();
+    let docroot = dir.path().join("www");
+    web::deploy_site(&docroot).unwrap();
+    let app = web::router(AppState {
+        host: "web-01".into(),
+        docroot,
+        health_path: "/healthz".into(),
+        store: Some(Arc::new(client)),
+        metrics: WebMetrics::new(),
+    });
+
+    let first = post_json(&app, &message("ann", "first")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let second = post_json(&app, &message("bob", "second")).await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    let id = second.json()["id"].as_u64().unwrap();
+    assert_eq!(
+        second.header(header::LOCATION),
+        format!("/api/messages/{id}")
+    );
+
+    let got = get(&app, &format!("/api/messages/{id}")).await;
+    assert_eq!(got.json()["text"], "second");
+    let list = get(&app, "/api/messages").await.json();
+    let texts: Vec<_> = list["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["second", "first"]);
+    let who = get(&app, "/api/whoami").await.json();
+    assert_eq!(who["served_by"], "web-01");
+    assert_eq!(who["db"]["engine"], "sqlite");
+    assert_eq!(who["db"]["write_node"], "web-01");
+}
