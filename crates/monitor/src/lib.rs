@@ -29,6 +29,7 @@ mod service;
 pub mod store;
 
 pub use agent::{start_agent, AgentHandle};
+pub use serve::Peer;
 pub use service::{app, start_monitor, MonitorHandle, MonitorState};
 
 /// The metric whose rate is a host's QPS (the metric contract shared by lb and web).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pki::Identity;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -15,9 +15,11 @@ use tower::Service;
 
 /// Seconds a client gets to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Seconds an HTTP/1.1 client gets to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The identity of the connection's verified client certificate (`None`: the certificate
-/// chains to the CA but carries no `rampart://` identity).
+/// chains to the CA but carries no `rampart://` identity), a request extension.
 #[derive(Debug, Clone)]
 pub struct Peer(pub Option<Identity>);
 
@@ -69,7 +71,13 @@ pub fn spawn(
                     req.extensions_mut().insert(peer.clone());
                     app.clone().call(req)
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                builder.http2().timer(TokioTimer::new());
                 if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                     tracing::debug!("{what}: connection from {remote}: {e}");
                 }

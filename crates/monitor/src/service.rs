@@ -297,8 +297,9 @@ impl MonitorState {
     }
 }
 
-/// The service's routes over `state`, without a socket: every request must carry a
-/// [`Peer`]-like identity extension, which the TLS listener inserts per connection.
+/// The service's routes over `state`, without a socket (for tests and embedding): each
+/// request must carry a [`Peer`](crate::Peer) extension, which the TLS listener inserts per
+/// connection from the verified client certificate; requests without one get 403.
 pub fn app(state: Arc<MonitorState>) -> Router {
     let ingest = Router::new()
         .route("/api/v1/push", post(push))
