@@ -1,1 +1,277 @@
-//! lb (being written).
+//! The load balancer of `www.foobar.com`: an HTTPS listener holding the site certificate
+//! (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) that forwards every request round robin to the
+//! backends its health checks consider up, over pooled mutual-TLS HTTP/1.1 connections made
+//! from this host's address; and an HTTP listener that only redirects to HTTPS.
+//!
+//! This crate owns the listeners, the balancing and retry policy, the active health checks
+//! and the load balancer's metrics. It never issues certificates or decides who may connect
+//! (that is `pki` and `topology::Policy`, enforced through `firewall`), never buffers whole
+//! bodies, and never replays a request once any of it has been sent to a backend.
+//!
+//! Flow of one request: [`firewall::GuardedListener`] → TLS (bounded handshake) → HTTP/1.1
+//! or HTTP/2 → metrics layer → HSTS layer → proxy (pick a backend that is up, rewrite
+//! hop-by-hop and `X-Forwarded-*` headers, forward, stream the response back).
+
+#![forbid(unsafe_code)]
+
+mod balancer;
+mod config;
+mod health;
+mod layers;
+mod proxy;
+mod redirect;
+mod server;
+mod upstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use firewall::{Filter, GuardedListener};
+use pki::Identity;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use topology::Service;
+use tower::ServiceBuilder;
+
+pub use config::{Backend, LbConfig};
+
+use balancer::Balancer;
+use layers::{HstsLayer, Metrics, MetricsLayer};
+use proxy::{Proxy, Upstreams};
+use redirect::Redirect;
+use upstream::Connector;
+
+/// Why [`start`] failed. Nothing keeps running after an error.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// A listener could not be bound (address not local, port taken, port below 1024
+    /// without the privilege).
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address that was being bound.
+        addr: SocketAddr,
+        /// The error of `bind(2)`/`listen(2)`.
+        source: io::Error,
+    },
+    /// The site server config or this host's mutual-TLS client config could not be built
+    /// (missing or unreadable PEM files under the PKI directory).
+    #[error("TLS configuration: {0}")]
+    Pki(#[from] pki::PkiError),
+    /// The configuration lists no backend.
+    #[error("no backends configured: the topology needs at least one host with the web role")]
+    NoBackends,
+    /// A backend name is duplicated or unusable as a TLS server name / URI host.
+    #[error("backend {name:?}: {reason}")]
+    BadBackend {
+        /// The backend's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A running load balancer. It runs until [`LbHandle::shutdown`] is called **or the handle
+/// is dropped**: keep it alive as long as the load balancer should serve.
+#[derive(Debug)]
+pub struct LbHandle {
+    https_addr: SocketAddr,
+    http_addr: SocketAddr,
+    filters: Vec<Arc<Filter>>,
+    balancer: Arc<Balancer>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl LbHandle {
+    /// The bound HTTPS listener address (the real port when configured with 0).
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// The bound HTTP (redirect) listener address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The firewall filters of the HTTPS and HTTP listeners, in that order (accepted and
+    /// refused connection counters).
+    pub fn filters(&self) -> Vec<Arc<Filter>> {
+        self.filters.clone()
+    }
+
+    /// Every backend as `(name, up)` in configuration order; `up` is the health checks'
+    /// current verdict (backends start down).
+    pub fn backends(&self) -> Vec<(String, bool)> {
+        self.balancer
+            .backends()
+            .iter()
+            .map(|b| (b.name.clone(), b.is_up()))
+            .collect()
+    }
+
+    /// Whether at least one backend is up, i.e. whether HTTPS requests can be served.
+    pub fn healthy(&self) -> bool {
+        self.balancer.backends().iter().any(|b| b.is_up())
+    }
+
+    /// Stops accepting connections and health checking; open connections finish their
+    /// in-flight requests and close. Returns immediately.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
+    if backends.is_empty() {
+        return Err(LbError::NoBackends);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for b in backends {
+        let bad = |reason: &str| LbError::BadBackend {
+            name: b.name.clone(),
+            reason: reason.to_string(),
+        };
+        if !seen.insert(b.name.as_str()) {
+            return Err(bad("listed twice"));
+        }
+        let dns_name = !b.name.is_empty()
+            && b.name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+        if !dns_name || rustls::pki_types::ServerName::try_from(b.name.as_str()).is_err() {
+            return Err(bad("not a DNS name (letters, digits, '-', '.')"));
+        }
+    }
+    Ok(())
+}
+
+/// Binds `address:port` guarded by `filter`; returns the listener and its bound address.
+async fn bind(
+    address: IpAddr,
+    port: u16,
+    filter: Arc<Filter>,
+) -> Result<(GuardedListener, SocketAddr), LbError> {
+    let addr = SocketAddr::new(address, port);
+    let listener = GuardedListener::bind(addr, filter)
+        .await
+        .map_err(|source| LbError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| LbError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Starts the load balancer on the current tokio runtime: builds the TLS configs from
+/// `cfg.pki` (site certificate for clients; this host's certificate for backends unless
+/// `plain_backends`), binds the HTTPS and HTTP listeners on `cfg.address`, registers
+/// `rampart_http_requests_total{role="lb",code}`,
+/// `rampart_http_request_duration_seconds{role="lb"}` and `rampart_backend_up{backend}` in
+/// `registry`, and spawns the accept loops and one health checker per backend. Returns once
+/// both listeners are bound; backends are down until they pass `cfg.health.rise` checks.
+///
+/// Errors: [`LbError::Pki`] for missing certificates, [`LbError::Bind`] naming the address
+/// that could not be bound, [`LbError::NoBackends`] / [`LbError::BadBackend`] for an
+/// unusable backend list.
+pub async fn start(cfg: LbConfig, registry: &mut Registry) -> Result<LbHandle, LbError> {
+    check_backends(&cfg.backends)?;
+    let acceptor = TlsAcceptor::from(Arc::new(pki::site_server_config(&cfg.pki)?));
+    let upstream_tls = if cfg.plain_backends {
+        None
+    } else {
+        let tls =
+            pki::mtls_client_config(&cfg.pki, &Identity::Host(cfg.host.clone()), &[b"http/1.1"])?;
+        Some(TlsConnector::from(Arc::new(tls)))
+    };
+
+    let https_filter = Filter::new(cfg.policy.clone(), &cfg.host, Service::Https);
+    let http_filter = Filter::new(cfg.policy.clone(), &cfg.host, Service::Http);
+    let (https, https_addr) = bind(cfg.address, cfg.https_port, https_filter.clone()).await?;
+    let (http, http_addr) = bind(cfg.address, cfg.http_port, http_filter.clone()).await?;
+
+    let metrics = Metrics::register(registry);
+    let balancer = Arc::new(Balancer::new(&cfg.backends, |name| {
+        metrics.backend_up(name)
+    }));
+    let connector = Connector::new(
+        cfg.address,
+        cfg.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.addr))
+            .collect::<HashMap<_, _>>(),
+        upstream_tls,
+    );
+    let upstreams = Arc::new(Upstreams {
+        balancer: balancer.clone(),
+        client: upstream::client(connector.clone()),
+        scheme: connector.scheme(),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    for index in 0..cfg.backends.len() {
+        tokio::spawn(health::run(
+            balancer.clone(),
+            index,
+            connector.clone(),
+            cfg.health.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+
+    let builder = server::http_builder();
+    let https_builder = builder.clone();
+    let https_metrics = metrics.clone();
+    tokio::spawn(server::accept_loop(
+        https,
+        shutdown_rx.clone(),
+        move |tcp, peer, shutdown| {
+            let service = ServiceBuilder::new()
+                .layer(MetricsLayer(https_metrics.clone()))
+                .layer(HstsLayer)
+                .service(Proxy::new(upstreams.clone(), peer.ip()));
+            server::serve_tls(
+                https_builder.clone(),
+                acceptor.clone(),
+                tcp,
+                peer,
+                service,
+                shutdown,
+            )
+        },
+    ));
+
+    let redirect = Redirect::new(&cfg.site_domain, https_addr.port());
+    tokio::spawn(server::accept_loop(
+        http,
+        shutdown_rx,
+        move |tcp, peer, shutdown| {
+            let service = ServiceBuilder::new()
+                .layer(MetricsLayer(metrics.clone()))
+                .service(redirect.clone());
+            server::serve(
+                builder.clone(),
+                hyper_util::rt::TokioIo::new(tcp),
+                peer,
+                service,
+                shutdown,
+            )
+        },
+    ));
+
+    tracing::info!(
+        host = %cfg.host,
+        https = %https_addr,
+        http = %http_addr,
+        backends = cfg.backends.len(),
+        tls_upstream = !cfg.plain_backends,
+        "load balancer listening"
+    );
+    Ok(LbHandle {
+        https_addr,
+        http_addr,
+        filters: vec![https_filter, http_filter],
+        balancer,
+        shutdown,
+    })
+}

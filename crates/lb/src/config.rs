@@ -1,0 +1,133 @@
+//! What the load balancer is started with, and how it is derived from a topology.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use topology::{HealthCheck, Policy, Role, Topology};
+
+/// One upstream web server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Host name, e.g. `web-01`. Used as the TLS server name the backend's certificate must
+    /// carry, in logs and as the `backend` label of `rampart_backend_up`. Unique per
+    /// [`LbConfig`].
+    pub name: String,
+    /// Where the backend's web listener is.
+    pub addr: SocketAddr,
+}
+
+/// Everything [`crate::start`] needs.
+#[derive(Debug, Clone)]
+pub struct LbConfig {
+    /// This host's name, e.g. `lb-01`: the identity presented to backends (its host
+    /// certificate) and the host whose firewall rules guard the listeners.
+    pub host: String,
+    /// Listen address of both listeners and source address of every upstream connection.
+    pub address: IpAddr,
+    /// HTTPS listener port; 0 picks an ephemeral port (see [`crate::LbHandle::https_addr`]).
+    pub https_port: u16,
+    /// HTTP listener port (redirects only); 0 picks an ephemeral port.
+    pub http_port: u16,
+    /// The public site name, e.g. `www.foobar.com`: the redirect target when a request
+    /// carries no usable `Host`.
+    pub site_domain: String,
+    /// The backends, balanced round robin in this order.
+    pub backends: Vec<Backend>,
+    /// The insecure variant: plain HTTP/1.1 to the backends instead of mutual TLS.
+    pub plain_backends: bool,
+    /// Active health-check settings (path, interval, timeout, rise, fall).
+    pub health: HealthCheck,
+    /// Where the CA, the site certificate and this host's certificate are.
+    pub pki: pki::PkiPaths,
+    /// The compiled firewall policy the listeners enforce.
+    pub policy: Arc<Policy>,
+}
+
+impl LbConfig {
+    /// The configuration of host `host` in topology `t`: its address, the site's ports
+    /// (443/80 when unresolved), the site domain, every host holding `web` as a backend at
+    /// `(address, t.ports.web)` in topology order, the topology's health check and the
+    /// `plain_backends` switch.
+    ///
+    /// `None` when `host` is not in the topology or does not hold the `lb` role.
+    pub fn from_topology(
+        t: &Topology,
+        host: &str,
+        pki: pki::PkiPaths,
+        policy: Arc<Policy>,
+    ) -> Option<LbConfig> {
+        let me = t.host(host)?;
+        if !me.has(Role::Lb) {
+            return None;
+        }
+        let backends = t
+            .hosts_with(Role::Web)
+            .map(|h| Backend {
+                name: h.name.clone(),
+                addr: SocketAddr::new(h.address, t.ports.web),
+            })
+            .collect();
+        Some(LbConfig {
+            host: me.name.clone(),
+            address: me.address,
+            https_port: t.https_port(),
+            http_port: t.http_port(),
+            site_domain: t.site.domain.clone(),
+            backends,
+            plain_backends: t.site.plain_backends,
+            health: t.health_check.clone(),
+            pki,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const TOML: &str = r#"
+[site]
+https_port = 8443
+http_port = 8080
+
+[[hosts]]
+name = "lb-01"
+address = "127.91.0.10"
+roles = ["lb"]
+
+[[hosts]]
+name = "web-01"
+address = "127.91.0.11"
+roles = ["web", "app", "db-primary"]
+
+[[hosts]]
+name = "web-02"
+address = "127.91.0.12"
+roles = ["web", "app"]
+"#;
+
+    #[test]
+    fn from_topology_takes_every_web_host_as_backend() {
+        let t = Topology::parse(TOML, "test.toml").unwrap();
+        let policy = Arc::new(Policy::compile(&t));
+        let cfg = LbConfig::from_topology(&t, "lb-01", pki::PkiPaths::new("/nonexistent"), policy)
+            .unwrap();
+        assert_eq!(cfg.address, "127.91.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!((cfg.https_port, cfg.http_port), (8443, 8080));
+        assert_eq!(cfg.site_domain, "www.foobar.com");
+        let names: Vec<_> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["web-01", "web-02"]);
+        assert_eq!(cfg.backends[1].addr, "127.91.0.12:9443".parse().unwrap());
+    }
+
+    #[test]
+    fn from_topology_refuses_hosts_without_lb() {
+        let t = Topology::parse(TOML, "test.toml").unwrap();
+        let policy = Arc::new(Policy::compile(&t));
+        let paths = pki::PkiPaths::new("/nonexistent");
+        assert!(LbConfig::from_topology(&t, "web-01", paths.clone(), policy.clone()).is_none());
+        assert!(LbConfig::from_topology(&t, "nobody", paths, policy).is_none());
+    }
+}

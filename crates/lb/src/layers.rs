@@ -1,0 +1,233 @@
+//! Cross-cutting concerns wrapped around the request handlers: request metrics and the
+//! HSTS header. Each is a small tower layer, so handlers stay about routing.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tower::{Layer, Service};
+
+/// Labels of `rampart_http_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    role: &'static str,
+    code: &'static str,
+}
+
+/// Labels of `rampart_http_request_duration_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RoleLabels {
+    role: &'static str,
+}
+
+/// Labels of `rampart_backend_up`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct BackendLabels {
+    backend: String,
+}
+
+type DurationFamily = Family<RoleLabels, Histogram, fn() -> Histogram>;
+
+/// The load balancer's metric families.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: DurationFamily,
+    backend_up: Family<BackendLabels, Gauge>,
+}
+
+const ROLE: &str = "lb";
+
+fn duration_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    /// Registers the families in `registry`.
+    pub(crate) fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            backend_up: Family::default(),
+        };
+        registry.register(
+            "rampart_http_requests",
+            "HTTP requests answered, by role and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "rampart_http_request_duration_seconds",
+            "Time from request to response headers, by role",
+            m.duration.clone(),
+        );
+        registry.register(
+            "rampart_backend_up",
+            "Whether the load balancer's health checks consider a backend up (1) or down (0)",
+            m.backend_up.clone(),
+        );
+        m
+    }
+
+    /// The `rampart_backend_up` series of `backend`.
+    pub(crate) fn backend_up(&self, backend: &str) -> Gauge {
+        self.backend_up
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .clone()
+    }
+
+    fn record(&self, status: http::StatusCode, started: Instant) {
+        let code = match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { role: ROLE, code })
+            .inc();
+        self.duration
+            .get_or_create(&RoleLabels { role: ROLE })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts every response by status class and observes the time to response headers.
+#[derive(Debug, Clone)]
+pub(crate) struct MetricsLayer(pub(crate) Metrics);
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Metered<S>;
+    fn layer(&self, inner: S) -> Metered<S> {
+        Metered {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// See [`MetricsLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Metered<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl<S, B, ResB> Service<Request<B>> for Metered<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = Infallible;
+    type Future = BoxFuture<Response<ResB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            metrics.record(resp.status(), started);
+            Ok(resp)
+        })
+    }
+}
+
+/// `Strict-Transport-Security: max-age=31536000` (one year) on every response of the HTTPS
+/// listener (RFC 6797 §6.1; never sent over plain HTTP, §7.2).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HstsLayer;
+
+const HSTS: &str = "max-age=31536000";
+
+impl<S> Layer<S> for HstsLayer {
+    type Service = Hsts<S>;
+    fn layer(&self, inner: S) -> Hsts<S> {
+        Hsts { inner }
+    }
+}
+
+/// See [`HstsLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Hsts<S> {
+    inner: S,
+}
+
+impl<S, B, ResB> Service<Request<B>> for Hsts<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = Infallible;
+    type Future = BoxFuture<Response<ResB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            resp.headers_mut().insert(
+                http::header::STRICT_TRANSPORT_SECURITY,
+                HeaderValue::from_static(HSTS),
+            );
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::StatusCode;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    #[tokio::test]
+    async fn layers_count_and_add_hsts() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let svc = ServiceBuilder::new()
+            .layer(MetricsLayer(metrics))
+            .layer(HstsLayer)
+            .service(service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(())
+                        .unwrap(),
+                )
+            }));
+        let resp = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.headers()["strict-transport-security"], HSTS);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"rampart_http_requests_total{role="lb",code="4xx"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"rampart_http_request_duration_seconds_count{role="lb"} 1"#));
+    }
+}

@@ -1,0 +1,303 @@
+//! The upstream side: one connector that turns a backend name into a connection (TCP from
+//! this host's address, then mutual TLS unless the insecure variant is configured), the
+//! pooled HTTP/1.1 client built on it, and the request body wrapper that lets a request be
+//! sent again when connecting failed before any of it was sent.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// Time allowed for TCP connect plus TLS handshake to a backend.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a connection to a backend could not be made. Nothing of a request has been sent
+/// when one of these occurs, so trying another backend is safe.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// The URI named no configured backend (a bug in request routing).
+    #[error("no backend named {0:?}")]
+    UnknownBackend(String),
+    /// TCP connect failed.
+    #[error("connecting to {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: io::Error },
+    /// The TLS handshake failed (certificate, protocol or I/O).
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    /// Connect plus handshake took longer than [`CONNECT_TIMEOUT`].
+    #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+}
+
+/// A connection to a backend, plain or TLS.
+#[derive(Debug)]
+pub(crate) enum UpstreamIo {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Maps a backend name (the host of a request URI) to a fresh connection to that backend.
+/// Cheap to clone; shared by the request client and the health checkers.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    inner: Arc<ConnectorInner>,
+}
+
+struct ConnectorInner {
+    source: IpAddr,
+    backends: HashMap<String, SocketAddr>,
+    tls: Option<TlsConnector>,
+}
+
+impl Connector {
+    /// `tls = None` is the insecure variant (plain TCP).
+    pub(crate) fn new(
+        source: IpAddr,
+        backends: HashMap<String, SocketAddr>,
+        tls: Option<TlsConnector>,
+    ) -> Connector {
+        Connector {
+            inner: Arc::new(ConnectorInner {
+                source,
+                backends,
+                tls,
+            }),
+        }
+    }
+
+    /// The URI scheme requests to backends use.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A new connection to the backend called `name`, from this host's address, bounded by
+    /// [`CONNECT_TIMEOUT`].
+    pub(crate) async fn connect(&self, name: &str) -> Result<UpstreamIo, ConnectError> {
+        let inner = &self.inner;
+        let addr = *inner
+            .backends
+            .get(name)
+            .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
+        let connect = async {
+            let tcp = firewall::connect_from(inner.source, addr)
+                .await
+                .map_err(|source| ConnectError::Tcp { addr, source })?;
+            let Some(tls) = &inner.tls else {
+                return Ok(UpstreamIo::Plain(TokioIo::new(tcp)));
+            };
+            // Backend names are checked to be valid DNS names when the LB starts.
+            let server_name =
+                ServerName::try_from(name.to_string()).map_err(|e| ConnectError::Tls {
+                    addr,
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                })?;
+            let stream = tls
+                .connect(server_name, tcp)
+                .await
+                .map_err(|source| ConnectError::Tls { addr, source })?;
+            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(stream))))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout { addr })?
+    }
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let name = uri.host().unwrap_or_default();
+            this.connect(name).await
+        })
+    }
+}
+
+/// The one pooled HTTP/1.1 client of a load balancer; pool key = scheme + backend name.
+pub(crate) type UpstreamClient = Client<Connector, ReplayableBody>;
+
+/// Builds the pooled client over `connector`. The client leaves `Host` alone (the caller
+/// sets it from the downstream request).
+pub(crate) fn client(connector: Connector) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .set_host(false)
+        .build(connector)
+}
+
+/// Holds a downstream request body until the first upstream attempt starts sending it.
+/// While the body is still here, nothing of it has been sent, so the request can be
+/// replayed to another backend.
+#[derive(Clone)]
+pub(crate) struct BodySlot(Arc<Mutex<Option<Incoming>>>);
+
+impl BodySlot {
+    pub(crate) fn new(body: Incoming) -> BodySlot {
+        BodySlot(Arc::new(Mutex::new(Some(body))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Incoming>> {
+        // The lock is never held across a poll that can panic; a poisoned slot still holds
+        // a consistent `Option`.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the body has not been touched by any attempt yet.
+    pub(crate) fn untouched(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// A body for one attempt; it takes the real body from the slot when first polled.
+    pub(crate) fn body(&self) -> ReplayableBody {
+        let guard = self.lock();
+        let (end, hint) = match guard.as_ref() {
+            Some(b) => (b.is_end_stream(), b.size_hint()),
+            None => (true, SizeHint::with_exact(0)),
+        };
+        drop(guard);
+        ReplayableBody {
+            slot: self.clone(),
+            body: None,
+            end,
+            hint,
+        }
+    }
+}
+
+/// The request body sent upstream: see [`BodySlot`].
+pub(crate) struct ReplayableBody {
+    slot: BodySlot,
+    body: Option<Incoming>,
+    end: bool,
+    hint: SizeHint,
+}
+
+impl Body for ReplayableBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if this.body.is_none() {
+            this.body = this.slot.lock().take();
+        }
+        match this.body.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            Some(b) => b.is_end_stream(),
+            None => self.end,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            Some(b) => b.size_hint(),
+            None => self.hint,
+        }
+    }
+}
