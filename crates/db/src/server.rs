@@ -150,13 +150,13 @@ pub fn mariadbd_defaults_file(state_dir: &Path, host: &str) -> PathBuf {
 }
 
 struct Paths {
-    dir: PathBuf,
     data: PathBuf,
     socket: PathBuf,
     pid: PathBuf,
     log: PathBuf,
     install_log: PathBuf,
     cnf: PathBuf,
+    tmp: PathBuf,
 }
 
 impl Paths {
@@ -169,7 +169,7 @@ impl Paths {
             log: dir.join("error.log"),
             install_log: dir.join("install.log"),
             cnf: mariadbd_defaults_file(state_dir, host),
-            dir,
+            tmp: dir.join("tmp"),
         }
     }
 }
@@ -185,6 +185,7 @@ fn my_cnf(cfg: &ServerConfig, p: &Paths) -> String {
          socket = {socket}\n\
          pid-file = {pid}\n\
          log-error = {log}\n\
+         tmpdir = {tmp}\n\
          # The only TCP entry is the firewall relay in front of the socket.\n\
          skip-networking\n\
          skip-name-resolve\n\
@@ -207,6 +208,7 @@ fn my_cnf(cfg: &ServerConfig, p: &Paths) -> String {
         socket = p.socket.display(),
         pid = p.pid.display(),
         log = p.log.display(),
+        tmp = p.tmp.display(),
         id = cfg.server_id,
     );
     if cfg.role == NodeRole::Replica {
@@ -220,7 +222,7 @@ fn my_cnf(cfg: &ServerConfig, p: &Paths) -> String {
 }
 
 /// What a running server reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct DbNodeStatus {
     /// Host name.
     pub host: String,
@@ -241,8 +243,8 @@ pub struct DbNodeStatus {
     pub healthy: bool,
 }
 
-/// A running database server. Dropping it leaves `mariadbd` running (see
-/// [`mariadbd_pid_file`]); call [`DbServer::stop`] for an orderly stop.
+/// A running database server. Dropping it closes its listeners but leaves `mariadbd`
+/// running (see [`mariadbd_pid_file`]); call [`DbServer::stop`] for an orderly stop.
 pub struct DbServer {
     status: Arc<Mutex<DbNodeStatus>>,
     child: tokio::sync::Mutex<Option<Child>>,
@@ -255,6 +257,17 @@ impl std::fmt::Debug for DbServer {
         f.debug_struct("DbServer")
             .field("status", &self.status())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DbServer {
+    /// Stops the relay, egress and health tasks; `mariadbd` keeps running (as when the node
+    /// process is killed) until [`DbServer::stop`], a later [`start_server`] on the same
+    /// datadir, or `rampart down` (via [`mariadbd_pid_file`]).
+    fn drop(&mut self) {
+        for t in std::mem::take(&mut *lock(&self.tasks)) {
+            t.abort();
+        }
     }
 }
 
@@ -350,8 +363,8 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&p.dir)
-        .map_err(|e| DbError::io(format!("creating {}", p.dir.display()), e))?;
+        .create(&p.tmp)
+        .map_err(|e| DbError::io(format!("creating {}", p.tmp.display()), e))?;
     std::fs::write(&p.cnf, my_cnf(&cfg, &p))
         .map_err(|e| DbError::io(format!("writing {}", p.cnf.display()), e))?;
 
@@ -685,10 +698,16 @@ async fn install_db(cfg: &ServerConfig, p: &Paths) -> Result<(), DbError> {
         }
     };
     if !status.success() {
+        // The bootstrap server writes its reasons to `log-error`; install.log holds only
+        // the tool's generic advice.
         return Err(startup_error(
             &cfg.host,
-            format!("{} failed ({status})", tool.display()),
-            &p.install_log,
+            format!(
+                "{} failed ({status}); its output is in {}",
+                tool.display(),
+                p.install_log.display()
+            ),
+            &p.log,
         ));
     }
     tracing::info!(host = %cfg.host, datadir = %p.data.display(), "datadir initialised");

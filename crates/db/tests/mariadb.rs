@@ -1,0 +1,256 @@
+#![allow(clippy::unwrap_used, missing_docs)]
+//! The MariaDB engine against real `mariadbd` servers: a primary and a replica started from a
+//! topology, replication, the application client through its egress sockets, the firewall
+//! relay refusing a disallowed source, restart on an existing datadir, and a clean stop.
+//! Skipped (with `SKIP:`) when `mariadbd` is not installed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use db::{
+    connect_client, mariadbd_defaults_file, start_server, ClientConfig, Credentials, DbClient,
+    Engine, ServerConfig,
+};
+use tokio::io::AsyncReadExt;
+use topology::{Policy, Topology};
+
+fn topology(net: &str) -> Topology {
+    let text = format!(
+        r#"
+[ports]
+mysql = 23306
+mysql_egress = 23307
+[database]
+engine = "mariadb"
+[[hosts]]
+name = "lb-01"
+address = "{net}.10"
+roles = ["lb"]
+[[hosts]]
+name = "web-01"
+address = "{net}.11"
+roles = ["web", "app", "db-primary"]
+[[hosts]]
+name = "web-02"
+address = "{net}.12"
+roles = ["web", "app", "db-replica"]
+"#
+    );
+    Topology::parse(&text, "test").unwrap()
+}
+
+fn skip() -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("db=debug")
+        .try_init();
+    if db::find_mariadbd().is_none() {
+        eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
+        return true;
+    }
+    false
+}
+
+/// Processes whose command line mentions `cnf` (our `--defaults-file`).
+fn processes_of(cnf: &Path) -> Vec<u32> {
+    let needle = cnf.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Kills (SIGKILL) every `mariadbd` of the state dir when dropped, so a failing test leaves
+/// no server behind.
+struct Reaper<'a>(&'a Path);
+
+impl Drop for Reaper<'_> {
+    fn drop(&mut self) {
+        for h in ["web-01", "web-02"] {
+            for pid in processes_of(&mariadbd_defaults_file(self.0, h)) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Polls `f` every 100 ms for at most 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within 30 s");
+}
+
+async fn start_pair(t: &Topology, state: &Path) -> (db::DbServer, db::DbServer) {
+    let policy = Arc::new(Policy::compile(t));
+    let cfg =
+        |h| ServerConfig::from_topology(t, h, state, policy.clone(), Engine::Mariadb).unwrap();
+    // Started together: the replica must cope with a primary that is not up yet.
+    let (p, r) = tokio::join!(start_server(cfg("web-01")), start_server(cfg("web-02")));
+    (p.unwrap(), r.unwrap())
+}
+
+async fn client(t: &Topology, host: &str, state: &Path) -> DbClient {
+    let cfg = ClientConfig::from_topology(t, host, state, Engine::Mariadb).unwrap();
+    connect_client(cfg).await.unwrap()
+}
+
+/// Waits until reads go to the replica: its replication threads run and it has received
+/// the application account from the primary.
+async fn reads_from_replica(app: &DbClient, replica: &db::DbServer) {
+    eventually("reads served by web-02", || async {
+        let info = app.info().await.ok()?;
+        (replica.status().healthy && info.read_node == "web-02").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_replica_client_and_relay() {
+    if skip() {
+        return;
+    }
+    let t = topology("127.93.0");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let _reaper = Reaper(state);
+    Credentials::ensure(state).unwrap();
+    let (primary, replica) = start_pair(&t, state).await;
+    let ps = primary.status();
+    assert_eq!(
+        (ps.role.as_str(), ps.engine.as_str()),
+        ("primary", "mariadb")
+    );
+    assert!(ps.pid.is_some());
+    assert_eq!(ps.port, 23306);
+    assert_eq!(replica.status().role, "replica");
+
+    let app = client(&t, "web-02", state).await;
+    // The replica's health check sees both replication threads running.
+    reads_from_replica(&app, &replica).await;
+    assert!(replica.status().lag_seconds.is_some());
+    let m = app
+        .insert_message("ann", "hello from web-02 ✓")
+        .await
+        .unwrap();
+    assert!(m.created_at.ends_with('Z'), "{}", m.created_at);
+    // Read-your-writes: found even before the replica has it.
+    assert_eq!(app.get_message(m.id).await.unwrap().unwrap(), m);
+    eventually("message replicated", || async {
+        let list = app.list_messages(10).await.ok()?;
+        (list.first() == Some(&m)).then_some(())
+    })
+    .await;
+    let m2 = app.insert_message("bob", "second").await.unwrap();
+    eventually("list newest first", || async {
+        let list = app.list_messages(1).await.ok()?;
+        (list == vec![m2.clone()]).then_some(())
+    })
+    .await;
+
+    let info = app.info().await.unwrap();
+    assert_eq!(info.engine, "mariadb");
+    assert_eq!(info.write_node, "web-01");
+    assert_eq!(info.read_node, "web-02");
+    assert!(info.lag_seconds.is_some(), "{info:?}");
+
+    // web-01's client reads from the replica on web-02 as well.
+    let other = client(&t, "web-01", state).await;
+    assert_eq!(other.info().await.unwrap().read_node, "web-02");
+
+    // The relay refuses a source the policy does not allow (127.0.0.1 is no app host).
+    let relay: SocketAddr = "127.93.0.11:23306".parse().unwrap();
+    let refused_before = primary.filters()[0].refused();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    if let Ok(mut s) = sock.connect(relay).await {
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a disallowed source got data: {r:?}"
+        );
+    }
+    eventually("refusal counted", || async {
+        (primary.filters()[0].refused() > refused_before).then_some(())
+    })
+    .await;
+
+    drop(app);
+    drop(other);
+    primary.stop().await;
+    replica.stop().await;
+    assert_eq!(primary.status().pid, None);
+    for h in ["web-01", "web-02"] {
+        let cnf = mariadbd_defaults_file(state, h);
+        assert!(
+            processes_of(&cnf).is_empty(),
+            "mariadbd of {h} still running"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_data_and_replaces_a_leftover_server() {
+    if skip() {
+        return;
+    }
+    let t = topology("127.93.2");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let _reaper = Reaper(state);
+    Credentials::ensure(state).unwrap();
+    let (primary, replica) = start_pair(&t, state).await;
+    let app = client(&t, "web-01", state).await;
+    reads_from_replica(&app, &replica).await;
+    let m = app.insert_message("ann", "kept").await.unwrap();
+    eventually("replicated", || async {
+        (app.list_messages(1).await.ok()? == vec![m.clone()]).then_some(())
+    })
+    .await;
+    drop(app);
+
+    // A node killed without stopping its servers leaves mariadbd running; the next start
+    // on the same datadirs must replace them.
+    let old_pids = (primary.status().pid, replica.status().pid);
+    drop(primary);
+    drop(replica);
+    let (primary, replica) = start_pair(&t, state).await;
+    assert_ne!((primary.status().pid, replica.status().pid), old_pids);
+    let app = client(&t, "web-02", state).await;
+    reads_from_replica(&app, &replica).await;
+    assert_eq!(app.list_messages(1).await.unwrap(), vec![m.clone()]);
+    assert_eq!(app.get_message(m.id).await.unwrap().unwrap(), m);
+    let m2 = app.insert_message("bob", "after restart").await.unwrap();
+    eventually("replicated after restart", || async {
+        (app.list_messages(2).await.ok()? == vec![m2.clone(), m.clone()]).then_some(())
+    })
+    .await;
+    drop(app);
+    primary.stop().await;
+    replica.stop().await;
+    for h in ["web-01", "web-02"] {
+        assert!(processes_of(&mariadbd_defaults_file(state, h)).is_empty());
+    }
+}
