@@ -1,0 +1,129 @@
+//! `rampart down`: stop every process the lab started from a state directory.
+//!
+//! Found through pid files only (`hosts/*/node.pid` and each MariaDB server's pid file),
+//! then a sweep of `/proc` for processes whose command line names this state directory (a
+//! node or `mariadbd` whose pid file was lost). Data (datadirs, certificates, logs) stays
+//! unless `purge` is set.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::paths::process_alive;
+use crate::{LabError, StateDir};
+
+/// Stops everything started from `state`. Nodes get SIGTERM (they stop their MariaDB
+/// server cleanly) and up to 20 s, then SIGKILL; the same for MariaDB servers left
+/// running. Idempotent: with nothing running it stops nothing.
+///
+/// Returns a line per process stopped, e.g. `node web-01 (pid 1234)`.
+/// With `purge`, the whole state directory is removed afterwards.
+pub fn down(state: &StateDir, purge: bool) -> Result<Vec<String>, LabError> {
+    let mut stopped = Vec::new();
+    let hosts = host_names(state);
+    let mut nodes = Vec::new();
+    for host in &hosts {
+        if let Some(pid) = StateDir::read_pid(&state.node_pid_file(host)) {
+            if process_alive(pid) {
+                signal(pid, Signal::SIGTERM);
+                nodes.push((format!("node {host} (pid {pid})"), pid));
+            }
+        }
+    }
+    stopped.extend(wait_or_kill(nodes, Duration::from_secs(20)));
+
+    let mut servers = Vec::new();
+    for host in &hosts {
+        let pid_file = db::mariadbd_pid_file(state.root(), host);
+        if let Some(pid) = StateDir::read_pid(&pid_file) {
+            if process_alive(pid) && cmdline_mentions(pid, state.root()) {
+                signal(pid, Signal::SIGTERM);
+                servers.push((format!("mariadbd {host} (pid {pid})"), pid));
+            }
+        }
+    }
+    stopped.extend(wait_or_kill(servers, Duration::from_secs(30)));
+
+    // Anything else still naming this state directory: a node or server whose pid file
+    // was lost. Never touches processes that do not mention the directory.
+    let strays: Vec<(String, u32)> = stray_processes(state.root())
+        .into_iter()
+        .map(|pid| {
+            signal(pid, Signal::SIGTERM);
+            (format!("stray process (pid {pid})"), pid)
+        })
+        .collect();
+    stopped.extend(wait_or_kill(strays, Duration::from_secs(10)));
+
+    for host in &hosts {
+        let _ = std::fs::remove_file(state.node_pid_file(host));
+        let _ = std::fs::remove_file(state.node_status_file(host));
+    }
+    let _ = std::fs::remove_file(state.lab_file());
+    if purge && state.root().exists() {
+        std::fs::remove_dir_all(state.root()).map_err(|e| LabError::io(state.root(), e))?;
+    }
+    Ok(stopped)
+}
+
+/// Host directories under `hosts/`.
+pub(crate) fn host_names(state: &StateDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.root().join("hosts"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn signal(pid: u32, sig: Signal) {
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(raw), sig);
+    }
+}
+
+fn wait_or_kill(procs: Vec<(String, u32)>, grace: Duration) -> Vec<String> {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && procs.iter().any(|(_, pid)| process_alive(*pid)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (what, pid) in &procs {
+        if process_alive(*pid) {
+            tracing::warn!("{what} did not stop after {grace:?}; sending SIGKILL");
+            signal(*pid, Signal::SIGKILL);
+        }
+    }
+    let kill_deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < kill_deadline && procs.iter().any(|(_, pid)| process_alive(*pid)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs.into_iter().map(|(what, _)| what).collect()
+}
+
+fn cmdline_mentions(pid: u32, dir: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = dir.as_os_str().as_encoded_bytes();
+    raw.split(|b| *b == 0)
+        .any(|arg| arg.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Live processes other than this one whose command line names `dir`.
+fn stray_processes(dir: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| *pid != me && process_alive(*pid) && cmdline_mentions(*pid, dir))
+                .collect()
+        })
+        .unwrap_or_default()
+}

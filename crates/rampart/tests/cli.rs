@@ -1,0 +1,102 @@
+//! The command line's contract: exit codes and messages for bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+
+#[test]
+fn a_bad_topology_exits_64_naming_file_key_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        topology::DEFAULT_TOML.replace("127.80.0.12", "999.1.1.1"),
+    )
+    .unwrap();
+    for args in [vec!["check", "-f"], vec!["up", "-d", "-f"]] {
+        let out = Command::new(BIN)
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .args(&args)
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("hosts[2].address"), "{err}");
+        assert!(err.contains("fix:"), "{err}");
+    }
+}
+
+#[test]
+fn a_syntax_error_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("broken.toml");
+    std::fs::write(&file, "[site]\ndomain = \n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.toml:2"));
+}
+
+#[test]
+fn a_non_loopback_address_is_a_configuration_error_in_loopback_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("t.toml");
+    std::fs::write(
+        &file,
+        topology::DEFAULT_TOML.replace("127.80.0.20", "192.0.2.20"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(["up", "-d", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hosts[3].address"));
+}
+
+#[test]
+fn usage_errors_exit_2_and_status_without_a_lab_fails() {
+    let out = Command::new(BIN).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rampart up"));
+}
+
+#[test]
+fn init_writes_the_default_topology_and_refuses_to_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("rampart.toml");
+    let run = |force: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["init", "-o"]).arg(&file);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    assert!(run(false).status.success());
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        topology::DEFAULT_TOML
+    );
+    assert_eq!(run(false).status.code(), Some(1));
+    assert!(run(true).status.success());
+}

@@ -1,0 +1,350 @@
+//! End to end: `rampart up -d` on a topology of its own (addresses 127.96.0.0/16), then a
+//! real HTTPS client that verifies the chain against the lab's CA checks the site, the
+//! redirect, HSTS, round robin, the guestbook through the load balancer, the firewall,
+//! the loss of web-01's node, and finally that `rampart down` leaves nothing behind.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+
+fn rampart(state: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run rampart")
+}
+
+fn status_json(state: &Path) -> Value {
+    let out = rampart(state, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is one JSON object")
+}
+
+/// Stops the lab even when an assertion fails half-way.
+struct Teardown<'a>(&'a Path);
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = rampart(self.0, &["down"]);
+    }
+}
+
+fn site_client(ca_pem: &[u8], domain: &str, lb: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).unwrap())
+        .resolve(domain, lb)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// Listening TCP sockets (IPv4) on addresses inside 127.96.0.0/16, from /proc/net/tcp.
+fn listeners_in_block() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, state) = (f.get(1)?, f.get(3)?);
+            if *state != "0A" {
+                return None;
+            }
+            let (ip_hex, port_hex) = local.split_once(':')?;
+            let ip = u32::from_str_radix(ip_hex, 16).ok()?.to_le_bytes();
+            let port = u16::from_str_radix(port_hex, 16).ok()?;
+            (ip[0] == 127 && ip[1] == 96)
+                .then(|| format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]))
+        })
+        .collect()
+}
+
+fn processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            (!zombie && cmd.contains(&needle)).then(|| format!("{pid}: {cmd}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let topo_path = tmp.path().join("rampart.toml");
+    let topo = topology::DEFAULT_TOML.replace("127.80.0.", "127.96.0.");
+    std::fs::write(&topo_path, topo).unwrap();
+    let have_mariadb = test_support::have_binary("mariadbd");
+    if !have_mariadb {
+        test_support::skip("mariadbd is not installed: the data tier runs on SQLite and replica reads are not checked");
+    }
+
+    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
+    let _teardown = Teardown(&state);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "rampart up failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("curl --cacert"),
+        "up prints the curl line:\n{stdout}"
+    );
+    assert!(stdout.contains("--resolve www.foobar.com:"), "{stdout}");
+
+    let status = status_json(&state);
+    for key in [
+        "mode",
+        "state_dir",
+        "ca_cert",
+        "admin_cert",
+        "admin_key",
+        "site",
+        "endpoints",
+        "hosts",
+        "db",
+    ] {
+        assert!(
+            status.get(key).is_some(),
+            "status --json lacks {key}: {status}"
+        );
+    }
+    assert_eq!(status["mode"], "loopback");
+    assert_eq!(status["site"], "www.foobar.com");
+    let hosts = status["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 4);
+    for h in hosts {
+        for key in [
+            "name", "address", "netns", "pid", "roles", "healthy", "qps", "ports",
+        ] {
+            assert!(h.get(key).is_some(), "host lacks {key}: {h}");
+        }
+        assert!(h["netns"].is_null());
+        assert_eq!(h["healthy"], true, "{h}");
+    }
+    let host = |name: &str| hosts.iter().find(|h| h["name"] == name).unwrap().clone();
+    assert_eq!(
+        status["db"]["engine"],
+        if have_mariadb { "mariadb" } else { "sqlite" }
+    );
+    assert_eq!(status["db"]["primary"], "web-01");
+    if have_mariadb {
+        let nodes = status["db"]["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        for n in nodes {
+            for key in ["host", "role", "pid", "port", "socket", "lag_seconds"] {
+                assert!(n.get(key).is_some(), "db node lacks {key}: {n}");
+            }
+        }
+    }
+
+    // 2. The site over TLS verified against the generated CA, SNI www.foobar.com.
+    let https_port = host("lb-01")["ports"]["https"].as_u64().unwrap() as u16;
+    let http_port = host("lb-01")["ports"]["http"].as_u64().unwrap() as u16;
+    let lb_ip: std::net::IpAddr = host("lb-01")["address"].as_str().unwrap().parse().unwrap();
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    let client = site_client(&ca, "www.foobar.com", SocketAddr::new(lb_ip, https_port));
+    let base = status["endpoints"]["https"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let mut served_by = BTreeSet::new();
+    for _ in 0..20 {
+        let r = client.get(format!("{base}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let hsts = r
+            .headers()
+            .get("strict-transport-security")
+            .expect("HSTS header");
+        assert!(hsts.to_str().unwrap().contains("max-age="));
+        served_by.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
+        let body = r.text().await.unwrap();
+        assert!(
+            body.to_lowercase().contains("guestbook"),
+            "the page is the guestbook"
+        );
+    }
+    assert_eq!(
+        served_by,
+        BTreeSet::from(["web-01".to_string(), "web-02".to_string()])
+    );
+
+    let plain = reqwest::Client::builder()
+        .resolve("www.foobar.com", SocketAddr::new(lb_ip, http_port))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let http_base = status["endpoints"]["http"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let r = plain
+        .get(format!("{http_base}/some/path?q=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 301);
+    let location = r.headers()["location"].to_str().unwrap();
+    assert_eq!(location, format!("{base}/some/path?q=1"));
+
+    // 3. A message posted through the LB reads back by id and in the list.
+    let text = format!("hello from the end-to-end test {}", std::process::id());
+    let r = client
+        .post(format!("{base}/api/messages"))
+        .json(&serde_json::json!({"author": "tester", "text": text}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let posted: Value = r.json().await.unwrap();
+    let id = posted["id"].as_u64().expect("stored message has an id");
+    let r = client
+        .get(format!("{base}/api/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got: Value = r.json().await.unwrap();
+    assert_eq!(got["text"], text.as_str());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list: Value = client
+            .get(format!("{base}/api/messages"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if list["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == id)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {id} never appeared in the list: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bad = client
+        .post(format!("{base}/api/messages"))
+        .json(&serde_json::json!({"author": "", "text": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        bad.status() == 400 || bad.status() == 422,
+        "empty author is rejected: {}",
+        bad.status()
+    );
+    let whoami: Value = client
+        .get(format!("{base}/api/whoami"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whoami["db"]["write_node"], "web-01", "{whoami}");
+    if have_mariadb {
+        assert_eq!(whoami["db"]["read_node"], "web-02", "{whoami}");
+        assert_eq!(whoami["db"]["engine"], "mariadb");
+    }
+
+    // 5. web-01's web port refuses sources other than lb-01.
+    let web01_ip: std::net::IpAddr = host("web-01")["address"].as_str().unwrap().parse().unwrap();
+    let web_port = host("web-01")["ports"]["web"].as_u64().unwrap() as u16;
+    let web01 = SocketAddr::new(web01_ip, web_port);
+    for source in ["127.0.0.1", "127.96.0.12"] {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let src: SocketAddr = format!("{source}:0").parse().unwrap();
+        sock.bind(&src.into()).unwrap();
+        let refused = match sock.connect_timeout(&web01.into(), Duration::from_secs(2)) {
+            Err(_) => true,
+            Ok(()) => {
+                let mut stream: TcpStream = sock.into();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut buf = [0u8; 1];
+                // A TLS server waits for the ClientHello; a refused connection ends at once.
+                matches!(stream.read(&mut buf), Ok(0) | Err(_))
+            }
+        };
+        assert!(
+            refused,
+            "a connection from {source} to web-01's web port was not refused"
+        );
+    }
+
+    // 4. kill -9 web-01's node: within 5 s every request succeeds through web-02.
+    let web01_pid = host("web-01")["pid"].as_u64().unwrap() as i32;
+    let killed = Command::new("kill")
+        .args(["-9", &web01_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut early_failures = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        match client.get(format!("{base}/")).send().await {
+            Ok(r) if r.status() == 200 => {}
+            _ => early_failures += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("requests failed in the first 5 s after the kill: {early_failures}");
+    for _ in 0..20 {
+        let r = client.get(format!("{base}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-served-by"], "web-02");
+    }
+
+    // 8. down leaves no process of ours and no listening port in our block.
+    let out = rampart(&state, &["down"]);
+    assert!(
+        out.status.success(),
+        "down failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let procs = processes_mentioning(&state);
+    assert!(procs.is_empty(), "processes left after down: {procs:?}");
+    let ports = listeners_in_block();
+    assert!(
+        ports.is_empty(),
+        "listening sockets left after down: {ports:?}"
+    );
+}
