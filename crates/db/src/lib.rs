@@ -15,6 +15,35 @@
 //!
 //! Order of calls for a lab: [`Credentials::ensure`] once (`rampart up`), then on each
 //! database host [`start_server`], then on each application host [`connect_client`].
+//!
+//! # How the data tier is put together
+//!
+//! - **Files.** Host `H`'s server lives in `<state>/hosts/H/mariadb/`: `my.cnf` (generated
+//!   at every start, passed with `--defaults-file`), `data/` (datadir, binary and relay
+//!   logs), `tmp/`, `mysqld.sock`, `mariadbd.pid`, `error.log`, `install.log`. Shared:
+//!   `<state>/db/credentials.json` (0600) and, for SQLite, `<state>/db/<database>.sqlite3`.
+//!   An application host's egress sockets are `<state>/hosts/<app>/egress/mysql-<db>.sock`.
+//! - **Accounts.** `root@localhost` gets the admin password on each server with
+//!   `sql_log_bin=0` (a local change: no GTID, nothing replicated) and the other `root`
+//!   accounts are dropped — every relayed connection reaches the socket from the root-owned
+//!   node process, so neither `unix_socket` nor an empty password would keep anyone out.
+//!   The application account (`SELECT, INSERT` on the database, `SLAVE MONITOR` for lag)
+//!   and the replication account (`REPLICATION SLAVE`), both `@'localhost'`, the database
+//!   and the `guestbook` table are created **on the primary only, binary-logged**: a replica
+//!   starts from an empty `gtid_slave_pos` and replays the primary's whole binary log
+//!   (which begins at the primary's first start, after `mariadb-install-db`), so it receives
+//!   exactly the same schema and accounts and both servers share one GTID history
+//!   (`gtid_strict_mode=ON` stays satisfied). Until that has replayed, the replica refuses
+//!   the application account and the client reads from the primary.
+//! - **Replication.** A replica runs `CHANGE MASTER TO MASTER_HOST=<own address>,
+//!   MASTER_PORT=<ports.mysql_egress>, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1`
+//!   and `START SLAVE` after every start (`skip-slave-start` keeps it from replicating
+//!   with stale settings before that). The egress listener on that port forwards to the
+//!   primary's relay from the replica host's address (MariaDB KB: "CHANGE MASTER TO",
+//!   "Global Transaction ID").
+//! - **Processes.** `mariadbd` is a child in its own process group with no parent-death
+//!   signal: it outlives a killed node, and the next start on the same datadir (or
+//!   `rampart down`, via [`mariadbd_pid_file`]) stops it.
 
 #![forbid(unsafe_code)]
 

@@ -86,7 +86,8 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// The configuration for `host`; `None` when it holds neither `db-primary` nor
-    /// `db-replica`, or holds `db-replica` under SQLite (which does not replicate).
+    /// `db-replica`. Under SQLite a `db-replica` host gets a configuration too: its server
+    /// only opens the shared file (there is no replication to run).
     pub fn from_topology(
         t: &Topology,
         host: &str,
@@ -98,7 +99,7 @@ impl ServerConfig {
         let me = &t.hosts[index];
         let role = if me.has(Role::DbPrimary) {
             NodeRole::Primary
-        } else if me.has(Role::DbReplica) && engine == Engine::Mariadb {
+        } else if me.has(Role::DbReplica) {
             NodeRole::Replica
         } else {
             return None;
@@ -317,7 +318,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// MASTER_USE_GTID=slave_pos` + `START SLAVE` (the IO thread retries every second while the
 /// primary is not up). Last, the firewall relay opens on `address:port`.
 ///
-/// SQLite: creates `<state>/db/<database>.sqlite3` and its schema.
+/// SQLite: creates `<state>/db/<database>.sqlite3` and its schema, and reports healthy with
+/// no pid and port 0 (a `db-replica` host reports role `replica`: it holds nothing of its
+/// own, the application hosts share the one file).
 ///
 /// Errors: [`DbError::MariadbNotInstalled`], [`DbError::Credentials`] (run
 /// [`Credentials::ensure`] first), [`DbError::Startup`] with the end of the log,
@@ -331,7 +334,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<DbServer, DbError> {
             Ok(DbServer {
                 status: Arc::new(Mutex::new(DbNodeStatus {
                     host: cfg.host.clone(),
-                    role: NodeRole::Primary.as_str().into(),
+                    role: cfg.role.as_str().into(),
                     engine: Engine::Sqlite.as_str().into(),
                     pid: None,
                     port: 0,
@@ -949,10 +952,10 @@ roles = [\"web\", \"app\", \"db-replica\"]
             ServerConfig::from_topology(&t, "web-01", state, policy.clone(), Engine::Mariadb)
                 .unwrap();
         assert!(!my_cnf(&primary, &Paths::new(state, "web-01")).contains("read_only"));
-        assert!(
+        let sqlite_replica =
             ServerConfig::from_topology(&t, "web-02", state, policy.clone(), Engine::Sqlite)
-                .is_none()
-        );
+                .unwrap();
+        assert_eq!(sqlite_replica.role, NodeRole::Replica);
         assert!(ServerConfig::from_topology(&t, "lb-01", state, policy, Engine::Mariadb).is_none());
     }
 

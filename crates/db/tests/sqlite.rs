@@ -37,10 +37,16 @@ async fn sqlite_round_trip() {
     let policy = Arc::new(Policy::compile(&t));
     let cfg = ServerConfig::from_topology(&t, "web-01", dir.path(), policy.clone(), Engine::Sqlite)
         .unwrap();
-    assert!(
-        ServerConfig::from_topology(&t, "web-02", dir.path(), policy, Engine::Sqlite).is_none(),
-        "no replica under SQLite"
+    // A db-replica host under SQLite only opens the shared file.
+    let replica_cfg =
+        ServerConfig::from_topology(&t, "web-02", dir.path(), policy, Engine::Sqlite).unwrap();
+    let replica = start_server(replica_cfg).await.unwrap();
+    let rs = replica.status();
+    assert_eq!(
+        (rs.role.as_str(), rs.healthy, rs.pid, rs.port),
+        ("replica", true, None, 0)
     );
+    assert!(replica.filters().is_empty());
     let server = start_server(cfg).await.unwrap();
     let st = server.status();
     assert!(st.healthy);
@@ -89,4 +95,5 @@ async fn sqlite_round_trip() {
     assert_eq!(info.read_node, "web-01");
     assert_eq!(info.lag_seconds, None);
     server.stop().await;
+    replica.stop().await;
 }
