@@ -723,23 +723,38 @@ fn find_install_db() -> Option<PathBuf> {
         .find_map(|name| crate::find_program(name, &["/usr/bin", "/usr/local/bin", "/usr/sbin"]))
 }
 
-/// Stops a `mariadbd` left running on this datadir by an earlier run (pid file names a live
-/// process whose command line mentions our option file).
+/// Stops every `mariadbd` left running on this datadir by an earlier run: the pid file's
+/// process and any other live process started with our option file (a lost pid file would
+/// otherwise leave the datadir locked).
 async fn stop_stale(p: &Paths, host: &str) {
-    let Some(pid) = read_pid(&p.pid) else {
-        return;
+    let mut pids = processes_mentioning(&p.cnf);
+    if let Some(pid) = read_pid(&p.pid).filter(|pid| is_ours(*pid, &p.cnf)) {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
+        tracing::warn!(host, pid, "stopping a mariadbd left by an earlier run");
+        let target = Pid::from_raw(pid);
+        let _ = kill(target, Signal::SIGTERM);
+        if wait_gone(pid, &p.cnf, STOP_TIMEOUT).await {
+            continue;
+        }
+        let _ = kill(target, Signal::SIGKILL);
+        wait_gone(pid, &p.cnf, Duration::from_secs(5)).await;
+    }
+}
+
+/// Live processes other than this one started with `--defaults-file=<cnf>`.
+fn processes_mentioning(cnf: &Path) -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or_default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    if !is_ours(pid, &p.cnf) {
-        return;
-    }
-    tracing::warn!(host, pid, "stopping a mariadbd left by an earlier run");
-    let target = Pid::from_raw(pid);
-    let _ = kill(target, Signal::SIGTERM);
-    if wait_gone(pid, &p.cnf, STOP_TIMEOUT).await {
-        return;
-    }
-    let _ = kill(target, Signal::SIGKILL);
-    wait_gone(pid, &p.cnf, Duration::from_secs(5)).await;
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me && is_ours(*pid, cnf))
+        .collect()
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
@@ -751,15 +766,16 @@ fn read_pid(path: &Path) -> Option<i32> {
         .filter(|p| *p > 1)
 }
 
-/// Whether `pid` is a live (not zombie) process whose command line mentions `cnf`.
+/// Whether `pid` is a live (not zombie: its command line is empty) process started with
+/// exactly `--defaults-file=<cnf>`, as this module starts `mariadbd`.
 fn is_ours(pid: i32, cnf: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let needle = cnf.to_string_lossy();
+    let arg = format!("--defaults-file={}", cnf.display());
     String::from_utf8_lossy(&cmdline)
         .split('\0')
-        .any(|arg| arg.contains(needle.as_ref()))
+        .any(|a| a == arg)
 }
 
 async fn wait_gone(pid: i32, cnf: &Path, bound: Duration) -> bool {

@@ -236,6 +236,8 @@ async fn restart_keeps_data_and_replaces_a_leftover_server() {
     let old_pids = (primary.status().pid, replica.status().pid);
     drop(primary);
     drop(replica);
+    // A lost pid file must not hide the leftover server.
+    std::fs::remove_file(db::mariadbd_pid_file(state, "web-02")).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
     assert_ne!((primary.status().pid, replica.status().pid), old_pids);
     let app = client(&t, "web-02", state).await;
