@@ -197,10 +197,23 @@ async fn primary_replica_client_and_relay() {
     })
     .await;
 
+    // With the replica gone, reads fall back to the primary.
+    replica.stop().await;
+    assert!(!replica.status().healthy);
+    assert_eq!(
+        app.list_messages(2).await.unwrap(),
+        vec![m2.clone(), m.clone()]
+    );
+    assert_eq!(app.get_message(m.id).await.unwrap().unwrap(), m);
+    let info = app.info().await.unwrap();
+    assert_eq!(
+        (info.read_node.as_str(), info.lag_seconds),
+        ("web-01", None)
+    );
+
     drop(app);
     drop(other);
     primary.stop().await;
-    replica.stop().await;
     assert_eq!(primary.status().pid, None);
     for h in ["web-01", "web-02"] {
         let cnf = mariadbd_defaults_file(state, h);
