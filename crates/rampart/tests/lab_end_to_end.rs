@@ -348,3 +348,212 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         "listening sockets left after down: {ports:?}"
     );
 }
+
+fn admin_client(status: &Value) -> reqwest::Client {
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    let mut identity = std::fs::read(status["admin_cert"].as_str().unwrap()).unwrap();
+    identity.extend(std::fs::read(status["admin_key"].as_str().unwrap()).unwrap());
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// Sends GET / through the load balancer at `rate` requests/s until `until` says stop or
+/// `limit` passes. Returns how many were answered 200.
+async fn load(
+    client: &reqwest::Client,
+    url: &str,
+    rate: u32,
+    limit: Duration,
+    mut until: impl FnMut() -> bool,
+) -> u32 {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let start = Instant::now();
+    let mut ok = 0;
+    while start.elapsed() < limit && !until() {
+        tick.tick().await;
+        if let Ok(r) = client.get(url).send().await {
+            ok += u32::from(r.status() == 200);
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let topo_path = tmp.path().join("rampart.toml");
+    // A low threshold so a modest, bounded load crosses it: the load balancer sees all of
+    // it (40 req/s > 20), each web server half (20 req/s, not above).
+    let topo = topology::DEFAULT_TOML
+        .replace("127.80.0.", "127.97.0.")
+        .replace("threshold_rps = 100.0", "threshold_rps = 30.0")
+        .replace("for_seconds = 10", "for_seconds = 3")
+        .replace("clear_rps = 80.0", "clear_rps = 10.0")
+        .replace("window_seconds = 10", "window_seconds = 5");
+    std::fs::write(&topo_path, topo).unwrap();
+    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
+    let _teardown = Teardown(&state);
+    assert!(
+        out.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = status_json(&state);
+    let lb = &status["hosts"][0];
+    assert_eq!(lb["name"], "lb-01");
+    let lb_addr = SocketAddr::new(
+        lb["address"].as_str().unwrap().parse().unwrap(),
+        lb["ports"]["https"].as_u64().unwrap() as u16,
+    );
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    let site = site_client(&ca, "www.foobar.com", lb_addr);
+    let url = status["endpoints"]["https"].as_str().unwrap().to_string();
+    let admin = admin_client(&status);
+    let api = status["endpoints"]["monitor_api"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The dashboard needs the admin certificate: with it, the page; without, no access.
+    let page = admin
+        .get(status["endpoints"]["dashboard"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.text().await.unwrap().contains("<canvas"),
+        "the dashboard draws a chart"
+    );
+    let anonymous = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let denied = anonymous
+        .get(status["endpoints"]["dashboard"].as_str().unwrap())
+        .send()
+        .await;
+    assert!(
+        denied.map(|r| r.status() == 403).unwrap_or(true),
+        "no client certificate, no dashboard"
+    );
+
+    // 40 req/s for 8 s: the 5 s rate window is full of it.
+    let rate = 40.0;
+    let sent = load(&site, &url, rate as u32, Duration::from_secs(8), || false).await;
+    assert!(sent > 250, "only {sent} requests answered");
+    let status = status_json(&state);
+    let qps = |name: &str| {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()["qps"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} has no qps: {status}"))
+    };
+    let within = |got: f64, want: f64| (got - want).abs() <= 0.2 * want;
+    assert!(
+        within(qps("lb-01"), rate),
+        "lb-01 qps {} for {rate} req/s sent",
+        qps("lb-01")
+    );
+    assert!(
+        within(qps("web-01"), rate / 2.0),
+        "web-01 qps {}",
+        qps("web-01")
+    );
+    assert!(
+        within(qps("web-02"), rate / 2.0),
+        "web-02 qps {}",
+        qps("web-02")
+    );
+
+    // Keep the load on until the alert fires for lb-01 (bounded), then stop and wait for it
+    // to resolve.
+    let alerts = |admin: reqwest::Client, api: String| async move {
+        admin
+            .get(format!("{api}alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (fired, admin, api) = (fired.clone(), admin.clone(), api.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let a = alerts(admin.clone(), api.clone()).await;
+                let firing = a["alerts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["host"] == "lb-01" && x["state"] == "firing");
+                if firing {
+                    fired.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    load(&site, &url, rate as u32, Duration::from_secs(30), || {
+        fired.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    watcher.await.unwrap();
+    assert!(
+        fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the QPS alert never fired for lb-01"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = alerts(admin.clone(), api.clone()).await;
+        let resolved = a["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["host"] == "lb-01" && e["event"] == "resolved");
+        if resolved {
+            let events: Vec<&Value> = a["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["host"] == "lb-01")
+                .collect();
+            assert_eq!(
+                events.first().map(|e| e["event"].clone()),
+                Some(Value::from("firing")),
+                "{events:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alert did not resolve after the load stopped: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Each web server saw half the load: 20 req/s is not above 30, so they never fired.
+    let a = alerts(admin.clone(), api.clone()).await;
+    assert!(
+        !a["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["host"] != "lb-01"),
+        "{a}"
+    );
+}
