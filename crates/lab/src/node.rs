@@ -65,7 +65,7 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         .ok_or_else(|| LabError::Other(format!("host {name} is not in the topology")))?;
     let policy = Arc::new(Policy::compile(&topology));
     let pki = state.pki();
-    let mut registry = Registry::with_prefix("");
+    let mut registry = Registry::default();
     let mut filters: Vec<Arc<firewall::Filter>> = Vec::new();
     let mut ports = BTreeMap::new();
     for rule in policy.rules_for(&name) {
