@@ -31,6 +31,7 @@ fn pick(addrs: &[IpAddr], preferred: u16, fallback: u16) -> u16 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
