@@ -115,15 +115,79 @@ fn cmdline_mentions(pid: u32, dir: &Path) -> bool {
         .any(|arg| arg.windows(needle.len()).any(|w| w == needle))
 }
 
-/// Live processes other than this one whose command line names `dir`.
+/// Programs the lab starts: `rampart node` and MariaDB's server and its installer (the
+/// kernel keeps the first 15 bytes of a program name in `/proc/<pid>/comm`).
+const OUR_PROGRAMS: [&str; 4] = ["rampart", "mariadbd", "mysqld", "mariadb-install"];
+
+/// Live processes of [`OUR_PROGRAMS`] whose command line names `dir`, other than this
+/// process and its ancestors (a shell or `up` that ran this `down` names the directory too).
 fn stray_processes(dir: &Path) -> Vec<u32> {
-    let me = std::process::id();
+    let spared = self_and_ancestors();
     std::fs::read_dir("/proc")
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| *pid != me && process_alive(*pid) && cmdline_mentions(*pid, dir))
+                .filter(|pid| {
+                    !spared.contains(pid)
+                        && process_alive(*pid)
+                        && is_our_program(*pid)
+                        && cmdline_mentions(*pid, dir)
+                })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn is_our_program(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| OUR_PROGRAMS.contains(&comm.trim_end()))
+}
+
+/// This process and every ancestor, from the `PPid:` lines of `/proc/<pid>/status`.
+fn self_and_ancestors() -> Vec<u32> {
+    let mut chain = vec![std::process::id()];
+    while let Some(&pid) = chain.last() {
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("PPid:"))
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+            })
+            .filter(|p| *p > 1 && !chain.contains(p));
+        match parent {
+            Some(p) => chain.push(p),
+            None => break,
+        }
+    }
+    chain
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ancestors_include_self_and_parent() {
+        let chain = self_and_ancestors();
+        assert_eq!(chain[0], std::process::id());
+        assert!(chain.len() >= 2, "a test runs under some parent: {chain:?}");
+    }
+
+    #[test]
+    fn the_sweep_spares_other_programs_naming_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        // A shell whose command line names the directory, as `sh -c "rampart --state-dir
+        // DIR down"` would: not a program the lab starts, so never a stray.
+        let mut sleeper = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("sleep 30 # {}", dir.path().display()))
+            .spawn()
+            .unwrap();
+        let found = stray_processes(dir.path());
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(!found.contains(&sleeper.id()), "{found:?}");
+    }
 }
