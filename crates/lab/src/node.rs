@@ -66,6 +66,9 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     let policy = Arc::new(Policy::compile(&topology));
     let pki = state.pki();
     let mut registry = Registry::default();
+    // The request families every HTTP-serving role of this host records into, registered
+    // once so the exposition holds each family exactly once.
+    let http = telemetry::HttpMetrics::register(&mut registry);
     let mut filters: Vec<Arc<firewall::Filter>> = Vec::new();
     let mut ports = BTreeMap::new();
     for rule in policy.rules_for(&name) {
@@ -135,7 +138,7 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
             health_path: topology.health_check.path.clone(),
             store,
         };
-        let handle = web::start(cfg, &mut registry)
+        let handle = web::start(cfg, &mut registry, &http)
             .await
             .map_err(|e| role_err(&name, Role::Web, e))?;
         filters.extend(handle.filters());
@@ -147,7 +150,7 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     if host.has(Role::Lb) {
         let cfg = lb::LbConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
             .ok_or_else(|| role_err(&name, Role::Lb, "no load balancer configuration"))?;
-        let handle = lb::start(cfg, &mut registry)
+        let handle = lb::start(cfg, &mut registry, &http)
             .await
             .map_err(|e| role_err(&name, Role::Lb, e))?;
         filters.extend(handle.filters());

@@ -9,25 +9,11 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use telemetry::HttpMetrics;
 use tower::{Layer, Service};
-
-/// Labels of `rampart_http_requests_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RequestLabels {
-    role: &'static str,
-    code: &'static str,
-}
-
-/// Labels of `rampart_http_request_duration_seconds`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RoleLabels {
-    role: &'static str,
-}
 
 /// Labels of `rampart_backend_up`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,41 +21,24 @@ pub(crate) struct BackendLabels {
     backend: String,
 }
 
-type DurationFamily = Family<RoleLabels, Histogram, fn() -> Histogram>;
-
-/// The load balancer's metric families.
+/// The load balancer's metrics: the node's shared HTTP request families (observed with
+/// `role="lb"`) and its own `rampart_backend_up` family.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
-    requests: Family<RequestLabels, Counter>,
-    duration: DurationFamily,
+    http: HttpMetrics,
     backend_up: Family<BackendLabels, Gauge>,
 }
 
 const ROLE: &str = "lb";
 
-fn duration_histogram() -> Histogram {
-    // 0.5 ms .. ~16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
 impl Metrics {
-    /// Registers the families in `registry`.
-    pub(crate) fn register(registry: &mut Registry) -> Metrics {
+    /// Registers `rampart_backend_up` in `registry`; requests are recorded in `http`, which
+    /// the caller registered.
+    pub(crate) fn register(registry: &mut Registry, http: HttpMetrics) -> Metrics {
         let m = Metrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            http,
             backend_up: Family::default(),
         };
-        registry.register(
-            "rampart_http_requests",
-            "HTTP requests answered, by role and status class",
-            m.requests.clone(),
-        );
-        registry.register(
-            "rampart_http_request_duration_seconds",
-            "Time from request to response headers, by role",
-            m.duration.clone(),
-        );
         registry.register(
             "rampart_backend_up",
             "Whether the load balancer's health checks consider a backend up (1) or down (0)",
@@ -88,19 +57,8 @@ impl Metrics {
     }
 
     fn record(&self, status: http::StatusCode, started: Instant) {
-        let code = match status.as_u16() / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        };
-        self.requests
-            .get_or_create(&RequestLabels { role: ROLE, code })
-            .inc();
-        self.duration
-            .get_or_create(&RoleLabels { role: ROLE })
-            .observe(started.elapsed().as_secs_f64());
+        self.http
+            .observe(ROLE, status, started.elapsed().as_secs_f64());
     }
 }
 
@@ -208,7 +166,8 @@ mod tests {
     #[tokio::test]
     async fn layers_count_and_add_hsts() {
         let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
+        let http = HttpMetrics::register(&mut registry);
+        let metrics = Metrics::register(&mut registry, http);
         let svc = ServiceBuilder::new()
             .layer(MetricsLayer(metrics))
             .layer(HstsLayer)

@@ -4,9 +4,11 @@
 //! from this host's address; and an HTTP listener that only redirects to HTTPS.
 //!
 //! This crate owns the listeners, the balancing and retry policy, the active health checks
-//! and the load balancer's metrics. It never issues certificates or decides who may connect
-//! (that is `pki` and `topology::Policy`, enforced through `firewall`), never buffers whole
-//! bodies, and never replays a request once any of it has been sent to a backend.
+//! and the load balancer's own metric (`rampart_backend_up`); requests are recorded in the
+//! node's shared HTTP families from `telemetry`, never registered here. It never issues
+//! certificates or decides who may connect (that is `pki` and `topology::Policy`, enforced
+//! through `firewall`), never buffers whole bodies, and never replays a request once any of
+//! it has been sent to a backend.
 //!
 //! Flow of one request: [`firewall::GuardedListener`] → TLS (bounded handshake) → HTTP/1.1
 //! or HTTP/2 → metrics layer → HSTS layer → proxy (pick a backend that is up, rewrite
@@ -166,15 +168,21 @@ async fn bind(
 /// Starts the load balancer on the current tokio runtime: builds the TLS configs from
 /// `cfg.pki` (site certificate for clients; this host's certificate for backends unless
 /// `plain_backends`), binds the HTTPS and HTTP listeners on `cfg.address`, registers
-/// `rampart_http_requests_total{role="lb",code}`,
-/// `rampart_http_request_duration_seconds{role="lb"}` and `rampart_backend_up{backend}` in
-/// `registry`, and spawns the accept loops and one health checker per backend. Returns once
-/// both listeners are bound; backends are down until they pass `cfg.health.rise` checks.
+/// `rampart_backend_up{backend}` in `registry`, and spawns the accept loops and one health
+/// checker per backend. Every request on either listener is recorded in `http_metrics` (the node's
+/// shared families, registered once by the caller with
+/// [`telemetry::HttpMetrics::register`]) as `rampart_http_requests_total{role="lb",code}`
+/// and `rampart_http_request_duration_seconds{role="lb"}`. Returns once both listeners are
+/// bound; backends are down until they pass `cfg.health.rise` checks.
 ///
 /// Errors: [`LbError::Pki`] for missing certificates, [`LbError::Bind`] naming the address
 /// that could not be bound, [`LbError::NoBackends`] / [`LbError::BadBackend`] for an
 /// unusable backend list.
-pub async fn start(cfg: LbConfig, registry: &mut Registry) -> Result<LbHandle, LbError> {
+pub async fn start(
+    cfg: LbConfig,
+    registry: &mut Registry,
+    http_metrics: &telemetry::HttpMetrics,
+) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
     let acceptor = TlsAcceptor::from(Arc::new(pki::site_server_config(&cfg.pki)?));
     let upstream_tls = if cfg.plain_backends {
@@ -190,7 +198,7 @@ pub async fn start(cfg: LbConfig, registry: &mut Registry) -> Result<LbHandle, L
     let (https, https_addr) = bind(cfg.address, cfg.https_port, https_filter.clone()).await?;
     let (http, http_addr) = bind(cfg.address, cfg.http_port, http_filter.clone()).await?;
 
-    let metrics = Metrics::register(registry);
+    let metrics = Metrics::register(registry, http_metrics.clone());
     let balancer = Arc::new(Balancer::new(&cfg.backends, |name| {
         metrics.backend_up(name)
     }));

@@ -205,7 +205,8 @@ async fn setup(tls: bool) -> Setup {
     cfg.health = health();
     cfg.backends = backends.iter().map(TestBackend::backend).collect();
     let mut registry = Registry::default();
-    let lb = lb::start(cfg, &mut registry).await.unwrap();
+    let http = telemetry::HttpMetrics::register(&mut registry);
+    let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
     eventually("both backends up", WAIT, || {
         let up = lb.backends().iter().all(|(_, up)| *up);
         async move { up.then_some(()) }

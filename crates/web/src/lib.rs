@@ -32,9 +32,10 @@ use tower_http::trace::TraceLayer;
 
 pub use api::{ApiError, LIST_LIMIT, MAX_AUTHOR_CHARS, MAX_BODY_BYTES, MAX_TEXT_CHARS};
 pub use files::{deploy_site, NOT_FOUND_PAGE, SITE_FILES};
-pub use metrics::{status_class, RejectLabels, RequestLabels, RoleLabels, WebMetrics};
+pub use metrics::{RejectLabels, WebMetrics};
 pub use server::{start, WebError, WebHandle, HANDSHAKE_TIMEOUT};
 pub use store::{DbInfo, MemoryStore, Message, Store, StoreError, StoreFuture};
+pub use telemetry::{status_class, HttpMetrics, RequestLabels, RoleLabels};
 
 /// The response header naming the host that answered (every response carries it).
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");

@@ -1,6 +1,6 @@
-//! The web role's metrics: request counts by status class and request durations (the metric
-//! contract shared with the load balancer and the monitoring service), plus rejected
-//! backend clients.
+//! The web role's metrics: request counts by status class and request durations, recorded
+//! in the node's shared families from `telemetry` (the metric contract shared with the load
+//! balancer and the monitoring service), plus this role's own rejected-clients family.
 
 use std::time::Instant;
 
@@ -10,24 +10,11 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use telemetry::HttpMetrics;
 
-/// Labels of `rampart_http_requests_total`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// Always `web` here.
-    pub role: &'static str,
-    /// Status class: `1xx` .. `5xx`.
-    pub code: &'static str,
-}
-
-/// Labels of `rampart_http_request_duration_seconds`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RoleLabels {
-    /// Always `web` here.
-    pub role: &'static str,
-}
+/// The `role` label value of this role's series in the shared HTTP families.
+pub const ROLE: &str = "web";
 
 /// Labels of `rampart_web_rejected_clients_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -37,56 +24,33 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
-type HistogramFamily = Family<RoleLabels, Histogram, fn() -> Histogram>;
-
-/// The web role's metric families. Cloning shares the underlying series.
+/// The web role's metrics. Cloning shares the underlying series.
 #[derive(Debug, Clone)]
 pub struct WebMetrics {
-    /// `rampart_http_requests_total{role="web",code}`: client requests answered, health
-    /// checks excluded.
-    pub requests: Family<RequestLabels, Counter>,
-    /// `rampart_http_request_duration_seconds{role="web"}`: seconds from request to
-    /// response headers, health checks excluded.
-    pub duration: HistogramFamily,
+    /// The node's shared request families, observed with `role="web"`:
+    /// `rampart_http_requests_total{role="web",code}` and
+    /// `rampart_http_request_duration_seconds{role="web"}`; client requests only, health
+    /// checks excluded. Registered by whoever created it, never by [`WebMetrics::register`].
+    pub http: HttpMetrics,
     /// `rampart_web_rejected_clients_total{reason}`: connections closed after the firewall
     /// let them in, because the TLS handshake failed or the client was not a load balancer.
     pub rejected: Family<RejectLabels, Counter>,
 }
 
-fn duration_histogram() -> Histogram {
-    // 0.5 ms .. ~16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
-impl Default for WebMetrics {
-    fn default() -> Self {
-        WebMetrics::new()
-    }
-}
-
 impl WebMetrics {
-    /// Fresh, unregistered families.
-    pub fn new() -> WebMetrics {
+    /// Records requests in `http` (already registered, or not, by the caller) and keeps a
+    /// fresh, unregistered rejected-clients family.
+    pub fn new(http: HttpMetrics) -> WebMetrics {
         WebMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(duration_histogram),
+            http,
             rejected: Family::default(),
         }
     }
 
-    /// Registers the families in `registry` (names as documented on the fields;
-    /// prometheus-client appends `_total` to counters).
+    /// Registers this role's own family, `rampart_web_rejected_clients` (exposed as
+    /// `rampart_web_rejected_clients_total`), in `registry`. The shared request families are
+    /// not registered here: see [`telemetry::HttpMetrics::register`].
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "rampart_http_requests",
-            "Client HTTP requests answered, by role and status class",
-            self.requests.clone(),
-        );
-        registry.register(
-            "rampart_http_request_duration_seconds",
-            "Time from request to response headers",
-            self.duration.clone(),
-        );
         registry.register(
             "rampart_web_rejected_clients",
             "Web listener connections closed after the firewall: failed TLS handshake or a client that is not a load balancer",
@@ -96,15 +60,7 @@ impl WebMetrics {
 
     /// Counts one request answered with `status` after `seconds`.
     pub fn observe(&self, status: http::StatusCode, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                role: "web",
-                code: status_class(status),
-            })
-            .inc();
-        self.duration
-            .get_or_create(&RoleLabels { role: "web" })
-            .observe(seconds);
+        self.http.observe(ROLE, status, seconds);
     }
 
     /// Counts one rejected client connection.
@@ -112,22 +68,9 @@ impl WebMetrics {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
     }
 
-    /// Requests counted so far with status class `code` (e.g. `"2xx"`).
+    /// Requests of this role counted so far with status class `code` (e.g. `"2xx"`).
     pub fn requests_with(&self, code: &'static str) -> u64 {
-        self.requests
-            .get_or_create(&RequestLabels { role: "web", code })
-            .get()
-    }
-}
-
-/// `2xx` for 200..=299 and so on (RFC 9110 §15).
-pub fn status_class(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        self.http.requests(ROLE, code)
     }
 }
 
@@ -151,17 +94,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classes() {
-        assert_eq!(status_class(http::StatusCode::OK), "2xx");
-        assert_eq!(status_class(http::StatusCode::NOT_MODIFIED), "3xx");
-        assert_eq!(status_class(http::StatusCode::NOT_FOUND), "4xx");
-        assert_eq!(status_class(http::StatusCode::SERVICE_UNAVAILABLE), "5xx");
-    }
-
-    #[test]
     fn encodes_contract_names() {
-        let m = WebMetrics::new();
         let mut reg = Registry::default();
+        let m = WebMetrics::new(HttpMetrics::register(&mut reg));
         m.register(&mut reg);
         m.observe(http::StatusCode::OK, 0.01);
         m.reject("identity");
@@ -170,5 +105,6 @@ mod tests {
         assert!(out.contains("rampart_http_requests_total{role=\"web\",code=\"2xx\"} 1"));
         assert!(out.contains("rampart_http_request_duration_seconds_count{role=\"web\"} 1"));
         assert!(out.contains("rampart_web_rejected_clients_total{reason=\"identity\"} 1"));
+        assert_eq!(m.requests_with("2xx"), 1);
     }
 }

@@ -90,7 +90,10 @@ impl Drop for WebHandle {
     }
 }
 
-/// Starts the web server described by `cfg` and registers its metrics in `registry`.
+/// Starts the web server described by `cfg`, registers its own metric
+/// (`rampart_web_rejected_clients_total`) in `registry`, and records client requests
+/// (health checks excluded) in `http_metrics` with `role="web"` — the node's shared
+/// families, registered once by the caller with [`telemetry::HttpMetrics::register`].
 ///
 /// Binds a [`GuardedListener`] on `cfg.address:cfg.port` with the `(host, Service::Web)`
 /// rule of `cfg.policy`. Unless `cfg.plain`, every connection must complete a TLS handshake
@@ -103,6 +106,7 @@ impl Drop for WebHandle {
 pub async fn start(
     cfg: WebConfig,
     registry: &mut prometheus_client::registry::Registry,
+    http_metrics: &telemetry::HttpMetrics,
 ) -> Result<WebHandle, WebError> {
     if !cfg.docroot.is_dir() {
         return Err(WebError::Docroot(cfg.docroot.clone()));
@@ -118,7 +122,7 @@ pub async fn start(
         )?;
         Some(TlsAcceptor::from(Arc::new(config)))
     };
-    let metrics = WebMetrics::new();
+    let metrics = WebMetrics::new(http_metrics.clone());
     metrics.register(registry);
     let addr = SocketAddr::new(cfg.address, cfg.port);
     let filter = Filter::new(cfg.policy.clone(), &cfg.host, Service::Web);

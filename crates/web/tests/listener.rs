@@ -10,7 +10,7 @@ use std::time::Duration;
 use pki::Identity;
 use prometheus_client::registry::Registry;
 use test_support::TestPki;
-use web::{MemoryStore, WebConfig, WebHandle};
+use web::{HttpMetrics, MemoryStore, WebConfig, WebHandle};
 
 const LB: &str = "127.92.0.10";
 const WEB: &str = "127.92.0.11";
@@ -33,6 +33,7 @@ async fn start(plain: bool) -> Running {
     let docroot = pki.dir.path().join("www-web-01");
     web::deploy_site(&docroot).unwrap();
     let mut registry = Registry::default();
+    let http = HttpMetrics::register(&mut registry);
     let handle = web::start(
         WebConfig {
             host: "web-01".into(),
@@ -47,6 +48,7 @@ async fn start(plain: bool) -> Running {
             store: Some(Arc::new(MemoryStore::new("web-01"))),
         },
         &mut registry,
+        &http,
     )
     .await
     .unwrap();
@@ -183,6 +185,7 @@ async fn missing_docroot_is_an_error() {
             store: None,
         },
         &mut Registry::default(),
+        &HttpMetrics::register(&mut Registry::default()),
     )
     .await
     .unwrap_err();

@@ -8,8 +8,9 @@ use axum::body::Body;
 use axum::Router;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use prometheus_client::registry::Registry;
 use tower::ServiceExt;
-use web::{AppState, MemoryStore, Store, WebMetrics};
+use web::{AppState, HttpMetrics, MemoryStore, Store, WebMetrics};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -22,7 +23,7 @@ fn fixture_with(store: Option<Arc<MemoryStore>>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let docroot = dir.path().join("www");
     web::deploy_site(&docroot).unwrap();
-    let metrics = WebMetrics::new();
+    let metrics = WebMetrics::new(HttpMetrics::register(&mut Registry::default()));
     let memory = store
         .clone()
         .unwrap_or_else(|| Arc::new(MemoryStore::new("web-01")));
@@ -371,7 +372,7 @@ async fn guestbook_over_the_sqlite_client() {
         docroot,
         health_path: "/healthz".into(),
         store: Some(Arc::new(client)),
-        metrics: WebMetrics::new(),
+        metrics: WebMetrics::new(HttpMetrics::register(&mut Registry::default())),
     });
 
     let first = post_json(&app, &message("ann", "first")).await;
