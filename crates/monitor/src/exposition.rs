@@ -82,6 +82,7 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
     };
     let mut samples = Vec::new();
     let mut eof = false;
+    let mut typed = std::collections::HashSet::new();
     for (i, line) in body.split('\n').enumerate() {
         let n = i + 1;
         let fail = |reason: String| ParseError { line: n, reason };
@@ -90,6 +91,15 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
         }
         if let Some(rest) = line.strip_prefix('#') {
             eof = parse_comment(rest).map_err(fail)?;
+            // One family per name (OpenMetrics "MetricFamilies MUST NOT appear more than once").
+            if let Some(name) = rest
+                .strip_prefix(" TYPE ")
+                .and_then(|r| r.split(' ').next())
+            {
+                if !typed.insert(name) {
+                    return Err(fail(format!("metric family {name:?} declared twice")));
+                }
+            }
             continue;
         }
         if samples.len() == MAX_SAMPLES {
@@ -341,6 +351,10 @@ mod tests {
             ("m 1\n\nm 2\n", "no value"),
             ("# random comment\n", "unsupported comment"),
             ("# TYPE m banana\n", "unknown metric type"),
+            (
+                "# TYPE m counter\nm_total 1\n# TYPE m counter\n",
+                "declared twice",
+            ),
             ("# EOF\nm 1\n", "after # EOF"),
             ("m\n", "no value"),
             ("<html> x\n", "metric name"),

@@ -170,7 +170,8 @@ impl Store {
             .iter()
             .filter(|((n, _), _)| n == name)
             .map(|(_, ring)| increase(ring.since(since)))
-            .sum();
+            // Folded from +0.0: an empty `Sum` of f64 is -0.0, which would print as "-0".
+            .fold(0.0, |acc, x| acc + x);
         Some(Rate {
             per_second: total / span,
             span_seconds: span,
@@ -261,13 +262,13 @@ mod tests {
         assert_eq!(r.span_seconds, 10.0);
         assert!((r.per_second - 11.0).abs() < 1e-9, "{r:?}");
         assert_eq!(s.rate("web-02", REQ, 20.0, 10.0), None);
-        // a host without the series has rate 0
-        assert_eq!(
-            s.rate("web-01", "absent_total", 20.0, 10.0)
-                .unwrap()
-                .per_second,
-            0.0
-        );
+        // a host without the series has rate 0, and +0 (JSON would show "-0.0" otherwise)
+        let absent = s
+            .rate("web-01", "absent_total", 20.0, 10.0)
+            .unwrap()
+            .per_second;
+        assert_eq!(absent, 0.0);
+        assert!(absent.is_sign_positive());
         // one push inside the window is not enough
         assert_eq!(s.rate("web-01", REQ, 20.0, 0.5), None);
     }
