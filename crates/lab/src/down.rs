@@ -138,9 +138,14 @@ fn stray_processes(dir: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// One of [`OUR_PROGRAMS`], or this very binary under another name.
 fn is_our_program(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| OUR_PROGRAMS.contains(&comm.trim_end()))
+    let named_ours = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| OUR_PROGRAMS.contains(&comm.trim_end()));
+    named_ours || {
+        let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+        exe(&pid.to_string()).is_some_and(|e| Some(e) == exe("self"))
+    }
 }
 
 /// This process and every ancestor, from the `PPid:` lines of `/proc/<pid>/status`.
