@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Load balancer benchmark: Rampart's lb-01 against HAProxy, side by side on one machine,
+# in front of the SAME two Rampart web servers (mutual TLS to them, from lb-01's address so
+# both pass the web servers' firewall, presenting lb-01's certificate).
+#
+# Both load balancers terminate TLS with the site certificate and forward HTTP/1.1 over
+# pooled mutual-TLS connections. The load generator (wrk, HTTP/1.1 keep-alive over TLS) is
+# pinned to CPU 0, the load balancer under test to CPU 1; each run is repeated and the
+# medians are compared. Prints requests/s and latency percentiles and the ratio
+# Rampart / HAProxy (above 1 = Rampart serves more, or has the higher latency).
+#
+# Usage: bench/lb-vs-haproxy.sh [seconds per run, default 10] [runs, default 3] [connections, default 16]
+# Needs: haproxy, wrk (apt-installed when missing, as root), taskset, a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}; runs=${2:-3}; conns=${3:-16}
+block=127.88.0
+for p in haproxy wrk; do
+  command -v "$p" >/dev/null || { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$p" </dev/null >/dev/null; }
+  command -v "$p" >/dev/null || { echo "bench: $p is needed (apt-get install $p)" >&2; exit 1; }
+done
+cargo build --release -q -p rampart
+bin=$PWD/target/release/rampart
+work=$(mktemp -d)
+state=$work/state
+cleanup() {
+  [ -f "$work/haproxy.pid" ] && kill "$(cat "$work/haproxy.pid")" 2>/dev/null || true
+  "$bin" --state-dir "$state" down >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+sed "s/127\.80\.0\./$block./" crates/topology/src/default.toml > "$work/rampart.toml"
+"$bin" --state-dir "$state" up -d -f "$work/rampart.toml" >/dev/null
+pki=$state/pki
+https_port=$("$bin" --state-dir "$state" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([h for h in s["hosts"] if h["name"]=="lb-01"][0]["ports"]["https"])')
+lb_pid=$("$bin" --state-dir "$state" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([h for h in s["hosts"] if h["name"]=="lb-01"][0]["pid"])')
+
+cat "$pki/site.pem" "$pki/site.key" > "$work/site.pem"
+cat "$pki/hosts/lb-01.pem" "$pki/hosts/lb-01.key" > "$work/lb-01.pem"
+cat > "$work/haproxy.cfg" <<CFG
+global
+    nbthread 2
+    maxconn 4096
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend site
+    bind $block.30:8443 ssl crt $work/site.pem alpn h2,http/1.1
+    http-response set-header Strict-Transport-Security "max-age=31536000"
+    default_backend web
+backend web
+    balance roundrobin
+    option httpchk GET /healthz
+    http-reuse always
+    default-server ssl verify required ca-file $pki/ca.pem crt $work/lb-01.pem source $block.10 check inter 1s rise 2 fall 3
+    server web-01 $block.11:9443 sni str(web-01) verifyhost web-01
+    server web-02 $block.12:9443 sni str(web-02) verifyhost web-02
+CFG
+haproxy -c -q -f "$work/haproxy.cfg"
+taskset -c 1 haproxy -D -p "$work/haproxy.pid" -f "$work/haproxy.cfg"
+taskset -a -p -c 1 "$lb_pid" >/dev/null
+
+# Both must answer, verified against the lab's CA, before measuring.
+ready() { # port address
+  for _ in $(seq 50); do
+    curl -sf --cacert "$pki/ca.pem" --resolve "www.foobar.com:$1:$2" -o /dev/null "https://www.foobar.com:$1/" && return 0
+    sleep 0.2
+  done
+  echo "bench: nothing answers on $2:$1" >&2; return 1
+}
+ready "$https_port" "$block.10"
+ready 8443 "$block.30"
+
+measure() { # name url -> lines "name rps p50_ms p99_ms"
+  local name=$1 url=$2
+  for i in $(seq "$runs"); do
+    taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H "Host: www.foobar.com" "$url" > "$work/wrk.out"
+    python3 - "$name" "$work/wrk.out" <<'PY'
+import re, sys
+name, text = sys.argv[1], open(sys.argv[2]).read()
+def ms(v):
+    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
+    return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", text).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print(name, rps, p50, p99, errs.group(1) if errs else 0)
+PY
+  done
+}
+{
+  measure rampart "https://$block.10:$https_port/"
+  measure haproxy "https://$block.30:8443/"
+} > "$work/results"
+
+python3 - "$work/results" "$secs" "$runs" "$conns" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+secs, runs, conns = sys.argv[2:5]
+med = {}
+for name in ("rampart", "haproxy"):
+    r = [list(map(float, x[1:])) for x in rows if x[0] == name]
+    med[name] = [statistics.median(c) for c in zip(*r)]
+print(f"GET / (1.7 kB page) through the load balancer, TLS 1.3 + keep-alive, {conns} connections,")
+print(f"wrk on CPU 0, load balancer on CPU 1, median of {runs} runs x {secs} s")
+print(f"{'':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+for name in ("rampart", "haproxy"):
+    rps, p50, p99, errs = med[name]
+    print(f"{name:10}{rps:10.0f}{p50:9.2f}{p99:9.2f}{errs:9.0f}")
+r, h = med["rampart"], med["haproxy"]
+print(f"{'ratio':10}{r[0]/h[0]:10.2f}{r[1]/h[1]:9.2f}{r[2]/h[2]:9.2f}   (rampart / haproxy)")
+PY
