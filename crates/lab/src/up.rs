@@ -83,11 +83,16 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     if t.db_primary().is_some() {
         let engine = db::resolve_engine(&t)?;
         if matches!(engine, db::Engine::Sqlite) {
-            warnings.push(
-                "MariaDB is not installed: the data tier is one embedded SQLite file with no \
-                 replication and no failover (install mariadb-server for a primary and a replica)"
-                    .to_string(),
-            );
+            let why = if t.database.engine == topology::DbEngine::Sqlite {
+                "database.engine is \"sqlite\""
+            } else {
+                "MariaDB is not installed"
+            };
+            warnings.push(format!(
+                "{why}: the data tier is one embedded SQLite file with no replication and no \
+                 failover (install mariadb-server and set database.engine = \"auto\" for a \
+                 primary and a replica)"
+            ));
         }
         db::Credentials::ensure(state.root())?;
     }

@@ -557,3 +557,80 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
         "{a}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_mariadb_the_guestbook_runs_on_sqlite_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let topo_path = tmp.path().join("rampart.toml");
+    let topo = topology::DEFAULT_TOML
+        .replace("127.80.0.", "127.95.0.")
+        .replace("engine = \"auto\"", "engine = \"sqlite\"");
+    std::fs::write(&topo_path, topo).unwrap();
+    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
+    let _teardown = Teardown(&state);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("WARNING") && stdout.contains("no replication"),
+        "up warns:\n{stdout}"
+    );
+
+    let status = status_json(&state);
+    assert_eq!(status["db"]["engine"], "sqlite");
+    assert!(status["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains("no replication")));
+    let table = String::from_utf8_lossy(&rampart(&state, &["status"]).stdout).to_string();
+    assert!(table.contains("WARNING"), "status warns:\n{table}");
+
+    let lb = &status["hosts"][0];
+    let lb_addr = SocketAddr::new(
+        lb["address"].as_str().unwrap().parse().unwrap(),
+        lb["ports"]["https"].as_u64().unwrap() as u16,
+    );
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    let client = site_client(&ca, "www.foobar.com", lb_addr);
+    let base = status["endpoints"]["https"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let posted: Value = client
+        .post(format!("{base}/api/messages"))
+        .json(&serde_json::json!({"author": "sqlite", "text": "one file, both servers"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = posted["id"].as_u64().unwrap();
+    // Both web servers read the same file: every one of a few reads finds the message.
+    let mut served_by = BTreeSet::new();
+    for _ in 0..4 {
+        let r = client
+            .get(format!("{base}/api/messages/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        served_by.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
+    }
+    assert_eq!(served_by.len(), 2, "{served_by:?}");
+    let whoami: Value = client
+        .get(format!("{base}/api/whoami"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whoami["db"]["engine"], "sqlite");
+}
