@@ -195,9 +195,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if detach {
                 return Ok(());
             }
-            println!("\nRunning. Press Ctrl-C to stop everything.");
+            println!("\nRunning. Press Ctrl-C (or send SIGTERM) to stop everything.");
             rt.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    },
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
             });
             for line in lab::down(&state, false)? {
                 println!("stopped {line}");
