@@ -185,9 +185,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A shell whose command line names the directory, as `sh -c "rampart --state-dir
         // DIR down"` would: not a program the lab starts, so never a stray.
+        // `read` is a shell builtin: the shell itself waits on its stdin, no child process.
         let mut sleeper = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("sleep 30 # {}", dir.path().display()))
+            .arg(format!("read line # {}", dir.path().display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let found = stray_processes(dir.path());

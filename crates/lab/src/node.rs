@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
-use topology::{Policy, Role, Service, Topology};
+use topology::{Policy, Role, Topology};
 
 use crate::{LabError, StateDir};
 
@@ -70,10 +70,17 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     // once so the exposition holds each family exactly once.
     let http = telemetry::HttpMetrics::register(&mut registry);
     let mut filters: Vec<Arc<firewall::Filter>> = Vec::new();
-    let mut ports = BTreeMap::new();
-    for rule in policy.rules_for(&name) {
-        ports.insert(rule.service.as_str().to_string(), rule.port);
-    }
+    let ports = policy.ports(&name);
+
+    // Resolved once: the database role and the application must agree on it.
+    let engine = if [Role::DbPrimary, Role::DbReplica, Role::App]
+        .iter()
+        .any(|r| host.has(*r))
+    {
+        Some(db::resolve_engine(&topology)?)
+    } else {
+        None
+    };
 
     // Database first: the application connects to it.
     let mut db_server = None;
@@ -83,10 +90,11 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         } else {
             Role::DbReplica
         };
-        let engine = db::resolve_engine(&topology)?;
-        let cfg =
-            db::ServerConfig::from_topology(&topology, &name, state.root(), policy.clone(), engine)
-                .ok_or_else(|| role_err(&name, role, "no database configuration for this host"))?;
+        let cfg = engine
+            .and_then(|e| {
+                db::ServerConfig::from_topology(&topology, &name, state.root(), policy.clone(), e)
+            })
+            .ok_or_else(|| role_err(&name, role, "no database configuration for this host"))?;
         let server = db::start_server(cfg)
             .await
             .map_err(|e| role_err(&name, role, e))?;
@@ -111,8 +119,8 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     let mut web_handle = None;
     if host.has(Role::Web) {
         let store: Option<Arc<dyn web::Store>> = if host.has(Role::App) {
-            let engine = db::resolve_engine(&topology)?;
-            let cfg = db::ClientConfig::from_topology(&topology, &name, state.root(), engine)
+            let cfg = engine
+                .and_then(|e| db::ClientConfig::from_topology(&topology, &name, state.root(), e))
                 .ok_or_else(|| role_err(&name, Role::App, "no database client configuration"))?;
             let client = db::connect_client(cfg)
                 .await
@@ -169,8 +177,6 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         tracing::info!(host = %name, addr = %handle.addr(), "monitoring agent started");
         agent = Some(handle);
     }
-    // Listening ports this host really has (the egress relay is internal, not a service).
-    ports.retain(|service, _| service != Service::Mysql.as_str() || db_server.is_some());
 
     let write_status = || {
         let db = db_server.as_ref().map(|s| s.status());

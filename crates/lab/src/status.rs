@@ -160,6 +160,7 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let qps = fetch_qps(state, &t).await.unwrap_or_default();
+    let policy = topology::Policy::compile(&t);
 
     let mut hosts = Vec::new();
     let mut db_nodes = Vec::new();
@@ -176,7 +177,7 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         let ports = node
             .as_ref()
             .map(|n| n.ports.clone())
-            .unwrap_or_else(|| planned_ports(&t, &h.name));
+            .unwrap_or_else(|| policy.ports(&h.name));
         if let Some(d) = node.as_ref().and_then(|n| n.db.clone()) {
             engine.get_or_insert(d.engine.clone());
             db_nodes.push(DbNodeView {
@@ -216,13 +217,6 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         warnings: lab.warnings,
         curl: curl_line(state, &t),
     })
-}
-
-fn planned_ports(t: &Topology, host: &str) -> BTreeMap<String, u16> {
-    topology::Policy::compile(t)
-        .rules_for(host)
-        .map(|r| (r.service.as_str().to_string(), r.port))
-        .collect()
 }
 
 pub(crate) fn endpoints(t: &Topology) -> Endpoints {

@@ -185,6 +185,14 @@ impl Policy {
         self.rules.iter().filter(move |r| r.host == host)
     }
 
+    /// Service name → TCP port of every service `host` exposes (what `rampart status`
+    /// reports as a host's `ports`).
+    pub fn ports(&self, host: &str) -> std::collections::BTreeMap<String, u16> {
+        self.rules_for(host)
+            .map(|r| (r.service.as_str().to_string(), r.port))
+            .collect()
+    }
+
     /// Whether a connection from `src` to `host`'s `service` is accepted (default deny).
     pub fn allows(&self, host: &str, service: Service, src: IpAddr) -> bool {
         self.rule(host, service)
