@@ -3,6 +3,7 @@
 //! the site answers through the load balancer.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -115,9 +116,14 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     });
     let style = ProgressStyle::with_template("{spinner} {prefix:8} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    // Spinners need a terminal; elsewhere (logs, CI) progress is one line per step.
+    let plain = opts.progress && !std::io::stderr().is_terminal();
     let mut pending = Vec::new();
     for h in &t.hosts {
         let pid = spawn_node(opts, &h.name)?;
+        if plain {
+            eprintln!("  {:8} {} starting (pid {pid})", h.name, h.address);
+        }
         let bar = bars.add(ProgressBar::new_spinner());
         bar.set_style(style.clone());
         bar.set_prefix(h.name.clone());
@@ -134,7 +140,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
         pending.push((h.name.clone(), bar));
     }
 
-    let result = wait_healthy(opts, &t, &mut pending).await;
+    let result = wait_healthy(opts, &t, &mut pending, plain).await;
     for (_, bar) in &pending {
         bar.finish();
     }
@@ -205,6 +211,7 @@ async fn wait_healthy(
     opts: &UpOptions,
     t: &Topology,
     pending: &mut [(String, ProgressBar)],
+    plain: bool,
 ) -> Result<(), LabError> {
     let state = &opts.state_dir;
     let deadline = Instant::now() + opts.timeout;
@@ -233,6 +240,9 @@ async fn wait_healthy(
                 if n.healthy && backends_up {
                     done[i] = true;
                     bar.set_message(describe(&n));
+                    if plain {
+                        eprintln!("  {host:8} {}", describe(&n));
+                    }
                 } else {
                     bar.set_message(format!("waiting: {}", waiting_for(&n)));
                 }
