@@ -1,5 +1,5 @@
 //! Cross-cutting concerns wrapped around the request handlers: request metrics and the
-//! HSTS header. Each is a small tower layer, so handlers stay about routing.
+//! HSTS header (a `map_response` function). Both wrap the handlers, so handlers stay about routing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -110,51 +110,18 @@ where
     }
 }
 
-/// `Strict-Transport-Security: max-age=31536000` (one year) on every response of the HTTPS
-/// listener (RFC 6797 §6.1; never sent over plain HTTP, §7.2).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct HstsLayer;
+/// Adds `Strict-Transport-Security: max-age=31536000` (one year) to a response of the HTTPS
+/// listener (RFC 6797 §6.1; never sent over plain HTTP, §7.2). Used as
+/// `ServiceBuilder::map_response(add_hsts)`.
+pub(crate) fn add_hsts<B>(mut resp: Response<B>) -> Response<B> {
+    resp.headers_mut().insert(
+        http::header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(HSTS),
+    );
+    resp
+}
 
 const HSTS: &str = "max-age=31536000";
-
-impl<S> Layer<S> for HstsLayer {
-    type Service = Hsts<S>;
-    fn layer(&self, inner: S) -> Hsts<S> {
-        Hsts { inner }
-    }
-}
-
-/// See [`HstsLayer`].
-#[derive(Debug, Clone)]
-pub(crate) struct Hsts<S> {
-    inner: S,
-}
-
-impl<S, B, ResB> Service<Request<B>> for Hsts<S>
-where
-    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ResB>;
-    type Error = Infallible;
-    type Future = BoxFuture<Response<ResB>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            resp.headers_mut().insert(
-                http::header::STRICT_TRANSPORT_SECURITY,
-                HeaderValue::from_static(HSTS),
-            );
-            Ok(resp)
-        })
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -170,7 +137,7 @@ mod tests {
         let metrics = Metrics::register(&mut registry, http);
         let svc = ServiceBuilder::new()
             .layer(MetricsLayer(metrics))
-            .layer(HstsLayer)
+            .map_response(add_hsts)
             .service(service_fn(|_req: Request<()>| async {
                 Ok::<_, Infallible>(
                     Response::builder()

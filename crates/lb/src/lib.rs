@@ -41,7 +41,7 @@ use tower::ServiceBuilder;
 pub use config::{Backend, LbConfig};
 
 use balancer::Balancer;
-use layers::{HstsLayer, Metrics, MetricsLayer};
+use layers::{add_hsts, Metrics, MetricsLayer};
 use proxy::{Proxy, Upstreams};
 use redirect::Redirect;
 use upstream::Connector;
@@ -236,7 +236,7 @@ pub async fn start(
         move |tcp, peer, shutdown| {
             let service = ServiceBuilder::new()
                 .layer(MetricsLayer(https_metrics.clone()))
-                .layer(HstsLayer)
+                .map_response(add_hsts)
                 .service(Proxy::new(upstreams.clone(), peer.ip()));
             server::serve_tls(
                 https_builder.clone(),
