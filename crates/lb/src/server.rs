@@ -25,6 +25,12 @@ pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time an HTTP/1 client has to send a complete request head (against slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Limit on an HTTP/1 request head (request line and headers), bytes. hyper checks it
+/// against its read buffer, so a head a little larger can slip through; a much larger one
+/// is answered `431 Request Header Fields Too Large` (RFC 6585 §5) instead of being held in
+/// memory up to hyper's ~400 KB default. HTTP/2 keeps its header-list limit (16 KiB).
+const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
+
 /// HTTP/2 keep-alive ping interval; a peer that does not answer within the default ping
 /// timeout (20 s) is disconnected.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -37,7 +43,8 @@ pub(crate) fn http_builder() -> Arc<auto::Builder<TokioExecutor>> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
     b.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE);

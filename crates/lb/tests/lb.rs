@@ -356,6 +356,32 @@ async fn http_listener_redirects_to_https() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_gets_431() {
+    let s = setup(true).await;
+    let c = reqwest::Client::builder()
+        .resolve("www.foobar.com", s.lb.http_addr())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = format!("http://www.foobar.com:{}/", s.lb.http_addr().port());
+    let fits = c
+        .get(&url)
+        .header("x-pad", "x".repeat(8 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), StatusCode::MOVED_PERMANENTLY);
+    let big = c
+        .get(&url)
+        .header("x-pad", "x".repeat(200 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backend_is_marked_down_and_traffic_moves_to_the_other() {
     let s = setup(true).await;
     let c = client(&s, false);
