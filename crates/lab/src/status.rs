@@ -82,8 +82,12 @@ pub struct HostView {
     /// The node runs, reported within the last 5 s, and all its roles are healthy.
     pub healthy: bool,
     /// Requests per second over the monitor's window (10 s by default), from the monitoring
-    /// service; null for hosts without an agent or when the monitor is unreachable.
+    /// service; null for hosts without an agent, whose pushes have stopped (stale), or when
+    /// the monitor is unreachable.
     pub qps: Option<f64>,
+    /// The QPS alert's state for this host (`inactive`, `pending`, `firing`); null for
+    /// hosts without an agent or when the monitor is unreachable.
+    pub alert: Option<String>,
     /// Service name → port.
     pub ports: BTreeMap<String, u16>,
 }
@@ -143,7 +147,7 @@ pub(crate) fn curl_line(state: &StateDir, t: &Topology) -> String {
     )
 }
 
-/// Reads the lab's status. Per-host `qps` comes from the monitoring service's API, reached
+/// Reads the lab's status. Per-host `qps` and `alert` come from the monitoring service's API, reached
 /// with the admin certificate; when it cannot be reached the values are null.
 ///
 /// Errors: [`LabError::NotUp`] when `up` never ran from this state directory.
@@ -159,7 +163,7 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let qps = fetch_qps(state, &t).await.unwrap_or_default();
+    let monitor = fetch_monitor(state, &t).await.unwrap_or_default();
     let policy = topology::Policy::compile(&t);
 
     let mut hosts = Vec::new();
@@ -196,7 +200,8 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
             pid,
             roles: h.roles.iter().map(|r| r.to_string()).collect(),
             healthy,
-            qps: qps.get(&h.name).copied(),
+            qps: monitor.qps.get(&h.name).copied(),
+            alert: monitor.alerts.get(&h.name).cloned(),
             ports,
         });
     }
@@ -263,17 +268,41 @@ struct QpsReply {
 
 #[derive(Deserialize)]
 struct QpsHost {
-    qps: f64,
+    /// Null when the monitor has too few samples.
+    qps: Option<f64>,
+    /// The host's pushes stopped: its last rate says nothing about now.
+    #[serde(default)]
+    stale: bool,
 }
 
-/// Host name → QPS from the monitoring service, `None` when it cannot be reached.
-pub(crate) async fn fetch_qps(state: &StateDir, t: &Topology) -> Option<BTreeMap<String, f64>> {
+#[derive(Deserialize)]
+struct AlertsReply {
+    alerts: Vec<AlertEntry>,
+}
+
+#[derive(Deserialize)]
+struct AlertEntry {
+    host: String,
+    state: String,
+}
+
+/// What the monitoring service says about each host.
+#[derive(Debug, Default)]
+pub(crate) struct MonitorView {
+    /// Host name → requests/s over the rule's window (hosts whose pushes are stale left out).
+    pub qps: BTreeMap<String, f64>,
+    /// Host name → QPS alert state (`inactive`, `pending`, `firing`).
+    pub alerts: BTreeMap<String, String>,
+}
+
+/// Reads `/api/v1/qps` and `/api/v1/alerts` with the admin certificate; `None` when the
+/// monitoring service cannot be reached or answers something else.
+pub(crate) async fn fetch_monitor(state: &StateDir, t: &Topology) -> Option<MonitorView> {
     let mon = t.monitor()?;
     let client = admin_client(state).ok()?;
-    let url = format!("https://{}:{}/api/v1/qps", mon.address, t.ports.ingest);
-    let reply: QpsReply = client
-        .get(url)
-        .send()
+    let base = format!("https://{}:{}/api/v1", mon.address, t.ports.ingest);
+    let get = |path: &str| client.get(format!("{base}/{path}")).send();
+    let qps: QpsReply = get("qps")
         .await
         .ok()?
         .error_for_status()
@@ -281,12 +310,24 @@ pub(crate) async fn fetch_qps(state: &StateDir, t: &Topology) -> Option<BTreeMap
         .json()
         .await
         .ok()?;
-    // A rate is never negative; this also folds -0.0 into 0.0.
-    Some(
-        reply
+    let alerts: AlertsReply = get("alerts")
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(MonitorView {
+        qps: qps
             .hosts
             .into_iter()
-            .map(|(k, v)| (k, if v.qps > 0.0 { v.qps } else { 0.0 }))
+            .filter_map(|(host, q)| Some((host, q.qps.filter(|_| !q.stale)?)))
             .collect(),
-    )
+        alerts: alerts
+            .alerts
+            .into_iter()
+            .map(|a| (a.host, a.state))
+            .collect(),
+    })
 }

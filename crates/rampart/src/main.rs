@@ -266,13 +266,13 @@ fn print_up(s: &Status, seconds: f64) {
 fn print_table(s: &Status) {
     println!("mode {}  state {}", s.mode, s.state_dir.display());
     println!(
-        "{:<8} {:<13} {:<8} {:<8} {:>7}  {:<32} ports",
-        "HOST", "ADDRESS", "PID", "HEALTHY", "QPS", "ROLES"
+        "{:<8} {:<13} {:<8} {:<8} {:>7} {:<9} {:<28} ports",
+        "HOST", "ADDRESS", "PID", "HEALTHY", "QPS", "ALERT", "ROLES"
     );
     for h in &s.hosts {
         let ports: Vec<String> = h.ports.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         println!(
-            "{:<8} {:<13} {:<8} {:<8} {:>7}  {:<32} {}",
+            "{:<8} {:<13} {:<8} {:<8} {:>7} {:<9} {:<28} {}",
             h.name,
             h.address,
             h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -280,6 +280,7 @@ fn print_table(s: &Status) {
             h.qps
                 .map(|q| format!("{q:.1}"))
                 .unwrap_or_else(|| "-".into()),
+            h.alert.as_deref().unwrap_or("-"),
             h.roles.join(","),
             ports.join(" ")
         );

@@ -335,6 +335,26 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         assert_eq!(r.headers()["x-served-by"], "web-02");
     }
 
+    // status reports the dead node, and the monitor still gives the others' QPS (web-01's
+    // pushes have stopped: its QPS is unknown, not zero).
+    let after = status_json(&state);
+    let after_host = |name: &str| {
+        after["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(after_host("web-01")["healthy"], false, "{after}");
+    assert!(after_host("web-01")["pid"].is_null(), "{after}");
+    // web-02's node runs; its replica has lost the primary (web-01's relay died with the
+    // node), so web-02 itself may report unhealthy until failover exists.
+    assert!(after_host("web-02")["pid"].is_number(), "{after}");
+    assert!(after_host("lb-01")["qps"].is_number(), "{after}");
+    assert!(after_host("web-01")["qps"].is_null(), "{after}");
+
     // 8. down leaves no process of ours and no listening port in our block.
     let out = rampart(&state, &["down"]);
     assert!(
@@ -532,6 +552,11 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
     assert!(
         fired.load(Ordering::SeqCst),
         "the QPS alert never fired for lb-01"
+    );
+    let firing = status_json(&state);
+    assert_eq!(
+        firing["hosts"][0]["alert"], "firing",
+        "status shows the alert: {firing}"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
