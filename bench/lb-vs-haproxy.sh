@@ -7,7 +7,8 @@
 # pooled mutual-TLS connections. The load generator (wrk, HTTP/1.1 keep-alive over TLS) is
 # pinned to CPU 0, the load balancer under test to CPU 1; each run is repeated and the
 # medians are compared. Prints requests/s and latency percentiles and the ratio
-# Rampart / HAProxy (above 1 = Rampart serves more, or has the higher latency).
+# Rampart / HAProxy (above 1 = Rampart serves more, or has the higher latency), once with
+# keep-alive and once with a new TLS connection per request.
 #
 # Usage: bench/lb-vs-haproxy.sh [seconds per run, default 10] [runs, default 3] [connections, default 16]
 # Needs: haproxy, wrk (apt-installed when missing, as root), taskset, a release build.
@@ -76,42 +77,48 @@ ready() { # port address
 ready "$https_port" "$block.10"
 ready 8443 "$block.30"
 
-measure() { # name url -> lines "name rps p50_ms p99_ms"
-  local name=$1 url=$2
-  for i in $(seq "$runs"); do
-    taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H "Host: www.foobar.com" "$url" > "$work/wrk.out"
-    python3 - "$name" "$work/wrk.out" <<'PY'
+measure() { # mode name url -> one line "mode name rps p50_ms p99_ms non2xx"
+  local mode=$1 name=$2 url=$3 extra=()
+  # handshake: every request on a new connection, so each pays a full TLS handshake.
+  [ "$mode" = handshake ] && extra=(-H "Connection: close")
+  taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H "Host: www.foobar.com" "${extra[@]}" "$url" > "$work/wrk.out"
+  python3 - "$mode" "$name" "$work/wrk.out" <<'PY'
 import re, sys
-name, text = sys.argv[1], open(sys.argv[2]).read()
+mode, name, text = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
 def ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]", "", v)
     return n * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50 = ms(re.search(r"50%\s+(\S+)", text).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print(name, rps, p50, p99, errs.group(1) if errs else 0)
+print(mode, name, rps, p50, p99, errs.group(1) if errs else 0)
 PY
-  done
 }
-{
-  measure rampart "https://$block.10:$https_port/"
-  measure haproxy "https://$block.30:8443/"
-} > "$work/results"
+# Runs alternate between the two load balancers so drift on the machine hits both alike.
+for _ in $(seq "$runs"); do
+  for mode in keepalive handshake; do
+    measure "$mode" rampart "https://$block.10:$https_port/"
+    measure "$mode" haproxy "https://$block.30:8443/"
+  done
+done > "$work/results"
 
 python3 - "$work/results" "$secs" "$runs" "$conns" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 secs, runs, conns = sys.argv[2:5]
-med = {}
-for name in ("rampart", "haproxy"):
-    r = [list(map(float, x[1:])) for x in rows if x[0] == name]
-    med[name] = [statistics.median(c) for c in zip(*r)]
-print(f"GET / (1.7 kB page) through the load balancer, TLS 1.3 + keep-alive, {conns} connections,")
-print(f"wrk on CPU 0, load balancer on CPU 1, median of {runs} runs x {secs} s")
-print(f"{'':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
-for name in ("rampart", "haproxy"):
-    rps, p50, p99, errs = med[name]
-    print(f"{name:10}{rps:10.0f}{p50:9.2f}{p99:9.2f}{errs:9.0f}")
-r, h = med["rampart"], med["haproxy"]
-print(f"{'ratio':10}{r[0]/h[0]:10.2f}{r[1]/h[1]:9.2f}{r[2]/h[2]:9.2f}   (rampart / haproxy)")
+print(f"GET / (1.7 kB page) through the load balancer, TLS 1.3, {conns} connections, wrk on CPU 0,")
+print(f"load balancer on CPU 1, median of {runs} runs x {secs} s")
+titles = {"keepalive": "keep-alive (many requests per TLS connection)", "handshake": "Connection: close (a new TLS connection per request)"}
+for mode in ("keepalive", "handshake"):
+    med = {}
+    for name in ("rampart", "haproxy"):
+        r = [list(map(float, x[2:])) for x in rows if x[0] == mode and x[1] == name]
+        med[name] = [statistics.median(c) for c in zip(*r)]
+    print(f"\n{titles[mode]}")
+    print(f"{'':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+    for name in ("rampart", "haproxy"):
+        rps, p50, p99, errs = med[name]
+        print(f"{name:10}{rps:10.0f}{p50:9.2f}{p99:9.2f}{errs:9.0f}")
+    r, h = med["rampart"], med["haproxy"]
+    print(f"{'ratio':10}{r[0]/h[0]:10.2f}{r[1]/h[1]:9.2f}{r[2]/h[2]:9.2f}   (rampart / haproxy)")
 PY
