@@ -32,6 +32,8 @@ pub const MAX_LIST: u32 = 1000;
 /// Bound on taking a pooled connection (including a new connection and its handshake),
 /// seconds.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most pooled connections per database node.
+const POOL_MAX: usize = 8;
 /// Bound on one statement once connected, seconds.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -404,7 +406,7 @@ fn open_node(
         .init(vec!["SET time_zone = '+00:00'"])
         .pool_opts(
             PoolOpts::default()
-                .with_constraints(PoolConstraints::new(0, 8).unwrap_or_default())
+                .with_constraints(PoolConstraints::new(0, POOL_MAX).unwrap_or_default())
                 .with_inactive_connection_ttl(Duration::from_secs(30))
                 .with_ttl_check_interval(Duration::from_secs(10)),
         );
@@ -415,14 +417,31 @@ fn open_node(
 }
 
 impl MariaNode {
+    /// A pooled connection that answered a ping just now (validation on borrow): a pooled
+    /// connection whose server or relay went away since it was last used is dropped and
+    /// replaced before a statement is sent on it, so a write is never sent on a connection
+    /// that cannot say whether it ran.
     async fn conn(&self) -> Result<Conn, DbError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
-            Ok(r) => r.map_err(|e| DbError::mysql(&self.host, e)),
-            Err(_) => Err(DbError::Timeout {
-                what: format!("connecting to MariaDB on {}", self.host),
-                seconds: CONNECT_TIMEOUT.as_secs(),
-            }),
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        // Every idle connection may be stale after an outage; the pool holds at most 8.
+        for _ in 0..=POOL_MAX {
+            let mut conn = match tokio::time::timeout_at(deadline, self.pool.get_conn()).await {
+                Ok(r) => r.map_err(|e| DbError::mysql(&self.host, e))?,
+                Err(_) => break,
+            };
+            match tokio::time::timeout_at(deadline, conn.ping()).await {
+                Ok(Ok(())) => return Ok(conn),
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %self.host, error = %e, "dropping a stale pooled connection");
+                    let _ = conn.disconnect().await;
+                }
+                Err(_) => break,
+            }
         }
+        Err(DbError::Timeout {
+            what: format!("connecting to MariaDB on {}", self.host),
+            seconds: CONNECT_TIMEOUT.as_secs(),
+        })
     }
 
     async fn bounded<T>(

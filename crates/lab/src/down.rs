@@ -21,18 +21,8 @@ use crate::{LabError, StateDir};
 /// Returns a line per process stopped, e.g. `node web-01 (pid 1234)`.
 /// With `purge`, the whole state directory is removed afterwards.
 pub fn down(state: &StateDir, purge: bool) -> Result<Vec<String>, LabError> {
-    let mut stopped = Vec::new();
     let hosts = host_names(state);
-    let mut nodes = Vec::new();
-    for host in &hosts {
-        if let Some(pid) = StateDir::read_pid(&state.node_pid_file(host)) {
-            if process_alive(pid) {
-                signal(pid, Signal::SIGTERM);
-                nodes.push((format!("node {host} (pid {pid})"), pid));
-            }
-        }
-    }
-    stopped.extend(wait_or_kill(nodes, Duration::from_secs(20)));
+    let mut stopped = stop_nodes(state, &hosts);
 
     let mut servers = Vec::new();
     for host in &hosts {
@@ -57,15 +47,31 @@ pub fn down(state: &StateDir, purge: bool) -> Result<Vec<String>, LabError> {
         .collect();
     stopped.extend(wait_or_kill(strays, Duration::from_secs(10)));
 
-    for host in &hosts {
-        let _ = std::fs::remove_file(state.node_pid_file(host));
-        let _ = std::fs::remove_file(state.node_status_file(host));
-    }
     let _ = std::fs::remove_file(state.lab_file());
     if purge && state.root().exists() {
         std::fs::remove_dir_all(state.root()).map_err(|e| LabError::io(state.root(), e))?;
     }
     Ok(stopped)
+}
+
+/// Stops the nodes of `hosts` (SIGTERM, up to 20 s, then SIGKILL) and removes their pid
+/// and status files; other hosts are left alone. Returns a line per node stopped.
+pub(crate) fn stop_nodes(state: &StateDir, hosts: &[String]) -> Vec<String> {
+    let nodes: Vec<(String, u32)> = hosts
+        .iter()
+        .filter_map(|host| {
+            let pid =
+                StateDir::read_pid(&state.node_pid_file(host)).filter(|p| process_alive(*p))?;
+            signal(pid, Signal::SIGTERM);
+            Some((format!("node {host} (pid {pid})"), pid))
+        })
+        .collect();
+    let stopped = wait_or_kill(nodes, Duration::from_secs(20));
+    for host in hosts {
+        let _ = std::fs::remove_file(state.node_pid_file(host));
+        let _ = std::fs::remove_file(state.node_status_file(host));
+    }
+    stopped
 }
 
 /// Host directories under `hosts/`.

@@ -30,8 +30,8 @@ pub enum LabError {
         /// Why.
         reason: String,
     },
-    /// The lab in this state directory is already running.
-    #[error("a lab is already running from {0} (run `rampart down` first, or `rampart status`)")]
+    /// A lab with a different topology is already running from this state directory.
+    #[error("a lab with a different topology is already running from {0} (run `rampart down` first, or `rampart status`)")]
     AlreadyUp(PathBuf),
     /// No lab has been brought up from this state directory.
     #[error("nothing is running from {0} (run `rampart up` first)")]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use topology::{ConfigError, Role, Topology};
 
+use crate::down::stop_nodes;
 use crate::node::NodeStatus;
 use crate::paths::process_alive;
 use crate::status::{curl_line, LabFile};
@@ -46,8 +47,11 @@ pub struct UpReport {
 
 /// Brings the topology up and waits until it is healthy.
 ///
+/// When part of the lab already runs from this state directory with the same topology, only
+/// the hosts whose node is not running are started (e.g. after a node was killed).
+///
 /// Errors: [`LabError::Config`] for an invalid topology (exit 64), [`LabError::AlreadyUp`]
-/// when nodes from this state directory still run, [`LabError::NotHealthy`] when a part is
+/// when nodes of a different topology run from this state directory, [`LabError::NotHealthy`] when a part is
 /// not healthy within `timeout` (everything started is stopped again), and the errors of
 /// certificate and credential creation.
 pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
@@ -68,16 +72,29 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "<built-in default>".into());
     check_loopback(&t, &source)?;
-    if t.hosts
+    let running: Vec<String> = t
+        .hosts
         .iter()
-        .any(|h| StateDir::read_pid(&state.node_pid_file(&h.name)).is_some_and(process_alive))
-    {
-        return Err(LabError::AlreadyUp(state.root().to_path_buf()));
+        .filter(|h| StateDir::read_pid(&state.node_pid_file(&h.name)).is_some_and(process_alive))
+        .map(|h| h.name.clone())
+        .collect();
+    if running.is_empty() {
+        crate::ports::resolve_public_ports(&mut t);
+        StateDir::create_dir(state.root())?;
+        StateDir::write_atomic(&state.topology_file(), t.to_toml().as_bytes())?;
+    } else {
+        // Part of this lab runs already: start only the hosts that do not, provided it is
+        // the same topology (the ports `up` resolved before are kept: the running load
+        // balancer holds them now).
+        let current = Topology::load(&state.topology_file()).ok();
+        if let Some(cur) = &current {
+            t.site.https_port = t.site.https_port.or(cur.site.https_port);
+            t.site.http_port = t.site.http_port.or(cur.site.http_port);
+        }
+        if current.as_ref() != Some(&t) {
+            return Err(LabError::AlreadyUp(state.root().to_path_buf()));
+        }
     }
-
-    crate::ports::resolve_public_ports(&mut t);
-    StateDir::create_dir(state.root())?;
-    StateDir::write_atomic(&state.topology_file(), t.to_toml().as_bytes())?;
     pki::ensure(&state.pki().dir, &t)?;
 
     let mut warnings = Vec::new();
@@ -119,16 +136,23 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     // Spinners need a terminal; elsewhere (logs, CI) progress is one line per step.
     let plain = opts.progress && !std::io::stderr().is_terminal();
     let mut pending = Vec::new();
+    let mut started_now = Vec::new();
     for h in &t.hosts {
-        let pid = spawn_node(opts, &h.name)?;
+        let (pid, what) = if running.contains(&h.name) {
+            let pid = StateDir::read_pid(&state.node_pid_file(&h.name)).unwrap_or_default();
+            (pid, "already running")
+        } else {
+            started_now.push(h.name.clone());
+            (spawn_node(opts, &h.name)?, "starting")
+        };
         if plain {
-            eprintln!("  {:8} {} starting (pid {pid})", h.name, h.address);
+            eprintln!("  {:8} {} {what} (pid {pid})", h.name, h.address);
         }
         let bar = bars.add(ProgressBar::new_spinner());
         bar.set_style(style.clone());
         bar.set_prefix(h.name.clone());
         bar.set_message(format!(
-            "{} [{}] starting (pid {pid})",
+            "{} [{}] {what} (pid {pid})",
             h.address,
             h.roles
                 .iter()
@@ -145,7 +169,12 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
         bar.finish();
     }
     if let Err(e) = result {
-        let _ = down(state, false);
+        if running.is_empty() {
+            let _ = down(state, false);
+        } else {
+            // Leave the parts that were running alone; stop only what this call started.
+            let _ = stop_nodes(state, &started_now);
+        }
         return Err(e);
     }
     let status = status(state).await?;

@@ -355,6 +355,52 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     assert!(after_host("lb-01")["qps"].is_number(), "{after}");
     assert!(after_host("web-01")["qps"].is_null(), "{after}");
 
+    // `up` again starts only what is missing: web-01 comes back, its primary takes writes.
+    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "up after the kill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = status_json(&state);
+    for h in again["hosts"].as_array().unwrap() {
+        assert_eq!(h["healthy"], true, "{h}");
+    }
+    let back = again["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "web-01")
+        .unwrap();
+    assert_ne!(back["pid"].as_u64(), Some(web01_pid as u64));
+    let r = client
+        .post(format!("{base}/api/messages"))
+        .json(&serde_json::json!({"author": "tester", "text": "after the restart"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut served_by = BTreeSet::new();
+    for _ in 0..4 {
+        let r = client.get(format!("{base}/")).send().await.unwrap();
+        served_by.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        served_by.len(),
+        2,
+        "both web servers answer again: {served_by:?}"
+    );
+    // A different topology on top of the running lab is refused.
+    let other = tmp.path().join("other.toml");
+    std::fs::write(
+        &other,
+        topology::DEFAULT_TOML.replace("127.80.0.", "127.96.1."),
+    )
+    .unwrap();
+    let out = rampart(&state, &["up", "-d", "-f", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different topology"));
+
     // 8. down leaves no process of ours and no listening port in our block.
     let out = rampart(&state, &["down"]);
     assert!(
