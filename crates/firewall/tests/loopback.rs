@@ -248,3 +248,19 @@ async fn egress_unix_leaves_from_the_configured_address() {
     let seen = within("far side peer", peers.recv()).await.unwrap();
     assert_eq!(seen, ip(WEB_B));
 }
+
+/// Accepted connections come with TCP_NODELAY: a response written in pieces must not wait
+/// for the peer's delayed ACK (Nagle), which made streamed bodies crawl through the load
+/// balancer.
+#[tokio::test]
+async fn accepted_connections_have_nodelay() {
+    let filter = Filter::new(policy(), "web-a", Service::Web);
+    let listener = GuardedListener::bind(SocketAddr::new(ip(WEB_A), 0), filter)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = within("connect", connect_from(ip(LB), addr)).await.unwrap();
+    let (accepted, _) = within("accept", listener.accept()).await.unwrap();
+    assert!(accepted.nodelay().unwrap());
+    drop(client);
+}

@@ -210,7 +210,6 @@ async fn accept_loop(listener: GuardedListener, ctx: Arc<Conn>, mut stop: watch:
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, ctx: &Conn, stop: watch::Receiver<bool>) {
-    let _ = stream.set_nodelay(true);
     let Some(acceptor) = &ctx.tls else {
         return serve(TokioIo::new(stream), ctx.app.clone(), stop).await;
     };
