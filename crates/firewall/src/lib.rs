@@ -200,7 +200,11 @@ pub async fn egress(listener: TcpListener, target: Target) -> io::Result<()> {
     let target = Arc::new(target);
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => spawn_forward(stream, peer.to_string(), &target),
+            Ok((stream, peer)) => {
+                // As for guarded listeners: small writes (replication events) go out at once.
+                let _ = stream.set_nodelay(true);
+                spawn_forward(stream, peer.to_string(), &target)
+            }
             Err(e) => accept_failed(e).await?,
         }
     }
