@@ -156,8 +156,9 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
 
     let mut lb_handle = None;
     if host.has(Role::Lb) {
-        let cfg = lb::LbConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
+        let mut cfg = lb::LbConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
             .ok_or_else(|| role_err(&name, Role::Lb, "no load balancer configuration"))?;
+        cfg.access_log = Some(state.host_dir(&name).join("access.log"));
         let handle = lb::start(cfg, &mut registry, &http)
             .await
             .map_err(|e| role_err(&name, Role::Lb, e))?;

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -11,7 +12,9 @@ use crate::Backend;
 /// One backend and its current health.
 #[derive(Debug)]
 pub(crate) struct BackendState {
-    pub(crate) name: String,
+    /// The backend's name, shared with every response it serves (see
+    /// [`crate::proxy::ServedBy`]).
+    pub(crate) name: Arc<str>,
     pub(crate) addr: SocketAddr,
     up: AtomicBool,
     gauge: Gauge,
@@ -40,7 +43,7 @@ impl Balancer {
                     let g = gauge(&b.name);
                     g.set(0);
                     BackendState {
-                        name: b.name.clone(),
+                        name: Arc::from(b.name.as_str()),
                         addr: b.addr,
                         up: AtomicBool::new(false),
                         gauge: g,
@@ -91,7 +94,7 @@ mod tests {
     }
 
     fn first(b: &Balancer) -> Option<String> {
-        b.order().first().map(|s| s.name.clone())
+        b.order().first().map(|s| s.name.to_string())
     }
 
     #[test]
@@ -115,9 +118,9 @@ mod tests {
         for i in 0..3 {
             b.set_up(i, true);
         }
-        let order: Vec<_> = b.order().iter().map(|s| s.name.clone()).collect();
+        let order: Vec<_> = b.order().iter().map(|s| s.name.to_string()).collect();
         assert_eq!(order, ["web-00", "web-01", "web-02"]);
-        let order: Vec<_> = b.order().iter().map(|s| s.name.clone()).collect();
+        let order: Vec<_> = b.order().iter().map(|s| s.name.to_string()).collect();
         assert_eq!(order, ["web-01", "web-02", "web-00"]);
         b.set_up(1, false);
         assert_eq!(b.order().len(), 2);

@@ -1,6 +1,7 @@
 //! What the load balancer is started with, and how it is derived from a topology.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use topology::{HealthCheck, Policy, Role, Topology};
@@ -41,13 +42,18 @@ pub struct LbConfig {
     pub pki: pki::PkiPaths,
     /// The compiled firewall policy the listeners enforce.
     pub policy: Arc<Policy>,
+    /// Where to append the access log (one line per request on either listener, see
+    /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
+    /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
+    /// does not place files; the node sets it to `<state>/hosts/<host>/access.log`.
+    pub access_log: Option<PathBuf>,
 }
 
 impl LbConfig {
     /// The configuration of host `host` in topology `t`: its address, the site's ports
     /// (443/80 when unresolved), the site domain, every host holding `web` as a backend at
     /// `(address, t.ports.web)` in topology order, the topology's health check and the
-    /// `plain_backends` switch.
+    /// `plain_backends` switch; no access log (`access_log: None`).
     ///
     /// `None` when `host` is not in the topology or does not hold the `lb` role.
     pub fn from_topology(
@@ -78,6 +84,7 @@ impl LbConfig {
             health: t.health_check.clone(),
             pki,
             policy,
+            access_log: None,
         })
     }
 }

@@ -3,19 +3,24 @@
 //! backends its health checks consider up, over pooled mutual-TLS HTTP/1.1 connections made
 //! from this host's address; and an HTTP listener that only redirects to HTTPS.
 //!
-//! This crate owns the listeners, the balancing and retry policy, the active health checks
-//! and the load balancer's own metric (`rampart_backend_up`); requests are recorded in the
-//! node's shared HTTP families from `telemetry`, never registered here. It never issues
-//! certificates or decides who may connect (that is `pki` and `topology::Policy`, enforced
-//! through `firewall`), never buffers whole bodies, and never replays a request once any of
-//! it has been sent to a backend.
+//! This crate owns the listeners, the balancing and retry policy, the active health checks,
+//! the access log (one line per request on either listener, nginx `combined` format plus
+//! backend, response time and listener, written by one background thread) and the load
+//! balancer's own metrics (`rampart_backend_up`, `rampart_lb_access_log_dropped_total`);
+//! requests are recorded in the node's shared HTTP families from `telemetry`, never
+//! registered here. It never issues certificates or decides who may connect (that is `pki`
+//! and `topology::Policy`, enforced through `firewall`), never buffers whole bodies, never
+//! replays a request once any of it has been sent to a backend, and never waits on the
+//! access log file in the request path.
 //!
 //! Flow of one request: [`firewall::GuardedListener`] → TLS (bounded handshake) → HTTP/1.1
-//! or HTTP/2 → metrics layer → HSTS layer → proxy (pick a backend that is up, rewrite
-//! hop-by-hop and `X-Forwarded-*` headers, forward, stream the response back).
+//! or HTTP/2 → access log layer → metrics layer → HSTS layer → proxy (pick a backend that
+//! is up, rewrite hop-by-hop and `X-Forwarded-*` headers, forward, stream the response
+//! back, naming the backend in the response's extensions for the access log).
 
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod balancer;
 mod config;
 mod health;
@@ -28,6 +33,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use firewall::{Filter, GuardedListener};
@@ -40,6 +46,7 @@ use tower::ServiceBuilder;
 
 pub use config::{Backend, LbConfig};
 
+use access_log::{AccessLog, AccessLogLayer, Listener};
 use balancer::Balancer;
 use layers::{add_hsts, Metrics, MetricsLayer};
 use proxy::{Proxy, Upstreams};
@@ -62,6 +69,15 @@ pub enum LbError {
     /// (missing or unreadable PEM files under the PKI directory).
     #[error("TLS configuration: {0}")]
     Pki(#[from] pki::PkiError),
+    /// The access log file could not be opened for appending (missing directory,
+    /// permissions), or its writer thread could not be started.
+    #[error("access log {}: {source}", path.display())]
+    AccessLog {
+        /// The configured [`LbConfig::access_log`].
+        path: PathBuf,
+        /// The error of `open(2)` or of spawning the thread.
+        source: io::Error,
+    },
     /// The configuration lists no backend.
     #[error("no backends configured: the topology needs at least one host with the web role")]
     NoBackends,
@@ -109,7 +125,7 @@ impl LbHandle {
         self.balancer
             .backends()
             .iter()
-            .map(|b| (b.name.clone(), b.is_up()))
+            .map(|b| (b.name.to_string(), b.is_up()))
             .collect()
     }
 
@@ -175,9 +191,28 @@ async fn bind(
 /// and `rampart_http_request_duration_seconds{role="lb"}`. Returns once both listeners are
 /// bound; backends are down until they pass `cfg.health.rise` checks.
 ///
+/// With `cfg.access_log` set, every request on either listener is also appended to that
+/// file as one line (nginx `combined` plus operator fields):
+///
+/// ```text
+/// 127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] "GET /api/messages?x=1 HTTP/2.0" 200 1234 "referer" "user-agent" backend=web-01 rt=0.0031 listener=https
+/// ```
+///
+/// — client IP; arrival time in UTC (nginx `$time_local` shape); method, path and query,
+/// protocol; status; the response's declared body length in bytes (`Content-Length`, or
+/// the exact size of a response the load balancer made itself) or `-`; `Referer` and
+/// `User-Agent` or `-`; the backend that answered (`-` for redirects and the load
+/// balancer's own 502/503/504); seconds from arrival to response headers; the listener.
+/// Client-sent fields are escaped (`\"`, `\\`, other bytes outside printable ASCII as
+/// `\xHH`, as nginx does), so a request is always exactly one line. The request path never
+/// waits for the file: lines go through a bounded queue (16 384 lines) to one writer thread
+/// that flushes whenever the queue is empty; a line that does not fit is dropped and counted
+/// in `rampart_lb_access_log_dropped_total` (registered in `registry` in any case). There is
+/// no rotation; the file is opened in append mode, so truncating it in place is safe.
+///
 /// Errors: [`LbError::Pki`] for missing certificates, [`LbError::Bind`] naming the address
 /// that could not be bound, [`LbError::NoBackends`] / [`LbError::BadBackend`] for an
-/// unusable backend list.
+/// unusable backend list, [`LbError::AccessLog`] when the access log cannot be opened.
 pub async fn start(
     cfg: LbConfig,
     registry: &mut Registry,
@@ -199,6 +234,20 @@ pub async fn start(
     let (http, http_addr) = bind(cfg.address, cfg.http_port, http_filter.clone()).await?;
 
     let metrics = Metrics::register(registry, http_metrics.clone());
+    let dropped = access_log::register_dropped(registry);
+    let access_log = match &cfg.access_log {
+        Some(path) => {
+            Some(
+                AccessLog::open(path, dropped)
+                    .await
+                    .map_err(|source| LbError::AccessLog {
+                        path: path.clone(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let balancer = Arc::new(Balancer::new(&cfg.backends, |name| {
         metrics.backend_up(name)
     }));
@@ -230,11 +279,17 @@ pub async fn start(
     let builder = server::http_builder();
     let https_builder = builder.clone();
     let https_metrics = metrics.clone();
+    let https_log = access_log.clone();
     tokio::spawn(server::accept_loop(
         https,
         shutdown_rx.clone(),
         move |tcp, peer, shutdown| {
             let service = ServiceBuilder::new()
+                .layer(AccessLogLayer::new(
+                    https_log.clone(),
+                    Listener::Https,
+                    peer.ip(),
+                ))
                 .layer(MetricsLayer(https_metrics.clone()))
                 .map_response(add_hsts)
                 .service(Proxy::new(upstreams.clone(), peer.ip()));
@@ -255,6 +310,11 @@ pub async fn start(
         shutdown_rx,
         move |tcp, peer, shutdown| {
             let service = ServiceBuilder::new()
+                .layer(AccessLogLayer::new(
+                    access_log.clone(),
+                    Listener::Http,
+                    peer.ip(),
+                ))
                 .layer(MetricsLayer(metrics.clone()))
                 .service(redirect.clone());
             server::serve(
@@ -273,6 +333,7 @@ pub async fn start(
         http = %http_addr,
         backends = cfg.backends.len(),
         tls_upstream = !cfg.plain_backends,
+        access_log = ?cfg.access_log,
         "load balancer listening"
     );
     Ok(LbHandle {

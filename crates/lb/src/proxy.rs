@@ -120,6 +120,12 @@ pub(crate) fn upstream_headers(mut headers: HeaderMap, uri: &Uri, client_ip: IpA
     headers
 }
 
+/// The name of the backend that answered, in the extensions of every response the proxy
+/// forwards (never on responses the load balancer generates itself, e.g. 502/503). The
+/// access log reads it; it is never sent to the client.
+#[derive(Debug, Clone)]
+pub(crate) struct ServedBy(pub(crate) Arc<str>);
+
 /// What every HTTPS connection shares: the backend set and the pooled client.
 pub(crate) struct Upstreams {
     pub(crate) balancer: Arc<Balancer>,
@@ -182,6 +188,7 @@ impl Proxy {
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    parts.extensions.insert(ServedBy(backend.name.clone()));
                     return Response::from_parts(parts, body.boxed_unsync());
                 }
                 Ok(Err(e)) if e.is_connect() && slot.untouched() => {

@@ -191,6 +191,10 @@ fn health() -> HealthCheck {
 }
 
 async fn setup(tls: bool) -> Setup {
+    setup_with(tls, None).await
+}
+
+async fn setup_with(tls: bool, access_log: Option<std::path::PathBuf>) -> Setup {
     let pki = TestPki::new(test_support::topology_in_block(91));
     let policy = Arc::new(Policy::compile(&pki.topology));
     let mut backends = Vec::new();
@@ -204,6 +208,7 @@ async fn setup(tls: bool) -> Setup {
     cfg.plain_backends = !tls;
     cfg.health = health();
     cfg.backends = backends.iter().map(TestBackend::backend).collect();
+    cfg.access_log = access_log;
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
     let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
@@ -473,4 +478,138 @@ async fn shutdown_closes_the_listeners() {
     })
     .await;
     let _ = &s.policy;
+}
+
+/// What one request should have left in the access log.
+struct Expected {
+    status: u16,
+    backend: String,
+    listener: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let s = setup_with(true, Some(path.clone())).await;
+    let mut expected = Vec::new();
+
+    for h2 in [false, true] {
+        let c = client(&s, h2);
+        for _ in 0..3 {
+            let resp = c.get(url(&s, "/api/messages?x=1")).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            expected.push(Expected {
+                status: 200,
+                backend: served_by(&resp),
+                listener: "https",
+            });
+        }
+    }
+    // A hostile User-Agent: a quote, a backslash, a tab and a byte outside ASCII.
+    let hostile = http::HeaderValue::from_bytes(b"evil\" agent\\\t\xff").unwrap();
+    let resp = client(&s, false)
+        .get(url(&s, "/hostile"))
+        .header("user-agent", hostile)
+        .header("referer", "https://ref.example/\"x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    expected.push(Expected {
+        status: 200,
+        backend: served_by(&resp),
+        listener: "https",
+    });
+
+    let plain = reqwest::Client::builder()
+        .resolve("www.foobar.com", s.lb.http_addr())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for i in 0..2 {
+        let resp = plain
+            .get(format!(
+                "http://www.foobar.com:{}/r/{i}",
+                s.lb.http_addr().port()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+        expected.push(Expected {
+            status: 301,
+            backend: "-".into(),
+            listener: "http",
+        });
+    }
+
+    // A request target with a quote, sent raw (clients percent-encode it).
+    let mut tcp = tokio::net::TcpStream::connect(s.lb.http_addr())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"GET /q\"\xc3\xa9 HTTP/1.1\r\nHost: www.foobar.com\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 301 "), "{answer:?}");
+    expected.push(Expected {
+        status: 301,
+        backend: "-".into(),
+        listener: "http",
+    });
+
+    let n = expected.len();
+    let text = eventually("one access log line per request", WAIT, || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        async move { (text.lines().count() >= n).then_some(text) }
+    })
+    .await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), n, "{text}");
+    // Each line is queued before its response is returned, so sequential requests are
+    // logged in order.
+    for (line, e) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(&format!("{CLIENT_IP} - - [")), "{line}");
+        let status = format!("\" {} ", e.status);
+        assert!(line.contains(&status), "{line}");
+        let tail = format!(" backend={} rt=", e.backend);
+        assert!(line.contains(&tail), "{line}");
+        assert!(
+            line.ends_with(&format!(" listener={}", e.listener)),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[0].contains("\"GET /api/messages?x=1 HTTP/1.1\""),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[3].contains("\"GET /api/messages?x=1 HTTP/2.0\""),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[6].contains(r#""https://ref.example/\"x" "evil\" agent\\\x09\xFF" backend="#),
+        "{}",
+        lines[6]
+    );
+    assert!(
+        lines[7].contains("\"GET /r/0 HTTP/1.1\" 301 "),
+        "{}",
+        lines[7]
+    );
+    let metrics = metrics_text(&s.registry);
+    assert!(
+        metrics.contains("rampart_lb_access_log_dropped_total 0"),
+        "{metrics}"
+    );
 }

@@ -1,0 +1,523 @@
+//! The access log: one line per request on either listener, written to a file by a
+//! dedicated thread so the request path never waits on disk.
+//!
+//! The line is nginx's `combined` format followed by what a load balancer operator needs:
+//!
+//! ```text
+//! 127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] "GET /api/messages?x=1 HTTP/2.0" 200 1234 "referer" "user-agent" backend=web-01 rt=0.0031 listener=https
+//! ```
+//!
+//! Every field the client controls (method, request target, `Referer`, `User-Agent`) is
+//! escaped like nginx's `escape=default`, except that `"` and `\` are written `\"` and `\\`:
+//! any other byte outside printable ASCII becomes `\xHH`, so one request is always exactly
+//! one line (nginx `ngx_http_log_module`, `log_format ... escape=`).
+//!
+//! The request path formats the line and hands it to a bounded channel without waiting;
+//! when the channel is full the line is dropped and counted in
+//! `rampart_lb_access_log_dropped_total`. One thread owns the file, writes through a buffer
+//! and flushes whenever the channel is momentarily empty.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, BufWriter, Write as _};
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
+use tower::{Layer, Service};
+
+use crate::proxy::ServedBy;
+
+/// Lines that may wait for the writer; past this the request path drops lines.
+const CHANNEL_LINES: usize = 16_384;
+
+/// Size of the writer's buffer, bytes.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Which listener a request arrived on (`listener=` in the line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// The HTTPS listener (proxied requests).
+    Https,
+    /// The HTTP listener (redirects only).
+    Http,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Https => "https",
+            Listener::Http => "http",
+        }
+    }
+}
+
+/// The sending side of the access log, shared by every connection of both listeners. The
+/// writer thread ends, after a last flush, once every clone is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct AccessLog(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    lines: mpsc::Sender<String>,
+    dropped: Counter,
+}
+
+/// Registers `rampart_lb_access_log_dropped` (a counter; `_total` is appended) in
+/// `registry`. It stays 0 when there is no access log.
+pub(crate) fn register_dropped(registry: &mut Registry) -> Counter {
+    let dropped = Counter::default();
+    registry.register(
+        "rampart_lb_access_log_dropped",
+        "Access log lines dropped because the writer fell behind",
+        dropped.clone(),
+    );
+    dropped
+}
+
+impl AccessLog {
+    /// Opens `path` for appending (created with mode 0644 before the umask when missing) and
+    /// starts the writer thread. Lines that cannot be queued are counted in `dropped`.
+    ///
+    /// Errors: the file cannot be opened (missing directory, permissions) or the thread
+    /// cannot be spawned.
+    pub(crate) async fn open(path: &Path, dropped: Counter) -> io::Result<AccessLog> {
+        let mut options = tokio::fs::OpenOptions::new();
+        options.create(true).append(true).mode(0o644);
+        let file = options.open(path).await?.into_std().await;
+        let (lines, rx) = mpsc::channel(CHANNEL_LINES);
+        let path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("lb-access-log".into())
+            .spawn(move || write_lines(file, &path, rx))?;
+        Ok(AccessLog(Arc::new(Shared { lines, dropped })))
+    }
+
+    /// Queues `line` (one line, ending in `\n`) without waiting; drops and counts it when
+    /// the writer is behind by [`CHANNEL_LINES`] lines.
+    fn send(&self, line: String) {
+        match self.0.lines.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.0.dropped.inc();
+            }
+            Err(TrySendError::Closed(_)) => {
+                // The writer only stops once every sender is gone; nothing to do.
+            }
+        }
+    }
+}
+
+/// The writer thread: appends every line, flushes when no line is waiting, stops (after a
+/// flush) when every sender is gone. A write error is logged once until writing succeeds
+/// again; the lines it hit are lost.
+fn write_lines(file: File, path: &Path, mut rx: mpsc::Receiver<String>) {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
+    let mut failing = false;
+    let mut report = |result: io::Result<()>| match result {
+        Ok(()) => failing = false,
+        Err(e) => {
+            if !failing {
+                tracing::warn!(path = %path.display(), error = %e, "access log write failed");
+            }
+            failing = true;
+        }
+    };
+    loop {
+        let line = match rx.try_recv() {
+            Ok(line) => line,
+            Err(TryRecvError::Empty) => {
+                report(out.flush());
+                match rx.blocking_recv() {
+                    Some(line) => line,
+                    None => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+        report(out.write_all(line.as_bytes()));
+    }
+    report(out.flush());
+}
+
+/// One request as the access log records it.
+#[derive(Debug)]
+pub(crate) struct Entry<'a> {
+    /// The client's address (the TCP peer).
+    pub(crate) client: IpAddr,
+    /// When the request arrived.
+    pub(crate) time: SystemTime,
+    pub(crate) method: &'a Method,
+    pub(crate) uri: &'a Uri,
+    pub(crate) version: Version,
+    pub(crate) status: StatusCode,
+    /// The response's declared body length, bytes.
+    pub(crate) body_bytes: Option<u64>,
+    pub(crate) referer: Option<&'a HeaderValue>,
+    pub(crate) user_agent: Option<&'a HeaderValue>,
+    /// The backend that answered; `None` for responses the load balancer made itself.
+    pub(crate) backend: Option<&'a str>,
+    /// From the request's arrival to the response headers.
+    pub(crate) response_time: Duration,
+    pub(crate) listener: Listener,
+}
+
+impl Entry<'_> {
+    /// The line, ending in `\n`.
+    pub(crate) fn line(&self) -> String {
+        let mut s = String::with_capacity(256);
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{} - - [", self.client);
+        push_time(&mut s, self.time);
+        s.push_str("] \"");
+        push_escaped(&mut s, self.method.as_str().as_bytes());
+        s.push(' ');
+        match self.uri.path_and_query() {
+            Some(pq) => push_escaped(&mut s, pq.as_str().as_bytes()),
+            None => push_escaped(&mut s, self.uri.to_string().as_bytes()),
+        }
+        s.push(' ');
+        s.push_str(version_str(self.version));
+        let _ = write!(s, "\" {} ", self.status.as_u16());
+        match self.body_bytes {
+            Some(n) => {
+                let _ = write!(s, "{n}");
+            }
+            None => s.push('-'),
+        }
+        s.push_str(" \"");
+        push_header(&mut s, self.referer);
+        s.push_str("\" \"");
+        push_header(&mut s, self.user_agent);
+        s.push_str("\" backend=");
+        s.push_str(self.backend.unwrap_or("-"));
+        let _ = write!(
+            s,
+            " rt={:.4} listener={}",
+            self.response_time.as_secs_f64(),
+            self.listener.as_str()
+        );
+        s.push('\n');
+        s
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+fn push_header(s: &mut String, value: Option<&HeaderValue>) {
+    match value {
+        Some(v) => push_escaped(s, v.as_bytes()),
+        None => s.push('-'),
+    }
+}
+
+/// Appends `bytes` with `"` → `\"`, `\` → `\\`, and every byte outside printable ASCII
+/// (below 0x20 or from 0x7f) → `\xHH` (upper-case hex, like nginx).
+pub(crate) fn push_escaped(s: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        match b {
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(char::from(b)),
+            _ => {
+                s.push_str("\\x");
+                s.push(char::from(HEX[usize::from(b >> 4)]));
+                s.push(char::from(HEX[usize::from(b & 0x0f)]));
+            }
+        }
+    }
+}
+
+/// Appends `time` in UTC in the shape of nginx's `$time_local`: `22/Nov/2026:03:40:01 +0000`.
+/// Times before 1970 are written as 1970-01-01.
+fn push_time(s: &mut String, time: SystemTime) {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (year, month, day) = civil_date(secs / 86_400);
+    let of_day = secs % 86_400;
+    let month = MONTHS
+        .get(usize::try_from(month - 1).unwrap_or(0))
+        .copied()
+        .unwrap_or("Jan");
+    let _ = write!(
+        s,
+        "{day:02}/{month}/{year}:{:02}:{:02}:{:02} +0000",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60
+    );
+}
+
+/// `(year, month 1–12, day 1–31)` of the proleptic Gregorian calendar for a count of days
+/// since 1970-01-01. The year is shifted to start on 1 March so the leap day is the last
+/// day of the shifted year; 400-year eras repeat exactly (146 097 days).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    // Days from 0000-03-01 to 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    // 1460, 36 524 and 146 096: the last days of the 4-, 100- and 400-year cycles, where
+    // the leap-day corrections change.
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months from March, each pair of 31+30 days spread as 153 days per 5 months.
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Writes one access log line per request of a listener; without an access log
+/// configured it passes requests through untouched.
+#[derive(Debug, Clone)]
+pub(crate) struct AccessLogLayer {
+    log: Option<AccessLog>,
+    listener: Listener,
+    client: IpAddr,
+}
+
+impl AccessLogLayer {
+    /// The layer for one connection from `client` on `listener`.
+    pub(crate) fn new(log: Option<AccessLog>, listener: Listener, client: IpAddr) -> Self {
+        AccessLogLayer {
+            log,
+            listener,
+            client,
+        }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLogged<S>;
+    fn layer(&self, inner: S) -> AccessLogged<S> {
+        AccessLogged {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`AccessLogLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct AccessLogged<S> {
+    inner: S,
+    layer: AccessLogLayer,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl<S, B, ResB> Service<Request<B>> for AccessLogged<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
+    S::Future: Send + 'static,
+    ResB: http_body::Body,
+{
+    type Response = Response<ResB>;
+    type Error = Infallible;
+    type Future = BoxFuture<Response<ResB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(log) = self.layer.log.clone() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let (listener, client) = (self.layer.listener, self.layer.client);
+        let started = Instant::now();
+        let time = SystemTime::now();
+        // Cheap clones (reference-counted bytes) taken before the request moves on.
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let version = req.version();
+        let referer = req.headers().get(header::REFERER).cloned();
+        let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let body_bytes = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .or_else(|| resp.body().size_hint().exact());
+            let entry = Entry {
+                client,
+                time,
+                method: &method,
+                uri: &uri,
+                version,
+                status: resp.status(),
+                body_bytes,
+                referer: referer.as_ref(),
+                user_agent: user_agent.as_ref(),
+                backend: resp.extensions().get::<ServedBy>().map(|s| &*s.0),
+                response_time: started.elapsed(),
+                listener,
+            };
+            log.send(entry.line());
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    fn escaped(bytes: &[u8]) -> String {
+        let mut s = String::new();
+        push_escaped(&mut s, bytes);
+        s
+    }
+
+    #[test]
+    fn escapes_quotes_backslashes_and_non_printable_bytes() {
+        assert_eq!(escaped(b"curl/8.5.0"), "curl/8.5.0");
+        assert_eq!(escaped(br#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escaped(b"line\r\nnext\t"), r"line\x0D\x0Anext\x09");
+        assert_eq!(escaped(b"\x00\x1f\x7f\x80\xff"), r"\x00\x1F\x7F\x80\xFF");
+        assert_eq!(escaped("é".as_bytes()), r"\xC3\xA9");
+        assert_eq!(escaped(b" ~"), " ~");
+        assert!(!escaped(&(0..=255).collect::<Vec<u8>>()).contains('\n'));
+    }
+
+    #[test]
+    fn formats_time_like_nginx_in_utc() {
+        let at = |secs| {
+            let mut s = String::new();
+            push_time(&mut s, UNIX_EPOCH + Duration::from_secs(secs));
+            s
+        };
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(at(951_868_799), "29/Feb/2000:23:59:59 +0000");
+        assert_eq!(at(951_868_800), "01/Mar/2000:00:00:00 +0000");
+        assert_eq!(at(1_795_318_801), "22/Nov/2026:03:40:01 +0000");
+        // 2100 is not a leap year.
+        assert_eq!(at(4_107_542_399), "28/Feb/2100:23:59:59 +0000");
+        assert_eq!(at(4_107_542_400), "01/Mar/2100:00:00:00 +0000");
+        assert_eq!(at(4_133_980_799), "31/Dec/2100:23:59:59 +0000");
+    }
+
+    #[test]
+    fn formats_a_combined_line_with_backend_rt_and_listener() {
+        let uri = Uri::from_static("https://www.foobar.com/api/messages?x=1");
+        let referer = HeaderValue::from_static("https://www.foobar.com/");
+        let agent = HeaderValue::from_static(r#"evil" agent\"#);
+        let entry = Entry {
+            client: "127.0.0.1".parse().unwrap(),
+            time: UNIX_EPOCH + Duration::from_secs(1_795_318_801),
+            method: &Method::GET,
+            uri: &uri,
+            version: Version::HTTP_2,
+            status: StatusCode::OK,
+            body_bytes: Some(1234),
+            referer: Some(&referer),
+            user_agent: Some(&agent),
+            backend: Some("web-01"),
+            response_time: Duration::from_micros(3100),
+            listener: Listener::Https,
+        };
+        assert_eq!(
+            entry.line(),
+            "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /api/messages?x=1 HTTP/2.0\" \
+             200 1234 \"https://www.foobar.com/\" \"evil\\\" agent\\\\\" backend=web-01 \
+             rt=0.0031 listener=https\n"
+        );
+        let redirect = Entry {
+            uri: &Uri::from_static("/a"),
+            version: Version::HTTP_11,
+            status: StatusCode::MOVED_PERMANENTLY,
+            body_bytes: None,
+            referer: None,
+            user_agent: None,
+            backend: None,
+            response_time: Duration::ZERO,
+            listener: Listener::Http,
+            ..entry
+        };
+        assert_eq!(
+            redirect.line(),
+            "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /a HTTP/1.1\" 301 - \"-\" \"-\" \
+             backend=- rt=0.0000 listener=http\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn layer_writes_one_line_per_request_with_the_serving_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let mut registry = Registry::default();
+        let log = AccessLog::open(&path, register_dropped(&mut registry))
+            .await
+            .unwrap();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(AccessLogLayer::new(Some(log), Listener::Https, client))
+            .service(service_fn(|_req: Request<()>| async {
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"hello")));
+                resp.extensions_mut().insert(ServedBy("web-02".into()));
+                Ok::<_, Infallible>(resp)
+            }));
+        let req = Request::builder()
+            .uri("/x?y=1")
+            .header("user-agent", "t")
+            .body(())
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // The layer and with it the last sender are gone: the writer flushes and ends.
+        let text = test_support::eventually("the access log line", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            async move { text.ends_with('\n').then_some(text) }
+        })
+        .await;
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("192.0.2.7 - - ["), "{text}");
+        assert!(
+            text.contains("\"GET /x?y=1 HTTP/1.1\" 200 5 \"-\" \"t\" backend=web-02 rt="),
+            "{text}"
+        );
+        assert!(text.ends_with(" listener=https\n"), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        // 0644 before the umask: never executable, never writable by group or others.
+        assert_eq!(mode & 0o133, 0, "{mode:o}");
+    }
+}
