@@ -27,7 +27,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -248,54 +248,18 @@ pub(crate) fn push_escaped(s: &mut String, bytes: &[u8]) {
     }
 }
 
-/// Appends `time` in UTC in the shape of nginx's `$time_local`: `22/Nov/2026:03:40:01 +0000`.
-/// Times before 1970 are written as 1970-01-01.
-fn push_time(s: &mut String, time: SystemTime) {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (year, month, day) = civil_date(secs / 86_400);
-    let of_day = secs % 86_400;
-    let month = MONTHS
-        .get(usize::try_from(month - 1).unwrap_or(0))
-        .copied()
-        .unwrap_or("Jan");
-    let _ = write!(
-        s,
-        "{day:02}/{month}/{year}:{:02}:{:02}:{:02} +0000",
-        of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60
-    );
-}
+/// nginx's `$time_local` shape, in UTC: `22/Nov/2026:03:40:01 +0000`.
+const TIME_FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
+);
 
-/// `(year, month 1–12, day 1–31)` of the proleptic Gregorian calendar for a count of days
-/// since 1970-01-01. The year is shifted to start on 1 March so the leap day is the last
-/// day of the shifted year; 400-year eras repeat exactly (146 097 days).
-fn civil_date(days: u64) -> (u64, u64, u64) {
-    // Days from 0000-03-01 to 1970-01-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    // 1460, 36 524 and 146 096: the last days of the 4-, 100- and 400-year cycles, where
-    // the leap-day corrections change.
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    // Months from March, each pair of 31+30 days spread as 153 days per 5 months.
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+/// Appends `at` in UTC in the shape of nginx's `$time_local`: `22/Nov/2026:03:40:01 +0000`.
+fn push_time(s: &mut String, at: SystemTime) {
+    match time::OffsetDateTime::from(at).format(TIME_FORMAT) {
+        Ok(text) => s.push_str(&text),
+        // Only years beyond 9999 fail to format.
+        Err(_) => s.push('-'),
+    }
 }
 
 /// Writes one access log line per request of a listener; without an access log
@@ -399,6 +363,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::Full;
+    use std::time::UNIX_EPOCH;
     use tower::{service_fn, ServiceBuilder, ServiceExt};
 
     fn escaped(bytes: &[u8]) -> String {
