@@ -301,23 +301,15 @@ pub(crate) async fn fetch_monitor(state: &StateDir, t: &Topology) -> Option<Moni
     let mon = t.monitor()?;
     let client = admin_client(state).ok()?;
     let base = format!("https://{}:{}/api/v1", mon.address, t.ports.ingest);
-    let get = |path: &str| client.get(format!("{base}/{path}")).send();
-    let qps: QpsReply = get("qps")
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    let alerts: AlertsReply = get("alerts")
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        client: &reqwest::Client,
+        url: String,
+    ) -> Option<T> {
+        let reply = client.get(url).send().await.ok()?.error_for_status().ok()?;
+        reply.json().await.ok()
+    }
+    let qps: QpsReply = get_json(&client, format!("{base}/qps")).await?;
+    let alerts: AlertsReply = get_json(&client, format!("{base}/alerts")).await?;
     Some(MonitorView {
         qps: qps
             .hosts
