@@ -31,8 +31,8 @@ pub mod store;
 pub use agent::{start_agent, AgentHandle};
 pub use serve::Peer;
 pub use service::{
-    app, start_monitor, MonitorHandle, MonitorState, ALERT_NAME, HISTORY_LEN, MAX_PUSH_BYTES,
-    STALE_AFTER_SECONDS,
+    app, start_monitor, MonitorHandle, MonitorState, QpsRange, RangeError, RangeQuery, ALERT_NAME,
+    HISTORY_LEN, MAX_PUSH_BYTES, STALE_AFTER_SECONDS,
 };
 
 /// The metric whose rate is a host's QPS (the metric contract shared by lb and web).

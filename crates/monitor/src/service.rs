@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -20,7 +21,7 @@ use topology::{AlertRule, Service};
 
 use crate::alert::{Alert, Event, State as AlertState};
 use crate::serve::{self, Peer};
-use crate::store::Store;
+use crate::store::{Rate, Store, RETENTION_SECONDS};
 use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
 
 /// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
@@ -74,6 +75,7 @@ impl Drop for MonitorHandle {
 ///
 /// Routes: `POST /api/v1/push` (agent hosts only; the body is an OpenMetrics/Prometheus
 /// text exposition of at most [`MAX_PUSH_BYTES`]), `GET /` (dashboard), `GET /api/v1/qps`,
+/// `GET /api/v1/qps_range?seconds=&step=` (see [`MonitorState::qps_range`]),
 /// `GET /api/v1/alerts`, `GET /api/v1/series?name=&host=` (admin only), `GET /healthz`
 /// (any verified client). Wrong identities get 403.
 ///
@@ -151,6 +153,81 @@ pub struct HostQps {
     pub stale: bool,
 }
 
+/// A validated `/api/v1/qps_range` query: the last `seconds`, one point every `step` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeQuery {
+    seconds: u64,
+    step: u64,
+}
+
+impl RangeQuery {
+    /// Seconds of history when the query names none: the dashboard's 5-minute chart.
+    pub const DEFAULT_SECONDS: u64 = 300;
+    /// Seconds between points when the query names none: one per agent push.
+    pub const DEFAULT_STEP_SECONDS: u64 = 1;
+    /// The longest range, seconds: the store's retention; older samples are gone.
+    pub const MAX_SECONDS: u64 = RETENTION_SECONDS as u64;
+    /// The longest step, seconds.
+    pub const MAX_STEP_SECONDS: u64 = 60;
+    /// The most points per host one query returns. The bounds on `seconds` and `step` keep
+    /// every valid query within it (at most `MAX_SECONDS + 1` points, checked at compile
+    /// time), so no query is refused for its point count alone.
+    pub const MAX_POINTS: u64 = 1_000;
+
+    /// `seconds` in `1..=MAX_SECONDS` and `step` in `1..=MAX_STEP_SECONDS`.
+    ///
+    /// Errors: [`RangeError::Seconds`] or [`RangeError::Step`] naming the value out of range.
+    pub fn new(seconds: u64, step: u64) -> Result<RangeQuery, RangeError> {
+        if !(1..=Self::MAX_SECONDS).contains(&seconds) {
+            return Err(RangeError::Seconds(seconds));
+        }
+        if !(1..=Self::MAX_STEP_SECONDS).contains(&step) {
+            return Err(RangeError::Step(step));
+        }
+        Ok(RangeQuery { seconds, step })
+    }
+
+    /// Points per host: `end`, `end - step`, ... back to `end - seconds`.
+    pub fn points(self) -> u64 {
+        self.seconds / self.step + 1
+    }
+}
+
+// The most points a valid query gets is `MAX_SECONDS + 1`, at a step of 1 s.
+const _: () = assert!(RangeQuery::MAX_SECONDS < RangeQuery::MAX_POINTS);
+
+/// Why a `/api/v1/qps_range` query was refused (`400 Bad Request` with `{"error": reason}`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// `seconds` outside `1..=`[`RangeQuery::MAX_SECONDS`].
+    #[error("seconds must be an integer from 1 to {max}, got {0}", max = RangeQuery::MAX_SECONDS)]
+    Seconds(u64),
+    /// `step` outside `1..=`[`RangeQuery::MAX_STEP_SECONDS`].
+    #[error("step must be an integer from 1 to {max}, got {0}", max = RangeQuery::MAX_STEP_SECONDS)]
+    Step(u64),
+    /// The query string did not parse (a parameter is not a non-negative integer).
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The `/api/v1/qps_range` document: each agent host's QPS at evenly spaced past times.
+#[derive(Debug, Clone, Serialize)]
+pub struct QpsRange {
+    /// The rule's rate window, seconds, as in `/api/v1/qps`: each point is the rate over
+    /// the `window_seconds` up to its time.
+    pub window_seconds: u64,
+    /// Seconds between points.
+    pub step_seconds: u64,
+    /// Unix seconds: `end` minus the requested range; no point is older.
+    pub start: f64,
+    /// Unix seconds: the time of the request, the newest point's time.
+    pub end: f64,
+    /// Per agent host, `[unix seconds, requests/s]` pairs, oldest first. Times where the
+    /// rate is unknown (fewer than two pushes in the window) are omitted, so a host that
+    /// never pushed has `[]`.
+    pub hosts: BTreeMap<String, Vec<[f64; 2]>>,
+}
+
 impl MonitorState {
     /// A service state for `rule` and the hosts allowed to push.
     pub fn new(rule: AlertRule, agent_hosts: Vec<String>) -> MonitorState {
@@ -194,8 +271,43 @@ impl MonitorState {
             .collect()
     }
 
+    /// The QPS of every agent host at `end`, `end - step`, ... not before `end - seconds`:
+    /// each point computed as [`MonitorState::qps`] would have at that time, from the
+    /// samples stored now (so at most [`RangeQuery::MAX_SECONDS`] back). The analogue of
+    /// Prometheus `query_range` for `sum by (host) (rate(rampart_http_requests_total[w]))`.
+    pub fn qps_range(&self, end: f64, q: RangeQuery) -> QpsRange {
+        let inner = self.lock();
+        let times: Vec<f64> = (0..q.points())
+            .rev()
+            .map(|k| end - (k * q.step) as f64)
+            .collect();
+        let hosts = self
+            .agent_hosts
+            .iter()
+            .map(|h| {
+                let points = times
+                    .iter()
+                    .filter_map(|&t| Some([t, self.rate_at(&inner.store, h, t)?.per_second]))
+                    .collect();
+                (h.clone(), points)
+            })
+            .collect();
+        QpsRange {
+            window_seconds: self.rule.window_seconds,
+            step_seconds: q.step,
+            start: end - q.seconds as f64,
+            end,
+            hosts,
+        }
+    }
+
+    /// The rate a host's QPS is: its requests counter over the rule's window up to `now`.
+    fn rate_at(&self, store: &Store, host: &str, now: f64) -> Option<Rate> {
+        store.rate(host, REQUESTS_METRIC, now, self.rule.window_seconds as f64)
+    }
+
     fn host_qps(&self, store: &Store, host: &str, now: f64) -> HostQps {
-        let rate = store.rate(host, REQUESTS_METRIC, now, self.rule.window_seconds as f64);
+        let rate = self.rate_at(store, host, now);
         let age = store.last_push(host).map(|t| (now - t).max(0.0));
         HostQps {
             qps: rate.map(|r| r.per_second),
@@ -307,6 +419,7 @@ pub fn app(state: Arc<MonitorState>) -> Router {
     let admin = Router::new()
         .route("/", get(dashboard))
         .route("/api/v1/qps", get(qps))
+        .route("/api/v1/qps_range", get(qps_range))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/series", get(series))
         .route_layer(middleware::from_fn(require_admin));
@@ -385,6 +498,44 @@ async fn qps(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
         "window_seconds": st.rule.window_seconds,
         "hosts": st.qps(unix_now()),
     }))
+}
+
+/// Query of `/api/v1/qps_range`; absent parameters take the [`RangeQuery`] defaults.
+#[derive(Debug, Deserialize)]
+struct RangeParams {
+    seconds: Option<u64>,
+    step: Option<u64>,
+}
+
+/// `GET /api/v1/qps_range?seconds=300&step=1` (admin only): the last `seconds` of each
+/// agent host's QPS, one point every `step` seconds, ending now; see
+/// [`MonitorState::qps_range`].
+///
+/// `200` with `{"window_seconds": rule window s, "step_seconds": s, "start": unix s,
+/// "end": unix s, "hosts": {"lb-01": [[unix s, requests/s], ...], ...}}` ([`QpsRange`]).
+/// `seconds` is `1..=900` (default 300), `step` `1..=60` (default 1), so at most 901 points
+/// per host; otherwise, or when a parameter is not an integer, `400` with
+/// `{"error": reason}`. Other parameters are ignored.
+async fn qps_range(
+    State(st): State<Arc<MonitorState>>,
+    params: Result<Query<RangeParams>, QueryRejection>,
+) -> Response {
+    let q = params
+        .map_err(|e| RangeError::Malformed(e.body_text()))
+        .and_then(|Query(p)| {
+            RangeQuery::new(
+                p.seconds.unwrap_or(RangeQuery::DEFAULT_SECONDS),
+                p.step.unwrap_or(RangeQuery::DEFAULT_STEP_SECONDS),
+            )
+        });
+    match q {
+        Ok(q) => Json(st.qps_range(unix_now(), q)).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
 }
 
 async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
@@ -493,6 +644,7 @@ mod tests {
         for path in [
             "/",
             "/api/v1/qps",
+            "/api/v1/qps_range",
             "/api/v1/alerts",
             "/api/v1/series?name=x",
         ] {
@@ -509,6 +661,125 @@ mod tests {
             status(&st, req("GET", "/healthz", lb, "")).await,
             StatusCode::OK
         );
+    }
+
+    /// lb-01 pushes every second from `T0` to `T0 + 60`: 2 requests/s until `T0 + 30`,
+    /// then 10 requests/s. The rule's window is 4 s.
+    const T0: f64 = 1_000.0;
+
+    fn state_with_a_rate_change() -> Arc<MonitorState> {
+        let st = state();
+        let mut count = 0.0;
+        for i in 0..=60 {
+            if i > 0 {
+                count += if i <= 30 { 2.0 } else { 10.0 };
+            }
+            let body = format!("rampart_http_requests_total{{code=\"2xx\"}} {count}\n");
+            st.ingest("lb-01", T0 + f64::from(i), &body).unwrap();
+        }
+        st
+    }
+
+    #[test]
+    fn qps_range_follows_the_counter_and_omits_unknown_points() {
+        let st = state_with_a_rate_change();
+        let end = T0 + 60.0;
+        // 90 s back: the first 31 times are before lb-01's second push.
+        let r = st.qps_range(end, RangeQuery::new(90, 1).unwrap());
+        assert_eq!((r.window_seconds, r.step_seconds), (4, 1));
+        assert_eq!((r.start, r.end), (T0 - 30.0, end));
+        let lb = &r.hosts["lb-01"];
+        let times: Vec<f64> = lb.iter().map(|p| p[0]).collect();
+        let want: Vec<f64> = (1..=60).map(|i| T0 + f64::from(i)).collect();
+        assert_eq!(times, want, "one point per second from the second push on");
+        for &[t, qps] in lb {
+            let expected = if t <= T0 + 30.0 {
+                2.0
+            } else if t >= T0 + 34.0 {
+                10.0
+            } else {
+                // the window straddles the change
+                continue;
+            };
+            assert!((qps - expected).abs() < 1e-9, "qps {qps} at {t}");
+        }
+        let [_, ramp] = lb[31];
+        assert!(ramp > 2.0 && ramp < 10.0, "{ramp}");
+        // the newest point is what /api/v1/qps reports at the same time
+        assert_eq!(Some(lb[59][1]), st.qps(end)["lb-01"].qps);
+        // web-01 never pushed: no points, not zeros
+        assert!(r.hosts["web-01"].is_empty());
+
+        // every 5 s: end, end - 5, ... end - 60 = T0, where one push is too few
+        let r = st.qps_range(end, RangeQuery::new(60, 5).unwrap());
+        let times: Vec<f64> = r.hosts["lb-01"].iter().map(|p| p[0]).collect();
+        let want: Vec<f64> = (1..=12).map(|i| T0 + f64::from(5 * i)).collect();
+        assert_eq!(times, want);
+
+        let doc = serde_json::to_value(&r).unwrap();
+        assert_eq!(doc["step_seconds"], 5);
+        assert_eq!(doc["hosts"]["lb-01"][11], json!([end, 10.0]));
+        assert_eq!(doc["hosts"]["web-01"], json!([]));
+    }
+
+    #[test]
+    fn qps_range_parameters_are_bounded() {
+        assert_eq!(RangeQuery::new(0, 1), Err(RangeError::Seconds(0)));
+        assert_eq!(RangeQuery::new(901, 1), Err(RangeError::Seconds(901)));
+        assert_eq!(RangeQuery::new(300, 0), Err(RangeError::Step(0)));
+        assert_eq!(RangeQuery::new(300, 61), Err(RangeError::Step(61)));
+        assert_eq!(RangeQuery::new(1, 60).unwrap().points(), 1);
+        let widest = RangeQuery::new(RangeQuery::MAX_SECONDS, 1).unwrap();
+        assert_eq!(widest.points(), 901);
+        assert!(widest.points() <= RangeQuery::MAX_POINTS);
+        let st = state_with_a_rate_change();
+        let r = st.qps_range(T0 + 60.0, widest);
+        assert_eq!(r.hosts["lb-01"].len(), 60);
+    }
+
+    #[tokio::test]
+    async fn qps_range_route_validates_and_is_admin_only() {
+        let st = state_with_a_rate_change();
+        let get = |uri: &str, who: Option<Identity>| {
+            let (st, r) = (st.clone(), req("GET", uri, who, ""));
+            async move {
+                let resp = app(st).oneshot(r).await.unwrap();
+                let code = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).ok(),
+                )
+            }
+        };
+        let admin = Some(Identity::Admin);
+        // The store's samples are at T0..T0+60, long before the request's clock: no points.
+        let (code, doc) = get("/api/v1/qps_range", admin.clone()).await;
+        assert_eq!(code, StatusCode::OK);
+        let doc = doc.unwrap();
+        assert_eq!(doc["window_seconds"], 4);
+        assert_eq!(doc["step_seconds"], RangeQuery::DEFAULT_STEP_SECONDS);
+        let span = doc["end"].as_f64().unwrap() - doc["start"].as_f64().unwrap();
+        assert_eq!(span, RangeQuery::DEFAULT_SECONDS as f64);
+        assert_eq!(doc["hosts"]["lb-01"], json!([]));
+        for (query, needle) in [
+            ("seconds=0", "seconds must be"),
+            ("seconds=901&step=1", "seconds must be"),
+            ("step=61", "step must be"),
+            ("step=0", "step must be"),
+            ("seconds=abc", "seconds"),
+            ("seconds=-5", "seconds"),
+            ("seconds=1.5", "seconds"),
+        ] {
+            let (code, doc) = get(&format!("/api/v1/qps_range?{query}"), admin.clone()).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{query}");
+            let reason = doc.as_ref().and_then(|d| d["error"].as_str()).unwrap_or("");
+            assert!(reason.contains(needle), "{query}: {doc:?}");
+        }
+        for who in [Some(Identity::Host("lb-01".into())), None] {
+            let (code, _) = get("/api/v1/qps_range?seconds=60", who).await;
+            assert_eq!(code, StatusCode::FORBIDDEN);
+        }
     }
 
     #[test]

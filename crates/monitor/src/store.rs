@@ -59,10 +59,11 @@ impl Ring {
         self.points.iter().copied()
     }
 
-    /// Points with `t >= since`, oldest first.
-    fn since(&self, since: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
+    /// Points with `since <= t <= until`, oldest first.
+    fn between(&self, since: f64, until: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
         let start = self.points.partition_point(|&(t, _)| t < since);
-        self.points.range(start..).copied()
+        let end = self.points.partition_point(|&(t, _)| t <= until).max(start);
+        self.points.range(start..end).copied()
     }
 
     fn last_time(&self) -> Option<f64> {
@@ -149,7 +150,9 @@ impl Store {
     }
 
     /// The per-second rate of the sum of `host`'s counters named `name` over the `window`
-    /// seconds before `now`, Prometheus `sum(rate(name[window]))` without extrapolation:
+    /// seconds up to `now` (samples received in `[now - window, now]`, so an earlier `now`
+    /// evaluates the rate as it was then), Prometheus `sum(rate(name[window]))` without
+    /// extrapolation:
     /// each series' increase between the pushes inside the window (a decrease means the
     /// counter restarted from zero), summed, divided by the time between the first and the
     /// last push inside the window. A host that pushed but has no such series has rate 0.
@@ -158,7 +161,7 @@ impl Store {
     pub fn rate(&self, host: &str, name: &str, now: f64, window: f64) -> Option<Rate> {
         let h = self.hosts.get(host)?;
         let since = now - window;
-        let mut pushes = h.pushes.since(since);
+        let mut pushes = h.pushes.between(since, now);
         let first = pushes.next()?.0;
         let last = pushes.last()?.0;
         let span = last - first;
@@ -169,7 +172,7 @@ impl Store {
             .series
             .iter()
             .filter(|((n, _), _)| n == name)
-            .map(|(_, ring)| increase(ring.since(since)))
+            .map(|(_, ring)| increase(ring.between(since, now)))
             // Folded from +0.0: an empty `Sum` of f64 is -0.0, which would print as "-0".
             .fold(0.0, |acc, x| acc + x);
         Some(Rate {
@@ -285,6 +288,29 @@ mod tests {
         let r = s.rate("lb-01", REQ, 7.0, 10.0).unwrap();
         assert_eq!(r.span_seconds, 7.0);
         assert!((r.per_second - 5.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn rate_at_an_earlier_time_ignores_later_samples() {
+        let mut s = Store::new();
+        // 2/s up to t=10, then 20/s
+        for t in 0..=20 {
+            let v = if t <= 10 { 2 * t } else { 20 + 20 * (t - 10) };
+            s.ingest(
+                "lb-01",
+                f64::from(t),
+                vec![sample(REQ, "2xx", f64::from(v))],
+            )
+            .unwrap();
+        }
+        let then = s.rate("lb-01", REQ, 10.0, 5.0).unwrap();
+        assert_eq!(then.span_seconds, 5.0);
+        assert!((then.per_second - 2.0).abs() < 1e-9, "{then:?}");
+        let now = s.rate("lb-01", REQ, 20.0, 5.0).unwrap();
+        assert!((now.per_second - 20.0).abs() < 1e-9, "{now:?}");
+        // before the first push there is nothing to compute a rate from
+        assert_eq!(s.rate("lb-01", REQ, -1.0, 5.0), None);
+        assert_eq!(s.rate("lb-01", REQ, 0.5, 5.0), None);
     }
 
     #[test]

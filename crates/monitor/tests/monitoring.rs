@@ -1,5 +1,6 @@
 //! The agent and the monitoring service started in-process on 127.94.0.0/24 with a real PKI:
-//! pushes arrive and become QPS, identities are enforced, the QPS alert fires and resolves.
+//! pushes arrive and become QPS (now and as history), identities are enforced, the QPS alert
+//! fires and resolves.
 
 #![allow(clippy::unwrap_used)]
 
@@ -135,6 +136,23 @@ async fn pushes_become_qps_and_identities_are_enforced() {
     assert_eq!(doc["hosts"]["web-01"]["stale"], true);
     assert!(doc["hosts"]["web-01"]["last_push_age_seconds"].is_null());
 
+    // The same rate as history: lb-01's recent points, one a second; none for web-01.
+    let range_url = lab.url("/api/v1/qps_range?seconds=60&step=1");
+    let range = eventually("lb-01 with qps > 0 in /api/v1/qps_range", WAIT, || async {
+        let doc = get_json(&admin, &range_url).await?;
+        let points = doc["hosts"]["lb-01"].as_array()?;
+        let busy = points
+            .iter()
+            .any(|p| p[1].as_f64().is_some_and(|q| q > 0.0));
+        busy.then_some(doc)
+    })
+    .await;
+    assert_eq!(range["window_seconds"], 10);
+    assert_eq!(range["step_seconds"], 1);
+    assert_eq!(range["hosts"]["web-01"], serde_json::json!([]));
+    let too_long = admin.get(lab.url("/api/v1/qps_range?seconds=901"));
+    assert_eq!(status(too_long).await, 400);
+
     // Samples are stored under the pushing certificate's host.
     let series_url = lab.url("/api/v1/series?name=rampart_http_requests_total&host=lb-01");
     let series = get_json(&admin, &series_url).await.unwrap();
@@ -152,6 +170,7 @@ async fn pushes_become_qps_and_identities_are_enforced() {
     // ...and agent hosts may not read.
     let lb = lab.client(Identity::Host("lb-01".into()), "127.94.0.10");
     assert_eq!(status(lb.get(&qps_url)).await, 403);
+    assert_eq!(status(lb.get(&range_url)).await, 403);
     assert_eq!(status(lb.get(lab.url("/"))).await, 403);
     // A push from an agent host is validated and size-capped.
     assert_eq!(status(lb.post(&push).body("not metrics\n")).await, 400);
@@ -165,7 +184,7 @@ async fn pushes_become_qps_and_identities_are_enforced() {
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/html"), "{ct}");
     let html = r.text().await.unwrap();
-    assert!(html.contains("/api/v1/qps") && html.contains("<canvas"));
+    assert!(html.contains("/api/v1/qps_range") && html.contains("<canvas"));
 
     // The agent's /metrics: OpenMetrics text for the admin, with host and firewall metrics.
     let metrics_url = format!("https://lb-01:{}/metrics", lab.agent.addr().port());
