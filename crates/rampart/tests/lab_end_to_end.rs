@@ -37,12 +37,62 @@ fn status_json(state: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("status --json is one JSON object")
 }
 
-/// Stops the lab even when an assertion fails half-way.
-struct Teardown<'a>(&'a Path);
-impl Drop for Teardown<'_> {
-    fn drop(&mut self) {
-        let _ = rampart(self.0, &["down"]);
+/// A lab of the test's own: a temporary state directory and topology file. Dropping it
+/// runs `rampart down`, so the lab stops even when an assertion fails half-way.
+struct Lab {
+    tmp: tempfile::TempDir,
+    state: std::path::PathBuf,
+    topo_path: std::path::PathBuf,
+}
+
+impl Lab {
+    /// Writes `topology` and runs `rampart up -d -f` on it; returns the lab and up's output.
+    fn up(topology: String) -> (Lab, std::process::Output) {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let topo_path = tmp.path().join("rampart.toml");
+        std::fs::write(&topo_path, topology).unwrap();
+        let lab = Lab {
+            tmp,
+            state,
+            topo_path,
+        };
+        let out = lab.run_up(&lab.topo_path);
+        (lab, out)
     }
+
+    /// `rampart up -d -f FILE` on this lab's state directory.
+    fn run_up(&self, file: &Path) -> std::process::Output {
+        rampart(&self.state, &["up", "-d", "-f", file.to_str().unwrap()])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = rampart(&self.state, &["down"]);
+    }
+}
+
+/// The host named `name` in a `status --json` object.
+fn host(status: &Value, name: &str) -> Value {
+    status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {status}"))
+        .clone()
+}
+
+/// A client for the site through lb-01 as `status` describes it, trusting only the lab's CA.
+fn lb_client(status: &Value) -> reqwest::Client {
+    let lb = host(status, "lb-01");
+    let addr = SocketAddr::new(
+        lb["address"].as_str().unwrap().parse().unwrap(),
+        lb["ports"]["https"].as_u64().unwrap() as u16,
+    );
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    site_client(&ca, "www.foobar.com", addr)
 }
 
 fn site_client(ca_pem: &[u8], domain: &str, lb: SocketAddr) -> reqwest::Client {
@@ -96,18 +146,13 @@ fn processes_mentioning(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let topo_path = tmp.path().join("rampart.toml");
-    let topo = topology::DEFAULT_TOML.replace("127.80.0.", "127.96.0.");
-    std::fs::write(&topo_path, topo).unwrap();
     let have_mariadb = test_support::have_binary("mariadbd");
     if !have_mariadb {
         test_support::skip("mariadbd is not installed: the data tier runs on SQLite and replica reads are not checked");
     }
 
-    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
-    let _teardown = Teardown(&state);
+    let (lab, out) = Lab::up(topology::DEFAULT_TOML.replace("127.80.0.", "127.96.0."));
+    let state = lab.state.clone();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -150,7 +195,6 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         assert!(h["netns"].is_null());
         assert_eq!(h["healthy"], true, "{h}");
     }
-    let host = |name: &str| hosts.iter().find(|h| h["name"] == name).unwrap().clone();
     assert_eq!(
         status["db"]["engine"],
         if have_mariadb { "mariadb" } else { "sqlite" }
@@ -167,11 +211,13 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     }
 
     // 2. The site over TLS verified against the generated CA, SNI www.foobar.com.
-    let https_port = host("lb-01")["ports"]["https"].as_u64().unwrap() as u16;
-    let http_port = host("lb-01")["ports"]["http"].as_u64().unwrap() as u16;
-    let lb_ip: std::net::IpAddr = host("lb-01")["address"].as_str().unwrap().parse().unwrap();
-    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
-    let client = site_client(&ca, "www.foobar.com", SocketAddr::new(lb_ip, https_port));
+    let http_port = host(&status, "lb-01")["ports"]["http"].as_u64().unwrap() as u16;
+    let lb_ip: std::net::IpAddr = host(&status, "lb-01")["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client = lb_client(&status);
     let base = status["endpoints"]["https"]
         .as_str()
         .unwrap()
@@ -286,8 +332,12 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     }
 
     // 5. web-01's web port refuses sources other than lb-01.
-    let web01_ip: std::net::IpAddr = host("web-01")["address"].as_str().unwrap().parse().unwrap();
-    let web_port = host("web-01")["ports"]["web"].as_u64().unwrap() as u16;
+    let web01_ip: std::net::IpAddr = host(&status, "web-01")["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let web_port = host(&status, "web-01")["ports"]["web"].as_u64().unwrap() as u16;
     let web01 = SocketAddr::new(web01_ip, web_port);
     for source in ["127.0.0.1", "127.96.0.12"] {
         let sock =
@@ -313,7 +363,7 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     }
 
     // 4. kill -9 web-01's node: within 5 s every request succeeds through web-02.
-    let web01_pid = host("web-01")["pid"].as_u64().unwrap() as i32;
+    let web01_pid = host(&status, "web-01")["pid"].as_u64().unwrap() as i32;
     let killed = Command::new("kill")
         .args(["-9", &web01_pid.to_string()])
         .status()
@@ -338,15 +388,7 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     // status reports the dead node, and the monitor still gives the others' QPS (web-01's
     // pushes have stopped: its QPS is unknown, not zero).
     let after = status_json(&state);
-    let after_host = |name: &str| {
-        after["hosts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h["name"] == name)
-            .unwrap()
-            .clone()
-    };
+    let after_host = |name: &str| host(&after, name);
     assert_eq!(after_host("web-01")["healthy"], false, "{after}");
     assert!(after_host("web-01")["pid"].is_null(), "{after}");
     // web-02's node runs; its replica has lost the primary (web-01's relay died with the
@@ -356,7 +398,7 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     assert!(after_host("web-01")["qps"].is_null(), "{after}");
 
     // `up` again starts only what is missing: web-01 comes back, its primary takes writes.
-    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
+    let out = lab.run_up(&lab.topo_path);
     assert!(
         out.status.success(),
         "up after the kill: {}",
@@ -366,12 +408,7 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
     for h in again["hosts"].as_array().unwrap() {
         assert_eq!(h["healthy"], true, "{h}");
     }
-    let back = again["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "web-01")
-        .unwrap();
+    let back = host(&again, "web-01");
     assert_ne!(back["pid"].as_u64(), Some(web01_pid as u64));
     let r = client
         .post(format!("{base}/api/messages"))
@@ -391,13 +428,13 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         "both web servers answer again: {served_by:?}"
     );
     // A different topology on top of the running lab is refused.
-    let other = tmp.path().join("other.toml");
+    let other = lab.tmp.path().join("other.toml");
     std::fs::write(
         &other,
         topology::DEFAULT_TOML.replace("127.80.0.", "127.96.1."),
     )
     .unwrap();
-    let out = rampart(&state, &["up", "-d", "-f", other.to_str().unwrap()]);
+    let out = lab.run_up(&other);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("different topology"));
 
@@ -467,34 +504,25 @@ async fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let topo_path = tmp.path().join("rampart.toml");
     // A low threshold so a modest, bounded load crosses it: the load balancer sees all of
-    // it (40 req/s > 20), each web server half (20 req/s, not above).
+    // it (40 req/s > 30), each web server half (20 req/s, not above).
     let topo = topology::DEFAULT_TOML
         .replace("127.80.0.", "127.97.0.")
         .replace("threshold_rps = 100.0", "threshold_rps = 30.0")
         .replace("for_seconds = 10", "for_seconds = 3")
         .replace("clear_rps = 80.0", "clear_rps = 10.0")
         .replace("window_seconds = 10", "window_seconds = 5");
-    std::fs::write(&topo_path, topo).unwrap();
-    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
-    let _teardown = Teardown(&state);
+    let (lab, out) = Lab::up(topo);
+    let state = lab.state.clone();
     assert!(
         out.status.success(),
         "up failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let status = status_json(&state);
-    let lb = &status["hosts"][0];
-    assert_eq!(lb["name"], "lb-01");
-    let lb_addr = SocketAddr::new(
-        lb["address"].as_str().unwrap().parse().unwrap(),
-        lb["ports"]["https"].as_u64().unwrap() as u16,
-    );
+    assert_eq!(status["hosts"][0]["name"], "lb-01", "hosts in topology order");
     let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
-    let site = site_client(&ca, "www.foobar.com", lb_addr);
+    let site = lb_client(&status);
     let url = status["endpoints"]["https"].as_str().unwrap().to_string();
     let admin = admin_client(&status);
     let api = status["endpoints"]["monitor_api"]
@@ -527,7 +555,6 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
         "no client certificate, no dashboard"
     );
 
-    // 40 req/s for 8 s: the 5 s rate window is full of it.
     // 40 req/s for 8 s: the 5 s rate window is full of it. The reference is the rate the
     // load really achieved (a busy machine may fall short of 40).
     let (answered, took) = load(&site, &url, 40, Duration::from_secs(8), Arc::default()).await;
@@ -535,12 +562,7 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
     let rate = f64::from(answered) / took.as_secs_f64();
     let status = status_json(&state);
     let qps = |name: &str| {
-        status["hosts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h["name"] == name)
-            .unwrap()["qps"]
+        host(&status, name)["qps"]
             .as_f64()
             .unwrap_or_else(|| panic!("{name} has no qps: {status}"))
     };
@@ -646,15 +668,11 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_mariadb_the_guestbook_runs_on_sqlite_with_a_warning() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let topo_path = tmp.path().join("rampart.toml");
     let topo = topology::DEFAULT_TOML
         .replace("127.80.0.", "127.95.0.")
         .replace("engine = \"auto\"", "engine = \"sqlite\"");
-    std::fs::write(&topo_path, topo).unwrap();
-    let out = rampart(&state, &["up", "-d", "-f", topo_path.to_str().unwrap()]);
-    let _teardown = Teardown(&state);
+    let (lab, out) = Lab::up(topo);
+    let state = lab.state.clone();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -676,13 +694,7 @@ async fn without_mariadb_the_guestbook_runs_on_sqlite_with_a_warning() {
     let table = String::from_utf8_lossy(&rampart(&state, &["status"]).stdout).to_string();
     assert!(table.contains("WARNING"), "status warns:\n{table}");
 
-    let lb = &status["hosts"][0];
-    let lb_addr = SocketAddr::new(
-        lb["address"].as_str().unwrap().parse().unwrap(),
-        lb["ports"]["https"].as_u64().unwrap() as u16,
-    );
-    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
-    let client = site_client(&ca, "www.foobar.com", lb_addr);
+    let client = lb_client(&status);
     let base = status["endpoints"]["https"]
         .as_str()
         .unwrap()
