@@ -520,7 +520,10 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
         String::from_utf8_lossy(&out.stderr)
     );
     let status = status_json(&state);
-    assert_eq!(status["hosts"][0]["name"], "lb-01", "hosts in topology order");
+    assert_eq!(
+        status["hosts"][0]["name"], "lb-01",
+        "hosts in topology order"
+    );
     let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
     let site = lb_client(&status);
     let url = status["endpoints"]["https"].as_str().unwrap().to_string();
