@@ -242,6 +242,16 @@ fn client(s: &Setup, h2: bool) -> reqwest::Client {
     b.build().unwrap()
 }
 
+/// A client for the plain HTTP listener that does not follow redirects.
+fn http_client(s: &Setup) -> reqwest::Client {
+    reqwest::Client::builder()
+        .resolve("www.foobar.com", s.lb.http_addr())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
 fn url(s: &Setup, path: &str) -> String {
     format!("https://www.foobar.com:{}{path}", s.lb.https_addr().port())
 }
@@ -334,12 +344,7 @@ async fn http2_request_is_forwarded_as_http11_with_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_listener_redirects_to_https() {
     let s = setup(true).await;
-    let c = reqwest::Client::builder()
-        .resolve("www.foobar.com", s.lb.http_addr())
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = http_client(&s);
     let http_port = s.lb.http_addr().port();
     let resp = c
         .get(format!("http://www.foobar.com:{http_port}/a/b?c=d"))
@@ -363,12 +368,7 @@ async fn http_listener_redirects_to_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_gets_431() {
     let s = setup(true).await;
-    let c = reqwest::Client::builder()
-        .resolve("www.foobar.com", s.lb.http_addr())
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = http_client(&s);
     let url = format!("http://www.foobar.com:{}/", s.lb.http_addr().port());
     let fits = c
         .get(&url)
@@ -522,12 +522,7 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
         listener: "https",
     });
 
-    let plain = reqwest::Client::builder()
-        .resolve("www.foobar.com", s.lb.http_addr())
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let plain = http_client(&s);
     for i in 0..2 {
         let resp = plain
             .get(format!(
