@@ -68,14 +68,9 @@ pub enum PkiError {
     Verifier(String),
 }
 
-/// Who a verified peer certificate belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Identity {
-    /// A topology host (its node process), e.g. `Host("lb-01")`.
-    Host(String),
-    /// The operator's admin client certificate.
-    Admin,
-}
+/// Who a verified peer certificate belongs to (defined with the policy that names who may
+/// call what).
+pub use topology::Identity;
 
 /// Paths of every PEM file under a PKI directory (normally `<state_dir>/pki`).
 #[derive(Debug, Clone)]

@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod limits;
 mod model;
 mod policy;
 mod raw;
 
 pub use error::ConfigError;
+pub use limits::{BalancerLimits, Limits, ListenerLimits};
 pub use model::{
     AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site, Topology, DEFAULT_TOML,
 };
-pub use policy::{Policy, Rule, Service, Sources};
+pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

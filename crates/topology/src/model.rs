@@ -222,6 +222,10 @@ pub struct Topology {
     /// `/metrics`) besides the hosts that need them. Default `127.0.0.1/32` (the operator's
     /// shell on this machine).
     pub operator_sources: Vec<IpNet>,
+    /// Timeouts and connection caps of every listener (`[limits]`, `[limits.<service>]`).
+    pub limits: crate::Limits,
+    /// The load balancer's per-backend queueing and buffering (`[balancer]`).
+    pub balancer: crate::BalancerLimits,
     /// Hosts, in file order.
     pub hosts: Vec<Host>,
 }
@@ -278,6 +282,8 @@ impl Topology {
             alerts: AlertsOut<'a>,
             database: &'a Database,
             firewall: FirewallOut,
+            limits: &'a crate::Limits,
+            balancer: &'a crate::BalancerLimits,
             hosts: &'a [Host],
         }
         let out = Out {
@@ -295,6 +301,8 @@ impl Topology {
                     .map(|n| n.to_string())
                     .collect(),
             },
+            limits: &self.limits,
+            balancer: &self.balancer,
             hosts: &self.hosts,
         };
         toml::to_string(&out).unwrap_or_else(|e| panic!("topology serializes: {e}"))
@@ -526,7 +534,38 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         operator_sources.push(net);
     }
 
+    let limits = crate::limits::validate_limits(raw.limits.gather(), file)?;
+    let balancer = crate::limits::validate_balancer(raw.balancer, file)?;
     let hosts = validate_hosts(raw.hosts, file)?;
+    let web = limits.listener(crate::Service::Web);
+    if balancer.upstream_idle_timeout_ms >= web.idle_timeout_ms {
+        return Err(err(
+            file,
+            "balancer.upstream_idle_timeout_ms",
+            format!(
+                "{} ms is not below the web listeners' idle_timeout_ms ({} ms): the load \
+                 balancer would reuse connections the web servers are closing",
+                balancer.upstream_idle_timeout_ms, web.idle_timeout_ms
+            ),
+            "lower balancer.upstream_idle_timeout_ms or raise limits.web.idle_timeout_ms",
+        ));
+    }
+    let lbs = hosts.iter().filter(|h| h.has(Role::Lb)).count() as u64;
+    // Each load balancer keeps a few connection slots of every backend free for its
+    // health checks.
+    let needed = lbs * (u64::from(balancer.backend_max_connections) + HEALTH_CHECK_SLOTS);
+    if needed > u64::from(web.max_connections) {
+        return Err(err(
+            file,
+            "balancer.backend_max_connections",
+            format!(
+                "{lbs} load balancer(s) × ({} + {HEALTH_CHECK_SLOTS} for health checks) \
+                 exceeds the web listeners' max_connections ({})",
+                balancer.backend_max_connections, web.max_connections
+            ),
+            "lower balancer.backend_max_connections or raise limits.web.max_connections",
+        ));
+    }
     Ok(Topology {
         site,
         ports,
@@ -534,9 +573,15 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         qps_alert,
         database,
         operator_sources,
+        limits,
+        balancer,
         hosts,
     })
 }
+
+/// Connection slots of each backend that every load balancer leaves to its health checks
+/// (see `balancer.backend_max_connections`).
+pub const HEALTH_CHECK_SLOTS: u64 = 4;
 
 fn validate_hosts(raw: Vec<RawHost>, file: &str) -> Result<Vec<Host>, ConfigError> {
     if raw.is_empty() {

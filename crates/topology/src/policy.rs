@@ -28,6 +28,9 @@ pub enum Service {
     Mysql,
     /// The monitoring service's listener (push ingest, dashboard, API).
     Ingest,
+    /// Loopback mode only: a replica host's replication egress, the local TCP port its own
+    /// `mariadbd` connects to so that replication leaves from the host's address.
+    MysqlEgress,
 }
 
 impl Service {
@@ -40,7 +43,28 @@ impl Service {
             Service::Agent => "agent",
             Service::Mysql => "mysql",
             Service::Ingest => "ingest",
+            Service::MysqlEgress => "mysql_egress",
         }
+    }
+}
+
+impl Service {
+    /// Every service, in the order `rampart check` and the limits tables list them.
+    pub const ALL: [Service; 7] = [
+        Service::Https,
+        Service::Http,
+        Service::Web,
+        Service::Agent,
+        Service::Mysql,
+        Service::Ingest,
+        Service::MysqlEgress,
+    ];
+}
+
+impl std::str::FromStr for Service {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Service::ALL.into_iter().find(|v| v.as_str() == s).ok_or(())
     }
 }
 
@@ -74,6 +98,55 @@ impl Sources {
     }
 }
 
+/// Who a verified peer certificate belongs to: the identity carried in a certificate of the
+/// lab's CA (`rampart://host/<name>` or `rampart://operator/admin` URI SAN, see `pki`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Identity {
+    /// A topology host (its node process), e.g. `Host("lb-01")`.
+    Host(String),
+    /// The operator's admin client certificate.
+    Admin,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Host(h) => write!(f, "host/{h}"),
+            Identity::Admin => f.write_str("operator/admin"),
+        }
+    }
+}
+
+/// Which callers a rule admits beyond their source address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Callers {
+    /// No identity is checked (the public edge; MariaDB's own protocol, where the relay
+    /// sees no certificate).
+    Anyone,
+    /// A TLS client certificate of the lab's CA carrying one of these identities is
+    /// required (mutual TLS).
+    Identities(Vec<Identity>),
+    /// Only the host's own local server process (the replica's `mariadbd`, found by the
+    /// connection's owning process in `/proc`, see proc(5)): used where the caller is a
+    /// program that cannot present a certificate or choose its source address.
+    LocalServer,
+}
+
+impl Callers {
+    /// Whether a peer with the verified `identity` (`None`: no client certificate) passes.
+    /// [`Callers::LocalServer`] is decided by the listener from the owning process, not
+    /// here: it never passes on identity alone.
+    pub fn admit(&self, identity: Option<&Identity>) -> bool {
+        match self {
+            Callers::Anyone => true,
+            Callers::Identities(ids) => identity.is_some_and(|i| ids.contains(i)),
+            Callers::LocalServer => false,
+        }
+    }
+}
+
 /// One accept rule: `sources` may reach `host`'s `service` on TCP `port`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {
@@ -85,6 +158,8 @@ pub struct Rule {
     pub port: u16,
     /// Allowed sources.
     pub sources: Sources,
+    /// Allowed callers (certificate identities), checked after the source address.
+    pub callers: Callers,
     /// Why the rule exists, for people reading `rampart status` or the ruleset.
     pub comment: String,
 }
@@ -102,10 +177,26 @@ impl Policy {
     /// - `web` hosts: the web port only from `lb` hosts;
     /// - database hosts: the MariaDB port only from `app` hosts and `db-replica` hosts;
     /// - the `monitor` host: ingest only from `agent` hosts and the operator sources;
-    /// - `agent` hosts: `/metrics` only from the `monitor` host and the operator sources.
+    /// - `agent` hosts: `/metrics` only from the `monitor` host and the operator sources;
+    /// - `db-replica` hosts (loopback mode): the replication egress only from the host
+    ///   itself (its address or 127.0.0.1, the source Linux gives a local process) and only
+    ///   for the host's own `mariadbd`.
+    ///
+    /// Every rule over mutual TLS also names the certificate identities it admits: the web
+    /// port the `lb` hosts, ingest the `agent` hosts and the admin, `/metrics` the `monitor`
+    /// host and the admin.
     pub fn compile(t: &Topology) -> Policy {
         let addrs = |role: Role| -> Vec<IpNet> {
             t.hosts_with(role).map(|h| IpNet::from(h.address)).collect()
+        };
+        let ids = |role: Role| -> Vec<Identity> {
+            t.hosts_with(role)
+                .map(|h| Identity::Host(h.name.clone()))
+                .collect()
+        };
+        let with_admin = |mut ids: Vec<Identity>| {
+            ids.push(Identity::Admin);
+            Callers::Identities(ids)
         };
         let with_operator = |mut nets: Vec<IpNet>| {
             nets.extend(t.operator_sources.iter().copied());
@@ -113,29 +204,43 @@ impl Policy {
         };
         let mut rules = Vec::new();
         for h in &t.hosts {
-            let mut rule = |service, port, sources, comment: &str| {
+            let mut rule = |service, port, sources, callers, comment: &str| {
                 rules.push(Rule {
                     host: h.name.clone(),
                     service,
                     port,
                     sources,
+                    callers,
                     comment: comment.to_string(),
                 })
             };
             if h.has(Role::Lb) {
-                rule(Service::Https, t.https_port(), Sources::Any, "public HTTPS");
+                rule(
+                    Service::Https,
+                    t.https_port(),
+                    Sources::Any,
+                    Callers::Anyone,
+                    "public HTTPS",
+                );
                 rule(
                     Service::Http,
                     t.http_port(),
                     Sources::Any,
+                    Callers::Anyone,
                     "public HTTP, redirects to HTTPS",
                 );
             }
             if h.has(Role::Web) {
+                let callers = if t.site.plain_backends {
+                    Callers::Anyone
+                } else {
+                    Callers::Identities(ids(Role::Lb))
+                };
                 rule(
                     Service::Web,
                     t.ports.web,
                     Sources::Nets(addrs(Role::Lb)),
+                    callers,
                     "web server, load balancers only",
                 );
             }
@@ -150,7 +255,20 @@ impl Policy {
                     Service::Mysql,
                     t.ports.mysql,
                     Sources::Nets(nets),
+                    Callers::Anyone,
                     "MariaDB, application hosts and replicas only",
+                );
+            }
+            if h.has(Role::DbReplica) {
+                rule(
+                    Service::MysqlEgress,
+                    t.ports.mysql_egress,
+                    Sources::Nets(vec![
+                        IpNet::from(h.address),
+                        IpNet::from(IpAddr::from([127, 0, 0, 1])),
+                    ]),
+                    Callers::LocalServer,
+                    "replication egress, this host's own mariadbd only",
                 );
             }
             if h.has(Role::Monitor) {
@@ -158,6 +276,7 @@ impl Policy {
                     Service::Ingest,
                     t.ports.ingest,
                     Sources::Nets(with_operator(addrs(Role::Agent))),
+                    with_admin(ids(Role::Agent)),
                     "monitoring ingest, agents and operator only",
                 );
             }
@@ -166,6 +285,7 @@ impl Policy {
                     Service::Agent,
                     t.ports.agent,
                     Sources::Nets(with_operator(addrs(Role::Monitor))),
+                    with_admin(ids(Role::Monitor)),
                     "agent /metrics, monitor and operator only",
                 );
             }
@@ -191,6 +311,13 @@ impl Policy {
         self.rules_for(host)
             .map(|r| (r.service.as_str().to_string(), r.port))
             .collect()
+    }
+
+    /// Whether a verified peer `identity` (`None`: no client certificate) may call `host`'s
+    /// `service` (default deny). See [`Callers::admit`].
+    pub fn admits(&self, host: &str, service: Service, identity: Option<&Identity>) -> bool {
+        self.rule(host, service)
+            .is_some_and(|r| r.callers.admit(identity))
     }
 
     /// Whether a connection from `src` to `host`'s `service` is accepted (default deny).
@@ -236,6 +363,37 @@ mod tests {
         // default deny: services a host does not run
         assert!(!p.allows("lb-01", Service::Mysql, web1));
         assert!(!p.allows("mon-01", Service::Https, anyone));
+        // the replication egress: only the replica host itself
+        assert!(p.allows("web-02", Service::MysqlEgress, ip("127.0.0.1")));
+        assert!(p.allows("web-02", Service::MysqlEgress, web2));
+        assert!(!p.allows("web-02", Service::MysqlEgress, lb));
+        assert!(!p.allows("web-01", Service::MysqlEgress, ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn identities_are_part_of_the_policy() {
+        let p = Policy::compile(&Topology::default_topology());
+        let lb = Identity::Host("lb-01".into());
+        let web2 = Identity::Host("web-02".into());
+        assert!(p.admits("web-01", Service::Web, Some(&lb)));
+        assert!(!p.admits("web-01", Service::Web, Some(&web2)));
+        assert!(!p.admits("web-01", Service::Web, Some(&Identity::Admin)));
+        assert!(!p.admits("web-01", Service::Web, None));
+        assert!(p.admits("mon-01", Service::Ingest, Some(&web2)));
+        assert!(p.admits("mon-01", Service::Ingest, Some(&Identity::Admin)));
+        assert!(!p.admits(
+            "mon-01",
+            Service::Ingest,
+            Some(&Identity::Host("mon-01".into()))
+        ));
+        assert!(p.admits(
+            "web-01",
+            Service::Agent,
+            Some(&Identity::Host("mon-01".into()))
+        ));
+        assert!(!p.admits("web-01", Service::Agent, Some(&lb)));
+        assert!(p.admits("lb-01", Service::Https, None));
+        assert!(!p.admits("web-02", Service::MysqlEgress, None));
     }
 
     #[test]

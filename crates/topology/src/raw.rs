@@ -19,7 +19,91 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub firewall: RawFirewall,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub balancer: RawBalancer,
+    #[serde(default)]
     pub hosts: Vec<RawHost>,
+}
+
+/// `[limits]`: the keys of [`RawListenerLimits`] for every listener, `fd_reserve`, and one
+/// optional table per service name.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub fd_reserve: Option<u32>,
+    pub tls_handshake_timeout_ms: Option<u64>,
+    pub first_byte_timeout_ms: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+    pub drain_timeout_ms: Option<u64>,
+    #[serde(skip)]
+    pub common: RawListenerLimits,
+    pub https: Option<RawListenerLimits>,
+    pub http: Option<RawListenerLimits>,
+    pub web: Option<RawListenerLimits>,
+    pub agent: Option<RawListenerLimits>,
+    pub mysql: Option<RawListenerLimits>,
+    pub ingest: Option<RawListenerLimits>,
+    pub mysql_egress: Option<RawListenerLimits>,
+}
+
+impl RawLimits {
+    /// Copies the top-level keys into `common` (serde cannot flatten with
+    /// `deny_unknown_fields`).
+    pub fn gather(mut self) -> RawLimits {
+        self.common = RawListenerLimits {
+            tls_handshake_timeout_ms: self.tls_handshake_timeout_ms,
+            first_byte_timeout_ms: self.first_byte_timeout_ms,
+            header_read_timeout_ms: self.header_read_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            body_timeout_ms: self.body_timeout_ms,
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            drain_timeout_ms: self.drain_timeout_ms,
+        };
+        self
+    }
+
+    pub fn per_service(&self, s: crate::Service) -> Option<&RawListenerLimits> {
+        use crate::Service::*;
+        match s {
+            Https => self.https.as_ref(),
+            Http => self.http.as_ref(),
+            Web => self.web.as_ref(),
+            Agent => self.agent.as_ref(),
+            Mysql => self.mysql.as_ref(),
+            Ingest => self.ingest.as_ref(),
+            MysqlEgress => self.mysql_egress.as_ref(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerLimits {
+    pub tls_handshake_timeout_ms: Option<u64>,
+    pub first_byte_timeout_ms: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+    pub drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBalancer {
+    pub backend_max_connections: Option<u32>,
+    pub backend_queue_max: Option<u32>,
+    pub backend_queue_timeout_ms: Option<u64>,
+    pub max_request_body_bytes: Option<u64>,
+    pub response_buffer_bytes: Option<u64>,
+    pub upstream_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
