@@ -1,0 +1,466 @@
+//! The one serve path of every HTTP listener of every role (load balancer, web servers,
+//! monitoring service, agents), and the one lifecycle every role shares.
+//!
+//! [`serve_http`] takes a [`firewall::GuardedListener`] (bound through the host's
+//! [`firewall::Net`], so the source-address policy, the connection caps and the descriptor
+//! reserve are already enforced at accept), the role's TLS config, and a per-connection
+//! service; it enforces, with the listener's [`topology::ListenerLimits`]:
+//! - the TLS handshake timeout;
+//! - the caller identities the policy's rule names (mutual TLS; roles never decide who
+//!   may call them);
+//! - the first-byte (protocol detection) timeout, then the HTTP/1 header read timeout;
+//! - the keep-alive idle timeout, and a stall bound (no byte either way for the idle
+//!   timeout) on connections with a request in flight, so a zero-window client is closed;
+//! - the HTTP/1 head size cap and the HTTP/2 concurrent-stream cap;
+//! - lingering close after a response the client did not wait for ([`io`]);
+//! - graceful drain on shutdown (in-flight requests finish for up to `drain_timeout_ms`).
+//!
+//! Request-body idle timeouts (`body_timeout_ms`) are applied by the role around its
+//! service: the load balancer buffers bodies itself, the axum roles use tower-http's
+//! `RequestBodyTimeoutLayer`.
+//!
+//! This crate never decides policy or picks limits: both come from `topology` through the
+//! listener.
+
+#![forbid(unsafe_code)]
+
+pub mod io;
+mod lifecycle;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use firewall::{Activity, GuardedListener};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use topology::{Callers, Identity, ListenerLimits, Service};
+use tower::ServiceExt;
+
+pub use lifecycle::{RoleHandle, RoleTasks};
+
+/// Limit on an HTTP/1 request head (request line and headers), bytes. hyper checks it
+/// against its read buffer, so a head a little larger can slip through; a much larger one
+/// is answered `431 Request Header Fields Too Large` (RFC 6585 §5).
+pub const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
+
+/// Concurrent HTTP/2 streams per connection (RFC 9113 §6.5.2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; nginx `http2_max_concurrent_streams` 128).
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// HTTP/2 keep-alive ping interval; a peer that does not answer within hyper's ping timeout
+/// (20 s) is disconnected.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// After a graceful close was asked of an idle connection, how long it gets to finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a role's service knows about the connection a request came on, in every request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The verified client certificate's identity (`None`: no certificate, or plain TCP).
+    pub identity: Option<Identity>,
+    /// The listener's service.
+    pub service: Service,
+}
+
+/// Why a connection ended before or between requests, for the role's counters and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The TLS handshake did not finish in time.
+    HandshakeTimeout,
+    /// The TLS handshake failed.
+    HandshakeFailed,
+    /// The client's certificate identity is not one the policy admits here.
+    Identity,
+    /// No request byte within the first-byte timeout.
+    FirstByteTimeout,
+    /// No complete first request within first-byte + header-read timeouts.
+    HeaderTimeout,
+    /// Idle keep-alive connection closed.
+    Idle,
+    /// A request was in flight but nothing moved for the idle timeout (e.g. a client
+    /// advertising a zero receive window).
+    Stalled,
+    /// Closed to admit a new connection on a full listener.
+    Evicted,
+    /// HTTP/1 head larger than [`MAX_HTTP1_HEAD_BYTES`] (hyper answered 431).
+    HeadTooLarge,
+    /// Unparsable HTTP (hyper answered 400).
+    BadRequest,
+}
+
+impl Ended {
+    /// The `reason` label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::HandshakeTimeout => "tls_handshake_timeout",
+            Ended::HandshakeFailed => "tls_handshake_failed",
+            Ended::Identity => "identity",
+            Ended::FirstByteTimeout => "first_byte_timeout",
+            Ended::HeaderTimeout => "header_timeout",
+            Ended::Idle => "idle",
+            Ended::Stalled => "stalled",
+            Ended::Evicted => "evicted",
+            Ended::HeadTooLarge => "head_too_large",
+            Ended::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Called when a connection ends for one of the [`Ended`] reasons (with the client's
+/// address): a role counts and logs its own rejections with it.
+pub type OnEnded = Arc<dyn Fn(Ended, SocketAddr) + Send + Sync>;
+
+/// How [`serve_http`] serves one listener.
+#[derive(Clone)]
+pub struct HttpOptions {
+    /// The TLS config (`None`: plain HTTP, e.g. the redirect listener).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Notified of every connection that ends for an [`Ended`] reason.
+    pub on_ended: Option<OnEnded>,
+}
+
+/// The HTTP/1.1 + HTTP/2 server settings of a listener.
+fn http_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    b
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` is cancelled, then drains: no
+/// new connections, in-flight requests get `drain_timeout_ms`, then every connection is
+/// closed. `make` builds the service of one connection from its [`ConnInfo`] (also put in
+/// every request's extensions). Spawns its connection tasks on `tasks`, so a role's
+/// shutdown can wait for them.
+pub async fn serve_http<M, S, B>(
+    listener: GuardedListener,
+    opts: HttpOptions,
+    make: M,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) where
+    M: Fn(&ConnInfo) -> S + Send + Sync + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = Arc::new(listener);
+    let limits = listener.limits().clone();
+    let service = listener.filter().service;
+    let callers = listener
+        .filter()
+        .rule()
+        .map(|r| r.callers.clone())
+        .unwrap_or(Callers::Identities(Vec::new()));
+    let ctx = Arc::new(Ctx {
+        builder: http_builder(&limits),
+        acceptor: opts.tls.map(TlsAcceptor::from),
+        on_ended: opts.on_ended,
+        limits,
+        service,
+        callers,
+        make,
+    });
+    let conns = TaskTracker::new();
+    loop {
+        let admitted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match admitted {
+            Ok(a) => {
+                let ctx = ctx.clone();
+                let shutdown = shutdown.clone();
+                conns.spawn(async move { ctx.connection(a, shutdown).await });
+            }
+            Err(e) => firewall::accept_failed(service, &e).await,
+        }
+    }
+    // Drain: every connection saw `shutdown` and closes once its requests are done.
+    conns.close();
+    let drain = ctx.limits.drain_timeout();
+    if tokio::time::timeout(drain, conns.wait()).await.is_err() {
+        tracing::info!(listener = %service, open = conns.len(), "drain time over; closing");
+        listener.close_all();
+        conns.wait().await;
+    }
+    drop(tasks);
+}
+
+struct Ctx<M> {
+    builder: auto::Builder<TokioExecutor>,
+    acceptor: Option<TlsAcceptor>,
+    on_ended: Option<OnEnded>,
+    limits: ListenerLimits,
+    service: Service,
+    callers: Callers,
+    make: M,
+}
+
+impl<M> Ctx<M> {
+    fn ended(&self, why: Ended, peer: SocketAddr) {
+        tracing::debug!(listener = %self.service, %peer, reason = why.as_str(), "connection closed");
+        if let Some(f) = &self.on_ended {
+            f(why, peer);
+        }
+    }
+
+    async fn connection<S, B>(&self, a: firewall::Admitted, shutdown: CancellationToken)
+    where
+        M: Fn(&ConnInfo) -> S,
+        S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = a.peer;
+        let activity = a.slot.activity().clone();
+        let closed = activity.closed().clone();
+        let (io, linger) = io::EdgeIo::new(a.stream, a.slot);
+        let Some(acceptor) = &self.acceptor else {
+            let info = ConnInfo {
+                peer,
+                identity: None,
+                service: self.service,
+            };
+            if !self.callers.admit(None) {
+                return self.ended(Ended::Identity, peer);
+            }
+            let svc = (self.make)(&info);
+            return self
+                .http(TokioIo::new(io), info, svc, &activity, &shutdown, &linger)
+                .await;
+        };
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(self.limits.tls_handshake_timeout(), acceptor.accept(io)) => r,
+            _ = closed.cancelled() => return self.ended(Ended::Evicted, peer),
+            _ = shutdown.cancelled() => return,
+        };
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(_)) => return self.ended(Ended::HandshakeFailed, peer),
+            Err(_) => return self.ended(Ended::HandshakeTimeout, peer),
+        };
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(pki::peer_identity);
+        if !self.callers.admit(identity.as_ref()) {
+            tracing::warn!(listener = %self.service, %peer, ?identity, "caller not admitted by the policy; closing");
+            return self.ended(Ended::Identity, peer);
+        }
+        let info = ConnInfo {
+            peer,
+            identity,
+            service: self.service,
+        };
+        let svc = (self.make)(&info);
+        self.http(TokioIo::new(tls), info, svc, &activity, &shutdown, &linger)
+            .await
+    }
+
+    async fn http<I, S, B>(
+        &self,
+        io: I,
+        info: ConnInfo,
+        svc: S,
+        activity: &Arc<Activity>,
+        shutdown: &CancellationToken,
+        linger: &std::sync::atomic::AtomicBool,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = info.peer;
+        let counted = activity.clone();
+        let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            counted.request_started();
+            let guard = InFlight(counted.clone());
+            req.extensions_mut().insert(info.clone());
+            let fut = svc.clone().oneshot(req);
+            async move {
+                let resp = fut.await?;
+                Ok::<_, Infallible>(resp.map(|body| CountedBody { inner: body, _guard: guard }))
+            }
+        });
+        let conn = self.builder.serve_connection(io, hyper_service);
+        tokio::pin!(conn);
+        let closed = activity.closed().clone();
+        let bytes_at_start = activity.bytes_read();
+        let started = tokio::time::Instant::now();
+        let first_byte = self.limits.first_byte_timeout();
+        let first_request = first_byte + self.limits.header_read_timeout();
+        let idle = self.limits.idle_timeout();
+        let mut closing: Option<(Ended, tokio::time::Instant)> = None;
+        let mut draining = false;
+        let result = loop {
+            // When to look again, and what ends the connection then.
+            let now = tokio::time::Instant::now();
+            let (deadline, why) = if let Some((_, at)) = closing {
+                (at, None)
+            } else if activity.requests() == 0 {
+                if activity.bytes_read() == bytes_at_start {
+                    (started + first_byte, Some(Ended::FirstByteTimeout))
+                } else {
+                    (started + first_request, Some(Ended::HeaderTimeout))
+                }
+            } else if activity.in_flight() == 0 {
+                (now + idle.saturating_sub(activity.idle_for()), Some(Ended::Idle))
+            } else {
+                (now + idle.saturating_sub(activity.idle_for()), Some(Ended::Stalled))
+            };
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = closed.cancelled() => {
+                    self.ended(Ended::Evicted, peer);
+                    return;
+                }
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let Some(why) = why else {
+                        // The grace after a graceful close is over.
+                        if let Some((why, _)) = closing {
+                            self.ended(why, peer);
+                        }
+                        return;
+                    };
+                    let due = match why {
+                        Ended::FirstByteTimeout => activity.requests() == 0 && activity.bytes_read() == bytes_at_start,
+                        Ended::HeaderTimeout => activity.requests() == 0,
+                        Ended::Idle => activity.in_flight() == 0 && activity.idle_for() >= idle,
+                        _ => activity.in_flight() > 0 && activity.idle_for() >= idle,
+                    };
+                    if due {
+                        if why == Ended::Stalled {
+                            self.ended(why, peer);
+                            return;
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some((why, tokio::time::Instant::now() + CLOSE_GRACE));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if let Some((why, _)) = closing {
+                    self.ended(why, peer);
+                }
+            }
+            Err(e) => {
+                let why = classify(&*e);
+                if let Some(why) = why {
+                    self.ended(why, peer);
+                } else {
+                    tracing::debug!(listener = %self.service, %peer, error = %e, "connection ended with an error");
+                }
+            }
+        }
+        // The connection ended normally after serving: close lingering, so a response sent
+        // before the request was read completely is not lost to a reset.
+        if activity.requests() > 0 {
+            linger.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The [`Ended`] reason of a hyper connection error, when it is one.
+fn classify(e: &(dyn std::error::Error + 'static)) -> Option<Ended> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return Some(Ended::HeadTooLarge);
+            }
+            if h.is_parse() {
+                return Some(Ended::BadRequest);
+            }
+            if h.is_timeout() {
+                return Some(Ended::HeaderTimeout);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Marks a request ended (its response body finished or was dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that marks its request ended when it is dropped.
+    struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: InFlight,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Boxed future of a wrapped service.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
