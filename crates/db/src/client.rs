@@ -7,7 +7,7 @@
 //! [`firewall::egress_unix`], which connects to that host's MariaDB relay from the
 //! application host's address; the connection pool points at that socket.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,8 +81,9 @@ pub struct DbNode {
 pub struct ClientConfig {
     /// The application host's name.
     pub host: String,
-    /// The application host's own address: connections leave from it.
-    pub address: IpAddr,
+    /// The application host's network seam: connections to database hosts leave through
+    /// it, from the host's own address.
+    pub net: firewall::Net,
     /// The lab's state directory (credentials, egress sockets, the SQLite file).
     pub state_dir: PathBuf,
     /// Engine in use.
@@ -103,6 +104,7 @@ impl ClientConfig {
         t: &Topology,
         host: &str,
         state_dir: &Path,
+        net: firewall::Net,
         engine: Engine,
     ) -> Option<ClientConfig> {
         let me = t.host(host).filter(|h| h.has(Role::App))?;
@@ -118,7 +120,7 @@ impl ClientConfig {
         };
         Some(ClientConfig {
             host: me.name.clone(),
-            address: me.address,
+            net,
             state_dir: state_dir.to_path_buf(),
             engine,
             database: t.database.name.clone(),
@@ -387,7 +389,7 @@ fn open_node(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| DbError::io(format!("chmod {}", path.display()), e))?;
     let target = firewall::Target::Tcp {
-        from: cfg.address,
+        net: cfg.net.clone(),
         to: node.addr,
     };
     let db_host = node.host.clone();
@@ -563,11 +565,21 @@ roles = [\"web\", \"app\"]
 ";
         let t = Topology::parse(text, "t").unwrap();
         let dir = Path::new("/state");
-        let c = |h| ClientConfig::from_topology(&t, h, dir, Engine::Mariadb).unwrap();
+        let c = |h| {
+            ClientConfig::from_topology(&t, h, dir, test_support::net(&t, h), Engine::Mariadb)
+                .unwrap()
+        };
         assert_eq!(c("web-01").read.unwrap().host, "web-02");
         assert_eq!(c("web-02").read.unwrap().host, "web-02");
         assert_eq!(c("web-03").read.unwrap().host, "web-02");
         assert_eq!(c("web-03").primary.host, "web-01");
-        assert!(ClientConfig::from_topology(&t, "lb-01", dir, Engine::Mariadb).is_none());
+        assert!(ClientConfig::from_topology(
+            &t,
+            "lb-01",
+            dir,
+            test_support::net(&t, "lb-01"),
+            Engine::Mariadb
+        )
+        .is_none());
     }
 }

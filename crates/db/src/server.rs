@@ -5,7 +5,7 @@
 //! `hosts/H/mariadb/{my.cnf, data/, mysqld.sock, mariadbd.pid, error.log, install.log}`.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,8 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
-use topology::{Policy, Role, Service, Topology};
+use tokio_util::sync::CancellationToken;
+use topology::{Role, Service, Topology};
 
 use crate::sqlite::{sqlite_path, SqliteStore};
 use crate::{Credentials, DbError, Engine};
@@ -61,8 +62,9 @@ impl NodeRole {
 pub struct ServerConfig {
     /// Host name, e.g. `web-01`.
     pub host: String,
-    /// The host's own address: the relay listens on it; replication leaves from it.
-    pub address: IpAddr,
+    /// The host's network seam: the relay and the replication egress are bound through
+    /// it (the host's address, the policy, the limits); replication leaves from it.
+    pub net: firewall::Net,
     /// The lab's state directory. This crate owns `<state_dir>/hosts/<host>/mariadb/` and
     /// `<state_dir>/db/`.
     pub state_dir: PathBuf,
@@ -78,8 +80,6 @@ pub struct ServerConfig {
     pub egress_port: u16,
     /// Database (schema) name; letters, digits and `_`.
     pub database: String,
-    /// The compiled firewall policy (the relay admits only application hosts and replicas).
-    pub policy: Arc<Policy>,
     /// Engine in use.
     pub engine: Engine,
 }
@@ -92,7 +92,7 @@ impl ServerConfig {
         t: &Topology,
         host: &str,
         state_dir: &Path,
-        policy: Arc<Policy>,
+        net: firewall::Net,
         engine: Engine,
     ) -> Option<ServerConfig> {
         let index = t.hosts.iter().position(|h| h.name == host)?;
@@ -113,7 +113,7 @@ impl ServerConfig {
         };
         Some(ServerConfig {
             host: me.name.clone(),
-            address: me.address,
+            net,
             state_dir: state_dir.to_path_buf(),
             role,
             server_id: u32::try_from(index + 1).unwrap_or(u32::MAX),
@@ -121,7 +121,6 @@ impl ServerConfig {
             primary,
             egress_port: t.ports.mysql_egress,
             database: t.database.name.clone(),
-            policy,
             engine,
         })
     }
@@ -264,6 +263,8 @@ pub struct DbServer {
     child: tokio::sync::Mutex<Option<Child>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     filters: Vec<Arc<firewall::Filter>>,
+    stop: CancellationToken,
+    address: std::net::IpAddr,
 }
 
 impl std::fmt::Debug for DbServer {
@@ -279,6 +280,7 @@ impl Drop for DbServer {
     /// process is killed) until [`DbServer::stop`], a later [`start_server`] on the same
     /// datadir, or `rampart down` (via [`mariadbd_pid_file`]).
     fn drop(&mut self) {
+        self.stop.cancel();
         for t in std::mem::take(&mut *lock(&self.tasks)) {
             t.abort();
         }
@@ -294,6 +296,7 @@ impl DbServer {
     /// Stops the relay, the egress and the health check, then the server: `SIGTERM`, up to
     /// 30 s for a clean InnoDB shutdown, then `SIGKILL`. Idempotent.
     pub async fn stop(&self) {
+        self.stop.cancel();
         for t in std::mem::take(&mut *lock(&self.tasks)) {
             t.abort();
         }
@@ -312,6 +315,35 @@ impl DbServer {
     /// Empty for SQLite.
     pub fn filters(&self) -> Vec<Arc<firewall::Filter>> {
         self.filters.clone()
+    }
+}
+
+impl serve::RoleHandle for DbServer {
+    fn role(&self) -> &'static str {
+        match lock(&self.status).role.as_str() {
+            "primary" => "db-primary",
+            _ => "db-replica",
+        }
+    }
+    fn addrs(&self) -> Vec<(Service, SocketAddr)> {
+        self.filters
+            .iter()
+            .filter_map(|f| {
+                let port = f.rule()?.port;
+                Some((f.service, SocketAddr::new(self.address, port)))
+            })
+            .collect()
+    }
+    fn healthy(&self) -> bool {
+        lock(&self.status).healthy
+    }
+    fn filters(&self) -> Vec<Arc<firewall::Filter>> {
+        self.filters.clone()
+    }
+    fn shutdown(&self) -> serve::BoxFuture<()> {
+        // `stop` borrows self; the node awaits it directly (see `DbServer::stop`).
+        self.stop.cancel();
+        Box::pin(async {})
     }
 }
 
@@ -358,6 +390,8 @@ pub async fn start_server(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 child: tokio::sync::Mutex::new(None),
                 tasks: Mutex::new(Vec::new()),
                 filters: Vec::new(),
+                stop: CancellationToken::new(),
+                address: cfg.net.address(),
             })
         }
         Engine::Mariadb => start_mariadb(cfg).await,
@@ -409,8 +443,9 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
     let pid = child.id();
     tracing::info!(host = %cfg.host, pid, "mariadbd started");
 
-    match bring_up(&cfg, &p, &creds, &mut child).await {
-        Ok((tasks, filter, admin)) => {
+    let stop = CancellationToken::new();
+    match bring_up(&cfg, &p, &creds, &mut child, &stop).await {
+        Ok((tasks, filters, admin)) => {
             let status = Arc::new(Mutex::new(DbNodeStatus {
                 host: cfg.host.clone(),
                 role: cfg.role.as_str().into(),
@@ -432,7 +467,9 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 status,
                 child: tokio::sync::Mutex::new(Some(child)),
                 tasks: Mutex::new(tasks),
-                filters: vec![filter],
+                filters,
+                stop,
+                address: cfg.net.address(),
             })
         }
         Err(e) => {
@@ -442,45 +479,48 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
     }
 }
 
-type Started = (Vec<JoinHandle<()>>, Arc<firewall::Filter>, Conn);
+type Started = (Vec<JoinHandle<()>>, Vec<Arc<firewall::Filter>>, Conn);
 
 async fn bring_up(
     cfg: &ServerConfig,
     p: &Paths,
     creds: &Credentials,
     child: &mut Child,
+    stop: &CancellationToken,
 ) -> Result<Started, DbError> {
+    let mariadbd_pid = child.id();
     wait_ready(cfg, p, child).await?;
     let mut admin = admin_connect(cfg, p, creds).await?;
     let mut tasks = Vec::new();
+    let mut filters = Vec::new();
     match (&cfg.role, &cfg.primary) {
         (NodeRole::Replica, Some((primary_host, primary_addr))) => {
-            let listener = tokio::net::TcpListener::bind((cfg.address, cfg.egress_port))
+            let listener = cfg
+                .net
+                .listen(Service::MysqlEgress, cfg.egress_port)
                 .await
                 .map_err(|e| {
                     DbError::io(
                         format!(
                             "binding the replication egress {}:{}",
-                            cfg.address, cfg.egress_port
+                            cfg.net.address(),
+                            cfg.egress_port
                         ),
                         e,
                     )
-                })?;
+                })?
+                .with_local_server(Arc::new(move || mariadbd_pid));
+            filters.push(listener.filter().clone());
             let target = firewall::Target::Tcp {
-                from: cfg.address,
+                net: cfg.net.clone(),
                 to: *primary_addr,
             };
-            let host = cfg.host.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = firewall::egress(listener, target).await {
-                    tracing::error!(host = %host, error = %e, "replication egress stopped");
-                }
-            }));
+            tasks.push(tokio::spawn(firewall::relay(listener, target, stop.clone())));
             let change = format!(
                 "CHANGE MASTER TO MASTER_HOST='{host}', MASTER_PORT={port}, \
                  MASTER_USER='{user}', MASTER_PASSWORD='{pw}', \
                  MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-                host = cfg.address,
+                host = cfg.net.address(),
                 port = cfg.egress_port,
                 user = creds.repl_user,
                 pw = creds.repl_password,
@@ -494,19 +534,16 @@ async fn bring_up(
         _ => bootstrap_primary(cfg, creds, &mut admin).await?,
     }
 
-    let relay_addr = SocketAddr::new(cfg.address, cfg.port);
-    let filter = firewall::Filter::new(cfg.policy.clone(), &cfg.host, Service::Mysql);
-    let listener = firewall::GuardedListener::bind(relay_addr, filter.clone())
+    let relay_addr = SocketAddr::new(cfg.net.address(), cfg.port);
+    let listener = cfg
+        .net
+        .listen(Service::Mysql, cfg.port)
         .await
         .map_err(|e| DbError::io(format!("binding the MariaDB relay on {relay_addr}"), e))?;
+    filters.push(listener.filter().clone());
     let target = firewall::Target::Unix(p.socket.clone());
-    let host = cfg.host.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = firewall::relay(listener, target).await {
-            tracing::error!(host = %host, error = %e, "MariaDB relay stopped");
-        }
-    }));
-    Ok((tasks, filter, admin))
+    tasks.push(tokio::spawn(firewall::relay(listener, target, stop.clone())));
+    Ok((tasks, filters, admin))
 }
 
 /// The primary's schema and accounts. Binary-logged on purpose: a replica starting from an
@@ -955,9 +992,8 @@ roles = [\"web\", \"app\", \"db-replica\"]
     #[test]
     fn replica_config_and_option_file() {
         let t = Topology::parse(TOPOLOGY, "t").unwrap();
-        let policy = Arc::new(Policy::compile(&t));
         let state = Path::new("/s");
-        let cfg = ServerConfig::from_topology(&t, "web-02", state, policy.clone(), Engine::Mariadb)
+        let cfg = ServerConfig::from_topology(&t, "web-02", state, test_support::net(&t, "web-02"), Engine::Mariadb)
             .unwrap();
         assert_eq!(cfg.role, NodeRole::Replica);
         assert_eq!(cfg.server_id, 3);
@@ -978,14 +1014,14 @@ roles = [\"web\", \"app\", \"db-replica\"]
             assert!(cnf.lines().any(|l| l == line), "{line} missing in\n{cnf}");
         }
         let primary =
-            ServerConfig::from_topology(&t, "web-01", state, policy.clone(), Engine::Mariadb)
+            ServerConfig::from_topology(&t, "web-01", state, test_support::net(&t, "web-01"), Engine::Mariadb)
                 .unwrap();
         assert!(!my_cnf(&primary, &Paths::new(state, "web-01")).contains("read_only"));
         let sqlite_replica =
-            ServerConfig::from_topology(&t, "web-02", state, policy.clone(), Engine::Sqlite)
+            ServerConfig::from_topology(&t, "web-02", state, test_support::net(&t, "web-02"), Engine::Sqlite)
                 .unwrap();
         assert_eq!(sqlite_replica.role, NodeRole::Replica);
-        assert!(ServerConfig::from_topology(&t, "lb-01", state, policy, Engine::Mariadb).is_none());
+        assert!(ServerConfig::from_topology(&t, "lb-01", state, test_support::net(&t, "lb-01"), Engine::Mariadb).is_none());
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use db::{
@@ -14,7 +13,7 @@ use db::{
     Engine, ServerConfig,
 };
 use tokio::io::AsyncReadExt;
-use topology::{Policy, Topology};
+use topology::Topology;
 
 fn topology(net: &str) -> Topology {
     let text = format!(
@@ -103,16 +102,16 @@ where
 }
 
 async fn start_pair(t: &Topology, state: &Path) -> (db::DbServer, db::DbServer) {
-    let policy = Arc::new(Policy::compile(t));
-    let cfg =
-        |h| ServerConfig::from_topology(t, h, state, policy.clone(), Engine::Mariadb).unwrap();
+    let cfg = |h| {
+        ServerConfig::from_topology(t, h, state, test_support::net(t, h), Engine::Mariadb).unwrap()
+    };
     // Started together: the replica must cope with a primary that is not up yet.
     let (p, r) = tokio::join!(start_server(cfg("web-01")), start_server(cfg("web-02")));
     (p.unwrap(), r.unwrap())
 }
 
 async fn client(t: &Topology, host: &str, state: &Path) -> DbClient {
-    let cfg = ClientConfig::from_topology(t, host, state, Engine::Mariadb).unwrap();
+    let cfg = ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Mariadb).unwrap();
     connect_client(cfg).await.unwrap()
 }
 

@@ -2,10 +2,9 @@
 //! The SQLite engine end to end: server start (schema), client insert/get/list, info.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use db::{connect_client, start_server, ClientConfig, Engine, ServerConfig};
-use topology::{Policy, Topology};
+use topology::Topology;
 
 const TOPOLOGY: &str = r#"
 [database]
@@ -25,7 +24,7 @@ roles = ["web", "app", "db-replica"]
 "#;
 
 async fn client(t: &Topology, host: &str, state: &Path) -> db::DbClient {
-    let cfg = ClientConfig::from_topology(t, host, state, Engine::Sqlite).unwrap();
+    let cfg = ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Sqlite).unwrap();
     connect_client(cfg).await.unwrap()
 }
 
@@ -34,12 +33,11 @@ async fn sqlite_round_trip() {
     let t = Topology::parse(TOPOLOGY, "test").unwrap();
     assert_eq!(db::resolve_engine(&t).unwrap(), Engine::Sqlite);
     let dir = tempfile::tempdir().unwrap();
-    let policy = Arc::new(Policy::compile(&t));
-    let cfg = ServerConfig::from_topology(&t, "web-01", dir.path(), policy.clone(), Engine::Sqlite)
+    let cfg = ServerConfig::from_topology(&t, "web-01", dir.path(), test_support::net(&t, "web-01"), Engine::Sqlite)
         .unwrap();
     // A db-replica host under SQLite only opens the shared file.
     let replica_cfg =
-        ServerConfig::from_topology(&t, "web-02", dir.path(), policy, Engine::Sqlite).unwrap();
+        ServerConfig::from_topology(&t, "web-02", dir.path(), test_support::net(&t, "web-02"), Engine::Sqlite).unwrap();
     let replica = start_server(replica_cfg).await.unwrap();
     let rs = replica.status();
     assert_eq!(

@@ -9,10 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use firewall::{connect_from, egress, egress_unix, relay, Filter, GuardedListener, Target};
+use firewall::{connect_from, egress_unix, relay, Admitted, Filter, GuardedListener, Net, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use topology::{Policy, Service, Topology};
+use tokio_util::sync::CancellationToken;
+use topology::{ListenerLimits, Policy, Service, Topology};
 
 const TOPOLOGY: &str = r#"
 [[hosts]]
@@ -41,6 +42,22 @@ const STEP: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
+}
+
+fn limits(service: Service) -> ListenerLimits {
+    ListenerLimits::default_for(service)
+}
+
+async fn bind(filter: &Arc<Filter>, at: &str) -> GuardedListener {
+    let service = filter.service;
+    GuardedListener::bind(SocketAddr::new(ip(at), 0), Arc::clone(filter), limits(service))
+        .await
+        .unwrap()
+}
+
+fn net(host: &str, at: &str) -> Net {
+    let t = Topology::parse(TOPOLOGY, "firewall-test.toml").unwrap();
+    Net::loopback(host, ip(at), policy(), t.limits)
 }
 
 fn policy() -> Arc<Policy> {
@@ -92,13 +109,16 @@ async fn tcp_echo(addr: SocketAddr) -> (SocketAddr, tokio::sync::mpsc::Unbounded
 #[tokio::test]
 async fn guarded_listener_admits_only_the_rule_sources() {
     let filter = Filter::new(policy(), "web-a", Service::Web);
-    let listener = GuardedListener::bind(SocketAddr::new(ip(WEB_A), 0), Arc::clone(&filter))
-        .await
-        .unwrap();
+    let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
     assert_eq!(addr.ip(), ip(WEB_A));
     tokio::spawn(async move {
-        while let Ok((mut s, peer)) = listener.accept().await {
+        while let Ok(Admitted {
+            stream: mut s,
+            peer,
+            ..
+        }) = listener.accept().await
+        {
             let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
         }
     });
@@ -134,9 +154,7 @@ async fn guarded_listener_admits_only_the_rule_sources() {
 async fn service_without_rule_refuses_everyone() {
     // The load balancer runs no web server, so its web port has no rule: default deny.
     let filter = Filter::new(policy(), "lb", Service::Web);
-    let listener = GuardedListener::bind(SocketAddr::new(ip(LB), 0), Arc::clone(&filter))
-        .await
-        .unwrap();
+    let listener = bind(&filter, LB).await;
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { while listener.accept().await.is_ok() {} });
     let s = within("connect", connect_from(ip(WEB_A), addr))
@@ -162,11 +180,9 @@ async fn relay_to_unix_socket_filters_and_forwards() {
     });
 
     let filter = Filter::new(policy(), "web-a", Service::Mysql);
-    let listener = GuardedListener::bind(SocketAddr::new(ip(WEB_A), 0), Arc::clone(&filter))
-        .await
-        .unwrap();
+    let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(relay(listener, Target::Unix(sock)));
+    tokio::spawn(relay(listener, Target::Unix(sock), CancellationToken::new()));
 
     // The replica host may reach the database; bytes pass both ways.
     let mut s = within("connect from replica", connect_from(ip(WEB_B), addr))
@@ -185,12 +201,10 @@ async fn relay_to_unix_socket_filters_and_forwards() {
 
     // A relay whose target is gone closes that connection and keeps serving.
     let filter = Filter::new(policy(), "web-a", Service::Mysql);
-    let listener = GuardedListener::bind(SocketAddr::new(ip(WEB_A), 0), Arc::clone(&filter))
-        .await
-        .unwrap();
+    let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
     let missing = dir.path().join("absent.sock");
-    tokio::spawn(relay(listener, Target::Unix(missing)));
+    tokio::spawn(relay(listener, Target::Unix(missing), CancellationToken::new()));
     for _ in 0..2 {
         let s = within("connect", connect_from(ip(WEB_B), addr))
             .await
@@ -201,24 +215,104 @@ async fn relay_to_unix_socket_filters_and_forwards() {
 }
 
 #[tokio::test]
-async fn egress_leaves_from_the_configured_address() {
+async fn egress_admits_only_the_local_server_process_and_leaves_from_the_host_address() {
     let (far, mut peers) = tcp_echo(SocketAddr::new(ip(WEB_A), 0)).await;
-    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let local_addr = local.local_addr().unwrap();
-    tokio::spawn(egress(
-        local,
+    let web_b = net("web-b", WEB_B);
+    // The egress admits the process the rule names: this test process plays mariadbd.
+    let me = std::process::id();
+    let listener = web_b
+        .listen(Service::MysqlEgress, 0)
+        .await
+        .unwrap()
+        .with_local_server(Arc::new(move || Some(me)));
+    let filter = listener.filter().clone();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(relay(
+        listener,
         Target::Tcp {
-            from: ip(WEB_B),
+            net: web_b.clone(),
             to: far,
         },
+        CancellationToken::new(),
     ));
-
-    let mut s = within("connect to egress", TcpStream::connect(local_addr))
+    // A plain local connect (source 127.0.0.1) from the named process passes.
+    let mut s = within("connect to egress", TcpStream::connect(addr))
         .await
         .unwrap();
     assert_eq!(round_trip(&mut s, b"binlog").await, b"binlog");
     let seen = within("far side peer", peers.recv()).await.unwrap();
     assert_eq!(seen, ip(WEB_B));
+    // Another host's address is refused by the address rule.
+    let other = within("connect from lb", connect_from(ip(LB), addr))
+        .await
+        .unwrap();
+    assert_refused(other).await;
+    assert_eq!(filter.refused(), 1);
+
+    // The same egress naming another process refuses this one, from an allowed address.
+    let listener = web_b
+        .listen(Service::MysqlEgress, 0)
+        .await
+        .unwrap()
+        .with_local_server(Arc::new(|| Some(1)));
+    let filter = listener.filter().clone();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(relay(
+        listener,
+        Target::Tcp { net: web_b, to: far },
+        CancellationToken::new(),
+    ));
+    let s = within("connect to egress", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    assert_refused(s).await;
+    assert_eq!((filter.accepted(), filter.refused()), (1, 1));
+}
+
+#[tokio::test]
+async fn per_source_cap_resets_and_a_full_listener_evicts_the_idle() {
+    // lb's HTTPS port admits any source.
+    let filter = Filter::new(policy(), "lb", Service::Https);
+    let mut l = limits(Service::Https);
+    l.max_connections = 3;
+    l.max_connections_per_source = 2;
+    let listener = GuardedListener::bind(SocketAddr::new(ip(LB), 0), Arc::clone(&filter), l)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(a) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let closed = a.slot.activity().closed().clone();
+                let _ = tx.send(());
+                // An idle client's connection, held until evicted.
+                closed.cancelled().await;
+                drop(a);
+            });
+        }
+    });
+    let (a, b, c) = ("127.90.1.1", "127.90.1.2", "127.90.1.3");
+    let first = within("connect", connect_from(ip(a), addr)).await.unwrap();
+    within("admitted", rx.recv()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _second = within("connect", connect_from(ip(a), addr)).await.unwrap();
+    within("admitted", rx.recv()).await.unwrap();
+    // A third from the same source is over the per-source cap: reset at once, counted.
+    let third = within("connect", connect_from(ip(a), addr)).await.unwrap();
+    assert_refused(third).await;
+    assert_eq!(filter.limited()[0].1, 1);
+    // Another source fills the listener (3 of 3) ...
+    let _fourth = within("connect", connect_from(ip(b), addr)).await.unwrap();
+    within("admitted", rx.recv()).await.unwrap();
+    assert_eq!(filter.open_connections(), 3);
+    // ... and one more is admitted by closing the connection idle longest: the first.
+    let _fifth = within("connect", connect_from(ip(c), addr)).await.unwrap();
+    within("admitted", rx.recv()).await.unwrap();
+    assert_refused(first).await;
+    assert_eq!(filter.evicted(), 1);
+    assert_eq!(filter.limited()[1].1, 0, "nothing refused for the cap");
 }
 
 #[tokio::test]
@@ -230,7 +324,7 @@ async fn egress_unix_leaves_from_the_configured_address() {
     tokio::spawn(egress_unix(
         local,
         Target::Tcp {
-            from: ip(WEB_B),
+            net: net("web-b", WEB_B),
             to: far,
         },
     ));
@@ -255,12 +349,10 @@ async fn egress_unix_leaves_from_the_configured_address() {
 #[tokio::test]
 async fn accepted_connections_have_nodelay() {
     let filter = Filter::new(policy(), "web-a", Service::Web);
-    let listener = GuardedListener::bind(SocketAddr::new(ip(WEB_A), 0), filter)
-        .await
-        .unwrap();
+    let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
     let client = within("connect", connect_from(ip(LB), addr)).await.unwrap();
-    let (accepted, _) = within("accept", listener.accept()).await.unwrap();
-    assert!(accepted.nodelay().unwrap());
+    let accepted = within("accept", listener.accept()).await.unwrap();
+    assert!(accepted.stream.nodelay().unwrap());
     drop(client);
 }

@@ -16,6 +16,7 @@ mod down;
 mod error;
 pub mod node;
 mod paths;
+pub mod plan;
 mod ports;
 mod status;
 mod up;

@@ -1,7 +1,9 @@
 //! The node process: one per host (`rampart node --host NAME`). It reads the resolved
-//! topology from the state directory, starts the host's roles in dependency order
-//! (database, monitoring service, web/application, load balancer, agent), writes
-//! `status.json` every second, and on SIGTERM or SIGINT stops its MariaDB server and exits.
+//! topology from the state directory, builds the host's [`HostPlan`] once, starts the
+//! host's roles in dependency order (database, monitoring service, web/application, load
+//! balancer, agent) — each returning a [`RoleHandle`] — writes `status.json` every second
+//! (healthy when every role is), and on SIGTERM or SIGINT stops the roles in reverse order
+//! (listeners drain), stops its MariaDB server and exits.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,9 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use serve::RoleHandle;
 use tokio::signal::unix::{signal, SignalKind};
-use topology::{Policy, Role, Topology};
+use topology::{Role, Topology};
 
+use crate::plan::HostPlan;
 use crate::{LabError, StateDir};
 
 /// What a node reports about itself in `hosts/<name>/status.json`.
@@ -59,124 +63,94 @@ fn role_err(host: &str, role: Role, reason: impl std::fmt::Display) -> LabError 
 
 async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     let topology = Topology::load(&state.topology_file())?;
-    let host = topology
-        .host(&name)
-        .cloned()
-        .ok_or_else(|| LabError::Other(format!("host {name} is not in the topology")))?;
-    let policy = Arc::new(Policy::compile(&topology));
-    let pki = state.pki();
+    let plan = HostPlan::from_topology(&topology, &name, &state)?;
+    let host = plan.host.clone();
+    let ports = plan.net.policy().ports(&name);
     let mut registry = Registry::default();
     // The request families every HTTP-serving role of this host records into, registered
     // once so the exposition holds each family exactly once.
     let http = telemetry::HttpMetrics::register(&mut registry);
-    let mut filters: Vec<Arc<firewall::Filter>> = Vec::new();
-    let ports = policy.ports(&name);
-
-    // Resolved once: the database role and the application must agree on it.
-    let engine = if [Role::DbPrimary, Role::DbReplica, Role::App]
-        .iter()
-        .any(|r| host.has(*r))
-    {
-        Some(db::resolve_engine(&topology)?)
-    } else {
-        None
-    };
+    // Every role, in start order; stopped in reverse.
+    let mut roles: Vec<Arc<dyn RoleHandle>> = Vec::new();
 
     // Database first: the application connects to it.
     let mut db_server = None;
-    if host.has(Role::DbPrimary) || host.has(Role::DbReplica) {
+    if let Some(cfg) = plan.db_server {
         let role = if host.has(Role::DbPrimary) {
             Role::DbPrimary
         } else {
             Role::DbReplica
         };
-        let cfg = engine
-            .and_then(|e| {
-                db::ServerConfig::from_topology(&topology, &name, state.root(), policy.clone(), e)
-            })
-            .ok_or_else(|| role_err(&name, role, "no database configuration for this host"))?;
-        let server = db::start_server(cfg)
-            .await
-            .map_err(|e| role_err(&name, role, e))?;
-        filters.extend(server.filters());
+        let server = Arc::new(
+            db::start_server(cfg)
+                .await
+                .map_err(|e| role_err(&name, role, e))?,
+        );
         tracing::info!(host = %name, "database role started");
+        roles.push(server.clone());
         db_server = Some(server);
+    } else if host.has(Role::DbPrimary) || host.has(Role::DbReplica) {
+        return Err(role_err(&name, Role::DbPrimary, "no database configuration for this host"));
     }
 
-    let mut monitor = None;
-    if host.has(Role::Monitor) {
-        let cfg =
-            monitor::MonitorConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
-                .ok_or_else(|| role_err(&name, Role::Monitor, "no monitor configuration"))?;
+    if let Some(cfg) = plan.monitor {
         let handle = monitor::start_monitor(cfg)
             .await
             .map_err(|e| role_err(&name, Role::Monitor, e))?;
-        filters.extend(handle.filters());
         tracing::info!(host = %name, addr = %handle.addr(), "monitoring service started");
-        monitor = Some(handle);
+        roles.push(Arc::new(handle));
     }
 
-    let mut web_handle = None;
-    if host.has(Role::Web) {
-        let store: Option<Arc<dyn web::Store>> = if host.has(Role::App) {
-            let cfg = engine
-                .and_then(|e| db::ClientConfig::from_topology(&topology, &name, state.root(), e))
-                .ok_or_else(|| role_err(&name, Role::App, "no database client configuration"))?;
-            let client = db::connect_client(cfg)
-                .await
-                .map_err(|e| role_err(&name, Role::App, e))?;
-            Some(Arc::new(client))
-        } else {
-            None
+    if let Some(web_plan) = plan.web {
+        let store: Option<Arc<dyn web::Store>> = match plan.db_client {
+            Some(cfg) => {
+                let client = db::connect_client(cfg)
+                    .await
+                    .map_err(|e| role_err(&name, Role::App, e))?;
+                Some(Arc::new(client))
+            }
+            None if host.has(Role::App) => {
+                return Err(role_err(&name, Role::App, "no database client configuration"))
+            }
+            None => None,
         };
-        let docroot = state.docroot(&name);
-        web::deploy_site(&docroot).map_err(|e| LabError::io(&docroot, e))?;
+        web::deploy_site(&web_plan.docroot).map_err(|e| LabError::io(&web_plan.docroot, e))?;
         let cfg = web::WebConfig {
             host: name.clone(),
-            address: host.address,
-            port: topology.ports.web,
-            docroot,
-            pki: pki.clone(),
-            policy: policy.clone(),
-            plain: topology.site.plain_backends,
-            lb_hosts: topology
-                .hosts_with(Role::Lb)
-                .map(|h| h.name.clone())
-                .collect(),
-            health_path: topology.health_check.path.clone(),
+            net: plan.net.clone(),
+            port: web_plan.port,
+            docroot: web_plan.docroot,
+            pki: state.pki(),
+            plain: web_plan.plain,
+            health_path: web_plan.health_path,
             store,
         };
         let handle = web::start(cfg, &mut registry, &http)
             .await
             .map_err(|e| role_err(&name, Role::Web, e))?;
-        filters.extend(handle.filters());
         tracing::info!(host = %name, addr = %handle.addr(), "web server started");
-        web_handle = Some(handle);
+        roles.push(Arc::new(handle));
     }
 
     let mut lb_handle = None;
-    if host.has(Role::Lb) {
-        let mut cfg = lb::LbConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
-            .ok_or_else(|| role_err(&name, Role::Lb, "no load balancer configuration"))?;
-        cfg.access_log = Some(state.host_dir(&name).join("access.log"));
-        let handle = lb::start(cfg, &mut registry, &http)
-            .await
-            .map_err(|e| role_err(&name, Role::Lb, e))?;
-        filters.extend(handle.filters());
+    if let Some(cfg) = plan.lb {
+        let handle = Arc::new(
+            lb::start(cfg, &mut registry, &http)
+                .await
+                .map_err(|e| role_err(&name, Role::Lb, e))?,
+        );
         tracing::info!(host = %name, https = %handle.https_addr(), http = %handle.http_addr(), "load balancer started");
+        roles.push(handle.clone());
         lb_handle = Some(handle);
     }
 
-    let mut agent = None;
-    if host.has(Role::Agent) {
-        let cfg =
-            monitor::AgentConfig::from_topology(&topology, &name, pki.clone(), policy.clone())
-                .ok_or_else(|| role_err(&name, Role::Agent, "no agent configuration"))?;
-        let handle = monitor::start_agent(cfg, registry, filters.clone())
+    if let Some(cfg) = plan.agent {
+        let filters = roles.iter().flat_map(|r| r.filters()).collect();
+        let handle = monitor::start_agent(cfg, registry, filters)
             .await
             .map_err(|e| role_err(&name, Role::Agent, e))?;
         tracing::info!(host = %name, addr = %handle.addr(), "monitoring agent started");
-        agent = Some(handle);
+        roles.push(Arc::new(handle));
     }
 
     let write_status = || {
@@ -185,8 +159,8 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
             .as_ref()
             .map(|h| h.backends().into_iter().collect())
             .unwrap_or_default();
-        let healthy =
-            db.as_ref().is_none_or(|d| d.healthy) && lb_handle.as_ref().is_none_or(|h| h.healthy());
+        // The node is healthy when every role is.
+        let healthy = roles.iter().all(|r| r.healthy());
         let status = NodeStatus {
             host: name.clone(),
             pid: std::process::id(),
@@ -224,10 +198,15 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         }
     }
     tracing::info!(host = %name, "stopping");
+    // Reverse start order: the agent and the load balancer first, the database last. Each
+    // role drains its listeners (bounded by their drain timeouts).
+    for role in roles.iter().rev() {
+        role.shutdown().await;
+    }
     if let Some(server) = &db_server {
         server.stop().await;
     }
-    drop((agent, lb_handle, web_handle, monitor));
+    drop(roles);
     let _ = std::fs::remove_file(state.node_status_file(&name));
     Ok(())
 }

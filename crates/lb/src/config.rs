@@ -1,10 +1,9 @@
 //! What the load balancer is started with, and how it is derived from a topology.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use topology::{HealthCheck, Policy, Role, Topology};
+use topology::{HealthCheck, Role, Topology};
 
 /// One upstream web server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +22,10 @@ pub struct LbConfig {
     /// This host's name, e.g. `lb-01`: the identity presented to backends (its host
     /// certificate) and the host whose firewall rules guard the listeners.
     pub host: String,
-    /// Listen address of both listeners and source address of every upstream connection.
-    pub address: IpAddr,
+    /// This host's network seam: both listeners are bound through it (its address, the
+    /// policy's https/http rules, the `limits.https`/`limits.http` limits) and every
+    /// upstream connection leaves from its address.
+    pub net: firewall::Net,
     /// HTTPS listener port; 0 picks an ephemeral port (see [`crate::LbHandle::https_addr`]).
     pub https_port: u16,
     /// HTTP listener port (redirects only); 0 picks an ephemeral port.
@@ -40,8 +41,6 @@ pub struct LbConfig {
     pub health: HealthCheck,
     /// Where the CA, the site certificate and this host's certificate are.
     pub pki: pki::PkiPaths,
-    /// The compiled firewall policy the listeners enforce.
-    pub policy: Arc<Policy>,
     /// Where to append the access log (one line per request on either listener, see
     /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
@@ -60,7 +59,7 @@ impl LbConfig {
         t: &Topology,
         host: &str,
         pki: pki::PkiPaths,
-        policy: Arc<Policy>,
+        net: firewall::Net,
     ) -> Option<LbConfig> {
         let me = t.host(host)?;
         if !me.has(Role::Lb) {
@@ -75,7 +74,7 @@ impl LbConfig {
             .collect();
         Some(LbConfig {
             host: me.name.clone(),
-            address: me.address,
+            net,
             https_port: t.https_port(),
             http_port: t.http_port(),
             site_domain: t.site.domain.clone(),
@@ -83,7 +82,6 @@ impl LbConfig {
             plain_backends: t.site.plain_backends,
             health: t.health_check.clone(),
             pki,
-            policy,
             access_log: None,
         })
     }
@@ -93,6 +91,9 @@ impl LbConfig {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    use topology::Policy;
 
     const TOML: &str = r#"
 [site]
@@ -118,10 +119,9 @@ roles = ["web", "app"]
     #[test]
     fn from_topology_takes_every_web_host_as_backend() {
         let t = Topology::parse(TOML, "test.toml").unwrap();
-        let policy = Arc::new(Policy::compile(&t));
-        let cfg = LbConfig::from_topology(&t, "lb-01", pki::PkiPaths::new("/nonexistent"), policy)
+        let cfg = LbConfig::from_topology(&t, "lb-01", pki::PkiPaths::new("/nonexistent"), net(&t, "lb-01"))
             .unwrap();
-        assert_eq!(cfg.address, "127.91.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(cfg.net.address(), "127.91.0.10".parse::<IpAddr>().unwrap());
         assert_eq!((cfg.https_port, cfg.http_port), (8443, 8080));
         assert_eq!(cfg.site_domain, "www.foobar.com");
         let names: Vec<_> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
@@ -132,9 +132,14 @@ roles = ["web", "app"]
     #[test]
     fn from_topology_refuses_hosts_without_lb() {
         let t = Topology::parse(TOML, "test.toml").unwrap();
-        let policy = Arc::new(Policy::compile(&t));
         let paths = pki::PkiPaths::new("/nonexistent");
-        assert!(LbConfig::from_topology(&t, "web-01", paths.clone(), policy.clone()).is_none());
-        assert!(LbConfig::from_topology(&t, "nobody", paths, policy).is_none());
+        assert!(LbConfig::from_topology(&t, "web-01", paths.clone(), net(&t, "web-01")).is_none());
+        assert!(LbConfig::from_topology(&t, "nobody", paths, net(&t, "lb-01")).is_none());
+    }
+
+    fn net(t: &Topology, host: &str) -> firewall::Net {
+        let policy = Arc::new(Policy::compile(t));
+        let address = t.host(host).map(|h| h.address).unwrap_or([127, 91, 0, 1].into());
+        firewall::Net::loopback(host, address, policy, t.limits.clone())
     }
 }

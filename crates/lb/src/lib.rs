@@ -27,20 +27,23 @@ mod health;
 mod layers;
 mod proxy;
 mod redirect;
-mod server;
 mod upstream;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use firewall::{Filter, GuardedListener};
 use pki::Identity;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use serve::{Ended, HttpOptions, RoleHandle, RoleTasks};
 use tokio::sync::watch;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use topology::Service;
 use tower::ServiceBuilder;
 
@@ -100,6 +103,7 @@ pub struct LbHandle {
     filters: Vec<Arc<Filter>>,
     balancer: Arc<Balancer>,
     shutdown: watch::Sender<bool>,
+    tasks: RoleTasks,
 }
 
 impl LbHandle {
@@ -135,10 +139,65 @@ impl LbHandle {
     }
 
     /// Stops accepting connections and health checking; open connections finish their
-    /// in-flight requests and close. Returns immediately.
+    /// in-flight requests (up to the listeners' `drain_timeout_ms`) and close. Returns
+    /// immediately; [`RoleHandle::shutdown`] also waits for the drain.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.tasks.cancel();
     }
+}
+
+impl Drop for LbHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl RoleHandle for LbHandle {
+    fn role(&self) -> &'static str {
+        "lb"
+    }
+    fn addrs(&self) -> Vec<(Service, SocketAddr)> {
+        vec![(Service::Https, self.https_addr), (Service::Http, self.http_addr)]
+    }
+    fn healthy(&self) -> bool {
+        LbHandle::healthy(self)
+    }
+    fn filters(&self) -> Vec<Arc<Filter>> {
+        self.filters.clone()
+    }
+    fn shutdown(&self) -> serve::BoxFuture<()> {
+        self.shutdown.send_replace(true);
+        let tasks = self.tasks.clone();
+        Box::pin(async move { tasks.shutdown().await })
+    }
+}
+
+/// Labels of `rampart_lb_connections_closed_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// Counts connections the serve path closed for a reason (timeouts, handshake failures,
+/// unparsable or oversized heads answered by hyper itself, evictions) per listener.
+fn closed_counter(
+    family: &Family<ClosedLabels, Counter>,
+    listener: &'static str,
+) -> serve::OnEnded {
+    let family = family.clone();
+    Arc::new(move |why: Ended, peer| {
+        family
+            .get_or_create(&ClosedLabels {
+                listener,
+                reason: why.as_str(),
+            })
+            .inc();
+        if matches!(why, Ended::BadRequest | Ended::HeadTooLarge) {
+            tracing::info!(%peer, listener, reason = why.as_str(), "request rejected before routing");
+        }
+    })
 }
 
 fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
@@ -165,14 +224,16 @@ fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
     Ok(())
 }
 
-/// Binds `address:port` guarded by `filter`; returns the listener and its bound address.
+/// Binds this host's `service` listener on `port` through the network seam; returns the
+/// listener and its bound address.
 async fn bind(
-    address: IpAddr,
+    net: &firewall::Net,
+    service: Service,
     port: u16,
-    filter: Arc<Filter>,
 ) -> Result<(GuardedListener, SocketAddr), LbError> {
-    let addr = SocketAddr::new(address, port);
-    let listener = GuardedListener::bind(addr, filter)
+    let addr = SocketAddr::new(net.address(), port);
+    let listener = net
+        .listen(service, port)
         .await
         .map_err(|source| LbError::Bind { addr, source })?;
     let bound = listener
@@ -219,7 +280,7 @@ pub async fn start(
     http_metrics: &telemetry::HttpMetrics,
 ) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
-    let acceptor = TlsAcceptor::from(Arc::new(pki::site_server_config(&cfg.pki)?));
+    let site_tls = Arc::new(pki::site_server_config(&cfg.pki)?);
     let upstream_tls = if cfg.plain_backends {
         None
     } else {
@@ -228,10 +289,16 @@ pub async fn start(
         Some(TlsConnector::from(Arc::new(tls)))
     };
 
-    let https_filter = Filter::new(cfg.policy.clone(), &cfg.host, Service::Https);
-    let http_filter = Filter::new(cfg.policy.clone(), &cfg.host, Service::Http);
-    let (https, https_addr) = bind(cfg.address, cfg.https_port, https_filter.clone()).await?;
-    let (http, http_addr) = bind(cfg.address, cfg.http_port, http_filter.clone()).await?;
+    let (https, https_addr) = bind(&cfg.net, Service::Https, cfg.https_port).await?;
+    let (http, http_addr) = bind(&cfg.net, Service::Http, cfg.http_port).await?;
+    let https_filter = https.filter().clone();
+    let http_filter = http.filter().clone();
+    let closed = Family::<ClosedLabels, Counter>::default();
+    registry.register(
+        "rampart_lb_connections_closed",
+        "Connections the load balancer closed by reason: TLS handshake failed or timed out, no first byte, incomplete head, idle, stalled, evicted from a full listener, unparsable (400) or oversized (431) head",
+        closed.clone(),
+    );
 
     let metrics = Metrics::register(registry, http_metrics.clone());
     let dropped = access_log::register_dropped(registry);
@@ -252,7 +319,7 @@ pub async fn start(
         metrics.backend_up(name)
     }));
     let connector = Connector::new(
-        cfg.address,
+        cfg.net.address(),
         cfg.backends
             .iter()
             .map(|b| (b.name.clone(), b.addr))
@@ -276,55 +343,49 @@ pub async fn start(
         ));
     }
 
-    let builder = server::http_builder();
-    let https_builder = builder.clone();
+    let tasks = RoleTasks::new();
     let https_metrics = metrics.clone();
     let https_log = access_log.clone();
-    tokio::spawn(server::accept_loop(
+    tasks.spawn(serve::serve_http(
         https,
-        shutdown_rx.clone(),
-        move |tcp, peer, shutdown| {
-            let service = ServiceBuilder::new()
+        HttpOptions {
+            tls: Some(site_tls),
+            on_ended: Some(closed_counter(&closed, "https")),
+        },
+        move |info: &serve::ConnInfo| {
+            ServiceBuilder::new()
                 .layer(AccessLogLayer::new(
                     https_log.clone(),
                     Listener::Https,
-                    peer.ip(),
+                    info.peer.ip(),
                 ))
                 .layer(MetricsLayer(https_metrics.clone()))
                 .map_response(add_hsts)
-                .service(Proxy::new(upstreams.clone(), peer.ip()));
-            server::serve_tls(
-                https_builder.clone(),
-                acceptor.clone(),
-                tcp,
-                peer,
-                service,
-                shutdown,
-            )
+                .service(Proxy::new(upstreams.clone(), info.peer.ip()))
         },
+        tasks.token(),
+        tasks.tracker(),
     ));
 
     let redirect = Redirect::new(&cfg.site_domain, https_addr.port());
-    tokio::spawn(server::accept_loop(
+    tasks.spawn(serve::serve_http(
         http,
-        shutdown_rx,
-        move |tcp, peer, shutdown| {
-            let service = ServiceBuilder::new()
+        HttpOptions {
+            tls: None,
+            on_ended: Some(closed_counter(&closed, "http")),
+        },
+        move |info: &serve::ConnInfo| {
+            ServiceBuilder::new()
                 .layer(AccessLogLayer::new(
                     access_log.clone(),
                     Listener::Http,
-                    peer.ip(),
+                    info.peer.ip(),
                 ))
                 .layer(MetricsLayer(metrics.clone()))
-                .service(redirect.clone());
-            server::serve(
-                builder.clone(),
-                hyper_util::rt::TokioIo::new(tcp),
-                peer,
-                service,
-                shutdown,
-            )
+                .service(redirect.clone())
         },
+        tasks.token(),
+        tasks.tracker(),
     ));
 
     tracing::info!(
@@ -342,5 +403,6 @@ pub async fn start(
         filters: vec![https_filter, http_filter],
         balancer,
         shutdown,
+        tasks,
     })
 }

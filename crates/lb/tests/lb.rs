@@ -58,7 +58,8 @@ impl TestBackend {
         tls: bool,
     ) -> TestBackend {
         let filter = firewall::Filter::new(policy.clone(), name, Service::Web);
-        let listener = firewall::GuardedListener::bind(SocketAddr::new(at, 0), filter)
+        let limits = topology::ListenerLimits::default_for(Service::Web);
+        let listener = firewall::GuardedListener::bind(SocketAddr::new(at, 0), filter, limits)
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
@@ -78,13 +79,19 @@ impl TestBackend {
                     _ = &mut stop_rx => break,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((tcp, peer)) = accepted else {
+                let Ok(firewall::Admitted {
+                    stream: tcp,
+                    peer,
+                    slot,
+                }) = accepted
+                else {
                     continue;
                 };
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let (name, seen, acceptor) =
                     (task_name.clone(), task_seen.clone(), acceptor.clone());
                 connections.spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |req| {
                         let (name, seen) = (name.clone(), seen.clone());
                         async move { Ok::<_, Infallible>(answer(&name, id, peer, &seen, req).await) }
@@ -201,8 +208,13 @@ async fn setup_with(tls: bool, access_log: Option<std::path::PathBuf>) -> Setup 
     for (name, last) in [("web-01", 11), ("web-02", 12)] {
         backends.push(TestBackend::start(&pki.paths, &policy, name, ip(last), tls).await);
     }
-    let mut cfg =
-        LbConfig::from_topology(&pki.topology, "lb-01", pki.paths.clone(), policy.clone()).unwrap();
+    let net = firewall::Net::loopback(
+        "lb-01",
+        ip(10),
+        policy.clone(),
+        pki.topology.limits.clone(),
+    );
+    let mut cfg = LbConfig::from_topology(&pki.topology, "lb-01", pki.paths.clone(), net).unwrap();
     cfg.https_port = 0;
     cfg.http_port = 0;
     cfg.plain_backends = !tls;

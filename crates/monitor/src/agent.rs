@@ -27,7 +27,7 @@ const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(30);
 pub struct AgentHandle {
     addr: SocketAddr,
     filter: Arc<firewall::Filter>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: ::serve::RoleTasks,
 }
 
 impl AgentHandle {
@@ -44,9 +44,26 @@ impl AgentHandle {
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.cancel();
+    }
+}
+
+impl ::serve::RoleHandle for AgentHandle {
+    fn role(&self) -> &'static str {
+        "agent"
+    }
+    fn addrs(&self) -> Vec<(Service, SocketAddr)> {
+        vec![(Service::Agent, self.addr)]
+    }
+    fn healthy(&self) -> bool {
+        self.tasks.running()
+    }
+    fn filters(&self) -> Vec<Arc<firewall::Filter>> {
+        vec![self.filter.clone()]
+    }
+    fn shutdown(&self) -> ::serve::BoxFuture<()> {
+        let tasks = self.tasks.clone();
+        Box::pin(async move { tasks.shutdown().await })
     }
 }
 
@@ -74,12 +91,19 @@ pub async fn start_agent(
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(client_tls)
         .resolve(&monitor_name, monitor_addr)
-        .local_address(Some(cfg.address))
+        // reqwest binds the source address itself: the host's address from its seam.
+        .local_address(Some(cfg.net.address()))
         .connect_timeout(PUSH_TIMEOUT)
         .timeout(PUSH_TIMEOUT)
         .build()?;
 
-    let filter = firewall::Filter::new(cfg.policy.clone(), &cfg.host, Service::Agent);
+    let bind = SocketAddr::new(cfg.net.address(), cfg.port);
+    let listener = cfg
+        .net
+        .listen(Service::Agent, cfg.port)
+        .await
+        .map_err(|source| MonitorError::Bind { addr: bind, source })?;
+    let filter = listener.filter().clone();
     let mut all_filters = filters;
     all_filters.push(filter.clone());
     registry.register_collector(Box::new(HostCollector {
@@ -90,10 +114,6 @@ pub async fn start_agent(
     }));
     let registry = Arc::new(registry);
 
-    let bind = SocketAddr::new(cfg.address, cfg.port);
-    let listener = firewall::GuardedListener::bind(bind, filter.clone())
-        .await
-        .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
@@ -104,9 +124,17 @@ pub async fn start_agent(
             registry: registry.clone(),
             monitor_host: monitor_name.clone(),
         }));
-    let server = serve::spawn(listener, Arc::new(server_tls), app, "agent");
+    let tasks = ::serve::RoleTasks::new();
+    serve::spawn(listener, Arc::new(server_tls), app, &tasks);
     let url = format!("https://{monitor_name}:{}/api/v1/push", monitor_addr.port());
-    let pusher = tokio::spawn(push_loop(client, url, registry, cfg.push_interval));
+    let token = tasks.token();
+    let push = push_loop(client, url, registry, cfg.push_interval);
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = push => {}
+            _ = token.cancelled() => {}
+        }
+    });
     tracing::info!(
         "agent {} serving /metrics on {addr}, pushing to {monitor_name} at {monitor_addr}",
         cfg.host
@@ -114,7 +142,7 @@ pub async fn start_agent(
     Ok(AgentHandle {
         addr,
         filter,
-        tasks: vec![server, pusher],
+        tasks,
     })
 }
 

@@ -13,12 +13,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
+
 use std::time::Duration;
 
 use pki::PkiPaths;
-use topology::{AlertRule, Policy, Role, Topology};
+use topology::{AlertRule, Role, Topology};
 
 mod agent;
 pub mod alert;
@@ -67,16 +67,15 @@ pub enum MonitorError {
 pub struct AgentConfig {
     /// This host's name (its certificate identity).
     pub host: String,
-    /// This host's address: the `/metrics` listener's and the source of pushes.
-    pub address: IpAddr,
+    /// This host's network seam: the `/metrics` listener is bound through it; pushes leave
+    /// from its address.
+    pub net: firewall::Net,
     /// `/metrics` listener port (0: any, in tests).
     pub port: u16,
     /// The monitoring service: host name (verified on its certificate) and ingest address.
     pub monitor: (String, SocketAddr),
     /// The PKI directory.
     pub pki: PkiPaths,
-    /// The firewall policy for the `/metrics` listener.
-    pub policy: Arc<Policy>,
     /// Time between pushes; 1 s from the topology.
     pub push_interval: Duration,
 }
@@ -89,20 +88,19 @@ impl AgentConfig {
         t: &Topology,
         host: &str,
         pki: PkiPaths,
-        policy: Arc<Policy>,
+        net: firewall::Net,
     ) -> Option<AgentConfig> {
         let h = t.host(host).filter(|h| h.has(Role::Agent))?;
         let mon = t.monitor()?;
         Some(AgentConfig {
             host: h.name.clone(),
-            address: h.address,
+            net,
             port: t.ports.agent,
             monitor: (
                 mon.name.clone(),
                 SocketAddr::new(mon.address, t.ports.ingest),
             ),
             pki,
-            policy,
             push_interval: Duration::from_secs(1),
         })
     }
@@ -113,14 +111,12 @@ impl AgentConfig {
 pub struct MonitorConfig {
     /// The monitor host's name (its server certificate).
     pub host: String,
-    /// Listener address.
-    pub address: IpAddr,
+    /// The host's network seam: the listener is bound through it.
+    pub net: firewall::Net,
     /// Listener port (push ingest, dashboard, API; 0: any, in tests).
     pub port: u16,
     /// The PKI directory.
     pub pki: PkiPaths,
-    /// The firewall policy for the listener.
-    pub policy: Arc<Policy>,
     /// The QPS alert rule.
     pub rule: AlertRule,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
@@ -135,15 +131,14 @@ impl MonitorConfig {
         t: &Topology,
         host: &str,
         pki: PkiPaths,
-        policy: Arc<Policy>,
+        net: firewall::Net,
     ) -> Option<MonitorConfig> {
         let h = t.host(host).filter(|h| h.has(Role::Monitor))?;
         Some(MonitorConfig {
             host: h.name.clone(),
-            address: h.address,
+            net,
             port: t.ports.ingest,
             pki,
-            policy,
             rule: t.qps_alert.clone(),
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
         })
@@ -161,20 +156,26 @@ pub(crate) fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use topology::Policy;
 
     #[test]
     fn configs_from_the_default_topology() {
         let t = Topology::default_topology();
         let policy = Arc::new(Policy::compile(&t));
+        let net = |h: &str| {
+            let a = t.host(h).unwrap().address;
+            firewall::Net::loopback(h, a, policy.clone(), t.limits.clone())
+        };
         let pki = PkiPaths::new("/tmp/x");
-        let a = AgentConfig::from_topology(&t, "web-01", pki.clone(), policy.clone()).unwrap();
+        let a = AgentConfig::from_topology(&t, "web-01", pki.clone(), net("web-01")).unwrap();
         assert_eq!(a.monitor.0, "mon-01");
         assert_eq!(a.monitor.1, "127.80.0.20:9090".parse().unwrap());
         assert_eq!(a.port, 9100);
-        assert!(AgentConfig::from_topology(&t, "mon-01", pki.clone(), policy.clone()).is_none());
-        let m = MonitorConfig::from_topology(&t, "mon-01", pki.clone(), policy.clone()).unwrap();
+        assert!(AgentConfig::from_topology(&t, "mon-01", pki.clone(), net("mon-01")).is_none());
+        let m = MonitorConfig::from_topology(&t, "mon-01", pki.clone(), net("mon-01")).unwrap();
         assert_eq!(m.agent_hosts, ["lb-01", "web-01", "web-02"]);
         assert_eq!(m.rule.threshold_rps, 100.0);
-        assert!(MonitorConfig::from_topology(&t, "lb-01", pki, policy).is_none());
+        assert!(MonitorConfig::from_topology(&t, "lb-01", pki, net("lb-01")).is_none());
     }
 }

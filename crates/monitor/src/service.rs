@@ -42,7 +42,7 @@ pub struct MonitorHandle {
     addr: SocketAddr,
     filter: Arc<firewall::Filter>,
     state: Arc<MonitorState>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: ::serve::RoleTasks,
 }
 
 impl MonitorHandle {
@@ -64,9 +64,26 @@ impl MonitorHandle {
 
 impl Drop for MonitorHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.cancel();
+    }
+}
+
+impl ::serve::RoleHandle for MonitorHandle {
+    fn role(&self) -> &'static str {
+        "monitor"
+    }
+    fn addrs(&self) -> Vec<(Service, SocketAddr)> {
+        vec![(Service::Ingest, self.addr)]
+    }
+    fn healthy(&self) -> bool {
+        self.tasks.running()
+    }
+    fn filters(&self) -> Vec<Arc<firewall::Filter>> {
+        vec![self.filter.clone()]
+    }
+    fn shutdown(&self) -> ::serve::BoxFuture<()> {
+        let tasks = self.tasks.clone();
+        Box::pin(async move { tasks.shutdown().await })
     }
 }
 
@@ -82,23 +99,29 @@ impl Drop for MonitorHandle {
 /// Errors: TLS material missing or invalid, the address cannot be bound.
 pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorError> {
     let tls = pki::mtls_server_config(&cfg.pki, &cfg.host, &[b"h2", b"http/1.1"])?;
-    let filter = firewall::Filter::new(cfg.policy.clone(), &cfg.host, Service::Ingest);
-    let bind = SocketAddr::new(cfg.address, cfg.port);
-    let listener = firewall::GuardedListener::bind(bind, filter.clone())
+    let bind = SocketAddr::new(cfg.net.address(), cfg.port);
+    let listener = cfg
+        .net
+        .listen(Service::Ingest, cfg.port)
         .await
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
+    let filter = listener.filter().clone();
     let addr = listener
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let state = Arc::new(MonitorState::new(cfg.rule, cfg.agent_hosts));
-    let server = serve::spawn(listener, Arc::new(tls), app(state.clone()), "monitor");
+    let tasks = ::serve::RoleTasks::new();
+    serve::spawn(listener, Arc::new(tls), app(state.clone()), &tasks);
     let eval_state = state.clone();
-    let evaluator = tokio::spawn(async move {
+    let token = tasks.token();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            tick.tick().await;
-            eval_state.evaluate(unix_now());
+            tokio::select! {
+                _ = tick.tick() => eval_state.evaluate(unix_now()),
+                _ = token.cancelled() => return,
+            }
         }
     });
     tracing::info!("monitoring service {} listening on {addr}", cfg.host);
@@ -106,7 +129,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         addr,
         filter,
         state,
-        tasks: vec![server, evaluator],
+        tasks,
     })
 }
 

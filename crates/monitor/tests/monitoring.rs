@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use test_support::{eventually, topology_in_block, TestPki};
-use topology::{AlertRule, Policy};
+use topology::AlertRule;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,9 +37,9 @@ fn ip(s: &str) -> IpAddr {
 async fn start(rule: Option<AlertRule>) -> Lab {
     let t = topology_in_block(94);
     let pki = TestPki::new(t.clone());
-    let policy = Arc::new(Policy::compile(&t));
     let mut mcfg =
-        MonitorConfig::from_topology(&t, "mon-01", pki.paths.clone(), policy.clone()).unwrap();
+        MonitorConfig::from_topology(&t, "mon-01", pki.paths.clone(), test_support::net(&t, "mon-01"))
+            .unwrap();
     mcfg.port = 0;
     if let Some(rule) = rule {
         mcfg.rule = rule;
@@ -47,8 +47,9 @@ async fn start(rule: Option<AlertRule>) -> Lab {
     let monitor = start_monitor(mcfg).await.unwrap();
 
     let mut acfg =
-        AgentConfig::from_topology(&t, "lb-01", pki.paths.clone(), policy.clone()).unwrap();
-    assert_eq!(acfg.address, ip("127.94.0.10"));
+        AgentConfig::from_topology(&t, "lb-01", pki.paths.clone(), test_support::net(&t, "lb-01"))
+            .unwrap();
+    assert_eq!(acfg.net.address(), ip("127.94.0.10"));
     acfg.port = 0;
     acfg.monitor.1 = monitor.addr();
     let mut registry = Registry::default();

@@ -156,8 +156,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect::<Vec<_>>()
                         .join(", "),
                 };
+                let callers = match &r.callers {
+                    topology::Callers::Anyone => String::new(),
+                    topology::Callers::Identities(ids) => format!(
+                        " as {}",
+                        ids.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    topology::Callers::LocalServer => " as the host's own mariadbd".to_string(),
+                };
                 println!(
-                    "  {:8} {:7} tcp/{:<5} from {from}",
+                    "  {:8} {:12} tcp/{:<5} from {from}{callers}",
                     r.host, r.service, r.port
                 );
             }

@@ -39,6 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use firewall::{Activity, GuardedListener};
 use http::{Request, Response};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -276,15 +277,20 @@ impl<M> Ctx<M> {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(pki::peer_identity);
-        if !self.callers.admit(identity.as_ref()) {
-            tracing::warn!(listener = %self.service, %peer, ?identity, "caller not admitted by the policy; closing");
-            return self.ended(Ended::Identity, peer);
-        }
         let info = ConnInfo {
             peer,
             identity,
             service: self.service,
         };
+        if !self.callers.admit(info.identity.as_ref()) {
+            // Answered, not dropped: a caller with a valid certificate of the lab learns
+            // why (403, RFC 9110 §15.5.4) and the operator sees it counted.
+            tracing::warn!(listener = %self.service, %peer, identity = ?info.identity, "caller not admitted by the policy");
+            self.ended(Ended::Identity, peer);
+            return self
+                .http(TokioIo::new(tls), info, forbidden(), &activity, &shutdown, &linger)
+                .await;
+        }
         let svc = (self.make)(&info);
         self.http(TokioIo::new(tls), info, svc, &activity, &shutdown, &linger)
             .await
@@ -402,6 +408,26 @@ impl<M> Ctx<M> {
             linger.store(true, Ordering::Relaxed);
         }
     }
+}
+
+type Forbidden = tower::util::ServiceFn<
+    fn(Request<Incoming>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+>;
+
+/// Answers every request `403 Forbidden` and closes the connection.
+fn forbidden() -> Forbidden {
+    fn answer(_req: Request<Incoming>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
+        let mut resp = Response::new(Full::new(Bytes::from_static(
+            b"this certificate's identity may not call this service\n",
+        )));
+        *resp.status_mut() = http::StatusCode::FORBIDDEN;
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        std::future::ready(Ok(resp))
+    }
+    tower::service_fn(answer as fn(_) -> _)
 }
 
 /// The [`Ended`] reason of a hyper connection error, when it is one.

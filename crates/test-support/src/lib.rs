@@ -189,3 +189,14 @@ mod tests {
         );
     }
 }
+
+/// The network seam of `host` in `t` (loopback mode, the compiled policy, the topology's
+/// limits). Panics when `host` is not in `t`.
+pub fn net(t: &Topology, host: &str) -> firewall::Net {
+    let address = t
+        .host(host)
+        .unwrap_or_else(|| panic!("{host} is not in the topology"))
+        .address;
+    let policy = std::sync::Arc::new(topology::Policy::compile(t));
+    firewall::Net::loopback(host, address, policy, t.limits.clone())
+}

@@ -17,7 +17,6 @@ mod metrics;
 mod server;
 mod store;
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +32,7 @@ use tower_http::trace::TraceLayer;
 pub use api::{ApiError, LIST_LIMIT, MAX_AUTHOR_CHARS, MAX_BODY_BYTES, MAX_TEXT_CHARS};
 pub use files::{deploy_site, NOT_FOUND_PAGE, SITE_FILES};
 pub use metrics::{RejectLabels, WebMetrics};
-pub use server::{start, WebError, WebHandle, HANDSHAKE_TIMEOUT};
+pub use server::{start, WebError, WebHandle};
 pub use store::{DbInfo, MemoryStore, Message, Store, StoreError, StoreFuture};
 pub use telemetry::{status_class, HttpMetrics, RequestLabels, RoleLabels};
 
@@ -49,22 +48,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct WebConfig {
     /// This host's name (e.g. `web-01`): the TLS server name and the `X-Served-By` value.
     pub host: String,
-    /// The address to listen on (the host's own address).
-    pub address: IpAddr,
+    /// The host's network seam: the listener is bound through it (its address, the
+    /// policy's `(host, web)` rule and the `limits.web` limits).
+    pub net: firewall::Net,
     /// TCP port (`topology.ports.web`; 0 picks a free one, for tests).
     pub port: u16,
     /// Directory of the application files; fill it with [`deploy_site`] first.
     pub docroot: PathBuf,
     /// The PKI directory holding this host's certificate and the CA.
     pub pki: pki::PkiPaths,
-    /// The compiled firewall policy; the listener admits what it allows for
-    /// `(host, Service::Web)`.
-    pub policy: Arc<topology::Policy>,
     /// The insecure variant: plain HTTP, no TLS and no client identity check.
     pub plain: bool,
-    /// Client identities allowed over TLS: `Identity::Host(name)` with `name` in this list
-    /// (the topology's `lb` hosts).
-    pub lb_hosts: Vec<String>,
     /// The health-check path (`topology.health_check.path`, e.g. `/healthz`): answers 200
     /// `ok`, not counted in the request metrics.
     pub health_path: String,
@@ -77,11 +71,10 @@ impl std::fmt::Debug for WebConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebConfig")
             .field("host", &self.host)
-            .field("address", &self.address)
+            .field("address", &self.net.address())
             .field("port", &self.port)
             .field("docroot", &self.docroot)
             .field("plain", &self.plain)
-            .field("lb_hosts", &self.lb_hosts)
             .field("health_path", &self.health_path)
             .field("store", &self.store.is_some())
             .finish_non_exhaustive()

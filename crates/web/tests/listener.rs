@@ -37,13 +37,11 @@ async fn start(plain: bool) -> Running {
     let handle = web::start(
         WebConfig {
             host: "web-01".into(),
-            address: ip(WEB),
+            net: net(&pki, plain),
             port: 0,
             docroot,
             pki: pki.paths.clone(),
-            policy: Arc::new(topology::Policy::compile(&pki.topology)),
             plain,
-            lb_hosts: vec!["lb-01".into()],
             health_path: "/healthz".into(),
             store: Some(Arc::new(MemoryStore::new("web-01"))),
         },
@@ -103,8 +101,8 @@ async fn load_balancer_identity_is_served() {
     let resp = client.get(url(&r, "https", "/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 
-    assert_eq!(r.handle.filters()[0].refused(), 0);
-    assert!(r.handle.filters()[0].accepted() >= 1);
+    assert_eq!(serve::RoleHandle::filters(&r.handle)[0].refused(), 0);
+    assert!(serve::RoleHandle::filters(&r.handle)[0].accepted() >= 1);
     let text = metrics_text(&r);
     assert!(
         text.contains("rampart_http_requests_total{role=\"web\",code=\"2xx\"} 2"),
@@ -117,8 +115,14 @@ async fn other_identities_are_rejected() {
     let r = start(false).await;
     for identity in [Identity::Host("web-02".into()), Identity::Admin] {
         let client = tls_client(&r, &identity, LB);
-        let result = client.get(url(&r, "https", "/healthz")).send().await;
-        assert!(result.is_err(), "{identity:?} was served: {result:?}");
+        let resp = client
+            .get(url(&r, "https", "/healthz"))
+            .send()
+            .await
+            .unwrap();
+        // The serve path answers for the policy: 403, never the application.
+        assert_eq!(resp.status(), 403, "{identity:?}");
+        assert!(resp.headers().get("x-served-by").is_none());
     }
     let text = metrics_text(&r);
     assert!(
@@ -133,7 +137,7 @@ async fn non_load_balancer_source_is_refused_by_the_firewall() {
     let client = tls_client(&r, &Identity::Host("lb-01".into()), OTHER);
     let result = client.get(url(&r, "https", "/healthz")).send().await;
     assert!(result.is_err(), "served from {OTHER}: {result:?}");
-    let filter = &r.handle.filters()[0];
+    let filter = &serve::RoleHandle::filters(&r.handle)[0];
     test_support::eventually("the refusal is counted", Duration::from_secs(5), || async {
         (filter.refused() >= 1).then_some(())
     })
@@ -165,7 +169,16 @@ async fn plain_variant_serves_http_to_the_load_balancer_only() {
         .send()
         .await
         .is_err());
-    r.handle.shutdown().await;
+    serve::RoleHandle::shutdown(&r.handle).await;
+}
+
+/// web-01's network seam; the policy follows the topology's `plain_backends` switch (mutual
+/// TLS callers, or any caller from the load balancer's address).
+fn net(pki: &TestPki, plain: bool) -> firewall::Net {
+    let mut t = pki.topology.clone();
+    t.site.plain_backends = plain;
+    let policy = Arc::new(topology::Policy::compile(&t));
+    firewall::Net::loopback("web-01", ip(WEB), policy, t.limits.clone())
 }
 
 #[tokio::test]
@@ -174,13 +187,11 @@ async fn missing_docroot_is_an_error() {
     let err = web::start(
         WebConfig {
             host: "web-01".into(),
-            address: ip(WEB),
+            net: net(&pki, false),
             port: 0,
             docroot: pki.dir.path().join("nothing-here"),
             pki: pki.paths.clone(),
-            policy: Arc::new(topology::Policy::compile(&pki.topology)),
             plain: false,
-            lb_hosts: vec!["lb-01".into()],
             health_path: "/healthz".into(),
             store: None,
         },

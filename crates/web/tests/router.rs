@@ -362,7 +362,13 @@ async fn api_without_store_or_route_is_404_json() {
 async fn guestbook_over_the_sqlite_client() {
     let dir = tempfile::tempdir().unwrap();
     let topology = test_support::topology_in_block(92);
-    let cfg = db::ClientConfig::from_topology(&topology, "web-01", dir.path(), db::Engine::Sqlite)
+    let cfg = db::ClientConfig::from_topology(
+        &topology,
+        "web-01",
+        dir.path(),
+        test_support::net(&topology, "web-01"),
+        db::Engine::Sqlite,
+    )
         .unwrap();
     let client = db::connect_client(cfg).await.unwrap();
     let docroot = dir.path().join("www");
