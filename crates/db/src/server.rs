@@ -515,7 +515,11 @@ async fn bring_up(
                 net: cfg.net.clone(),
                 to: *primary_addr,
             };
-            tasks.push(tokio::spawn(firewall::relay(listener, target, stop.clone())));
+            tasks.push(tokio::spawn(firewall::relay(
+                listener,
+                target,
+                stop.clone(),
+            )));
             let change = format!(
                 "CHANGE MASTER TO MASTER_HOST='{host}', MASTER_PORT={port}, \
                  MASTER_USER='{user}', MASTER_PASSWORD='{pw}', \
@@ -542,7 +546,11 @@ async fn bring_up(
         .map_err(|e| DbError::io(format!("binding the MariaDB relay on {relay_addr}"), e))?;
     filters.push(listener.filter().clone());
     let target = firewall::Target::Unix(p.socket.clone());
-    tasks.push(tokio::spawn(firewall::relay(listener, target, stop.clone())));
+    tasks.push(tokio::spawn(firewall::relay(
+        listener,
+        target,
+        stop.clone(),
+    )));
     Ok((tasks, filters, admin))
 }
 
@@ -993,8 +1001,14 @@ roles = [\"web\", \"app\", \"db-replica\"]
     fn replica_config_and_option_file() {
         let t = Topology::parse(TOPOLOGY, "t").unwrap();
         let state = Path::new("/s");
-        let cfg = ServerConfig::from_topology(&t, "web-02", state, test_support::net(&t, "web-02"), Engine::Mariadb)
-            .unwrap();
+        let cfg = ServerConfig::from_topology(
+            &t,
+            "web-02",
+            state,
+            test_support::net(&t, "web-02"),
+            Engine::Mariadb,
+        )
+        .unwrap();
         assert_eq!(cfg.role, NodeRole::Replica);
         assert_eq!(cfg.server_id, 3);
         assert_eq!(
@@ -1013,15 +1027,32 @@ roles = [\"web\", \"app\", \"db-replica\"]
         ] {
             assert!(cnf.lines().any(|l| l == line), "{line} missing in\n{cnf}");
         }
-        let primary =
-            ServerConfig::from_topology(&t, "web-01", state, test_support::net(&t, "web-01"), Engine::Mariadb)
-                .unwrap();
+        let primary = ServerConfig::from_topology(
+            &t,
+            "web-01",
+            state,
+            test_support::net(&t, "web-01"),
+            Engine::Mariadb,
+        )
+        .unwrap();
         assert!(!my_cnf(&primary, &Paths::new(state, "web-01")).contains("read_only"));
-        let sqlite_replica =
-            ServerConfig::from_topology(&t, "web-02", state, test_support::net(&t, "web-02"), Engine::Sqlite)
-                .unwrap();
+        let sqlite_replica = ServerConfig::from_topology(
+            &t,
+            "web-02",
+            state,
+            test_support::net(&t, "web-02"),
+            Engine::Sqlite,
+        )
+        .unwrap();
         assert_eq!(sqlite_replica.role, NodeRole::Replica);
-        assert!(ServerConfig::from_topology(&t, "lb-01", state, test_support::net(&t, "lb-01"), Engine::Mariadb).is_none());
+        assert!(ServerConfig::from_topology(
+            &t,
+            "lb-01",
+            state,
+            test_support::net(&t, "lb-01"),
+            Engine::Mariadb
+        )
+        .is_none());
     }
 
     #[test]

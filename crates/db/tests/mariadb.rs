@@ -111,7 +111,9 @@ async fn start_pair(t: &Topology, state: &Path) -> (db::DbServer, db::DbServer) 
 }
 
 async fn client(t: &Topology, host: &str, state: &Path) -> DbClient {
-    let cfg = ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Mariadb).unwrap();
+    let cfg =
+        ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Mariadb)
+            .unwrap();
     connect_client(cfg).await.unwrap()
 }
 

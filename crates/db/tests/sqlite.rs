@@ -24,7 +24,9 @@ roles = ["web", "app", "db-replica"]
 "#;
 
 async fn client(t: &Topology, host: &str, state: &Path) -> db::DbClient {
-    let cfg = ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Sqlite).unwrap();
+    let cfg =
+        ClientConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Sqlite)
+            .unwrap();
     connect_client(cfg).await.unwrap()
 }
 
@@ -33,11 +35,23 @@ async fn sqlite_round_trip() {
     let t = Topology::parse(TOPOLOGY, "test").unwrap();
     assert_eq!(db::resolve_engine(&t).unwrap(), Engine::Sqlite);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServerConfig::from_topology(&t, "web-01", dir.path(), test_support::net(&t, "web-01"), Engine::Sqlite)
-        .unwrap();
+    let cfg = ServerConfig::from_topology(
+        &t,
+        "web-01",
+        dir.path(),
+        test_support::net(&t, "web-01"),
+        Engine::Sqlite,
+    )
+    .unwrap();
     // A db-replica host under SQLite only opens the shared file.
-    let replica_cfg =
-        ServerConfig::from_topology(&t, "web-02", dir.path(), test_support::net(&t, "web-02"), Engine::Sqlite).unwrap();
+    let replica_cfg = ServerConfig::from_topology(
+        &t,
+        "web-02",
+        dir.path(),
+        test_support::net(&t, "web-02"),
+        Engine::Sqlite,
+    )
+    .unwrap();
     let replica = start_server(replica_cfg).await.unwrap();
     let rs = replica.status();
     assert_eq!(

@@ -223,7 +223,11 @@ impl Admission {
 
     /// Admits a connection from `src`, evicting the longest-idle one when the listener
     /// is full or the descriptor budget is spent.
-    pub(crate) fn admit(self: &Arc<Self>, src: IpAddr, parent: &CancellationToken) -> Result<ConnSlot, Refusal> {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        src: IpAddr,
+        parent: &CancellationToken,
+    ) -> Result<ConnSlot, Refusal> {
         let mut t = self.lock();
         if t.per_source.get(&src).copied().unwrap_or(0) >= self.per_source_max {
             return Err(Refusal::PerSource);
@@ -240,7 +244,11 @@ impl Admission {
                 .max_by_key(|(_, a)| a.idle_for())
                 .map(|(id, _)| *id);
             let Some(id) = victim else {
-                return Err(if full { Refusal::Full } else { Refusal::Descriptors });
+                return Err(if full {
+                    Refusal::Full
+                } else {
+                    Refusal::Descriptors
+                });
             };
             if let Some(a) = t.conns.remove(&id) {
                 // Its slot's drop still runs (and gives back its descriptor) when its task
@@ -340,7 +348,10 @@ mod tests {
         let busy = a.admit(ip(2), &root).unwrap();
         busy.activity().request_started();
         let new = a.admit(ip(3), &root).unwrap();
-        assert!(old.activity().closed().is_cancelled(), "the idle one is evicted");
+        assert!(
+            old.activity().closed().is_cancelled(),
+            "the idle one is evicted"
+        );
         assert!(!busy.activity().closed().is_cancelled());
         assert_eq!(a.evicted(), 1);
         new.activity().request_started();

@@ -2,8 +2,8 @@
 //! the replication egress (a local process's outbound connection → its host's address).
 
 use std::io;
-use std::path::PathBuf;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -106,7 +106,10 @@ impl Filter {
         [
             (Refusal::PerSource, self.limited[0].load(Ordering::Relaxed)),
             (Refusal::Full, self.limited[1].load(Ordering::Relaxed)),
-            (Refusal::Descriptors, self.limited[2].load(Ordering::Relaxed)),
+            (
+                Refusal::Descriptors,
+                self.limited[2].load(Ordering::Relaxed),
+            ),
         ]
     }
 

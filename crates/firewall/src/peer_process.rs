@@ -15,9 +15,9 @@ pub fn is_owned_by(local: SocketAddr, peer: SocketAddr, pid: u32) -> io::Result<
     };
     let process = procfs::process::Process::new(pid as i32).map_err(to_io)?;
     let fds = process.fd().map_err(to_io)?;
-    Ok(fds.flatten().any(
-        |fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if i == inode),
-    ))
+    Ok(fds
+        .flatten()
+        .any(|fd| matches!(fd.target, procfs::process::FDTarget::Socket(i) if i == inode)))
 }
 
 /// The inode of the client-side socket of the connection `peer` → `local`.

@@ -50,9 +50,13 @@ fn limits(service: Service) -> ListenerLimits {
 
 async fn bind(filter: &Arc<Filter>, at: &str) -> GuardedListener {
     let service = filter.service;
-    GuardedListener::bind(SocketAddr::new(ip(at), 0), Arc::clone(filter), limits(service))
-        .await
-        .unwrap()
+    GuardedListener::bind(
+        SocketAddr::new(ip(at), 0),
+        Arc::clone(filter),
+        limits(service),
+    )
+    .await
+    .unwrap()
 }
 
 fn net(host: &str, at: &str) -> Net {
@@ -182,7 +186,11 @@ async fn relay_to_unix_socket_filters_and_forwards() {
     let filter = Filter::new(policy(), "web-a", Service::Mysql);
     let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(relay(listener, Target::Unix(sock), CancellationToken::new()));
+    tokio::spawn(relay(
+        listener,
+        Target::Unix(sock),
+        CancellationToken::new(),
+    ));
 
     // The replica host may reach the database; bytes pass both ways.
     let mut s = within("connect from replica", connect_from(ip(WEB_B), addr))
@@ -204,7 +212,11 @@ async fn relay_to_unix_socket_filters_and_forwards() {
     let listener = bind(&filter, WEB_A).await;
     let addr = listener.local_addr().unwrap();
     let missing = dir.path().join("absent.sock");
-    tokio::spawn(relay(listener, Target::Unix(missing), CancellationToken::new()));
+    tokio::spawn(relay(
+        listener,
+        Target::Unix(missing),
+        CancellationToken::new(),
+    ));
     for _ in 0..2 {
         let s = within("connect", connect_from(ip(WEB_B), addr))
             .await
@@ -259,7 +271,10 @@ async fn egress_admits_only_the_local_server_process_and_leaves_from_the_host_ad
     let addr = listener.local_addr().unwrap();
     tokio::spawn(relay(
         listener,
-        Target::Tcp { net: web_b, to: far },
+        Target::Tcp {
+            net: web_b,
+            to: far,
+        },
         CancellationToken::new(),
     ));
     let s = within("connect to egress", TcpStream::connect(addr))

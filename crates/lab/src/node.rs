@@ -90,7 +90,11 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         roles.push(server.clone());
         db_server = Some(server);
     } else if host.has(Role::DbPrimary) || host.has(Role::DbReplica) {
-        return Err(role_err(&name, Role::DbPrimary, "no database configuration for this host"));
+        return Err(role_err(
+            &name,
+            Role::DbPrimary,
+            "no database configuration for this host",
+        ));
     }
 
     if let Some(cfg) = plan.monitor {
@@ -110,7 +114,11 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
                 Some(Arc::new(client))
             }
             None if host.has(Role::App) => {
-                return Err(role_err(&name, Role::App, "no database client configuration"))
+                return Err(role_err(
+                    &name,
+                    Role::App,
+                    "no database client configuration",
+                ))
             }
             None => None,
         };

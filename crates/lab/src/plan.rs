@@ -65,10 +65,10 @@ impl HostPlan {
         } else {
             None
         };
-        let db_server = engine
-            .and_then(|e| db::ServerConfig::from_topology(t, name, root, net.clone(), e));
-        let db_client = engine
-            .and_then(|e| db::ClientConfig::from_topology(t, name, root, net.clone(), e));
+        let db_server =
+            engine.and_then(|e| db::ServerConfig::from_topology(t, name, root, net.clone(), e));
+        let db_client =
+            engine.and_then(|e| db::ClientConfig::from_topology(t, name, root, net.clone(), e));
         let monitor = monitor::MonitorConfig::from_topology(t, name, pki.clone(), net.clone());
         let web = host.has(Role::Web).then(|| WebPlan {
             port: t.ports.web,

@@ -119,8 +119,13 @@ roles = ["web", "app"]
     #[test]
     fn from_topology_takes_every_web_host_as_backend() {
         let t = Topology::parse(TOML, "test.toml").unwrap();
-        let cfg = LbConfig::from_topology(&t, "lb-01", pki::PkiPaths::new("/nonexistent"), net(&t, "lb-01"))
-            .unwrap();
+        let cfg = LbConfig::from_topology(
+            &t,
+            "lb-01",
+            pki::PkiPaths::new("/nonexistent"),
+            net(&t, "lb-01"),
+        )
+        .unwrap();
         assert_eq!(cfg.net.address(), "127.91.0.10".parse::<IpAddr>().unwrap());
         assert_eq!((cfg.https_port, cfg.http_port), (8443, 8080));
         assert_eq!(cfg.site_domain, "www.foobar.com");
@@ -139,7 +144,10 @@ roles = ["web", "app"]
 
     fn net(t: &Topology, host: &str) -> firewall::Net {
         let policy = Arc::new(Policy::compile(t));
-        let address = t.host(host).map(|h| h.address).unwrap_or([127, 91, 0, 1].into());
+        let address = t
+            .host(host)
+            .map(|h| h.address)
+            .unwrap_or([127, 91, 0, 1].into());
         firewall::Net::loopback(host, address, policy, t.limits.clone())
     }
 }

@@ -158,7 +158,10 @@ impl RoleHandle for LbHandle {
         "lb"
     }
     fn addrs(&self) -> Vec<(Service, SocketAddr)> {
-        vec![(Service::Https, self.https_addr), (Service::Http, self.http_addr)]
+        vec![
+            (Service::Https, self.https_addr),
+            (Service::Http, self.http_addr),
+        ]
     }
     fn healthy(&self) -> bool {
         LbHandle::healthy(self)

@@ -208,12 +208,7 @@ async fn setup_with(tls: bool, access_log: Option<std::path::PathBuf>) -> Setup 
     for (name, last) in [("web-01", 11), ("web-02", 12)] {
         backends.push(TestBackend::start(&pki.paths, &policy, name, ip(last), tls).await);
     }
-    let net = firewall::Net::loopback(
-        "lb-01",
-        ip(10),
-        policy.clone(),
-        pki.topology.limits.clone(),
-    );
+    let net = firewall::Net::loopback("lb-01", ip(10), policy.clone(), pki.topology.limits.clone());
     let mut cfg = LbConfig::from_topology(&pki.topology, "lb-01", pki.paths.clone(), net).unwrap();
     cfg.https_port = 0;
     cfg.http_port = 0;

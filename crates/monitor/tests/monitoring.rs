@@ -37,18 +37,26 @@ fn ip(s: &str) -> IpAddr {
 async fn start(rule: Option<AlertRule>) -> Lab {
     let t = topology_in_block(94);
     let pki = TestPki::new(t.clone());
-    let mut mcfg =
-        MonitorConfig::from_topology(&t, "mon-01", pki.paths.clone(), test_support::net(&t, "mon-01"))
-            .unwrap();
+    let mut mcfg = MonitorConfig::from_topology(
+        &t,
+        "mon-01",
+        pki.paths.clone(),
+        test_support::net(&t, "mon-01"),
+    )
+    .unwrap();
     mcfg.port = 0;
     if let Some(rule) = rule {
         mcfg.rule = rule;
     }
     let monitor = start_monitor(mcfg).await.unwrap();
 
-    let mut acfg =
-        AgentConfig::from_topology(&t, "lb-01", pki.paths.clone(), test_support::net(&t, "lb-01"))
-            .unwrap();
+    let mut acfg = AgentConfig::from_topology(
+        &t,
+        "lb-01",
+        pki.paths.clone(),
+        test_support::net(&t, "lb-01"),
+    )
+    .unwrap();
     assert_eq!(acfg.net.address(), ip("127.94.0.10"));
     acfg.port = 0;
     acfg.monitor.1 = monitor.addr();

@@ -169,7 +169,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 println!(
                     "  {:8} {:12} tcp/{:<5} from {from}{callers}",
-                    r.host, r.service, r.port
+                    r.host,
+                    r.service.as_str(),
+                    r.port
                 );
             }
             Ok(())

@@ -288,7 +288,14 @@ impl<M> Ctx<M> {
             tracing::warn!(listener = %self.service, %peer, identity = ?info.identity, "caller not admitted by the policy");
             self.ended(Ended::Identity, peer);
             return self
-                .http(TokioIo::new(tls), info, forbidden(), &activity, &shutdown, &linger)
+                .http(
+                    TokioIo::new(tls),
+                    info,
+                    forbidden(),
+                    &activity,
+                    &shutdown,
+                    &linger,
+                )
                 .await;
         }
         let svc = (self.make)(&info);
@@ -323,7 +330,10 @@ impl<M> Ctx<M> {
             let fut = svc.clone().oneshot(req);
             async move {
                 let resp = fut.await?;
-                Ok::<_, Infallible>(resp.map(|body| CountedBody { inner: body, _guard: guard }))
+                Ok::<_, Infallible>(resp.map(|body| CountedBody {
+                    inner: body,
+                    _guard: guard,
+                }))
             }
         });
         let conn = self.builder.serve_connection(io, hyper_service);
@@ -348,9 +358,15 @@ impl<M> Ctx<M> {
                     (started + first_request, Some(Ended::HeaderTimeout))
                 }
             } else if activity.in_flight() == 0 {
-                (now + idle.saturating_sub(activity.idle_for()), Some(Ended::Idle))
+                (
+                    now + idle.saturating_sub(activity.idle_for()),
+                    Some(Ended::Idle),
+                )
             } else {
-                (now + idle.saturating_sub(activity.idle_for()), Some(Ended::Stalled))
+                (
+                    now + idle.saturating_sub(activity.idle_for()),
+                    Some(Ended::Stalled),
+                )
             };
             tokio::select! {
                 r = conn.as_mut() => break r,
@@ -416,7 +432,9 @@ type Forbidden = tower::util::ServiceFn<
 
 /// Answers every request `403 Forbidden` and closes the connection.
 fn forbidden() -> Forbidden {
-    fn answer(_req: Request<Incoming>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
+    fn answer(
+        _req: Request<Incoming>,
+    ) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
         let mut resp = Response::new(Full::new(Bytes::from_static(
             b"this certificate's identity may not call this service\n",
         )));

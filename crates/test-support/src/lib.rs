@@ -126,6 +126,17 @@ pub fn topology_in_block(second_octet: u8) -> Topology {
     Topology::parse(&text, &file).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The network seam of `host` in `t` (loopback mode, the compiled policy, the topology's
+/// limits). Panics when `host` is not in `t`.
+pub fn net(t: &Topology, host: &str) -> firewall::Net {
+    let address = t
+        .host(host)
+        .unwrap_or_else(|| panic!("{host} is not in the topology"))
+        .address;
+    let policy = std::sync::Arc::new(topology::Policy::compile(t));
+    firewall::Net::loopback(host, address, policy, t.limits.clone())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -188,15 +199,4 @@ mod tests {
             Some(pki::Identity::Host("web-01".to_string()))
         );
     }
-}
-
-/// The network seam of `host` in `t` (loopback mode, the compiled policy, the topology's
-/// limits). Panics when `host` is not in `t`.
-pub fn net(t: &Topology, host: &str) -> firewall::Net {
-    let address = t
-        .host(host)
-        .unwrap_or_else(|| panic!("{host} is not in the topology"))
-        .address;
-    let policy = std::sync::Arc::new(topology::Policy::compile(t));
-    firewall::Net::loopback(host, address, policy, t.limits.clone())
 }

@@ -324,16 +324,23 @@ pub(crate) fn validate_balancer(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use crate::{Service, Topology, DEFAULT_TOML};
+    use crate::{Service, Topology};
+
+    /// The default topology's hosts only, so a test can add its own `[limits]`.
+    fn hosts() -> &'static str {
+        let t = crate::DEFAULT_TOML;
+        &t[t.find("[[hosts]]").unwrap()..]
+    }
 
     #[test]
     fn defaults_per_service_and_overrides() {
+        let hosts = hosts();
         let t = Topology::default_topology();
         assert_eq!(t.limits.listener(Service::Https).max_connections, 10_000);
         assert_eq!(t.limits.listener(Service::Web).max_connections, 1_024);
         assert_eq!(t.limits.listener(Service::Web).idle_timeout_ms, 60_000);
         let text = format!(
-            "{DEFAULT_TOML}\n[limits]\nidle_timeout_ms = 30000\n[limits.https]\nmax_connections = 500\n"
+            "{hosts}\n[limits]\nidle_timeout_ms = 30000\n[limits.https]\nmax_connections = 500\n"
         );
         let t = Topology::parse(&text, "t").unwrap();
         assert_eq!(t.limits.listener(Service::Https).max_connections, 500);
@@ -344,26 +351,28 @@ mod tests {
 
     #[test]
     fn bad_limits_name_the_key() {
+        let hosts = hosts();
         let e = Topology::parse(
-            &format!("{DEFAULT_TOML}\n[limits.web]\nheader_read_timeout_ms = 5\n"),
+            &format!("{hosts}\n[limits.web]\nheader_read_timeout_ms = 5\n"),
             "t",
         )
         .unwrap_err();
         assert_eq!(e.key, "limits.web.header_read_timeout_ms");
-        let e = Topology::parse(&format!("{DEFAULT_TOML}\n[limits.nope]\n"), "t").unwrap_err();
+        let e = Topology::parse(&format!("{hosts}\n[limits.nope]\n"), "t").unwrap_err();
         assert!(e.reason.contains("nope"), "{e}");
     }
 
     #[test]
     fn pool_idle_must_stay_below_the_backends_idle_timeout() {
+        let hosts = hosts();
         let e = Topology::parse(
-            &format!("{DEFAULT_TOML}\n[limits.web]\nidle_timeout_ms = 3000\n"),
+            &format!("{hosts}\n[limits.web]\nidle_timeout_ms = 3000\n"),
             "t",
         )
         .unwrap_err();
         assert_eq!(e.key, "balancer.upstream_idle_timeout_ms");
         let e = Topology::parse(
-            &format!("{DEFAULT_TOML}\n[balancer]\nbackend_max_connections = 1024\n"),
+            &format!("{hosts}\n[balancer]\nbackend_max_connections = 1024\n"),
             "t",
         )
         .unwrap_err();
@@ -372,7 +381,8 @@ mod tests {
 
     #[test]
     fn limits_round_trip() {
-        let text = format!("{DEFAULT_TOML}\n[limits.agent]\nmax_connections = 7\n");
+        let hosts = hosts();
+        let text = format!("{hosts}\n[limits.agent]\nmax_connections = 7\n");
         let t = Topology::parse(&text, "t").unwrap();
         assert_eq!(Topology::parse(&t.to_toml(), "x").unwrap(), t);
     }

@@ -106,12 +106,13 @@ pub async fn start(
     let tls: Option<Arc<rustls::ServerConfig>> = if cfg.plain {
         None
     } else {
-        let config = pki::mtls_server_config(&cfg.pki, &host, &[b"http/1.1", b"h2"]).map_err(
-            |source| WebError::Pki {
-                host: host.clone(),
-                source,
-            },
-        )?;
+        let config =
+            pki::mtls_server_config(&cfg.pki, &host, &[b"http/1.1", b"h2"]).map_err(|source| {
+                WebError::Pki {
+                    host: host.clone(),
+                    source,
+                }
+            })?;
         Some(Arc::new(config))
     };
     let metrics = WebMetrics::new(http_metrics.clone());

@@ -369,7 +369,7 @@ async fn guestbook_over_the_sqlite_client() {
         test_support::net(&topology, "web-01"),
         db::Engine::Sqlite,
     )
-        .unwrap();
+    .unwrap();
     let client = db::connect_client(cfg).await.unwrap();
     let docroot = dir.path().join("www");
     web::deploy_site(&docroot).unwrap();
