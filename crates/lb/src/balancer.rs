@@ -4,6 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -18,12 +21,45 @@ pub(crate) struct BackendState {
     pub(crate) addr: SocketAddr,
     up: AtomicBool,
     gauge: Gauge,
+    /// `backend_max_connections` permits: one per request in flight.
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// Requests waiting for a slot.
+    waiting: AtomicUsize,
 }
 
 impl BackendState {
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
+
+    /// Requests in flight to this backend.
+    pub(crate) fn active(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    /// Requests waiting in this backend's queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Why no backend slot was obtained (HAProxy answers both with 503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueError {
+    /// No backend is up.
+    NoBackend,
+    /// The chosen backend's queue holds `backend_queue_max` requests.
+    Full,
+    /// The request waited `backend_queue_timeout_ms`.
+    Timeout,
+}
+
+/// A backend and one of its slots; the slot is given back on drop.
+#[derive(Debug)]
+pub(crate) struct Slot<'a> {
+    pub(crate) backend: &'a BackendState,
+    pub(crate) permit: OwnedSemaphorePermit,
 }
 
 /// All backends plus the round-robin counter.
@@ -31,11 +67,22 @@ impl BackendState {
 pub(crate) struct Balancer {
     backends: Vec<BackendState>,
     next: AtomicUsize,
+    queue_max: usize,
+    queue_timeout: Duration,
 }
 
 impl Balancer {
     /// Every backend starts down; `gauge(name)` gives its `rampart_backend_up` series.
-    pub(crate) fn new(backends: &[Backend], gauge: impl Fn(&str) -> Gauge) -> Balancer {
+    /// `max_connections` requests in flight per backend (at least 1); `queue_max` waiting
+    /// per backend for at most `queue_timeout`.
+    pub(crate) fn new(
+        backends: &[Backend],
+        gauge: impl Fn(&str) -> Gauge,
+        max_connections: usize,
+        queue_max: usize,
+        queue_timeout: Duration,
+    ) -> Balancer {
+        let max = max_connections.max(1);
         Balancer {
             backends: backends
                 .iter()
@@ -47,10 +94,49 @@ impl Balancer {
                         addr: b.addr,
                         up: AtomicBool::new(false),
                         gauge: g,
+                        slots: Arc::new(Semaphore::new(max)),
+                        max,
+                        waiting: AtomicUsize::new(0),
                     }
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            queue_max,
+            queue_timeout,
+        }
+    }
+
+    /// A slot on a backend that is up, skipping `tried`: the first in round-robin order
+    /// with a free slot; when all are busy, a place in the queue of the one with the
+    /// shortest queue (HAProxy `maxconn` + `timeout queue` semantics; the queue is FIFO).
+    pub(crate) async fn acquire(&self, tried: &[Arc<str>]) -> Result<Slot<'_>, QueueError> {
+        let order: Vec<&BackendState> = self
+            .order()
+            .into_iter()
+            .filter(|b| !tried.contains(&b.name))
+            .collect();
+        if order.is_empty() {
+            return Err(QueueError::NoBackend);
+        }
+        for b in &order {
+            if let Ok(permit) = b.slots.clone().try_acquire_owned() {
+                return Ok(Slot { backend: b, permit });
+            }
+        }
+        let b = order
+            .iter()
+            .min_by_key(|b| b.queued())
+            .copied()
+            .ok_or(QueueError::NoBackend)?;
+        if b.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_max {
+            b.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(QueueError::Full);
+        }
+        let got = tokio::time::timeout(self.queue_timeout, b.slots.clone().acquire_owned()).await;
+        b.waiting.fetch_sub(1, Ordering::AcqRel);
+        match got {
+            Ok(Ok(permit)) => Ok(Slot { backend: b, permit }),
+            _ => Err(QueueError::Timeout),
         }
     }
 
@@ -83,6 +169,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    #[tokio::test]
+    async fn slots_then_a_bounded_queue_then_503() {
+        let b = balancer(1);
+        b.set_up(0, true);
+        let s1 = b.acquire(&[]).await.unwrap();
+        let _s2 = b.acquire(&[]).await.unwrap();
+        assert_eq!(b.backends()[0].active(), 2);
+        // Both slots taken: the next request waits (queue of 1) and times out.
+        assert_eq!(b.acquire(&[]).await.unwrap_err(), QueueError::Timeout);
+        // A waiting request gets the slot given back.
+        let waiter = b.acquire(&[]);
+        tokio::pin!(waiter);
+        assert!(futures_poll_once(waiter.as_mut()).await.is_none());
+        // While one waits, the queue is full.
+        assert_eq!(b.acquire(&[]).await.unwrap_err(), QueueError::Full);
+        drop(s1);
+        assert!(waiter.await.is_ok());
+        let name = b.backends()[0].name.clone();
+        assert_eq!(b.acquire(&[name]).await.unwrap_err(), QueueError::NoBackend);
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
     fn balancer(n: usize) -> Balancer {
         let backends: Vec<Backend> = (0..n)
             .map(|i| Backend {
@@ -90,7 +208,13 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
             })
             .collect();
-        Balancer::new(&backends, |_| Gauge::default())
+        Balancer::new(
+            &backends,
+            |_| Gauge::default(),
+            2,
+            1,
+            Duration::from_millis(50),
+        )
     }
 
     fn first(b: &Balancer) -> Option<String> {

@@ -41,6 +41,16 @@ pub struct LbConfig {
     pub health: HealthCheck,
     /// Where the CA, the site certificate and this host's certificate are.
     pub pki: pki::PkiPaths,
+    /// Per-backend queueing and buffering (`[balancer]` of the topology).
+    pub balancer: topology::BalancerLimits,
+    /// Longest pause between two chunks of a request body before 408
+    /// (`limits.https.body_timeout_ms`).
+    pub request_body_timeout: std::time::Duration,
+    /// Names the site answers to (domain, then aliases): other hosts get 421 on HTTPS and
+    /// are never redirected to.
+    pub site_names: Vec<String>,
+    /// Header fields added to HTTPS responses that lack them (`site.response_headers`).
+    pub response_headers: Vec<(String, String)>,
     /// Where to append the access log (one line per request on either listener, see
     /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
@@ -82,6 +92,15 @@ impl LbConfig {
             plain_backends: t.site.plain_backends,
             health: t.health_check.clone(),
             pki,
+            balancer: t.balancer.clone(),
+            request_body_timeout: t.limits.listener(topology::Service::Https).body_timeout(),
+            site_names: t.site.names(),
+            response_headers: t
+                .site
+                .response_headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             access_log: None,
         })
     }

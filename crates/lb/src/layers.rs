@@ -110,6 +110,82 @@ where
     }
 }
 
+/// The security header fields of HTTPS responses (`site.response_headers`): each is added
+/// when the backend's response does not carry it.
+#[derive(Debug, Clone)]
+pub(crate) struct SecurityHeaders(Vec<(http::HeaderName, HeaderValue)>);
+
+impl SecurityHeaders {
+    /// From `(name, value)` pairs; pairs that are not valid header fields are skipped
+    /// (the topology validates them).
+    pub(crate) fn new(pairs: &[(String, String)]) -> SecurityHeaders {
+        SecurityHeaders(
+            pairs
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// Adds every field `resp` lacks.
+    pub(crate) fn apply<B>(&self, mut resp: Response<B>) -> Response<B> {
+        for (name, value) in &self.0 {
+            if !resp.headers().contains_key(name) {
+                resp.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        resp
+    }
+}
+
+/// `rampart_lb_backend_active_requests{backend}` and `rampart_lb_backend_queue_length{backend}`,
+/// read from the balancer at each scrape.
+#[derive(Debug)]
+struct BackendLoad(std::sync::Arc<crate::balancer::Balancer>);
+
+impl prometheus_client::collector::Collector for BackendLoad {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        for (name, help, active) in [
+            (
+                "rampart_lb_backend_active_requests",
+                "Requests in flight to a backend (at most balancer.backend_max_connections).",
+                true,
+            ),
+            (
+                "rampart_lb_backend_queue_length",
+                "Requests waiting for a backend slot.",
+                false,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for b in self.0.backends() {
+                let v = if active { b.active() } else { b.queued() } as i64;
+                ConstGauge::new(v).encode(m.encode_family(&[("backend", &*b.name)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Registers the per-backend load gauges of `balancer` in `registry`.
+pub(crate) fn register_backend_load(
+    registry: &mut Registry,
+    balancer: std::sync::Arc<crate::balancer::Balancer>,
+) {
+    registry.register_collector(Box::new(BackendLoad(balancer)));
+}
+
 /// Adds `Strict-Transport-Security: max-age=31536000` (one year) to a response of the HTTPS
 /// listener (RFC 6797 §6.1; never sent over plain HTTP, §7.2). Used as
 /// `ServiceBuilder::map_response(add_hsts)`.

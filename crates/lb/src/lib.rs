@@ -318,11 +318,24 @@ pub async fn start(
         }
         None => None,
     };
-    let balancer = Arc::new(Balancer::new(&cfg.backends, |name| {
-        metrics.backend_up(name)
-    }));
+    let limits = &cfg.balancer;
+    let max_conns = limits.backend_max_connections as usize;
+    let balancer = Arc::new(Balancer::new(
+        &cfg.backends,
+        |name| metrics.backend_up(name),
+        max_conns,
+        limits.backend_queue_max as usize,
+        std::time::Duration::from_millis(limits.backend_queue_timeout_ms),
+    ));
+    let rejected = Family::<proxy::RejectLabels, Counter>::default();
+    registry.register(
+        "rampart_lb_rejected_requests",
+        "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405)",
+        rejected.clone(),
+    );
+    layers::register_backend_load(registry, balancer.clone());
     let connector = Connector::new(
-        cfg.net.address(),
+        cfg.net.clone(),
         cfg.backends
             .iter()
             .map(|b| (b.name.clone(), b.addr))
@@ -331,9 +344,23 @@ pub async fn start(
     );
     let upstreams = Arc::new(Upstreams {
         balancer: balancer.clone(),
-        client: upstream::client(connector.clone()),
+        client: upstream::client(
+            connector.clone(),
+            std::time::Duration::from_millis(limits.upstream_idle_timeout_ms),
+            max_conns,
+        ),
         scheme: connector.scheme(),
+        site_names: cfg
+            .site_names
+            .iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect(),
+        max_body: limits.max_request_body_bytes,
+        body_timeout: cfg.request_body_timeout,
+        response_buffer: limits.response_buffer_bytes,
+        rejected,
     });
+    let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     for index in 0..cfg.backends.len() {
@@ -364,13 +391,17 @@ pub async fn start(
                 ))
                 .layer(MetricsLayer(https_metrics.clone()))
                 .map_response(add_hsts)
+                .map_response({
+                    let security = security.clone();
+                    move |resp| security.apply(resp)
+                })
                 .service(Proxy::new(upstreams.clone(), info.peer.ip()))
         },
         tasks.token(),
         tasks.tracker(),
     ));
 
-    let redirect = Redirect::new(&cfg.site_domain, https_addr.port());
+    let redirect = Redirect::new(&cfg.site_names, https_addr.port());
     tasks.spawn(serve::serve_http(
         http,
         HttpOptions {

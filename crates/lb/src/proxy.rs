@@ -1,6 +1,13 @@
 //! The HTTPS listener's handler: pick a backend, rewrite the request for it, forward it
 //! over the pooled upstream client and stream the answer back.
 //!
+//! Order of one request: method, target length (414) and `Host` (400/421) checks; the whole
+//! body read within `max_request_body_bytes` (413) and `body_timeout_ms` per chunk (408),
+//! broken framing 400 — all before any backend is involved; then a backend slot (free
+//! slot in round-robin order, else the shortest queue, 503 when full or timed out); then
+//! the request, and the response body read into memory up to `response_buffer_bytes`
+//! before the slot is given back.
+//!
 //! Retry policy: a request is tried on the next backend that is up only when connecting to
 //! the previous one failed (TCP or TLS), i.e. before any byte of it was sent; each backend
 //! is tried at most once. Once a request has been sent it is never replayed.
@@ -13,15 +20,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::OwnedSemaphorePermit;
 
-use crate::balancer::Balancer;
-use crate::upstream::{BodySlot, UpstreamClient};
+use crate::balancer::{Balancer, QueueError};
+use crate::upstream::UpstreamClient;
 
 /// Response body type of both listeners.
 pub(crate) type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -126,11 +138,182 @@ pub(crate) fn upstream_headers(mut headers: HeaderMap, uri: &Uri, client_ip: IpA
 #[derive(Debug, Clone)]
 pub(crate) struct ServedBy(pub(crate) Arc<str>);
 
-/// What every HTTPS connection shares: the backend set and the pooled client.
+/// Labels of `rampart_lb_rejected_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RejectLabels {
+    reason: &'static str,
+}
+
+/// What every HTTPS connection shares: the backend set, the pooled client and the limits.
 pub(crate) struct Upstreams {
     pub(crate) balancer: Arc<Balancer>,
     pub(crate) client: UpstreamClient,
     pub(crate) scheme: &'static str,
+    /// Lower-case names the site answers to (domain and aliases).
+    pub(crate) site_names: Vec<String>,
+    pub(crate) max_body: u64,
+    pub(crate) body_timeout: Duration,
+    pub(crate) response_buffer: u64,
+    pub(crate) rejected: Family<RejectLabels, Counter>,
+}
+
+impl Upstreams {
+    /// A response the load balancer makes itself for a request it refuses, counted by
+    /// `reason` in `rampart_lb_rejected_requests_total`.
+    pub(crate) fn reject(
+        &self,
+        status: StatusCode,
+        reason: &'static str,
+        text: &str,
+    ) -> Response<Body> {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+        let mut resp = local(status, text);
+        if matches!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT
+        ) {
+            // The rest of the request is not read: the connection cannot carry another.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// Longest request target the load balancer forwards (nginx `large_client_header_buffers`
+/// 8 KiB); longer ones get 414 (RFC 9110 §15.5.15).
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Why a request's `Host` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostError {
+    /// Missing (HTTP/1.1), repeated, unparsable, or contradicting `:authority`: 400 (RFC
+    /// 9112 §3.2, RFC 9113 §8.3.1).
+    Bad,
+    /// A valid name the site does not serve: 421 (RFC 9110 §15.5.20).
+    Misdirected,
+}
+
+/// The lower-case host name a request is for (without port or trailing dot), checked
+/// against `names`: the request-target authority when present (absolute form, HTTP/2
+/// `:authority`), otherwise the one `Host` field.
+pub(crate) fn request_host(
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+    names: &[String],
+) -> Result<String, HostError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let field = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HostError::Bad);
+    }
+    let field = match field {
+        Some(v) => Some(v.to_str().map_err(|_| HostError::Bad)?),
+        None => None,
+    };
+    let authority = uri.authority().map(|a| a.as_str());
+    let raw = match (authority, field) {
+        (Some(a), Some(f)) if version == Version::HTTP_2 && !a.eq_ignore_ascii_case(f) => {
+            return Err(HostError::Bad)
+        }
+        (Some(a), _) => a,
+        (None, Some(f)) => f,
+        (None, None) if version == Version::HTTP_10 => {
+            return Ok(names.first().cloned().unwrap_or_default())
+        }
+        (None, None) => return Err(HostError::Bad),
+    };
+    let host = host_of(raw).ok_or(HostError::Bad)?;
+    if names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
+        Ok(host)
+    } else {
+        Err(HostError::Misdirected)
+    }
+}
+
+/// `host[:port]` → lower-case host, when it is a reg-name of letters, digits, '-' and '.',
+/// an IPv4 address or a bracketed IPv6 address (RFC 3986 §3.2.2) and the port is digits.
+fn host_of(authority: &str) -> Option<String> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let (v6, after) = (&rest[..end], &rest[end + 1..]);
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        (&authority[..end + 2], after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && (host.starts_with('[')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    ok.then(|| host.to_ascii_lowercase())
+}
+
+/// Joins HTTP/2 cookie crumbs into one field for HTTP/1.1 (RFC 9113 §8.2.3: "; ").
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let crumbs: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if crumbs.len() < 2 {
+        return;
+    }
+    let joined = crumbs.join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Why reading a request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    /// Larger than `max_request_body_bytes`: 413.
+    TooLarge,
+    /// No chunk within `body_timeout_ms`: 408.
+    Timeout,
+    /// Broken framing (bad chunk size, data past a chunk, a reset HTTP/2 stream): 400.
+    Framing,
+}
+
+/// Reads a whole request body, at most `max` bytes, waiting at most `idle` for each chunk
+/// (nginx `client_max_body_size`, `client_body_timeout`).
+pub(crate) async fn read_body(
+    mut body: Incoming,
+    max: u64,
+    idle: Duration,
+) -> Result<Bytes, BodyError> {
+    if body.size_hint().lower() > max {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(BodyError::Framing),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if (buf.len() + data.len()) as u64 > max {
+                        return Err(BodyError::TooLarge);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
 }
 
 /// The forwarding service of one downstream connection (it knows the client's address).
@@ -149,55 +332,160 @@ impl Proxy {
     }
 
     async fn forward(self, req: Request<Incoming>) -> Response<Body> {
+        let up = &self.upstreams;
         if req.method() == Method::CONNECT {
-            return local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+            return up.reject(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "CONNECT is not supported",
+            );
         }
-        let order = self.upstreams.balancer.order();
-        if order.is_empty() {
-            tracing::warn!(side = "upstream", "no backend is up");
-            return local(StatusCode::SERVICE_UNAVAILABLE, "no backend available");
-        }
-        let (parts, body) = req.into_parts();
-        let path = match parts.uri.path_and_query().map(|pq| pq.as_str()) {
+        let path = match req.uri().path_and_query().map(|pq| pq.as_str()) {
+            Some(pq) if pq.len() > MAX_URI_BYTES => {
+                return up.reject(
+                    StatusCode::URI_TOO_LONG,
+                    "uri_too_long",
+                    "request target too long",
+                )
+            }
             Some(pq) if pq.starts_with('/') => pq.to_string(),
-            Some(_) => return local(StatusCode::BAD_REQUEST, "unsupported request target"),
+            Some(_) => {
+                return up.reject(
+                    StatusCode::BAD_REQUEST,
+                    "bad_target",
+                    "unsupported request target",
+                )
+            }
             None => "/".to_string(),
         };
-        let headers = upstream_headers(parts.headers, &parts.uri, self.client_ip);
-        let slot = BodySlot::new(body);
+        match request_host(req.version(), req.uri(), req.headers(), &up.site_names) {
+            Ok(_) => {}
+            Err(HostError::Bad) => {
+                return up.reject(
+                    StatusCode::BAD_REQUEST,
+                    "bad_host",
+                    "missing, repeated or invalid Host",
+                )
+            }
+            Err(HostError::Misdirected) => {
+                return up.reject(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected",
+                    "this server does not serve that host",
+                )
+            }
+        }
+        let (parts, body) = req.into_parts();
+        // The whole body first: a slow client never holds a backend connection, broken
+        // framing is the client's fault (400), and the request can be resent on connect
+        // failure.
+        let body = match read_body(body, up.max_body, up.body_timeout).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                return up.reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request body too large",
+                )
+            }
+            Err(BodyError::Timeout) => {
+                return up.reject(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "request body too slow",
+                )
+            }
+            Err(BodyError::Framing) => {
+                return up.reject(
+                    StatusCode::BAD_REQUEST,
+                    "bad_framing",
+                    "malformed request body",
+                )
+            }
+        };
+        let mut headers = upstream_headers(parts.headers, &parts.uri, self.client_ip);
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut headers);
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
 
-        for backend in order {
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        loop {
+            let slot = match up.balancer.acquire(&tried).await {
+                Ok(s) => s,
+                Err(QueueError::NoBackend) if tried.is_empty() => {
+                    tracing::warn!(side = "upstream", "no backend is up");
+                    return up.reject(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_backend",
+                        "no backend available",
+                    );
+                }
+                Err(QueueError::NoBackend) => {
+                    return up.reject(
+                        StatusCode::BAD_GATEWAY,
+                        "no_backend",
+                        "no backend reachable",
+                    )
+                }
+                Err(QueueError::Full) => {
+                    return up.reject(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "queue_full",
+                        "server busy, try again",
+                    )
+                }
+                Err(QueueError::Timeout) => {
+                    return up.reject(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "queue_timeout",
+                        "server busy, try again",
+                    )
+                }
+            };
+            let backend = slot.backend;
             let uri = format!(
                 "{}://{}:{}{path}",
-                self.upstreams.scheme,
+                up.scheme,
                 backend.name,
                 backend.addr.port()
             );
             let Ok(uri) = uri.parse::<Uri>() else {
-                return local(StatusCode::BAD_REQUEST, "unsupported request target");
+                return up.reject(
+                    StatusCode::BAD_REQUEST,
+                    "bad_target",
+                    "unsupported request target",
+                );
             };
-            let mut up = Request::new(slot.body());
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = headers.clone();
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri;
+            *req.version_mut() = Version::HTTP_11;
+            *req.headers_mut() = headers.clone();
 
-            let sent =
-                tokio::time::timeout(RESPONSE_TIMEOUT, self.upstreams.client.request(up)).await;
+            let sent = tokio::time::timeout(RESPONSE_TIMEOUT, up.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
-                    return Response::from_parts(parts, body.boxed_unsync());
+                    let body = match buffer_response(body, up.response_buffer, slot.permit).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!(side = "upstream", backend = %backend.name, error = %error_chain(&e), "response body failed");
+                            return local(StatusCode::BAD_GATEWAY, "bad gateway");
+                        }
+                    };
+                    return Response::from_parts(parts, body);
                 }
-                Ok(Err(e)) if e.is_connect() && slot.untouched() => {
+                Ok(Err(e)) if e.is_connect() => {
                     tracing::warn!(
                         side = "upstream",
                         backend = %backend.name,
                         error = %error_chain(&e),
                         "connect failed; trying the next backend"
                     );
+                    tried.push(backend.name.clone());
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(
@@ -219,7 +507,86 @@ impl Proxy {
                 }
             }
         }
-        local(StatusCode::BAD_GATEWAY, "no backend reachable")
+    }
+}
+
+/// Longest wait for one chunk of a backend's response body.
+const RESPONSE_BODY_IDLE: Duration = Duration::from_secs(30);
+
+/// Reads a backend's response body into memory, up to `limit` bytes (nginx
+/// `proxy_buffering`). A body that fits is returned whole and `permit` (the backend slot)
+/// is given back at once, with the upstream connection back in the pool; a larger one is
+/// returned as the bytes read so far followed by the rest streamed from the backend,
+/// holding the slot until it ends.
+async fn buffer_response(
+    mut body: Incoming,
+    limit: u64,
+    permit: OwnedSemaphorePermit,
+) -> Result<Body, hyper::Error> {
+    let mut buf = BytesMut::new();
+    loop {
+        if buf.len() as u64 >= limit {
+            let prefix = buf.freeze();
+            return Ok(StreamRest {
+                prefix: Some(prefix),
+                rest: body,
+                _permit: permit,
+            }
+            .boxed_unsync());
+        }
+        match tokio::time::timeout(RESPONSE_BODY_IDLE, body.frame()).await {
+            Err(_) => {
+                // A stalled backend: the client gets what arrived, then the stream ends
+                // with an error when the rest does not come.
+                let prefix = buf.freeze();
+                return Ok(StreamRest {
+                    prefix: Some(prefix),
+                    rest: body,
+                    _permit: permit,
+                }
+                .boxed_unsync());
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    drop(permit);
+    Ok(Full::new(buf.freeze())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync())
+}
+
+pin_project_lite::pin_project! {
+    /// The buffered start of a large response, then the rest from the backend; holds the
+    /// backend slot until dropped.
+    struct StreamRest {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: Incoming,
+        _permit: OwnedSemaphorePermit,
+    }
+}
+
+impl http_body::Body for StreamRest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            if !prefix.is_empty() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+            }
+        }
+        this.rest.poll_frame(cx)
     }
 }
 

@@ -10,34 +10,33 @@ use std::task::{Context, Poll};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 
-use crate::proxy::{local, Body};
+use crate::proxy::{local, request_host, Body, HostError};
 
-/// Redirects to `https://{host}{:https_port unless 443}{path?query}`.
+/// Redirects to `https://{host}{:https_port unless 443}{path?query}` when the request's
+/// host is one of the site's names; any other valid host gets 421 and a missing, repeated
+/// or invalid one 400, so the redirect never names a host outside the configuration (a
+/// reflected `Host` would make a cacheable open redirect).
 #[derive(Debug, Clone)]
 pub(crate) struct Redirect {
-    site_domain: Arc<str>,
+    site_names: Arc<[String]>,
     https_port: u16,
 }
 
 impl Redirect {
-    pub(crate) fn new(site_domain: &str, https_port: u16) -> Redirect {
+    pub(crate) fn new(site_names: &[String], https_port: u16) -> Redirect {
         Redirect {
-            site_domain: site_domain.into(),
+            site_names: site_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
             https_port,
         }
     }
 
-    /// The `Location` for `req`: its `Host` (or request-target authority) without the port,
-    /// falling back to the site domain when absent or not a plain host name or address.
-    pub(crate) fn location<B>(&self, req: &Request<B>) -> String {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .map(strip_port)
-            .filter(|h| is_host(h))
-            .unwrap_or(&self.site_domain);
+    /// The `Location` for `req`, or the status refusing it.
+    pub(crate) fn location<B>(&self, req: &Request<B>) -> Result<String, StatusCode> {
+        let host = request_host(req.version(), req.uri(), req.headers(), &self.site_names)
+            .map_err(|e| match e {
+                HostError::Bad => StatusCode::BAD_REQUEST,
+                HostError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            })?;
         let port = if self.https_port == 443 {
             String::new()
         } else {
@@ -47,32 +46,8 @@ impl Redirect {
             Some(pq) if pq.starts_with('/') => pq,
             _ => "/",
         };
-        format!("https://{host}{port}{target}")
+        Ok(format!("https://{host}{port}{target}"))
     }
-}
-
-/// `host[:port]` → `host`; `[v6]:port` → `[v6]`.
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        match authority.find(']') {
-            Some(end) => &authority[..=end],
-            None => authority,
-        }
-    } else {
-        authority.split(':').next().unwrap_or(authority)
-    }
-}
-
-/// A DNS name, IPv4 address or bracketed IPv6 address — nothing that could change the
-/// structure of the `Location` URL.
-fn is_host(h: &str) -> bool {
-    if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return inner.parse::<std::net::Ipv6Addr>().is_ok();
-    }
-    !h.is_empty()
-        && h.len() <= 253
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 impl<B> tower::Service<Request<B>> for Redirect {
@@ -85,11 +60,16 @@ impl<B> tower::Service<Request<B>> for Redirect {
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let location = self.location(&req);
-        let mut resp = local(StatusCode::MOVED_PERMANENTLY, &format!("see {location}"));
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
+        let resp = match self.location(&req) {
+            Ok(location) => {
+                let mut resp = local(StatusCode::MOVED_PERMANENTLY, &format!("see {location}"));
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                resp
+            }
+            Err(status) => local(status, "this server does not serve that host"),
+        };
         ready(Ok(resp))
     }
 }
@@ -107,35 +87,46 @@ mod tests {
         b.body(()).unwrap()
     }
 
+    fn names() -> Vec<String> {
+        vec!["www.foobar.com".into(), "foobar.com".into()]
+    }
+
     #[test]
     fn keeps_host_path_and_query() {
-        let r = Redirect::new("www.foobar.com", 443);
+        let r = Redirect::new(&names(), 443);
         assert_eq!(
             r.location(&req(Some("foobar.com:80"), "/a/b?c=1")),
-            "https://foobar.com/a/b?c=1"
+            Ok("https://foobar.com/a/b?c=1".into())
+        );
+        assert_eq!(
+            r.location(&req(Some("WWW.FOOBAR.COM."), "/")),
+            Ok("https://www.foobar.com/".into())
         );
     }
 
     #[test]
     fn adds_non_default_https_port() {
-        let r = Redirect::new("www.foobar.com", 8443);
+        let r = Redirect::new(&names(), 8443);
         assert_eq!(
             r.location(&req(Some("www.foobar.com:8080"), "/")),
-            "https://www.foobar.com:8443/"
-        );
-        assert_eq!(
-            r.location(&req(Some("[::1]:8080"), "/x")),
-            "https://[::1]:8443/x"
+            Ok("https://www.foobar.com:8443/".into())
         );
     }
 
     #[test]
-    fn falls_back_to_the_site_domain() {
-        let r = Redirect::new("www.foobar.com", 443);
-        assert_eq!(r.location(&req(None, "/p")), "https://www.foobar.com/p");
+    fn never_redirects_outside_the_site_names() {
+        let r = Redirect::new(&names(), 443);
+        let no = |host| r.location(&req(host, "/p"));
         assert_eq!(
-            r.location(&req(Some("evil.com/@x"), "/p")),
-            "https://www.foobar.com/p"
+            no(Some("evil.example")),
+            Err(StatusCode::MISDIRECTED_REQUEST)
         );
+        assert_eq!(no(Some("[::1]:8080")), Err(StatusCode::MISDIRECTED_REQUEST));
+        assert_eq!(no(Some("evil.com/@x")), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            no(Some("www.foobar.com:99999x")),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(no(None), Err(StatusCode::BAD_REQUEST));
     }
 }

@@ -1,21 +1,19 @@
 //! The upstream side: one connector that turns a backend name into a connection (TCP from
 //! this host's address, then mutual TLS unless the insecure variant is configured), the
-//! pooled HTTP/1.1 client built on it, and the request body wrapper that lets a request be
-//! sent again when connecting failed before any of it was sent.
+//! pooled HTTP/1.1 client built on it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Uri;
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,9 +24,6 @@ use tokio_rustls::TlsConnector;
 
 /// Time allowed for TCP connect plus TLS handshake to a backend.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a connection to a backend could not be made. Nothing of a request has been sent
 /// when one of these occurs, so trying another backend is safe.
@@ -127,7 +122,7 @@ pub(crate) struct Connector {
 }
 
 struct ConnectorInner {
-    source: IpAddr,
+    net: firewall::Net,
     backends: HashMap<String, SocketAddr>,
     tls: Option<TlsConnector>,
 }
@@ -135,16 +130,12 @@ struct ConnectorInner {
 impl Connector {
     /// `tls = None` is the insecure variant (plain TCP).
     pub(crate) fn new(
-        source: IpAddr,
+        net: firewall::Net,
         backends: HashMap<String, SocketAddr>,
         tls: Option<TlsConnector>,
     ) -> Connector {
         Connector {
-            inner: Arc::new(ConnectorInner {
-                source,
-                backends,
-                tls,
-            }),
+            inner: Arc::new(ConnectorInner { net, backends, tls }),
         }
     }
 
@@ -166,7 +157,9 @@ impl Connector {
             .get(name)
             .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
         let connect = async {
-            let tcp = firewall::connect_from(inner.source, addr)
+            let tcp = inner
+                .net
+                .connect(addr)
                 .await
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
             let Some(tls) = &inner.tls else {
@@ -209,95 +202,24 @@ impl tower::Service<Uri> for Connector {
 }
 
 /// The one pooled HTTP/1.1 client of a load balancer; pool key = scheme + backend name.
-pub(crate) type UpstreamClient = Client<Connector, ReplayableBody>;
+/// Request bodies are buffered in full before they are sent.
+pub(crate) type UpstreamClient = Client<Connector, Full<Bytes>>;
 
-/// Builds the pooled client over `connector`. The client leaves `Host` alone (the caller
-/// sets it from the downstream request).
-pub(crate) fn client(connector: Connector) -> UpstreamClient {
+/// Builds the pooled client over `connector`: at most `max_idle_per_backend` idle
+/// connections per backend, each closed after `idle_timeout` (which must stay below the
+/// backends' keep-alive timeout, so a pooled connection is never one the backend is
+/// closing). The client leaves `Host` alone (the caller sets it from the downstream
+/// request).
+pub(crate) fn client(
+    connector: Connector,
+    idle_timeout: Duration,
+    max_idle_per_backend: usize,
+) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_backend)
         .set_host(false)
         .build(connector)
-}
-
-/// Holds a downstream request body until the first upstream attempt starts sending it.
-/// While the body is still here, nothing of it has been sent, so the request can be
-/// replayed to another backend.
-#[derive(Clone)]
-pub(crate) struct BodySlot(Arc<Mutex<Option<Incoming>>>);
-
-impl BodySlot {
-    pub(crate) fn new(body: Incoming) -> BodySlot {
-        BodySlot(Arc::new(Mutex::new(Some(body))))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Option<Incoming>> {
-        // The lock is never held across a poll that can panic; a poisoned slot still holds
-        // a consistent `Option`.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether the body has not been touched by any attempt yet.
-    pub(crate) fn untouched(&self) -> bool {
-        self.lock().is_some()
-    }
-
-    /// A body for one attempt; it takes the real body from the slot when first polled.
-    pub(crate) fn body(&self) -> ReplayableBody {
-        let guard = self.lock();
-        let (end, hint) = match guard.as_ref() {
-            Some(b) => (b.is_end_stream(), b.size_hint()),
-            None => (true, SizeHint::with_exact(0)),
-        };
-        drop(guard);
-        ReplayableBody {
-            slot: self.clone(),
-            body: None,
-            end,
-            hint,
-        }
-    }
-}
-
-/// The request body sent upstream: see [`BodySlot`].
-pub(crate) struct ReplayableBody {
-    slot: BodySlot,
-    body: Option<Incoming>,
-    end: bool,
-    hint: SizeHint,
-}
-
-impl Body for ReplayableBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if this.body.is_none() {
-            this.body = this.slot.lock().take();
-        }
-        match this.body.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.body {
-            Some(b) => b.is_end_stream(),
-            None => self.end,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.body {
-            Some(b) => b.size_hint(),
-            None => self.hint,
-        }
-    }
 }

@@ -16,6 +16,7 @@ mod raw;
 pub use error::ConfigError;
 pub use limits::{BalancerLimits, Limits, ListenerLimits};
 pub use model::{
-    AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site, Topology, DEFAULT_TOML,
+    default_response_headers, AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site,
+    Topology, DEFAULT_TOML,
 };
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

@@ -102,6 +102,34 @@ pub struct Site {
     /// The reference design's insecure variant: LB→web in clear HTTP instead of mutual TLS.
     /// Default `false`; only for showing and measuring the difference.
     pub plain_backends: bool,
+    /// Header fields the load balancer adds to every HTTPS response that does not carry
+    /// them already (`[site.response_headers]`, name → value; an empty value removes a
+    /// default). Defaults: `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
+    /// `Content-Security-Policy: frame-ancestors 'none'`, `Referrer-Policy:
+    /// strict-origin-when-cross-origin` (OWASP secure headers; HSTS is always sent).
+    pub response_headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The default of [`Site::response_headers`].
+pub fn default_response_headers() -> std::collections::BTreeMap<String, String> {
+    [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "frame-ancestors 'none'"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+impl Site {
+    /// Every name the site answers to: the domain, then the aliases.
+    pub fn names(&self) -> Vec<String> {
+        std::iter::once(self.domain.clone())
+            .chain(self.aliases.iter().cloned())
+            .collect()
+    }
 }
 
 /// Service ports. Every host has its own address, so hosts share port numbers.
@@ -353,6 +381,28 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         https_port: raw.site.https_port,
         http_port: raw.site.http_port,
         plain_backends: raw.site.plain_backends.unwrap_or(false),
+        response_headers: {
+            let mut h = default_response_headers();
+            for (name, value) in raw.site.response_headers.clone().unwrap_or_default() {
+                let name = name.to_ascii_lowercase();
+                let valid_name = !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if !valid_name || value.bytes().any(|b| b.is_ascii_control()) {
+                    return Err(err(
+                        file,
+                        format!("site.response_headers.{name}"),
+                        "not a valid header field name and value",
+                        "use letters, digits and '-' for the name and printable text for the value",
+                    ));
+                }
+                if value.is_empty() {
+                    h.remove(&name);
+                } else {
+                    h.insert(name, value);
+                }
+            }
+            h
+        },
     };
     for (key, name) in std::iter::once(("site.domain".to_string(), &site.domain)).chain(
         site.aliases

@@ -114,6 +114,7 @@ pub(crate) struct RawSite {
     pub https_port: Option<u16>,
     pub http_port: Option<u16>,
     pub plain_backends: Option<bool>,
+    pub response_headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -248,3 +248,40 @@ mod tests {
         }
     }
 }
+
+/// Longest path segment a file name can have (`NAME_MAX` on Linux, path_resolution(7));
+/// a longer segment names no file.
+pub(crate) const MAX_SEGMENT_BYTES: usize = 255;
+
+/// Answers 404 for a path with a segment longer than [`MAX_SEGMENT_BYTES`] (after
+/// percent-decoding, as the file service decodes it), before the file system would fail
+/// with `ENAMETOOLONG` and the file service with 500.
+pub(crate) async fn bounded_segments(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let too_long =
+        req.uri().path().split('/').any(|seg| {
+            seg.len() > MAX_SEGMENT_BYTES && percent_decoded_len(seg) > MAX_SEGMENT_BYTES
+        });
+    if too_long {
+        return (http::StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
+    next.run(req).await
+}
+
+/// Length in bytes of `seg` once `%XX` escapes are decoded.
+fn percent_decoded_len(seg: &str) -> usize {
+    let escapes = seg.matches('%').count();
+    seg.len().saturating_sub(2 * escapes)
+}
+
+#[cfg(test)]
+mod segment_tests {
+    #[test]
+    fn decoded_length_counts_escapes_once() {
+        assert_eq!(super::percent_decoded_len("a%20b"), 3);
+        assert_eq!(super::percent_decoded_len(&"x".repeat(300)), 300);
+    }
+}

@@ -111,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .append_index_html_on_directories(true)
         .not_found_service(ServeFile::new(state.docroot.join(NOT_FOUND_PAGE)));
     let statics = tower::ServiceBuilder::new()
+        .layer(axum::middleware::from_fn(files::bounded_segments))
         .layer(axum::middleware::from_fn(files::conditional))
         .service(statics);
     let served_by = HeaderValue::from_str(&state.host)

@@ -406,3 +406,17 @@ async fn guestbook_over_the_sqlite_client() {
     assert_eq!(who["db"]["engine"], "sqlite");
     assert_eq!(who["db"]["write_node"], "web-01");
 }
+
+#[tokio::test]
+async fn an_overlong_path_segment_is_404_not_500() {
+    let f = fixture();
+    for path in [
+        format!("/{}", "a".repeat(256)),
+        format!("/dir/{}.html", "b".repeat(1000)),
+        format!("/{}", "%41".repeat(300)),
+    ] {
+        let r = get(&f.app, &path).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(get(&f.app, "/").await.status, StatusCode::OK);
+}
