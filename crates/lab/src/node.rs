@@ -70,6 +70,10 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
     // The request families every HTTP-serving role of this host records into, registered
     // once so the exposition holds each family exactly once.
     let http = telemetry::HttpMetrics::register(&mut registry);
+    telemetry::log_limit::register(
+        &mut registry,
+        telemetry::log_limit::RateLimit::global().clone(),
+    );
     // Every role, in start order; stopped in reverse.
     let mut roles: Vec<Arc<dyn RoleHandle>> = Vec::new();
 
@@ -197,10 +201,24 @@ async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
         .map_err(|e| LabError::Other(format!("cannot watch SIGTERM: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| LabError::Other(format!("cannot watch SIGINT: {e}")))?;
+    // One summary line per rate-limited callsite every 10 s.
+    let _summaries = telemetry::log_limit::spawn_summaries(
+        telemetry::log_limit::RateLimit::global().clone(),
+        telemetry::log_limit::DEFAULT_WINDOW,
+    );
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| LabError::Other(format!("cannot watch SIGHUP: {e}")))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tick.tick() => write_status(),
+            _ = hup.recv() => {
+                // logrotate convention: the files were renamed; reopen them.
+                if let Some(lb) = &lb_handle {
+                    lb.reopen_logs();
+                }
+                tracing::info!(host = %name, "SIGHUP: logs reopened");
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

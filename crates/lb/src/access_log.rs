@@ -71,6 +71,17 @@ pub(crate) struct AccessLog(Arc<Shared>);
 struct Shared {
     lines: mpsc::Sender<String>,
     dropped: Counter,
+    reopen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Size cap and rotation of the access log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The file is rotated before a line would take it past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept: `access.log.1` (newest) … `access.log.<keep>`; older ones are
+    /// deleted. At least 1.
+    pub keep: u32,
 }
 
 /// Registers `rampart_lb_access_log_dropped` (a counter; `_total` is appended) in
@@ -91,16 +102,32 @@ impl AccessLog {
     ///
     /// Errors: the file cannot be opened (missing directory, permissions) or the thread
     /// cannot be spawned.
-    pub(crate) async fn open(path: &Path, dropped: Counter) -> io::Result<AccessLog> {
-        let mut options = tokio::fs::OpenOptions::new();
-        options.create(true).append(true).mode(0o644);
-        let file = options.open(path).await?.into_std().await;
+    pub(crate) async fn open(
+        path: &Path,
+        rotation: Rotation,
+        dropped: Counter,
+    ) -> io::Result<AccessLog> {
+        let file = open_append(path)?;
         let (lines, rx) = mpsc::channel(CHANNEL_LINES);
         let path = path.to_path_buf();
+        let reopen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = reopen.clone();
         std::thread::Builder::new()
             .name("lb-access-log".into())
-            .spawn(move || write_lines(file, &path, rx))?;
-        Ok(AccessLog(Arc::new(Shared { lines, dropped })))
+            .spawn(move || write_lines(file, &path, rotation, &flag, rx))?;
+        Ok(AccessLog(Arc::new(Shared {
+            lines,
+            dropped,
+            reopen,
+        })))
+    }
+
+    /// Makes the writer reopen the file at its path before the next line (after an
+    /// external rotation renamed it; the node calls this on SIGHUP).
+    pub(crate) fn reopen(&self) {
+        self.0
+            .reopen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues `line` (one line, ending in `\n`) without waiting; drops and counts it when
@@ -121,7 +148,14 @@ impl AccessLog {
 /// The writer thread: appends every line, flushes when no line is waiting, stops (after a
 /// flush) when every sender is gone. A write error is logged once until writing succeeds
 /// again; the lines it hit are lost.
-fn write_lines(file: File, path: &Path, mut rx: mpsc::Receiver<String>) {
+fn write_lines(
+    file: File,
+    path: &Path,
+    rotation: Rotation,
+    reopen: &std::sync::atomic::AtomicBool,
+    mut rx: mpsc::Receiver<String>,
+) {
+    let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
     let mut failing = false;
     let mut report = |result: io::Result<()>| match result {
@@ -145,9 +179,51 @@ fn write_lines(file: File, path: &Path, mut rx: mpsc::Receiver<String>) {
             }
             Err(TryRecvError::Disconnected) => break,
         };
+        let rotate = written > 0 && written + line.len() as u64 > rotation.max_bytes;
+        if rotate || reopen.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            report(out.flush());
+            if rotate {
+                report(rotate_files(path, rotation.keep.max(1)));
+            }
+            match open_append(path) {
+                Ok(f) => {
+                    written = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, f);
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
+        written += line.len() as u64;
         report(out.write_all(line.as_bytes()));
     }
     report(out.flush());
+}
+
+/// Opens `path` for appending, created with mode 0644 (before the umask) when missing.
+fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .open(path)
+}
+
+/// `path.<keep-1>` → `path.<keep>` … `path` → `path.1` (the oldest beyond `keep` is
+/// overwritten, so at most `keep` rotated files exist).
+fn rotate_files(path: &Path, keep: u32) -> io::Result<()> {
+    let numbered = |i: u32| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{i}"));
+        std::path::PathBuf::from(p)
+    };
+    for i in (1..keep).rev() {
+        match std::fs::rename(numbered(i), numbered(i + 1)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::rename(path, numbered(1))
 }
 
 /// One request as the access log records it.
@@ -358,6 +434,57 @@ where
 }
 
 #[cfg(test)]
+mod rotation_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn rotates_at_the_cap_keeps_at_most_keep_files_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let rotation = Rotation {
+            max_bytes: 1000,
+            keep: 2,
+        };
+        let log = AccessLog::open(&path, rotation, Counter::default())
+            .await
+            .unwrap();
+        let line = format!("{}\n", "x".repeat(99));
+        for _ in 0..100 {
+            // Paced so the bounded queue never drops a line.
+            log.send(line.clone());
+            tokio::task::yield_now().await;
+        }
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        test_support::eventually("rotated files", std::time::Duration::from_secs(5), || {
+            let n = names();
+            async move { (n == ["access.log", "access.log.1", "access.log.2"]).then_some(()) }
+        })
+        .await;
+        for n in names() {
+            let len = std::fs::metadata(dir.path().join(&n)).unwrap().len();
+            assert!(len <= 1000, "{n} is {len} bytes");
+        }
+        // An external rotation renames the file; after reopen the writer starts a new one.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        log.reopen();
+        log.send(line.clone());
+        test_support::eventually("reopened", std::time::Duration::from_secs(5), || {
+            let ok = std::fs::metadata(&path).is_ok();
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
@@ -449,7 +576,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let mut registry = Registry::default();
-        let log = AccessLog::open(&path, register_dropped(&mut registry))
+        let rotation = Rotation {
+            max_bytes: 1 << 20,
+            keep: 1,
+        };
+        let log = AccessLog::open(&path, rotation, register_dropped(&mut registry))
             .await
             .unwrap();
         let client: IpAddr = "192.0.2.7".parse().unwrap();

@@ -46,11 +46,16 @@ pub struct LbConfig {
     /// Longest pause between two chunks of a request body before 408
     /// (`limits.https.body_timeout_ms`).
     pub request_body_timeout: std::time::Duration,
+    /// Longest time to receive a whole request body before 408
+    /// (`limits.https.body_deadline_ms`).
+    pub request_body_deadline: std::time::Duration,
     /// Names the site answers to (domain, then aliases): other hosts get 421 on HTTPS and
     /// are never redirected to.
     pub site_names: Vec<String>,
     /// Header fields added to HTTPS responses that lack them (`site.response_headers`).
     pub response_headers: Vec<(String, String)>,
+    /// Size cap and rotation of the access log (`[access_log]` of the topology).
+    pub access_log_rotation: crate::Rotation,
     /// Where to append the access log (one line per request on either listener, see
     /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
@@ -94,6 +99,7 @@ impl LbConfig {
             pki,
             balancer: t.balancer.clone(),
             request_body_timeout: t.limits.listener(topology::Service::Https).body_timeout(),
+            request_body_deadline: t.limits.listener(topology::Service::Https).body_deadline(),
             site_names: t.site.names(),
             response_headers: t
                 .site
@@ -101,6 +107,10 @@ impl LbConfig {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            access_log_rotation: crate::Rotation {
+                max_bytes: t.access_log.max_bytes,
+                keep: t.access_log.keep,
+            },
             access_log: None,
         })
     }

@@ -47,6 +47,7 @@ use tokio_rustls::TlsConnector;
 use topology::Service;
 use tower::ServiceBuilder;
 
+pub use access_log::Rotation;
 pub use config::{Backend, LbConfig};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
@@ -104,6 +105,7 @@ pub struct LbHandle {
     balancer: Arc<Balancer>,
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
+    access_log: Option<AccessLog>,
 }
 
 impl LbHandle {
@@ -136,6 +138,14 @@ impl LbHandle {
     /// Whether at least one backend is up, i.e. whether HTTPS requests can be served.
     pub fn healthy(&self) -> bool {
         self.balancer.backends().iter().any(|b| b.is_up())
+    }
+
+    /// Reopens the access log at its path before its next line (SIGHUP, after an external
+    /// log rotation renamed the file).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
     }
 
     /// Stops accepting connections and health checking; open connections finish their
@@ -306,16 +316,14 @@ pub async fn start(
     let metrics = Metrics::register(registry, http_metrics.clone());
     let dropped = access_log::register_dropped(registry);
     let access_log = match &cfg.access_log {
-        Some(path) => {
-            Some(
-                AccessLog::open(path, dropped)
-                    .await
-                    .map_err(|source| LbError::AccessLog {
-                        path: path.clone(),
-                        source,
-                    })?,
-            )
-        }
+        Some(path) => Some(
+            AccessLog::open(path, cfg.access_log_rotation, dropped)
+                .await
+                .map_err(|source| LbError::AccessLog {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let limits = &cfg.balancer;
@@ -357,6 +365,7 @@ pub async fn start(
             .collect(),
         max_body: limits.max_request_body_bytes,
         body_timeout: cfg.request_body_timeout,
+        body_deadline: cfg.request_body_deadline,
         response_buffer: limits.response_buffer_bytes,
         rejected,
     });
@@ -373,6 +382,7 @@ pub async fn start(
         ));
     }
 
+    let reopen_log = access_log.clone();
     let tasks = RoleTasks::new();
     let https_metrics = metrics.clone();
     let https_log = access_log.clone();
@@ -438,5 +448,6 @@ pub async fn start(
         balancer,
         shutdown,
         tasks,
+        access_log: reopen_log,
     })
 }

@@ -153,6 +153,7 @@ pub(crate) struct Upstreams {
     pub(crate) site_names: Vec<String>,
     pub(crate) max_body: u64,
     pub(crate) body_timeout: Duration,
+    pub(crate) body_deadline: Duration,
     pub(crate) response_buffer: u64,
     pub(crate) rejected: Family<RejectLabels, Counter>,
 }
@@ -282,7 +283,7 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) {
 pub(crate) enum BodyError {
     /// Larger than `max_request_body_bytes`: 413.
     TooLarge,
-    /// No chunk within `body_timeout_ms`: 408.
+    /// No chunk within `body_timeout_ms`, or not all of it within `body_deadline_ms`: 408.
     Timeout,
     /// Broken framing (bad chunk size, data past a chunk, a reset HTTP/2 stream): 400.
     Framing,
@@ -379,7 +380,11 @@ impl Proxy {
         // The whole body first: a slow client never holds a backend connection, broken
         // framing is the client's fault (400), and the request can be resent on connect
         // failure.
-        let body = match read_body(body, up.max_body, up.body_timeout).await {
+        let read = tokio::time::timeout(
+            up.body_deadline,
+            read_body(body, up.max_body, up.body_timeout),
+        );
+        let body = match read.await.unwrap_or(Err(BodyError::Timeout)) {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 return up.reject(

@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod log_limit;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

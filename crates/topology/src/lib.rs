@@ -14,7 +14,7 @@ mod policy;
 mod raw;
 
 pub use error::ConfigError;
-pub use limits::{BalancerLimits, Limits, ListenerLimits};
+pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
     default_response_headers, AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site,
     Topology, DEFAULT_TOML,

@@ -33,6 +33,11 @@ pub struct ListenerLimits {
     /// Longest pause between two chunks of a request body (nginx `client_body_timeout`);
     /// past it the request is answered 408. Default 10 000.
     pub body_timeout_ms: u64,
+    /// Longest time to receive a whole request body where bodies are read before they are
+    /// forwarded (the load balancer); past it 408, so a body trickling in just under
+    /// `body_timeout_ms` cannot hold a connection forever (HAProxy `timeout
+    /// http-request` with `option http-buffer-request`). Default 30 000.
+    pub body_deadline_ms: u64,
     /// Connections served at once on this listener. At the cap a new connection is
     /// admitted by closing the connection that has been idle longest (no request in
     /// flight: a slow or silent client), as nginx reuses keep-alive connections when its
@@ -70,6 +75,10 @@ impl ListenerLimits {
     pub fn body_timeout(&self) -> Duration {
         Duration::from_millis(self.body_timeout_ms)
     }
+    /// [`ListenerLimits::body_deadline_ms`] as a duration.
+    pub fn body_deadline(&self) -> Duration {
+        Duration::from_millis(self.body_deadline_ms)
+    }
     /// [`ListenerLimits::drain_timeout_ms`] as a duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
@@ -91,6 +100,7 @@ impl ListenerLimits {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             body_timeout_ms: 10_000,
+            body_deadline_ms: 30_000,
             max_connections,
             max_connections_per_source: 1_024,
             drain_timeout_ms: 5_000,
@@ -170,6 +180,55 @@ impl Default for BalancerLimits {
     }
 }
 
+/// Size cap and rotation of the load balancer's access log (`[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLogLimits {
+    /// The file is renamed to `access.log.1` before a line would take it past this size.
+    /// Bytes, default 67 108 864 (64 MiB).
+    pub max_bytes: u64,
+    /// Rotated files kept (`access.log.1` … `.<keep>`), default 3. The log of one load
+    /// balancer never takes more than `max_bytes × (keep + 1)`.
+    pub keep: u32,
+}
+
+impl Default for AccessLogLimits {
+    fn default() -> AccessLogLimits {
+        AccessLogLimits {
+            max_bytes: 64 << 20,
+            keep: 3,
+        }
+    }
+}
+
+/// `[access_log]` → [`AccessLogLimits`].
+pub(crate) fn validate_access_log(
+    raw: crate::raw::RawAccessLog,
+    file: &str,
+) -> Result<AccessLogLimits, ConfigError> {
+    let d = AccessLogLimits::default();
+    let a = AccessLogLimits {
+        max_bytes: raw.max_bytes.unwrap_or(d.max_bytes),
+        keep: raw.keep.unwrap_or(d.keep),
+    };
+    if a.max_bytes < 4096 {
+        return Err(err(
+            file,
+            "access_log.max_bytes".into(),
+            "below 4096 bytes",
+            "use at least 4096 (default 67108864)",
+        ));
+    }
+    if a.keep == 0 {
+        return Err(err(
+            file,
+            "access_log.keep".into(),
+            "must be at least 1",
+            "keep at least one rotated file (default 3)",
+        ));
+    }
+    Ok(a)
+}
+
 fn err(file: &str, key: String, reason: impl Into<String>, fix: &str) -> ConfigError {
     ConfigError::new(file, key, reason, fix)
 }
@@ -205,6 +264,11 @@ fn apply(
             "body_timeout_ms",
             raw.body_timeout_ms,
             &mut out.body_timeout_ms,
+        ),
+        (
+            "body_deadline_ms",
+            raw.body_deadline_ms,
+            &mut out.body_deadline_ms,
         ),
         (
             "drain_timeout_ms",

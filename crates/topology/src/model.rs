@@ -254,6 +254,8 @@ pub struct Topology {
     pub limits: crate::Limits,
     /// The load balancer's per-backend queueing and buffering (`[balancer]`).
     pub balancer: crate::BalancerLimits,
+    /// The load balancer's access log size cap and rotation (`[access_log]`).
+    pub access_log: crate::AccessLogLimits,
     /// Hosts, in file order.
     pub hosts: Vec<Host>,
 }
@@ -312,6 +314,7 @@ impl Topology {
             firewall: FirewallOut,
             limits: &'a crate::Limits,
             balancer: &'a crate::BalancerLimits,
+            access_log: &'a crate::AccessLogLimits,
             hosts: &'a [Host],
         }
         let out = Out {
@@ -331,6 +334,7 @@ impl Topology {
             },
             limits: &self.limits,
             balancer: &self.balancer,
+            access_log: &self.access_log,
             hosts: &self.hosts,
         };
         toml::to_string(&out).unwrap_or_else(|e| panic!("topology serializes: {e}"))
@@ -586,6 +590,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
 
     let limits = crate::limits::validate_limits(raw.limits.gather(), file)?;
     let balancer = crate::limits::validate_balancer(raw.balancer, file)?;
+    let access_log = crate::limits::validate_access_log(raw.access_log, file)?;
     let hosts = validate_hosts(raw.hosts, file)?;
     let web = limits.listener(crate::Service::Web);
     if balancer.upstream_idle_timeout_ms >= web.idle_timeout_ms {
@@ -625,6 +630,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         operator_sources,
         limits,
         balancer,
+        access_log,
         hosts,
     })
 }

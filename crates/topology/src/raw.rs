@@ -23,6 +23,8 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub balancer: RawBalancer,
     #[serde(default)]
+    pub access_log: RawAccessLog,
+    #[serde(default)]
     pub hosts: Vec<RawHost>,
 }
 
@@ -37,6 +39,7 @@ pub(crate) struct RawLimits {
     pub header_read_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
+    pub body_deadline_ms: Option<u64>,
     pub max_connections: Option<u32>,
     pub max_connections_per_source: Option<u32>,
     pub drain_timeout_ms: Option<u64>,
@@ -61,6 +64,7 @@ impl RawLimits {
             header_read_timeout_ms: self.header_read_timeout_ms,
             idle_timeout_ms: self.idle_timeout_ms,
             body_timeout_ms: self.body_timeout_ms,
+            body_deadline_ms: self.body_deadline_ms,
             max_connections: self.max_connections,
             max_connections_per_source: self.max_connections_per_source,
             drain_timeout_ms: self.drain_timeout_ms,
@@ -90,6 +94,7 @@ pub(crate) struct RawListenerLimits {
     pub header_read_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
+    pub body_deadline_ms: Option<u64>,
     pub max_connections: Option<u32>,
     pub max_connections_per_source: Option<u32>,
     pub drain_timeout_ms: Option<u64>,
@@ -171,4 +176,11 @@ pub(crate) struct RawHost {
     pub name: Option<String>,
     pub address: Option<String>,
     pub roles: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccessLog {
+    pub max_bytes: Option<u64>,
+    pub keep: Option<u32>,
 }
