@@ -34,6 +34,28 @@ pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
+/// How long opening the shared file may retry a busy database.
+const OPEN_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Opens the file, switches it to WAL and creates the schema in one immediate transaction
+/// (which waits for the busy timeout instead of failing on a lock upgrade).
+fn set_up(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;"))?;
+    Ok(conn)
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the file in WAL mode with a busy timeout and the schema.
     pub(crate) async fn open(path: PathBuf) -> Result<SqliteStore, DbError> {
@@ -43,14 +65,22 @@ impl SqliteStore {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| Err(DbError::io(format!("creating {}", dir.display()), e)))?;
             }
-            let conn = Connection::open(&p).map_err(Ok)?;
-            conn.busy_timeout(BUSY_TIMEOUT).map_err(Ok)?;
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(Ok)?;
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(Ok)?;
-            conn.execute_batch(SCHEMA).map_err(Ok)?;
-            Ok(conn)
+            // Several application hosts open the one file at the same moment. Switching the
+            // journal mode needs the database to itself and SQLite answers SQLITE_BUSY at
+            // once there, without its busy handler (sqlite.org/wal.html, "Activating WAL
+            // mode"): retry the whole set-up, bounded, instead of failing the node.
+            let started = std::time::Instant::now();
+            let mut pause = std::time::Duration::from_millis(10);
+            loop {
+                match set_up(&p) {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) if is_busy(&e) && started.elapsed() < OPEN_RETRY_FOR => {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(Ok(e)),
+                }
+            }
         })
         .await?;
         Ok(SqliteStore {

@@ -109,3 +109,28 @@ async fn sqlite_round_trip() {
     server.stop().await;
     replica.stop().await;
 }
+
+/// Two application hosts open the one file at the same moment (each node does at start):
+/// every open and a first write succeed, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_openers_of_a_fresh_file_all_succeed() {
+    let t = Topology::parse(TOPOLOGY, "test").unwrap();
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let openers: Vec<_> = (0..8)
+            .map(|i| {
+                let (t, dir) = (t.clone(), dir.path().to_path_buf());
+                tokio::spawn(async move {
+                    let host = if i % 2 == 0 { "web-01" } else { "web-02" };
+                    let c = client(&t, host, &dir).await;
+                    c.insert_message("a", &format!("round {round} opener {i}"))
+                        .await
+                        .unwrap();
+                })
+            })
+            .collect();
+        for o in openers {
+            o.await.unwrap();
+        }
+    }
+}

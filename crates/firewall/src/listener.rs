@@ -14,8 +14,9 @@ use topology::{Callers, ListenerLimits};
 use crate::admission::{Admission, ConnSlot, Refusal};
 use crate::Filter;
 
-/// `listen(2)` backlog of every [`GuardedListener`].
-pub const BACKLOG: i32 = 1024;
+/// `listen(2)` backlog of every [`GuardedListener`] (capped by `net.core.somaxconn`, 4096 on
+/// current kernels): a burst of connections waits in the kernel instead of being dropped.
+pub const BACKLOG: i32 = 4096;
 
 /// The pid of the local server process a [`Callers::LocalServer`] rule admits, asked at
 /// each accept (the process may have been restarted).

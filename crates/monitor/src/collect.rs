@@ -29,8 +29,29 @@ pub struct HostCollector {
     pub fs_path: PathBuf,
 }
 
+/// When this process started, Unix seconds: the monitor tells a counter reset (the node
+/// restarted) from a counter that went backwards (refused) by it.
+fn process_start_time() -> f64 {
+    static START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64().floor())
+            .unwrap_or(0.0)
+    })
+}
+
 impl Collector for HostCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let m = enc.encode_descriptor(
+                "process_start_time",
+                "Start time of the node process since the Unix epoch.",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(process_start_time()).encode(m)?;
+        }
         if let Ok(stats) = procfs::KernelStats::current() {
             let t = &stats.total;
             let modes = [

@@ -279,10 +279,25 @@ impl MonitorState {
     /// or the reason it was rejected.
     pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<usize, String> {
         let samples = exposition::parse(text).map_err(|e| e.to_string())?;
-        self.lock()
+        let offered = samples.len();
+        let mut inner = self.lock();
+        let stored = inner
             .store
             .ingest(host, now, samples)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if stored < offered {
+            // Non-finite values, impossible or decreasing counters (see Store::ingest);
+            // this line is rate limited like every other.
+            let refused: Vec<String> = inner
+                .store
+                .refused()
+                .iter()
+                .filter(|((h, _), _)| h == host)
+                .map(|((_, r), n)| format!("{}={n}", r.as_str()))
+                .collect();
+            tracing::warn!(%host, offered, stored, refused = %refused.join(","), "push samples refused");
+        }
+        Ok(stored)
     }
 
     /// The QPS of every agent host at `now`.

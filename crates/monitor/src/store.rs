@@ -75,6 +75,48 @@ impl Ring {
 struct HostSeries {
     pushes: Ring,
     series: HashMap<SeriesId, Ring>,
+    /// The agent's `process_start_time_seconds` in its last push.
+    started: Option<f64>,
+}
+
+/// The series a push must carry for counter resets to be accepted: the node's start time.
+pub const START_TIME_METRIC: &str = "process_start_time_seconds";
+
+/// Largest counter value accepted: 2^53, beyond which an `f64` no longer counts by one.
+pub const MAX_COUNTER: f64 = 9_007_199_254_740_992.0;
+
+/// Why one sample of a push was refused (the rest of the push is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refused {
+    /// NaN or ±Inf.
+    NonFinite,
+    /// A counter below zero.
+    NegativeCounter,
+    /// A counter above [`MAX_COUNTER`].
+    CounterTooLarge,
+    /// A counter lower than its previous value while the agent did not restart (its
+    /// `process_start_time_seconds` unchanged): not a reset, a forgery or a bug.
+    CounterDecreased,
+}
+
+impl Refused {
+    /// The reason as shown in the API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::NonFinite => "non_finite",
+            Refused::NegativeCounter => "negative_counter",
+            Refused::CounterTooLarge => "counter_too_large",
+            Refused::CounterDecreased => "counter_decreased",
+        }
+    }
+}
+
+/// Whether a sample named `name` is a counter (monotonic): `_total`, and a histogram's or
+/// summary's `_count`, `_sum` and `_bucket` (OpenMetrics).
+pub fn is_counter(name: &str) -> bool {
+    ["_total", "_count", "_sum", "_bucket"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
 }
 
 /// A per-second rate and the time span it was computed over.
@@ -90,6 +132,7 @@ pub struct Rate {
 #[derive(Debug, Default)]
 pub struct Store {
     hosts: HashMap<String, HostSeries>,
+    refused: std::collections::BTreeMap<(String, Refused), u64>,
 }
 
 impl Store {
@@ -100,7 +143,12 @@ impl Store {
 
     /// Stores one push of `host` received at `now`; returns how many samples were stored.
     /// The whole push is rejected when it repeats a series or would take the host over
-    /// [`MAX_SERIES_PER_HOST`]. Series and hosts silent for [`RETENTION_SECONDS`] are dropped.
+    /// [`MAX_SERIES_PER_HOST`] (each agent's series budget). Single samples are refused and
+    /// counted ([`Store::refused`]) without failing the push: non-finite values; counters
+    /// ([`is_counter`]) below zero, above [`MAX_COUNTER`], or lower than their previous
+    /// value unless the push's [`START_TIME_METRIC`] changed (the agent restarted: a
+    /// reset, as Prometheus treats any decrease). Series and hosts silent for
+    /// [`RETENTION_SECONDS`] are dropped.
     pub fn ingest(
         &mut self,
         host: &str,
@@ -123,13 +171,41 @@ impl Store {
         if entry.series.len() + new > MAX_SERIES_PER_HOST {
             return Err(IngestError::TooManySeries);
         }
-        let count = samples.len();
+        let started = samples
+            .iter()
+            .find(|s| s.name == START_TIME_METRIC && s.value.is_finite())
+            .map(|s| s.value);
+        let restarted = started != entry.started;
+        entry.started = started;
+        let mut count = 0;
         for s in samples {
-            entry
+            let id = (s.name, s.labels);
+            let previous = entry
                 .series
-                .entry((s.name, s.labels))
-                .or_default()
-                .push(now, s.value);
+                .get(&id)
+                .and_then(|r| r.points.back())
+                .map(|p| p.1);
+            let refusal = if !s.value.is_finite() {
+                Some(Refused::NonFinite)
+            } else if is_counter(&id.0) {
+                if s.value < 0.0 {
+                    Some(Refused::NegativeCounter)
+                } else if s.value > MAX_COUNTER {
+                    Some(Refused::CounterTooLarge)
+                } else if previous.is_some_and(|p| s.value < p) && !restarted {
+                    Some(Refused::CounterDecreased)
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            if let Some(r) = refusal {
+                *self.refused.entry((host.to_string(), r)).or_default() += 1;
+                continue;
+            }
+            entry.series.entry(id).or_default().push(now, s.value);
+            count += 1;
         }
         entry.pushes.push(now, count as f64);
         Ok(count)
@@ -142,6 +218,11 @@ impl Store {
                 .retain(|_, r| r.last_time().is_some_and(|t| t >= horizon));
             h.pushes.last_time().is_some_and(|t| t >= horizon)
         });
+    }
+
+    /// Samples refused so far, by host and reason.
+    pub fn refused(&self) -> &std::collections::BTreeMap<(String, Refused), u64> {
+        &self.refused
     }
 
     /// When `host` last pushed, if it has.
@@ -222,6 +303,83 @@ pub fn increase(points: impl IntoIterator<Item = (f64, f64)>) -> f64 {
 }
 
 #[cfg(test)]
+mod hygiene_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn sample(name: &str, value: f64) -> Sample {
+        Sample {
+            name: name.into(),
+            labels: Vec::new(),
+            value,
+            timestamp: None,
+        }
+    }
+
+    fn push(store: &mut Store, t: f64, started: f64, requests: f64) -> usize {
+        store
+            .ingest(
+                "lb-01",
+                t,
+                vec![
+                    sample(START_TIME_METRIC, started),
+                    sample("rampart_http_requests_total", requests),
+                ],
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn forged_counters_are_refused_and_cannot_move_the_rate() {
+        let mut s = Store::new();
+        for t in 0..10 {
+            push(&mut s, t as f64, 1000.0, 10.0 * t as f64);
+        }
+        let before = s
+            .rate("lb-01", "rampart_http_requests_total", 9.0, 10.0)
+            .unwrap();
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e300, -5.0, 3.0] {
+            assert_eq!(
+                push(&mut s, 9.5, 1000.0, bad),
+                1,
+                "only the start time is stored"
+            );
+        }
+        let after = s
+            .rate("lb-01", "rampart_http_requests_total", 9.5, 10.0)
+            .unwrap();
+        assert!(
+            (after.per_second - before.per_second).abs() < 1.0,
+            "{before:?} {after:?}"
+        );
+        let reasons: Vec<_> = s.refused().keys().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "non_finite",
+                "negative_counter",
+                "counter_too_large",
+                "counter_decreased"
+            ]
+        );
+        assert_eq!(s.refused()[&("lb-01".to_string(), Refused::NonFinite)], 3);
+    }
+
+    #[test]
+    fn a_restart_is_a_reset() {
+        let mut s = Store::new();
+        push(&mut s, 0.0, 1000.0, 500.0);
+        assert_eq!(
+            push(&mut s, 1.0, 2000.0, 3.0),
+            2,
+            "new start time: the decrease is a reset"
+        );
+        assert!(s.refused().is_empty());
+        assert!(is_counter("x_bucket") && is_counter("x_total") && !is_counter("x_bytes"));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -279,10 +437,17 @@ mod tests {
     #[test]
     fn rate_across_a_restart() {
         let mut s = Store::new();
-        // 5/s, then the process restarts at t=5 and counts from zero again at 5/s
+        // 5/s, then the process restarts at t=5 (its start time changes) and counts from
+        // zero again at 5/s
         let values = [0.0, 5.0, 10.0, 15.0, 20.0, 5.0, 10.0, 15.0];
         for (t, v) in values.iter().enumerate() {
-            s.ingest("lb-01", t as f64, vec![sample(REQ, "2xx", *v)])
+            let started = Sample {
+                name: START_TIME_METRIC.into(),
+                labels: Vec::new(),
+                value: if t < 5 { 100.0 } else { 105.0 },
+                timestamp: None,
+            };
+            s.ingest("lb-01", t as f64, vec![sample(REQ, "2xx", *v), started])
                 .unwrap();
         }
         let r = s.rate("lb-01", REQ, 7.0, 10.0).unwrap();

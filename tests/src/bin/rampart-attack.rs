@@ -51,6 +51,9 @@ enum Mode {
         /// Seconds to hold them.
         #[arg(long)]
         hold: u64,
+        /// New connections per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
     },
     /// POST heads announcing a large body, then a few bytes every `interval` seconds.
     SlowBody {
@@ -145,7 +148,8 @@ async fn main() {
             count,
             ref how,
             hold,
-        } => idle(&args, count, how, hold).await,
+            rate,
+        } => idle(&args, count, how, hold, rate).await,
         Mode::SlowBody {
             count,
             interval,
@@ -165,14 +169,22 @@ async fn main() {
     println!("{out}");
 }
 
-async fn idle(args: &Args, count: usize, how: &str, hold: u64) -> serde_json::Value {
+async fn idle(args: &Args, count: usize, how: &str, hold: u64, rate: u32) -> serde_json::Value {
     let start = Instant::now();
     let closes = Arc::new(Closes::default());
     let failed = Arc::new(AtomicU64::new(0));
     let connector = tls(&args.ca, &[b"h2", b"http/1.1"]);
     let mut tasks = tokio::task::JoinSet::new();
     let deadline = start + Duration::from_secs(hold);
+    let mut pace = (rate > 0).then(|| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
     for src in sources(args.source_net).take(count) {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
         let (closes, failed, connector) = (closes.clone(), failed.clone(), connector.clone());
         let (target, how, sni) = (args.target, how.to_string(), args.sni.clone());
         tasks.spawn(async move {
@@ -209,7 +221,7 @@ async fn idle(args: &Args, count: usize, how: &str, hold: u64) -> serde_json::Va
     }
     while tasks.join_next().await.is_some() {}
     serde_json::json!({
-        "mode": "idle", "how": how, "count": count,
+        "mode": "idle", "how": how, "count": count, "rate": rate,
         "connect_failed": failed.load(Ordering::Relaxed),
         "closed_by_server": closes.summary(),
     })
