@@ -261,37 +261,27 @@ fn the_site_keeps_answering_under_attack() {
     let lab = Lab::up();
     let ca = lab.ca();
 
-    // (a) ≥ 20 000 idle connections, over four processes, held 30 s.
+    // (a) ≥ 20 000 idle connections over four processes, each held until the server closes
+    // it (at most 45 s). Plain TCP ones arrive at 1 500/s per process, TLS ones at 300/s
+    // per process: faster, it stops being an idle-connection attack and becomes a SYN or
+    // TLS-handshake flood that saturates this 2-core machine (the kernel's accept queue
+    // overflows, handshakes queue for the CPU), which only a per-source rate limit in front
+    // of the listener answers (the nftables meter of netns mode).
     let probe = Probe::start(&ca);
-    let floods = [
+    let idle = |port, net, count, how, rate| {
         lab.attack(
-            HTTP,
-            "127.101.0.0/16",
-            &["idle", "--count", "5200", "--how", "tcp", "--hold", "30"],
-        ),
-        lab.attack(
-            HTTPS,
-            "127.102.0.0/16",
-            &["idle", "--count", "5200", "--how", "tls", "--hold", "30"],
-        ),
-        lab.attack(
-            HTTPS,
-            "127.103.0.0/16",
+            port,
+            net,
             &[
-                "idle",
-                "--count",
-                "5200",
-                "--how",
-                "h2-preface",
-                "--hold",
-                "30",
+                "idle", "--count", count, "--how", how, "--hold", "45", "--rate", rate,
             ],
-        ),
-        lab.attack(
-            HTTPS,
-            "127.104.0.0/16",
-            &["idle", "--count", "5200", "--how", "tcp", "--hold", "30"],
-        ),
+        )
+    };
+    let floods = [
+        idle(HTTP, "127.101.0.0/16", "6000", "tcp", "1500"),
+        idle(HTTPS, "127.102.0.0/16", "4000", "tls", "300"),
+        idle(HTTPS, "127.103.0.0/16", "4000", "h2-preface", "300"),
+        idle(HTTPS, "127.104.0.0/16", "6000", "tcp", "1500"),
     ];
     let reports: Vec<Value> = floods.into_iter().map(report).collect();
     let probes = probe.finish("idle flood");

@@ -162,6 +162,9 @@ impl Activity {
     }
 }
 
+/// Idle connections compared to choose the one to evict.
+const EVICTION_SAMPLE: usize = 64;
+
 /// Why an accepted connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -221,8 +224,8 @@ impl Admission {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits a connection from `src`, evicting the longest-idle one when the listener
-    /// is full or the descriptor budget is spent.
+    /// Admits a connection from `src`, evicting the longest-idle one of a sample of idle
+    /// connections when the listener is full or the descriptor budget is spent.
     pub(crate) fn admit(
         self: &Arc<Self>,
         src: IpAddr,
@@ -236,11 +239,14 @@ impl Admission {
         let full = t.conns.len() >= self.max;
         let fd = if full { false } else { budget.try_take(true) };
         if !fd {
-            // Free a slot: close the connection idle longest, if any is idle at all.
+            // Free a slot: close the connection idle longest among a sample of idle ones
+            // (approximate LRU, as Redis evicts: a full scan per accept would make a
+            // flood against a full listener quadratic).
             let victim = t
                 .conns
                 .iter()
                 .filter(|(_, a)| a.in_flight() == 0)
+                .take(EVICTION_SAMPLE)
                 .max_by_key(|(_, a)| a.idle_for())
                 .map(|(id, _)| *id);
             let Some(id) = victim else {
