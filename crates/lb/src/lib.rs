@@ -6,17 +6,22 @@
 //! This crate owns the listeners, the balancing and retry policy, the active health checks,
 //! the access log (one line per request on either listener, nginx `combined` format plus
 //! backend, response time and listener, written by one background thread) and the load
-//! balancer's own metrics (`rampart_backend_up`, `rampart_lb_access_log_dropped_total`);
-//! requests are recorded in the node's shared HTTP families from `telemetry`, never
-//! registered here. It never issues certificates or decides who may connect (that is `pki`
-//! and `topology::Policy`, enforced through `firewall`), never buffers whole bodies, never
+//! balancer's own metrics (`rampart_backend_up`, `rampart_lb_access_log_dropped_total`,
+//! `rampart_lb_rejected_requests_total{reason}`, `rampart_lb_connections_closed_total`,
+//! `rampart_lb_backend_active_requests`, `rampart_lb_backend_queue_length`); requests are
+//! recorded in the node's shared HTTP families from `telemetry`, never registered here. It
+//! never issues certificates or decides who may connect (that is `pki` and
+//! `topology::Policy`, enforced through `firewall` and `serve`), never holds a backend
+//! connection while a client is slow (bodies are buffered both ways, bounded), never
 //! replays a request once any of it has been sent to a backend, and never waits on the
 //! access log file in the request path.
 //!
-//! Flow of one request: [`firewall::GuardedListener`] → TLS (bounded handshake) → HTTP/1.1
-//! or HTTP/2 → access log layer → metrics layer → HSTS layer → proxy (pick a backend that
-//! is up, rewrite hop-by-hop and `X-Forwarded-*` headers, forward, stream the response
-//! back, naming the backend in the response's extensions for the access log).
+//! Flow of one request: [`firewall::GuardedListener`] (policy, caps) → `serve::serve_http`
+//! (bounded handshake, first byte, head, idle) → access log layer → metrics layer → HSTS
+//! and security-header layers → proxy (target and `Host` checks, body read in full, a
+//! backend slot or its queue, hop-by-hop and `X-Forwarded-*` headers, forward, response
+//! buffered up to a bound, naming the backend in the response's extensions for the access
+//! log).
 
 #![forbid(unsafe_code)]
 
