@@ -194,6 +194,50 @@ impl Collector for FirewallCollector {
                     .encode(m.encode_family(&[("service", service), ("verdict", verdict)])?)?;
             }
         }
+        drop(m);
+        // The listeners' limits: resets by reason, evictions, open connections.
+        let mut limited: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut evicted: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut open: BTreeMap<&str, u64> = BTreeMap::new();
+        for f in &self.filters {
+            for (reason, n) in f.limited() {
+                *limited
+                    .entry((f.service.as_str(), reason.as_str()))
+                    .or_default() += n;
+            }
+            *evicted.entry(f.service.as_str()).or_default() += f.evicted();
+            *open.entry(f.service.as_str()).or_default() += f.open_connections();
+        }
+        let mut m = enc.encode_descriptor(
+            "rampart_listener_limited_connections",
+            "Connections reset at accept by a listener limit (per_source, max_connections with nothing idle to evict, fd_reserve).",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((service, reason), v) in &limited {
+            ConstCounter::new(*v)
+                .encode(m.encode_family(&[("service", *service), ("reason", *reason)])?)?;
+        }
+        drop(m);
+        let mut m = enc.encode_descriptor(
+            "rampart_listener_evicted_connections",
+            "Idle connections closed to admit new ones on a full listener.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (service, v) in &evicted {
+            ConstCounter::new(*v).encode(m.encode_family(&[("service", *service)])?)?;
+        }
+        drop(m);
+        let mut m = enc.encode_descriptor(
+            "rampart_listener_open_connections",
+            "Connections open on the host's listeners.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (service, v) in &open {
+            ConstGauge::new(*v as i64).encode(m.encode_family(&[("service", *service)])?)?;
+        }
         Ok(())
     }
 }
