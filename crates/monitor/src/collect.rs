@@ -194,7 +194,6 @@ impl Collector for FirewallCollector {
                     .encode(m.encode_family(&[("service", service), ("verdict", verdict)])?)?;
             }
         }
-        drop(m);
         // The listeners' limits: resets by reason, evictions, open connections.
         let mut limited: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut evicted: BTreeMap<&str, u64> = BTreeMap::new();
@@ -218,7 +217,6 @@ impl Collector for FirewallCollector {
             ConstCounter::new(*v)
                 .encode(m.encode_family(&[("service", *service), ("reason", *reason)])?)?;
         }
-        drop(m);
         let mut m = enc.encode_descriptor(
             "rampart_listener_evicted_connections",
             "Idle connections closed to admit new ones on a full listener.",
@@ -228,7 +226,6 @@ impl Collector for FirewallCollector {
         for (service, v) in &evicted {
             ConstCounter::new(*v).encode(m.encode_family(&[("service", *service)])?)?;
         }
-        drop(m);
         let mut m = enc.encode_descriptor(
             "rampart_listener_open_connections",
             "Connections open on the host's listeners.",
