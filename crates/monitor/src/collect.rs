@@ -29,15 +29,27 @@ pub struct HostCollector {
     pub fs_path: PathBuf,
 }
 
-/// When this process started, Unix seconds: the monitor tells a counter reset (the node
-/// restarted) from a counter that went backwards (refused) by it.
+/// When this process started, Unix seconds, as node_exporter's and the Prometheus client
+/// libraries' `process_start_time_seconds`: the boot time (`btime` of `/proc/stat`) plus
+/// the process's `starttime` (field 22 of `/proc/self/stat`, in clock ticks since boot;
+/// proc(5)). The monitor tells a counter reset (the node restarted: a later start time)
+/// from a counter that went backwards (refused) by it. Where `/proc` cannot be read, the
+/// time of the first call.
 fn process_start_time() -> f64 {
     static START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *START.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64().floor())
-            .unwrap_or(0.0)
+        let from_proc = || -> Option<f64> {
+            let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+            let boot = procfs::boot_time_secs().ok()?;
+            let ticks = procfs::ticks_per_second();
+            (ticks > 0).then(|| boot as f64 + stat.starttime as f64 / ticks as f64)
+        };
+        from_proc().unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        })
     })
 }
 
@@ -286,6 +298,11 @@ mod tests {
         assert_eq!(fs[0].labels[0].1, dir.path().to_string_lossy());
         assert!(find("rampart_host_network_receive_bytes_total").any(|s| s.labels[0].1 == "lo"));
         assert_eq!(find("rampart_host_load1").count(), 1);
+        // The node's start time, which tells the monitor a restart from a forged decrease.
+        let started: Vec<_> = find(crate::store::START_TIME_METRIC).collect();
+        assert_eq!(started.len(), 1);
+        assert!(started[0].labels.is_empty());
+        assert!(started[0].value > 0.0 && started[0].value <= crate::unix_now() + 1.0);
         let refused: Vec<_> = find("rampart_firewall_connections_total")
             .filter(|s| s.labels.contains(&("verdict".into(), "refused".into())))
             .collect();

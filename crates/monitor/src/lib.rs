@@ -9,6 +9,15 @@
 //! content: only agent hosts push (and a push is stored under the identity of its
 //! certificate), only the admin reads the dashboard and API. The crate never persists
 //! samples to disk and never opens a connection except from its host's own address.
+//!
+//! Ingest trusts an agent's identity, not its numbers ([`store::Store::ingest`]): a push
+//! that does not parse or repeats a series is refused whole; otherwise single samples are
+//! refused and the rest stored — non-finite values, counters below zero or above 2^53,
+//! counters that decrease while the agent's `process_start_time_seconds` did not move
+//! forward (a reset is accepted only from a restarted node), and new series beyond the
+//! agent's **series budget** of [`store::MAX_SERIES_PER_HOST`] series. Refusals are
+//! counted per host and reason (`GET /api/v1/ingest`) and logged at most once per host
+//! and reason every [`REFUSAL_LOG_INTERVAL_SECONDS`].
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -31,8 +40,8 @@ pub mod store;
 pub use agent::{start_agent, AgentHandle};
 pub use serve::Peer;
 pub use service::{
-    app, start_monitor, MonitorHandle, MonitorState, QpsRange, RangeError, RangeQuery, ALERT_NAME,
-    HISTORY_LEN, MAX_PUSH_BYTES, STALE_AFTER_SECONDS,
+    app, start_monitor, HostIngest, MonitorHandle, MonitorState, QpsRange, RangeError, RangeQuery,
+    ALERT_NAME, HISTORY_LEN, MAX_PUSH_BYTES, REFUSAL_LOG_INTERVAL_SECONDS, STALE_AFTER_SECONDS,
 };
 
 /// The metric whose rate is a host's QPS (the metric contract shared by lb and web).

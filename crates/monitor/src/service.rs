@@ -21,7 +21,7 @@ use topology::{AlertRule, Service};
 
 use crate::alert::{Alert, Event, State as AlertState};
 use crate::serve::{self, Peer};
-use crate::store::{Rate, Store, RETENTION_SECONDS};
+use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST, RETENTION_SECONDS};
 use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
 
 /// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
@@ -33,6 +33,9 @@ pub const STALE_AFTER_SECONDS: f64 = 3.0;
 pub const HISTORY_LEN: usize = 200;
 /// The name the QPS rule's alerts carry in logs and the API.
 pub const ALERT_NAME: &str = "HighQPS";
+/// Seconds between two log lines about refused samples of one host and reason; the
+/// counts in `/api/v1/ingest` include every refusal.
+pub const REFUSAL_LOG_INTERVAL_SECONDS: f64 = 60.0;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -93,7 +96,8 @@ impl ::serve::RoleHandle for MonitorHandle {
 /// Routes: `POST /api/v1/push` (agent hosts only; the body is an OpenMetrics/Prometheus
 /// text exposition of at most [`MAX_PUSH_BYTES`]), `GET /` (dashboard), `GET /api/v1/qps`,
 /// `GET /api/v1/qps_range?seconds=&step=` (see [`MonitorState::qps_range`]),
-/// `GET /api/v1/alerts`, `GET /api/v1/series?name=&host=` (admin only), `GET /healthz`
+/// `GET /api/v1/alerts`, `GET /api/v1/series?name=&host=`, `GET /api/v1/ingest` (series
+/// per agent host and refused samples by reason; admin only), `GET /healthz`
 /// (any verified client). Wrong identities get 403.
 ///
 /// Errors: TLS material missing or invalid, the address cannot be bound.
@@ -152,6 +156,8 @@ struct Inner {
     alerts: BTreeMap<String, Alert>,
     stale: BTreeMap<String, bool>,
     history: VecDeque<HistoryEntry>,
+    /// When refused samples of a host and reason were last logged.
+    refusal_logged: BTreeMap<(String, Refused), f64>,
 }
 
 /// The service's state: the store, each agent host's alert and the alert history. All
@@ -174,6 +180,17 @@ pub struct HostQps {
     pub last_push_age_seconds: Option<f64>,
     /// No push for more than [`STALE_AFTER_SECONDS`].
     pub stale: bool,
+}
+
+/// One agent host's ingest as reported by `/api/v1/ingest`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HostIngest {
+    /// Series stored now, at most the series budget ([`MAX_SERIES_PER_HOST`]).
+    pub series: usize,
+    /// Samples refused since the service started, by reason (`non_finite`,
+    /// `negative_counter`, `counter_too_large`, `counter_decreased`, `series_budget`);
+    /// reasons that never happened are absent.
+    pub rejected_samples: BTreeMap<&'static str, u64>,
 }
 
 /// A validated `/api/v1/qps_range` query: the last `seconds`, one point every `step` seconds.
@@ -264,6 +281,7 @@ impl MonitorState {
                     .collect(),
                 stale: BTreeMap::new(),
                 history: VecDeque::new(),
+                refusal_logged: BTreeMap::new(),
             }),
             rule,
             agent_hosts,
@@ -275,29 +293,59 @@ impl MonitorState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parses and stores one push from `host` received at `now`; returns the sample count
-    /// or the reason it was rejected.
-    pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<usize, String> {
+    /// Parses and stores one push from `host` received at `now`; returns what was stored
+    /// and refused ([`Store::ingest`]: single bad samples are refused and counted, the rest
+    /// stored), or why the whole push was rejected (it does not parse, or repeats a series).
+    /// Refusals are logged at most once per host and reason every
+    /// [`REFUSAL_LOG_INTERVAL_SECONDS`].
+    pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<Ingested, String> {
         let samples = exposition::parse(text).map_err(|e| e.to_string())?;
-        let offered = samples.len();
-        let mut inner = self.lock();
-        let stored = inner
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let got = inner
             .store
             .ingest(host, now, samples)
             .map_err(|e| e.to_string())?;
-        if stored < offered {
-            // Non-finite values, impossible or decreasing counters (see Store::ingest);
-            // this line is rate limited like every other.
-            let refused: Vec<String> = inner
-                .store
-                .refused()
-                .iter()
-                .filter(|((h, _), _)| h == host)
-                .map(|((_, r), n)| format!("{}={n}", r.as_str()))
-                .collect();
-            tracing::warn!(%host, offered, stored, refused = %refused.join(","), "push samples refused");
+        for (&reason, (count, first)) in &got.refused {
+            let key = (host.to_string(), reason);
+            let due = inner
+                .refusal_logged
+                .get(&key)
+                .is_none_or(|&at| !(at..at + REFUSAL_LOG_INTERVAL_SECONDS).contains(&now));
+            if due {
+                let total = inner.store.refused().get(&key).copied().unwrap_or(0);
+                tracing::warn!(
+                    "push from {host}: {count} sample(s) refused ({}, e.g. {first}); {total} \
+                     refused for this reason so far",
+                    reason.as_str()
+                );
+                inner.refusal_logged.insert(key, now);
+            }
         }
-        Ok(stored)
+        Ok(got)
+    }
+
+    /// Each agent host's series count and refused samples by reason (the
+    /// `/api/v1/ingest` document's `hosts`).
+    pub fn ingest_stats(&self) -> BTreeMap<String, HostIngest> {
+        let inner = self.lock();
+        let mut out: BTreeMap<String, HostIngest> = self
+            .agent_hosts
+            .iter()
+            .map(|h| {
+                let stats = HostIngest {
+                    series: inner.store.series_count(h),
+                    rejected_samples: BTreeMap::new(),
+                };
+                (h.clone(), stats)
+            })
+            .collect();
+        for ((host, reason), n) in inner.store.refused() {
+            if let Some(stats) = out.get_mut(host) {
+                stats.rejected_samples.insert(reason.as_str(), *n);
+            }
+        }
+        out
     }
 
     /// The QPS of every agent host at `now`.
@@ -460,6 +508,7 @@ pub fn app(state: Arc<MonitorState>) -> Router {
         .route("/api/v1/qps_range", get(qps_range))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/series", get(series))
+        .route("/api/v1/ingest", get(ingest_report))
         .route_layer(middleware::from_fn(require_admin));
     Router::new()
         .merge(ingest)
@@ -523,7 +572,14 @@ async fn push(
         return (StatusCode::BAD_REQUEST, "body is not UTF-8\n").into_response();
     };
     match st.ingest(&host, unix_now(), text) {
-        Ok(n) => Json(json!({ "accepted": n })).into_response(),
+        Ok(got) => {
+            let refused: BTreeMap<_, _> = got
+                .refused
+                .iter()
+                .map(|(r, (n, _))| (r.as_str(), *n))
+                .collect();
+            Json(json!({ "accepted": got.stored, "refused": refused })).into_response()
+        }
         Err(reason) => {
             tracing::debug!("push from {host} rejected: {reason}");
             (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
@@ -574,6 +630,16 @@ async fn qps_range(
         )
             .into_response(),
     }
+}
+
+/// `GET /api/v1/ingest` (admin only): `{"series_budget": series per host, "hosts":
+/// {"lb-01": {"series": n, "rejected_samples": {"non_finite": n, ...}}, ...}}`
+/// ([`HostIngest`]).
+async fn ingest_report(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "series_budget": MAX_SERIES_PER_HOST,
+        "hosts": st.ingest_stats(),
+    }))
 }
 
 async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
@@ -685,6 +751,7 @@ mod tests {
             "/api/v1/qps_range",
             "/api/v1/alerts",
             "/api/v1/series?name=x",
+            "/api/v1/ingest",
         ] {
             assert_eq!(
                 status(&st, req("GET", path, Some(Identity::Admin), "")).await,
@@ -861,5 +928,124 @@ mod tests {
         assert_eq!(q["lb-01"].qps, Some(0.0));
         // lb-01 stops pushing: stale after 3 s
         assert!(st.qps(t0 + 18.0)["lb-01"].stale);
+    }
+
+    /// lb-01's push at `t`: its start time (when given) and its requests counter.
+    fn body(started: Option<f64>, requests: &str) -> String {
+        let mut b = format!("rampart_http_requests_total{{code=\"2xx\"}} {requests}\n");
+        if let Some(s) = started {
+            b.push_str(&format!("process_start_time_seconds {s}\n"));
+        }
+        b
+    }
+
+    async fn push_as(st: &Arc<MonitorState>, host: &str, text: String) -> serde_json::Value {
+        let r = req(
+            "POST",
+            "/api/v1/push",
+            Some(Identity::Host(host.into())),
+            &text,
+        );
+        let resp = app(st.clone()).oneshot(r).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{text}");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// A genuine agent counts 1 request/s; between its pushes a forger with the same
+    /// identity pushes NaN, ±Inf, 1e300, negative and decreasing counters (a decrease with
+    /// the start time unchanged, left out and moved back). Before ingest refused them each
+    /// of these took the 4 s rate far above the rule's 5 requests/s; now the stored rate
+    /// stays at 1/s and the alert never leaves `inactive`.
+    #[test]
+    fn forged_counters_cannot_fire_the_qps_alert() {
+        let st = state();
+        let started = Some(500.0);
+        let forgeries: [(&str, Option<f64>); 8] = [
+            ("NaN", started),
+            ("+Inf", started),
+            ("-Inf", started),
+            ("1e300", started),
+            ("-1000", started),
+            ("1", started),
+            ("2", None),
+            ("3", Some(400.0)),
+        ];
+        let mut count = 1_000.0;
+        for i in 0..=20 {
+            let t = T0 + f64::from(i);
+            count += 1.0;
+            st.ingest("lb-01", t, &body(started, &count.to_string()))
+                .unwrap();
+            if let Some((value, forged_start)) = forgeries.get(i as usize % 10) {
+                let got = st
+                    .ingest("lb-01", t + 0.5, &body(*forged_start, value))
+                    .unwrap();
+                assert_eq!(got.refused_total(), 1, "{value}");
+            }
+            st.evaluate(t);
+            assert_eq!(st.alert_state("lb-01"), Some(AlertState::Inactive), "t={t}");
+            if let Some(qps) = st.qps(t)["lb-01"].qps {
+                assert!(qps <= 1.0 + 1e-9, "qps {qps} at t={t}");
+            }
+        }
+        let doc = serde_json::to_value(st.ingest_stats()).unwrap();
+        assert_eq!(doc["lb-01"]["series"], 2);
+        assert_eq!(
+            doc["lb-01"]["rejected_samples"],
+            json!({
+                "non_finite": 7,
+                "counter_too_large": 2,
+                "negative_counter": 2,
+                "counter_decreased": 6,
+            })
+        );
+        assert_eq!(
+            doc["web-01"],
+            json!({ "series": 0, "rejected_samples": {} })
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_are_answered_and_reported() {
+        let st = state();
+        push_as(&st, "lb-01", body(Some(500.0), "10")).await;
+        let doc = push_as(&st, "lb-01", body(Some(500.0), "NaN")).await;
+        assert_eq!(
+            doc,
+            json!({ "accepted": 1, "refused": { "non_finite": 1 } })
+        );
+        let r = req("GET", "/api/v1/ingest", Some(Identity::Admin), "");
+        let resp = app(st.clone()).oneshot(r).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc["series_budget"], MAX_SERIES_PER_HOST);
+        assert_eq!(doc["hosts"]["lb-01"]["rejected_samples"]["non_finite"], 1);
+    }
+
+    /// The agent's node restarts: its start time moves forward and its counter starts
+    /// from zero. The decrease is a reset, and the QPS across it is the real one.
+    #[test]
+    fn a_restarted_agent_resets_its_counter() {
+        let st = state();
+        for i in 0..=10 {
+            let (started, count) = if i <= 5 {
+                (500.0, 1_000.0 + 2.0 * f64::from(i))
+            } else {
+                (T0 + 5.5, 2.0 * f64::from(i - 5))
+            };
+            let got = st
+                .ingest(
+                    "lb-01",
+                    T0 + f64::from(i),
+                    &body(Some(started), &count.to_string()),
+                )
+                .unwrap();
+            assert_eq!((got.stored, got.refused_total()), (2, 0), "push {i}");
+        }
+        let qps = st.qps(T0 + 10.0)["lb-01"].qps.unwrap();
+        assert!((qps - 2.0).abs() < 1e-9, "{qps}");
+        assert!(st.ingest_stats()["lb-01"].rejected_samples.is_empty());
     }
 }

@@ -12,7 +12,10 @@ use crate::exposition::{Labels, Sample};
 pub const RING_CAPACITY: usize = 900;
 /// Seconds after its last sample a series (or a host's push record) is dropped.
 pub const RETENTION_SECONDS: f64 = 900.0;
-/// The most series one host may have; a push that would exceed it is rejected whole.
+/// Each agent host's series budget: the most series the store keeps for one host. A
+/// sample of a new series beyond it is refused ([`Refused::SeriesBudget`]); the host's
+/// existing series keep being updated. At [`RING_CAPACITY`] points of 16 bytes a full
+/// budget holds about 29 MB per host.
 pub const MAX_SERIES_PER_HOST: usize = 2_000;
 
 /// A series of one host: metric name and labels sorted by name.
@@ -29,15 +32,13 @@ pub struct SeriesRef<'a> {
     pub ring: &'a Ring,
 }
 
-/// Why a push was not stored.
+/// Why a whole push was not stored (it is malformed; single bad samples are
+/// [`Refused`] instead).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IngestError {
     /// The same series appeared twice in one push.
     #[error("duplicate series {0}")]
     DuplicateSeries(String),
-    /// The host would hold more than [`MAX_SERIES_PER_HOST`] series.
-    #[error("more than {MAX_SERIES_PER_HOST} series for this host")]
-    TooManySeries,
 }
 
 /// The samples of one series, oldest first, at most [`RING_CAPACITY`].
@@ -75,7 +76,7 @@ impl Ring {
 struct HostSeries {
     pushes: Ring,
     series: HashMap<SeriesId, Ring>,
-    /// The agent's `process_start_time_seconds` in its last push.
+    /// The latest `process_start_time_seconds` the agent pushed.
     started: Option<f64>,
 }
 
@@ -88,14 +89,17 @@ pub const MAX_COUNTER: f64 = 9_007_199_254_740_992.0;
 /// Why one sample of a push was refused (the rest of the push is stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Refused {
+    /// A new series while the host already has [`MAX_SERIES_PER_HOST`].
+    SeriesBudget,
     /// NaN or ±Inf.
     NonFinite,
     /// A counter below zero.
     NegativeCounter,
     /// A counter above [`MAX_COUNTER`].
     CounterTooLarge,
-    /// A counter lower than its previous value while the agent did not restart (its
-    /// `process_start_time_seconds` unchanged): not a reset, a forgery or a bug.
+    /// A counter lower than its previous value while the agent did not show a restart
+    /// (its [`START_TIME_METRIC`] absent, unchanged or earlier): not a reset, a forgery or
+    /// a bug. The previous value stays.
     CounterDecreased,
 }
 
@@ -103,6 +107,7 @@ impl Refused {
     /// The reason as shown in the API and logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Refused::SeriesBudget => "series_budget",
             Refused::NonFinite => "non_finite",
             Refused::NegativeCounter => "negative_counter",
             Refused::CounterTooLarge => "counter_too_large",
@@ -112,11 +117,29 @@ impl Refused {
 }
 
 /// Whether a sample named `name` is a counter (monotonic): `_total`, and a histogram's or
-/// summary's `_count`, `_sum` and `_bucket` (OpenMetrics).
+/// summary's `_count`, `_sum` and `_bucket` (OpenMetrics). Decided by the name alone, never
+/// by the push's `# TYPE` lines: the rate the alert rule computes is chosen by name, so a
+/// pusher must not be able to declare `rampart_http_requests_total` a gauge.
 pub fn is_counter(name: &str) -> bool {
     ["_total", "_count", "_sum", "_bucket"]
         .iter()
         .any(|suffix| name.ends_with(suffix))
+}
+
+/// What [`Store::ingest`] did with a push.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ingested {
+    /// Samples stored.
+    pub stored: usize,
+    /// Samples refused, by reason: how many, and the name of the first such sample.
+    pub refused: std::collections::BTreeMap<Refused, (u64, String)>,
+}
+
+impl Ingested {
+    /// Samples refused, all reasons together.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().map(|(n, _)| n).sum()
+    }
 }
 
 /// A per-second rate and the time span it was computed over.
@@ -141,74 +164,85 @@ impl Store {
         Store::default()
     }
 
-    /// Stores one push of `host` received at `now`; returns how many samples were stored.
-    /// The whole push is rejected when it repeats a series or would take the host over
-    /// [`MAX_SERIES_PER_HOST`] (each agent's series budget). Single samples are refused and
-    /// counted ([`Store::refused`]) without failing the push: non-finite values; counters
-    /// ([`is_counter`]) below zero, above [`MAX_COUNTER`], or lower than their previous
-    /// value unless the push's [`START_TIME_METRIC`] changed (the agent restarted: a
-    /// reset, as Prometheus treats any decrease). Series and hosts silent for
-    /// [`RETENTION_SECONDS`] are dropped.
+    /// Stores one push of `host` received at `now` and says what was stored and refused.
+    ///
+    /// The whole push is rejected only when it is malformed: it repeats a series. Single
+    /// samples are refused and counted ([`Store::refused`]) without failing the push:
+    /// - non-finite values (NaN, ±Inf), of any series;
+    /// - counters ([`is_counter`]) below zero or above [`MAX_COUNTER`];
+    /// - counters lower than their stored value, unless the push shows that the agent
+    ///   restarted: its [`START_TIME_METRIC`] is later than the one it pushed before. Then
+    ///   the decrease is a counter reset (the rate counts from zero again, see
+    ///   [`increase`]); otherwise the sample is refused and the previous value stays;
+    /// - samples of a new series once the host holds [`MAX_SERIES_PER_HOST`] series (the
+    ///   series budget; in the push's order).
+    ///
+    /// Series and hosts silent for [`RETENTION_SECONDS`] are dropped first.
     pub fn ingest(
         &mut self,
         host: &str,
         now: f64,
         samples: Vec<Sample>,
-    ) -> Result<usize, IngestError> {
+    ) -> Result<Ingested, IngestError> {
         self.expire(now);
-        let entry = self.hosts.entry(host.to_string()).or_default();
         let mut seen = HashSet::with_capacity(samples.len());
-        let mut new = 0usize;
         for s in &samples {
-            let id = (s.name.clone(), s.labels.clone());
-            if !entry.series.contains_key(&id) {
-                new += 1;
-            }
-            if !seen.insert(id) {
+            if !seen.insert((&s.name, &s.labels)) {
                 return Err(IngestError::DuplicateSeries(s.name.clone()));
             }
         }
-        if entry.series.len() + new > MAX_SERIES_PER_HOST {
-            return Err(IngestError::TooManySeries);
-        }
+        drop(seen);
+        let entry = self.hosts.entry(host.to_string()).or_default();
+        // A restart shows as a later start time. An absent, non-finite, unchanged or
+        // earlier one is no evidence of a restart and does not replace the known one, so
+        // leaving the metric out of a push (or sending it lower) cannot make a decrease
+        // look like a reset.
         let started = samples
             .iter()
-            .find(|s| s.name == START_TIME_METRIC && s.value.is_finite())
+            .find(|s| s.name == START_TIME_METRIC && s.labels.is_empty() && s.value.is_finite())
             .map(|s| s.value);
-        let restarted = started != entry.started;
-        entry.started = started;
-        let mut count = 0;
+        let restarted = match (entry.started, started) {
+            (Some(before), Some(after)) => after > before,
+            _ => false,
+        };
+        if let Some(after) = started {
+            if entry.started.is_none_or(|before| after > before) {
+                entry.started = Some(after);
+            }
+        }
+        let mut out = Ingested::default();
         for s in samples {
             let id = (s.name, s.labels);
-            let previous = entry
-                .series
-                .get(&id)
-                .and_then(|r| r.points.back())
-                .map(|p| p.1);
+            let ring = entry.series.get(&id);
+            let previous = ring.and_then(|r| r.points.back()).map(|p| p.1);
             let refusal = if !s.value.is_finite() {
                 Some(Refused::NonFinite)
-            } else if is_counter(&id.0) {
-                if s.value < 0.0 {
-                    Some(Refused::NegativeCounter)
-                } else if s.value > MAX_COUNTER {
-                    Some(Refused::CounterTooLarge)
-                } else if previous.is_some_and(|p| s.value < p) && !restarted {
-                    Some(Refused::CounterDecreased)
-                } else {
-                    None
-                }
+            } else if is_counter(&id.0) && s.value < 0.0 {
+                Some(Refused::NegativeCounter)
+            } else if is_counter(&id.0) && s.value > MAX_COUNTER {
+                Some(Refused::CounterTooLarge)
+            } else if is_counter(&id.0) && previous.is_some_and(|p| s.value < p) && !restarted {
+                Some(Refused::CounterDecreased)
+            } else if ring.is_none() && entry.series.len() >= MAX_SERIES_PER_HOST {
+                Some(Refused::SeriesBudget)
             } else {
                 None
             };
             if let Some(r) = refusal {
                 *self.refused.entry((host.to_string(), r)).or_default() += 1;
+                out.refused.entry(r).or_insert((0, id.0)).0 += 1;
                 continue;
             }
             entry.series.entry(id).or_default().push(now, s.value);
-            count += 1;
+            out.stored += 1;
         }
-        entry.pushes.push(now, count as f64);
-        Ok(count)
+        entry.pushes.push(now, out.stored as f64);
+        Ok(out)
+    }
+
+    /// How many series `host` holds now (at most [`MAX_SERIES_PER_HOST`]).
+    pub fn series_count(&self, host: &str) -> usize {
+        self.hosts.get(host).map_or(0, |h| h.series.len())
     }
 
     fn expire(&mut self, now: f64) {
@@ -304,8 +338,9 @@ pub fn increase(points: impl IntoIterator<Item = (f64, f64)>) -> f64 {
 
 #[cfg(test)]
 mod hygiene_tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    const REQ: &str = "rampart_http_requests_total";
 
     fn sample(name: &str, value: f64) -> Sample {
         Sample {
@@ -316,66 +351,157 @@ mod hygiene_tests {
         }
     }
 
-    fn push(store: &mut Store, t: f64, started: f64, requests: f64) -> usize {
+    /// One push of lb-01: its start time (when given) and its requests counter.
+    fn push(store: &mut Store, t: f64, started: Option<f64>, requests: f64) -> Ingested {
+        let mut samples = vec![sample(REQ, requests)];
+        samples.extend(started.map(|v| sample(START_TIME_METRIC, v)));
+        store.ingest("lb-01", t, samples).unwrap()
+    }
+
+    fn refused(store: &Store, reason: Refused) -> u64 {
         store
-            .ingest(
-                "lb-01",
-                t,
-                vec![
-                    sample(START_TIME_METRIC, started),
-                    sample("rampart_http_requests_total", requests),
-                ],
-            )
-            .unwrap()
+            .refused()
+            .get(&("lb-01".to_string(), reason))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// 10 requests/s from t = 0 to t = 9, started at 1000.
+    fn steady() -> Store {
+        let mut s = Store::new();
+        for t in 0..10 {
+            let r = push(&mut s, f64::from(t), Some(1000.0), 10.0 * f64::from(t));
+            assert_eq!((r.stored, r.refused_total()), (2, 0));
+        }
+        s
     }
 
     #[test]
     fn forged_counters_are_refused_and_cannot_move_the_rate() {
-        let mut s = Store::new();
-        for t in 0..10 {
-            push(&mut s, t as f64, 1000.0, 10.0 * t as f64);
+        let mut s = steady();
+        let before = s.rate("lb-01", REQ, 9.0, 10.0).unwrap();
+        assert!((before.per_second - 10.0).abs() < 1e-9, "{before:?}");
+        let forged = [
+            (f64::NAN, Refused::NonFinite),
+            (f64::INFINITY, Refused::NonFinite),
+            (f64::NEG_INFINITY, Refused::NonFinite),
+            (1e300, Refused::CounterTooLarge),
+            (MAX_COUNTER * 2.0, Refused::CounterTooLarge),
+            (-5.0, Refused::NegativeCounter),
+            (3.0, Refused::CounterDecreased),
+        ];
+        for (i, (value, reason)) in forged.into_iter().enumerate() {
+            let r = push(&mut s, 9.1 + 0.1 * i as f64, Some(1000.0), value);
+            assert_eq!(r.stored, 1, "{value}: only the start time is stored");
+            assert_eq!(r.refused.keys().collect::<Vec<_>>(), [&reason], "{value}");
+            assert_eq!(r.refused[&reason].1, REQ);
         }
-        let before = s
-            .rate("lb-01", "rampart_http_requests_total", 9.0, 10.0)
-            .unwrap();
-        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e300, -5.0, 3.0] {
-            assert_eq!(
-                push(&mut s, 9.5, 1000.0, bad),
-                1,
-                "only the start time is stored"
-            );
-        }
-        let after = s
-            .rate("lb-01", "rampart_http_requests_total", 9.5, 10.0)
-            .unwrap();
+        // A decrease with the start time left out, or moved back, is no restart either.
+        assert_eq!(push(&mut s, 9.8, None, 2.0).stored, 0);
+        assert_eq!(push(&mut s, 9.9, Some(999.0), 1.0).stored, 1);
+        assert_eq!(refused(&s, Refused::NonFinite), 3);
+        assert_eq!(refused(&s, Refused::CounterTooLarge), 2);
+        assert_eq!(refused(&s, Refused::NegativeCounter), 1);
+        assert_eq!(refused(&s, Refused::CounterDecreased), 3);
+        // The counter kept its last good value: nothing happened, the rate only spreads
+        // the same increase over more pushes.
+        let kept: Vec<f64> = s.series(REQ, None)[0].ring.points().map(|p| p.1).collect();
+        assert_eq!(kept.last(), Some(&90.0));
+        let after = s.rate("lb-01", REQ, 9.9, 10.0).unwrap();
         assert!(
-            (after.per_second - before.per_second).abs() < 1.0,
+            after.per_second <= before.per_second,
             "{before:?} {after:?}"
         );
-        let reasons: Vec<_> = s.refused().keys().map(|(_, r)| r.as_str()).collect();
+        // And the next genuine sample continues from there.
+        let r = push(&mut s, 10.0, Some(1000.0), 100.0);
+        assert_eq!((r.stored, r.refused_total()), (2, 0));
+    }
+
+    #[test]
+    fn histogram_counters_are_counters_and_gauges_keep_finite_values() {
+        let mut s = Store::new();
+        let ok = s
+            .ingest(
+                "lb-01",
+                0.0,
+                vec![
+                    sample("x_seconds_bucket", 4.0),
+                    sample("x_seconds_count", 4.0),
+                    sample("x_seconds_sum", 0.5),
+                    sample("temperature", -40.0),
+                    sample("huge_gauge", 1e300),
+                ],
+            )
+            .unwrap();
+        assert_eq!((ok.stored, ok.refused_total()), (5, 0));
+        let bad = s
+            .ingest(
+                "lb-01",
+                1.0,
+                vec![
+                    sample("x_seconds_bucket", 3.0),
+                    sample("x_seconds_count", -1.0),
+                    sample("x_seconds_sum", f64::INFINITY),
+                    sample("temperature", -41.0),
+                    sample("huge_gauge", f64::NAN),
+                ],
+            )
+            .unwrap();
+        assert_eq!(bad.stored, 1, "only the finite gauge");
+        let reasons: Vec<_> = bad.refused.iter().map(|(r, (n, _))| (*r, *n)).collect();
         assert_eq!(
             reasons,
             [
-                "non_finite",
-                "negative_counter",
-                "counter_too_large",
-                "counter_decreased"
+                (Refused::NonFinite, 2),
+                (Refused::NegativeCounter, 1),
+                (Refused::CounterDecreased, 1)
             ]
         );
-        assert_eq!(s.refused()[&("lb-01".to_string(), Refused::NonFinite)], 3);
+        assert!(is_counter("x_bucket") && is_counter("x_total") && !is_counter("x_bytes"));
     }
 
     #[test]
     fn a_restart_is_a_reset() {
-        let mut s = Store::new();
-        push(&mut s, 0.0, 1000.0, 500.0);
-        assert_eq!(
-            push(&mut s, 1.0, 2000.0, 3.0),
-            2,
-            "new start time: the decrease is a reset"
-        );
+        let mut s = steady();
+        // The node restarted at 1009.5: its counter starts again from zero.
+        for (t, v) in [(10.0, 5.0), (11.0, 15.0), (12.0, 25.0)] {
+            let r = push(&mut s, t, Some(1009.5), v);
+            assert_eq!((r.stored, r.refused_total()), (2, 0), "t={t}");
+        }
         assert!(s.refused().is_empty());
-        assert!(is_counter("x_bucket") && is_counter("x_total") && !is_counter("x_bytes"));
+        // Over 9..12: 90 → (reset) 5 → 15 → 25 is 25 requests in 3 s.
+        let r = s.rate("lb-01", REQ, 12.0, 3.0).unwrap();
+        assert!((r.per_second - 25.0 / 3.0).abs() < 1e-9, "{r:?}");
+        // The new start time is the reference now: the old one does not count as newer.
+        assert_eq!(push(&mut s, 13.0, Some(1000.0), 1.0).stored, 1);
+        assert_eq!(refused(&s, Refused::CounterDecreased), 1);
+    }
+
+    #[test]
+    fn the_series_budget_refuses_new_series_only() {
+        let mut s = Store::new();
+        let full: Vec<_> = (0..MAX_SERIES_PER_HOST)
+            .map(|i| sample(&format!("m{i}"), 1.0))
+            .collect();
+        let r = s.ingest("lb-01", 0.0, full.clone()).unwrap();
+        assert_eq!((r.stored, r.refused_total()), (MAX_SERIES_PER_HOST, 0));
+        let mut more = full;
+        more.push(sample("one_too_many", 1.0));
+        more.push(sample("two_too_many", 1.0));
+        let r = s.ingest("lb-01", 1.0, more).unwrap();
+        assert_eq!(
+            r.stored, MAX_SERIES_PER_HOST,
+            "the known series are still stored"
+        );
+        assert_eq!(
+            r.refused[&Refused::SeriesBudget],
+            (2, "one_too_many".to_string())
+        );
+        assert_eq!(s.series_count("lb-01"), MAX_SERIES_PER_HOST);
+        assert!(s.series("one_too_many", None).is_empty());
+        // Other hosts have budgets of their own.
+        let r = s.ingest("web-01", 1.0, vec![sample("m0", 1.0)]).unwrap();
+        assert_eq!(r.stored, 1);
     }
 }
 
@@ -490,7 +616,9 @@ mod tests {
         let many: Vec<_> = (0..=MAX_SERIES_PER_HOST)
             .map(|i| sample("m", &i.to_string(), 1.0))
             .collect();
-        assert_eq!(s.ingest("h", 0.0, many), Err(IngestError::TooManySeries));
+        let r = s.ingest("big", 0.0, many).unwrap();
+        assert_eq!(r.stored, MAX_SERIES_PER_HOST);
+        assert_eq!(r.refused[&Refused::SeriesBudget].0, 1);
         for t in 0..(RING_CAPACITY + 5) {
             s.ingest("h", t as f64, vec![sample("m", "x", t as f64)])
                 .unwrap();
