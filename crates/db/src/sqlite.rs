@@ -35,14 +35,30 @@ pub(crate) struct SqliteStore {
 }
 
 /// How long opening the shared file may retry a busy database.
-const OPEN_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+const OPEN_RETRY_FOR: Duration = Duration::from_secs(15);
 
-/// Opens the file, switches it to WAL and creates the schema in one immediate transaction
-/// (which waits for the busy timeout instead of failing on a lock upgrade).
-fn set_up(path: &std::path::Path) -> rusqlite::Result<Connection> {
+/// Opens the file with a busy timeout, switches it to WAL unless it already is, and
+/// creates the schema in one immediate transaction (which takes the write lock up front,
+/// waiting for the busy timeout, instead of failing on a lock upgrade half-way).
+///
+/// Only the first opener of a fresh file switches the journal mode: the switch needs the
+/// database to itself and answers SQLITE_BUSY at once rather than through the busy handler
+/// (sqlite.org/wal.html, "Activating And Configuring WAL Mode"; the mode persists in the
+/// file), so later openers only read it. A switch another opener wins is seen on the next
+/// attempt ([`SqliteStore::open`] retries busy set-ups).
+fn set_up(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        let now: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !now.eq_ignore_ascii_case("wal") {
+            // The file system cannot hold a WAL (no shared memory): the rollback journal
+            // with the busy timeout still serialises the hosts, only more slowly.
+            tracing::warn!("{}: journal mode stays {now}, not WAL", path.display());
+        }
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;"))?;
     Ok(conn)

@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 //! The SQLite engine end to end: server start (schema), client insert/get/list, info.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use db::{connect_client, start_server, ClientConfig, Engine, ServerConfig};
 use topology::Topology;
@@ -110,12 +112,13 @@ async fn sqlite_round_trip() {
     replica.stop().await;
 }
 
-/// Two application hosts open the one file at the same moment (each node does at start):
-/// every open and a first write succeed, round after round.
+/// Application hosts open the one file at the same moment (each node does at start): every
+/// open and a first write succeed, round after round. Openers in one process share
+/// SQLite's in-process lock table; see the test below for separate processes, as nodes are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_openers_of_a_fresh_file_all_succeed() {
     let t = Topology::parse(TOPOLOGY, "test").unwrap();
-    for round in 0..10 {
+    for round in 0..20 {
         let dir = tempfile::tempdir().unwrap();
         let openers: Vec<_> = (0..8)
             .map(|i| {
@@ -132,5 +135,87 @@ async fn concurrent_openers_of_a_fresh_file_all_succeed() {
         for o in openers {
             o.await.unwrap();
         }
+    }
+}
+
+/// Set for a child process of [`concurrent_opener_processes_of_a_fresh_file_all_succeed`]:
+/// the state directory whose SQLite file it opens and writes once.
+const OPENER_DIR_ENV: &str = "RAMPART_TEST_SQLITE_OPENER_DIR";
+const OPENERS: usize = 8;
+
+/// Not a test on its own: does nothing unless started as one of the opener processes.
+/// Spins (bounded) until the parent's `go` file exists so that the openers start within
+/// microseconds of each other — a sleeping poll spreads them enough to hide the race —
+/// then opens the shared file as an application host does and writes one message.
+#[tokio::test]
+async fn sqlite_opener_child() {
+    let Some(dir) = std::env::var_os(OPENER_DIR_ENV).map(PathBuf::from) else {
+        return;
+    };
+    for _ in 0..5_000_000 {
+        if dir.join("go").exists() {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    let t = Topology::parse(TOPOLOGY, "test").unwrap();
+    let c = client(&t, "web-02", &dir).await;
+    c.insert_message("opener", &format!("pid {}", std::process::id()))
+        .await
+        .unwrap();
+}
+
+/// The failure the end-to-end test once hit ("database is locked" when both application
+/// hosts' nodes open a fresh file): 20 rounds of 8 processes opening one fresh file at
+/// once, each open and first write must succeed and every write be there.
+#[test]
+fn concurrent_opener_processes_of_a_fresh_file_all_succeed() {
+    let exe = std::env::current_exe().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = Topology::parse(TOPOLOGY, "test").unwrap();
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut children: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                Command::new(&exe)
+                    .args(["--exact", "sqlite_opener_child", "--test-threads=1"])
+                    .env(OPENER_DIR_ENV, dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::fs::write(dir.path().join("go"), b"").unwrap();
+        for child in &mut children {
+            // Bounded: an opener gives up after its own retry limit (15 s), far sooner.
+            let mut exited = false;
+            for _ in 0..12_000 {
+                if child.try_wait().unwrap().is_some() {
+                    exited = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !exited {
+                let _ = child.kill();
+            }
+        }
+        for (i, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round} opener {i}: {}\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let written = rt.block_on(async {
+            let c = client(&t, "web-01", dir.path()).await;
+            c.list_messages(100).await.unwrap()
+        });
+        assert_eq!(written.len(), OPENERS, "round {round}");
     }
 }
