@@ -24,6 +24,7 @@ mod forward;
 mod io;
 mod listener;
 mod net;
+pub mod nft;
 pub mod peer_process;
 
 use std::net::{IpAddr, SocketAddr};

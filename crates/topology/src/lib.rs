@@ -10,6 +10,7 @@
 mod error;
 mod limits;
 mod model;
+mod netns;
 mod policy;
 mod raw;
 
@@ -19,4 +20,5 @@ pub use model::{
     default_response_headers, AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site,
     Topology, DEFAULT_TOML,
 };
+pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

@@ -208,6 +208,9 @@ pub struct Host {
     pub name: String,
     /// The host's own address. In loopback mode an address in 127.0.0.0/8.
     pub address: IpAddr,
+    /// The host's address in netns mode (`netns_address`; by default derived from
+    /// `address` and `netns.subnet`, see [`crate::NetnsSettings::derived_address`]).
+    pub netns_address: Ipv4Addr,
     /// Roles, sorted and de-duplicated.
     pub roles: Vec<Role>,
 }
@@ -220,8 +223,11 @@ impl Host {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-struct FirewallOut {
+struct FirewallOut<'a> {
     operator_sources: Vec<String>,
+    edge_new_connections_per_second: u32,
+    edge_new_connections_burst: u32,
+    allow: &'a [crate::ExtraRule],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -256,6 +262,10 @@ pub struct Topology {
     pub balancer: crate::BalancerLimits,
     /// The load balancer's access log size cap and rotation (`[access_log]`).
     pub access_log: crate::AccessLogLimits,
+    /// The kernel firewall's settings (`[firewall]`: edge rate limit, extra rules).
+    pub firewall: crate::FirewallSettings,
+    /// Netns mode's layout (`[netns]`).
+    pub netns: crate::NetnsSettings,
     /// Hosts, in file order.
     pub hosts: Vec<Host>,
 }
@@ -311,10 +321,11 @@ impl Topology {
             health_check: &'a HealthCheck,
             alerts: AlertsOut<'a>,
             database: &'a Database,
-            firewall: FirewallOut,
+            firewall: FirewallOut<'a>,
             limits: &'a crate::Limits,
             balancer: &'a crate::BalancerLimits,
             access_log: &'a crate::AccessLogLimits,
+            netns: &'a crate::NetnsSettings,
             hosts: &'a [Host],
         }
         let out = Out {
@@ -331,10 +342,14 @@ impl Topology {
                     .iter()
                     .map(|n| n.to_string())
                     .collect(),
+                edge_new_connections_per_second: self.firewall.edge_new_connections_per_second,
+                edge_new_connections_burst: self.firewall.edge_new_connections_burst,
+                allow: &self.firewall.allow,
             },
             limits: &self.limits,
             balancer: &self.balancer,
             access_log: &self.access_log,
+            netns: &self.netns,
             hosts: &self.hosts,
         };
         toml::to_string(&out).unwrap_or_else(|e| panic!("topology serializes: {e}"))
@@ -368,6 +383,27 @@ impl Topology {
     /// HTTP port, 80 when unresolved.
     pub fn http_port(&self) -> u16 {
         self.site.http_port.unwrap_or(80)
+    }
+
+    /// The same topology laid out for netns mode: every host's `address` becomes its
+    /// `netns_address`, and loopback operator sources become this machine's address on the
+    /// lab subnet ([`crate::NetnsSettings::operator_address`]); other operator sources
+    /// (an administration network) stay. Applying it twice changes nothing more.
+    pub fn in_netns(&self) -> Topology {
+        let mut t = self.clone();
+        for h in &mut t.hosts {
+            h.address = IpAddr::V4(h.netns_address);
+        }
+        let operator = IpNet::from(IpAddr::V4(t.netns.operator_address()));
+        let mut sources: Vec<IpNet> = Vec::new();
+        for n in &self.operator_sources {
+            let n = if n.addr().is_loopback() { operator } else { *n };
+            if !sources.contains(&n) {
+                sources.push(n);
+            }
+        }
+        t.operator_sources = sources;
+        t
     }
 }
 
@@ -570,6 +606,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
     for (i, s) in raw
         .firewall
         .operator_sources
+        .clone()
         .unwrap_or_else(|| vec!["127.0.0.1/32".into()])
         .iter()
         .enumerate()
@@ -591,7 +628,21 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
     let limits = crate::limits::validate_limits(raw.limits.gather(), file)?;
     let balancer = crate::limits::validate_balancer(raw.balancer, file)?;
     let access_log = crate::limits::validate_access_log(raw.access_log, file)?;
-    let hosts = validate_hosts(raw.hosts, file)?;
+    let firewall = crate::netns::validate_firewall(&raw.firewall, file)?;
+    let netns = crate::netns::validate_netns(raw.netns, file)?;
+    let hosts = validate_hosts(raw.hosts, &netns, file)?;
+    for (i, r) in firewall.allow.iter().enumerate() {
+        if let Some(h) = &r.host {
+            if !hosts.iter().any(|x| &x.name == h) {
+                return Err(err(
+                    file,
+                    format!("firewall.allow[{i}].host"),
+                    format!("no host is named {h:?}"),
+                    "name a host of the topology, or remove the key for every host",
+                ));
+            }
+        }
+    }
     let web = limits.listener(crate::Service::Web);
     if balancer.upstream_idle_timeout_ms >= web.idle_timeout_ms {
         return Err(err(
@@ -631,6 +682,8 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         limits,
         balancer,
         access_log,
+        firewall,
+        netns,
         hosts,
     })
 }
@@ -639,7 +692,11 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
 /// (see `balancer.backend_max_connections`).
 pub const HEALTH_CHECK_SLOTS: u64 = 4;
 
-fn validate_hosts(raw: Vec<RawHost>, file: &str) -> Result<Vec<Host>, ConfigError> {
+fn validate_hosts(
+    raw: Vec<RawHost>,
+    netns: &crate::NetnsSettings,
+    file: &str,
+) -> Result<Vec<Host>, ConfigError> {
     if raw.is_empty() {
         return Err(err(
             file,
@@ -707,6 +764,49 @@ fn validate_hosts(raw: Vec<RawHost>, file: &str) -> Result<Vec<Host>, ConfigErro
                 "give each host its own address",
             ));
         }
+        let netns_address = match &rh.netns_address {
+            Some(a) => a.parse::<Ipv4Addr>().map_err(|_| {
+                err(
+                    file,
+                    key("netns_address"),
+                    format!("{a:?} is not an IPv4 address"),
+                    "e.g. netns_address = \"10.80.0.11\"",
+                )
+            })?,
+            None => netns.derived_address(address).ok_or_else(|| {
+                err(
+                    file,
+                    key("netns_address"),
+                    format!("netns mode cannot derive an address from {address}"),
+                    "set netns_address, e.g. netns_address = \"10.80.0.11\"",
+                )
+            })?,
+        };
+        let reserved = [netns.operator_address(), netns.client_address()];
+        if !netns.subnet.contains(&netns_address)
+            || netns_address == netns.subnet.network()
+            || netns_address == netns.subnet.broadcast()
+            || reserved.contains(&netns_address)
+        {
+            return Err(err(
+                file,
+                key("netns_address"),
+                format!(
+                    "{netns_address} is not a free host address of netns.subnet {} (the first \
+                     address is this machine's, the last the client's)",
+                    netns.subnet
+                ),
+                "set netns_address to another address of the subnet, or change netns.subnet",
+            ));
+        }
+        if let Some(other) = hosts.iter().find(|h| h.netns_address == netns_address) {
+            return Err(err(
+                file,
+                key("netns_address"),
+                format!("{netns_address} is already {}'s netns address", other.name),
+                "set netns_address so that every host has its own",
+            ));
+        }
         let mut roles = BTreeSet::new();
         for (j, r) in rh.roles.unwrap_or_default().iter().enumerate() {
             let role = r.parse::<Role>().map_err(|_| {
@@ -746,6 +846,7 @@ fn validate_hosts(raw: Vec<RawHost>, file: &str) -> Result<Vec<Host>, ConfigErro
         hosts.push(Host {
             name,
             address,
+            netns_address,
             roles: roles.into_iter().collect(),
         });
     }
@@ -838,6 +939,49 @@ mod tests {
         assert_eq!(t.qps_alert.for_seconds, 10);
         assert_eq!(t.health_check.rise, 2);
         assert_eq!(t.health_check.fall, 3);
+    }
+
+    #[test]
+    fn netns_layout_derives_addresses_from_the_subnet() {
+        let t = Topology::default_topology().in_netns();
+        let addr = |n: &str| t.host(n).map(|h| h.address.to_string());
+        assert_eq!(addr("lb-01").as_deref(), Some("10.80.0.10"));
+        assert_eq!(addr("web-02").as_deref(), Some("10.80.0.12"));
+        assert_eq!(addr("mon-01").as_deref(), Some("10.80.0.20"));
+        assert_eq!(t.operator_sources, vec!["10.80.0.1/32".parse().unwrap()]);
+        assert_eq!(t.netns.client_address().to_string(), "10.80.0.254");
+        assert_eq!(t.in_netns(), t);
+        let back = Topology::parse(&t.to_toml(), "x").expect("round trip");
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn netns_settings_are_validated() {
+        let bad = |extra: &str| {
+            Topology::parse(&format!("{DEFAULT_TOML}\n{extra}"), "t.toml")
+                .unwrap_err()
+                .key
+        };
+        assert_eq!(bad("[netns]\nsubnet = \"8.8.8.0/24\""), "netns.subnet");
+        assert_eq!(
+            bad("[netns]\nprefix = \"much-too-long-prefix\""),
+            "netns.prefix"
+        );
+        let text = DEFAULT_TOML.replace(
+            "address = \"127.80.0.12\"",
+            "address = \"127.80.0.12\"\nnetns_address = \"10.80.0.11\"",
+        );
+        assert_eq!(
+            Topology::parse(&text, "t").unwrap_err().key,
+            "hosts[2].netns_address"
+        );
+        let text = format!(
+            "{DEFAULT_TOML}\n[[firewall.allow]]\nhost = \"nope\"\nport = 22\nsources = [\"192.168.1.0/24\"]\n"
+        );
+        assert_eq!(
+            Topology::parse(&text, "t").unwrap_err().key,
+            "firewall.allow[0].host"
+        );
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct Rule {
 pub struct Policy {
     /// All accept rules, grouped by host in topology order.
     pub rules: Vec<Rule>,
+    /// The topology's `[[firewall.allow]]` rules, one per host they apply to (`host` is
+    /// always set): enforced by the kernel firewall only, no Rampart listener serves them.
+    pub extra: Vec<crate::ExtraRule>,
 }
 
 impl Policy {
@@ -290,7 +293,21 @@ impl Policy {
                 );
             }
         }
-        Policy { rules }
+        let extra = t
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                t.firewall
+                    .allow
+                    .iter()
+                    .filter(|r| r.host.as_ref().is_none_or(|n| n == &h.name))
+                    .map(|r| crate::ExtraRule {
+                        host: Some(h.name.clone()),
+                        ..r.clone()
+                    })
+            })
+            .collect();
+        Policy { rules, extra }
     }
 
     /// The rule for `host`'s `service`, if the host exposes it.

@@ -25,6 +25,8 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub access_log: RawAccessLog,
     #[serde(default)]
+    pub netns: RawNetns,
+    #[serde(default)]
     pub hosts: Vec<RawHost>,
 }
 
@@ -168,6 +170,25 @@ pub(crate) struct RawDatabase {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFirewall {
     pub operator_sources: Option<Vec<String>>,
+    pub edge_new_connections_per_second: Option<u32>,
+    pub edge_new_connections_burst: Option<u32>,
+    pub allow: Option<Vec<RawExtraRule>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExtraRule {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub sources: Option<Vec<String>>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetns {
+    pub prefix: Option<String>,
+    pub subnet: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +196,7 @@ pub(crate) struct RawFirewall {
 pub(crate) struct RawHost {
     pub name: Option<String>,
     pub address: Option<String>,
+    pub netns_address: Option<String>,
     pub roles: Option<Vec<String>>,
 }
 
