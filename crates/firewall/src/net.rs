@@ -1,6 +1,7 @@
 //! [`Net`]: the one network seam of a host. Every listener of every role is bound with
 //! [`Net::listen`] and every connection to another host is made with [`Net::connect`], so
-//! an isolation mode (loopback addresses today, network namespaces with nftables next)
+//! an isolation mode (loopback addresses, or network namespaces / real machines with
+//! nftables)
 //! plugs in here without touching the roles.
 
 use std::io;
@@ -17,8 +18,13 @@ use crate::{Filter, GuardedListener};
 pub enum Isolation {
     /// Every host has its own 127.x address on this machine's loopback interface; the
     /// policy is enforced in user space at every listener and outbound connections leave
-    /// from the calling host's address.
+    /// from the calling host's address. Development only: a local process can bind a
+    /// host's address and pass the filter.
     Loopback,
+    /// The host has a network stack of its own (a network namespace of the lab, or a real
+    /// machine) and the kernel holds the host's nftables ruleset ([`crate::nft`]); the
+    /// user-space filter still runs behind it.
+    Kernel,
 }
 
 /// The network seam of one host: its name and address, the compiled policy and the limits.
@@ -41,6 +47,18 @@ impl Net {
     /// The seam of `host` (at `address`) in loopback mode. Sets the process's descriptor
     /// reserve from `limits.fd_reserve`.
     pub fn loopback(host: &str, address: IpAddr, policy: Arc<Policy>, limits: Limits) -> Net {
+        Net::new(host, address, policy, limits, Isolation::Loopback)
+    }
+
+    /// The seam of `host` (at `address`) under `isolation`. Sets the process's descriptor
+    /// reserve from `limits.fd_reserve`.
+    pub fn new(
+        host: &str,
+        address: IpAddr,
+        policy: Arc<Policy>,
+        limits: Limits,
+        isolation: Isolation,
+    ) -> Net {
         crate::FdBudget::global().set_reserve(limits.fd_reserve);
         Net {
             inner: Arc::new(Inner {
@@ -48,7 +66,7 @@ impl Net {
                 address,
                 policy,
                 limits,
-                isolation: Isolation::Loopback,
+                isolation,
             }),
         }
     }
@@ -100,7 +118,11 @@ impl Net {
     /// Errors: those of `bind(2)` and `connect(2)` (e.g. `ECONNREFUSED`).
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         match self.inner.isolation {
-            Isolation::Loopback => crate::connect_from(self.inner.address, dst).await,
+            // Bound to the host's address in both modes: in a namespace it is the only
+            // non-loopback address anyway, and the receiving firewalls match on it.
+            Isolation::Loopback | Isolation::Kernel => {
+                crate::connect_from(self.inner.address, dst).await
+            }
         }
     }
 }

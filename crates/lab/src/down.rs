@@ -21,6 +21,10 @@ use crate::{LabError, StateDir};
 /// Returns a line per process stopped, e.g. `node web-01 (pid 1234)`.
 /// With `purge`, the whole state directory is removed afterwards.
 pub fn down(state: &StateDir, purge: bool) -> Result<Vec<String>, LabError> {
+    let netns_prefix = std::fs::read(state.lab_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::status::LabFile>(&b).ok())
+        .and_then(|l| l.netns_prefix);
     let hosts = host_names(state);
     let mut stopped = stop_nodes(state, &hosts);
 
@@ -46,6 +50,16 @@ pub fn down(state: &StateDir, purge: bool) -> Result<Vec<String>, LabError> {
         })
         .collect();
     stopped.extend(wait_or_kill(strays, Duration::from_secs(10)));
+
+    // Netns mode: the namespaces (and with them their veths and nftables tables), the
+    // operator's interface and the /etc/netns entries.
+    if let Some(prefix) = netns_prefix {
+        let settings = topology::NetnsSettings {
+            prefix,
+            ..topology::NetnsSettings::default()
+        };
+        stopped.extend(crate::netns::sweep(&settings)?);
+    }
 
     let _ = std::fs::remove_file(state.lab_file());
     if purge && state.root().exists() {

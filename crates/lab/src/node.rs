@@ -44,13 +44,35 @@ pub struct NodeStatus {
 ///
 /// Errors: the resolved topology is missing or invalid, the host is not in it, or a role
 /// fails to start (the error names the role).
-pub fn run(state: &StateDir, host: &str) -> Result<(), LabError> {
+///
+/// With `apply_firewall`, the host's nftables ruleset (compiled from the topology's policy)
+/// is loaded into the network namespace this process runs in before any role starts: a
+/// lab host's namespace in netns mode, or the machine itself on a real deployment.
+pub fn run(state: &StateDir, host: &str, apply_firewall: bool) -> Result<(), LabError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| LabError::Other(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(run_async(state.clone(), host.to_string()))
+    runtime.block_on(run_async(state.clone(), host.to_string(), apply_firewall))
+}
+
+/// Compiles `host`'s ruleset and loads it here (check, then one transaction).
+fn apply_ruleset(t: &Topology, host: &str) -> Result<(), LabError> {
+    let h = t
+        .host(host)
+        .ok_or_else(|| LabError::Other(format!("host {host} is not in the topology")))?;
+    let policy = topology::Policy::compile(t);
+    let text = firewall::nft::ruleset(&policy, h, &t.firewall);
+    firewall::nft::Nft::here()
+        .apply(&text)
+        .map_err(|e| LabError::Other(format!("the firewall of {host} did not load: {e}")))?;
+    tracing::info!(
+        host,
+        rules = policy.rules_for(host).count(),
+        "nftables ruleset loaded (table inet rampart)"
+    );
+    Ok(())
 }
 
 fn role_err(host: &str, role: Role, reason: impl std::fmt::Display) -> LabError {
@@ -61,9 +83,15 @@ fn role_err(host: &str, role: Role, reason: impl std::fmt::Display) -> LabError 
     }
 }
 
-async fn run_async(state: StateDir, name: String) -> Result<(), LabError> {
+async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Result<(), LabError> {
     let topology = Topology::load(&state.topology_file())?;
-    let plan = HostPlan::from_topology(&topology, &name, &state)?;
+    let isolation = if apply_firewall {
+        apply_ruleset(&topology, &name)?;
+        firewall::Isolation::Kernel
+    } else {
+        firewall::Isolation::Loopback
+    };
+    let plan = HostPlan::from_topology(&topology, &name, &state, isolation)?;
     let host = plan.host.clone();
     let ports = plan.net.policy().ports(&name);
     let mut registry = Registry::default();

@@ -43,17 +43,22 @@ pub struct WebPlan {
 }
 
 impl HostPlan {
-    /// The plan of host `name` in `t`, with files under `state`.
+    /// The plan of host `name` in `t`, with files under `state`, isolated by `isolation`.
     ///
     /// Errors: the host is not in the topology; the database engine cannot be resolved
     /// (`engine = "mariadb"` without MariaDB installed).
-    pub fn from_topology(t: &Topology, name: &str, state: &StateDir) -> Result<HostPlan, LabError> {
+    pub fn from_topology(
+        t: &Topology,
+        name: &str,
+        state: &StateDir,
+        isolation: firewall::Isolation,
+    ) -> Result<HostPlan, LabError> {
         let host = t
             .host(name)
             .cloned()
             .ok_or_else(|| LabError::Other(format!("host {name} is not in the topology")))?;
         let policy = Arc::new(Policy::compile(t));
-        let net = firewall::Net::loopback(name, host.address, policy, t.limits.clone());
+        let net = firewall::Net::new(name, host.address, policy, t.limits.clone(), isolation);
         let pki = state.pki();
         let root: &Path = state.root();
         // Resolved once: the database role and the application must agree on it.

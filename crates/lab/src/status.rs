@@ -20,6 +20,9 @@ const STALE_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LabFile {
     pub mode: Mode,
+    /// Netns mode: the namespace prefix (`down` removes what carries it).
+    #[serde(default)]
+    pub netns_prefix: Option<String>,
     pub started_unix: u64,
     pub warnings: Vec<String>,
 }
@@ -196,7 +199,7 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         hosts.push(HostView {
             name: h.name.clone(),
             address: h.address.to_string(),
-            netns: None,
+            netns: (lab.mode == Mode::Netns).then(|| t.netns.namespace(&h.name)),
             pid,
             roles: h.roles.iter().map(|r| r.to_string()).collect(),
             healthy,

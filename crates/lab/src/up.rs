@@ -56,11 +56,6 @@ pub struct UpReport {
 /// certificate and credential creation.
 pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     let started = Instant::now();
-    if opts.mode == Mode::Netns {
-        return Err(LabError::Unsupported(
-            "netns mode is not available yet; use --mode loopback".into(),
-        ));
-    }
     let state = &opts.state_dir;
     let mut t = match &opts.topology_file {
         Some(path) => Topology::load(path)?,
@@ -71,7 +66,16 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "<built-in default>".into());
-    check_loopback(&t, &source)?;
+    if opts.mode == Mode::Netns {
+        crate::netns::available().map_err(|why| {
+            LabError::Unsupported(format!(
+                "netns mode needs root, ip and nft: {why}; use --mode loopback"
+            ))
+        })?;
+        t = t.in_netns();
+    } else {
+        check_loopback(&t, &source)?;
+    }
     let running: Vec<String> = t
         .hosts
         .iter()
@@ -79,7 +83,15 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
         .map(|h| h.name.clone())
         .collect();
     if running.is_empty() {
-        crate::ports::resolve_public_ports(&mut t);
+        if opts.mode == Mode::Netns {
+            // Each load balancer has a network stack of its own: the standard ports are
+            // free there, and the node runs as root.
+            t.site.https_port = t.site.https_port.or(Some(443));
+            t.site.http_port = t.site.http_port.or(Some(80));
+            crate::netns::LabNetwork::new(&t).create()?;
+        } else {
+            crate::ports::resolve_public_ports(&mut t);
+        }
         StateDir::create_dir(state.root())?;
         StateDir::write_atomic(&state.topology_file(), t.to_toml().as_bytes())?;
     } else {
@@ -116,6 +128,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     }
     let lab = LabFile {
         mode: opts.mode,
+        netns_prefix: (opts.mode == Mode::Netns).then(|| t.netns.prefix.clone()),
         started_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -143,7 +156,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
             (pid, "already running")
         } else {
             started_now.push(h.name.clone());
-            (spawn_node(opts, &h.name)?, "starting")
+            (spawn_node(opts, &t, &h.name)?, "starting")
         };
         if plain {
             eprintln!("  {:8} {} {what} (pid {pid})", h.name, h.address);
@@ -203,7 +216,7 @@ fn check_loopback(t: &Topology, source: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-fn spawn_node(opts: &UpOptions, host: &str) -> Result<u32, LabError> {
+fn spawn_node(opts: &UpOptions, t: &Topology, host: &str) -> Result<u32, LabError> {
     let state = &opts.state_dir;
     let dir = state.host_dir(host);
     StateDir::create_dir(&dir)?;
@@ -215,13 +228,21 @@ fn spawn_node(opts: &UpOptions, host: &str) -> Result<u32, LabError> {
         .open(&log_path)
         .map_err(|e| LabError::io(&log_path, e))?;
     let log2 = log.try_clone().map_err(|e| LabError::io(&log_path, e))?;
-    let mut cmd = Command::new(&opts.node_exe);
+    // In netns mode the node runs inside its host's namespace and loads the host's
+    // ruleset there itself, exactly as on a real machine.
+    let mut cmd = match opts.mode {
+        Mode::Loopback => Command::new(&opts.node_exe),
+        Mode::Netns => crate::netns::exec_in(&t.netns.namespace(host), &opts.node_exe),
+    };
     cmd.arg("node")
         .arg("--host")
         .arg(host)
         .arg("--state-dir")
-        .arg(state.root())
-        .stdin(Stdio::null())
+        .arg(state.root());
+    if opts.mode == Mode::Netns {
+        cmd.arg("--apply-firewall");
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
         // Its own process group: a Ctrl-C meant for `up` reaches the nodes only through

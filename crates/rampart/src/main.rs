@@ -57,8 +57,10 @@ enum Cmd {
         /// Topology file (default: the built-in reference design).
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
-        /// Isolation mode.
-        #[arg(long, value_enum, default_value_t = ModeArg::Loopback)]
+        /// Isolation mode: netns (every host a network namespace with its own nftables
+        /// ruleset; needs root, ip and nft), loopback (development: 127.x addresses and a
+        /// user-space firewall a local process can pass), or auto (netns when possible).
+        #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
         mode: ModeArg,
         /// Return once healthy and leave it running.
         #[arg(short = 'd', long)]
@@ -84,11 +86,75 @@ enum Cmd {
         /// The host name in the topology.
         #[arg(long)]
         host: String,
+        /// Load the host's nftables ruleset (table inet rampart) into the network
+        /// namespace this process runs in before starting the roles: on a real machine,
+        /// the machine's firewall.
+        #[arg(long)]
+        apply_firewall: bool,
+    },
+    /// Run a command inside a host's network namespace (netns mode), e.g.
+    /// `rampart exec client -- curl https://www.foobar.com/`.
+    Exec {
+        /// A host of the topology, or `client` (the Internet).
+        host: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The kernel firewall: show, check, export, probe, block, unblock.
+    Fw {
+        #[command(subcommand)]
+        command: FwCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FwCmd {
+    /// The ruleset as loaded in a host of the running lab (every host without HOST), with
+    /// counters and blocked addresses.
+    Show {
+        /// Host name.
+        host: Option<String>,
+    },
+    /// Validate every host's ruleset with `nft -c` without applying anything.
+    Check {
+        /// Topology file (default: the running lab's, else the built-in one).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+    },
+    /// Print a host's nftables file for a real machine (addresses as in the topology).
+    Export {
+        /// Host name.
+        host: String,
+        /// Topology file (default: the running lab's, else the built-in one).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+    },
+    /// Try every host -> every host x every port in use and compare with the policy; exit 1
+    /// on any mismatch.
+    Probe {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop everything from ADDR (an address or network) at the edge.
+    Block {
+        /// Address or CIDR network.
+        addr: String,
+        /// How long, e.g. 30s, 10m, 2h (default: until unblocked).
+        #[arg(long = "for")]
+        duration: Option<String>,
+    },
+    /// Lift a block.
+    Unblock {
+        /// Address or CIDR network.
+        addr: String,
     },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
+    Auto,
     Loopback,
     Netns,
 }
@@ -188,19 +254,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             detach,
             timeout,
         } => {
+            let (mode, why) = match mode {
+                ModeArg::Auto => Mode::auto(),
+                ModeArg::Loopback => (
+                    Mode::Loopback,
+                    "asked for; a development mode: its firewall is in user space and a local \
+                     process can pass it"
+                        .into(),
+                ),
+                ModeArg::Netns => (Mode::Netns, "asked for".into()),
+            };
             let opts = lab::UpOptions {
                 topology_file: file,
                 state_dir: state.clone(),
-                mode: match mode {
-                    ModeArg::Loopback => Mode::Loopback,
-                    ModeArg::Netns => Mode::Netns,
-                },
+                mode,
                 node_exe: std::env::current_exe().context("locating the rampart binary")?,
                 timeout: Duration::from_secs(timeout),
                 progress: true,
             };
             eprintln!(
-                "rampart: bringing up {} in {} mode (state in {})",
+                "rampart: bringing up {} in {} mode ({why}); state in {}",
                 opts.topology_file
                     .as_ref()
                     .map(|p| p.display().to_string())
@@ -251,11 +324,167 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Node { host } => {
-            lab::node::run(&state, &host)?;
+        Cmd::Node {
+            host,
+            apply_firewall,
+        } => {
+            lab::node::run(&state, &host, apply_firewall)?;
+            Ok(())
+        }
+        Cmd::Exec { host, command } => {
+            use std::os::unix::process::CommandExt;
+            let (mode, t) = lab::fw::running(&state)?;
+            if mode != Mode::Netns {
+                anyhow::bail!(
+                    "`rampart exec` needs a lab in netns mode; in loopback mode every host shares this machine's network, so run the command directly"
+                );
+            }
+            if host != "client" && t.host(&host).is_none() {
+                anyhow::bail!(
+                    "no host named {host} (hosts: {}, client)",
+                    t.hosts
+                        .iter()
+                        .map(|h| h.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let mut cmd = lab::netns::exec_in(&t.netns.namespace(&host), &command[0]);
+            cmd.args(&command[1..]);
+            let err = cmd.exec();
+            Err(anyhow::anyhow!("running ip netns exec: {err}"))
+        }
+        Cmd::Fw { command } => fw(&state, command),
+    }
+}
+
+/// The topology `fw check`/`fw export` work on: the file given, else the running lab's,
+/// else the built-in default.
+fn fw_topology(state: &StateDir, file: Option<PathBuf>) -> anyhow::Result<Topology> {
+    Ok(match file {
+        Some(f) => Topology::load(&f)?,
+        None => match lab::fw::running(state) {
+            Ok((_, t)) => t,
+            Err(_) => Topology::default_topology(),
+        },
+    })
+}
+
+fn fw(state: &StateDir, command: FwCmd) -> anyhow::Result<()> {
+    match command {
+        FwCmd::Show { host } => {
+            for (h, text) in lab::fw::show(state, host.as_deref())? {
+                println!("# {h}\n{text}");
+            }
+            Ok(())
+        }
+        FwCmd::Check { file } => {
+            let t = fw_topology(state, file)?;
+            let mut bad = 0;
+            for (h, r) in lab::fw::check(&t)? {
+                match r {
+                    Ok(()) => println!("{h:8} ok"),
+                    Err(e) => {
+                        bad += 1;
+                        println!("{h:8} REFUSED: {e}");
+                    }
+                }
+            }
+            if bad > 0 {
+                anyhow::bail!("{bad} ruleset(s) would not load");
+            }
+            Ok(())
+        }
+        FwCmd::Export { host, file } => {
+            let t = fw_topology(state, file)?;
+            print!("{}", lab::fw::export(&t, &host)?);
+            Ok(())
+        }
+        FwCmd::Probe { json } => {
+            let report = lab::fw::probe(state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{:<9} {:<9} {:>5} {:<13} {:<9} {:<9} {:<8}",
+                    "FROM", "TO", "PORT", "SERVICE", "EXPECTED", "OBSERVED", ""
+                );
+                for r in &report.results {
+                    let verdict = |a: bool| if a { "allowed" } else { "denied" };
+                    let ok = r.expected_allowed == r.observed_allowed;
+                    println!(
+                        "{:<9} {:<9} {:>5} {:<13} {:<9} {:<9} {}",
+                        r.from,
+                        r.to,
+                        r.port,
+                        r.service.as_deref().unwrap_or("-"),
+                        verdict(r.expected_allowed),
+                        format!("{}", verdict(r.observed_allowed)),
+                        if ok {
+                            String::new()
+                        } else {
+                            format!("MISMATCH ({:?})", r.observed).to_lowercase()
+                        }
+                    );
+                }
+            }
+            let flows = report.results.len();
+            let allowed = report.results.iter().filter(|r| r.observed_allowed).count();
+            println!(
+                "probe ({} mode): {flows} flows, {allowed} allowed, {} denied; {} unexpected allowed, {} unexpected denied",
+                report.mode,
+                flows - allowed,
+                report.unexpected_allowed,
+                report.unexpected_denied
+            );
+            if report.unexpected_allowed + report.unexpected_denied > 0 {
+                anyhow::bail!("the firewall does not match the policy");
+            }
+            Ok(())
+        }
+        FwCmd::Block { addr, duration } => {
+            let net = parse_net(&addr)?;
+            let ttl = duration.as_deref().map(parse_duration).transpose()?;
+            let hosts = lab::fw::block(state, net, ttl)?;
+            println!(
+                "blocked {net} at {}{}",
+                hosts.join(", "),
+                duration.map(|d| format!(" for {d}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+        FwCmd::Unblock { addr } => {
+            let net = parse_net(&addr)?;
+            let hosts = lab::fw::unblock(state, net)?;
+            println!("unblocked {net} at {}", hosts.join(", "));
             Ok(())
         }
     }
+}
+
+fn parse_net(s: &str) -> anyhow::Result<lab::IpNet> {
+    s.parse::<lab::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(lab::IpNet::from))
+        .map_err(|_| anyhow::anyhow!("{s:?} is not an address or CIDR network"))
+}
+
+/// `30s`, `10m`, `2h`, `1d` or plain seconds.
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration such as 30s, 10m or 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("{s:?} is not a duration such as 30s, 10m or 2h"),
+    };
+    if secs == 0 {
+        anyhow::bail!("a block lasts at least 1 s");
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 fn print_up(s: &Status, seconds: f64) {
@@ -272,6 +501,15 @@ fn print_up(s: &Status, seconds: f64) {
         "\nReach it through the load balancer, verifying the chain:\n\n  {}\n",
         s.curl
     );
+    if s.mode == Mode::Netns {
+        println!(
+            "This machine reaches the lab through its interface on the lab subnet. From the\n\
+             Internet's side (the client namespace, where the site's names resolve to the\n\
+             load balancer):\n\n  rampart exec client -- curl --cacert {} {}\n",
+            s.ca_cert.display(),
+            s.endpoints.https
+        );
+    }
     println!(
         "Dashboard:\n\n  curl --cacert {} --cert {} --key {} {}\n",
         s.ca_cert.display(),
@@ -283,7 +521,13 @@ fn print_up(s: &Status, seconds: f64) {
 }
 
 fn print_table(s: &Status) {
-    println!("mode {}  state {}", s.mode, s.state_dir.display());
+    let label = match s.mode {
+        Mode::Netns => "netns (every host a network namespace with its own nftables ruleset)",
+        Mode::Loopback => {
+            "loopback (development mode: the firewall is in user space and a local process can pass it)"
+        }
+    };
+    println!("mode {label}  state {}", s.state_dir.display());
     println!(
         "{:<8} {:<13} {:<8} {:<8} {:>7} {:<9} {:<28} ports",
         "HOST", "ADDRESS", "PID", "HEALTHY", "QPS", "ALERT", "ROLES"
