@@ -82,7 +82,7 @@ impl Lab {
         let out = Command::new(bin("rampart"))
             .arg("--state-dir")
             .arg(&state)
-            .args(["up", "-d", "-f"])
+            .args(["up", "--mode", "loopback", "-d", "-f"])
             .arg(&file)
             .output()
             .unwrap();

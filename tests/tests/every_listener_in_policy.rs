@@ -100,7 +100,17 @@ fn every_listener_of_a_running_lab_is_in_the_policy() {
     let file = tmp.path().join("rampart.toml");
     std::fs::write(&file, text).unwrap();
     let _down = Down(state.clone());
-    let out = rampart(&state, &["up", "-d", "-f", file.to_str().unwrap()]);
+    let out = rampart(
+        &state,
+        &[
+            "up",
+            "--mode",
+            "loopback",
+            "-d",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -36,11 +36,14 @@ pub fn export(t: &Topology, host: &str) -> Result<String, LabError> {
     Ok(nft::ruleset(&Policy::compile(t), h, &t.firewall))
 }
 
+/// A host's name and whether the kernel accepts its ruleset (`Err`: nft's message).
+pub type HostCheck = (String, Result<(), String>);
+
 /// Checks every host's ruleset with `nft -c` (nothing is applied). Returns one line per
 /// host, `Err` for the hosts whose ruleset the kernel would refuse.
 ///
 /// Errors: `nft` cannot be run (needs root and the nftables package).
-pub fn check(t: &Topology) -> Result<Vec<(String, Result<(), String>)>, LabError> {
+pub fn check(t: &Topology) -> Result<Vec<HostCheck>, LabError> {
     if !nft::nft_available() {
         return Err(LabError::Unsupported(
             "`nft` is not installed (apt-get install nftables)".into(),

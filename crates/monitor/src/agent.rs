@@ -13,7 +13,7 @@ use pki::Identity;
 use prometheus_client::registry::Registry;
 use topology::Service;
 
-use crate::collect::{FirewallCollector, HostCollector};
+use crate::collect::{FirewallCollector, HostCollector, KernelFirewallCollector};
 use crate::serve::{self, Peer};
 use crate::{AgentConfig, MonitorError, OPENMETRICS_CONTENT_TYPE};
 
@@ -112,6 +112,9 @@ pub async fn start_agent(
     registry.register_collector(Box::new(FirewallCollector {
         filters: all_filters,
     }));
+    if cfg.net.isolation() == firewall::Isolation::Kernel {
+        registry.register_collector(Box::new(KernelFirewallCollector::default()));
+    }
     let registry = Arc::new(registry);
 
     let addr = listener

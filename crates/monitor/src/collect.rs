@@ -251,6 +251,63 @@ impl Collector for FirewallCollector {
     }
 }
 
+/// The kernel firewall's drop counters (netns mode, or a machine whose node applied its
+/// ruleset): `rampart_firewall_dropped_packets_total{reason}` and
+/// `rampart_firewall_dropped_bytes_total{reason}`, one `reason` per named counter of the
+/// ruleset (`policy`, `invalid`, `blocked`, `rate`; see `firewall::nft::COUNTERS`).
+///
+/// Read with `nft -j list counters` at most once a second (scrapes and pushes in between
+/// reuse the last reading); when `nft` fails the families are left out of that scrape.
+#[derive(Debug, Default)]
+pub struct KernelFirewallCollector {
+    last: std::sync::Mutex<Option<(std::time::Instant, Vec<firewall::nft::Counter>)>>,
+}
+
+impl KernelFirewallCollector {
+    fn read(&self) -> Vec<firewall::nft::Counter> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = last.as_ref() {
+            if at.elapsed() < std::time::Duration::from_secs(1) {
+                return v.clone();
+            }
+        }
+        let v = firewall::nft::Nft::here().counters().unwrap_or_default();
+        *last = Some((std::time::Instant::now(), v.clone()));
+        v
+    }
+}
+
+impl Collector for KernelFirewallCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = self.read();
+        if counters.is_empty() {
+            return Ok(());
+        }
+        let reason = |name: &str| name.trim_start_matches("dropped_").to_string();
+        let mut m = enc.encode_descriptor(
+            "rampart_firewall_dropped_packets",
+            "Packets the host's nftables ruleset dropped, by named counter.",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.packets)
+                .encode(m.encode_family(&[("reason", reason(&c.name).as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "rampart_firewall_dropped",
+            "Bytes of the packets the host's nftables ruleset dropped, by named counter.",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for c in &counters {
+            ConstCounter::new(c.bytes)
+                .encode(m.encode_family(&[("reason", reason(&c.name).as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Escapes a label value as the text format requires (`\\`, `\"`, `\n`); prometheus-client
 /// writes label values verbatim.
 pub fn escape(s: &str) -> String {
@@ -281,7 +338,10 @@ mod tests {
         registry.register_collector(Box::new(HostCollector {
             fs_path: dir.path().to_path_buf(),
         }));
-        let policy = Arc::new(topology::Policy { rules: vec![] });
+        let policy = Arc::new(topology::Policy {
+            rules: vec![],
+            extra: vec![],
+        });
         let f = firewall::Filter::new(policy.clone(), "lb-01", topology::Service::Agent);
         assert!(!f.check("127.0.0.1".parse().unwrap()));
         registry.register_collector(Box::new(FirewallCollector {

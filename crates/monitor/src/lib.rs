@@ -128,6 +128,8 @@ pub struct MonitorConfig {
     pub pki: PkiPaths,
     /// The QPS alert rule.
     pub rule: AlertRule,
+    /// The firewall drop-surge rule.
+    pub drop_rule: AlertRule,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
 }
@@ -149,6 +151,7 @@ impl MonitorConfig {
             port: t.ports.ingest,
             pki,
             rule: t.qps_alert.clone(),
+            drop_rule: t.drop_alert.clone(),
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
         })
     }

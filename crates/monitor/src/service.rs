@@ -33,6 +33,10 @@ pub const STALE_AFTER_SECONDS: f64 = 3.0;
 pub const HISTORY_LEN: usize = 200;
 /// The name the QPS rule's alerts carry in logs and the API.
 pub const ALERT_NAME: &str = "HighQPS";
+/// The name the firewall drop-surge rule's alerts carry.
+pub const DROP_ALERT_NAME: &str = "FirewallDropSurge";
+/// The kernel firewall's drop counter the drop-surge rule rates (all reasons summed).
+pub const DROPS_METRIC: &str = "rampart_firewall_dropped_packets_total";
 /// Seconds between two log lines about refused samples of one host and reason; the
 /// counts in `/api/v1/ingest` include every refusal.
 pub const REFUSAL_LOG_INTERVAL_SECONDS: f64 = 60.0;
@@ -113,7 +117,8 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
     let addr = listener
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
-    let state = Arc::new(MonitorState::new(cfg.rule, cfg.agent_hosts));
+    let state =
+        Arc::new(MonitorState::new(cfg.rule, cfg.agent_hosts).with_drop_rule(cfg.drop_rule));
     let tasks = ::serve::RoleTasks::new();
     serve::spawn(listener, Arc::new(tls), app(state.clone()), &tasks);
     let eval_state = state.clone();
@@ -140,13 +145,15 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
 /// One entry of the alert history.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
+    /// The rule (`HighQPS`, `FirewallDropSurge`).
+    pub alert: &'static str,
     /// The host.
     pub host: String,
     /// `firing` or `resolved`.
     pub event: Event,
     /// Unix seconds.
     pub at: f64,
-    /// The QPS that caused it.
+    /// The value that caused it (requests/s, or dropped packets/s).
     pub value: Option<f64>,
 }
 
@@ -154,6 +161,7 @@ pub struct HistoryEntry {
 struct Inner {
     store: Store,
     alerts: BTreeMap<String, Alert>,
+    drop_alerts: BTreeMap<String, Alert>,
     stale: BTreeMap<String, bool>,
     history: VecDeque<HistoryEntry>,
     /// When refused samples of a host and reason were last logged.
@@ -165,6 +173,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct MonitorState {
     rule: AlertRule,
+    drop_rule: Option<AlertRule>,
     agent_hosts: Vec<String>,
     inner: Mutex<Inner>,
 }
@@ -279,13 +288,24 @@ impl MonitorState {
                     .iter()
                     .map(|h| (h.clone(), Alert::new(now)))
                     .collect(),
+                drop_alerts: BTreeMap::new(),
                 stale: BTreeMap::new(),
                 history: VecDeque::new(),
                 refusal_logged: BTreeMap::new(),
             }),
             rule,
+            drop_rule: None,
             agent_hosts,
         }
+    }
+
+    /// Adds the firewall drop-surge rule: per agent host, the rate of
+    /// [`DROPS_METRIC`] (summed over reasons) against `rule`'s threshold, with the same
+    /// pending/firing/resolved states and clear threshold as the QPS rule. Hosts that
+    /// export no drop counters (loopback mode) have a rate of 0 and never fire.
+    pub fn with_drop_rule(mut self, rule: AlertRule) -> MonitorState {
+        self.drop_rule = Some(rule);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -443,11 +463,54 @@ impl MonitorState {
                 inner.history.pop_front();
             }
             inner.history.push_back(HistoryEntry {
+                alert: ALERT_NAME,
                 host: host.clone(),
                 event,
                 at: now,
                 value,
             });
+        }
+        if let Some(rule) = &self.drop_rule {
+            for host in &self.agent_hosts {
+                let stale = inner.stale.get(host).copied().unwrap_or(true);
+                let value = if stale {
+                    None
+                } else {
+                    inner
+                        .store
+                        .rate(host, DROPS_METRIC, now, rule.window_seconds as f64)
+                        .map(|r| r.per_second)
+                };
+                let alert = inner
+                    .drop_alerts
+                    .entry(host.clone())
+                    .or_insert_with(|| Alert::new(now));
+                let Some(event) = alert.observe(rule, now, value) else {
+                    continue;
+                };
+                let shown = value.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
+                match event {
+                    Event::Firing => tracing::warn!(
+                        "alert firing: {DROP_ALERT_NAME} host={host} dropped_pps={shown} threshold={} for={}s",
+                        rule.threshold_rps,
+                        rule.for_seconds
+                    ),
+                    Event::Resolved => tracing::info!(
+                        "alert resolved: {DROP_ALERT_NAME} host={host} dropped_pps={shown} clear={}",
+                        rule.clear_rps
+                    ),
+                }
+                if inner.history.len() == HISTORY_LEN {
+                    inner.history.pop_front();
+                }
+                inner.history.push_back(HistoryEntry {
+                    alert: DROP_ALERT_NAME,
+                    host: host.clone(),
+                    event,
+                    at: now,
+                    value,
+                });
+            }
         }
     }
 
@@ -467,9 +530,35 @@ impl MonitorState {
                 })
             })
             .collect();
+        let drops: Vec<_> = inner
+            .drop_alerts
+            .iter()
+            .map(|(host, a)| {
+                json!({
+                    "host": host,
+                    "state": a.state(),
+                    "since": a.since(),
+                    "value": a.value(),
+                })
+            })
+            .collect();
         json!({
             "rule": self.rule_json(),
             "alerts": alerts,
+            "firewall_drops": {
+                "rule": self.drop_rule.as_ref().map(|r| json!({
+                    "name": DROP_ALERT_NAME,
+                    "expr": format!(
+                        "sum by (host) (rate({DROPS_METRIC}[{}s])) > {}",
+                        r.window_seconds, r.threshold_rps
+                    ),
+                    "threshold_pps": r.threshold_rps,
+                    "for_seconds": r.for_seconds,
+                    "clear_pps": r.clear_rps,
+                    "window_seconds": r.window_seconds,
+                })),
+                "alerts": drops,
+            },
             "history": inner.history,
         })
     }
@@ -928,6 +1017,57 @@ mod tests {
         assert_eq!(q["lb-01"].qps, Some(0.0));
         // lb-01 stops pushing: stale after 3 s
         assert!(st.qps(t0 + 18.0)["lb-01"].stale);
+    }
+
+    #[test]
+    fn a_surge_of_firewall_drops_fires_its_own_alert_and_resolves() {
+        let st = MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()]).with_drop_rule(
+            AlertRule {
+                threshold_rps: 50.0,
+                for_seconds: 2,
+                clear_rps: 40.0,
+                window_seconds: 4,
+            },
+        );
+        let push = |t: f64, drops: f64| {
+            let text = format!(
+                "rampart_http_requests_total{{code=\"2xx\"}} 1\n\
+                 rampart_firewall_dropped_packets_total{{reason=\"policy\"}} {drops}\n\
+                 rampart_firewall_dropped_packets_total{{reason=\"rate\"}} 0\n"
+            );
+            st.ingest("web-01", t, &text).unwrap();
+        };
+        let t0 = 5_000.0;
+        // 100 dropped packets a second for 6 s, then none for 8 s.
+        for i in 0..=14 {
+            let t = t0 + f64::from(i);
+            push(t, 100.0 * f64::from(i.min(6)));
+            st.evaluate(t);
+        }
+        let doc = st.alerts_json();
+        let events: Vec<(String, String, String)> = doc["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h["alert"].as_str().unwrap().to_string(),
+                    h["host"].as_str().unwrap().to_string(),
+                    h["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let drop = |e: &str| {
+            (
+                DROP_ALERT_NAME.to_string(),
+                "web-01".to_string(),
+                e.to_string(),
+            )
+        };
+        assert_eq!(events, [drop("firing"), drop("resolved")], "{doc}");
+        assert_eq!(doc["firewall_drops"]["rule"]["threshold_pps"], 50.0);
+        // the QPS rule saw 0 requests/s and stayed quiet
+        assert_eq!(st.alert_state("web-01"), Some(AlertState::Inactive));
     }
 
     /// lb-01's push at `t`: its start time (when given) and its requests counter.

@@ -15,7 +15,10 @@ fn a_bad_topology_exits_64_naming_file_key_and_fix() {
         topology::DEFAULT_TOML.replace("127.80.0.12", "999.1.1.1"),
     )
     .unwrap();
-    for args in [vec!["check", "-f"], vec!["up", "-d", "-f"]] {
+    for args in [
+        vec!["check", "-f"],
+        vec!["up", "--mode", "loopback", "-d", "-f"],
+    ] {
         let out = Command::new(BIN)
             .arg("--state-dir")
             .arg(tmp.path().join("state"))
@@ -57,7 +60,7 @@ fn a_non_loopback_address_is_a_configuration_error_in_loopback_mode() {
     let out = Command::new(BIN)
         .arg("--state-dir")
         .arg(tmp.path().join("state"))
-        .args(["up", "-d", "-f"])
+        .args(["up", "--mode", "loopback", "-d", "-f"])
         .arg(&file)
         .output()
         .unwrap();

@@ -63,7 +63,17 @@ impl Lab {
 
     /// `rampart up -d -f FILE` on this lab's state directory.
     fn run_up(&self, file: &Path) -> std::process::Output {
-        rampart(&self.state, &["up", "-d", "-f", file.to_str().unwrap()])
+        rampart(
+            &self.state,
+            &[
+                "up",
+                "--mode",
+                "loopback",
+                "-d",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        )
     }
 }
 

@@ -233,6 +233,15 @@ struct FirewallOut<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct AlertsOut<'a> {
     qps: &'a AlertRule,
+    firewall_drops: DropAlertOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct DropAlertOut {
+    threshold_pps: f64,
+    for_seconds: u64,
+    clear_pps: f64,
+    window_seconds: u64,
 }
 
 /// A validated topology. Build one with [`Topology::load`], [`Topology::parse`] or
@@ -250,6 +259,11 @@ pub struct Topology {
     pub health_check: HealthCheck,
     /// The QPS alert rule.
     pub qps_alert: AlertRule,
+    /// The firewall drop-surge rule (`[alerts.firewall_drops]`): the same shape as the QPS
+    /// rule, over packets per second dropped by a host's kernel firewall
+    /// (`threshold_pps` → `threshold_rps`, `clear_pps` → `clear_rps`). Default 50 packets/s
+    /// for 10 s, clear at 40, 10 s window.
+    pub drop_alert: AlertRule,
     /// Database settings.
     pub database: Database,
     /// Sources allowed to reach operator-facing ports (monitor API/dashboard, agents'
@@ -334,6 +348,12 @@ impl Topology {
             health_check: &self.health_check,
             alerts: AlertsOut {
                 qps: &self.qps_alert,
+                firewall_drops: DropAlertOut {
+                    threshold_pps: self.drop_alert.threshold_rps,
+                    for_seconds: self.drop_alert.for_seconds,
+                    clear_pps: self.drop_alert.clear_rps,
+                    window_seconds: self.drop_alert.window_seconds,
+                },
             },
             database: &self.database,
             firewall: FirewallOut {
@@ -570,6 +590,29 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         ));
     }
 
+    let d = raw.alerts.firewall_drops.unwrap_or_default();
+    let threshold_pps = d.threshold_pps.unwrap_or(50.0);
+    let drop_alert = AlertRule {
+        threshold_rps: threshold_pps,
+        for_seconds: d.for_seconds.unwrap_or(10),
+        clear_rps: d.clear_pps.unwrap_or(threshold_pps * 0.8),
+        window_seconds: d.window_seconds.unwrap_or(10),
+    };
+    if !(threshold_pps.is_finite()
+        && threshold_pps > 0.0
+        && drop_alert.clear_rps.is_finite()
+        && drop_alert.clear_rps >= 0.0
+        && drop_alert.clear_rps < threshold_pps
+        && drop_alert.window_seconds > 0)
+    {
+        return Err(err(
+            file,
+            "alerts.firewall_drops",
+            "threshold_pps must be positive, clear_pps at least 0 and below it, window_seconds at least 1",
+            "e.g. threshold_pps = 50.0, clear_pps = 40.0, window_seconds = 10",
+        ));
+    }
+
     let engine = match raw.database.engine.as_deref() {
         None | Some("auto") => DbEngine::Auto,
         Some("mariadb") => DbEngine::Mariadb,
@@ -677,6 +720,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         ports,
         health_check,
         qps_alert,
+        drop_alert,
         database,
         operator_sources,
         limits,

@@ -148,6 +148,16 @@ pub(crate) struct RawHealthCheck {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAlerts {
     pub qps: Option<RawQpsAlert>,
+    pub firewall_drops: Option<RawDropAlert>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDropAlert {
+    pub threshold_pps: Option<f64>,
+    pub for_seconds: Option<u64>,
+    pub clear_pps: Option<f64>,
+    pub window_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
