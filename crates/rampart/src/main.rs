@@ -430,13 +430,19 @@ fn fw(state: &StateDir, command: FwCmd) -> anyhow::Result<()> {
             }
             let flows = report.results.len();
             let allowed = report.results.iter().filter(|r| r.observed_allowed).count();
-            println!(
+            // With --json the summary goes to stderr so stdout stays one JSON document.
+            let summary = format!(
                 "probe ({} mode): {flows} flows, {allowed} allowed, {} denied; {} unexpected allowed, {} unexpected denied",
                 report.mode,
                 flows - allowed,
                 report.unexpected_allowed,
                 report.unexpected_denied
             );
+            if json {
+                eprintln!("{summary}");
+            } else {
+                println!("{summary}");
+            }
             if report.unexpected_allowed + report.unexpected_denied > 0 {
                 anyhow::bail!("the firewall does not match the policy");
             }

@@ -103,3 +103,40 @@ fn init_writes_the_default_topology_and_refuses_to_overwrite() {
     assert_eq!(run(false).status.code(), Some(1));
     assert!(run(true).status.success());
 }
+
+#[test]
+fn fw_export_prints_a_loadable_file_for_a_real_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("t.toml");
+    // Real machines: the addresses as written in the topology.
+    std::fs::write(
+        &file,
+        topology::DEFAULT_TOML
+            .replace("127.80.0.10", "192.0.2.10")
+            .replace("127.80.0.11", "192.0.2.11"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(["fw", "export", "web-01", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nft -c -f FILE && nft -f FILE"), "{text}");
+    assert!(
+        text.contains("ip saddr { 192.0.2.10 } tcp dport 9443 accept"),
+        "{text}"
+    );
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(["fw", "export", "nope", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}

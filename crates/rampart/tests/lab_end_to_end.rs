@@ -372,6 +372,25 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         );
     }
 
+    // The probe matrix (every host and the operator -> every host x every port in use)
+    // matches the policy in loopback mode too; loopback mode has no kernel firewall to
+    // block with.
+    let out = rampart(&state, &["fw", "probe", "--json"]);
+    assert!(
+        out.status.success(),
+        "fw probe: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(probe["mode"], "loopback");
+    assert_eq!(probe["unexpected_allowed"], 0, "{probe}");
+    assert_eq!(probe["unexpected_denied"], 0, "{probe}");
+    assert!(probe["results"].as_array().unwrap().len() >= 100, "{probe}");
+    let out = rampart(&state, &["fw", "block", "192.0.2.1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("netns mode"));
+
     // 4. kill -9 web-01's node: within 5 s every request succeeds through web-02.
     let web01_pid = host(&status, "web-01")["pid"].as_u64().unwrap() as i32;
     let killed = Command::new("kill")
