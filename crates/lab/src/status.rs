@@ -1,5 +1,5 @@
 //! `rampart status`: what runs where, read from the nodes' status files and the monitoring
-//! service. The JSON shape is a contract other tools rely on (DESIGN.md §6).
+//! service. The JSON shape is a contract other tools rely on.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

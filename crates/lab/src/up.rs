@@ -110,6 +110,15 @@ pub async fn up(opts: &UpOptions) -> Result<UpReport, LabError> {
     pki::ensure(&state.pki().dir, &t)?;
 
     let mut warnings = Vec::new();
+    if opts.mode == Mode::Loopback {
+        warnings.push(
+            "loopback mode is a development mode: every host shares this machine's network and \
+             the firewall runs in user space, so a local process can bind a host's address and \
+             pass it (run as root with ip and nft installed for netns mode: real kernel \
+             firewalls)"
+                .to_string(),
+        );
+    }
     if t.db_primary().is_some() {
         let engine = db::resolve_engine(&t)?;
         if matches!(engine, db::Engine::Sqlite) {

@@ -193,6 +193,10 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         );
     }
     assert_eq!(status["mode"], "loopback");
+    assert!(
+        status["warnings"].to_string().contains("development mode"),
+        "loopback mode is labelled: {status}"
+    );
     assert_eq!(status["site"], "www.foobar.com");
     let hosts = status["hosts"].as_array().unwrap();
     assert_eq!(hosts.len(), 4);

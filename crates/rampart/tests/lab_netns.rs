@@ -63,10 +63,14 @@ impl Lab {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path().join("state");
         let file = tmp.path().join("rampart.toml");
-        let topology = format!(
-            "{}\n[netns]\nprefix = \"{prefix}\"\nsubnet = \"{subnet}\"\n",
-            topology::DEFAULT_TOML.replace("127.80.0.", block)
-        );
+        let topology = topology::DEFAULT_TOML
+            .replace("127.80.0.", block)
+            .replace("prefix = \"rampart\"", &format!("prefix = \"{prefix}\""))
+            .replace(
+                "subnet = \"10.80.0.0/24\"",
+                &format!("subnet = \"{subnet}\""),
+            );
+        assert!(topology.contains(prefix) && topology.contains(subnet));
         std::fs::write(&file, topology).unwrap();
         Lab {
             _tmp: tmp,

@@ -3,7 +3,7 @@ use std::fmt;
 /// A topology that cannot be used, with enough context for a person to fix it.
 ///
 /// Rendered as `FILE[:LINE]: KEY: REASON (fix: FIX)`. The binary maps it to exit code 64
-/// (`EX_DATAERR`-style "bad configuration", see DESIGN.md §6).
+/// (`EX_DATAERR`-style "bad configuration").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The file the topology came from (`<built-in default>` for the default).

@@ -1001,15 +1001,22 @@ mod tests {
 
     #[test]
     fn netns_settings_are_validated() {
-        let bad = |extra: &str| {
-            Topology::parse(&format!("{DEFAULT_TOML}\n{extra}"), "t.toml")
+        let bad = |from: &str, to: &str| {
+            Topology::parse(&DEFAULT_TOML.replace(from, to), "t.toml")
                 .unwrap_err()
                 .key
         };
-        assert_eq!(bad("[netns]\nsubnet = \"8.8.8.0/24\""), "netns.subnet");
         assert_eq!(
-            bad("[netns]\nprefix = \"much-too-long-prefix\""),
+            bad("subnet = \"10.80.0.0/24\"", "subnet = \"8.8.8.0/24\""),
+            "netns.subnet"
+        );
+        assert_eq!(
+            bad("prefix = \"rampart\"", "prefix = \"much-too-long-prefix\""),
             "netns.prefix"
+        );
+        assert_eq!(
+            bad("threshold_pps = 50.0", "threshold_pps = 0.0"),
+            "alerts.firewall_drops"
         );
         let text = DEFAULT_TOML.replace(
             "address = \"127.80.0.12\"",
