@@ -35,7 +35,7 @@ cleanup() {
 trap cleanup EXIT
 
 sed "s/127\.80\.0\./$block./" crates/topology/src/default.toml > "$work/rampart.toml"
-"$bin" --state-dir "$state" up -d -f "$work/rampart.toml" >/dev/null 2>&1
+"$bin" --state-dir "$state" up --mode loopback -d -f "$work/rampart.toml" >/dev/null 2>&1
 pki=$state/pki
 lb_pid=$("$bin" --state-dir "$state" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([h for h in s["hosts"] if h["name"]=="lb-01"][0]["pid"])')
 

@@ -32,7 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 sed "s/127\.80\.0\./$block./" crates/topology/src/default.toml > "$work/rampart.toml"
-"$bin" --state-dir "$state" up -d -f "$work/rampart.toml" >/dev/null
+"$bin" --state-dir "$state" up --mode loopback -d -f "$work/rampart.toml" >/dev/null
 pki=$state/pki
 https_port=$("$bin" --state-dir "$state" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([h for h in s["hosts"] if h["name"]=="lb-01"][0]["ports"]["https"])')
 lb_pid=$("$bin" --state-dir "$state" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([h for h in s["hosts"] if h["name"]=="lb-01"][0]["pid"])')
