@@ -71,6 +71,16 @@ impl Lab {
                 &format!("subnet = \"{subnet}\""),
             );
         assert!(topology.contains(prefix) && topology.contains(subnet));
+        // A low edge rate limit, so a short burst from one source crosses it for sure.
+        let topology = topology
+            .replace(
+                "edge_new_connections_per_second = 200",
+                "edge_new_connections_per_second = 20",
+            )
+            .replace(
+                "edge_new_connections_burst = 400",
+                "edge_new_connections_burst = 40",
+            );
         std::fs::write(&file, topology).unwrap();
         Lab {
             _tmp: tmp,
@@ -152,6 +162,21 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.run(&["down"]);
     }
+}
+
+/// The packet count of the named counter in `nft list table` output (0 when absent).
+fn counter_packets(listing: &str, counter: &str) -> u64 {
+    listing
+        .split(&format!("counter {counter} {{"))
+        .nth(1)
+        .and_then(|s| s.split('}').next())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.trim().strip_prefix("packets "))
+                .and_then(|rest| rest.split_whitespace().next())
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 fn host(status: &Value, name: &str) -> Value {
@@ -371,18 +396,33 @@ async fn netns_lab_serves_the_site_proves_its_firewalls_and_cleans_up() {
     );
     let out = lab.run(&["fw", "show", "lb-01"]);
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
-    let blocked_packets = shown
-        .split("counter dropped_blocked {")
-        .nth(1)
-        .and_then(|s| s.split('}').next())
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.trim().strip_prefix("packets "))
-                .and_then(|rest| rest.split_whitespace().next())
-        })
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+    let blocked_packets = counter_packets(&shown, "dropped_blocked");
     assert!(blocked_packets > 0, "{shown}");
+
+    // The per-source rate limit: 300 new connections at once from the client; SYNs past
+    // 20/s (burst 40) are dropped and counted, and the client gets through again after.
+    let flood = lab.run(&[
+        "exec",
+        "client",
+        "--",
+        "timeout",
+        "4",
+        "bash",
+        "-c",
+        "for i in $(seq 300); do (exec 3<>/dev/tcp/10.97.0.10/80) 2>/dev/null & done; wait",
+    ]);
+    let _ = flood; // `timeout` ends the connections that were dropped: its exit is 124
+    let shown = String::from_utf8_lossy(&lab.run(&["fw", "show", "lb-01"]).stdout).to_string();
+    let rate_drops = counter_packets(&shown, "dropped_rate");
+    assert!(
+        rate_drops > 0,
+        "no SYN over the rate limit was dropped: {shown}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab.client_curl(&format!("{base}/"), &ca, 2) != "200" {
+        assert!(Instant::now() < deadline, "the client stayed limited");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 
     // 7. kill -9 web-01's node: the site keeps answering through web-02.
     let pid = host(&status, "web-01")["pid"].as_u64().unwrap();
