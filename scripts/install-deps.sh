@@ -3,10 +3,11 @@
 #   mariadb-server  the primary and replica (without it the data tier falls back to SQLite)
 #   nftables, iproute2  firewalls and network namespaces (netns mode)
 #   curl            the README's curl line
+#   prometheus      promtool, which the tests use to lint every agent's /metrics (its service is never started)
 # Needs root for apt-get; without root it only reports what is missing.
 set -euo pipefail
 
-want=(mariadb-server nftables iproute2 curl ca-certificates)
+want=(mariadb-server nftables iproute2 curl ca-certificates prometheus)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -188,6 +188,7 @@ async fn encode(registry: Arc<Registry>) -> Option<String> {
 async fn metrics(
     State(st): State<Arc<MetricsState>>,
     Extension(peer): Extension<Peer>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let allowed = match &peer.0 {
         Some(Identity::Admin) => true,
@@ -201,8 +202,19 @@ async fn metrics(
         )
             .into_response();
     }
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     match encode(st.registry.clone()).await {
-        Some(text) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Some(text) if crate::negotiate::wants_openmetrics(accept) => {
+            ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response()
+        }
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                crate::negotiate::TEXT_004_CONTENT_TYPE,
+            )],
+            crate::negotiate::to_text_004(&text),
+        )
+            .into_response(),
         None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

@@ -33,6 +33,7 @@ mod agent;
 pub mod alert;
 pub mod collect;
 pub mod exposition;
+pub mod negotiate;
 mod serve;
 mod service;
 pub mod store;

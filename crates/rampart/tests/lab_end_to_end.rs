@@ -591,6 +591,63 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
         "no client certificate, no dashboard"
     );
 
+    // Every agent's /metrics: the classic text format 0.0.4 unless OpenMetrics is asked
+    // for, and promtool accepts it.
+    let promtool = test_support::find_binary("promtool");
+    if promtool.is_none() {
+        test_support::skip(
+            "promtool is not installed (apt-get install prometheus): /metrics is not linted",
+        );
+    }
+    for h in status["hosts"].as_array().unwrap() {
+        let Some(port) = h["ports"]["agent"].as_u64() else {
+            continue;
+        };
+        let url = format!("https://{}:{port}/metrics", h["address"].as_str().unwrap());
+        let r = admin.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("# EOF"), "{text}");
+        if let Some(promtool) = &promtool {
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics on {url}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let r = admin
+            .get(&url)
+            .header("accept", "application/openmetrics-text; version=1.0.0")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        assert!(r.text().await.unwrap().ends_with("# EOF\n"));
+    }
+
     // 40 req/s for 8 s: the 5 s rate window is full of it. The reference is the rate the
     // load really achieved (a busy machine may fall short of 40).
     let (answered, took) = load(&site, &url, 40, Duration::from_secs(8), Arc::default()).await;
