@@ -68,10 +68,7 @@ pub fn to_text_004(openmetrics: &str) -> String {
             continue;
         }
         // A sample: drop `_created` series and exemplars.
-        let sample_name = line
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or("");
+        let sample_name = line.split(['{', ' ']).next().unwrap_or("");
         if let Some((name, _)) = &family {
             if sample_name == format!("{name}_created") {
                 continue;
