@@ -37,6 +37,96 @@ pub const ALERT_NAME: &str = "HighQPS";
 pub const DROP_ALERT_NAME: &str = "FirewallDropSurge";
 /// The kernel firewall's drop counter the drop-surge rule rates (all reasons summed).
 pub const DROPS_METRIC: &str = "rampart_firewall_dropped_packets_total";
+/// The load balancer's per-backend health gauge (1 up, 0 down).
+pub const BACKEND_UP_METRIC: &str = "rampart_backend_up";
+
+/// A built-in rule besides HighQPS: what it measures per agent host. Each is fed to the
+/// same [`Alert`] state machine (above the threshold for `for_seconds` → firing; resolved
+/// at or below the clear threshold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKind {
+    /// `FirewallDropSurge`: dropped packets per second of the host's kernel firewall
+    /// (rate of [`DROPS_METRIC`], all reasons); no value while the host is stale.
+    FirewallDrops,
+    /// `HostDown`: seconds since the host's last push (since the monitor started when it
+    /// never pushed).
+    HostDown,
+    /// `BackendDown`: how many backends the host's load balancer has marked down (latest
+    /// [`BACKEND_UP_METRIC`] samples equal to 0); hosts without backends have no value.
+    BackendDown,
+    /// `SiteUnavailable`: the share of the host's load balancer's backends that are down
+    /// (1 = every backend down: the site answers 503 only).
+    SiteUnavailable,
+}
+
+impl RuleKind {
+    /// The alert name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuleKind::FirewallDrops => DROP_ALERT_NAME,
+            RuleKind::HostDown => "HostDown",
+            RuleKind::BackendDown => "BackendDown",
+            RuleKind::SiteUnavailable => "SiteUnavailable",
+        }
+    }
+
+    /// The rule as a PromQL-style expression, for the API.
+    fn expr(self, r: &AlertRule) -> String {
+        match self {
+            RuleKind::FirewallDrops => format!(
+                "sum by (host) (rate({DROPS_METRIC}[{}s])) > {}",
+                r.window_seconds, r.threshold_rps
+            ),
+            RuleKind::HostDown => format!("time() - last_push(host) > {}", r.threshold_rps),
+            RuleKind::BackendDown => {
+                format!(
+                    "count by (host) ({BACKEND_UP_METRIC} == 0) > {}",
+                    r.threshold_rps
+                )
+            }
+            RuleKind::SiteUnavailable => format!(
+                "1 - avg by (host) ({BACKEND_UP_METRIC}) > {}",
+                r.threshold_rps
+            ),
+        }
+    }
+}
+
+/// The default thresholds of the built-in rules other than HighQPS and FirewallDropSurge
+/// (which come from the topology): HostDown after 10 s without a push, resolved once a push
+/// is at most 3 s old; BackendDown as soon as one backend is down for 5 s; SiteUnavailable
+/// when every backend of a load balancer is down for 5 s.
+pub fn default_rules() -> Vec<(RuleKind, AlertRule)> {
+    vec![
+        (
+            RuleKind::HostDown,
+            AlertRule {
+                threshold_rps: 10.0,
+                for_seconds: 0,
+                clear_rps: 3.0,
+                window_seconds: 1,
+            },
+        ),
+        (
+            RuleKind::BackendDown,
+            AlertRule {
+                threshold_rps: 0.5,
+                for_seconds: 5,
+                clear_rps: 0.0,
+                window_seconds: 1,
+            },
+        ),
+        (
+            RuleKind::SiteUnavailable,
+            AlertRule {
+                threshold_rps: 0.99,
+                for_seconds: 5,
+                clear_rps: 0.5,
+                window_seconds: 1,
+            },
+        ),
+    ]
+}
 /// Seconds between two log lines about refused samples of one host and reason; the
 /// counts in `/api/v1/ingest` include every refusal.
 pub const REFUSAL_LOG_INTERVAL_SECONDS: f64 = 60.0;
@@ -117,8 +207,11 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
     let addr = listener
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
-    let state =
-        Arc::new(MonitorState::new(cfg.rule, cfg.agent_hosts).with_drop_rule(cfg.drop_rule));
+    let state = Arc::new(
+        MonitorState::new(cfg.rule, cfg.agent_hosts)
+            .with_drop_rule(cfg.drop_rule)
+            .with_rules(default_rules()),
+    );
     let tasks = ::serve::RoleTasks::new();
     serve::spawn(listener, Arc::new(tls), app(state.clone()), &tasks);
     let eval_state = state.clone();
@@ -161,7 +254,8 @@ pub struct HistoryEntry {
 struct Inner {
     store: Store,
     alerts: BTreeMap<String, Alert>,
-    drop_alerts: BTreeMap<String, Alert>,
+    /// The other rules' alerts, by rule name and host.
+    rule_alerts: BTreeMap<(&'static str, String), Alert>,
     stale: BTreeMap<String, bool>,
     history: VecDeque<HistoryEntry>,
     /// When refused samples of a host and reason were last logged.
@@ -173,7 +267,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct MonitorState {
     rule: AlertRule,
-    drop_rule: Option<AlertRule>,
+    rules: Vec<(RuleKind, AlertRule)>,
+    started: f64,
     agent_hosts: Vec<String>,
     inner: Mutex<Inner>,
 }
@@ -288,24 +383,72 @@ impl MonitorState {
                     .iter()
                     .map(|h| (h.clone(), Alert::new(now)))
                     .collect(),
-                drop_alerts: BTreeMap::new(),
+                rule_alerts: BTreeMap::new(),
                 stale: BTreeMap::new(),
                 history: VecDeque::new(),
                 refusal_logged: BTreeMap::new(),
             }),
             rule,
-            drop_rule: None,
+            rules: Vec::new(),
+            started: now,
             agent_hosts,
         }
+    }
+
+    /// Adds built-in rules ([`RuleKind`]) with their thresholds.
+    pub fn with_rules(mut self, rules: Vec<(RuleKind, AlertRule)>) -> MonitorState {
+        self.rules.extend(rules);
+        self
     }
 
     /// Adds the firewall drop-surge rule: per agent host, the rate of
     /// [`DROPS_METRIC`] (summed over reasons) against `rule`'s threshold, with the same
     /// pending/firing/resolved states and clear threshold as the QPS rule. Hosts that
     /// export no drop counters (loopback mode) have a rate of 0 and never fire.
-    pub fn with_drop_rule(mut self, rule: AlertRule) -> MonitorState {
-        self.drop_rule = Some(rule);
-        self
+    pub fn with_drop_rule(self, rule: AlertRule) -> MonitorState {
+        self.with_rules(vec![(RuleKind::FirewallDrops, rule)])
+    }
+
+    /// `kind`'s value for `host` at `now` (see [`RuleKind`]).
+    fn rule_value(
+        &self,
+        inner: &Inner,
+        kind: RuleKind,
+        rule: &AlertRule,
+        host: &str,
+        now: f64,
+    ) -> Option<f64> {
+        let stale = inner.stale.get(host).copied().unwrap_or(true);
+        let backends = || -> Vec<f64> {
+            inner
+                .store
+                .series(BACKEND_UP_METRIC, Some(host))
+                .into_iter()
+                .filter_map(|s| s.ring.points().last().map(|(_, v)| v))
+                .collect()
+        };
+        match kind {
+            RuleKind::FirewallDrops => (!stale)
+                .then(|| {
+                    inner
+                        .store
+                        .rate(host, DROPS_METRIC, now, rule.window_seconds as f64)
+                        .map(|r| r.per_second)
+                })
+                .flatten(),
+            RuleKind::HostDown => {
+                Some((now - inner.store.last_push(host).unwrap_or(self.started)).max(0.0))
+            }
+            RuleKind::BackendDown => {
+                let up = backends();
+                (!stale && !up.is_empty()).then(|| up.iter().filter(|v| **v < 0.5).count() as f64)
+            }
+            RuleKind::SiteUnavailable => {
+                let up = backends();
+                (!stale && !up.is_empty())
+                    .then(|| up.iter().filter(|v| **v < 0.5).count() as f64 / up.len() as f64)
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -470,20 +613,13 @@ impl MonitorState {
                 value,
             });
         }
-        if let Some(rule) = &self.drop_rule {
+        for (kind, rule) in &self.rules {
+            let name = kind.name();
             for host in &self.agent_hosts {
-                let stale = inner.stale.get(host).copied().unwrap_or(true);
-                let value = if stale {
-                    None
-                } else {
-                    inner
-                        .store
-                        .rate(host, DROPS_METRIC, now, rule.window_seconds as f64)
-                        .map(|r| r.per_second)
-                };
+                let value = self.rule_value(inner, *kind, rule, host, now);
                 let alert = inner
-                    .drop_alerts
-                    .entry(host.clone())
+                    .rule_alerts
+                    .entry((name, host.clone()))
                     .or_insert_with(|| Alert::new(now));
                 let Some(event) = alert.observe(rule, now, value) else {
                     continue;
@@ -491,12 +627,12 @@ impl MonitorState {
                 let shown = value.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
                 match event {
                     Event::Firing => tracing::warn!(
-                        "alert firing: {DROP_ALERT_NAME} host={host} dropped_pps={shown} threshold={} for={}s",
+                        "alert firing: {name} host={host} value={shown} threshold={} for={}s",
                         rule.threshold_rps,
                         rule.for_seconds
                     ),
                     Event::Resolved => tracing::info!(
-                        "alert resolved: {DROP_ALERT_NAME} host={host} dropped_pps={shown} clear={}",
+                        "alert resolved: {name} host={host} value={shown} clear={}",
                         rule.clear_rps
                     ),
                 }
@@ -504,7 +640,7 @@ impl MonitorState {
                     inner.history.pop_front();
                 }
                 inner.history.push_back(HistoryEntry {
-                    alert: DROP_ALERT_NAME,
+                    alert: name,
                     host: host.clone(),
                     event,
                     at: now,
@@ -530,35 +666,70 @@ impl MonitorState {
                 })
             })
             .collect();
-        let drops: Vec<_> = inner
-            .drop_alerts
+        let by_rule = |name: &str| -> Vec<serde_json::Value> {
+            inner
+                .rule_alerts
+                .iter()
+                .filter(|((n, _), _)| *n == name)
+                .map(|((_, host), a)| {
+                    json!({
+                        "host": host,
+                        "state": a.state(),
+                        "since": a.since(),
+                        "value": a.value(),
+                    })
+                })
+                .collect()
+        };
+        let drop_rule = self
+            .rules
             .iter()
-            .map(|(host, a)| {
+            .find(|(k, _)| *k == RuleKind::FirewallDrops)
+            .map(|(_, r)| r);
+        let rules: Vec<_> = self
+            .rules
+            .iter()
+            .map(|(kind, r)| {
                 json!({
-                    "host": host,
-                    "state": a.state(),
-                    "since": a.since(),
-                    "value": a.value(),
+                    "name": kind.name(),
+                    "expr": kind.expr(r),
+                    "threshold": r.threshold_rps,
+                    "for_seconds": r.for_seconds,
+                    "clear": r.clear_rps,
+                    "alerts": by_rule(kind.name()),
                 })
             })
             .collect();
+        // Every alert that is not inactive, across all rules.
+        let mut active: Vec<serde_json::Value> = inner
+            .alerts
+            .iter()
+            .filter(|(_, a)| a.state() != AlertState::Inactive)
+            .map(|(host, a)| json!({"alert": ALERT_NAME, "host": host, "state": a.state(), "since": a.since(), "value": a.value()}))
+            .collect();
+        active.extend(
+            inner
+                .rule_alerts
+                .iter()
+                .filter(|(_, a)| a.state() != AlertState::Inactive)
+                .map(|((name, host), a)| json!({"alert": name, "host": host, "state": a.state(), "since": a.since(), "value": a.value()})),
+        );
         json!({
             "rule": self.rule_json(),
             "alerts": alerts,
             "firewall_drops": {
-                "rule": self.drop_rule.as_ref().map(|r| json!({
+                "rule": drop_rule.map(|r| json!({
                     "name": DROP_ALERT_NAME,
-                    "expr": format!(
-                        "sum by (host) (rate({DROPS_METRIC}[{}s])) > {}",
-                        r.window_seconds, r.threshold_rps
-                    ),
+                    "expr": RuleKind::FirewallDrops.expr(r),
                     "threshold_pps": r.threshold_rps,
                     "for_seconds": r.for_seconds,
                     "clear_pps": r.clear_rps,
                     "window_seconds": r.window_seconds,
                 })),
-                "alerts": drops,
+                "alerts": by_rule(DROP_ALERT_NAME),
             },
+            "rules": rules,
+            "active": active,
             "history": inner.history,
         })
     }
@@ -1068,6 +1239,92 @@ mod tests {
         assert_eq!(doc["firewall_drops"]["rule"]["threshold_pps"], 50.0);
         // the QPS rule saw 0 requests/s and stayed quiet
         assert_eq!(st.alert_state("web-01"), Some(AlertState::Inactive));
+    }
+
+    #[test]
+    fn host_down_backend_down_and_site_unavailable_fire_and_resolve() {
+        let st = MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()])
+            .with_rules(default_rules());
+        let t0 = unix_now();
+        let push = |t: f64, host: &str, up: [u8; 2]| {
+            let text = format!(
+                "rampart_http_requests_total{{code=\"2xx\"}} 1\n\
+                 rampart_backend_up{{backend=\"web-01\"}} {}\n\
+                 rampart_backend_up{{backend=\"web-02\"}} {}\n",
+                up[0], up[1]
+            );
+            let text = if host == "lb-01" {
+                text
+            } else {
+                "rampart_http_requests_total{code=\"2xx\"} 1\n".to_string()
+            };
+            st.ingest(host, t, &text).unwrap();
+        };
+        let active = |st: &MonitorState| -> Vec<(String, String)> {
+            let doc = st.alerts_json();
+            let mut v: Vec<(String, String)> = doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["state"] == "firing")
+                .map(|a| {
+                    (
+                        a["alert"].as_str().unwrap().to_string(),
+                        a["host"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let pair = |a: &str, h: &str| (a.to_string(), h.to_string());
+        // Both hosts push every second, all backends up: nothing fires.
+        for i in 0..4 {
+            let t = t0 + f64::from(i);
+            push(t, "lb-01", [1, 1]);
+            push(t, "web-01", [1, 1]);
+            st.evaluate(t);
+        }
+        assert_eq!(active(&st), vec![]);
+        // web-01 stops pushing; lb-01 marks web-01 down, then both.
+        for i in 4..12 {
+            let t = t0 + f64::from(i);
+            push(t, "lb-01", [0, 1]);
+            st.evaluate(t);
+        }
+        assert_eq!(
+            active(&st),
+            vec![pair("BackendDown", "lb-01")],
+            "web-01 has been silent 8 s: not yet down"
+        );
+        for i in 12..20 {
+            let t = t0 + f64::from(i);
+            push(t, "lb-01", [0, 0]);
+            st.evaluate(t);
+        }
+        assert_eq!(
+            active(&st),
+            vec![
+                pair("BackendDown", "lb-01"),
+                pair("HostDown", "web-01"),
+                pair("SiteUnavailable", "lb-01")
+            ]
+        );
+        // Everything back.
+        for i in 20..24 {
+            let t = t0 + f64::from(i);
+            push(t, "lb-01", [1, 1]);
+            push(t, "web-01", [1, 1]);
+            st.evaluate(t);
+        }
+        assert_eq!(active(&st), vec![]);
+        let names: Vec<String> = st.alerts_json()["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["HostDown", "BackendDown", "SiteUnavailable"]);
     }
 
     /// lb-01's push at `t`: its start time (when given) and its requests counter.

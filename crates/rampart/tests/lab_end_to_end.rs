@@ -417,6 +417,39 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-served-by"], "web-02");
     }
+    // The outage raises alerts: HostDown for web-01, BackendDown for lb-01.
+    let admin = admin_client(&status);
+    let api = status["endpoints"]["monitor_api"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc: Value = admin
+            .get(format!("{api}/alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let firing = |alert: &str, host: &str| {
+            doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
+        };
+        if firing("HostDown", "web-01") && firing("BackendDown", "lb-01") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HostDown web-01 and BackendDown lb-01 did not fire: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // status reports the dead node, and the monitor still gives the others' QPS (web-01's
     // pushes have stopped: its QPS is unknown, not zero).

@@ -437,6 +437,34 @@ async fn netns_lab_serves_the_site_proves_its_firewalls_and_cleans_up() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-served-by"], "web-02");
     }
+    // ... and the monitor raises HostDown for web-01 and BackendDown for lb-01.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc: Value = admin
+            .get(format!("{dashboard}/api/v1/alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let firing = |alert: &str, host: &str| {
+            doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
+        };
+        if firing("HostDown", "web-01") && firing("BackendDown", "lb-01") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HostDown web-01 and BackendDown lb-01 did not fire: {}",
+            doc["active"]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // 8. down leaves no namespace, interface, /etc/netns entry or process.
     let out = lab.run(&["down"]);
