@@ -34,6 +34,7 @@ pub mod alert;
 pub mod collect;
 pub mod exposition;
 pub mod negotiate;
+pub mod notify;
 mod serve;
 mod service;
 pub mod store;
@@ -131,6 +132,8 @@ pub struct MonitorConfig {
     pub rule: AlertRule,
     /// The firewall drop-surge rule.
     pub drop_rule: AlertRule,
+    /// Webhooks notified of every firing and resolved alert (Alertmanager payload).
+    pub webhook_urls: Vec<String>,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
 }
@@ -153,6 +156,7 @@ impl MonitorConfig {
             pki,
             rule: t.qps_alert.clone(),
             drop_rule: t.drop_alert.clone(),
+            webhook_urls: t.webhook_urls.clone(),
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
         })
     }

@@ -207,12 +207,27 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
     let addr = listener
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
-    let state = Arc::new(
-        MonitorState::new(cfg.rule, cfg.agent_hosts)
-            .with_drop_rule(cfg.drop_rule)
-            .with_rules(default_rules()),
-    );
     let tasks = ::serve::RoleTasks::new();
+    let mut state = MonitorState::new(cfg.rule, cfg.agent_hosts)
+        .with_drop_rule(cfg.drop_rule)
+        .with_rules(default_rules());
+    if !cfg.webhook_urls.is_empty() {
+        let (notifier, rx) = crate::notify::channel();
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(pki::ca_client_config(&cfg.pki)?)
+            .local_address(Some(cfg.net.address()))
+            .build()?;
+        let external = format!("https://{}:{}/", cfg.host, addr.port());
+        tasks.spawn(crate::notify::deliver(
+            rx,
+            client,
+            cfg.webhook_urls.clone(),
+            external,
+            tasks.token(),
+        ));
+        state = state.with_notifier(notifier);
+    }
+    let state = Arc::new(state);
     serve::spawn(listener, Arc::new(tls), app(state.clone()), &tasks);
     let eval_state = state.clone();
     let token = tasks.token();
@@ -268,6 +283,7 @@ struct Inner {
 pub struct MonitorState {
     rule: AlertRule,
     rules: Vec<(RuleKind, AlertRule)>,
+    notifier: Option<crate::notify::Notifier>,
     started: f64,
     agent_hosts: Vec<String>,
     inner: Mutex<Inner>,
@@ -390,8 +406,38 @@ impl MonitorState {
             }),
             rule,
             rules: Vec::new(),
+            notifier: None,
             started: now,
             agent_hosts,
+        }
+    }
+
+    /// Sends every firing and resolved alert to `notifier` as well.
+    pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> MonitorState {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Queues a notification of `event` (`since`: when the alert entered the state it just
+    /// left, the start of firing for a resolved alert).
+    fn notify(
+        &self,
+        alert: &'static str,
+        host: &str,
+        event: Event,
+        value: Option<f64>,
+        since: f64,
+        at: f64,
+    ) {
+        if let Some(n) = &self.notifier {
+            n.send(crate::notify::Notification {
+                alert,
+                host: host.to_string(),
+                event,
+                value,
+                starts_at: if event == Event::Firing { at } else { since },
+                at,
+            });
         }
     }
 
@@ -587,9 +633,11 @@ impl MonitorState {
                 .alerts
                 .entry(host.clone())
                 .or_insert_with(|| Alert::new(now));
+            let since = alert.since();
             let Some(event) = alert.observe(&self.rule, now, value) else {
                 continue;
             };
+            self.notify(ALERT_NAME, host, event, value, since, now);
             let shown = value.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
             match event {
                 Event::Firing => tracing::warn!(
@@ -621,9 +669,11 @@ impl MonitorState {
                     .rule_alerts
                     .entry((name, host.clone()))
                     .or_insert_with(|| Alert::new(now));
+                let since = alert.since();
                 let Some(event) = alert.observe(rule, now, value) else {
                     continue;
                 };
+                self.notify(name, host, event, value, since, now);
                 let shown = value.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
                 match event {
                     Event::Firing => tracing::warn!(

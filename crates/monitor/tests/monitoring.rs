@@ -34,7 +34,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// mon-01 with `rule`, and lb-01's agent whose registry holds `rampart_http_requests`.
-async fn start(rule: Option<AlertRule>) -> Lab {
+async fn start(rule: Option<AlertRule>, webhook: Option<String>) -> Lab {
     let t = topology_in_block(94);
     let pki = TestPki::new(t.clone());
     let mut mcfg = MonitorConfig::from_topology(
@@ -48,6 +48,7 @@ async fn start(rule: Option<AlertRule>) -> Lab {
     if let Some(rule) = rule {
         mcfg.rule = rule;
     }
+    mcfg.webhook_urls = webhook.into_iter().collect();
     let monitor = start_monitor(mcfg).await.unwrap();
 
     let mut acfg = AgentConfig::from_topology(
@@ -121,7 +122,7 @@ async fn status(req: reqwest::RequestBuilder) -> u16 {
 
 #[tokio::test]
 async fn pushes_become_qps_and_identities_are_enforced() {
-    let lab = start(None).await;
+    let lab = start(None, None).await;
     let admin = lab.admin();
     let qps_url = lab.url("/api/v1/qps");
 
@@ -195,9 +196,27 @@ async fn pushes_become_qps_and_identities_are_enforced() {
     let html = r.text().await.unwrap();
     assert!(html.contains("/api/v1/qps_range") && html.contains("<canvas"));
 
-    // The agent's /metrics: OpenMetrics text for the admin, with host and firewall metrics.
+    // The agent's /metrics: the classic text format unless OpenMetrics is asked for ...
     let metrics_url = format!("https://lb-01:{}/metrics", lab.agent.addr().port());
     let r = admin.get(&metrics_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let classic = r.text().await.unwrap();
+    assert!(classic.contains("# TYPE rampart_http_requests_total counter"));
+    assert!(!classic.contains("# EOF"));
+    // ... and OpenMetrics, with host and firewall metrics, for a scraper that asks.
+    let r = admin
+        .get(&metrics_url)
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["content-type"],
@@ -233,7 +252,30 @@ async fn qps_alert_fires_and_resolves() {
         clear_rps: 2.0,
         window_seconds: 3,
     };
-    let lab = Arc::new(start(Some(rule)).await);
+    // An Alertmanager-style webhook receiver: records every payload with its arrival time.
+    let received: Arc<std::sync::Mutex<Vec<(std::time::Instant, Value)>>> = Arc::default();
+    let hook = tokio::net::TcpListener::bind("127.94.0.99:0")
+        .await
+        .unwrap();
+    let hook_url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let received = received.clone();
+            move |axum::Json(v): axum::Json<Value>| {
+                let received = received.clone();
+                async move {
+                    received
+                        .lock()
+                        .unwrap()
+                        .push((std::time::Instant::now(), v));
+                    "ok"
+                }
+            }
+        }),
+    );
+    let receiver = tokio::spawn(async move { axum::serve(hook, app).await });
+    let lab = Arc::new(start(Some(rule), Some(hook_url)).await);
     let admin = lab.admin();
     let alerts_url = lab.url("/api/v1/alerts");
     let lb_state = |doc: &Value| {
@@ -277,4 +319,31 @@ async fn qps_alert_fires_and_resolves() {
     let last = history.last().unwrap();
     assert_eq!(last["event"], "resolved");
     assert!(last["value"].as_f64().unwrap() <= 2.0);
+
+    // The webhook got the firing and then the resolved notification, as Alertmanager
+    // sends them.
+    let got = eventually("firing and resolved at the webhook", WAIT, || async {
+        let got = received.lock().unwrap().clone();
+        let statuses: Vec<String> = got
+            .iter()
+            .filter(|(_, v)| v["alerts"][0]["labels"]["alertname"] == "HighQPS")
+            .map(|(_, v)| v["status"].as_str().unwrap_or("").to_string())
+            .collect();
+        (statuses == ["firing", "resolved"]).then_some(got)
+    })
+    .await;
+    let firing = &got[0].1;
+    assert_eq!(firing["version"], "4");
+    assert_eq!(firing["alerts"][0]["labels"]["host"], "lb-01");
+    assert_eq!(firing["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+    let resolved = &got[1].1;
+    assert_eq!(
+        resolved["alerts"][0]["startsAt"],
+        firing["alerts"][0]["startsAt"]
+    );
+    eprintln!(
+        "webhook: firing to resolved notifications {:.1} s apart",
+        (got[1].0 - got[0].0).as_secs_f64()
+    );
+    receiver.abort();
 }

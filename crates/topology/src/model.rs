@@ -232,6 +232,7 @@ struct FirewallOut<'a> {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct AlertsOut<'a> {
+    webhook_urls: &'a [String],
     qps: &'a AlertRule,
     firewall_drops: DropAlertOut,
 }
@@ -264,6 +265,10 @@ pub struct Topology {
     /// (`threshold_pps` → `threshold_rps`, `clear_pps` → `clear_rps`). Default 50 packets/s
     /// for 10 s, clear at 40, 10 s window.
     pub drop_alert: AlertRule,
+    /// Where firing and resolved alerts are POSTed (`[alerts] webhook_urls`), as
+    /// Alertmanager's webhook receiver payload (version 4); `http://` or `https://` (verified
+    /// against the lab's CA). Default none: alerts are logged only.
+    pub webhook_urls: Vec<String>,
     /// Database settings.
     pub database: Database,
     /// Sources allowed to reach operator-facing ports (monitor API/dashboard, agents'
@@ -347,6 +352,7 @@ impl Topology {
             ports: &self.ports,
             health_check: &self.health_check,
             alerts: AlertsOut {
+                webhook_urls: &self.webhook_urls,
                 qps: &self.qps_alert,
                 firewall_drops: DropAlertOut {
                     threshold_pps: self.drop_alert.threshold_rps,
@@ -590,6 +596,21 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         ));
     }
 
+    let mut webhook_urls = Vec::new();
+    for (i, u) in raw.alerts.webhook_urls.iter().flatten().enumerate() {
+        let ok = (u.starts_with("http://") || u.starts_with("https://"))
+            && u.len() > "https://".len()
+            && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(err(
+                file,
+                format!("alerts.webhook_urls[{i}]"),
+                format!("{u:?} is not an http:// or https:// URL"),
+                "e.g. webhook_urls = [\"http://10.80.0.1:9093/hook\"]",
+            ));
+        }
+        webhook_urls.push(u.clone());
+    }
     let d = raw.alerts.firewall_drops.unwrap_or_default();
     let threshold_pps = d.threshold_pps.unwrap_or(50.0);
     let drop_alert = AlertRule {
@@ -721,6 +742,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         health_check,
         qps_alert,
         drop_alert,
+        webhook_urls,
         database,
         operator_sources,
         limits,

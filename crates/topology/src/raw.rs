@@ -147,6 +147,7 @@ pub(crate) struct RawHealthCheck {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAlerts {
+    pub webhook_urls: Option<Vec<String>>,
     pub qps: Option<RawQpsAlert>,
     pub firewall_drops: Option<RawDropAlert>,
 }
