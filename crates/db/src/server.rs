@@ -8,6 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,7 @@ pub fn mariadbd_defaults_file(state_dir: &Path, host: &str) -> PathBuf {
     mariadb_dir(state_dir, host).join("my.cnf")
 }
 
+#[derive(Debug, Clone)]
 struct Paths {
     data: PathBuf,
     socket: PathBuf,
@@ -254,13 +256,19 @@ pub struct DbNodeStatus {
     /// Last health check (every second): the server answers a ping and, for a replica,
     /// both replication threads run. SQLite: always true.
     pub healthy: bool,
+    /// Times the node restarted a `mariadbd` that exited on its own.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// A running database server. Dropping it closes its listeners but leaves `mariadbd`
 /// running (see [`mariadbd_pid_file`]); call [`DbServer::stop`] for an orderly stop.
 pub struct DbServer {
     status: Arc<Mutex<DbNodeStatus>>,
-    child: tokio::sync::Mutex<Option<Child>>,
+    /// Owns `mariadbd` and restarts it when it exits (see [`supervise`]).
+    supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Stops the supervisor, which then stops `mariadbd` (only [`DbServer::stop`]).
+    stop_server: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     filters: Vec<Arc<firewall::Filter>>,
     stop: CancellationToken,
@@ -284,6 +292,12 @@ impl Drop for DbServer {
         for t in std::mem::take(&mut *lock(&self.tasks)) {
             t.abort();
         }
+        // Aborting the supervisor drops its `Child` without killing the server.
+        if let Ok(mut sup) = self.supervisor.try_lock() {
+            if let Some(t) = sup.take() {
+                t.abort();
+            }
+        }
     }
 }
 
@@ -300,10 +314,10 @@ impl DbServer {
         for t in std::mem::take(&mut *lock(&self.tasks)) {
             t.abort();
         }
-        let child = self.child.lock().await.take();
-        let host = lock(&self.status).host.clone();
-        if let Some(child) = child {
-            terminate(child, &host).await;
+        self.stop_server.cancel();
+        let supervisor = self.supervisor.lock().await.take();
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
         }
         let mut s = lock(&self.status);
         s.pid = None;
@@ -386,8 +400,10 @@ pub async fn start_server(cfg: ServerConfig) -> Result<DbServer, DbError> {
                     socket: None,
                     lag_seconds: None,
                     healthy: true,
+                    restarts: 0,
                 })),
-                child: tokio::sync::Mutex::new(None),
+                supervisor: tokio::sync::Mutex::new(None),
+                stop_server: CancellationToken::new(),
                 tasks: Mutex::new(Vec::new()),
                 filters: Vec::new(),
                 stop: CancellationToken::new(),
@@ -423,28 +439,14 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
         install_db(&cfg, &p).await?;
     }
 
-    let log_file = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p.log)
-            .map_err(|e| DbError::io(format!("opening {}", p.log.display()), e))
-    };
-    let mut child = Command::new(&mariadbd)
-        .arg(format!("--defaults-file={}", p.cnf.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(log_file()?)
-        .stderr(log_file()?)
-        // Its own process group: a terminal's Ctrl-C reaches the node, which stops the
-        // server in order; a killed node leaves it to `rampart down`.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| DbError::io(format!("starting {}", mariadbd.display()), e))?;
+    let mut child = spawn_mariadbd(&mariadbd, &p)?;
     let pid = child.id();
     tracing::info!(host = %cfg.host, pid, "mariadbd started");
+    // The running server's pid, for the replication egress's owner check across restarts.
+    let pid_cell = Arc::new(AtomicU32::new(pid.unwrap_or(0)));
 
     let stop = CancellationToken::new();
-    match bring_up(&cfg, &p, &creds, &mut child, &stop).await {
+    match bring_up(&cfg, &p, &creds, &mut child, pid_cell.clone(), &stop).await {
         Ok((tasks, filters, admin)) => {
             let status = Arc::new(Mutex::new(DbNodeStatus {
                 host: cfg.host.clone(),
@@ -455,6 +457,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 socket: Some(p.socket.clone()),
                 lag_seconds: None,
                 healthy: cfg.role == NodeRole::Primary,
+                restarts: 0,
             }));
             let mut tasks = tasks;
             tasks.push(tokio::spawn(health_loop(
@@ -463,9 +466,23 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 cfg.role,
                 status.clone(),
             )));
+            let stop_server = CancellationToken::new();
+            let supervisor = tokio::spawn(supervise(
+                child,
+                Restart {
+                    mariadbd,
+                    admin: admin_opts(&p, &creds.admin_password),
+                    cfg: cfg.clone(),
+                    p: p.clone(),
+                    pid: pid_cell,
+                    status: status.clone(),
+                },
+                stop_server.clone(),
+            ));
             Ok(DbServer {
                 status,
-                child: tokio::sync::Mutex::new(Some(child)),
+                supervisor: tokio::sync::Mutex::new(Some(supervisor)),
+                stop_server,
                 tasks: Mutex::new(tasks),
                 filters,
                 stop,
@@ -486,9 +503,9 @@ async fn bring_up(
     p: &Paths,
     creds: &Credentials,
     child: &mut Child,
+    pid: Arc<AtomicU32>,
     stop: &CancellationToken,
 ) -> Result<Started, DbError> {
-    let mariadbd_pid = child.id();
     wait_ready(cfg, p, child).await?;
     let mut admin = admin_connect(cfg, p, creds).await?;
     let mut tasks = Vec::new();
@@ -509,7 +526,9 @@ async fn bring_up(
                         e,
                     )
                 })?
-                .with_local_server(Arc::new(move || mariadbd_pid));
+                .with_local_server(Arc::new(move || {
+                    Some(pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
+                }));
             filters.push(listener.filter().clone());
             let target = firewall::Target::Tcp {
                 net: cfg.net.clone(),
@@ -552,6 +571,125 @@ async fn bring_up(
         stop.clone(),
     )));
     Ok((tasks, filters, admin))
+}
+
+/// The first restart waits this long after `mariadbd` exits; each further one twice as
+/// long, up to [`RESTART_MAX`].
+const RESTART_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between restarts.
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// A server that ran this long before exiting restarts after [`RESTART_MIN`] again.
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// Starts `mariadbd` on `p`'s option file, its output appended to the error log, in its own
+/// process group (a terminal's Ctrl-C reaches the node, which stops the server in order; a
+/// killed node leaves it to `rampart down`).
+fn spawn_mariadbd(mariadbd: &Path, p: &Paths) -> Result<Child, DbError> {
+    let log_file = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)
+            .map_err(|e| DbError::io(format!("opening {}", p.log.display()), e))
+    };
+    Command::new(mariadbd)
+        .arg(format!("--defaults-file={}", p.cnf.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file()?)
+        .stderr(log_file()?)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| DbError::io(format!("starting {}", mariadbd.display()), e))
+}
+
+/// What [`supervise`] needs to start the server again.
+struct Restart {
+    mariadbd: PathBuf,
+    /// Admin connection options (the server's socket, root's password).
+    admin: OptsBuilder,
+    cfg: ServerConfig,
+    p: Paths,
+    pid: Arc<AtomicU32>,
+    status: Arc<Mutex<DbNodeStatus>>,
+}
+
+/// Owns the running `mariadbd`: when it exits on its own (crash, OOM kill, `kill -9`) it is
+/// started again on the same datadir after a back-off (1 s, doubling to 30 s; reset after a
+/// minute of running), like systemd's `Restart=on-failure` with a growing `RestartSec`.
+/// InnoDB recovers from its redo log (`innodb_flush_log_at_trx_commit=1`: no committed
+/// transaction is lost) and a replica resumes replication from its saved GTID position; the
+/// relay and egress stay bound throughout. On `stop` the server is stopped cleanly.
+async fn supervise(mut child: Child, r: Restart, stop: CancellationToken) {
+    let host = r.cfg.host.clone();
+    let mut backoff = RESTART_MIN;
+    let mut running_since = Instant::now();
+    loop {
+        let exit = tokio::select! {
+            _ = stop.cancelled() => {
+                terminate(child, &host).await;
+                r.pid.store(0, Ordering::Relaxed);
+                return;
+            }
+            exit = child.wait() => exit,
+        };
+        r.pid.store(0, Ordering::Relaxed);
+        {
+            let mut s = lock(&r.status);
+            s.pid = None;
+            s.healthy = false;
+            s.lag_seconds = None;
+        }
+        if running_since.elapsed() >= RESTART_RESET {
+            backoff = RESTART_MIN;
+        }
+        let how = exit.map_or_else(|e| e.to_string(), |s| s.to_string());
+        tracing::warn!(host = %host, "mariadbd exited ({how}); restarting in {backoff:?}");
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RESTART_MAX);
+            match spawn_mariadbd(&r.mariadbd, &r.p) {
+                Ok(mut c) => {
+                    let pid = c.id();
+                    r.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+                    {
+                        let mut s = lock(&r.status);
+                        s.pid = pid;
+                        s.restarts += 1;
+                    }
+                    running_since = Instant::now();
+                    match wait_ready(&r.cfg, &r.p, &mut c).await {
+                        Ok(()) => {
+                            tracing::info!(host = %host, pid, "mariadbd restarted");
+                            if r.cfg.role == NodeRole::Replica {
+                                resume_replication(&r).await;
+                            }
+                        }
+                        Err(e) => tracing::warn!(host = %host, "restarted mariadbd not ready: {e}"),
+                    }
+                    child = c;
+                    break;
+                }
+                Err(e) => tracing::warn!(host = %host, "cannot restart mariadbd: {e}"),
+            }
+        }
+    }
+}
+
+/// A restarted replica (its option file has `skip-slave-start`) starts replicating again
+/// from its saved GTID position and connection settings (`START SLAVE`).
+async fn resume_replication(r: &Restart) {
+    let conn = tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(r.admin.clone())).await;
+    match conn {
+        Ok(Ok(mut c)) => match admin_exec(&r.cfg.host, &mut c, "START SLAVE").await {
+            Ok(()) => tracing::info!(host = %r.cfg.host, "replication resumed"),
+            Err(e) => tracing::warn!(host = %r.cfg.host, "START SLAVE after a restart: {e}"),
+        },
+        Ok(Err(e)) => tracing::warn!(host = %r.cfg.host, "admin connection after a restart: {e}"),
+        Err(_) => tracing::warn!(host = %r.cfg.host, "admin connection after a restart timed out"),
+    }
 }
 
 /// The primary's schema and accounts. Binary-logged on purpose: a replica starting from an

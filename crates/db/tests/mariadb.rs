@@ -270,3 +270,52 @@ async fn restart_keeps_data_and_replaces_a_leftover_server() {
         assert!(processes_of(&mariadbd_defaults_file(state, h)).is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
+    if skip() {
+        return;
+    }
+    let t = topology("127.93.3");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let _reaper = Reaper(state);
+    Credentials::ensure(state).unwrap();
+    let (primary, replica) = start_pair(&t, state).await;
+    let app = client(&t, "web-01", state).await;
+    reads_from_replica(&app, &replica).await;
+    let before = app.insert_message("ann", "before the crash").await.unwrap();
+
+    // SIGKILL both servers, as the OOM killer would.
+    let old = (primary.status().pid.unwrap(), replica.status().pid.unwrap());
+    for pid in [old.0, old.1] {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let restarted = eventually("both servers restarted and healthy", || async {
+        let (p, r) = (primary.status(), replica.status());
+        let new_pids = p.pid.is_some_and(|x| x != old.0) && r.pid.is_some_and(|x| x != old.1);
+        (p.healthy && r.healthy && new_pids).then_some((p, r))
+    })
+    .await;
+    assert_eq!((restarted.0.restarts, restarted.1.restarts), (1, 1));
+
+    // The acknowledged write survived, writes work again and reach the replica.
+    let after = eventually("a write after the restart", || async {
+        app.insert_message("bob", "after the crash").await.ok()
+    })
+    .await;
+    assert_eq!(app.get_message(before.id).await.unwrap().unwrap(), before);
+    eventually("replicated after the restart", || async {
+        let list = app.list_messages(2).await.ok()?;
+        (list == vec![after.clone(), before.clone()]).then_some(())
+    })
+    .await;
+    drop(app);
+    primary.stop().await;
+    replica.stop().await;
+    for h in ["web-01", "web-02"] {
+        assert!(processes_of(&mariadbd_defaults_file(state, h)).is_empty());
+    }
+}
