@@ -74,7 +74,12 @@ impl HostPlan {
             engine.and_then(|e| db::ServerConfig::from_topology(t, name, root, net.clone(), e));
         let db_client =
             engine.and_then(|e| db::ClientConfig::from_topology(t, name, root, net.clone(), e));
-        let monitor = monitor::MonitorConfig::from_topology(t, name, pki.clone(), net.clone());
+        let monitor = monitor::MonitorConfig::from_topology(t, name, pki.clone(), net.clone()).map(
+            |mut c| {
+                c.snapshot = Some(state.host_dir(name).join("monitor.snapshot"));
+                c
+            },
+        );
         let web = host.has(Role::Web).then(|| WebPlan {
             port: t.ports.web,
             docroot: state.docroot(name),

@@ -46,6 +46,9 @@ pub use service::{
     ALERT_NAME, HISTORY_LEN, MAX_PUSH_BYTES, REFUSAL_LOG_INTERVAL_SECONDS, STALE_AFTER_SECONDS,
 };
 
+/// How often the monitoring service writes its store snapshot.
+pub const SNAPSHOT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The metric whose rate is a host's QPS (the metric contract shared by lb and web).
 pub const REQUESTS_METRIC: &str = "rampart_http_requests_total";
 
@@ -134,6 +137,10 @@ pub struct MonitorConfig {
     pub drop_rule: AlertRule,
     /// Webhooks notified of every firing and resolved alert (Alertmanager payload).
     pub webhook_urls: Vec<String>,
+    /// Where the series store is snapshotted (every [`SNAPSHOT_INTERVAL`] and at stop) and
+    /// restored from at start, so a restarted monitor keeps its history; `None`: memory
+    /// only.
+    pub snapshot: Option<std::path::PathBuf>,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
 }
@@ -157,6 +164,7 @@ impl MonitorConfig {
             rule: t.qps_alert.clone(),
             drop_rule: t.drop_alert.clone(),
             webhook_urls: t.webhook_urls.clone(),
+            snapshot: None,
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
         })
     }

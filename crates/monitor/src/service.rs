@@ -228,6 +228,39 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         state = state.with_notifier(notifier);
     }
     let state = Arc::new(state);
+    if let Some(path) = cfg.snapshot.clone() {
+        match state.restore(&path, unix_now()) {
+            Ok(Some(series)) => tracing::info!(
+                "monitoring history restored from {}: {series} series",
+                path.display()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "monitoring history not restored from {}: {e}; starting empty",
+                path.display()
+            ),
+        }
+        let (snap_state, token) = (state.clone(), tasks.token());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(crate::SNAPSHOT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick.tick().await;
+            loop {
+                let last = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = token.cancelled() => true,
+                };
+                let (st, p) = (snap_state.clone(), path.clone());
+                let written = tokio::task::spawn_blocking(move || st.snapshot(&p)).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!("writing the monitoring snapshot {}: {e}", path.display());
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+    }
     serve::spawn(listener, Arc::new(tls), app(state.clone()), &tasks);
     let eval_state = state.clone();
     let token = tasks.token();
@@ -439,6 +472,34 @@ impl MonitorState {
                 at,
             });
         }
+    }
+
+    /// Writes the store to `path` atomically (a temporary file, fsync, rename), in
+    /// [`Store::encode_snapshot`]'s format. The store is locked only while it is encoded.
+    pub fn snapshot(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let bytes = self.lock().store.encode_snapshot();
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Replaces the store with the snapshot at `path` (what expired by `now` left out).
+    /// `Ok(None)` when there is no snapshot; otherwise the number of series restored.
+    ///
+    /// Errors: the file cannot be read, or is not a whole snapshot.
+    pub fn restore(&self, path: &std::path::Path, now: f64) -> Result<Option<usize>, String> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let store = Store::decode_snapshot(&bytes, now)?;
+        let series = self.agent_hosts.iter().map(|h| store.series_count(h)).sum();
+        self.lock().store = store;
+        Ok(Some(series))
     }
 
     /// Adds built-in rules ([`RuleKind`]) with their thresholds.
@@ -1289,6 +1350,41 @@ mod tests {
         assert_eq!(doc["firewall_drops"]["rule"]["threshold_pps"], 50.0);
         // the QPS rule saw 0 requests/s and stayed quiet
         assert_eq!(st.alert_state("web-01"), Some(AlertState::Inactive));
+    }
+
+    #[test]
+    fn a_restarted_monitor_keeps_its_history_from_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("monitor.snapshot");
+        let st = state();
+        let t0 = unix_now() - 20.0;
+        for i in 0..=10 {
+            let t = t0 + f64::from(i);
+            st.ingest(
+                "lb-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"2xx\"}} {}\n", 7 * i),
+            )
+            .unwrap();
+        }
+        let before = st.qps(t0 + 10.0)["lb-01"].qps;
+        assert_eq!(before, Some(7.0));
+        st.snapshot(&path).unwrap();
+
+        let again = state();
+        assert_eq!(again.restore(&path, unix_now()).unwrap(), Some(1));
+        assert_eq!(again.qps(t0 + 10.0)["lb-01"].qps, before);
+        // No snapshot: nothing restored; a damaged one: an error, the store stays empty.
+        assert_eq!(
+            again.restore(&dir.path().join("none"), unix_now()).unwrap(),
+            None
+        );
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&path, bytes).unwrap();
+        let third = state();
+        assert!(third.restore(&path, unix_now()).is_err());
+        assert!(third.qps(t0 + 10.0)["lb-01"].qps.is_none());
     }
 
     #[test]
