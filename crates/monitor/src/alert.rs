@@ -38,6 +38,8 @@ pub struct Alert {
     state: State,
     since: f64,
     value: Option<f64>,
+    /// Firing: since when the value has been at or below the clear threshold.
+    clearing_since: Option<f64>,
 }
 
 impl Alert {
@@ -47,6 +49,7 @@ impl Alert {
             state: State::Inactive,
             since: now,
             value: None,
+            clearing_since: None,
         }
     }
 
@@ -92,8 +95,18 @@ impl Alert {
                 Some(Event::Firing)
             }
             State::Firing if value.is_some_and(|v| v <= rule.clear_rps) => {
-                self.enter(State::Inactive, now);
-                Some(Event::Resolved)
+                let clearing = *self.clearing_since.get_or_insert(now);
+                if now - clearing >= rule.clear_for_seconds as f64 {
+                    self.enter(State::Inactive, now);
+                    Some(Event::Resolved)
+                } else {
+                    None
+                }
+            }
+            State::Firing => {
+                // Above the clear threshold again, or no data: the clear period restarts.
+                self.clearing_since = None;
+                None
             }
             _ => None,
         }
@@ -102,6 +115,7 @@ impl Alert {
     fn enter(&mut self, state: State, now: f64) {
         self.state = state;
         self.since = now;
+        self.clearing_since = None;
     }
 }
 
@@ -111,6 +125,7 @@ mod tests {
 
     fn rule() -> AlertRule {
         AlertRule {
+            clear_for_seconds: 0,
             threshold_rps: 100.0,
             for_seconds: 10,
             clear_rps: 80.0,
@@ -165,8 +180,32 @@ mod tests {
     }
 
     #[test]
+    fn a_firing_alert_resolves_only_after_clear_for_seconds_below_the_clear_threshold() {
+        let r = AlertRule {
+            clear_for_seconds: 5,
+            for_seconds: 0,
+            ..rule()
+        };
+        let mut a = Alert::new(0.0);
+        assert_eq!(a.observe(&r, 1.0, Some(150.0)), Some(Event::Firing));
+        // a 3 s dip below the clear threshold does not resolve it (no flap)
+        for t in 2..=4 {
+            assert_eq!(a.observe(&r, f64::from(t), Some(10.0)), None);
+        }
+        assert_eq!(a.observe(&r, 5.0, Some(150.0)), None);
+        assert_eq!(a.state(), State::Firing);
+        // 5 s at or below it: resolved
+        for t in 6..=10 {
+            assert_eq!(a.observe(&r, f64::from(t), Some(10.0)), None, "t={t}");
+        }
+        assert_eq!(a.observe(&r, 11.0, Some(10.0)), Some(Event::Resolved));
+        assert_eq!(a.state(), State::Inactive);
+    }
+
+    #[test]
     fn zero_for_fires_at_once_and_threshold_is_strict() {
         let r = AlertRule {
+            clear_for_seconds: 0,
             for_seconds: 0,
             ..rule()
         };

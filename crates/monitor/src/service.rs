@@ -101,6 +101,7 @@ pub fn default_rules() -> Vec<(RuleKind, AlertRule)> {
         (
             RuleKind::HostDown,
             AlertRule {
+                clear_for_seconds: 0,
                 threshold_rps: 10.0,
                 for_seconds: 0,
                 clear_rps: 3.0,
@@ -110,6 +111,7 @@ pub fn default_rules() -> Vec<(RuleKind, AlertRule)> {
         (
             RuleKind::BackendDown,
             AlertRule {
+                clear_for_seconds: 0,
                 threshold_rps: 0.5,
                 for_seconds: 5,
                 clear_rps: 0.0,
@@ -119,6 +121,7 @@ pub fn default_rules() -> Vec<(RuleKind, AlertRule)> {
         (
             RuleKind::SiteUnavailable,
             AlertRule {
+                clear_for_seconds: 0,
                 threshold_rps: 0.99,
                 for_seconds: 5,
                 clear_rps: 0.5,
@@ -1060,6 +1063,7 @@ mod tests {
 
     fn rule() -> AlertRule {
         AlertRule {
+            clear_for_seconds: 0,
             threshold_rps: 5.0,
             for_seconds: 2,
             clear_rps: 2.0,
@@ -1305,6 +1309,7 @@ mod tests {
     fn a_surge_of_firewall_drops_fires_its_own_alert_and_resolves() {
         let st = MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()]).with_drop_rule(
             AlertRule {
+                clear_for_seconds: 0,
                 threshold_rps: 50.0,
                 for_seconds: 2,
                 clear_rps: 40.0,

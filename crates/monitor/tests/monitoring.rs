@@ -247,6 +247,7 @@ async fn pushes_become_qps_and_identities_are_enforced() {
 #[tokio::test]
 async fn qps_alert_fires_and_resolves() {
     let rule = AlertRule {
+        clear_for_seconds: 0,
         threshold_rps: 5.0,
         for_seconds: 2,
         clear_rps: 2.0,

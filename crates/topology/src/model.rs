@@ -178,6 +178,9 @@ pub struct AlertRule {
     pub clear_rps: f64,
     /// Seconds of samples the rate is computed over. Default 10.
     pub window_seconds: u64,
+    /// Seconds the value must stay at or below `clear_rps` before a firing alert resolves
+    /// (like Prometheus' `keep_firing_for`): a brief dip does not resolve it. Default 5.
+    pub clear_for_seconds: u64,
 }
 
 /// Which database engine the data tier uses.
@@ -243,6 +246,7 @@ struct DropAlertOut {
     for_seconds: u64,
     clear_pps: f64,
     window_seconds: u64,
+    clear_for_seconds: u64,
 }
 
 /// A validated topology. Build one with [`Topology::load`], [`Topology::parse`] or
@@ -359,6 +363,7 @@ impl Topology {
                     for_seconds: self.drop_alert.for_seconds,
                     clear_pps: self.drop_alert.clear_rps,
                     window_seconds: self.drop_alert.window_seconds,
+                    clear_for_seconds: self.drop_alert.clear_for_seconds,
                 },
             },
             database: &self.database,
@@ -575,6 +580,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         for_seconds: q.for_seconds.unwrap_or(10),
         clear_rps: q.clear_rps.unwrap_or(threshold_rps * 0.8),
         window_seconds: q.window_seconds.unwrap_or(10),
+        clear_for_seconds: q.clear_for_seconds.unwrap_or(5),
     };
     if !(qps_alert.clear_rps.is_finite()
         && qps_alert.clear_rps >= 0.0
@@ -618,6 +624,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         for_seconds: d.for_seconds.unwrap_or(10),
         clear_rps: d.clear_pps.unwrap_or(threshold_pps * 0.8),
         window_seconds: d.window_seconds.unwrap_or(10),
+        clear_for_seconds: d.clear_for_seconds.unwrap_or(5),
     };
     if !(threshold_pps.is_finite()
         && threshold_pps > 0.0

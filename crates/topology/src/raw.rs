@@ -159,6 +159,7 @@ pub(crate) struct RawDropAlert {
     pub for_seconds: Option<u64>,
     pub clear_pps: Option<f64>,
     pub window_seconds: Option<u64>,
+    pub clear_for_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -168,6 +169,7 @@ pub(crate) struct RawQpsAlert {
     pub for_seconds: Option<u64>,
     pub clear_rps: Option<f64>,
     pub window_seconds: Option<u64>,
+    pub clear_for_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
