@@ -86,12 +86,20 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The header fields sent upstream for a request from `client_ip` (RFC 9110 §7.6.1 for the
-/// hop-by-hop fields, the de-facto `X-Forwarded-*` fields for the rest):
+/// The header fields sent upstream for a request from `client_ip` received as `version`
+/// (RFC 9110 §7.6.1 for the hop-by-hop fields):
 /// `Host` kept, or taken from the request target's authority (HTTP/2 `:authority`);
 /// `X-Forwarded-For` the earlier list plus `client_ip`; `X-Forwarded-Proto: https`;
-/// `X-Forwarded-Host` the `Host`.
-pub(crate) fn upstream_headers(mut headers: HeaderMap, uri: &Uri, client_ip: IpAddr) -> HeaderMap {
+/// `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the earlier elements plus
+/// `for=…;proto=https;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
+/// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
+/// otherwise a new random UUID.
+pub(crate) fn upstream_headers(
+    mut headers: HeaderMap,
+    uri: &Uri,
+    client_ip: IpAddr,
+    version: Version,
+) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     if !headers.contains_key(header::HOST) {
         if let Some(v) = uri
@@ -129,7 +137,54 @@ pub(crate) fn upstream_headers(mut headers: HeaderMap, uri: &Uri, client_ip: IpA
             headers.remove("x-forwarded-host");
         }
     }
+    // RFC 7239 §4: IPv6 addresses bracketed and quoted; a host with a port quoted.
+    let node = match client_ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let mut element = format!("for={node};proto=https");
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            element.push_str(&format!(";host=\"{host}\""));
+        }
+    }
+    append_list(&mut headers, HeaderName::from_static("forwarded"), &element);
+    let received = match version {
+        Version::HTTP_2 => "2",
+        Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
+    append_list(&mut headers, header::VIA, &format!("{received} rampart"));
+    let request_id = HeaderName::from_static("x-request-id");
+    let keep = headers.get(&request_id).is_some_and(|v| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic())
+    });
+    if !keep {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            headers.insert(request_id, v);
+        }
+    }
     headers
+}
+
+/// Sets `name` to its earlier values (joined into one comma-separated list) plus `value`.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let mut all: Vec<String> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    all.push(value.to_string());
+    if let Ok(v) = HeaderValue::from_str(&all.join(", ")) {
+        headers.insert(name, v);
+    }
 }
 
 /// The name of the backend that answered, in the extensions of every response the proxy
@@ -408,7 +463,9 @@ impl Proxy {
                 )
             }
         };
-        let mut headers = upstream_headers(parts.headers, &parts.uri, self.client_ip);
+        let mut headers =
+            upstream_headers(parts.headers, &parts.uri, self.client_ip, parts.version);
+        let request_id = headers.get("x-request-id").cloned();
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
         }
@@ -474,6 +531,13 @@ impl Proxy {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
+                    // The client sees the id its request carried upstream (to quote in a
+                    // bug report; it is in the backend's logs).
+                    if let Some(id) = &request_id {
+                        parts
+                            .headers
+                            .insert(HeaderName::from_static("x-request-id"), id.clone());
+                    }
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
                         Err(e) => {
@@ -650,7 +714,7 @@ mod tests {
     fn sets_forwarding_fields() {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("www.foobar.com"));
-        let h = upstream_headers(h, &Uri::from_static("/x"), ip());
+        let h = upstream_headers(h, &Uri::from_static("/x"), ip(), Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com");
@@ -663,16 +727,56 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        let h = upstream_headers(h, &Uri::from_static("/"), ip());
+        let h = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]
+    fn forwarded_via_and_request_id() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("www.foobar.com:8443"));
+        h.insert("forwarded", HeaderValue::from_static("for=198.51.100.1"));
+        h.insert("via", HeaderValue::from_static("1.1 corp-proxy"));
+        let out = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_2);
+        assert_eq!(
+            out["forwarded"],
+            "for=198.51.100.1, for=192.0.2.7;proto=https;host=\"www.foobar.com:8443\""
+        );
+        assert_eq!(out["via"], "1.1 corp-proxy, 2 rampart");
+        let id = out["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        // a fresh id per request; a client's own valid id is kept, a bad one replaced
+        let again = upstream_headers(
+            HeaderMap::new(),
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_11,
+        );
+        assert_ne!(again["x-request-id"], out["x-request-id"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        let kept = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
+        assert_eq!(kept["x-request-id"], "abc-123");
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        let replaced = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
+        assert_ne!(replaced["x-request-id"], "has space");
+        let v6 = upstream_headers(
+            HeaderMap::new(),
+            &Uri::from_static("/"),
+            "2001:db8::1".parse().unwrap(),
+            Version::HTTP_11,
+        );
+        assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+    }
+
+    #[test]
     fn http2_authority_becomes_host() {
         let uri = Uri::from_static("https://www.foobar.com:8443/a?b=1");
-        let h = upstream_headers(HeaderMap::new(), &uri, ip());
+        let h = upstream_headers(HeaderMap::new(), &uri, ip(), Version::HTTP_2);
         assert_eq!(h["host"], "www.foobar.com:8443");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com:8443");
     }

@@ -257,6 +257,20 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         served_by,
         BTreeSet::from(["web-01".to_string(), "web-02".to_string()])
     );
+    // Every request gets an X-Request-Id (a client's own is kept) and the client sees it.
+    let r = client.get(format!("{base}/")).send().await.unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let r = client
+        .get(format!("{base}/"))
+        .header("x-request-id", "e2e-trace-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "e2e-trace-1");
 
     let plain = reqwest::Client::builder()
         .resolve("www.foobar.com", SocketAddr::new(lb_ip, http_port))
