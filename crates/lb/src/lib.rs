@@ -31,6 +31,7 @@ mod config;
 mod health;
 mod layers;
 mod proxy;
+pub mod rate_limit;
 mod redirect;
 mod upstream;
 
@@ -343,7 +344,7 @@ pub async fn start(
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
         "rampart_lb_rejected_requests",
-        "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405)",
+        "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405, rate_limited 429)",
         rejected.clone(),
     );
     layers::register_backend_load(registry, balancer.clone());
@@ -373,6 +374,12 @@ pub async fn start(
         body_deadline: cfg.request_body_deadline,
         response_buffer: limits.response_buffer_bytes,
         rejected,
+        rate_limit: (limits.rate_limit_per_source > 0).then(|| {
+            rate_limit::RateLimit::new(
+                f64::from(limits.rate_limit_per_source),
+                f64::from(limits.rate_limit_burst),
+            )
+        }),
     });
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);

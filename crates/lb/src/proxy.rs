@@ -211,6 +211,8 @@ pub(crate) struct Upstreams {
     pub(crate) body_deadline: Duration,
     pub(crate) response_buffer: u64,
     pub(crate) rejected: Family<RejectLabels, Counter>,
+    /// The per-source request rate limit, when on.
+    pub(crate) rate_limit: Option<crate::rate_limit::RateLimit>,
 }
 
 impl Upstreams {
@@ -389,6 +391,18 @@ impl Proxy {
 
     async fn forward(self, req: Request<Incoming>) -> Response<Body> {
         let up = &self.upstreams;
+        if let Some(limit) = &up.rate_limit {
+            if !limit.admit(self.client_ip, std::time::Instant::now()) {
+                let mut resp = up.reject(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests from your address, slow down",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
+        }
         if req.method() == Method::CONNECT {
             return up.reject(
                 StatusCode::METHOD_NOT_ALLOWED,

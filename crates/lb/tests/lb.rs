@@ -198,10 +198,14 @@ fn health() -> HealthCheck {
 }
 
 async fn setup(tls: bool) -> Setup {
-    setup_with(tls, None).await
+    setup_with(tls, None, None).await
 }
 
-async fn setup_with(tls: bool, access_log: Option<std::path::PathBuf>) -> Setup {
+async fn setup_with(
+    tls: bool,
+    access_log: Option<std::path::PathBuf>,
+    rate_limit: Option<(u32, u32)>,
+) -> Setup {
     let pki = TestPki::new(test_support::topology_in_block(91));
     let policy = Arc::new(Policy::compile(&pki.topology));
     let mut backends = Vec::new();
@@ -216,6 +220,10 @@ async fn setup_with(tls: bool, access_log: Option<std::path::PathBuf>) -> Setup 
     cfg.health = health();
     cfg.backends = backends.iter().map(TestBackend::backend).collect();
     cfg.access_log = access_log;
+    if let Some((rate, burst)) = rate_limit {
+        cfg.balancer.rate_limit_per_source = rate;
+        cfg.balancer.rate_limit_burst = burst;
+    }
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
     let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
@@ -498,7 +506,7 @@ struct Expected {
 async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
-    let s = setup_with(true, Some(path.clone())).await;
+    let s = setup_with(true, Some(path.clone()), None).await;
     let mut expected = Vec::new();
 
     for h2 in [false, true] {
@@ -613,5 +621,47 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
     assert!(
         metrics.contains("rampart_lb_access_log_dropped_total 0"),
         "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_over_the_rate_limit_gets_429_and_others_do_not() {
+    // 2 requests a second, bursts of 5: 20 requests at once get 5 through.
+    let s = setup_with(true, None, Some((2, 5))).await;
+    let c = client(&s, false);
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..20 {
+        let r = c.get(url(&s, "/")).send().await.unwrap();
+        match r.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // A request may straddle a refill (2 a second): at most a couple more than the burst.
+    assert!((5..=7).contains(&ok), "ok {ok}, limited {limited}");
+    assert_eq!(ok + limited, 20);
+    let text = metrics_text(&s.registry);
+    assert!(
+        text.contains("rampart_lb_rejected_requests_total{reason=\"rate_limited\"}"),
+        "{text}"
+    );
+    // Another source address has its own bucket.
+    let mut tls = pki::ca_client_config(&s.pki.paths).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let other = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .resolve("www.foobar.com", s.lb.https_addr())
+        .local_address("127.91.0.99".parse::<IpAddr>().unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    assert_eq!(
+        other.get(url(&s, "/")).send().await.unwrap().status(),
+        StatusCode::OK
     );
 }

@@ -165,6 +165,12 @@ pub struct BalancerLimits {
     /// Idle pooled connections to backends are closed after this long; must be below the
     /// web listeners' `idle_timeout_ms`. Milliseconds, default 4 000.
     pub upstream_idle_timeout_ms: u64,
+    /// Requests a second one client address may send (a token bucket per address); over
+    /// it the load balancer answers 429 with `Retry-After`. 0 turns the limit off.
+    /// Default 0.
+    pub rate_limit_per_source: u32,
+    /// Requests one address may send at once above that rate. Default twice the rate.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for BalancerLimits {
@@ -176,6 +182,8 @@ impl Default for BalancerLimits {
             max_request_body_bytes: 1 << 20,
             response_buffer_bytes: 1 << 20,
             upstream_idle_timeout_ms: 4_000,
+            rate_limit_per_source: 0,
+            rate_limit_burst: 0,
         }
     }
 }
@@ -364,6 +372,10 @@ pub(crate) fn validate_balancer(
         upstream_idle_timeout_ms: raw
             .upstream_idle_timeout_ms
             .unwrap_or(d.upstream_idle_timeout_ms),
+        rate_limit_per_source: raw.rate_limit_per_source.unwrap_or(0),
+        rate_limit_burst: raw
+            .rate_limit_burst
+            .unwrap_or_else(|| raw.rate_limit_per_source.unwrap_or(0).saturating_mul(2)),
     };
     for (key, v) in [
         (

@@ -111,6 +111,8 @@ pub(crate) struct RawBalancer {
     pub max_request_body_bytes: Option<u64>,
     pub response_buffer_bytes: Option<u64>,
     pub upstream_idle_timeout_ms: Option<u64>,
+    pub rate_limit_per_source: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
