@@ -179,7 +179,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
                 .await
                 .map_err(|e| role_err(&name, Role::Lb, e))?,
         );
-        tracing::info!(host = %name, https = %handle.https_addr(), http = %handle.http_addr(), "load balancer started");
+        tracing::info!(host = %name, https = %handle.https_addr(), http = ?handle.http_addr(), "load balancer started");
         roles.push(handle.clone());
         lb_handle = Some(handle);
     }

@@ -204,6 +204,7 @@ mod tests {
     fn balancer(n: usize) -> Balancer {
         let backends: Vec<Backend> = (0..n)
             .map(|i| Backend {
+                server_name: None,
                 name: format!("web-{i:02}"),
                 addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
             })

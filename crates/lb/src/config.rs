@@ -14,6 +14,9 @@ pub struct Backend {
     pub name: String,
     /// Where the backend's web listener is.
     pub addr: SocketAddr,
+    /// The name the backend's TLS certificate must carry, sent as SNI; `None`: `name`
+    /// (lab backends are named after their host). Unused for plain backends.
+    pub server_name: Option<String>,
 }
 
 /// Everything [`crate::start`] needs.
@@ -61,6 +64,12 @@ pub struct LbConfig {
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
     /// does not place files; the node sets it to `<state>/hosts/<host>/access.log`.
     pub access_log: Option<PathBuf>,
+    /// Standalone mode: the site certificate and key files (instead of `pki`'s), and for
+    /// TLS backends the CA file their certificates are verified against (no client
+    /// certificate). `None`: the lab's PKI.
+    pub standalone: Option<StandaloneTls>,
+    /// Whether the HTTP (redirect) listener runs. True in the lab.
+    pub http_enabled: bool,
 }
 
 impl LbConfig {
@@ -85,6 +94,7 @@ impl LbConfig {
             .map(|h| Backend {
                 name: h.name.clone(),
                 addr: SocketAddr::new(h.address, t.ports.web),
+                server_name: None,
             })
             .collect();
         Some(LbConfig {
@@ -112,8 +122,128 @@ impl LbConfig {
                 keep: t.access_log.keep,
             },
             access_log: None,
+            standalone: None,
+            http_enabled: true,
         })
     }
+}
+
+/// What `rampart lb` is started with (standalone mode: a load balancer alone, in front of
+/// any HTTP backends, like `caddy reverse-proxy`).
+#[derive(Debug, Clone)]
+pub struct StandaloneOptions {
+    /// The HTTPS listener.
+    pub listen: std::net::SocketAddr,
+    /// The HTTP listener redirecting to HTTPS, on the same address; `None`: none.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Certificate, key and backend CA.
+    pub tls: StandaloneTls,
+    /// Backend addresses, in order (named `b1`, `b2`, … in metrics and logs).
+    pub backends: Vec<std::net::SocketAddr>,
+    /// The names the site answers to (others get 421); empty: any host.
+    pub site_names: Vec<String>,
+    /// Health-check path (GET, 2xx = up). Default `/`.
+    pub health_path: String,
+    /// Access log file, if any.
+    pub access_log: Option<PathBuf>,
+}
+
+impl LbConfig {
+    /// The configuration of a standalone load balancer: the topology model's defaults for
+    /// every limit (`[limits]`, `[balancer]`, health check rise/fall/interval), a firewall
+    /// policy that admits anyone on the two listeners, TLS from files.
+    ///
+    /// Errors: the HTTP listener is on another address than the HTTPS one (one network seam
+    /// has one address).
+    pub fn standalone(o: StandaloneOptions) -> Result<LbConfig, String> {
+        use std::sync::Arc;
+        use topology::{Callers, Policy, Rule, Service, Sources};
+        if let Some(h) = o.http_listen {
+            if h.ip() != o.listen.ip() {
+                return Err(format!(
+                    "--http-listen {h} must use the address of --listen {} (one listening address)",
+                    o.listen
+                ));
+            }
+        }
+        let t = Topology::default_topology();
+        let rule = |service, port| Rule {
+            host: "lb".into(),
+            service,
+            port,
+            sources: Sources::Any,
+            callers: Callers::Anyone,
+            comment: "standalone load balancer".into(),
+        };
+        let mut rules = vec![rule(Service::Https, o.listen.port())];
+        if let Some(h) = o.http_listen {
+            rules.push(rule(Service::Http, h.port()));
+        }
+        let policy = Arc::new(Policy {
+            rules,
+            extra: Vec::new(),
+        });
+        let net = firewall::Net::new(
+            "lb",
+            o.listen.ip(),
+            policy,
+            t.limits.clone(),
+            firewall::Isolation::Kernel,
+        );
+        let tls_backends = o.tls.backend_ca.is_some();
+        let backends = o
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| Backend {
+                name: format!("b{}", i + 1),
+                addr: *addr,
+                server_name: tls_backends.then(|| addr.ip().to_string()),
+            })
+            .collect();
+        let mut health = t.health_check.clone();
+        health.path = o.health_path;
+        let https = t.limits.listener(topology::Service::Https);
+        Ok(LbConfig {
+            host: "lb".into(),
+            net,
+            https_port: o.listen.port(),
+            http_port: o.http_listen.map_or(0, |h| h.port()),
+            site_domain: o.site_names.first().cloned().unwrap_or_default(),
+            backends,
+            plain_backends: !tls_backends,
+            health,
+            pki: pki::PkiPaths::new("/nonexistent"),
+            balancer: t.balancer.clone(),
+            request_body_timeout: https.body_timeout(),
+            request_body_deadline: https.body_deadline(),
+            site_names: o.site_names,
+            response_headers: t
+                .site
+                .response_headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            access_log_rotation: crate::Rotation {
+                max_bytes: t.access_log.max_bytes,
+                keep: t.access_log.keep,
+            },
+            access_log: o.access_log,
+            standalone: Some(o.tls),
+            http_enabled: o.http_listen.is_some(),
+        })
+    }
+}
+
+/// Standalone mode's TLS material (see [`LbConfig::standalone`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandaloneTls {
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// TLS to backends, verified against this PEM CA file; `None`: plain HTTP backends.
+    pub backend_ca: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ use topology::Service;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
-pub use config::{Backend, LbConfig};
+pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
 use balancer::Balancer;
@@ -106,7 +106,7 @@ pub enum LbError {
 #[derive(Debug)]
 pub struct LbHandle {
     https_addr: SocketAddr,
-    http_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     filters: Vec<Arc<Filter>>,
     balancer: Arc<Balancer>,
     shutdown: watch::Sender<bool>,
@@ -120,8 +120,9 @@ impl LbHandle {
         self.https_addr
     }
 
-    /// The bound HTTP (redirect) listener address.
-    pub fn http_addr(&self) -> SocketAddr {
+    /// The bound HTTP (redirect) listener address; `None` when it is off (standalone mode
+    /// without `--http-listen`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }
 
@@ -174,10 +175,9 @@ impl RoleHandle for LbHandle {
         "lb"
     }
     fn addrs(&self) -> Vec<(Service, SocketAddr)> {
-        vec![
-            (Service::Https, self.https_addr),
-            (Service::Http, self.http_addr),
-        ]
+        std::iter::once((Service::Https, self.https_addr))
+            .chain(self.http_addr.map(|a| (Service::Http, a)))
+            .collect()
     }
     fn healthy(&self) -> bool {
         LbHandle::healthy(self)
@@ -239,6 +239,11 @@ fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
         if !dns_name || rustls::pki_types::ServerName::try_from(b.name.as_str()).is_err() {
             return Err(bad("not a DNS name (letters, digits, '-', '.')"));
         }
+        if let Some(sni) = &b.server_name {
+            if rustls::pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                return Err(bad("its TLS server name is not a DNS name or IP address"));
+            }
+        }
     }
     Ok(())
 }
@@ -299,19 +304,41 @@ pub async fn start(
     http_metrics: &telemetry::HttpMetrics,
 ) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
-    let site_tls = Arc::new(pki::site_server_config(&cfg.pki)?);
-    let upstream_tls = if cfg.plain_backends {
-        None
-    } else {
-        let tls =
-            pki::mtls_client_config(&cfg.pki, &Identity::Host(cfg.host.clone()), &[b"http/1.1"])?;
-        Some(TlsConnector::from(Arc::new(tls)))
+    let (site_tls, upstream_tls) = match &cfg.standalone {
+        None => {
+            let site = pki::site_server_config(&cfg.pki)?;
+            let upstream = if cfg.plain_backends {
+                None
+            } else {
+                Some(pki::mtls_client_config(
+                    &cfg.pki,
+                    &Identity::Host(cfg.host.clone()),
+                    &[b"http/1.1"],
+                )?)
+            };
+            (site, upstream)
+        }
+        Some(files) => {
+            let site = pki::server_config_from_files(&files.cert, &files.key)?;
+            let upstream = match &files.backend_ca {
+                Some(ca) => Some(pki::client_config_with_ca(ca, &[b"http/1.1"])?),
+                None => None,
+            };
+            (site, upstream)
+        }
     };
+    let site_tls = Arc::new(site_tls);
+    let upstream_tls = upstream_tls.map(|c| TlsConnector::from(Arc::new(c)));
 
     let (https, https_addr) = bind(&cfg.net, Service::Https, cfg.https_port).await?;
-    let (http, http_addr) = bind(&cfg.net, Service::Http, cfg.http_port).await?;
+    let http = if cfg.http_enabled {
+        Some(bind(&cfg.net, Service::Http, cfg.http_port).await?)
+    } else {
+        None
+    };
+    let http_addr = http.as_ref().map(|(_, a)| *a);
     let https_filter = https.filter().clone();
-    let http_filter = http.filter().clone();
+    let http_filter = http.as_ref().map(|(l, _)| l.filter().clone());
     let closed = Family::<ClosedLabels, Counter>::default();
     registry.register(
         "rampart_lb_connections_closed",
@@ -352,7 +379,10 @@ pub async fn start(
         cfg.net.clone(),
         cfg.backends
             .iter()
-            .map(|b| (b.name.clone(), b.addr))
+            .map(|b| {
+                let sni = b.server_name.clone().unwrap_or_else(|| b.name.clone());
+                (b.name.clone(), (b.addr, sni))
+            })
             .collect::<HashMap<_, _>>(),
         upstream_tls,
     );
@@ -424,30 +454,32 @@ pub async fn start(
     ));
 
     let redirect = Redirect::new(&cfg.site_names, https_addr.port());
-    tasks.spawn(serve::serve_http(
-        http,
-        HttpOptions {
-            tls: None,
-            on_ended: Some(closed_counter(&closed, "http")),
-        },
-        move |info: &serve::ConnInfo| {
-            ServiceBuilder::new()
-                .layer(AccessLogLayer::new(
-                    access_log.clone(),
-                    Listener::Http,
-                    info.peer.ip(),
-                ))
-                .layer(MetricsLayer(metrics.clone()))
-                .service(redirect.clone())
-        },
-        tasks.token(),
-        tasks.tracker(),
-    ));
+    if let Some((http, _)) = http {
+        tasks.spawn(serve::serve_http(
+            http,
+            HttpOptions {
+                tls: None,
+                on_ended: Some(closed_counter(&closed, "http")),
+            },
+            move |info: &serve::ConnInfo| {
+                ServiceBuilder::new()
+                    .layer(AccessLogLayer::new(
+                        access_log.clone(),
+                        Listener::Http,
+                        info.peer.ip(),
+                    ))
+                    .layer(MetricsLayer(metrics.clone()))
+                    .service(redirect.clone())
+            },
+            tasks.token(),
+            tasks.tracker(),
+        ));
+    }
 
     tracing::info!(
         host = %cfg.host,
         https = %https_addr,
-        http = %http_addr,
+        http = ?http_addr,
         backends = cfg.backends.len(),
         tls_upstream = !cfg.plain_backends,
         access_log = ?cfg.access_log,
@@ -456,7 +488,7 @@ pub async fn start(
     Ok(LbHandle {
         https_addr,
         http_addr,
-        filters: vec![https_filter, http_filter],
+        filters: std::iter::once(https_filter).chain(http_filter).collect(),
         balancer,
         shutdown,
         tasks,

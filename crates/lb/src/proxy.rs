@@ -283,7 +283,8 @@ pub(crate) fn request_host(
         (None, None) => return Err(HostError::Bad),
     };
     let host = host_of(raw).ok_or(HostError::Bad)?;
-    if names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
+    // No names (standalone mode without --site-name): every well-formed host is served.
+    if names.is_empty() || names.iter().any(|n| n.eq_ignore_ascii_case(&host)) {
         Ok(host)
     } else {
         Err(HostError::Misdirected)

@@ -123,7 +123,8 @@ pub(crate) struct Connector {
 
 struct ConnectorInner {
     net: firewall::Net,
-    backends: HashMap<String, SocketAddr>,
+    /// Backend name → its address and the TLS server name its certificate carries.
+    backends: HashMap<String, (SocketAddr, String)>,
     tls: Option<TlsConnector>,
 }
 
@@ -131,7 +132,7 @@ impl Connector {
     /// `tls = None` is the insecure variant (plain TCP).
     pub(crate) fn new(
         net: firewall::Net,
-        backends: HashMap<String, SocketAddr>,
+        backends: HashMap<String, (SocketAddr, String)>,
         tls: Option<TlsConnector>,
     ) -> Connector {
         Connector {
@@ -152,9 +153,10 @@ impl Connector {
     /// [`CONNECT_TIMEOUT`].
     pub(crate) async fn connect(&self, name: &str) -> Result<UpstreamIo, ConnectError> {
         let inner = &self.inner;
-        let addr = *inner
+        let (addr, sni) = inner
             .backends
             .get(name)
+            .cloned()
             .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
         let connect = async {
             let tcp = inner
@@ -165,12 +167,11 @@ impl Connector {
             let Some(tls) = &inner.tls else {
                 return Ok(UpstreamIo::Plain(TokioIo::new(tcp)));
             };
-            // Backend names are checked to be valid DNS names when the LB starts.
-            let server_name =
-                ServerName::try_from(name.to_string()).map_err(|e| ConnectError::Tls {
-                    addr,
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
-                })?;
+            // A DNS name or an IP address (checked when the LB starts).
+            let server_name = ServerName::try_from(sni.clone()).map_err(|e| ConnectError::Tls {
+                addr,
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            })?;
             let stream = tls
                 .connect(server_name, tcp)
                 .await

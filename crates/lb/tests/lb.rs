@@ -130,6 +130,7 @@ impl TestBackend {
 
     fn backend(&self) -> Backend {
         Backend {
+            server_name: None,
             name: self.name.clone(),
             addr: self.addr,
         }
@@ -260,7 +261,7 @@ fn client(s: &Setup, h2: bool) -> reqwest::Client {
 /// A client for the plain HTTP listener that does not follow redirects.
 fn http_client(s: &Setup) -> reqwest::Client {
     reqwest::Client::builder()
-        .resolve("www.foobar.com", s.lb.http_addr())
+        .resolve("www.foobar.com", s.lb.http_addr().unwrap())
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10))
         .build()
@@ -360,7 +361,7 @@ async fn http2_request_is_forwarded_as_http11_with_host() {
 async fn http_listener_redirects_to_https() {
     let s = setup(true).await;
     let c = http_client(&s);
-    let http_port = s.lb.http_addr().port();
+    let http_port = s.lb.http_addr().unwrap().port();
     let resp = c
         .get(format!("http://www.foobar.com:{http_port}/a/b?c=d"))
         .send()
@@ -384,7 +385,10 @@ async fn http_listener_redirects_to_https() {
 async fn an_oversized_request_head_gets_431() {
     let s = setup(true).await;
     let c = http_client(&s);
-    let url = format!("http://www.foobar.com:{}/", s.lb.http_addr().port());
+    let url = format!(
+        "http://www.foobar.com:{}/",
+        s.lb.http_addr().unwrap().port()
+    );
     let fits = c
         .get(&url)
         .header("x-pad", "x".repeat(8 * 1024))
@@ -542,7 +546,7 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
         let resp = plain
             .get(format!(
                 "http://www.foobar.com:{}/r/{i}",
-                s.lb.http_addr().port()
+                s.lb.http_addr().unwrap().port()
             ))
             .send()
             .await
@@ -556,7 +560,7 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
     }
 
     // A request target with a quote, sent raw (clients percent-encode it).
-    let mut tcp = tokio::net::TcpStream::connect(s.lb.http_addr())
+    let mut tcp = tokio::net::TcpStream::connect(s.lb.http_addr().unwrap())
         .await
         .unwrap();
     tokio::io::AsyncWriteExt::write_all(

@@ -200,8 +200,17 @@ fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
 /// The public site's server config: the site certificate, TLS 1.2 and 1.3 only, ALPN `h2`
 /// then `http/1.1` (RFC 7301), no client authentication.
 pub fn site_server_config(paths: &PkiPaths) -> Result<ServerConfig, PkiError> {
-    let certs = load_certs(&paths.site_cert())?;
-    let key = load_key(&paths.site_key())?;
+    server_config_from_files(&paths.site_cert(), &paths.site_key())
+}
+
+/// A public server config (TLS 1.2/1.3, no client certificate, ALPN h2 then http/1.1) from a
+/// PEM certificate chain and its PEM private key, e.g. a site certificate an operator got
+/// elsewhere (standalone `rampart lb`).
+///
+/// Errors: a file cannot be read, holds no certificate or key, or the key does not match.
+pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<ServerConfig, PkiError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_no_client_auth()
@@ -250,6 +259,26 @@ pub fn mtls_client_config(
         .with_protocol_versions(VERSIONS)?
         .with_root_certificates(ca_roots(paths)?)
         .with_client_auth_cert(certs, key)?;
+    config.alpn_protocols = alpn_list(alpn);
+    Ok(config)
+}
+
+/// A client config that verifies servers against the CA certificates in the PEM file `ca`
+/// (no client certificate), with ALPN `alpn`: a load balancer's TLS to backends outside the
+/// lab.
+///
+/// Errors: the file cannot be read or holds no usable certificate.
+pub fn client_config_with_ca(ca: &Path, alpn: &[&[u8]]) -> Result<ClientConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| pem_err(ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = alpn_list(alpn);
     Ok(config)
 }

@@ -101,6 +101,42 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Run a load balancer alone in front of HTTP backends (standalone mode), e.g.
+    /// `rampart lb --listen 0.0.0.0:443 --tls-cert site.pem --tls-key site.key --backend
+    /// 10.0.0.11:8080 --backend 10.0.0.12:8080`. Runs until SIGTERM or Ctrl-C, then drains.
+    Lb {
+        /// HTTPS listener address.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// PEM certificate chain for clients.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Its PEM private key.
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// A backend address (repeat for more).
+        #[arg(long = "backend", required = true)]
+        backends: Vec<std::net::SocketAddr>,
+        /// Speak TLS to the backends, verifying them against this PEM CA file.
+        #[arg(long)]
+        backend_ca: Option<PathBuf>,
+        /// An HTTP listener that redirects to HTTPS (same address as --listen).
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
+        /// A name the site answers to (repeat for more; others get 421). Default: any.
+        #[arg(long = "site-name")]
+        site_names: Vec<String>,
+        /// Health-check path (GET, 2xx = up).
+        #[arg(long, default_value = "/")]
+        health_path: String,
+        /// Access log file.
+        #[arg(long)]
+        access_log: Option<PathBuf>,
+        /// Worker threads (default: the CPUs this process may run on, from its affinity
+        /// mask).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -355,7 +391,74 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
+        Cmd::Lb {
+            listen,
+            tls_cert,
+            tls_key,
+            backends,
+            backend_ca,
+            http_listen,
+            site_names,
+            health_path,
+            access_log,
+            threads,
+        } => {
+            let cfg = lb::LbConfig::standalone(lb::StandaloneOptions {
+                listen,
+                http_listen,
+                tls: lb::StandaloneTls {
+                    cert: tls_cert,
+                    key: tls_key,
+                    backend_ca,
+                },
+                backends,
+                site_names,
+                health_path,
+                access_log,
+            })
+            .map_err(|e| anyhow::anyhow!(e))?;
+            run_standalone_lb(cfg, threads)
+        }
     }
+}
+
+/// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it. The runtime has
+/// `threads` workers, by default as many as the CPUs in this process's affinity mask
+/// (`available_parallelism` reads `sched_getaffinity(2)`), so a load balancer pinned to one
+/// CPU runs one worker and pays no cross-thread wake-ups.
+fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Result<()> {
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let http = telemetry::HttpMetrics::register(&mut registry);
+        let handle = lb::start(cfg, &mut registry, &http).await?;
+        eprintln!(
+            "rampart lb: https on {}{}, {} worker thread(s); SIGTERM or Ctrl-C stops it",
+            handle.https_addr(),
+            handle
+                .http_addr()
+                .map(|a| format!(", http on {a}"))
+                .unwrap_or_default(),
+            threads
+        );
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        // Drain: stop accepting, let requests in flight finish (limits.drain_timeout_ms).
+        serve::RoleHandle::shutdown(&handle).await;
+        Ok(())
+    })
 }
 
 /// The topology `fw check`/`fw export` work on: the file given, else the running lab's,

@@ -1,0 +1,168 @@
+//! `rampart lb`, the load balancer alone: the real binary in front of two HTTP backends
+//! started by the test, with a self-signed certificate made here. Round robin, the redirect
+//! listener, site names (421 for others), request ids, a backend that goes away, and a
+//! clean stop on SIGTERM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+
+async fn backend(addr: &str, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move { name });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![
+        "www.example.test".to_string(),
+        "other.example.test".to_string(),
+    ])
+    .unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.98.1.10".parse().unwrap()));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+    let (a, _a) = backend("127.98.1.11:0", "A").await;
+    let (b, b_task) = backend("127.98.1.12:0", "B").await;
+    let mut child = Command::new(BIN)
+        .args([
+            "lb",
+            "--listen",
+            "127.98.1.10:0",
+            "--http-listen",
+            "127.98.1.10:0",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .args(["--backend", &a.to_string(), "--backend", &b.to_string()])
+        .args(["--site-name", "www.example.test", "--threads", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // "rampart lb: https on ADDR, http on ADDR, 1 worker thread(s); ..."
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr_after = |key: &str| -> SocketAddr {
+        line.split(key)
+            .nth(1)
+            .and_then(|s| s.split([',', ' ']).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
+    };
+    let (https, http) = (addr_after("https on "), addr_after("http on "));
+    assert!(line.contains("1 worker thread"), "{line}");
+
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .resolve("www.example.test", https)
+        .resolve("other.example.test", https)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("https://www.example.test:{}/", https.port());
+    // Both backends come up after their health checks (rise 2, every second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "backends never both answered: {seen:?}"
+        );
+        if let Ok(r) = client.get(&url).send().await {
+            if r.status() == 200 {
+                assert!(r.headers().contains_key("x-request-id"));
+                seen.insert(r.text().await.unwrap());
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen, BTreeSet::from(["A".to_string(), "B".to_string()]));
+    // Strict round robin once both are up.
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(client.get(&url).send().await.unwrap().text().await.unwrap());
+    }
+    assert!(answers.windows(2).all(|w| w[0] != w[1]), "{answers:?}");
+    // Another host name: 421.
+    let r = client
+        .get(format!("https://other.example.test:{}/", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    // The redirect listener.
+    let plain = reqwest::Client::builder()
+        .resolve("www.example.test", http)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = plain
+        .get(format!("http://www.example.test:{}/p?q=1", http.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://www.example.test:{}/p?q=1", https.port()).as_str()
+    );
+    // B goes away: after its health checks fail, every request goes to A.
+    b_task.abort();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut a_in_a_row = 0;
+    while a_in_a_row < 6 {
+        assert!(Instant::now() < deadline, "traffic never settled on A");
+        let body = match client.get(&url).send().await {
+            Ok(r) if r.status() == 200 => r.text().await.ok(),
+            _ => None,
+        };
+        if body.as_deref() == Some("A") {
+            a_in_a_row += 1;
+        } else {
+            a_in_a_row = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGTERM: drains and exits 0.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rampart lb did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+}
