@@ -14,11 +14,13 @@
 # (CPU per request below 1 = Rampart spends less).
 #
 # Usage: bench/lb-standalone.sh [seconds per run, default 8] [rounds, default 3]
+# BENCH_MODES="keepalive" runs a subset of the modes (default: all).
 # Needs: haproxy, nginx (nginx-light), wrk, openssl, taskset (apt-installed when missing,
 # as root) and a release build (made here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}; rounds=${2:-3}
+modes=${BENCH_MODES:-keepalive newconn}
 ip=127.88.2
 need() { command -v "$1" >/dev/null 2>&1; }
 # Installed packages' own services are never started (policy-rc.d), as in install-deps.sh.
@@ -157,7 +159,7 @@ PY
 }
 
 declare -A res
-for mode in keepalive newconn; do
+for mode in $modes; do
   for r in $(seq "$rounds"); do
     res[$mode,rampart,$r]=$(run $ip.10 $mode $rampart_pid)
     res[$mode,haproxy,$r]=$(run $ip.11 $mode $haproxy_pid)
@@ -182,7 +184,7 @@ for (mode, lb), runs in sorted(data.items()):
     med[(mode, lb)] = m
     print(f"{mode:10} {lb:8} {m[1]:9.0f} {m[2]:8.2f} {m[3]:8.2f} {m[4]:11.1f}")
 print()
-for mode in ("keepalive", "newconn"):
+for mode in sorted({m for m, _ in med}):
     r = med[(mode, "rampart")]
     for peer in ("haproxy", "nginx"):
         p = med[(mode, peer)]

@@ -1,7 +1,6 @@
 //! The backend set: each backend's up/down state (written by its health checker, read by
 //! every request) and the round-robin order in which requests try them.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,9 @@ pub(crate) struct BackendState {
     /// The backend's name, shared with every response it serves (see
     /// [`crate::proxy::ServedBy`]).
     pub(crate) name: Arc<str>,
-    pub(crate) addr: SocketAddr,
+    /// `name:port`, the authority of request URIs to this backend (the connector maps the
+    /// name back to the address), parsed once instead of per request.
+    pub(crate) authority: http::uri::Authority,
     up: AtomicBool,
     gauge: Gauge,
     /// `backend_max_connections` permits: one per request in flight.
@@ -62,6 +63,15 @@ pub(crate) struct Slot<'a> {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
+/// `name:port` as a URI authority; backend names are validated host names, so parsing
+/// fails only for a name no request could reach (then a placeholder the connector refuses
+/// as an unknown backend, i.e. a connect error).
+fn authority_of(name: &str, port: u16) -> http::uri::Authority {
+    format!("{name}:{port}")
+        .parse()
+        .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.backend"))
+}
+
 /// All backends plus the round-robin counter.
 #[derive(Debug)]
 pub(crate) struct Balancer {
@@ -91,7 +101,7 @@ impl Balancer {
                     g.set(0);
                     BackendState {
                         name: Arc::from(b.name.as_str()),
-                        addr: b.addr,
+                        authority: authority_of(&b.name, b.addr.port()),
                         up: AtomicBool::new(false),
                         gauge: g,
                         slots: Arc::new(Semaphore::new(max)),
@@ -206,7 +216,7 @@ mod tests {
             .map(|i| Backend {
                 server_name: None,
                 name: format!("web-{i:02}"),
-                addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
             })
             .collect();
         Balancer::new(

@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use telemetry::HttpMetrics;
+use telemetry::{HttpMetrics, RoleHttpMetrics};
 use tower::{Layer, Service};
 
 /// Labels of `rampart_backend_up`.
@@ -25,7 +25,7 @@ pub(crate) struct BackendLabels {
 /// `role="lb"`) and its own `rampart_backend_up` family.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
-    http: HttpMetrics,
+    http: RoleHttpMetrics,
     backend_up: Family<BackendLabels, Gauge>,
 }
 
@@ -36,7 +36,7 @@ impl Metrics {
     /// the caller registered.
     pub(crate) fn register(registry: &mut Registry, http: HttpMetrics) -> Metrics {
         let m = Metrics {
-            http,
+            http: http.for_role(ROLE),
             backend_up: Family::default(),
         };
         registry.register(
@@ -57,8 +57,7 @@ impl Metrics {
     }
 
     fn record(&self, status: http::StatusCode, started: Instant) {
-        self.http
-            .observe(ROLE, status, started.elapsed().as_secs_f64());
+        self.http.observe(status, started.elapsed().as_secs_f64());
     }
 }
 

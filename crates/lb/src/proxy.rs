@@ -13,6 +13,7 @@
 //! is tried at most once. Once a request has been sent it is never replayed.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -110,19 +112,20 @@ pub(crate) fn upstream_headers(
         }
     }
     let xff = HeaderName::from_static("x-forwarded-for");
-    let earlier: Vec<&str> = headers
-        .get_all(&xff)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let forwarded_for = if earlier.is_empty() {
-        client_ip.to_string()
-    } else {
-        format!("{}, {client_ip}", earlier.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    let mut client = itoa_ip(client_ip);
+    if headers.contains_key(&xff) {
+        let earlier: Vec<&str> = headers
+            .get_all(&xff)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        if !earlier.is_empty() {
+            client = format!("{}, {client}", earlier.join(", "));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(client)) {
         headers.insert(xff, v);
     }
     headers.insert(
@@ -138,51 +141,76 @@ pub(crate) fn upstream_headers(
         }
     }
     // RFC 7239 §4: IPv6 addresses bracketed and quoted; a host with a port quoted.
-    let node = match client_ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    };
-    let mut element = format!("for={node};proto=https");
+    let mut element = String::with_capacity(64);
+    match client_ip {
+        IpAddr::V4(a) => {
+            let _ = write!(element, "for={a};proto=https");
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(element, "for=\"[{a}]\";proto=https");
+        }
+    }
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
         if host
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            element.push_str(&format!(";host=\"{host}\""));
+            let _ = write!(element, ";host=\"{host}\"");
         }
     }
-    append_list(&mut headers, HeaderName::from_static("forwarded"), &element);
-    let received = match version {
-        Version::HTTP_2 => "2",
-        Version::HTTP_10 => "1.0",
-        _ => "1.1",
+    append_list(&mut headers, HeaderName::from_static("forwarded"), element);
+    let via = match version {
+        Version::HTTP_2 => "2 rampart",
+        Version::HTTP_10 => "1.0 rampart",
+        _ => "1.1 rampart",
     };
-    append_list(&mut headers, header::VIA, &format!("{received} rampart"));
+    if headers.contains_key(header::VIA) {
+        append_list(&mut headers, header::VIA, via.to_string());
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(via));
+    }
     let request_id = HeaderName::from_static("x-request-id");
     let keep = headers.get(&request_id).is_some_and(|v| {
         let b = v.as_bytes();
         !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic())
     });
     if !keep {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        if let Ok(v) = HeaderValue::from_str(&id) {
+        let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+        let id = uuid::Uuid::new_v4().simple().encode_lower(&mut id);
+        if let Ok(v) = HeaderValue::from_str(id) {
             headers.insert(request_id, v);
         }
     }
     headers
 }
 
+/// `ip` as text (for `X-Forwarded-For`).
+fn itoa_ip(ip: IpAddr) -> String {
+    let mut s = String::with_capacity(40);
+    let _ = write!(s, "{ip}");
+    s
+}
+
 /// Sets `name` to its earlier values (joined into one comma-separated list) plus `value`.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let mut all: Vec<String> = headers
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    let mut all = String::new();
+    for v in headers
         .get_all(&name)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_string())
+        .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    all.push(value.to_string());
-    if let Ok(v) = HeaderValue::from_str(&all.join(", ")) {
+    {
+        all.push_str(v);
+        all.push_str(", ");
+    }
+    let joined = if all.is_empty() {
+        value
+    } else {
+        all.push_str(&value);
+        all
+    };
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
         headers.insert(name, v);
     }
 }
@@ -203,7 +231,7 @@ pub(crate) struct RejectLabels {
 pub(crate) struct Upstreams {
     pub(crate) balancer: Arc<Balancer>,
     pub(crate) client: UpstreamClient,
-    pub(crate) scheme: &'static str,
+    pub(crate) scheme: http::uri::Scheme,
     /// Lower-case names the site answers to (domain and aliases).
     pub(crate) site_names: Vec<String>,
     pub(crate) max_body: u64,
@@ -357,6 +385,10 @@ pub(crate) async fn read_body(
     if body.size_hint().lower() > max {
         return Err(BodyError::TooLarge);
     }
+    if body.is_end_stream() {
+        // No body (most GETs): nothing to wait for.
+        return Ok(Bytes::new());
+    }
     let mut buf = BytesMut::new();
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
@@ -411,15 +443,15 @@ impl Proxy {
                 "CONNECT is not supported",
             );
         }
-        let path = match req.uri().path_and_query().map(|pq| pq.as_str()) {
-            Some(pq) if pq.len() > MAX_URI_BYTES => {
+        let path = match req.uri().path_and_query() {
+            Some(pq) if pq.as_str().len() > MAX_URI_BYTES => {
                 return up.reject(
                     StatusCode::URI_TOO_LONG,
                     "uri_too_long",
                     "request target too long",
                 )
             }
-            Some(pq) if pq.starts_with('/') => pq.to_string(),
+            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
             Some(_) => {
                 return up.reject(
                     StatusCode::BAD_REQUEST,
@@ -427,7 +459,7 @@ impl Proxy {
                     "unsupported request target",
                 )
             }
-            None => "/".to_string(),
+            None => PathAndQuery::from_static("/"),
         };
         match request_host(req.version(), req.uri(), req.headers(), &up.site_names) {
             Ok(_) => {}
@@ -521,13 +553,11 @@ impl Proxy {
                 }
             };
             let backend = slot.backend;
-            let uri = format!(
-                "{}://{}:{}{path}",
-                up.scheme,
-                backend.name,
-                backend.addr.port()
-            );
-            let Ok(uri) = uri.parse::<Uri>() else {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(up.scheme.clone());
+            uri.authority = Some(backend.authority.clone());
+            uri.path_and_query = Some(path.clone());
+            let Ok(uri) = Uri::from_parts(uri) else {
                 return up.reject(
                     StatusCode::BAD_REQUEST,
                     "bad_target",

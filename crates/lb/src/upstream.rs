@@ -141,11 +141,11 @@ impl Connector {
     }
 
     /// The URI scheme requests to backends use.
-    pub(crate) fn scheme(&self) -> &'static str {
+    pub(crate) fn scheme(&self) -> http::uri::Scheme {
         if self.inner.tls.is_some() {
-            "https"
+            http::uri::Scheme::HTTPS
         } else {
-            "http"
+            http::uri::Scheme::HTTP
         }
     }
 
