@@ -60,19 +60,36 @@ pub(crate) fn local(status: StatusCode, text: &str) -> Response<Body> {
 }
 
 /// Header fields that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// obsolete `Proxy-Connection` and `Keep-Alive` that clients still send.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// obsolete `Proxy-Connection` and `Keep-Alive` that clients still send. Names built at
+/// compile time: removing them hashes no string per request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop fields: those listed in `Connection` and the fixed set above.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        strip_connection_listed(headers);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes the fields `Connection` names (RFC 9110 §7.6.1).
+fn strip_connection_listed(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -81,9 +98,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
     for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -111,7 +125,7 @@ pub(crate) fn upstream_headers(
             headers.insert(header::HOST, v);
         }
     }
-    let xff = HeaderName::from_static("x-forwarded-for");
+    let xff = X_FORWARDED_FOR;
     let mut client = itoa_ip(client_ip);
     if headers.contains_key(&xff) {
         let earlier: Vec<&str> = headers
@@ -129,15 +143,15 @@ pub(crate) fn upstream_headers(
         headers.insert(xff, v);
     }
     headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
+        X_FORWARDED_PROTO,
         HeaderValue::from_static("https"),
     );
     match headers.get(header::HOST).cloned() {
         Some(host) => {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+            headers.insert(X_FORWARDED_HOST, host);
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(X_FORWARDED_HOST);
         }
     }
     // RFC 7239 §4: IPv6 addresses bracketed and quoted; a host with a port quoted.
@@ -158,7 +172,7 @@ pub(crate) fn upstream_headers(
             let _ = write!(element, ";host=\"{host}\"");
         }
     }
-    append_list(&mut headers, HeaderName::from_static("forwarded"), element);
+    append_list(&mut headers, FORWARDED, element);
     let via = match version {
         Version::HTTP_2 => "2 rampart",
         Version::HTTP_10 => "1.0 rampart",
@@ -169,7 +183,7 @@ pub(crate) fn upstream_headers(
     } else {
         headers.insert(header::VIA, HeaderValue::from_static(via));
     }
-    let request_id = HeaderName::from_static("x-request-id");
+    let request_id = X_REQUEST_ID;
     let keep = headers.get(&request_id).is_some_and(|v| {
         let b = v.as_bytes();
         !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic())
@@ -512,7 +526,7 @@ impl Proxy {
         };
         let mut headers =
             upstream_headers(parts.headers, &parts.uri, self.client_ip, parts.version);
-        let request_id = headers.get("x-request-id").cloned();
+        let request_id = headers.get(X_REQUEST_ID).cloned();
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
         }
@@ -581,7 +595,7 @@ impl Proxy {
                     if let Some(id) = &request_id {
                         parts
                             .headers
-                            .insert(HeaderName::from_static("x-request-id"), id.clone());
+                            .insert(X_REQUEST_ID, id.clone());
                     }
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
