@@ -12,10 +12,12 @@
 //! any other byte outside printable ASCII becomes `\xHH`, so one request is always exactly
 //! one line (nginx `ngx_http_log_module`, `log_format ... escape=`).
 //!
-//! The request path formats the line and hands it to a bounded channel without waiting;
-//! when the channel is full the line is dropped and counted in
-//! `rampart_lb_access_log_dropped_total`. One thread owns the file, writes through a buffer
-//! and flushes whenever the channel is momentarily empty.
+//! The request path formats the line and appends it to a shared, bounded buffer (a short
+//! lock, no system call, no wake-up); when [`MAX_PENDING_BYTES`] are already waiting the
+//! line is dropped and counted in `rampart_lb_access_log_dropped_total`. One thread owns the
+//! file: it takes the whole buffer every [`FLUSH_INTERVAL`], or as soon as [`FLUSH_BYTES`]
+//! wait, and writes it in one go (nginx's `access_log … buffer= flush=`). Waking a thread
+//! and writing once per line cost about as much CPU as proxying the request itself.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -33,13 +35,18 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tower::{Layer, Service};
 
 use crate::proxy::ServedBy;
 
-/// Lines that may wait for the writer; past this the request path drops lines.
-const CHANNEL_LINES: usize = 16_384;
+/// Bytes of lines that may wait for the writer; past this the request path drops lines.
+pub(crate) const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
+
+/// The writer takes what waits at least this often.
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The writer is woken early once this many bytes wait.
+pub(crate) const FLUSH_BYTES: usize = 64 * 1024;
 
 /// Size of the writer's buffer, bytes.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
@@ -63,15 +70,41 @@ impl Listener {
 }
 
 /// The sending side of the access log, shared by every connection of both listeners. The
-/// writer thread ends, after a last flush, once every clone is dropped.
+/// writer thread ends, after a last write, once every clone is dropped.
 #[derive(Debug, Clone)]
-pub(crate) struct AccessLog(Arc<Shared>);
+pub(crate) struct AccessLog(Arc<Sender>);
+
+/// Closes the buffer when the last [`AccessLog`] clone goes away.
+#[derive(Debug)]
+struct Sender(Arc<Shared>);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        shared
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .closed = true;
+        shared.wake.notify_one();
+    }
+}
 
 #[derive(Debug)]
 struct Shared {
-    lines: mpsc::Sender<String>,
+    pending: std::sync::Mutex<Pending>,
+    wake: std::sync::Condvar,
     dropped: Counter,
-    reopen: Arc<std::sync::atomic::AtomicBool>,
+    reopen: std::sync::atomic::AtomicBool,
+}
+
+/// Lines waiting for the writer.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Whole lines, each ending in `\n`; at most [`MAX_PENDING_BYTES`].
+    lines: Vec<u8>,
+    /// Every sender is gone: write what is left and stop.
+    closed: bool,
 }
 
 /// Size cap and rotation of the access log file.
@@ -108,53 +141,57 @@ impl AccessLog {
         dropped: Counter,
     ) -> io::Result<AccessLog> {
         let file = open_append(path)?;
-        let (lines, rx) = mpsc::channel(CHANNEL_LINES);
+        let shared = Arc::new(Shared {
+            pending: std::sync::Mutex::new(Pending::default()),
+            wake: std::sync::Condvar::new(),
+            dropped,
+            reopen: std::sync::atomic::AtomicBool::new(false),
+        });
         let path = path.to_path_buf();
-        let reopen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = reopen.clone();
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("lb-access-log".into())
-            .spawn(move || write_lines(file, &path, rotation, &flag, rx))?;
-        Ok(AccessLog(Arc::new(Shared {
-            lines,
-            dropped,
-            reopen,
-        })))
+            .spawn(move || write_lines(file, &path, rotation, &writer))?;
+        Ok(AccessLog(Arc::new(Sender(shared))))
     }
 
     /// Makes the writer reopen the file at its path before the next line (after an
     /// external rotation renamed it; the node calls this on SIGHUP).
     pub(crate) fn reopen(&self) {
-        self.0
+        (self.0)
+            .0
             .reopen
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Queues `line` (one line, ending in `\n`) without waiting; drops and counts it when
-    /// the writer is behind by [`CHANNEL_LINES`] lines.
-    fn send(&self, line: String) {
-        match self.0.lines.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.0.dropped.inc();
-            }
-            Err(TrySendError::Closed(_)) => {
-                // The writer only stops once every sender is gone; nothing to do.
-            }
+    /// Queues `line` (one line, ending in `\n`) without waiting on the writer; drops and
+    /// counts it when [`MAX_PENDING_BYTES`] already wait.
+    fn send(&self, line: &str) {
+        let shared = &(self.0).0;
+        let mut pending = shared
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.lines.len() + line.len() > MAX_PENDING_BYTES {
+            drop(pending);
+            shared.dropped.inc();
+            return;
+        }
+        let before = pending.lines.len();
+        pending.lines.extend_from_slice(line.as_bytes());
+        let crossed = before < FLUSH_BYTES && pending.lines.len() >= FLUSH_BYTES;
+        drop(pending);
+        if crossed {
+            shared.wake.notify_one();
         }
     }
 }
 
-/// The writer thread: appends every line, flushes when no line is waiting, stops (after a
-/// flush) when every sender is gone. A write error is logged once until writing succeeds
-/// again; the lines it hit are lost.
-fn write_lines(
-    file: File,
-    path: &Path,
-    rotation: Rotation,
-    reopen: &std::sync::atomic::AtomicBool,
-    mut rx: mpsc::Receiver<String>,
-) {
+/// The writer thread: every [`FLUSH_INTERVAL`] (or when [`FLUSH_BYTES`] wait) takes the
+/// waiting lines and appends them, rotating before a line would take the file past
+/// `rotation.max_bytes`; stops after a last write when every sender is gone. A write error
+/// is logged once until writing succeeds again; the lines it hit are lost.
+fn write_lines(file: File, path: &Path, rotation: Rotation, shared: &Shared) {
     let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
     let mut failing = false;
@@ -167,36 +204,51 @@ fn write_lines(
             failing = true;
         }
     };
+    // Swapped with the shared buffer, so both keep their capacity.
+    let mut batch: Vec<u8> = Vec::new();
     loop {
-        let line = match rx.try_recv() {
-            Ok(line) => line,
-            Err(TryRecvError::Empty) => {
-                report(out.flush());
-                match rx.blocking_recv() {
-                    Some(line) => line,
-                    None => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
+        let closed = {
+            let pending = shared
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (mut pending, _) = shared
+                .wake
+                .wait_timeout_while(pending, FLUSH_INTERVAL, |p| {
+                    !p.closed && p.lines.len() < FLUSH_BYTES
+                })
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::swap(&mut pending.lines, &mut batch);
+            pending.closed
         };
-        let rotate = written > 0 && written + line.len() as u64 > rotation.max_bytes;
-        if rotate || reopen.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            report(out.flush());
-            if rotate {
-                report(rotate_files(path, rotation.keep.max(1)));
-            }
-            match open_append(path) {
-                Ok(f) => {
-                    written = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, f);
+        for line in batch.split_inclusive(|&b| b == b'\n') {
+            let rotate = written > 0 && written + line.len() as u64 > rotation.max_bytes;
+            if rotate
+                || shared
+                    .reopen
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                report(out.flush());
+                if rotate {
+                    report(rotate_files(path, rotation.keep.max(1)));
                 }
-                Err(e) => report(Err(e)),
+                match open_append(path) {
+                    Ok(f) => {
+                        written = f.metadata().map(|m| m.len()).unwrap_or(0);
+                        out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, f);
+                    }
+                    Err(e) => report(Err(e)),
+                }
             }
+            written += line.len() as u64;
+            report(out.write_all(line));
         }
-        written += line.len() as u64;
-        report(out.write_all(line.as_bytes()));
+        batch.clear();
+        report(out.flush());
+        if closed {
+            break;
+        }
     }
-    report(out.flush());
 }
 
 /// Opens `path` for appending, created with mode 0644 (before the umask) when missing.
@@ -427,7 +479,7 @@ where
                 response_time: started.elapsed(),
                 listener,
             };
-            log.send(entry.line());
+            log.send(&entry.line());
             Ok(resp)
         })
     }
@@ -437,6 +489,30 @@ where
 mod rotation_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_writer_that_falls_behind_costs_dropped_lines_not_memory() {
+        // No writer thread: nothing drains the buffer.
+        let dropped = Counter::default();
+        let shared = Arc::new(Shared {
+            pending: std::sync::Mutex::new(Pending::default()),
+            wake: std::sync::Condvar::new(),
+            dropped: dropped.clone(),
+            reopen: std::sync::atomic::AtomicBool::new(false),
+        });
+        let log = AccessLog(Arc::new(Sender(shared.clone())));
+        let line = format!("{}\n", "x".repeat(99));
+        let sent = MAX_PENDING_BYTES / line.len() + 50;
+        for _ in 0..sent {
+            log.send(&line);
+        }
+        let waiting = shared.pending.lock().unwrap().lines.len();
+        assert!(waiting <= MAX_PENDING_BYTES, "{waiting} bytes wait");
+        assert_eq!(waiting / line.len() + dropped.get() as usize, sent);
+        assert!(dropped.get() >= 50);
+        drop(log);
+        assert!(shared.pending.lock().unwrap().closed, "last sender closes");
+    }
 
     #[tokio::test]
     async fn rotates_at_the_cap_keeps_at_most_keep_files_and_reopens() {
@@ -452,7 +528,7 @@ mod rotation_tests {
         let line = format!("{}\n", "x".repeat(99));
         for _ in 0..100 {
             // Paced so the bounded queue never drops a line.
-            log.send(line.clone());
+            log.send(&line);
             tokio::task::yield_now().await;
         }
         let names = || {
@@ -475,7 +551,7 @@ mod rotation_tests {
         // An external rotation renames the file; after reopen the writer starts a new one.
         std::fs::rename(&path, dir.path().join("moved")).unwrap();
         log.reopen();
-        log.send(line.clone());
+        log.send(&line);
         test_support::eventually("reopened", std::time::Duration::from_secs(5), || {
             let ok = std::fs::metadata(&path).is_ok();
             async move { ok.then_some(()) }

@@ -142,10 +142,7 @@ pub(crate) fn upstream_headers(
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(client)) {
         headers.insert(xff, v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static("https"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     match headers.get(header::HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -593,9 +590,7 @@ impl Proxy {
                     // The client sees the id its request carried upstream (to quote in a
                     // bug report; it is in the backend's logs).
                     if let Some(id) = &request_id {
-                        parts
-                            .headers
-                            .insert(X_REQUEST_ID, id.clone());
+                        parts.headers.insert(X_REQUEST_ID, id.clone());
                     }
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
