@@ -17,6 +17,25 @@ pub struct Backend {
     /// The name the backend's TLS certificate must carry, sent as SNI; `None`: `name`
     /// (lab backends are named after their host). Unused for plain backends.
     pub server_name: Option<String>,
+    /// Relative share of requests, 1–256 (`[balancer.backends.<host>] weight`); 1 when
+    /// made with [`Backend::new`].
+    pub weight: u32,
+    /// Used only while no non-backup backend is available
+    /// (`[balancer.backends.<host>] backup`).
+    pub backup: bool,
+}
+
+impl Backend {
+    /// A primary backend of weight 1 whose certificate carries `name`.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Backend {
+        Backend {
+            name: name.into(),
+            addr,
+            server_name: None,
+            weight: 1,
+            backup: false,
+        }
+    }
 }
 
 /// Everything [`crate::start`] needs.
@@ -36,7 +55,7 @@ pub struct LbConfig {
     /// The public site name, e.g. `www.foobar.com`: the redirect target when a request
     /// carries no usable `Host`.
     pub site_domain: String,
-    /// The backends, balanced round robin in this order.
+    /// The backends, in this order (the order of round robin and of the metrics).
     pub backends: Vec<Backend>,
     /// The insecure variant: plain HTTP/1.1 to the backends instead of mutual TLS.
     pub plain_backends: bool,
@@ -75,8 +94,9 @@ pub struct LbConfig {
 impl LbConfig {
     /// The configuration of host `host` in topology `t`: its address, the site's ports
     /// (443/80 when unresolved), the site domain, every host holding `web` as a backend at
-    /// `(address, t.ports.web)` in topology order, the topology's health check and the
-    /// `plain_backends` switch; no access log (`access_log: None`).
+    /// `(address, t.ports.web)` in topology order with its `[balancer.backends.<host>]`
+    /// weight and backup flag, the topology's health check and the `plain_backends`
+    /// switch; no access log (`access_log: None`).
     ///
     /// `None` when `host` is not in the topology or does not hold the `lb` role.
     pub fn from_topology(
@@ -91,10 +111,13 @@ impl LbConfig {
         }
         let backends = t
             .hosts_with(Role::Web)
-            .map(|h| Backend {
-                name: h.name.clone(),
-                addr: SocketAddr::new(h.address, t.ports.web),
-                server_name: None,
+            .map(|h| {
+                let o = t.balancer.balancing.backend(&h.name);
+                Backend {
+                    weight: o.weight,
+                    backup: o.backup,
+                    ..Backend::new(h.name.clone(), SocketAddr::new(h.address, t.ports.web))
+                }
             })
             .collect();
         Some(LbConfig {
@@ -196,9 +219,8 @@ impl LbConfig {
             .iter()
             .enumerate()
             .map(|(i, addr)| Backend {
-                name: format!("b{}", i + 1),
-                addr: *addr,
                 server_name: tls_backends.then(|| addr.ip().to_string()),
+                ..Backend::new(format!("b{}", i + 1), *addr)
             })
             .collect();
         let mut health = t.health_check.clone();

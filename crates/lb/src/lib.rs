@@ -26,13 +26,18 @@
 #![forbid(unsafe_code)]
 
 mod access_log;
+mod backend_metrics;
 mod balancer;
 mod config;
 mod health;
 mod layers;
+mod outlier;
 mod proxy;
 pub mod rate_limit;
 mod redirect;
+mod retry;
+mod selection;
+mod sticky;
 mod upstream;
 
 use std::collections::HashMap;
@@ -55,6 +60,7 @@ use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
 pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
+pub use topology::{Algorithm, Balancing};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
 use balancer::Balancer;
@@ -147,6 +153,36 @@ impl LbHandle {
         self.balancer.backends().iter().any(|b| b.is_up())
     }
 
+    /// Every backend's state, in configuration order.
+    pub fn backend_status(&self) -> Vec<BackendStatus> {
+        self.balancer
+            .backends()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BackendStatus {
+                name: b.name.to_string(),
+                up: b.is_up(),
+                ejected: self.balancer.is_ejected(i),
+                draining: b.is_draining(),
+                available: self.balancer.is_available(i),
+                weight: b.weight,
+                backup: b.backup,
+                active_requests: b.active(),
+            })
+            .collect()
+    }
+
+    /// Drains backend `name` (`draining = true`: no new requests go to it, those in
+    /// flight finish) or puts it back in rotation (`false`). Takes effect for the next
+    /// request; not persisted across restarts. False when no backend has that name.
+    pub fn set_draining(&self, name: &str, draining: bool) -> bool {
+        let found = self.balancer.set_draining(name, draining);
+        if found {
+            tracing::info!(backend = name, draining, "backend drain state changed");
+        }
+        found
+    }
+
     /// Reopens the access log at its path before its next line (SIGHUP, after an external
     /// log rotation renamed the file).
     pub fn reopen_logs(&self) {
@@ -190,6 +226,27 @@ impl RoleHandle for LbHandle {
         let tasks = self.tasks.clone();
         Box::pin(async move { tasks.shutdown().await })
     }
+}
+
+/// One backend as [`LbHandle::backend_status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackendStatus {
+    /// The backend's name.
+    pub name: String,
+    /// The active health checks' verdict.
+    pub up: bool,
+    /// Ejected by passive outlier detection right now.
+    pub ejected: bool,
+    /// Draining (`rampart lb drain`): no new requests.
+    pub draining: bool,
+    /// Up, not ejected, not draining: new requests may go to it.
+    pub available: bool,
+    /// Configured weight.
+    pub weight: u32,
+    /// A backup backend.
+    pub backup: bool,
+    /// Requests in flight to it.
+    pub active_requests: usize,
 }
 
 /// Labels of `rampart_lb_connections_closed_total`.
@@ -361,12 +418,15 @@ pub async fn start(
     };
     let limits = &cfg.balancer;
     let max_conns = limits.backend_max_connections as usize;
+    let backend_families = backend_metrics::Families::register(registry);
     let balancer = Arc::new(Balancer::new(
         &cfg.backends,
         |name| metrics.backend_up(name),
+        &backend_families,
         max_conns,
         limits.backend_queue_max as usize,
         std::time::Duration::from_millis(limits.backend_queue_timeout_ms),
+        &limits.balancing,
     ));
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
@@ -410,7 +470,13 @@ pub async fn start(
                 f64::from(limits.rate_limit_burst),
             )
         }),
+        retry_budget: retry::RetryBudget::new(
+            limits.balancing.retry_budget_percent,
+            limits.balancing.retry_min_per_second,
+        ),
+        retries_refused: backend_families.refused.clone(),
     });
+    backend_metrics::register_scraped(registry, balancer.clone(), connector.clone());
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -481,6 +547,7 @@ pub async fn start(
         https = %https_addr,
         http = ?http_addr,
         backends = cfg.backends.len(),
+        algorithm = balancer.algorithm().as_str(),
         tls_upstream = !cfg.plain_backends,
         access_log = ?cfg.access_log,
         "load balancer listening"

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod balancing;
 mod error;
 mod limits;
 mod model;
@@ -14,6 +15,7 @@ mod netns;
 mod policy;
 mod raw;
 
+pub use balancing::{Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
 pub use error::ConfigError;
 pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{

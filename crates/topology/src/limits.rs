@@ -171,6 +171,10 @@ pub struct BalancerLimits {
     pub rate_limit_per_source: u32,
     /// Requests one address may send at once above that rate. Default twice the rate.
     pub rate_limit_burst: u32,
+    /// Algorithm, stickiness, slow start, outlier ejection, retry budget and per-backend
+    /// weights (the same `[balancer]` table; see [`crate::Balancing`]).
+    #[serde(flatten)]
+    pub balancing: crate::Balancing,
 }
 
 impl Default for BalancerLimits {
@@ -184,6 +188,7 @@ impl Default for BalancerLimits {
             upstream_idle_timeout_ms: 4_000,
             rate_limit_per_source: 0,
             rate_limit_burst: 0,
+            balancing: crate::Balancing::default(),
         }
     }
 }
@@ -357,6 +362,7 @@ pub(crate) fn validate_balancer(
     file: &str,
 ) -> Result<BalancerLimits, ConfigError> {
     let d = BalancerLimits::default();
+    let balancing = crate::balancing::validate_balancing(&raw, file)?;
     let b = BalancerLimits {
         backend_max_connections: raw
             .backend_max_connections
@@ -376,6 +382,7 @@ pub(crate) fn validate_balancer(
         rate_limit_burst: raw
             .rate_limit_burst
             .unwrap_or_else(|| raw.rate_limit_per_source.unwrap_or(0).saturating_mul(2)),
+        balancing,
     };
     for (key, v) in [
         (
