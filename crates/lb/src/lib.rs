@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod access_log;
+pub mod admin;
 mod backend_metrics;
 mod balancer;
 mod config;
@@ -38,6 +39,7 @@ mod redirect;
 mod retry;
 mod selection;
 mod sticky;
+mod unavailable;
 mod upstream;
 
 use std::collections::HashMap;
@@ -59,7 +61,11 @@ use topology::Service;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
-pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
+
+/// File name of a lab load balancer's admin socket in its host directory
+/// (`<state>/hosts/<host>/lb-admin.sock`).
+pub const ADMIN_SOCKET_FILE: &str = "lb-admin.sock";
+pub use config::{Backend, BackendSpec, LbConfig, StandaloneOptions, StandaloneTls};
 pub use topology::{Algorithm, Balancing};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
@@ -94,6 +100,15 @@ pub enum LbError {
         /// The error of `open(2)` or of spawning the thread.
         source: io::Error,
     },
+    /// The admin socket ([`LbConfig::admin_socket`]) could not be bound (directory
+    /// missing, path too long for a Unix socket, permissions).
+    #[error("admin socket {}: {source}", path.display())]
+    AdminSocket {
+        /// The configured path.
+        path: PathBuf,
+        /// The error of `bind(2)` or `chmod(2)`.
+        source: io::Error,
+    },
     /// The configuration lists no backend.
     #[error("no backends configured: the topology needs at least one host with the web role")]
     NoBackends,
@@ -118,6 +133,7 @@ pub struct LbHandle {
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
     access_log: Option<AccessLog>,
+    admin_socket: Option<PathBuf>,
 }
 
 impl LbHandle {
@@ -155,21 +171,7 @@ impl LbHandle {
 
     /// Every backend's state, in configuration order.
     pub fn backend_status(&self) -> Vec<BackendStatus> {
-        self.balancer
-            .backends()
-            .iter()
-            .enumerate()
-            .map(|(i, b)| BackendStatus {
-                name: b.name.to_string(),
-                up: b.is_up(),
-                ejected: self.balancer.is_ejected(i),
-                draining: b.is_draining(),
-                available: self.balancer.is_available(i),
-                weight: b.weight,
-                backup: b.backup,
-                active_requests: b.active(),
-            })
-            .collect()
+        status_of(&self.balancer)
     }
 
     /// Drains backend `name` (`draining = true`: no new requests go to it, those in
@@ -196,7 +198,14 @@ impl LbHandle {
     /// immediately; [`RoleHandle::shutdown`] also waits for the drain.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.remove_admin_socket();
         self.tasks.cancel();
+    }
+
+    fn remove_admin_socket(&self) {
+        if let Some(path) = &self.admin_socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -223,6 +232,7 @@ impl RoleHandle for LbHandle {
     }
     fn shutdown(&self) -> serve::BoxFuture<()> {
         self.shutdown.send_replace(true);
+        self.remove_admin_socket();
         let tasks = self.tasks.clone();
         Box::pin(async move { tasks.shutdown().await })
     }
@@ -247,6 +257,25 @@ pub struct BackendStatus {
     pub backup: bool,
     /// Requests in flight to it.
     pub active_requests: usize,
+}
+
+/// Every backend of `balancer` as [`BackendStatus`], in configuration order.
+fn status_of(balancer: &Balancer) -> Vec<BackendStatus> {
+    balancer
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| BackendStatus {
+            name: b.name.to_string(),
+            up: b.is_up(),
+            ejected: balancer.is_ejected(i),
+            draining: b.is_draining(),
+            available: balancer.is_available(i),
+            weight: b.weight,
+            backup: b.backup,
+            active_requests: b.active(),
+        })
+        .collect()
 }
 
 /// Labels of `rampart_lb_connections_closed_total`.
@@ -480,6 +509,14 @@ pub async fn start(
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
+    if let Some(path) = &cfg.admin_socket {
+        admin::spawn(path, balancer.clone(), shutdown_rx.clone()).map_err(|source| {
+            LbError::AdminSocket {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
     for index in 0..cfg.backends.len() {
         tokio::spawn(health::run(
             balancer.clone(),
@@ -560,5 +597,6 @@ pub async fn start(
         shutdown,
         tasks,
         access_log: reopen_log,
+        admin_socket: cfg.admin_socket.clone(),
     })
 }

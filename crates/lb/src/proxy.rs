@@ -520,12 +520,8 @@ impl Proxy {
             let slot = match up.balancer.acquire(&tried, &affinity).await {
                 Ok(s) => s,
                 Err(QueueError::NoBackend) if tried.is_empty() => {
-                    tracing::warn!(side = "upstream", "no backend is up");
-                    return up.reject(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no_backend",
-                        "no backend available",
-                    );
+                    tracing::warn!(side = "upstream", "no backend is available");
+                    return crate::unavailable::no_backend(up);
                 }
                 Err(QueueError::NoBackend) => {
                     return up.reject(

@@ -179,7 +179,7 @@ fn err(file: &str, key: String, reason: impl Into<String>, fix: &str) -> ConfigE
 }
 
 /// Whether `s` is a valid HTTP field name / cookie name (an RFC 9110 §5.6.2 token).
-fn is_token(s: &str) -> bool {
+pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))

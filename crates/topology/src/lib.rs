@@ -15,7 +15,7 @@ mod netns;
 mod policy;
 mod raw;
 
-pub use balancing::{Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
+pub use balancing::{is_token, Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
 pub use error::ConfigError;
 pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
