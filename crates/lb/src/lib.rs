@@ -1,7 +1,10 @@
 //! The load balancer of `www.foobar.com`: an HTTPS listener holding the site certificate
-//! (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) that forwards every request round robin to the
-//! backends its health checks consider up, over pooled mutual-TLS HTTP/1.1 connections made
-//! from this host's address; and an HTTP listener that only redirects to HTTPS.
+//! (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) that forwards every request to one of the backends
+//! its active and passive health checks consider available — chosen by the configured
+//! algorithm, sticky cookie, weights and backup flags — over pooled mutual-TLS HTTP/1.1
+//! connections made from this host's address, retrying idempotent requests elsewhere
+//! within a budget; an HTTP listener that only redirects to HTTPS; and a local admin
+//! socket to drain and enable backends.
 //!
 //! This crate owns the listeners, the balancing and retry policy, the active health checks,
 //! the access log (one line per request on either listener, nginx `combined` format plus
