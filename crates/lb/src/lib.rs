@@ -44,6 +44,7 @@ mod selection;
 mod sticky;
 mod unavailable;
 mod upstream;
+mod websocket;
 
 use std::collections::HashMap;
 use std::io;
@@ -507,6 +508,8 @@ pub async fn start(
             limits.balancing.retry_min_per_second,
         ),
         retries_refused: backend_families.refused.clone(),
+        connector: connector.clone(),
+        tunnel_idle: std::time::Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
     });
     backend_metrics::register_scraped(registry, balancer.clone(), connector.clone());
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));

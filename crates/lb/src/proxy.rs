@@ -219,6 +219,10 @@ pub(crate) struct Upstreams {
     pub(crate) rate_limit: Option<crate::rate_limit::RateLimit>,
     /// Bounds retries to a share of requests.
     pub(crate) retry_budget: RetryBudget,
+    /// Dedicated (unpooled) connections for WebSocket tunnels.
+    pub(crate) connector: crate::upstream::Connector,
+    /// A WebSocket tunnel with no byte either way for this long is closed.
+    pub(crate) tunnel_idle: Duration,
     /// `rampart_lb_retries_refused_total`.
     pub(crate) retries_refused: Counter,
 }
@@ -247,7 +251,7 @@ impl Upstreams {
 
     /// Whether a failed attempt is tried again on another backend: the failure allows it
     /// for this method ([`Failure::retryable`]) and the retry budget has room.
-    fn may_retry(&self, idempotent: bool, failure: Failure) -> bool {
+    pub(crate) fn may_retry(&self, idempotent: bool, failure: Failure) -> bool {
         let allowed = match failure {
             Failure::Connect => true,
             Failure::Reset => idempotent,
@@ -471,6 +475,9 @@ impl Proxy {
                     "this server does not serve that host",
                 )
             }
+        }
+        if crate::websocket::is_upgrade(&req) {
+            return crate::websocket::forward(up, req, self.client_ip).await;
         }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken

@@ -336,7 +336,11 @@ impl<M> Ctx<M> {
                 }))
             }
         });
-        let conn = self.builder.serve_connection(io, hyper_service);
+        // With upgrades: a handler that takes the connection over (the load balancer's
+        // WebSocket tunnels) may; no other handler ever asks.
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(io, hyper_service);
         tokio::pin!(conn);
         let closed = activity.closed().clone();
         let bytes_at_start = activity.bytes_read();

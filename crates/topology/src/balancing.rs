@@ -1,6 +1,6 @@
 //! How the load balancer spreads requests over its backends (`[balancer]` keys `algorithm`,
-//! `hash_header`, `sticky_cookie`, `slow_start_ms`, the passive outlier ejection and retry
-//! budget keys, and one `[balancer.backends.<host>]` table per weighted or backup
+//! `hash_header`, `sticky_cookie`, `slow_start_ms`, the passive outlier ejection, retry
+//! budget and WebSocket tunnel keys, and one `[balancer.backends.<host>]` table per weighted or backup
 //! backend). Defaults are written once here, documented on the fields.
 
 use std::collections::BTreeMap;
@@ -137,6 +137,9 @@ pub struct Balancing {
     /// Retries always allowed per second regardless of the share (the budget's floor).
     /// Default 10.
     pub retry_min_per_second: u32,
+    /// A WebSocket tunnel with no byte in either direction for this long is closed (nginx
+    /// `proxy_read_timeout`, HAProxy `timeout tunnel`). Milliseconds, default 300 000.
+    pub tunnel_idle_timeout_ms: u64,
     /// Per-backend options by host name; hosts not listed have the defaults.
     pub backends: BTreeMap<String, BackendOptions>,
 }
@@ -154,6 +157,7 @@ impl Default for Balancing {
             max_ejected_percent: 50,
             retry_budget_percent: 20,
             retry_min_per_second: 10,
+            tunnel_idle_timeout_ms: 300_000,
             backends: BTreeMap::new(),
         }
     }
@@ -237,8 +241,19 @@ pub(crate) fn validate_balancing(raw: &RawBalancer, file: &str) -> Result<Balanc
         max_ejected_percent: raw.max_ejected_percent.unwrap_or(d.max_ejected_percent),
         retry_budget_percent: raw.retry_budget_percent.unwrap_or(d.retry_budget_percent),
         retry_min_per_second: raw.retry_min_per_second.unwrap_or(d.retry_min_per_second),
+        tunnel_idle_timeout_ms: raw
+            .tunnel_idle_timeout_ms
+            .unwrap_or(d.tunnel_idle_timeout_ms),
         backends: BTreeMap::new(),
     };
+    if b.tunnel_idle_timeout_ms == 0 {
+        return Err(err(
+            file,
+            "balancer.tunnel_idle_timeout_ms".into(),
+            "must be positive",
+            "remove the key for the default (300000)",
+        ));
+    }
     if b.ejection_base_ms == 0 || b.ejection_max_ms < b.ejection_base_ms {
         return Err(err(
             file,

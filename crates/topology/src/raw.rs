@@ -123,6 +123,7 @@ pub(crate) struct RawBalancer {
     pub max_ejected_percent: Option<u32>,
     pub retry_budget_percent: Option<u32>,
     pub retry_min_per_second: Option<u32>,
+    pub tunnel_idle_timeout_ms: Option<u64>,
     pub backends: Option<std::collections::BTreeMap<String, crate::balancing::RawBackendOptions>>,
 }
 

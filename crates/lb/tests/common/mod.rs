@@ -200,6 +200,9 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
             .body(Full::new(Bytes::from_static(b"health")))
             .unwrap());
     }
+    if req.uri().path() == "/ws" {
+        return Ok(websocket_echo(&s.name, req));
+    }
     s.requests.fetch_add(1, Ordering::SeqCst);
     let id = req
         .headers()
@@ -233,6 +236,51 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
             .body(Full::new(body))
             .unwrap()),
     }
+}
+
+/// Answers a WebSocket upgrade (RFC 6455 §4.2.2) and echoes every message on the upgraded
+/// connection, prefixed with the backend's name.
+fn websocket_echo(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    };
+    let prefix = format!("{name}: ");
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let echo = match msg {
+                Message::Text(t) => Message::text(format!("{prefix}{t}")),
+                Message::Binary(b) => Message::Binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(echo).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
 }
 
 /// The load balancer and its backends.
