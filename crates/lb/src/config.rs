@@ -78,6 +78,8 @@ pub struct LbConfig {
     pub response_headers: Vec<(String, String)>,
     /// Size cap and rotation of the access log (`[access_log]` of the topology).
     pub access_log_rotation: crate::Rotation,
+    /// The access log's line format (`[access_log] format`).
+    pub access_log_format: topology::AccessLogFormat,
     /// Where to append the access log (one line per request on either listener, see
     /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
@@ -149,6 +151,7 @@ impl LbConfig {
                 max_bytes: t.access_log.max_bytes,
                 keep: t.access_log.keep,
             },
+            access_log_format: t.access_log.format,
             access_log: None,
             standalone: None,
             http_enabled: true,
@@ -178,6 +181,8 @@ pub struct StandaloneOptions {
     pub health_path: String,
     /// Access log file, if any.
     pub access_log: Option<PathBuf>,
+    /// Its line format (`--access-log-format`).
+    pub access_log_format: topology::AccessLogFormat,
     /// The admin socket (`--admin-socket`), if any.
     pub admin_socket: Option<PathBuf>,
 }
@@ -290,6 +295,7 @@ impl LbConfig {
                 max_bytes: t.access_log.max_bytes,
                 keep: t.access_log.keep,
             },
+            access_log_format: o.access_log_format,
             access_log: o.access_log,
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),

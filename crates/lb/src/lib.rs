@@ -28,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access_format;
 mod access_log;
 pub mod admin;
 mod backend_metrics;
@@ -70,7 +71,7 @@ pub use access_log::Rotation;
 /// (`<state>/hosts/<host>/lb-admin.sock`).
 pub const ADMIN_SOCKET_FILE: &str = "lb-admin.sock";
 pub use config::{Backend, BackendSpec, LbConfig, StandaloneOptions, StandaloneTls};
-pub use topology::{Algorithm, Balancing};
+pub use topology::{AccessLogFormat, Algorithm, Balancing};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
 use balancer::Balancer;
@@ -440,12 +441,17 @@ pub async fn start(
     let dropped = access_log::register_dropped(registry);
     let access_log = match &cfg.access_log {
         Some(path) => Some(
-            AccessLog::open(path, cfg.access_log_rotation, dropped)
-                .await
-                .map_err(|source| LbError::AccessLog {
-                    path: path.clone(),
-                    source,
-                })?,
+            AccessLog::open(
+                path,
+                cfg.access_log_rotation,
+                cfg.access_log_format,
+                dropped,
+            )
+            .await
+            .map_err(|source| LbError::AccessLog {
+                path: path.clone(),
+                source,
+            })?,
         ),
         None => None,
     };

@@ -523,8 +523,12 @@ impl Proxy {
         up.retry_budget.deposit();
         let idempotent = crate::retry::idempotent(&parts.method);
         let mut tried: Vec<Arc<str>> = Vec::new();
+        let mut queued = Duration::ZERO;
         loop {
-            let slot = match up.balancer.acquire(&tried, &affinity).await {
+            let waiting = std::time::Instant::now();
+            let acquired = up.balancer.acquire(&tried, &affinity).await;
+            queued += waiting.elapsed();
+            let slot = match acquired {
                 Ok(s) => s,
                 Err(QueueError::NoBackend) if tried.is_empty() => {
                     tracing::warn!(side = "upstream", "no backend is available");
@@ -580,6 +584,10 @@ impl Proxy {
                     if let Some(cookie) = up.balancer.sticky_cookie(&affinity, slot.index) {
                         parts.headers.append(header::SET_COOKIE, cookie);
                     }
+                    let connect = parts
+                        .extensions
+                        .get::<crate::access_format::ConnectTiming>()
+                        .and_then(|t| t.first_use());
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
@@ -605,13 +613,21 @@ impl Proxy {
                             return local(StatusCode::BAD_GATEWAY, "bad gateway");
                         }
                     };
+                    let elapsed = attempt.elapsed();
                     up.balancer.observe(
                         backend,
                         Outcome::Answered {
                             status: parts.status,
-                            elapsed: attempt.elapsed(),
+                            elapsed,
                         },
                     );
+                    parts
+                        .extensions
+                        .insert(crate::access_format::UpstreamTiming {
+                            queue: queued,
+                            connect,
+                            response: elapsed,
+                        });
                     return Response::from_parts(parts, body);
                 }
                 Ok(Err(e)) => {

@@ -50,6 +50,8 @@ pub(crate) enum ConnectError {
 pub(crate) struct UpstreamIo {
     stream: Stream,
     _open: Option<OpenGuard>,
+    /// How long connecting took (reported once, in the access log).
+    timing: crate::access_format::ConnectTiming,
 }
 
 #[derive(Debug)]
@@ -128,7 +130,7 @@ impl hyper::rt::Write for UpstreamIo {
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.timing.clone())
     }
 }
 
@@ -193,6 +195,8 @@ impl Connector {
             .get(name)
             .cloned()
             .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
+        let started = std::time::Instant::now();
+        let timing = || crate::access_format::ConnectTiming::new(started.elapsed());
         let guard = || {
             count.then(|| {
                 open.fetch_add(1, Ordering::Relaxed);
@@ -209,6 +213,7 @@ impl Connector {
                 return Ok(UpstreamIo {
                     stream: Stream::Plain(TokioIo::new(tcp)),
                     _open: guard(),
+                    timing: timing(),
                 });
             };
             // A DNS name or an IP address (checked when the LB starts).
@@ -223,6 +228,7 @@ impl Connector {
             Ok(UpstreamIo {
                 stream: Stream::Tls(Box::new(TokioIo::new(stream))),
                 _open: guard(),
+                timing: timing(),
             })
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)

@@ -483,3 +483,55 @@ async fn a_drained_backend_finishes_its_requests_and_gets_no_new_ones() {
     assert!(s.metric("rampart_lb_backend_connections{backend=\"web-02\",state=\"idle\"}") >= 1.0);
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_names_the_backend_and_the_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let log = path.clone();
+    let s = setup(1, true, move |cfg| {
+        cfg.access_log = Some(log);
+        cfg.access_log_format = lb::AccessLogFormat::Json;
+    })
+    .await;
+    let c = s.client(false);
+    for i in 0..3 {
+        let r = c
+            .get(s.url(&format!("/page?n={i}")))
+            .header("user-agent", "tester \"q\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let text = test_support::eventually("three JSON lines", common::WAIT, || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        async move { (text.lines().count() >= 3).then_some(text) }
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    println!("{}", text.lines().next().unwrap());
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["client"], common::CLIENT_IP);
+        assert_eq!(l["method"], "GET");
+        assert_eq!(l["path"], format!("/page?n={i}"));
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["backend"], "web-01");
+        assert_eq!(l["user_agent"], "tester \"q\"");
+        assert_eq!(l["listener"], "https");
+        for key in [
+            "request_time",
+            "tls_handshake_time",
+            "queue_time",
+            "upstream_time",
+        ] {
+            assert!(l[key].as_f64().is_some(), "{key} in {l}");
+        }
+    }
+    // The first request opened the upstream connection; the next ones reused it.
+    assert!(lines[0]["connect_time"].as_f64().is_some(), "{}", lines[0]);
+    assert!(lines[2]["connect_time"].is_null(), "{}", lines[2]);
+}

@@ -85,6 +85,10 @@ struct RunArgs {
     /// Access log file.
     #[arg(long)]
     access_log: Option<PathBuf>,
+    /// Access log line format: combined (nginx combined + backend and timings), common
+    /// (NCSA) or json.
+    #[arg(long, default_value = "combined", value_parser = parse_log_format)]
+    access_log_format: lb::AccessLogFormat,
     /// Worker threads (default: the CPUs this process may run on, from its affinity
     /// mask).
     #[arg(long)]
@@ -114,6 +118,12 @@ fn parse_algorithm(name: &str) -> Result<lb::Algorithm, String> {
             .collect();
         format!("unknown algorithm {name:?}; one of {}", names.join(", "))
     })
+}
+
+/// `--access-log-format NAME` → the format.
+fn parse_log_format(name: &str) -> Result<lb::AccessLogFormat, String> {
+    lb::AccessLogFormat::parse(name)
+        .ok_or_else(|| format!("unknown format {name:?}; one of combined, common, json"))
 }
 
 /// Runs `rampart lb …`: a subcommand against a running load balancer, or a standalone
@@ -148,6 +158,7 @@ pub(crate) fn run(
         site_names: r.site_names,
         health_path: r.health_path,
         access_log: r.access_log,
+        access_log_format: r.access_log_format,
         admin_socket: r.admin_socket,
     })
     .map_err(|e| anyhow::anyhow!(e))?;

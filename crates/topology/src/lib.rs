@@ -17,7 +17,7 @@ mod raw;
 
 pub use balancing::{is_token, Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
 pub use error::ConfigError;
-pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
+pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
     default_response_headers, AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site,
     Topology, DEFAULT_TOML,

@@ -202,6 +202,37 @@ pub struct AccessLogLimits {
     /// Rotated files kept (`access.log.1` … `.<keep>`), default 3. The log of one load
     /// balancer never takes more than `max_bytes × (keep + 1)`.
     pub keep: u32,
+    /// Line format: `combined` (nginx `combined` plus backend and timings), `common` (the
+    /// NCSA Common Log Format, nothing else) or `json` (one object per line). Default
+    /// `combined`.
+    pub format: AccessLogFormat,
+}
+
+/// The access log's line format (`[access_log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// nginx `combined` followed by `backend=`, `rt=`, `tls=`, `queue=`, `connect=`,
+    /// `upstream=` and `listener=`.
+    #[default]
+    Combined,
+    /// The NCSA Common Log Format: client, identity, user, time, request line, status,
+    /// bytes.
+    Common,
+    /// One JSON object per line with every field.
+    Json,
+}
+
+impl AccessLogFormat {
+    /// Parses `combined`, `common` or `json`.
+    pub fn parse(name: &str) -> Option<AccessLogFormat> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "combined" => Some(AccessLogFormat::Combined),
+            "common" => Some(AccessLogFormat::Common),
+            "json" => Some(AccessLogFormat::Json),
+            _ => None,
+        }
+    }
 }
 
 impl Default for AccessLogLimits {
@@ -209,6 +240,7 @@ impl Default for AccessLogLimits {
         AccessLogLimits {
             max_bytes: 64 << 20,
             keep: 3,
+            format: AccessLogFormat::Combined,
         }
     }
 }
@@ -222,6 +254,17 @@ pub(crate) fn validate_access_log(
     let a = AccessLogLimits {
         max_bytes: raw.max_bytes.unwrap_or(d.max_bytes),
         keep: raw.keep.unwrap_or(d.keep),
+        format: match &raw.format {
+            None => d.format,
+            Some(f) => AccessLogFormat::parse(f).ok_or_else(|| {
+                err(
+                    file,
+                    "access_log.format".into(),
+                    format!("unknown format {f:?}"),
+                    "use combined, common or json",
+                )
+            })?,
+        },
     };
     if a.max_bytes < 4096 {
         return Err(err(

@@ -232,4 +232,5 @@ pub(crate) struct RawHost {
 pub(crate) struct RawAccessLog {
     pub max_bytes: Option<u64>,
     pub keep: Option<u32>,
+    pub format: Option<String>,
 }
