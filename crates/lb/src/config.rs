@@ -92,7 +92,9 @@ pub struct LbConfig {
     /// Whether the HTTP (redirect) listener runs. True in the lab.
     pub http_enabled: bool,
     /// Where the local admin socket is bound (`rampart lb drain|enable|status`; see
-    /// [`crate::admin`]); its directory must exist. `None`: no admin socket.
+    /// [`crate::admin`]); its directory must exist and the path fit a Unix socket address
+    /// (107 bytes) — otherwise a warning is logged and the load balancer runs without it.
+    /// `None`: no admin socket.
     /// [`LbConfig::from_topology`] leaves it `None`; the node sets it to
     /// `<state>/hosts/<host>/lb-admin.sock`.
     pub admin_socket: Option<PathBuf>,

@@ -105,15 +105,6 @@ pub enum LbError {
         /// The error of `open(2)` or of spawning the thread.
         source: io::Error,
     },
-    /// The admin socket ([`LbConfig::admin_socket`]) could not be bound (directory
-    /// missing, path too long for a Unix socket, permissions).
-    #[error("admin socket {}: {source}", path.display())]
-    AdminSocket {
-        /// The configured path.
-        path: PathBuf,
-        /// The error of `bind(2)` or `chmod(2)`.
-        source: io::Error,
-    },
     /// The configuration lists no backend.
     #[error("no backends configured: the topology needs at least one host with the web role")]
     NoBackends,
@@ -522,12 +513,10 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     if let Some(path) = &cfg.admin_socket {
-        admin::spawn(path, balancer.clone(), shutdown_rx.clone()).map_err(|source| {
-            LbError::AdminSocket {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        // The admin socket is a convenience: without it the load balancer still serves.
+        if let Err(e) = admin::spawn(path, balancer.clone(), shutdown_rx.clone()) {
+            tracing::warn!(path = %path.display(), error = %e, "admin socket not available; `rampart lb drain|enable|status` cannot reach this load balancer");
+        }
     }
     for index in 0..cfg.backends.len() {
         tokio::spawn(health::run(
