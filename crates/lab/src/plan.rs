@@ -88,6 +88,7 @@ impl HostPlan {
         });
         let lb = lb::LbConfig::from_topology(t, name, pki.clone(), net.clone()).map(|mut c| {
             c.access_log = Some(state.host_dir(name).join("access.log"));
+            c.admin_socket = Some(state.host_dir(name).join(lb::ADMIN_SOCKET_FILE));
             c
         });
         let agent = monitor::AgentConfig::from_topology(t, name, pki, net.clone());

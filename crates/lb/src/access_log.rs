@@ -37,7 +37,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
+use crate::access_format::UpstreamTiming;
 use crate::proxy::ServedBy;
+use topology::AccessLogFormat;
 
 /// Bytes of lines that may wait for the writer; past this the request path drops lines.
 pub(crate) const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
@@ -61,7 +63,7 @@ pub(crate) enum Listener {
 }
 
 impl Listener {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Listener::Https => "https",
             Listener::Http => "http",
@@ -92,6 +94,7 @@ impl Drop for Sender {
 
 #[derive(Debug)]
 struct Shared {
+    format: AccessLogFormat,
     pending: std::sync::Mutex<Pending>,
     wake: std::sync::Condvar,
     dropped: Counter,
@@ -138,10 +141,12 @@ impl AccessLog {
     pub(crate) async fn open(
         path: &Path,
         rotation: Rotation,
+        format: AccessLogFormat,
         dropped: Counter,
     ) -> io::Result<AccessLog> {
         let file = open_append(path)?;
         let shared = Arc::new(Shared {
+            format,
             pending: std::sync::Mutex::new(Pending::default()),
             wake: std::sync::Condvar::new(),
             dropped,
@@ -298,21 +303,41 @@ pub(crate) struct Entry<'a> {
     /// From the request's arrival to the response headers.
     pub(crate) response_time: Duration,
     pub(crate) listener: Listener,
+    /// The client connection's TLS handshake; `None` on plain HTTP.
+    pub(crate) tls_handshake: Option<Duration>,
+    /// Queue, connect and upstream times of a forwarded response.
+    pub(crate) timing: Option<&'a UpstreamTiming>,
 }
 
 impl Entry<'_> {
-    /// The line, ending in `\n`.
-    pub(crate) fn line(&self) -> String {
-        let mut s = String::with_capacity(256);
+    /// The line in `format`, ending in `\n`.
+    pub(crate) fn line_as(&self, format: AccessLogFormat) -> String {
+        match format {
+            AccessLogFormat::Combined => self.line(),
+            AccessLogFormat::Common => self.common_line(),
+            AccessLogFormat::Json => crate::access_format::json_line(self),
+        }
+    }
+
+    /// The NCSA Common Log Format line: `client - - [time] "request" status bytes`.
+    pub(crate) fn common_line(&self) -> String {
+        let mut s = String::with_capacity(160);
+        self.push_common(&mut s);
+        s.push('\n');
+        s
+    }
+
+    /// Appends the Common Log Format fields (no newline).
+    fn push_common(&self, s: &mut String) {
         // Writing to a String cannot fail.
         let _ = write!(s, "{} - - [", self.client);
-        push_time(&mut s, self.time);
+        push_time(s, self.time);
         s.push_str("] \"");
-        push_escaped(&mut s, self.method.as_str().as_bytes());
+        push_escaped(s, self.method.as_str().as_bytes());
         s.push(' ');
         match self.uri.path_and_query() {
-            Some(pq) => push_escaped(&mut s, pq.as_str().as_bytes()),
-            None => push_escaped(&mut s, self.uri.to_string().as_bytes()),
+            Some(pq) => push_escaped(s, pq.as_str().as_bytes()),
+            None => push_escaped(s, self.uri.to_string().as_bytes()),
         }
         s.push(' ');
         s.push_str(version_str(self.version));
@@ -323,24 +348,27 @@ impl Entry<'_> {
             }
             None => s.push('-'),
         }
+    }
+
+    /// The `combined` line, ending in `\n`.
+    pub(crate) fn line(&self) -> String {
+        let mut s = String::with_capacity(256);
+        self.push_common(&mut s);
         s.push_str(" \"");
         push_header(&mut s, self.referer);
         s.push_str("\" \"");
         push_header(&mut s, self.user_agent);
         s.push_str("\" backend=");
         s.push_str(self.backend.unwrap_or("-"));
-        let _ = write!(
-            s,
-            " rt={:.4} listener={}",
-            self.response_time.as_secs_f64(),
-            self.listener.as_str()
-        );
+        let _ = write!(s, " rt={:.4}", self.response_time.as_secs_f64());
+        crate::access_format::push_timings(&mut s, self);
+        let _ = write!(s, " listener={}", self.listener.as_str());
         s.push('\n');
         s
     }
 }
 
-fn version_str(v: Version) -> &'static str {
+pub(crate) fn version_str(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -456,6 +484,10 @@ where
         let version = req.version();
         let referer = req.headers().get(header::REFERER).cloned();
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let tls_handshake = req
+            .extensions()
+            .get::<serve::ConnInfo>()
+            .and_then(|i| i.tls_handshake);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -478,8 +510,10 @@ where
                 backend: resp.extensions().get::<ServedBy>().map(|s| &*s.0),
                 response_time: started.elapsed(),
                 listener,
+                tls_handshake,
+                timing: resp.extensions().get::<UpstreamTiming>(),
             };
-            log.send(&entry.line());
+            log.send(&entry.line_as((log.0).0.format));
             Ok(resp)
         })
     }
@@ -495,6 +529,7 @@ mod rotation_tests {
         // No writer thread: nothing drains the buffer.
         let dropped = Counter::default();
         let shared = Arc::new(Shared {
+            format: AccessLogFormat::Combined,
             pending: std::sync::Mutex::new(Pending::default()),
             wake: std::sync::Condvar::new(),
             dropped: dropped.clone(),
@@ -522,9 +557,14 @@ mod rotation_tests {
             max_bytes: 1000,
             keep: 2,
         };
-        let log = AccessLog::open(&path, rotation, Counter::default())
-            .await
-            .unwrap();
+        let log = AccessLog::open(
+            &path,
+            rotation,
+            AccessLogFormat::Combined,
+            Counter::default(),
+        )
+        .await
+        .unwrap();
         let line = format!("{}\n", "x".repeat(99));
         for _ in 0..100 {
             // Paced so the bounded queue never drops a line.
@@ -621,13 +661,36 @@ mod tests {
             backend: Some("web-01"),
             response_time: Duration::from_micros(3100),
             listener: Listener::Https,
+            tls_handshake: Some(Duration::from_micros(1200)),
+            timing: Some(&UpstreamTiming {
+                queue: Duration::from_micros(100),
+                connect: Some(Duration::from_micros(800)),
+                response: Duration::from_micros(2000),
+            }),
         };
         assert_eq!(
             entry.line(),
             "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /api/messages?x=1 HTTP/2.0\" \
              200 1234 \"https://www.foobar.com/\" \"evil\\\" agent\\\\\" backend=web-01 \
-             rt=0.0031 listener=https\n"
+             rt=0.0031 tls=0.0012 queue=0.0001 connect=0.0008 upstream=0.0020 listener=https\n"
         );
+        assert_eq!(
+            entry.line_as(AccessLogFormat::Common),
+            "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /api/messages?x=1 HTTP/2.0\" \
+             200 1234\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&entry.line_as(AccessLogFormat::Json)).unwrap();
+        assert_eq!(json["time"], "2026-11-22T03:40:01Z");
+        assert_eq!(json["client"], "127.0.0.1");
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["path"], "/api/messages?x=1");
+        assert_eq!(json["status"], 200);
+        assert_eq!(json["bytes"], 1234);
+        assert_eq!(json["user_agent"], r#"evil" agent\"#);
+        assert_eq!(json["backend"], "web-01");
+        assert_eq!(json["connect_time"], 0.0008);
+        assert_eq!(json["tls_handshake_time"], 0.0012);
         let redirect = Entry {
             uri: &Uri::from_static("/a"),
             version: Version::HTTP_11,
@@ -638,13 +701,23 @@ mod tests {
             backend: None,
             response_time: Duration::ZERO,
             listener: Listener::Http,
+            tls_handshake: None,
+            timing: None,
             ..entry
         };
         assert_eq!(
             redirect.line(),
             "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /a HTTP/1.1\" 301 - \"-\" \"-\" \
-             backend=- rt=0.0000 listener=http\n"
+             backend=- rt=0.0000 tls=- queue=- connect=- upstream=- listener=http\n"
         );
+        assert_eq!(
+            redirect.line_as(AccessLogFormat::Common),
+            "127.0.0.1 - - [22/Nov/2026:03:40:01 +0000] \"GET /a HTTP/1.1\" 301 -\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&redirect.line_as(AccessLogFormat::Json)).unwrap();
+        assert_eq!(json["backend"], serde_json::Value::Null);
+        assert_eq!(json["bytes"], serde_json::Value::Null);
     }
 
     #[tokio::test]
@@ -656,9 +729,14 @@ mod tests {
             max_bytes: 1 << 20,
             keep: 1,
         };
-        let log = AccessLog::open(&path, rotation, register_dropped(&mut registry))
-            .await
-            .unwrap();
+        let log = AccessLog::open(
+            &path,
+            rotation,
+            AccessLogFormat::Combined,
+            register_dropped(&mut registry),
+        )
+        .await
+        .unwrap();
         let client: IpAddr = "192.0.2.7".parse().unwrap();
         let svc = ServiceBuilder::new()
             .layer(AccessLogLayer::new(Some(log), Listener::Https, client))

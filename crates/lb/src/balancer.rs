@@ -1,14 +1,37 @@
-//! The backend set: each backend's up/down state (written by its health checker, read by
-//! every request) and the round-robin order in which requests try them.
+//! The backend set: each backend's state — active health (written by its checker),
+//! passive health ([`crate::outlier`]), drain flag, slow-start ramp, slots and queue — and
+//! the choice of a backend for each request.
+//!
+//! A request may go to the backends that are *available*: up by the active checks, not
+//! ejected, not draining, not yet tried for this request. Primaries are used while one is
+//! available; backups (`backup = true`) only when none is (HAProxy/nginx `backup`). Among
+//! them the algorithm of [`crate::selection`] chooses, unless the request's sticky cookie
+//! names an available backend ([`crate::sticky`]). Then: a free slot on the chosen backend;
+//! else (algorithms without affinity) a free slot on another; else a place in a queue
+//! (HAProxy `maxconn` + `timeout queue` semantics; each queue is FIFO) — the chosen
+//! backend's for hashing and stickiness, the shortest otherwise.
+//!
+//! Slow start (nginx `slow_start`, HAProxy `slowstart`): a backend that comes back up after
+//! having been up before, or whose ejection ends, has its weight scaled from 1/10 to full
+//! linearly over `slow_start_ms` (weighted algorithms). The first rise after start has no
+//! ramp.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use topology::{Algorithm, Balancing};
 
+use crate::backend_metrics::{BackendMetrics, Families};
+use crate::outlier::{Outlier, Policy};
+use crate::retry::Failure;
+use crate::selection::{Candidate, Selector};
+use crate::sticky::Sticky;
 use crate::Backend;
 
 /// One backend and its current health.
@@ -20,7 +43,20 @@ pub(crate) struct BackendState {
     /// `name:port`, the authority of request URIs to this backend (the connector maps the
     /// name back to the address), parsed once instead of per request.
     pub(crate) authority: http::uri::Authority,
+    /// Configured weight (1–256).
+    pub(crate) weight: u32,
+    /// Used only when no primary is available.
+    pub(crate) backup: bool,
     up: AtomicBool,
+    /// Whether it was ever up (the first rise has no slow start).
+    ever_up: AtomicBool,
+    draining: AtomicBool,
+    /// When it last came back up (ms since the balancer's epoch; 0 = no ramp).
+    ramp_from_ms: AtomicU64,
+    /// Passive health.
+    pub(crate) outlier: Outlier,
+    /// Its request series.
+    pub(crate) metrics: BackendMetrics,
     gauge: Gauge,
     /// `backend_max_connections` permits: one per request in flight.
     slots: Arc<Semaphore>,
@@ -30,8 +66,14 @@ pub(crate) struct BackendState {
 }
 
 impl BackendState {
+    /// The active health checks' verdict.
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether it is draining (no new requests; `rampart lb drain`).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Requests in flight to this backend.
@@ -43,12 +85,30 @@ impl BackendState {
     pub(crate) fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
+
+    fn available(&self, now_ms: u64) -> bool {
+        self.is_up() && !self.is_draining() && !self.outlier.is_ejected(now_ms)
+    }
+
+    /// Weight in thousandths after slow start at `now_ms`.
+    fn effective_weight(&self, now_ms: u64, slow_start_ms: u64) -> u64 {
+        let full = u64::from(self.weight.max(1)) * 1000;
+        let from = self
+            .ramp_from_ms
+            .load(Ordering::Relaxed)
+            .max(self.outlier.ejected_until());
+        if slow_start_ms == 0 || from == 0 || now_ms >= from + slow_start_ms {
+            return full;
+        }
+        let elapsed = now_ms.saturating_sub(from);
+        (full * elapsed / slow_start_ms).max(full / 10).max(1)
+    }
 }
 
 /// Why no backend slot was obtained (HAProxy answers both with 503).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QueueError {
-    /// No backend is up.
+    /// No backend is available.
     NoBackend,
     /// The chosen backend's queue holds `backend_queue_max` requests.
     Full,
@@ -60,6 +120,8 @@ pub(crate) enum QueueError {
 #[derive(Debug)]
 pub(crate) struct Slot<'a> {
     pub(crate) backend: &'a BackendState,
+    /// The backend's index (for the sticky cookie).
+    pub(crate) index: usize,
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
@@ -72,27 +134,60 @@ fn authority_of(name: &str, port: u16) -> http::uri::Authority {
         .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.backend"))
 }
 
-/// All backends plus the round-robin counter.
+/// What of a request steers its backend choice: the consistent-hash key and the backend
+/// its sticky cookie names. Computed once per request, before the first attempt.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Affinity {
+    key: Option<u64>,
+    pinned: Option<usize>,
+}
+
+/// How one attempt at a backend ended, as reported to [`Balancer::observe`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// The backend answered with `status`, `elapsed` after the attempt started.
+    Answered {
+        status: StatusCode,
+        elapsed: Duration,
+    },
+    /// The attempt failed.
+    Failed(Failure),
+}
+
+/// All backends plus the algorithm's state.
 #[derive(Debug)]
 pub(crate) struct Balancer {
     backends: Vec<BackendState>,
-    next: AtomicUsize,
+    selector: Selector,
+    sticky: Option<Sticky>,
+    hash_header: Option<HeaderName>,
     queue_max: usize,
     queue_timeout: Duration,
+    slow_start_ms: u64,
+    ejection: Policy,
+    epoch: Instant,
 }
 
 impl Balancer {
     /// Every backend starts down; `gauge(name)` gives its `rampart_backend_up` series.
     /// `max_connections` requests in flight per backend (at least 1); `queue_max` waiting
-    /// per backend for at most `queue_timeout`.
+    /// per backend for at most `queue_timeout`; `balancing` the algorithm, stickiness,
+    /// slow start and ejection settings; `families` the per-backend series.
     pub(crate) fn new(
         backends: &[Backend],
         gauge: impl Fn(&str) -> Gauge,
+        families: &Families,
         max_connections: usize,
         queue_max: usize,
         queue_timeout: Duration,
+        balancing: &Balancing,
     ) -> Balancer {
         let max = max_connections.max(1);
+        let named: Vec<(&str, u32)> = backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight.max(1)))
+            .collect();
+        let names: Vec<&str> = named.iter().map(|(n, _)| *n).collect();
         Balancer {
             backends: backends
                 .iter()
@@ -102,7 +197,14 @@ impl Balancer {
                     BackendState {
                         name: Arc::from(b.name.as_str()),
                         authority: authority_of(&b.name, b.addr.port()),
+                        weight: b.weight.max(1),
+                        backup: b.backup,
                         up: AtomicBool::new(false),
+                        ever_up: AtomicBool::new(false),
+                        draining: AtomicBool::new(false),
+                        ramp_from_ms: AtomicU64::new(0),
+                        outlier: Outlier::default(),
+                        metrics: families.backend(&b.name),
                         gauge: g,
                         slots: Arc::new(Semaphore::new(max)),
                         max,
@@ -110,34 +212,126 @@ impl Balancer {
                     }
                 })
                 .collect(),
-            next: AtomicUsize::new(0),
+            selector: Selector::new(balancing.algorithm, &named),
+            sticky: balancing
+                .sticky_cookie
+                .as_deref()
+                .map(|c| Sticky::new(c, &names)),
+            hash_header: balancing
+                .hash_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             queue_max,
             queue_timeout,
+            slow_start_ms: balancing.slow_start_ms,
+            ejection: Policy::from_config(balancing),
+            epoch: Instant::now(),
         }
     }
 
-    /// A slot on a backend that is up, skipping `tried`: the first in round-robin order
-    /// with a free slot; when all are busy, a place in the queue of the one with the
-    /// shortest queue (HAProxy `maxconn` + `timeout queue` semantics; the queue is FIFO).
-    pub(crate) async fn acquire(&self, tried: &[Arc<str>]) -> Result<Slot<'_>, QueueError> {
-        let order: Vec<&BackendState> = self
-            .order()
-            .into_iter()
-            .filter(|b| !tried.contains(&b.name))
-            .collect();
-        if order.is_empty() {
-            return Err(QueueError::NoBackend);
-        }
-        for b in &order {
-            if let Ok(permit) = b.slots.clone().try_acquire_owned() {
-                return Ok(Slot { backend: b, permit });
+    /// Milliseconds since the balancer started, at least 1 (0 means "never" in the
+    /// backends' timestamps).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// The algorithm in use.
+    pub(crate) fn algorithm(&self) -> Algorithm {
+        self.selector.algorithm()
+    }
+
+    /// What steers a request from `client` with `headers`: the hash of `hash_header` (or
+    /// of the client address) for consistent hashing, the backend of its sticky cookie.
+    pub(crate) fn affinity(&self, headers: &HeaderMap, client: IpAddr) -> Affinity {
+        let key = (self.selector.algorithm() == Algorithm::ConsistentHash).then(|| {
+            match self.hash_header.as_ref().and_then(|h| headers.get(h)) {
+                Some(v) => crate::selection::hash(v.as_bytes()),
+                None => match client {
+                    IpAddr::V4(a) => crate::selection::hash(&a.octets()),
+                    IpAddr::V6(a) => crate::selection::hash(&a.octets()),
+                },
             }
+        });
+        let pinned = self.sticky.as_ref().and_then(|s| s.pinned(headers));
+        Affinity { key, pinned }
+    }
+
+    /// The `Set-Cookie` value for a response from backend `index`, when stickiness is on
+    /// and the request was not already pinned there.
+    pub(crate) fn sticky_cookie(&self, affinity: &Affinity, index: usize) -> Option<HeaderValue> {
+        let sticky = self.sticky.as_ref()?;
+        if affinity.pinned == Some(index) {
+            return None;
         }
-        let b = order
-            .iter()
-            .min_by_key(|b| b.queued())
-            .copied()
-            .ok_or(QueueError::NoBackend)?;
+        sticky.set_cookie(index)
+    }
+
+    /// The backends a request may go to now, skipping `tried`: the available primaries,
+    /// or the available backups when no primary is.
+    fn candidates(&self, now_ms: u64, tried: &[Arc<str>]) -> Vec<Candidate> {
+        let pick = |backup: bool| -> Vec<Candidate> {
+            self.backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.backup == backup && b.available(now_ms))
+                .filter(|(_, b)| !tried.contains(&b.name))
+                .map(|(index, b)| Candidate {
+                    index,
+                    weight: b.effective_weight(now_ms, self.slow_start_ms),
+                    load: (b.active() + b.queued()) as u64,
+                })
+                .collect()
+        };
+        let primaries = pick(false);
+        if primaries.is_empty() {
+            pick(true)
+        } else {
+            primaries
+        }
+    }
+
+    /// A slot on an available backend not in `tried` (see the module documentation for
+    /// the order).
+    pub(crate) async fn acquire(
+        &self,
+        tried: &[Arc<str>],
+        affinity: &Affinity,
+    ) -> Result<Slot<'_>, QueueError> {
+        let cands = self.candidates(self.now_ms(), tried);
+        let pinned = affinity
+            .pinned
+            .filter(|i| cands.iter().any(|c| c.index == *i));
+        let (chosen, keep) = match pinned {
+            Some(i) => (i, true),
+            None => (
+                self.selector
+                    .pick(&cands, affinity.key)
+                    .ok_or(QueueError::NoBackend)?,
+                self.selector.keeps_affinity(),
+            ),
+        };
+        let slot = |index: usize, permit| Slot {
+            backend: &self.backends[index],
+            index,
+            permit,
+        };
+        let b = &self.backends[chosen];
+        if let Ok(permit) = b.slots.clone().try_acquire_owned() {
+            return Ok(slot(chosen, permit));
+        }
+        let mut wait_at = chosen;
+        if !keep {
+            for c in &cands {
+                if let Ok(permit) = self.backends[c.index].slots.clone().try_acquire_owned() {
+                    return Ok(slot(c.index, permit));
+                }
+            }
+            wait_at = cands
+                .iter()
+                .min_by_key(|c| self.backends[c.index].queued())
+                .map_or(chosen, |c| c.index);
+        }
+        let b = &self.backends[wait_at];
         if b.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_max {
             b.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(QueueError::Full);
@@ -145,8 +339,42 @@ impl Balancer {
         let got = tokio::time::timeout(self.queue_timeout, b.slots.clone().acquire_owned()).await;
         b.waiting.fetch_sub(1, Ordering::AcqRel);
         match got {
-            Ok(Ok(permit)) => Ok(Slot { backend: b, permit }),
+            Ok(Ok(permit)) => Ok(slot(wait_at, permit)),
             _ => Err(QueueError::Timeout),
+        }
+    }
+
+    /// Records how an attempt at `backend` ended: passive health (a connect failure, a
+    /// reset or a 5xx counts as a failure; enough in a row eject it).
+    pub(crate) fn observe(&self, backend: &BackendState, outcome: Outcome) {
+        let failed = match outcome {
+            Outcome::Answered { status, elapsed } => {
+                backend.metrics.answered(status, elapsed.as_secs_f64());
+                status.is_server_error()
+            }
+            Outcome::Failed(failure) => {
+                backend.metrics.failed(failure);
+                true
+            }
+        };
+        if !failed {
+            backend.outlier.success();
+            return;
+        }
+        let now = self.now_ms();
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| b.outlier.is_ejected(now))
+            .count();
+        let room = ejected < self.ejection.max_ejected(self.backends.len());
+        if let Some(ms) = backend.outlier.failure(&self.ejection, now, room) {
+            tracing::warn!(
+                backend = %backend.name,
+                ejected_for_ms = ms,
+                after = self.ejection.consecutive,
+                "backend ejected after consecutive failures"
+            );
         }
     }
 
@@ -154,23 +382,47 @@ impl Balancer {
         &self.backends
     }
 
+    /// Publishes the active health checks' verdict on backend `index`. A backend coming
+    /// back up after having been up before ramps up (slow start) and its ejection, if any,
+    /// ends.
     pub(crate) fn set_up(&self, index: usize, up: bool) {
         if let Some(b) = self.backends.get(index) {
-            b.up.store(up, Ordering::Release);
+            let was = b.up.swap(up, Ordering::AcqRel);
+            if up && !was {
+                let now = self.now_ms();
+                if b.ever_up.swap(true, Ordering::AcqRel) {
+                    b.ramp_from_ms.store(now, Ordering::Relaxed);
+                }
+                b.outlier.clear(now);
+            }
             b.gauge.set(i64::from(up));
         }
     }
 
-    /// The backends that are up, starting at the next one in round-robin order, each once:
-    /// the first is the one to use, the rest are the fallbacks when connecting fails.
-    /// Empty when no backend is up.
-    pub(crate) fn order(&self) -> Vec<&BackendState> {
-        let mut up: Vec<&BackendState> = self.backends.iter().filter(|b| b.is_up()).collect();
-        if !up.is_empty() {
-            let start = self.next.fetch_add(1, Ordering::Relaxed) % up.len();
-            up.rotate_left(start);
+    /// Sets backend `name` draining (no new requests; those in flight finish) or back in
+    /// rotation. False when no backend has that name.
+    pub(crate) fn set_draining(&self, name: &str, draining: bool) -> bool {
+        match self.backends.iter().find(|b| &*b.name == name) {
+            Some(b) => {
+                b.draining.store(draining, Ordering::Release);
+                true
+            }
+            None => false,
         }
-        up
+    }
+
+    /// Whether backend `index` is ejected now.
+    pub(crate) fn is_ejected(&self, index: usize) -> bool {
+        let now = self.now_ms();
+        self.backends
+            .get(index)
+            .is_some_and(|b| b.outlier.is_ejected(now))
+    }
+
+    /// Whether backend `index` is available now (up, not ejected, not draining).
+    pub(crate) fn is_available(&self, index: usize) -> bool {
+        let now = self.now_ms();
+        self.backends.get(index).is_some_and(|b| b.available(now))
     }
 }
 
@@ -178,26 +430,34 @@ impl Balancer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::HashMap;
 
     #[tokio::test]
     async fn slots_then_a_bounded_queue_then_503() {
         let b = balancer(1);
         b.set_up(0, true);
-        let s1 = b.acquire(&[]).await.unwrap();
-        let _s2 = b.acquire(&[]).await.unwrap();
+        let none = Affinity::default();
+        let s1 = b.acquire(&[], &none).await.unwrap();
+        let _s2 = b.acquire(&[], &none).await.unwrap();
         assert_eq!(b.backends()[0].active(), 2);
         // Both slots taken: the next request waits (queue of 1) and times out.
-        assert_eq!(b.acquire(&[]).await.unwrap_err(), QueueError::Timeout);
+        assert_eq!(
+            b.acquire(&[], &none).await.unwrap_err(),
+            QueueError::Timeout
+        );
         // A waiting request gets the slot given back.
-        let waiter = b.acquire(&[]);
+        let waiter = b.acquire(&[], &none);
         tokio::pin!(waiter);
         assert!(futures_poll_once(waiter.as_mut()).await.is_none());
         // While one waits, the queue is full.
-        assert_eq!(b.acquire(&[]).await.unwrap_err(), QueueError::Full);
+        assert_eq!(b.acquire(&[], &none).await.unwrap_err(), QueueError::Full);
         drop(s1);
         assert!(waiter.await.is_ok());
         let name = b.backends()[0].name.clone();
-        assert_eq!(b.acquire(&[name]).await.unwrap_err(), QueueError::NoBackend);
+        assert_eq!(
+            b.acquire(&[name], &none).await.unwrap_err(),
+            QueueError::NoBackend
+        );
     }
 
     async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
@@ -211,53 +471,227 @@ mod tests {
         .await
     }
 
-    fn balancer(n: usize) -> Balancer {
-        let backends: Vec<Backend> = (0..n)
-            .map(|i| Backend {
+    fn backends(specs: &[(u32, bool)]) -> Vec<Backend> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, (weight, backup))| Backend {
                 server_name: None,
                 name: format!("web-{i:02}"),
                 addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                weight: *weight,
+                backup: *backup,
             })
-            .collect();
+            .collect()
+    }
+
+    fn with(specs: &[(u32, bool)], balancing: Balancing) -> Balancer {
         Balancer::new(
-            &backends,
+            &backends(specs),
             |_| Gauge::default(),
+            &Families::unregistered(),
             2,
             1,
             Duration::from_millis(50),
+            &balancing,
         )
     }
 
-    fn first(b: &Balancer) -> Option<String> {
-        b.order().first().map(|s| s.name.to_string())
+    fn balancer(n: usize) -> Balancer {
+        with(&vec![(1, false); n], Balancing::default())
     }
 
-    #[test]
-    fn starts_with_every_backend_down() {
+    /// The backend a request with `affinity` gets (its slot given back at once).
+    async fn pick(b: &Balancer, affinity: &Affinity) -> Option<String> {
+        b.acquire(&[], affinity)
+            .await
+            .ok()
+            .map(|s| s.backend.name.to_string())
+    }
+
+    async fn picks(b: &Balancer, n: usize) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            *seen
+                .entry(pick(b, &Affinity::default()).await.unwrap())
+                .or_default() += 1;
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn starts_with_every_backend_down() {
         let b = balancer(2);
-        assert!(b.order().is_empty());
+        assert_eq!(pick(&b, &Affinity::default()).await, None);
     }
 
-    #[test]
-    fn round_robin_skips_down_backends() {
+    #[tokio::test]
+    async fn round_robin_skips_down_backends() {
         let b = balancer(3);
         b.set_up(0, true);
         b.set_up(2, true);
-        let picks: Vec<_> = (0..4).map(|_| first(&b).unwrap()).collect();
-        assert_eq!(picks, ["web-00", "web-02", "web-00", "web-02"]);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(pick(&b, &Affinity::default()).await.unwrap());
+        }
+        assert_eq!(got, ["web-00", "web-02", "web-00", "web-02"]);
     }
 
-    #[test]
-    fn order_lists_each_up_backend_once() {
-        let b = balancer(3);
+    #[tokio::test]
+    async fn weights_and_backups() {
+        let b = with(&[(3, false), (1, false), (5, true)], Balancing::default());
         for i in 0..3 {
             b.set_up(i, true);
         }
-        let order: Vec<_> = b.order().iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(order, ["web-00", "web-01", "web-02"]);
-        let order: Vec<_> = b.order().iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(order, ["web-01", "web-02", "web-00"]);
+        // The backup gets nothing while a primary is available.
+        let seen = picks(&b, 400).await;
+        assert_eq!(seen["web-00"], 300);
+        assert_eq!(seen["web-01"], 100);
+        assert!(!seen.contains_key("web-02"));
+        // Both primaries down: the backup takes everything, and gives it back.
+        b.set_up(0, false);
         b.set_up(1, false);
-        assert_eq!(b.order().len(), 2);
+        assert_eq!(picks(&b, 10).await["web-02"], 10);
+        b.set_up(1, true);
+        assert_eq!(picks(&b, 10).await["web-01"], 10);
+    }
+
+    #[tokio::test]
+    async fn draining_takes_a_backend_out_until_enabled() {
+        let b = balancer(2);
+        b.set_up(0, true);
+        b.set_up(1, true);
+        assert!(b.set_draining("web-00", true));
+        assert!(!b.set_draining("web-99", true));
+        assert_eq!(picks(&b, 10).await["web-01"], 10);
+        assert!(!b.is_available(0));
+        b.set_draining("web-00", false);
+        assert_eq!(picks(&b, 10).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn sticky_cookie_pins_and_re_pins_when_its_backend_goes_down() {
+        let cfg = Balancing {
+            sticky_cookie: Some("lb".into()),
+            ..Balancing::default()
+        };
+        let b = with(&[(1, false); 3], cfg);
+        for i in 0..3 {
+            b.set_up(i, true);
+        }
+        let client: IpAddr = [192, 0, 2, 1].into();
+        let first = b.acquire(&[], &Affinity::default()).await.unwrap();
+        let (index, name) = (first.index, first.backend.name.clone());
+        drop(first);
+        let cookie = b.sticky_cookie(&Affinity::default(), index).unwrap();
+        let mut h = HeaderMap::new();
+        let pair = cookie
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        h.insert(http::header::COOKIE, HeaderValue::from_str(&pair).unwrap());
+        let aff = b.affinity(&h, client);
+        for _ in 0..10 {
+            assert_eq!(pick(&b, &aff).await.as_deref(), Some(&*name));
+        }
+        // Already pinned there: no new cookie.
+        assert_eq!(b.sticky_cookie(&aff, index), None);
+        b.set_up(index, false);
+        let moved = b.acquire(&[], &aff).await.unwrap();
+        assert_ne!(moved.index, index);
+        assert!(b.sticky_cookie(&aff, moved.index).is_some());
+    }
+
+    #[tokio::test]
+    async fn consistent_hash_keeps_keys_and_moves_only_a_down_backends_keys() {
+        let cfg = Balancing {
+            algorithm: Algorithm::ConsistentHash,
+            hash_header: Some("x-user".into()),
+            ..Balancing::default()
+        };
+        let b = with(&[(1, false); 4], cfg);
+        for i in 0..4 {
+            b.set_up(i, true);
+        }
+        let client: IpAddr = [192, 0, 2, 1].into();
+        let aff = |user: usize| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-user",
+                HeaderValue::from_str(&format!("user-{user}")).unwrap(),
+            );
+            b.affinity(&h, client)
+        };
+        let mut before = Vec::new();
+        for u in 0..400 {
+            before.push(pick(&b, &aff(u)).await.unwrap());
+        }
+        for (u, home) in before.iter().enumerate() {
+            assert_eq!(&pick(&b, &aff(u)).await.unwrap(), home);
+        }
+        let mut per: HashMap<&str, usize> = HashMap::new();
+        for n in &before {
+            *per.entry(n).or_default() += 1;
+        }
+        println!("keys per backend: {per:?}");
+        assert_eq!(per.len(), 4);
+        assert!(per.values().all(|n| (50..=150).contains(n)), "{per:?}");
+        b.set_up(2, false);
+        for (u, home) in before.iter().enumerate() {
+            let now = pick(&b, &aff(u)).await.unwrap();
+            if home == "web-02" {
+                assert_ne!(now, "web-02");
+            } else {
+                assert_eq!(&now, home, "user-{u} moved off a healthy backend");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ejected_backend_is_skipped_and_returns_with_slow_start() {
+        let cfg = Balancing {
+            eject_consecutive_failures: 2,
+            ejection_base_ms: 60_000,
+            slow_start_ms: 60_000,
+            ..Balancing::default()
+        };
+        let b = with(&[(1, false); 2], cfg);
+        b.set_up(0, true);
+        b.set_up(1, true);
+        let fail = Outcome::Failed(Failure::Connect);
+        let ok = Outcome::Answered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+        };
+        let bad = Outcome::Answered {
+            status: StatusCode::BAD_GATEWAY,
+            elapsed: Duration::ZERO,
+        };
+        let web0 = &b.backends()[0];
+        b.observe(web0, fail);
+        b.observe(web0, ok);
+        b.observe(web0, bad);
+        assert!(b.is_available(0), "a success resets the count");
+        b.observe(web0, bad);
+        assert!(!b.is_available(0));
+        assert_eq!(web0.outlier.ejections(), 1);
+        assert_eq!(picks(&b, 10).await["web-01"], 10);
+        // At most 50 % ejected: web-01 stays in however it fails.
+        for _ in 0..5 {
+            b.observe(&b.backends()[1], fail);
+        }
+        assert!(b.is_available(1));
+        // Health checks see web-00 come back: ejection over, weight ramps from 1/10.
+        b.set_up(0, false);
+        b.set_up(0, true);
+        assert!(b.is_available(0));
+        let w = web0.effective_weight(b.now_ms(), 60_000);
+        assert!((100..300).contains(&w), "{w}");
+        let seen = picks(&b, 110).await;
+        println!("during slow start: {seen:?}");
+        assert!(seen["web-00"] <= 30, "{seen:?}");
     }
 }

@@ -17,6 +17,25 @@ pub struct Backend {
     /// The name the backend's TLS certificate must carry, sent as SNI; `None`: `name`
     /// (lab backends are named after their host). Unused for plain backends.
     pub server_name: Option<String>,
+    /// Relative share of requests, 1–256 (`[balancer.backends.<host>] weight`); 1 when
+    /// made with [`Backend::new`].
+    pub weight: u32,
+    /// Used only while no non-backup backend is available
+    /// (`[balancer.backends.<host>] backup`).
+    pub backup: bool,
+}
+
+impl Backend {
+    /// A primary backend of weight 1 whose certificate carries `name`.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Backend {
+        Backend {
+            name: name.into(),
+            addr,
+            server_name: None,
+            weight: 1,
+            backup: false,
+        }
+    }
 }
 
 /// Everything [`crate::start`] needs.
@@ -36,7 +55,7 @@ pub struct LbConfig {
     /// The public site name, e.g. `www.foobar.com`: the redirect target when a request
     /// carries no usable `Host`.
     pub site_domain: String,
-    /// The backends, balanced round robin in this order.
+    /// The backends, in this order (the order of round robin and of the metrics).
     pub backends: Vec<Backend>,
     /// The insecure variant: plain HTTP/1.1 to the backends instead of mutual TLS.
     pub plain_backends: bool,
@@ -59,6 +78,8 @@ pub struct LbConfig {
     pub response_headers: Vec<(String, String)>,
     /// Size cap and rotation of the access log (`[access_log]` of the topology).
     pub access_log_rotation: crate::Rotation,
+    /// The access log's line format (`[access_log] format`).
+    pub access_log_format: topology::AccessLogFormat,
     /// Where to append the access log (one line per request on either listener, see
     /// [`crate::start`]); created with mode 0644 when missing, its directory must exist.
     /// `None`: no access log. [`LbConfig::from_topology`] leaves it `None` — the topology
@@ -70,13 +91,21 @@ pub struct LbConfig {
     pub standalone: Option<StandaloneTls>,
     /// Whether the HTTP (redirect) listener runs. True in the lab.
     pub http_enabled: bool,
+    /// Where the local admin socket is bound (`rampart lb drain|enable|status`; see
+    /// [`crate::admin`]); its directory must exist and the path fit a Unix socket address
+    /// (107 bytes) — otherwise a warning is logged and the load balancer runs without it.
+    /// `None`: no admin socket.
+    /// [`LbConfig::from_topology`] leaves it `None`; the node sets it to
+    /// `<state>/hosts/<host>/lb-admin.sock`.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl LbConfig {
     /// The configuration of host `host` in topology `t`: its address, the site's ports
     /// (443/80 when unresolved), the site domain, every host holding `web` as a backend at
-    /// `(address, t.ports.web)` in topology order, the topology's health check and the
-    /// `plain_backends` switch; no access log (`access_log: None`).
+    /// `(address, t.ports.web)` in topology order with its `[balancer.backends.<host>]`
+    /// weight and backup flag, the topology's health check and the `plain_backends`
+    /// switch; no access log (`access_log: None`).
     ///
     /// `None` when `host` is not in the topology or does not hold the `lb` role.
     pub fn from_topology(
@@ -91,10 +120,13 @@ impl LbConfig {
         }
         let backends = t
             .hosts_with(Role::Web)
-            .map(|h| Backend {
-                name: h.name.clone(),
-                addr: SocketAddr::new(h.address, t.ports.web),
-                server_name: None,
+            .map(|h| {
+                let o = t.balancer.balancing.backend(&h.name);
+                Backend {
+                    weight: o.weight,
+                    backup: o.backup,
+                    ..Backend::new(h.name.clone(), SocketAddr::new(h.address, t.ports.web))
+                }
             })
             .collect();
         Some(LbConfig {
@@ -121,9 +153,11 @@ impl LbConfig {
                 max_bytes: t.access_log.max_bytes,
                 keep: t.access_log.keep,
             },
+            access_log_format: t.access_log.format,
             access_log: None,
             standalone: None,
             http_enabled: true,
+            admin_socket: None,
         })
     }
 }
@@ -138,14 +172,21 @@ pub struct StandaloneOptions {
     pub http_listen: Option<std::net::SocketAddr>,
     /// Certificate, key and backend CA.
     pub tls: StandaloneTls,
-    /// Backend addresses, in order (named `b1`, `b2`, … in metrics and logs).
-    pub backends: Vec<std::net::SocketAddr>,
+    /// Backends, in order (named `b1`, `b2`, … in metrics, logs and `rampart lb drain`).
+    pub backends: Vec<BackendSpec>,
+    /// Algorithm, hash header, sticky cookie (`--balance`, `--hash-header`,
+    /// `--sticky-cookie`); the other keys keep the topology model's defaults.
+    pub balancing: topology::Balancing,
     /// The names the site answers to (others get 421); empty: any host.
     pub site_names: Vec<String>,
     /// Health-check path (GET, 2xx = up). Default `/`.
     pub health_path: String,
     /// Access log file, if any.
     pub access_log: Option<PathBuf>,
+    /// Its line format (`--access-log-format`).
+    pub access_log_format: topology::AccessLogFormat,
+    /// The admin socket (`--admin-socket`), if any.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl LbConfig {
@@ -154,8 +195,32 @@ impl LbConfig {
     /// policy that admits anyone on the two listeners, TLS from files.
     ///
     /// Errors: the HTTP listener is on another address than the HTTPS one (one network seam
-    /// has one address).
+    /// has one address); a hash header without the `consistent_hash` algorithm; every
+    /// backend a backup.
     pub fn standalone(o: StandaloneOptions) -> Result<LbConfig, String> {
+        if o.balancing.hash_header.is_some()
+            && o.balancing.algorithm != topology::Algorithm::ConsistentHash
+        {
+            return Err(format!(
+                "--hash-header is only used by --balance consistent-hash, not {}",
+                o.balancing.algorithm.as_str().replace('_', "-")
+            ));
+        }
+        for (flag, v) in [
+            ("--hash-header", &o.balancing.hash_header),
+            ("--sticky-cookie", &o.balancing.sticky_cookie),
+        ] {
+            if let Some(v) = v {
+                if !topology::is_token(v) {
+                    return Err(format!(
+                        "{flag} {v:?} is not a valid name (letters, digits, '-')"
+                    ));
+                }
+            }
+        }
+        if !o.backends.is_empty() && o.backends.iter().all(|b| b.backup) {
+            return Err("every --backend is a backup: leave at least one without ,backup".into());
+        }
         use std::sync::Arc;
         use topology::{Callers, Policy, Rule, Service, Sources};
         if let Some(h) = o.http_listen {
@@ -195,10 +260,11 @@ impl LbConfig {
             .backends
             .iter()
             .enumerate()
-            .map(|(i, addr)| Backend {
-                name: format!("b{}", i + 1),
-                addr: *addr,
-                server_name: tls_backends.then(|| addr.ip().to_string()),
+            .map(|(i, spec)| Backend {
+                server_name: tls_backends.then(|| spec.addr.ip().to_string()),
+                weight: spec.weight,
+                backup: spec.backup,
+                ..Backend::new(format!("b{}", i + 1), spec.addr)
             })
             .collect();
         let mut health = t.health_check.clone();
@@ -214,7 +280,10 @@ impl LbConfig {
             plain_backends: !tls_backends,
             health,
             pki: pki::PkiPaths::new("/nonexistent"),
-            balancer: t.balancer.clone(),
+            balancer: topology::BalancerLimits {
+                balancing: o.balancing,
+                ..t.balancer.clone()
+            },
             request_body_timeout: https.body_timeout(),
             request_body_deadline: https.body_deadline(),
             site_names: o.site_names,
@@ -228,10 +297,58 @@ impl LbConfig {
                 max_bytes: t.access_log.max_bytes,
                 keep: t.access_log.keep,
             },
+            access_log_format: o.access_log_format,
             access_log: o.access_log,
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),
+            admin_socket: o.admin_socket,
         })
+    }
+}
+
+/// One `--backend` of `rampart lb`: `ADDR[,weight=N][,backup]`, e.g.
+/// `10.0.0.11:8080,weight=3` or `10.0.0.13:8080,backup` (nginx `server … weight=N backup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Where the backend listens.
+    pub addr: SocketAddr,
+    /// Relative share of requests, 1–256. Default 1.
+    pub weight: u32,
+    /// Used only while no other backend is available. Default false.
+    pub backup: bool,
+}
+
+impl std::str::FromStr for BackendSpec {
+    type Err = String;
+
+    /// Errors name the part that is wrong and the expected shape.
+    fn from_str(text: &str) -> Result<BackendSpec, String> {
+        let mut parts = text.split(',');
+        let addr = parts.next().unwrap_or_default().trim();
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not IP:PORT (ADDR[,weight=N][,backup])"))?;
+        let mut spec = BackendSpec {
+            addr,
+            weight: 1,
+            backup: false,
+        };
+        for part in parts.map(str::trim) {
+            if part == "backup" {
+                spec.backup = true;
+            } else if let Some(w) = part.strip_prefix("weight=") {
+                spec.weight = w
+                    .parse()
+                    .ok()
+                    .filter(|w| (1..=topology::MAX_WEIGHT).contains(w))
+                    .ok_or_else(|| format!("weight {w:?} is not 1 to 256"))?;
+            } else {
+                return Err(format!(
+                    "unknown backend option {part:?} (ADDR[,weight=N][,backup])"
+                ));
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -299,6 +416,50 @@ roles = ["web", "app"]
         let paths = pki::PkiPaths::new("/nonexistent");
         assert!(LbConfig::from_topology(&t, "web-01", paths.clone(), net(&t, "web-01")).is_none());
         assert!(LbConfig::from_topology(&t, "nobody", paths, net(&t, "lb-01")).is_none());
+    }
+
+    #[test]
+    fn backend_specs_parse_weight_and_backup() {
+        let b: BackendSpec = "10.0.0.1:80,weight=3,backup".parse().unwrap();
+        assert_eq!(
+            b,
+            BackendSpec {
+                addr: "10.0.0.1:80".parse().unwrap(),
+                weight: 3,
+                backup: true
+            }
+        );
+        let plain: BackendSpec = "[::1]:8080".parse().unwrap();
+        assert_eq!((plain.weight, plain.backup), (1, false));
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:80,weight=0",
+            "10.0.0.1:80,weight=x",
+            "10.0.0.1:80,slow",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn from_topology_takes_weights_and_backups() {
+        let text = format!(
+            "[balancer]\nalgorithm = \"least_connections\"\n[balancer.backends.web-02]\nweight = 4\nbackup = true\n{TOML}"
+        );
+        let t = Topology::parse(&text, "test.toml").unwrap();
+        let cfg = LbConfig::from_topology(
+            &t,
+            "lb-01",
+            pki::PkiPaths::new("/nonexistent"),
+            net(&t, "lb-01"),
+        )
+        .unwrap();
+        assert_eq!((cfg.backends[0].weight, cfg.backends[0].backup), (1, false));
+        assert_eq!((cfg.backends[1].weight, cfg.backends[1].backup), (4, true));
+        assert_eq!(
+            cfg.balancer.balancing.algorithm,
+            topology::Algorithm::LeastConnections
+        );
     }
 
     fn net(t: &Topology, host: &str) -> firewall::Net {

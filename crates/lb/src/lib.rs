@@ -1,7 +1,10 @@
 //! The load balancer of `www.foobar.com`: an HTTPS listener holding the site certificate
-//! (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) that forwards every request round robin to the
-//! backends its health checks consider up, over pooled mutual-TLS HTTP/1.1 connections made
-//! from this host's address; and an HTTP listener that only redirects to HTTPS.
+//! (TLS 1.2/1.3, HTTP/1.1 and HTTP/2) that forwards every request to one of the backends
+//! its active and passive health checks consider available — chosen by the configured
+//! algorithm, sticky cookie, weights and backup flags — over pooled mutual-TLS HTTP/1.1
+//! connections made from this host's address, retrying idempotent requests elsewhere
+//! within a budget; an HTTP listener that only redirects to HTTPS; and a local admin
+//! socket to drain and enable backends.
 //!
 //! This crate owns the listeners, the balancing and retry policy, the active health checks,
 //! the access log (one line per request on either listener, nginx `combined` format plus
@@ -25,15 +28,24 @@
 
 #![forbid(unsafe_code)]
 
+mod access_format;
 mod access_log;
+pub mod admin;
+mod backend_metrics;
 mod balancer;
 mod config;
 mod health;
 mod layers;
+mod outlier;
 mod proxy;
 pub mod rate_limit;
 mod redirect;
+mod retry;
+mod selection;
+mod sticky;
+mod unavailable;
 mod upstream;
+mod websocket;
 
 use std::collections::HashMap;
 use std::io;
@@ -54,7 +66,12 @@ use topology::Service;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
-pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
+
+/// File name of a lab load balancer's admin socket in its host directory
+/// (`<state>/hosts/<host>/lb-admin.sock`).
+pub const ADMIN_SOCKET_FILE: &str = "lb-admin.sock";
+pub use config::{Backend, BackendSpec, LbConfig, StandaloneOptions, StandaloneTls};
+pub use topology::{AccessLogFormat, Algorithm, Balancing};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
 use balancer::Balancer;
@@ -112,6 +129,7 @@ pub struct LbHandle {
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
     access_log: Option<AccessLog>,
+    admin_socket: Option<PathBuf>,
 }
 
 impl LbHandle {
@@ -147,6 +165,22 @@ impl LbHandle {
         self.balancer.backends().iter().any(|b| b.is_up())
     }
 
+    /// Every backend's state, in configuration order.
+    pub fn backend_status(&self) -> Vec<BackendStatus> {
+        status_of(&self.balancer)
+    }
+
+    /// Drains backend `name` (`draining = true`: no new requests go to it, those in
+    /// flight finish) or puts it back in rotation (`false`). Takes effect for the next
+    /// request; not persisted across restarts. False when no backend has that name.
+    pub fn set_draining(&self, name: &str, draining: bool) -> bool {
+        let found = self.balancer.set_draining(name, draining);
+        if found {
+            tracing::info!(backend = name, draining, "backend drain state changed");
+        }
+        found
+    }
+
     /// Reopens the access log at its path before its next line (SIGHUP, after an external
     /// log rotation renamed the file).
     pub fn reopen_logs(&self) {
@@ -160,7 +194,14 @@ impl LbHandle {
     /// immediately; [`RoleHandle::shutdown`] also waits for the drain.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.remove_admin_socket();
         self.tasks.cancel();
+    }
+
+    fn remove_admin_socket(&self) {
+        if let Some(path) = &self.admin_socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -187,9 +228,50 @@ impl RoleHandle for LbHandle {
     }
     fn shutdown(&self) -> serve::BoxFuture<()> {
         self.shutdown.send_replace(true);
+        self.remove_admin_socket();
         let tasks = self.tasks.clone();
         Box::pin(async move { tasks.shutdown().await })
     }
+}
+
+/// One backend as [`LbHandle::backend_status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackendStatus {
+    /// The backend's name.
+    pub name: String,
+    /// The active health checks' verdict.
+    pub up: bool,
+    /// Ejected by passive outlier detection right now.
+    pub ejected: bool,
+    /// Draining (`rampart lb drain`): no new requests.
+    pub draining: bool,
+    /// Up, not ejected, not draining: new requests may go to it.
+    pub available: bool,
+    /// Configured weight.
+    pub weight: u32,
+    /// A backup backend.
+    pub backup: bool,
+    /// Requests in flight to it.
+    pub active_requests: usize,
+}
+
+/// Every backend of `balancer` as [`BackendStatus`], in configuration order.
+fn status_of(balancer: &Balancer) -> Vec<BackendStatus> {
+    balancer
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| BackendStatus {
+            name: b.name.to_string(),
+            up: b.is_up(),
+            ejected: balancer.is_ejected(i),
+            draining: b.is_draining(),
+            available: balancer.is_available(i),
+            weight: b.weight,
+            backup: b.backup,
+            active_requests: b.active(),
+        })
+        .collect()
 }
 
 /// Labels of `rampart_lb_connections_closed_total`.
@@ -350,23 +432,31 @@ pub async fn start(
     let dropped = access_log::register_dropped(registry);
     let access_log = match &cfg.access_log {
         Some(path) => Some(
-            AccessLog::open(path, cfg.access_log_rotation, dropped)
-                .await
-                .map_err(|source| LbError::AccessLog {
-                    path: path.clone(),
-                    source,
-                })?,
+            AccessLog::open(
+                path,
+                cfg.access_log_rotation,
+                cfg.access_log_format,
+                dropped,
+            )
+            .await
+            .map_err(|source| LbError::AccessLog {
+                path: path.clone(),
+                source,
+            })?,
         ),
         None => None,
     };
     let limits = &cfg.balancer;
     let max_conns = limits.backend_max_connections as usize;
+    let backend_families = backend_metrics::Families::register(registry);
     let balancer = Arc::new(Balancer::new(
         &cfg.backends,
         |name| metrics.backend_up(name),
+        &backend_families,
         max_conns,
         limits.backend_queue_max as usize,
         std::time::Duration::from_millis(limits.backend_queue_timeout_ms),
+        &limits.balancing,
     ));
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
@@ -410,10 +500,24 @@ pub async fn start(
                 f64::from(limits.rate_limit_burst),
             )
         }),
+        retry_budget: retry::RetryBudget::new(
+            limits.balancing.retry_budget_percent,
+            limits.balancing.retry_min_per_second,
+        ),
+        retries_refused: backend_families.refused.clone(),
+        connector: connector.clone(),
+        tunnel_idle: std::time::Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
     });
+    backend_metrics::register_scraped(registry, balancer.clone(), connector.clone());
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
+    if let Some(path) = &cfg.admin_socket {
+        // The admin socket is a convenience: without it the load balancer still serves.
+        if let Err(e) = admin::spawn(path, balancer.clone(), shutdown_rx.clone()) {
+            tracing::warn!(path = %path.display(), error = %e, "admin socket not available; `rampart lb drain|enable|status` cannot reach this load balancer");
+        }
+    }
     for index in 0..cfg.backends.len() {
         tokio::spawn(health::run(
             balancer.clone(),
@@ -481,6 +585,7 @@ pub async fn start(
         https = %https_addr,
         http = ?http_addr,
         backends = cfg.backends.len(),
+        algorithm = balancer.algorithm().as_str(),
         tls_upstream = !cfg.plain_backends,
         access_log = ?cfg.access_log,
         "load balancer listening"
@@ -493,5 +598,6 @@ pub async fn start(
         shutdown,
         tasks,
         access_log: reopen_log,
+        admin_socket: cfg.admin_socket.clone(),
     })
 }

@@ -8,9 +8,12 @@
 //! the request, and the response body read into memory up to `response_buffer_bytes`
 //! before the slot is given back.
 //!
-//! Retry policy: a request is tried on the next backend that is up only when connecting to
-//! the previous one failed (TCP or TLS), i.e. before any byte of it was sent; each backend
-//! is tried at most once. Once a request has been sent it is never replayed.
+//! Retry policy ([`crate::retry`]): a request is tried on another available backend when
+//! connecting failed (any method), or when the connection was reset before the response
+//! was complete and the method is idempotent (RFC 9110 §9.2.2); each backend is tried at
+//! most once and every retry draws on the retry budget. A non-idempotent request that
+//! has been sent is never replayed. Every attempt's outcome is reported to the balancer
+//! (passive health, per-backend metrics).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -34,7 +37,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::balancer::{Balancer, QueueError};
+use crate::balancer::{Balancer, Outcome, QueueError};
+use crate::retry::{Failure, RetryBudget};
 use crate::upstream::UpstreamClient;
 
 /// Response body type of both listeners.
@@ -266,6 +270,14 @@ pub(crate) struct Upstreams {
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
     pub(crate) rate_limit: Option<crate::rate_limit::RateLimit>,
+    /// Bounds retries to a share of requests.
+    pub(crate) retry_budget: RetryBudget,
+    /// Dedicated (unpooled) connections for WebSocket tunnels.
+    pub(crate) connector: crate::upstream::Connector,
+    /// A WebSocket tunnel with no byte either way for this long is closed.
+    pub(crate) tunnel_idle: Duration,
+    /// `rampart_lb_retries_refused_total`.
+    pub(crate) retries_refused: Counter,
 }
 
 impl Upstreams {
@@ -288,6 +300,24 @@ impl Upstreams {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+
+    /// Whether a failed attempt is tried again on another backend: the failure allows it
+    /// for this method ([`Failure::retryable`]) and the retry budget has room.
+    pub(crate) fn may_retry(&self, idempotent: bool, failure: Failure) -> bool {
+        let allowed = match failure {
+            Failure::Connect => true,
+            Failure::Reset => idempotent,
+            Failure::Other => false,
+        };
+        if !allowed {
+            return false;
+        }
+        let granted = self.retry_budget.withdraw();
+        if !granted {
+            self.retries_refused.inc();
+        }
+        granted
     }
 }
 
@@ -503,6 +533,9 @@ impl Proxy {
                 )
             }
         }
+        if crate::websocket::is_upgrade(&req) {
+            return crate::websocket::forward(up, req, self.client_ip).await;
+        }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken
         // framing is the client's fault (400), and the request can be resent on connect
@@ -543,17 +576,20 @@ impl Proxy {
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
 
+        let affinity = up.balancer.affinity(&headers, self.client_ip);
+        up.retry_budget.deposit();
+        let idempotent = crate::retry::idempotent(&parts.method);
         let mut tried: Vec<Arc<str>> = Vec::new();
+        let mut queued = Duration::ZERO;
         loop {
-            let slot = match up.balancer.acquire(&tried).await {
+            let waiting = std::time::Instant::now();
+            let acquired = up.balancer.acquire(&tried, &affinity).await;
+            queued += waiting.elapsed();
+            let slot = match acquired {
                 Ok(s) => s,
                 Err(QueueError::NoBackend) if tried.is_empty() => {
-                    tracing::warn!(side = "upstream", "no backend is up");
-                    return up.reject(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no_backend",
-                        "no backend available",
-                    );
+                    tracing::warn!(side = "upstream", "no backend is available");
+                    return crate::unavailable::no_backend(up);
                 }
                 Err(QueueError::NoBackend) => {
                     return up.reject(
@@ -595,10 +631,18 @@ impl Proxy {
             *req.version_mut() = Version::HTTP_11;
             *req.headers_mut() = headers.clone();
 
+            let attempt = std::time::Instant::now();
             let sent = tokio::time::timeout(RESPONSE_TIMEOUT, up.client.request(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
+                    if let Some(cookie) = up.balancer.sticky_cookie(&affinity, slot.index) {
+                        parts.headers.append(header::SET_COOKIE, cookie);
+                    }
+                    let connect = parts
+                        .extensions
+                        .get::<crate::access_format::ConnectTiming>()
+                        .and_then(|t| t.first_use());
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
@@ -609,29 +653,53 @@ impl Proxy {
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
                         Err(e) => {
+                            // Nothing has reached the client yet: an idempotent request
+                            // may go to another backend.
+                            let failure = Failure::of_chain(&e);
+                            up.balancer.observe(backend, Outcome::Failed(failure));
                             tracing::warn!(side = "upstream", backend = %backend.name, error = %error_chain(&e), "response body failed");
+                            if up.may_retry(idempotent, failure) {
+                                backend.metrics.retried();
+                                tried.push(backend.name.clone());
+                                continue;
+                            }
                             return local(StatusCode::BAD_GATEWAY, "bad gateway");
                         }
                     };
+                    let elapsed = attempt.elapsed();
+                    up.balancer.observe(
+                        backend,
+                        Outcome::Answered {
+                            status: parts.status,
+                            elapsed,
+                        },
+                    );
+                    parts
+                        .extensions
+                        .insert(crate::access_format::UpstreamTiming {
+                            queue: queued,
+                            connect,
+                            response: elapsed,
+                        });
                     return Response::from_parts(parts, body);
                 }
-                Ok(Err(e)) if e.is_connect() => {
-                    tracing::warn!(
-                        side = "upstream",
-                        backend = %backend.name,
-                        error = %error_chain(&e),
-                        "connect failed; trying the next backend"
-                    );
-                    tried.push(backend.name.clone());
-                }
                 Ok(Err(e)) => {
+                    let failure = Failure::of_client(&e);
+                    up.balancer.observe(backend, Outcome::Failed(failure));
+                    let retry = up.may_retry(idempotent, failure);
                     tracing::warn!(
                         side = "upstream",
                         backend = %backend.name,
                         error = %error_chain(&e),
+                        ?failure,
+                        retry,
                         "request failed"
                     );
-                    return local(StatusCode::BAD_GATEWAY, "bad gateway");
+                    if !retry {
+                        return local(StatusCode::BAD_GATEWAY, "bad gateway");
+                    }
+                    backend.metrics.retried();
+                    tried.push(backend.name.clone());
                 }
                 Err(_) => {
                     tracing::warn!(

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,11 +44,30 @@ pub(crate) enum ConnectError {
     Timeout { addr: SocketAddr },
 }
 
-/// A connection to a backend, plain or TLS.
+/// A connection to a backend, plain or TLS; counted in its backend's open connections
+/// while it lives (pooled connections only).
 #[derive(Debug)]
-pub(crate) enum UpstreamIo {
+pub(crate) struct UpstreamIo {
+    stream: Stream,
+    _open: Option<OpenGuard>,
+    /// How long connecting took (reported once, in the access log).
+    timing: crate::access_format::ConnectTiming,
+}
+
+#[derive(Debug)]
+enum Stream {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+/// One open connection of a backend; uncounted on drop.
+#[derive(Debug)]
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl hyper::rt::Read for UpstreamIo {
@@ -56,9 +76,9 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -69,30 +89,30 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -101,16 +121,16 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 }
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.timing.clone())
     }
 }
 
@@ -123,8 +143,9 @@ pub(crate) struct Connector {
 
 struct ConnectorInner {
     net: firewall::Net,
-    /// Backend name → its address and the TLS server name its certificate carries.
-    backends: HashMap<String, (SocketAddr, String)>,
+    /// Backend name → its address, the TLS server name its certificate carries, and its
+    /// open pooled connections.
+    backends: HashMap<String, (SocketAddr, String, Arc<AtomicUsize>)>,
     tls: Option<TlsConnector>,
 }
 
@@ -135,6 +156,10 @@ impl Connector {
         backends: HashMap<String, (SocketAddr, String)>,
         tls: Option<TlsConnector>,
     ) -> Connector {
+        let backends = backends
+            .into_iter()
+            .map(|(name, (addr, sni))| (name, (addr, sni, Arc::default())))
+            .collect();
         Connector {
             inner: Arc::new(ConnectorInner { net, backends, tls }),
         }
@@ -149,15 +174,35 @@ impl Connector {
         }
     }
 
+    /// Open pooled connections to backend `name` (0 for an unknown name).
+    pub(crate) fn open_connections(&self, name: &str) -> usize {
+        self.inner
+            .backends
+            .get(name)
+            .map_or(0, |(_, _, open)| open.load(Ordering::Relaxed))
+    }
+
     /// A new connection to the backend called `name`, from this host's address, bounded by
-    /// [`CONNECT_TIMEOUT`].
+    /// [`CONNECT_TIMEOUT`]; not counted in [`Connector::open_connections`] (health checks).
     pub(crate) async fn connect(&self, name: &str) -> Result<UpstreamIo, ConnectError> {
+        self.connect_inner(name, false).await
+    }
+
+    async fn connect_inner(&self, name: &str, count: bool) -> Result<UpstreamIo, ConnectError> {
         let inner = &self.inner;
-        let (addr, sni) = inner
+        let (addr, sni, open) = inner
             .backends
             .get(name)
             .cloned()
             .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
+        let started = std::time::Instant::now();
+        let timing = || crate::access_format::ConnectTiming::new(started.elapsed());
+        let guard = || {
+            count.then(|| {
+                open.fetch_add(1, Ordering::Relaxed);
+                OpenGuard(open.clone())
+            })
+        };
         let connect = async {
             let tcp = inner
                 .net
@@ -165,7 +210,11 @@ impl Connector {
                 .await
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
             let Some(tls) = &inner.tls else {
-                return Ok(UpstreamIo::Plain(TokioIo::new(tcp)));
+                return Ok(UpstreamIo {
+                    stream: Stream::Plain(TokioIo::new(tcp)),
+                    _open: guard(),
+                    timing: timing(),
+                });
             };
             // A DNS name or an IP address (checked when the LB starts).
             let server_name = ServerName::try_from(sni.clone()).map_err(|e| ConnectError::Tls {
@@ -176,7 +225,11 @@ impl Connector {
                 .connect(server_name, tcp)
                 .await
                 .map_err(|source| ConnectError::Tls { addr, source })?;
-            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(stream))))
+            Ok(UpstreamIo {
+                stream: Stream::Tls(Box::new(TokioIo::new(stream))),
+                _open: guard(),
+                timing: timing(),
+            })
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -197,7 +250,7 @@ impl tower::Service<Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let name = uri.host().unwrap_or_default();
-            this.connect(name).await
+            this.connect_inner(name, true).await
         })
     }
 }

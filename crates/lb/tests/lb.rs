@@ -129,11 +129,7 @@ impl TestBackend {
     }
 
     fn backend(&self) -> Backend {
-        Backend {
-            server_name: None,
-            name: self.name.clone(),
-            addr: self.addr,
-        }
+        Backend::new(self.name.clone(), self.addr)
     }
 
     /// Closes every open connection and the listener, like a killed process; returns

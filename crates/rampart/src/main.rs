@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod lb_cmd;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use lab::{LabError, Mode, StateDir, Status};
@@ -104,39 +106,8 @@ enum Cmd {
     /// Run a load balancer alone in front of HTTP backends (standalone mode), e.g.
     /// `rampart lb --listen 0.0.0.0:443 --tls-cert site.pem --tls-key site.key --backend
     /// 10.0.0.11:8080 --backend 10.0.0.12:8080`. Runs until SIGTERM or Ctrl-C, then drains.
-    Lb {
-        /// HTTPS listener address.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// PEM certificate chain for clients.
-        #[arg(long)]
-        tls_cert: PathBuf,
-        /// Its PEM private key.
-        #[arg(long)]
-        tls_key: PathBuf,
-        /// A backend address (repeat for more).
-        #[arg(long = "backend", required = true)]
-        backends: Vec<std::net::SocketAddr>,
-        /// Speak TLS to the backends, verifying them against this PEM CA file.
-        #[arg(long)]
-        backend_ca: Option<PathBuf>,
-        /// An HTTP listener that redirects to HTTPS (same address as --listen).
-        #[arg(long)]
-        http_listen: Option<std::net::SocketAddr>,
-        /// A name the site answers to (repeat for more; others get 421). Default: any.
-        #[arg(long = "site-name")]
-        site_names: Vec<String>,
-        /// Health-check path (GET, 2xx = up).
-        #[arg(long, default_value = "/")]
-        health_path: String,
-        /// Access log file.
-        #[arg(long)]
-        access_log: Option<PathBuf>,
-        /// Worker threads (default: the CPUs this process may run on, from its affinity
-        /// mask).
-        #[arg(long)]
-        threads: Option<usize>,
-    },
+    /// `rampart lb drain|enable BACKEND` and `rampart lb status` control a running one.
+    Lb(Box<lb_cmd::LbCmd>),
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -398,34 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
-        Cmd::Lb {
-            listen,
-            tls_cert,
-            tls_key,
-            backends,
-            backend_ca,
-            http_listen,
-            site_names,
-            health_path,
-            access_log,
-            threads,
-        } => {
-            let cfg = lb::LbConfig::standalone(lb::StandaloneOptions {
-                listen,
-                http_listen,
-                tls: lb::StandaloneTls {
-                    cert: tls_cert,
-                    key: tls_key,
-                    backend_ca,
-                },
-                backends,
-                site_names,
-                health_path,
-                access_log,
-            })
-            .map_err(|e| anyhow::anyhow!(e))?;
-            run_standalone_lb(cfg, threads)
-        }
+        Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
     }
 }
 

@@ -77,6 +77,8 @@ pub struct ConnInfo {
     pub identity: Option<Identity>,
     /// The listener's service.
     pub service: Service,
+    /// How long the TLS handshake took (`None`: plain TCP).
+    pub tls_handshake: Option<Duration>,
 }
 
 /// Why a connection ended before or between requests, for the role's counters and logs.
@@ -252,6 +254,7 @@ impl<M> Ctx<M> {
                 peer,
                 identity: None,
                 service: self.service,
+                tls_handshake: None,
             };
             if !self.callers.admit(None) {
                 return self.ended(Ended::Identity, peer);
@@ -261,6 +264,7 @@ impl<M> Ctx<M> {
                 .http(TokioIo::new(io), info, svc, &activity, &shutdown, &linger)
                 .await;
         };
+        let handshake_started = std::time::Instant::now();
         let handshake = tokio::select! {
             r = tokio::time::timeout(self.limits.tls_handshake_timeout(), acceptor.accept(io)) => r,
             _ = closed.cancelled() => return self.ended(Ended::Evicted, peer),
@@ -281,6 +285,7 @@ impl<M> Ctx<M> {
             peer,
             identity,
             service: self.service,
+            tls_handshake: Some(handshake_started.elapsed()),
         };
         if !self.callers.admit(info.identity.as_ref()) {
             // Answered, not dropped: a caller with a valid certificate of the lab learns
@@ -336,7 +341,11 @@ impl<M> Ctx<M> {
                 }))
             }
         });
-        let conn = self.builder.serve_connection(io, hyper_service);
+        // With upgrades: a handler that takes the connection over (the load balancer's
+        // WebSocket tunnels) may; no other handler ever asks.
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(io, hyper_service);
         tokio::pin!(conn);
         let closed = activity.closed().clone();
         let bytes_at_start = activity.bytes_read();

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod balancing;
 mod error;
 mod limits;
 mod model;
@@ -14,8 +15,9 @@ mod netns;
 mod policy;
 mod raw;
 
+pub use balancing::{is_token, Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
 pub use error::ConfigError;
-pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
+pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
     default_response_headers, AlertRule, Database, DbEngine, HealthCheck, Host, Ports, Role, Site,
     Topology, DEFAULT_TOML,

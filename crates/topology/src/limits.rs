@@ -171,6 +171,10 @@ pub struct BalancerLimits {
     pub rate_limit_per_source: u32,
     /// Requests one address may send at once above that rate. Default twice the rate.
     pub rate_limit_burst: u32,
+    /// Algorithm, stickiness, slow start, outlier ejection, retry budget and per-backend
+    /// weights (the same `[balancer]` table; see [`crate::Balancing`]).
+    #[serde(flatten)]
+    pub balancing: crate::Balancing,
 }
 
 impl Default for BalancerLimits {
@@ -184,6 +188,7 @@ impl Default for BalancerLimits {
             upstream_idle_timeout_ms: 4_000,
             rate_limit_per_source: 0,
             rate_limit_burst: 0,
+            balancing: crate::Balancing::default(),
         }
     }
 }
@@ -197,6 +202,37 @@ pub struct AccessLogLimits {
     /// Rotated files kept (`access.log.1` … `.<keep>`), default 3. The log of one load
     /// balancer never takes more than `max_bytes × (keep + 1)`.
     pub keep: u32,
+    /// Line format: `combined` (nginx `combined` plus backend and timings), `common` (the
+    /// NCSA Common Log Format, nothing else) or `json` (one object per line). Default
+    /// `combined`.
+    pub format: AccessLogFormat,
+}
+
+/// The access log's line format (`[access_log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// nginx `combined` followed by `backend=`, `rt=`, `tls=`, `queue=`, `connect=`,
+    /// `upstream=` and `listener=`.
+    #[default]
+    Combined,
+    /// The NCSA Common Log Format: client, identity, user, time, request line, status,
+    /// bytes.
+    Common,
+    /// One JSON object per line with every field.
+    Json,
+}
+
+impl AccessLogFormat {
+    /// Parses `combined`, `common` or `json`.
+    pub fn parse(name: &str) -> Option<AccessLogFormat> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "combined" => Some(AccessLogFormat::Combined),
+            "common" => Some(AccessLogFormat::Common),
+            "json" => Some(AccessLogFormat::Json),
+            _ => None,
+        }
+    }
 }
 
 impl Default for AccessLogLimits {
@@ -204,6 +240,7 @@ impl Default for AccessLogLimits {
         AccessLogLimits {
             max_bytes: 64 << 20,
             keep: 3,
+            format: AccessLogFormat::Combined,
         }
     }
 }
@@ -217,6 +254,17 @@ pub(crate) fn validate_access_log(
     let a = AccessLogLimits {
         max_bytes: raw.max_bytes.unwrap_or(d.max_bytes),
         keep: raw.keep.unwrap_or(d.keep),
+        format: match &raw.format {
+            None => d.format,
+            Some(f) => AccessLogFormat::parse(f).ok_or_else(|| {
+                err(
+                    file,
+                    "access_log.format".into(),
+                    format!("unknown format {f:?}"),
+                    "use combined, common or json",
+                )
+            })?,
+        },
     };
     if a.max_bytes < 4096 {
         return Err(err(
@@ -357,6 +405,7 @@ pub(crate) fn validate_balancer(
     file: &str,
 ) -> Result<BalancerLimits, ConfigError> {
     let d = BalancerLimits::default();
+    let balancing = crate::balancing::validate_balancing(&raw, file)?;
     let b = BalancerLimits {
         backend_max_connections: raw
             .backend_max_connections
@@ -376,6 +425,7 @@ pub(crate) fn validate_balancer(
         rate_limit_burst: raw
             .rate_limit_burst
             .unwrap_or_else(|| raw.rate_limit_per_source.unwrap_or(0).saturating_mul(2)),
+        balancing,
     };
     for (key, v) in [
         (

@@ -714,6 +714,12 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             }
         }
     }
+    let web_hosts: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h.has(Role::Web))
+        .map(|h| h.name.as_str())
+        .collect();
+    crate::balancing::check_backend_names(&balancer.balancing, &web_hosts, file)?;
     let web = limits.listener(crate::Service::Web);
     if balancer.upstream_idle_timeout_ms >= web.idle_timeout_ms {
         return Err(err(

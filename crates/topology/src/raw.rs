@@ -113,6 +113,18 @@ pub(crate) struct RawBalancer {
     pub upstream_idle_timeout_ms: Option<u64>,
     pub rate_limit_per_source: Option<u32>,
     pub rate_limit_burst: Option<u32>,
+    pub algorithm: Option<String>,
+    pub hash_header: Option<String>,
+    pub sticky_cookie: Option<String>,
+    pub slow_start_ms: Option<u64>,
+    pub eject_consecutive_failures: Option<u32>,
+    pub ejection_base_ms: Option<u64>,
+    pub ejection_max_ms: Option<u64>,
+    pub max_ejected_percent: Option<u32>,
+    pub retry_budget_percent: Option<u32>,
+    pub retry_min_per_second: Option<u32>,
+    pub tunnel_idle_timeout_ms: Option<u64>,
+    pub backends: Option<std::collections::BTreeMap<String, crate::balancing::RawBackendOptions>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -220,4 +232,5 @@ pub(crate) struct RawHost {
 pub(crate) struct RawAccessLog {
     pub max_bytes: Option<u64>,
     pub keep: Option<u32>,
+    pub format: Option<String>,
 }
