@@ -70,6 +70,12 @@ pub struct LbConfig {
     pub standalone: Option<StandaloneTls>,
     /// Whether the HTTP (redirect) listener runs. True in the lab.
     pub http_enabled: bool,
+    /// Further certificates chosen by SNI after the site certificate (the topology's
+    /// `[[site.tls.certificates]]`); standalone mode lists its own in [`StandaloneTls`].
+    pub extra_certs: Vec<pki::CertFiles>,
+    /// Session resumption on the HTTPS listener (`[site.tls]` session cache and tickets).
+    /// Fixed when the listener starts: a reload keeps the cache and the ticket keys.
+    pub resumption: pki::Resumption,
 }
 
 impl LbConfig {
@@ -124,6 +130,17 @@ impl LbConfig {
             access_log: None,
             standalone: None,
             http_enabled: true,
+            extra_certs: t
+                .site
+                .tls
+                .certificates
+                .iter()
+                .map(|c| pki::CertFiles {
+                    cert: c.cert.clone(),
+                    key: c.key.clone(),
+                })
+                .collect(),
+            resumption: resumption(&t.site.tls),
         })
     }
 }
@@ -231,17 +248,29 @@ impl LbConfig {
             access_log: o.access_log,
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),
+            extra_certs: Vec::new(),
+            resumption: resumption(&t.site.tls),
         })
+    }
+}
+
+fn resumption(t: &topology::SiteTls) -> pki::Resumption {
+    pki::Resumption {
+        cache_entries: t.session_cache_entries,
+        tickets: t.session_tickets,
     }
 }
 
 /// Standalone mode's TLS material (see [`LbConfig::standalone`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StandaloneTls {
-    /// PEM certificate chain presented to clients.
-    pub cert: PathBuf,
-    /// Its PEM private key.
-    pub key: PathBuf,
+    /// Certificate/key pairs presented to clients, each for the names it covers (SNI); the
+    /// first is the default for clients without SNI or asking for another name.
+    pub certs: Vec<pki::CertFiles>,
+    /// A directory of further pairs, `NAME.pem` (or `NAME.crt`) with `NAME.key`, read in
+    /// file-name order after `certs` (and read again on every reload); its first pair is
+    /// the default when `certs` is empty.
+    pub cert_dir: Option<PathBuf>,
     /// TLS to backends, verified against this PEM CA file; `None`: plain HTTP backends.
     pub backend_ca: Option<PathBuf>,
 }

@@ -33,35 +33,33 @@ mod layers;
 mod proxy;
 pub mod rate_limit;
 mod redirect;
+mod reload;
+mod tls;
 mod upstream;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use firewall::{Filter, GuardedListener};
-use pki::Identity;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serve::{Ended, HttpOptions, RoleHandle, RoleTasks};
 use tokio::sync::watch;
-use tokio_rustls::TlsConnector;
 use topology::Service;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
 pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
+pub use reload::ReloadReport;
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
-use balancer::Balancer;
 use layers::{add_hsts, Metrics, MetricsLayer};
-use proxy::{Proxy, Upstreams};
 use redirect::Redirect;
-use upstream::Connector;
+use reload::Reloader;
 
 /// Why [`start`] failed. Nothing keeps running after an error.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +97,18 @@ pub enum LbError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A certificate directory cannot be read or holds a certificate without its key, or
+    /// no certificate is configured.
+    #[error("certificates {}: {reason}", path.display())]
+    CertDir {
+        /// The directory (empty when no certificate is configured at all).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A reload could not run to the end (nothing was changed).
+    #[error("reload: {0}")]
+    Reload(String),
 }
 
 /// A running load balancer. It runs until [`LbHandle::shutdown`] is called **or the handle
@@ -108,7 +118,7 @@ pub struct LbHandle {
     https_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     filters: Vec<Arc<Filter>>,
-    balancer: Arc<Balancer>,
+    reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
     access_log: Option<AccessLog>,
@@ -135,7 +145,10 @@ impl LbHandle {
     /// Every backend as `(name, up)` in configuration order; `up` is the health checks'
     /// current verdict (backends start down).
     pub fn backends(&self) -> Vec<(String, bool)> {
-        self.balancer
+        self.reloader
+            .live
+            .load()
+            .balancer
             .backends()
             .iter()
             .map(|b| (b.name.to_string(), b.is_up()))
@@ -144,7 +157,43 @@ impl LbHandle {
 
     /// Whether at least one backend is up, i.e. whether HTTPS requests can be served.
     pub fn healthy(&self) -> bool {
-        self.balancer.backends().iter().any(|b| b.is_up())
+        self.reloader
+            .live
+            .load()
+            .balancer
+            .backends()
+            .iter()
+            .any(|b| b.is_up())
+    }
+
+    /// Reloads without restarting: reads every certificate again (for new handshakes;
+    /// established connections keep theirs) and, with `cfg`, swaps in its backends, health
+    /// check, `[balancer]` limits, site names and body timeouts for new requests while
+    /// requests in flight finish on the old ones. `None`: the configuration in force with
+    /// its files read again (a certificate renewed in place). All or nothing; listener
+    /// settings are kept (see [`ReloadReport::needs_restart`]). Waits (at most `rise ×
+    /// interval + timeout + 1 s`) until the backends serving now pass the new generation's
+    /// health checks, so no request meets a backend still marked down.
+    ///
+    /// Errors: a certificate or key cannot be read, does not match, or has expired
+    /// ([`LbError::Pki`], [`LbError::CertDir`]); an unusable backend list
+    /// ([`LbError::NoBackends`], [`LbError::BadBackend`]); the upstream TLS files are
+    /// unusable ([`LbError::Pki`]). The error is also logged; the running configuration
+    /// and certificates stay.
+    pub async fn reload(&self, cfg: Option<LbConfig>) -> Result<ReloadReport, LbError> {
+        self.reloader.reload(cfg).await
+    }
+
+    /// The configuration generation serving new requests: 1 at start, +1 per reload.
+    pub fn generation(&self) -> u64 {
+        self.reloader
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The certificates served now, the default first.
+    pub fn certificates(&self) -> Vec<pki::CertSummary> {
+        self.reloader.resolver.current().summary().to_vec()
     }
 
     /// Reopens the access log at its path before its next line (SIGHUP, after an external
@@ -160,6 +209,7 @@ impl LbHandle {
     /// immediately; [`RoleHandle::shutdown`] also waits for the drain.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.reloader.stop();
         self.tasks.cancel();
     }
 }
@@ -187,6 +237,7 @@ impl RoleHandle for LbHandle {
     }
     fn shutdown(&self) -> serve::BoxFuture<()> {
         self.shutdown.send_replace(true);
+        self.reloader.stop();
         let tasks = self.tasks.clone();
         Box::pin(async move { tasks.shutdown().await })
     }
@@ -219,7 +270,7 @@ fn closed_counter(
     })
 }
 
-fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
+pub(crate) fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
     if backends.is_empty() {
         return Err(LbError::NoBackends);
     }
@@ -304,31 +355,12 @@ pub async fn start(
     http_metrics: &telemetry::HttpMetrics,
 ) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
-    let (site_tls, upstream_tls) = match &cfg.standalone {
-        None => {
-            let site = pki::site_server_config(&cfg.pki)?;
-            let upstream = if cfg.plain_backends {
-                None
-            } else {
-                Some(pki::mtls_client_config(
-                    &cfg.pki,
-                    &Identity::Host(cfg.host.clone()),
-                    &[b"http/1.1"],
-                )?)
-            };
-            (site, upstream)
-        }
-        Some(files) => {
-            let site = pki::server_config_from_files(&files.cert, &files.key)?;
-            let upstream = match &files.backend_ca {
-                Some(ca) => Some(pki::client_config_with_ca(ca, &[b"http/1.1"])?),
-                None => None,
-            };
-            (site, upstream)
-        }
-    };
-    let site_tls = Arc::new(site_tls);
-    let upstream_tls = upstream_tls.map(|c| TlsConnector::from(Arc::new(c)));
+    let certs = tls::load(&cfg)?;
+    tracing::info!(certificates = %tls::describe(&certs), "site certificates loaded");
+    let cert_names = certs.extra_names();
+    let resolver = Arc::new(pki::SniResolver::new(certs));
+    let site_tls = Arc::new(pki::sni_server_config(resolver.clone(), cfg.resumption)?);
+    let upstream_tls = reload::upstream_tls(&cfg)?;
 
     let (https, https_addr) = bind(&cfg.net, Service::Https, cfg.https_port).await?;
     let http = if cfg.http_enabled {
@@ -359,70 +391,22 @@ pub async fn start(
         ),
         None => None,
     };
-    let limits = &cfg.balancer;
-    let max_conns = limits.backend_max_connections as usize;
-    let balancer = Arc::new(Balancer::new(
-        &cfg.backends,
-        |name| metrics.backend_up(name),
-        max_conns,
-        limits.backend_queue_max as usize,
-        std::time::Duration::from_millis(limits.backend_queue_timeout_ms),
-    ));
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
         "rampart_lb_rejected_requests",
         "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405, rate_limited 429)",
         rejected.clone(),
     );
-    layers::register_backend_load(registry, balancer.clone());
-    let connector = Connector::new(
-        cfg.net.clone(),
-        cfg.backends
-            .iter()
-            .map(|b| {
-                let sni = b.server_name.clone().unwrap_or_else(|| b.name.clone());
-                (b.name.clone(), (b.addr, sni))
-            })
-            .collect::<HashMap<_, _>>(),
-        upstream_tls,
-    );
-    let upstreams = Arc::new(Upstreams {
-        balancer: balancer.clone(),
-        client: upstream::client(
-            connector.clone(),
-            std::time::Duration::from_millis(limits.upstream_idle_timeout_ms),
-            max_conns,
-        ),
-        scheme: connector.scheme(),
-        site_names: cfg
-            .site_names
-            .iter()
-            .map(|n| n.to_ascii_lowercase())
-            .collect(),
-        max_body: limits.max_request_body_bytes,
-        body_timeout: cfg.request_body_timeout,
-        body_deadline: cfg.request_body_deadline,
-        response_buffer: limits.response_buffer_bytes,
+    let fixed = reload::Fixed {
+        metrics: metrics.clone(),
         rejected,
-        rate_limit: (limits.rate_limit_per_source > 0).then(|| {
-            rate_limit::RateLimit::new(
-                f64::from(limits.rate_limit_per_source),
-                f64::from(limits.rate_limit_burst),
-            )
-        }),
-    });
+    };
+    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names);
+    let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));
+    let live = reloader.live.clone();
+    registry.register_collector(Box::new(reload::LiveBackendLoad(live.clone())));
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
-    let (shutdown, shutdown_rx) = watch::channel(false);
-
-    for index in 0..cfg.backends.len() {
-        tokio::spawn(health::run(
-            balancer.clone(),
-            index,
-            connector.clone(),
-            cfg.health.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
+    let (shutdown, _) = watch::channel(false);
 
     let reopen_log = access_log.clone();
     let tasks = RoleTasks::new();
@@ -447,7 +431,7 @@ pub async fn start(
                     let security = security.clone();
                     move |resp| security.apply(resp)
                 })
-                .service(Proxy::new(upstreams.clone(), info.peer.ip()))
+                .service(reload::Current::new(live.clone(), info.peer.ip()))
         },
         tasks.token(),
         tasks.tracker(),
@@ -489,7 +473,7 @@ pub async fn start(
         https_addr,
         http_addr,
         filters: std::iter::once(https_filter).chain(http_filter).collect(),
-        balancer,
+        reloader,
         shutdown,
         tasks,
         access_log: reopen_log,

@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lab::{LabError, Mode, StateDir, Status};
 use topology::Topology;
 
+mod reload_cmd;
+
 /// Exit code for a bad configuration (the file, key and fix are printed).
 const EXIT_CONFIG: u8 = 64;
 
@@ -36,6 +38,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Write the default topology to a file to edit.
     Init {
@@ -108,12 +112,20 @@ enum Cmd {
         /// HTTPS listener address.
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// PEM certificate chain for clients.
+        /// PEM certificate chain for clients (repeat with --tls-key for more certificates,
+        /// each chosen by SNI for the names it covers; the first is the default).
+        #[arg(long = "tls-cert")]
+        tls_certs: Vec<PathBuf>,
+        /// The PEM private key of the --tls-cert at the same position.
+        #[arg(long = "tls-key")]
+        tls_keys: Vec<PathBuf>,
+        /// A directory of further certificates: NAME.pem (or NAME.crt) with NAME.key, read
+        /// again on every reload.
         #[arg(long)]
-        tls_cert: PathBuf,
-        /// Its PEM private key.
+        tls_cert_dir: Option<PathBuf>,
+        /// Write this process's id here (for `rampart reload --pid-file`); removed on exit.
         #[arg(long)]
-        tls_key: PathBuf,
+        pid_file: Option<PathBuf>,
         /// A backend address (repeat for more).
         #[arg(long = "backend", required = true)]
         backends: Vec<std::net::SocketAddr>,
@@ -137,6 +149,11 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Reload load balancers without a restart: certificates (new handshakes get the new
+    /// ones) and, in the lab, the topology's backends, health check and [balancer] limits
+    /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
+    /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
+    Reload(reload_cmd::ReloadArgs),
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -391,10 +408,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
+        Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Lb {
             listen,
-            tls_cert,
-            tls_key,
+            tls_certs,
+            tls_keys,
+            tls_cert_dir,
+            pid_file,
             backends,
             backend_ca,
             http_listen,
@@ -407,8 +427,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 http_listen,
                 tls: lb::StandaloneTls {
-                    cert: tls_cert,
-                    key: tls_key,
+                    certs: reload_cmd::cert_pairs(tls_certs, tls_keys, tls_cert_dir.is_some())?,
+                    cert_dir: tls_cert_dir,
                     backend_ca,
                 },
                 backends,
@@ -417,7 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 access_log,
             })
             .map_err(|e| anyhow::anyhow!(e))?;
-            run_standalone_lb(cfg, threads)
+            run_standalone_lb(cfg, threads, pid_file)
         }
     }
 }
@@ -426,7 +446,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// `threads` workers, by default as many as the CPUs in this process's affinity mask
 /// (`available_parallelism` reads `sched_getaffinity(2)`), so a load balancer pinned to one
 /// CPU runs one worker and pays no cross-thread wake-ups.
-fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Result<()> {
+fn run_standalone_lb(
+    cfg: lb::LbConfig,
+    threads: Option<usize>,
+    pid_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let threads = threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
@@ -449,12 +473,8 @@ fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Resul
                 .unwrap_or_default(),
             threads
         );
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let pid = pid_file.map(reload_cmd::PidFile::write).transpose()?;
+        reload_cmd::serve_signals(&handle, pid.as_ref()).await?;
         // Drain: stop accepting, let requests in flight finish (limits.drain_timeout_ms).
         serve::RoleHandle::shutdown(&handle).await;
         Ok(())

@@ -108,6 +108,49 @@ pub struct Site {
     /// `Content-Security-Policy: frame-ancestors 'none'`, `Referrer-Policy:
     /// strict-origin-when-cross-origin` (OWASP secure headers; HSTS is always sent).
     pub response_headers: std::collections::BTreeMap<String, String>,
+    /// The HTTPS listener's certificates and session resumption (`[site.tls]`).
+    pub tls: SiteTls,
+}
+
+/// The HTTPS listener's TLS beyond the site certificate (`[site.tls]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteTls {
+    /// Further certificates, each chosen for the names in its subject alternative names
+    /// when a client asks for one of them by SNI (`[[site.tls.certificates]]` with `cert`
+    /// and `key`, PEM files; relative paths are relative to the topology file's directory).
+    /// The lab's site certificate stays the default, for clients without SNI or asking for
+    /// another name. Default none. Reloaded with the certificates (SIGHUP, `rampart
+    /// reload`).
+    pub certificates: Vec<CertPaths>,
+    /// TLS sessions kept in memory for resumption by session ID (TLS 1.2) or by a TLS 1.3
+    /// PSK when tickets are off; the oldest is evicted beyond it, 0 turns the cache off.
+    /// Default 20 000 (a few hundred bytes each).
+    pub session_cache_entries: usize,
+    /// Stateless session tickets (RFC 5077 for TLS 1.2, RFC 8446 §4.6.1 for TLS 1.3),
+    /// encrypted with keys that rotate every 6 hours. Default `true`.
+    pub session_tickets: bool,
+}
+
+/// Default of [`SiteTls::session_cache_entries`].
+pub const DEFAULT_SESSION_CACHE_ENTRIES: usize = 20_000;
+
+impl Default for SiteTls {
+    fn default() -> Self {
+        SiteTls {
+            certificates: Vec::new(),
+            session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
+            session_tickets: true,
+        }
+    }
+}
+
+/// A PEM certificate chain and its PEM private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertPaths {
+    /// The certificate chain, end-entity certificate first.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 /// The default of [`Site::response_headers`].
@@ -314,7 +357,18 @@ impl Topology {
                 "pass an existing file with -f, or run `rampart init` to write the default",
             )
         })?;
-        Topology::parse(&text, &name)
+        let mut t = Topology::parse(&text, &name)?;
+        // Certificate files named relative to the topology file.
+        if let Some(dir) = path.parent() {
+            for c in &mut t.site.tls.certificates {
+                for p in [&mut c.cert, &mut c.key] {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
+                }
+            }
+        }
+        Ok(t)
     }
 
     /// Parses and validates topology TOML; `file` names the source in errors.
@@ -442,6 +496,33 @@ fn err(file: &str, key: impl Into<String>, reason: impl Into<String>, fix: &str)
     ConfigError::new(file, key, reason, fix)
 }
 
+fn site_tls(raw: Option<crate::raw::RawSiteTls>, file: &str) -> Result<SiteTls, ConfigError> {
+    let raw = raw.unwrap_or_default();
+    let mut certificates = Vec::new();
+    for (i, c) in raw.certificates.unwrap_or_default().into_iter().enumerate() {
+        for (key, p) in [("cert", &c.cert), ("key", &c.key)] {
+            if p.as_os_str().is_empty() {
+                return Err(err(
+                    file,
+                    format!("site.tls.certificates[{i}].{key}"),
+                    "empty path",
+                    "name a PEM file, e.g. cert = \"certs/example.pem\", key = \"certs/example.key\"",
+                ));
+            }
+        }
+        certificates.push(CertPaths {
+            cert: c.cert,
+            key: c.key,
+        });
+    }
+    let d = SiteTls::default();
+    Ok(SiteTls {
+        certificates,
+        session_cache_entries: raw.session_cache_entries.unwrap_or(d.session_cache_entries),
+        session_tickets: raw.session_tickets.unwrap_or(d.session_tickets),
+    })
+}
+
 fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
     let site = Site {
         domain: raw.site.domain.unwrap_or_else(|| "www.foobar.com".into()),
@@ -474,6 +555,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             }
             h
         },
+        tls: site_tls(raw.site.tls, file)?,
     };
     for (key, name) in std::iter::once(("site.domain".to_string(), &site.domain)).chain(
         site.aliases
@@ -1108,5 +1190,32 @@ mod tests {
             Topology::parse(&text, "t").unwrap_err().key,
             "alerts.qps.clear_rps"
         );
+    }
+
+    #[test]
+    fn site_tls_certificates_resolve_relative_to_the_file_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rampart.toml");
+        let text = format!(
+            "{DEFAULT_TOML}\n[[site.tls.certificates]]\ncert = \"certs/a.pem\"\nkey = \"/abs/a.key\"\n"
+        );
+        std::fs::write(&file, &text).unwrap();
+        let t = Topology::load(&file).unwrap();
+        let c = &t.site.tls.certificates[0];
+        assert_eq!(c.cert, dir.path().join("certs/a.pem"));
+        assert_eq!(c.key, std::path::PathBuf::from("/abs/a.key"));
+        assert_eq!(
+            t.site.tls.session_cache_entries,
+            DEFAULT_SESSION_CACHE_ENTRIES
+        );
+        assert!(t.site.tls.session_tickets);
+        let back = Topology::parse(&t.to_toml(), "resolved").unwrap();
+        assert_eq!(back.site.tls, t.site.tls);
+        let e = Topology::parse(
+            &DEFAULT_TOML.replace("session_tickets", "session_ticket"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("session_ticket"), "{e}");
     }
 }
