@@ -464,6 +464,7 @@ fn run_standalone_lb(
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);
         let handle = lb::start(cfg, &mut registry, &http).await?;
+        let pid = pid_file.map(reload_cmd::PidFile::write).transpose()?;
         eprintln!(
             "rampart lb: https on {}{}, {} worker thread(s); SIGTERM or Ctrl-C stops it",
             handle.https_addr(),
@@ -473,7 +474,6 @@ fn run_standalone_lb(
                 .unwrap_or_default(),
             threads
         );
-        let pid = pid_file.map(reload_cmd::PidFile::write).transpose()?;
         reload_cmd::serve_signals(&handle, pid.as_ref()).await?;
         // Drain: stop accepting, let requests in flight finish (limits.drain_timeout_ms).
         serve::RoleHandle::shutdown(&handle).await;
