@@ -76,6 +76,9 @@ pub struct LbConfig {
     /// Session resumption on the HTTPS listener (`[site.tls]` session cache and tickets).
     /// Fixed when the listener starts: a reload keeps the cache and the ticket keys.
     pub resumption: pki::Resumption,
+    /// The site certificate from an ACME server (`[site.acme]`); needs the HTTP listener
+    /// for the HTTP-01 challenge. `None`: certificates from files only.
+    pub acme: Option<crate::AcmeConfig>,
 }
 
 impl LbConfig {
@@ -112,7 +115,6 @@ impl LbConfig {
             backends,
             plain_backends: t.site.plain_backends,
             health: t.health_check.clone(),
-            pki,
             balancer: t.balancer.clone(),
             request_body_timeout: t.limits.listener(topology::Service::Https).body_timeout(),
             request_body_deadline: t.limits.listener(topology::Service::Https).body_deadline(),
@@ -141,6 +143,15 @@ impl LbConfig {
                 })
                 .collect(),
             resumption: resumption(&t.site.tls),
+            acme: t.site.acme.as_ref().map(|a| crate::AcmeConfig {
+                directory_url: a.directory_url.clone(),
+                contact: a.contact.clone(),
+                ca_bundle: a.ca_bundle.clone(),
+                names: t.site.names(),
+                dir: pki.dir.join("acme"),
+                renew_at: a.renew_at,
+            }),
+            pki,
         })
     }
 }
@@ -250,6 +261,7 @@ impl LbConfig {
             http_enabled: o.http_listen.is_some(),
             extra_certs: Vec::new(),
             resumption: resumption(&t.site.tls),
+            acme: None,
         })
     }
 }

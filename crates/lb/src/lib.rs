@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod access_log;
+mod acme;
 mod balancer;
 mod config;
 mod health;
@@ -53,6 +54,7 @@ use topology::Service;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
+pub use acme::{AcmeConfig, AcmeError};
 pub use config::{Backend, LbConfig, StandaloneOptions, StandaloneTls};
 pub use reload::ReloadReport;
 
@@ -109,6 +111,10 @@ pub enum LbError {
     /// A reload could not run to the end (nothing was changed).
     #[error("reload: {0}")]
     Reload(String),
+    /// ACME is configured but the HTTP listener, which answers its HTTP-01 challenge, is
+    /// off.
+    #[error("ACME needs the HTTP listener for its http-01 challenge: turn it on (--http-listen)")]
+    AcmeWithoutHttp,
 }
 
 /// A running load balancer. It runs until [`LbHandle::shutdown`] is called **or the handle
@@ -119,6 +125,7 @@ pub struct LbHandle {
     http_addr: Option<SocketAddr>,
     filters: Vec<Arc<Filter>>,
     reloader: Arc<Reloader>,
+    acme: Option<tokio::sync::mpsc::Sender<acme::RenewRequest>>,
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
     access_log: Option<AccessLog>,
@@ -189,6 +196,18 @@ impl LbHandle {
         self.reloader
             .generation
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Orders a new site certificate from the ACME server now and installs it (as a
+    /// reload would), whatever the current one's age; returns what it covers.
+    ///
+    /// Errors: ACME is not configured or the load balancer is stopping
+    /// ([`AcmeError::Stopped`]), or the order failed (the certificate in force stays).
+    pub async fn renew_certificate(&self) -> Result<pki::CertSummary, AcmeError> {
+        let tx = self.acme.as_ref().ok_or(AcmeError::Stopped)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.map_err(|_| AcmeError::Stopped)?;
+        answer.await.map_err(|_| AcmeError::Stopped)?
     }
 
     /// The certificates served now, the default first.
@@ -355,6 +374,9 @@ pub async fn start(
     http_metrics: &telemetry::HttpMetrics,
 ) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
+    if cfg.acme.is_some() && !cfg.http_enabled {
+        return Err(LbError::AcmeWithoutHttp);
+    }
     let certs = tls::load(&cfg)?;
     tracing::info!(certificates = %tls::describe(&certs), "site certificates loaded");
     let cert_names = certs.extra_names();
@@ -406,7 +428,26 @@ pub async fn start(
     let live = reloader.live.clone();
     registry.register_collector(Box::new(reload::LiveBackendLoad(live.clone())));
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
-    let (shutdown, _) = watch::channel(false);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let challenges = cfg
+        .acme
+        .as_ref()
+        .map(|_| Arc::new(acme::Challenges::default()));
+    let acme_tx = cfg
+        .acme
+        .clone()
+        .zip(challenges.clone())
+        .map(|(acme_cfg, ch)| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(acme::run(
+                acme_cfg,
+                ch,
+                reloader.clone(),
+                rx,
+                shutdown_rx.clone(),
+            ));
+            tx
+        });
 
     let reopen_log = access_log.clone();
     let tasks = RoleTasks::new();
@@ -453,7 +494,7 @@ pub async fn start(
                         info.peer.ip(),
                     ))
                     .layer(MetricsLayer(metrics.clone()))
-                    .service(redirect.clone())
+                    .service(acme::Http01::new(challenges.clone(), redirect.clone()))
             },
             tasks.token(),
             tasks.tracker(),
@@ -474,6 +515,7 @@ pub async fn start(
         http_addr,
         filters: std::iter::once(https_filter).chain(http_filter).collect(),
         reloader,
+        acme: acme_tx,
         shutdown,
         tasks,
         access_log: reopen_log,

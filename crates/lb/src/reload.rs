@@ -391,6 +391,7 @@ fn needs_restart(old: &LbConfig, new: &LbConfig) -> Vec<&'static str> {
     );
     differs("session resumption", old.resumption != new.resumption);
     differs("access_log", old.access_log != new.access_log);
+    differs("acme", old.acme != new.acme);
     differs(
         "response_headers",
         old.response_headers != new.response_headers,

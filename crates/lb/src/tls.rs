@@ -1,9 +1,10 @@
 //! Where the HTTPS listener's certificates come from, and loading them into a
 //! [`pki::CertStore`] for the SNI resolver.
 //!
-//! In the lab: the site certificate from the PKI directory (the default), then the
-//! topology's `[[site.tls.certificates]]`. Standalone: the `--tls-cert`/`--tls-key` pairs,
-//! then the pairs of `--tls-cert-dir`. Every reload reads the same sources again.
+//! In the lab: the site certificate — the ACME one once obtained, else the lab CA's from
+//! the PKI directory — as the default, then the topology's `[[site.tls.certificates]]`.
+//! Standalone: the ACME certificate if any, the `--tls-cert`/`--tls-key` pairs, then the
+//! pairs of `--tls-cert-dir`. Every reload reads the same sources again.
 
 use std::path::{Path, PathBuf};
 
@@ -16,13 +17,23 @@ use crate::{LbConfig, LbError};
 /// Errors: [`LbError::CertDir`] when the standalone certificate directory cannot be read,
 /// holds a certificate without its key, or when no certificate is configured at all.
 pub(crate) fn cert_files(cfg: &LbConfig) -> Result<Vec<CertFiles>, LbError> {
+    // An ACME certificate, once there is one, is the default.
+    let acme = cfg
+        .acme
+        .as_ref()
+        .filter(|a| a.cert_path().is_file() && a.key_path().is_file())
+        .map(|a| CertFiles {
+            cert: a.cert_path(),
+            key: a.key_path(),
+        });
     let mut files = match &cfg.standalone {
-        None => vec![CertFiles {
+        None => vec![acme.unwrap_or_else(|| CertFiles {
             cert: cfg.pki.site_cert(),
             key: cfg.pki.site_key(),
-        }],
+        })],
         Some(s) => {
-            let mut files = s.certs.clone();
+            let mut files: Vec<CertFiles> = acme.into_iter().collect();
+            files.extend(s.certs.iter().cloned());
             if let Some(dir) = &s.cert_dir {
                 files.extend(scan_dir(dir)?);
             }

@@ -39,6 +39,8 @@ pub struct CertSummary {
     /// DNS names of its subject alternative names (lower case; `*.example.com` for a
     /// wildcard).
     pub names: Vec<String>,
+    /// Start of its validity, seconds since the Unix epoch.
+    pub not_before_unix: i64,
     /// End of its validity, seconds since the Unix epoch.
     pub not_after_unix: i64,
 }
@@ -157,6 +159,7 @@ fn load_one(f: &CertFiles, now_unix: i64) -> Result<(CertifiedKey, CertSummary),
     let (_, leaf) = X509Certificate::from_der(&chain[0])
         .map_err(|e| bad(format!("unparsable certificate: {e}")))?;
     let not_after = leaf.validity().not_after.timestamp();
+    let not_before = leaf.validity().not_before.timestamp();
     if not_after <= now_unix {
         return Err(bad(format!(
             "certificate expired at {} (Unix time {not_after})",
@@ -171,6 +174,7 @@ fn load_one(f: &CertFiles, now_unix: i64) -> Result<(CertifiedKey, CertSummary),
             }
         }
     }
+    drop(leaf);
     let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
         bad(format!(
             "key {} does not fit this certificate: {e}",
@@ -182,6 +186,7 @@ fn load_one(f: &CertFiles, now_unix: i64) -> Result<(CertifiedKey, CertSummary),
         CertSummary {
             cert: f.cert.clone(),
             names,
+            not_before_unix: not_before,
             not_after_unix: not_after,
         },
     ))

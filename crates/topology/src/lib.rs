@@ -17,8 +17,8 @@ mod raw;
 pub use error::ConfigError;
 pub use limits::{AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
-    default_response_headers, AlertRule, CertPaths, Database, DbEngine, HealthCheck, Host, Ports,
-    Role, Site, SiteTls, Topology, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
+    default_response_headers, AcmeSettings, AlertRule, CertPaths, Database, DbEngine, HealthCheck,
+    Host, Ports, Role, Site, SiteTls, Topology, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
 };
 pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

@@ -110,6 +110,30 @@ pub struct Site {
     pub response_headers: std::collections::BTreeMap<String, String>,
     /// The HTTPS listener's certificates and session resumption (`[site.tls]`).
     pub tls: SiteTls,
+    /// The site certificate from an ACME server instead of the lab's CA (`[site.acme]`).
+    /// Default `None`: the lab's CA issues it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSettings>,
+}
+
+/// ACME (RFC 8555) for the site certificate (`[site.acme]`): the load balancer orders a
+/// certificate for the site's domain and aliases, answers the HTTP-01 challenge on its
+/// HTTP listener (which must be reachable on port 80 from the ACME server), keeps the
+/// account and the certificate under `<state>/pki/acme/` and renews ahead of expiry. Until
+/// the first certificate arrives, the lab's site certificate serves.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AcmeSettings {
+    /// The directory URL, e.g. `https://acme-v02.api.letsencrypt.org/directory`. Required.
+    pub directory_url: String,
+    /// Account contact URIs, e.g. `["mailto:ops@foobar.com"]`. Default none.
+    pub contact: Vec<String>,
+    /// A PEM CA certificate the directory's HTTPS certificate chains to (a private or test
+    /// ACME server; relative to the topology file). Default none: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<std::path::PathBuf>,
+    /// Renew once this fraction of the certificate's lifetime has passed, in (0, 1).
+    /// Default 0.667 (day 60 of a 90-day certificate).
+    pub renew_at: f64,
 }
 
 /// The HTTPS listener's TLS beyond the site certificate (`[site.tls]`).
@@ -360,11 +384,16 @@ impl Topology {
         let mut t = Topology::parse(&text, &name)?;
         // Certificate files named relative to the topology file.
         if let Some(dir) = path.parent() {
-            for c in &mut t.site.tls.certificates {
-                for p in [&mut c.cert, &mut c.key] {
-                    if p.is_relative() {
-                        *p = dir.join(&*p);
-                    }
+            let acme = t.site.acme.iter_mut().flat_map(|a| a.ca_bundle.as_mut());
+            let certs = t
+                .site
+                .tls
+                .certificates
+                .iter_mut()
+                .flat_map(|c| [&mut c.cert, &mut c.key]);
+            for p in certs.chain(acme) {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
                 }
             }
         }
@@ -523,6 +552,36 @@ fn site_tls(raw: Option<crate::raw::RawSiteTls>, file: &str) -> Result<SiteTls, 
     })
 }
 
+fn site_acme(
+    raw: Option<crate::raw::RawAcme>,
+    file: &str,
+) -> Result<Option<AcmeSettings>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if !(raw.directory_url.starts_with("https://") || raw.directory_url.starts_with("http://")) {
+        return Err(err(
+            file,
+            "site.acme.directory_url",
+            format!("{:?} is not an http(s) URL", raw.directory_url),
+            "use the ACME server's directory URL, e.g. \"https://acme-v02.api.letsencrypt.org/directory\"",
+        ));
+    }
+    let renew_at = raw.renew_at.unwrap_or(0.667);
+    if !(renew_at > 0.0 && renew_at < 1.0) {
+        return Err(err(
+            file,
+            "site.acme.renew_at",
+            format!("{renew_at} is not between 0 and 1"),
+            "give the fraction of the lifetime after which to renew, e.g. 0.667",
+        ));
+    }
+    Ok(Some(AcmeSettings {
+        directory_url: raw.directory_url,
+        contact: raw.contact.unwrap_or_default(),
+        ca_bundle: raw.ca_bundle,
+        renew_at,
+    }))
+}
+
 fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
     let site = Site {
         domain: raw.site.domain.unwrap_or_else(|| "www.foobar.com".into()),
@@ -556,6 +615,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             h
         },
         tls: site_tls(raw.site.tls, file)?,
+        acme: site_acme(raw.site.acme, file)?,
     };
     for (key, name) in std::iter::once(("site.domain".to_string(), &site.domain)).chain(
         site.aliases
@@ -1217,5 +1277,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("session_ticket"), "{e}");
+    }
+
+    #[test]
+    fn site_acme_is_optional_validated_and_round_trips() {
+        assert_eq!(Topology::default_topology().site.acme, None);
+        let with = |acme: &str| format!("{DEFAULT_TOML}\n[site.acme]\n{acme}\n");
+        let t = Topology::parse(
+            &with(
+                "directory_url = \"https://acme.test/dir\"\ncontact = [\"mailto:ops@foobar.com\"]",
+            ),
+            "t",
+        )
+        .unwrap();
+        let acme = t.site.acme.clone().unwrap();
+        assert_eq!(acme.directory_url, "https://acme.test/dir");
+        assert!((acme.renew_at - 0.667).abs() < 1e-9);
+        assert_eq!(Topology::parse(&t.to_toml(), "resolved").unwrap(), t);
+        let e = Topology::parse(&with("directory_url = \"ftp://x\""), "t").unwrap_err();
+        assert_eq!(e.key, "site.acme.directory_url");
+        let e = Topology::parse(
+            &with("directory_url = \"https://a/dir\"\nrenew_at = 1.5"),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "site.acme.renew_at");
     }
 }

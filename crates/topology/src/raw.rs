@@ -125,6 +125,16 @@ pub(crate) struct RawSite {
     pub plain_backends: Option<bool>,
     pub response_headers: Option<std::collections::BTreeMap<String, String>>,
     pub tls: Option<RawSiteTls>,
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAcme {
+    pub directory_url: String,
+    pub contact: Option<Vec<String>>,
+    pub ca_bundle: Option<std::path::PathBuf>,
+    pub renew_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
