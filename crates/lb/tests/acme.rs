@@ -153,6 +153,12 @@ async fn acme_issues_and_renews_the_site_certificate_from_pebble() {
         }
     })
     .await;
+    eventually("pebble's DNS answers", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect("127.114.5.3:8055")
+            .await
+            .ok()
+    })
+    .await;
 
     // lb-01 with one backend; its HTTP listener on the port pebble validates on.
     let pki = TestPki::new(test_support::topology_in_block(114));
