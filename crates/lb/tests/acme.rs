@@ -2,8 +2,9 @@
 //! `pebble-challtestsrv` as its DNS server (every name resolves to the load balancer's
 //! address). Pebble validates the HTTP-01 challenge for real, over HTTP to the load
 //! balancer's HTTP listener; nothing is marked valid without validation. The test checks
-//! issuance, a forced renewal, and that a TLS client trusting only pebble's root (from its
-//! management endpoint) accepts the served certificate. Addresses in 127.114.5.0/24:
+//! issuance, a forced renewal, a restart that keeps the account and certificate, a renewal
+//! that comes by itself at `renew_at` of the lifetime, and that a TLS client trusting only
+//! pebble's root (from its management endpoint) accepts the served certificate. Addresses in 127.114.5.0/24:
 //! pebble .2, its DNS .3, lb-01 .10.
 
 #![allow(clippy::unwrap_used)]
@@ -172,7 +173,8 @@ async fn acme_issues_and_renews_the_site_certificate_from_pebble() {
         Arc::new(topology::Policy::compile(&pki.topology)),
         pki.topology.limits.clone(),
     );
-    let mut cfg = LbConfig::from_topology(&pki.topology, "lb-01", pki.paths.clone(), net).unwrap();
+    let mut cfg =
+        LbConfig::from_topology(&pki.topology, "lb-01", pki.paths.clone(), net.clone()).unwrap();
     cfg.https_port = 0;
     cfg.http_port = LB_HTTP_PORT;
     cfg.plain_backends = true;
@@ -193,7 +195,7 @@ async fn acme_issues_and_renews_the_site_certificate_from_pebble() {
     let acme = cfg.acme.clone().unwrap();
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
-    let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
+    let lb = lb::start(cfg.clone(), &mut registry, &http).await.unwrap();
     let addr = lb.https_addr();
 
     // Issuance: the lab's certificate serves until the ACME one replaces it.
@@ -256,4 +258,34 @@ async fn acme_issues_and_renews_the_site_certificate_from_pebble() {
     let second = first_cert(&acme.cert_path());
     assert_ne!(second, issued, "the renewal brought a new certificate");
     assert_eq!(served_verified(&root, addr, "www.foobar.com").await, second);
+
+    // A restart with the state kept: the saved certificate serves at once with the saved
+    // account, and renewal comes by itself once `renew_at` of the lifetime has passed
+    // (here a few seconds of pebble's five years).
+    serve::RoleHandle::shutdown(&lb).await;
+    drop(lb);
+    let account = std::fs::read(acme_dir.join("account.json")).unwrap();
+    if let Some(a) = cfg.acme.as_mut() {
+        a.renew_at = 2e-8;
+    }
+    let mut registry = Registry::default();
+    let http = telemetry::HttpMetrics::register(&mut registry);
+    let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
+    let addr = lb.https_addr();
+    assert_eq!(lb.certificates()[0].not_after_unix, renewed.not_after_unix);
+    // (Unless the scheduled renewal was already quicker than this handshake.)
+    let served = served_verified(&root, addr, "www.foobar.com").await;
+    assert!(served == second || served == first_cert(&acme.cert_path()));
+    eventually("a scheduled renewal", Duration::from_secs(90), || {
+        let renewed = lb.generation() >= 2;
+        async move { renewed.then_some(()) }
+    })
+    .await;
+    let third = first_cert(&acme.cert_path());
+    assert_ne!(third, second);
+    assert_eq!(served_verified(&root, addr, "www.foobar.com").await, third);
+    assert_eq!(
+        std::fs::read(acme_dir.join("account.json")).unwrap(),
+        account
+    );
 }
