@@ -4,10 +4,11 @@
 #   nftables, iproute2  firewalls and network namespaces (netns mode)
 #   curl            the README's curl line
 #   prometheus      promtool, which the tests use to lint every agent's /metrics (its service is never started)
+#   pebble          an RFC 8555 ACME test server (and its DNS), started by the load balancer's ACME test
 # Needs root for apt-get; without root it only reports what is missing.
 set -euo pipefail
 
-want=(mariadb-server nftables iproute2 curl ca-certificates prometheus)
+want=(mariadb-server nftables iproute2 curl ca-certificates prometheus pebble)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

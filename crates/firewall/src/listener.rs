@@ -171,6 +171,17 @@ impl GuardedListener {
         self.admission.open()
     }
 
+    /// Stops listening: the kernel refuses new connections to this address from now on
+    /// (and resets those queued but not yet accepted), while admitted connections stay
+    /// open; used at the start of a drain. `shutdown(2)` of a listening socket, which
+    /// Linux implements as leaving the LISTEN state. Errors are logged (the socket is
+    /// closed when dropped in any case).
+    pub fn stop_listening(&self) {
+        if let Err(e) = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both) {
+            tracing::debug!(error = %e, "shutdown(2) of a listening socket");
+        }
+    }
+
     /// Closes every admitted connection now (cancels their tokens); used at the end of a
     /// drain.
     pub fn close_all(&self) {

@@ -22,6 +22,7 @@ pub mod node;
 mod paths;
 pub mod plan;
 mod ports;
+pub mod reload;
 mod status;
 mod up;
 

@@ -173,6 +173,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
     }
 
     let mut lb_handle = None;
+    let lb_base = plan.lb.clone();
     if let Some(cfg) = plan.lb {
         let handle = Arc::new(
             lb::start(cfg, &mut registry, &http)
@@ -246,6 +247,10 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
                     lb.reopen_logs();
                 }
                 tracing::info!(host = %name, "SIGHUP: logs reopened");
+                // `rampart reload`: certificates and configuration, without a restart.
+                if let (Some(lb), Some(base)) = (&lb_handle, &lb_base) {
+                    tokio::spawn(crate::reload::on_hangup(state.clone(), name.clone(), base.clone(), lb.clone()));
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -56,10 +56,11 @@ pub enum AdminError {
 }
 
 /// Binds the admin socket at `path` (replacing a stale one) with mode 0600 and serves it
-/// until `shutdown` changes; the socket file is removed then.
+/// until `shutdown` changes; the socket file is removed then. Commands act on the live
+/// generation's backends (see [`crate::reload`]); a reload carries the drain flags over.
 pub(crate) fn spawn(
     path: &Path,
-    balancer: Arc<Balancer>,
+    live: crate::reload::Live,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     match std::fs::remove_file(path) {
@@ -83,7 +84,7 @@ pub(crate) fn spawn(
                 a = listener.accept() => a,
             };
             let Ok((stream, _)) = accepted else { continue };
-            let balancer = balancer.clone();
+            let balancer = live.load().balancer.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 if let Err(e) = handle(stream, &balancer).await {

@@ -22,8 +22,6 @@
 //! Every series of a backend is created once at start and held by the backend, so the
 //! request path only increments atomics.
 
-use std::sync::Arc;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -182,8 +180,8 @@ impl BackendMetrics {
 
 /// The scrape-time gauges of every backend.
 struct Scraped {
-    balancer: Arc<crate::balancer::Balancer>,
-    connector: crate::upstream::Connector,
+    /// The current generation's backends and connector (see [`crate::reload`]).
+    live: crate::reload::Live,
 }
 
 impl std::fmt::Debug for Scraped {
@@ -201,7 +199,8 @@ impl prometheus_client::collector::Collector for Scraped {
         use prometheus_client::metrics::counter::ConstCounter;
         use prometheus_client::metrics::gauge::ConstGauge;
         use prometheus_client::metrics::MetricType;
-        let backends = self.balancer.backends();
+        let current = self.live.load();
+        let backends = current.balancer.backends();
         let mut m = enc.encode_descriptor(
             "rampart_lb_backend_ejections",
             "Times passive outlier detection ejected a backend",
@@ -227,7 +226,7 @@ impl prometheus_client::collector::Collector for Scraped {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (i, b) in backends.iter().enumerate() {
                 let v = if value == 0 {
-                    self.balancer.is_ejected(i)
+                    current.balancer.is_ejected(i)
                 } else {
                     b.is_draining()
                 };
@@ -241,7 +240,7 @@ impl prometheus_client::collector::Collector for Scraped {
             MetricType::Gauge,
         )?;
         for b in backends {
-            let open = self.connector.open_connections(&b.name);
+            let open = current.connector.open_connections(&b.name);
             let active = b.active().min(open);
             for (state, v) in [("active", active), ("idle", open - active)] {
                 ConstGauge::new(v as i64)
@@ -252,14 +251,7 @@ impl prometheus_client::collector::Collector for Scraped {
     }
 }
 
-/// Registers the scrape-time gauges of `balancer`'s backends in `registry`.
-pub(crate) fn register_scraped(
-    registry: &mut Registry,
-    balancer: Arc<crate::balancer::Balancer>,
-    connector: crate::upstream::Connector,
-) {
-    registry.register_collector(Box::new(Scraped {
-        balancer,
-        connector,
-    }));
+/// Registers the scrape-time gauges of the live generation's backends in `registry`.
+pub(crate) fn register_scraped(registry: &mut Registry, live: crate::reload::Live) {
+    registry.register_collector(Box::new(Scraped { live }));
 }

@@ -43,6 +43,9 @@ pub(crate) struct BackendState {
     /// `name:port`, the authority of request URIs to this backend (the connector maps the
     /// name back to the address), parsed once instead of per request.
     pub(crate) authority: http::uri::Authority,
+    /// Where it listens (a reload keeps a backend's health only for the same name and
+    /// address).
+    pub(crate) addr: std::net::SocketAddr,
     /// Configured weight (1–256).
     pub(crate) weight: u32,
     /// Used only when no primary is available.
@@ -197,6 +200,7 @@ impl Balancer {
                     BackendState {
                         name: Arc::from(b.name.as_str()),
                         authority: authority_of(&b.name, b.addr.port()),
+                        addr: b.addr,
                         weight: b.weight.max(1),
                         backup: b.backup,
                         up: AtomicBool::new(false),

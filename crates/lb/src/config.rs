@@ -98,6 +98,15 @@ pub struct LbConfig {
     /// [`LbConfig::from_topology`] leaves it `None`; the node sets it to
     /// `<state>/hosts/<host>/lb-admin.sock`.
     pub admin_socket: Option<PathBuf>,
+    /// Further certificates chosen by SNI after the site certificate (the topology's
+    /// `[[site.tls.certificates]]`); standalone mode lists its own in [`StandaloneTls`].
+    pub extra_certs: Vec<pki::CertFiles>,
+    /// Session resumption on the HTTPS listener (`[site.tls]` session cache and tickets).
+    /// Fixed when the listener starts: a reload keeps the cache and the ticket keys.
+    pub resumption: pki::Resumption,
+    /// The site certificate from an ACME server (`[site.acme]`); needs the HTTP listener
+    /// for the HTTP-01 challenge. `None`: certificates from files only.
+    pub acme: Option<crate::AcmeConfig>,
 }
 
 impl LbConfig {
@@ -138,7 +147,6 @@ impl LbConfig {
             backends,
             plain_backends: t.site.plain_backends,
             health: t.health_check.clone(),
-            pki,
             balancer: t.balancer.clone(),
             request_body_timeout: t.limits.listener(topology::Service::Https).body_timeout(),
             request_body_deadline: t.limits.listener(topology::Service::Https).body_deadline(),
@@ -158,6 +166,26 @@ impl LbConfig {
             standalone: None,
             http_enabled: true,
             admin_socket: None,
+            extra_certs: t
+                .site
+                .tls
+                .certificates
+                .iter()
+                .map(|c| pki::CertFiles {
+                    cert: c.cert.clone(),
+                    key: c.key.clone(),
+                })
+                .collect(),
+            resumption: resumption(&t.site.tls),
+            acme: t.site.acme.as_ref().map(|a| crate::AcmeConfig {
+                directory_url: a.directory_url.clone(),
+                contact: a.contact.clone(),
+                ca_bundle: a.ca_bundle.clone(),
+                names: t.site.names(),
+                dir: pki.dir.join("acme"),
+                renew_at: a.renew_at,
+            }),
+            pki,
         })
     }
 }
@@ -302,6 +330,9 @@ impl LbConfig {
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),
             admin_socket: o.admin_socket,
+            extra_certs: Vec::new(),
+            resumption: resumption(&t.site.tls),
+            acme: None,
         })
     }
 }
@@ -352,13 +383,23 @@ impl std::str::FromStr for BackendSpec {
     }
 }
 
+fn resumption(t: &topology::SiteTls) -> pki::Resumption {
+    pki::Resumption {
+        cache_entries: t.session_cache_entries,
+        tickets: t.session_tickets,
+    }
+}
+
 /// Standalone mode's TLS material (see [`LbConfig::standalone`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StandaloneTls {
-    /// PEM certificate chain presented to clients.
-    pub cert: PathBuf,
-    /// Its PEM private key.
-    pub key: PathBuf,
+    /// Certificate/key pairs presented to clients, each for the names it covers (SNI); the
+    /// first is the default for clients without SNI or asking for another name.
+    pub certs: Vec<pki::CertFiles>,
+    /// A directory of further pairs, `NAME.pem` (or `NAME.crt`) with `NAME.key`, read in
+    /// file-name order after `certs` (and read again on every reload); its first pair is
+    /// the default when `certs` is empty.
+    pub cert_dir: Option<PathBuf>,
     /// TLS to backends, verified against this PEM CA file; `None`: plain HTTP backends.
     pub backend_ca: Option<PathBuf>,
 }

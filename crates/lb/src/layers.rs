@@ -145,7 +145,7 @@ impl SecurityHeaders {
 /// `rampart_lb_backend_active_requests{backend}` and `rampart_lb_backend_queue_length{backend}`,
 /// read from the balancer at each scrape.
 #[derive(Debug)]
-struct BackendLoad(std::sync::Arc<crate::balancer::Balancer>);
+pub(crate) struct BackendLoad(pub(crate) std::sync::Arc<crate::balancer::Balancer>);
 
 impl prometheus_client::collector::Collector for BackendLoad {
     fn encode(
@@ -175,14 +175,6 @@ impl prometheus_client::collector::Collector for BackendLoad {
         }
         Ok(())
     }
-}
-
-/// Registers the per-backend load gauges of `balancer` in `registry`.
-pub(crate) fn register_backend_load(
-    registry: &mut Registry,
-    balancer: std::sync::Arc<crate::balancer::Balancer>,
-) {
-    registry.register_collector(Box::new(BackendLoad(balancer)));
 }
 
 /// Adds `Strict-Transport-Security: max-age=31536000` (one year) to a response of the HTTPS

@@ -30,6 +30,7 @@
 
 mod access_format;
 mod access_log;
+mod acme;
 pub mod admin;
 mod backend_metrics;
 mod balancer;
@@ -40,28 +41,27 @@ mod outlier;
 mod proxy;
 pub mod rate_limit;
 mod redirect;
+mod reload;
 mod retry;
 mod selection;
 mod sticky;
+mod tls;
 mod unavailable;
 mod upstream;
 mod websocket;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use firewall::{Filter, GuardedListener};
-use pki::Identity;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serve::{Ended, HttpOptions, RoleHandle, RoleTasks};
 use tokio::sync::watch;
-use tokio_rustls::TlsConnector;
 use topology::Service;
 use tower::ServiceBuilder;
 
@@ -70,15 +70,15 @@ pub use access_log::Rotation;
 /// File name of a lab load balancer's admin socket in its host directory
 /// (`<state>/hosts/<host>/lb-admin.sock`).
 pub const ADMIN_SOCKET_FILE: &str = "lb-admin.sock";
+pub use acme::{AcmeConfig, AcmeError};
 pub use config::{Backend, BackendSpec, LbConfig, StandaloneOptions, StandaloneTls};
+pub use reload::ReloadReport;
 pub use topology::{AccessLogFormat, Algorithm, Balancing};
 
 use access_log::{AccessLog, AccessLogLayer, Listener};
-use balancer::Balancer;
 use layers::{add_hsts, Metrics, MetricsLayer};
-use proxy::{Proxy, Upstreams};
 use redirect::Redirect;
-use upstream::Connector;
+use reload::Reloader;
 
 /// Why [`start`] failed. Nothing keeps running after an error.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,22 @@ pub enum LbError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A certificate directory cannot be read or holds a certificate without its key, or
+    /// no certificate is configured.
+    #[error("certificates {}: {reason}", path.display())]
+    CertDir {
+        /// The directory (empty when no certificate is configured at all).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A reload could not run to the end (nothing was changed).
+    #[error("reload: {0}")]
+    Reload(String),
+    /// ACME is configured but the HTTP listener, which answers its HTTP-01 challenge, is
+    /// off.
+    #[error("ACME needs the HTTP listener for its http-01 challenge: turn it on (--http-listen)")]
+    AcmeWithoutHttp,
 }
 
 /// A running load balancer. It runs until [`LbHandle::shutdown`] is called **or the handle
@@ -125,7 +141,8 @@ pub struct LbHandle {
     https_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     filters: Vec<Arc<Filter>>,
-    balancer: Arc<Balancer>,
+    reloader: Arc<Reloader>,
+    acme: Option<tokio::sync::mpsc::Sender<acme::RenewRequest>>,
     shutdown: watch::Sender<bool>,
     tasks: RoleTasks,
     access_log: Option<AccessLog>,
@@ -153,7 +170,10 @@ impl LbHandle {
     /// Every backend as `(name, up)` in configuration order; `up` is the health checks'
     /// current verdict (backends start down).
     pub fn backends(&self) -> Vec<(String, bool)> {
-        self.balancer
+        self.reloader
+            .live
+            .load()
+            .balancer
             .backends()
             .iter()
             .map(|b| (b.name.to_string(), b.is_up()))
@@ -162,19 +182,72 @@ impl LbHandle {
 
     /// Whether at least one backend is up, i.e. whether HTTPS requests can be served.
     pub fn healthy(&self) -> bool {
-        self.balancer.backends().iter().any(|b| b.is_up())
+        self.reloader
+            .live
+            .load()
+            .balancer
+            .backends()
+            .iter()
+            .any(|b| b.is_up())
+    }
+
+    /// Reloads without restarting: reads every certificate again (for new handshakes;
+    /// established connections keep theirs) and, with `cfg`, swaps in its backends, health
+    /// check, `[balancer]` limits, site names and body timeouts for new requests while
+    /// requests in flight finish on the old ones. `None`: the configuration in force with
+    /// its files read again (a certificate renewed in place). All or nothing; listener
+    /// settings are kept (see [`ReloadReport::needs_restart`]). Waits (at most `rise ×
+    /// interval + timeout + 1 s`) until the backends serving now pass the new generation's
+    /// health checks, so no request meets a backend still marked down.
+    ///
+    /// Errors: a certificate or key cannot be read, does not match, or has expired
+    /// ([`LbError::Pki`], [`LbError::CertDir`]); an unusable backend list
+    /// ([`LbError::NoBackends`], [`LbError::BadBackend`]); the upstream TLS files are
+    /// unusable ([`LbError::Pki`]). The error is also logged; the running configuration
+    /// and certificates stay.
+    pub async fn reload(&self, cfg: Option<LbConfig>) -> Result<ReloadReport, LbError> {
+        self.reloader.reload(cfg).await
+    }
+
+    /// The configuration generation serving new requests: 1 at start, +1 per reload.
+    pub fn generation(&self) -> u64 {
+        self.reloader
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Orders a new site certificate from the ACME server now and installs it (as a
+    /// reload would), whatever the current one's age; returns what it covers.
+    ///
+    /// Errors: ACME is not configured or the load balancer is stopping
+    /// ([`AcmeError::Stopped`]), or the order failed (the certificate in force stays).
+    pub async fn renew_certificate(&self) -> Result<pki::CertSummary, AcmeError> {
+        let tx = self.acme.as_ref().ok_or(AcmeError::Stopped)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.map_err(|_| AcmeError::Stopped)?;
+        answer.await.map_err(|_| AcmeError::Stopped)?
+    }
+
+    /// The certificates served now, the default first.
+    pub fn certificates(&self) -> Vec<pki::CertSummary> {
+        self.reloader.resolver.current().summary().to_vec()
     }
 
     /// Every backend's state, in configuration order.
     pub fn backend_status(&self) -> Vec<BackendStatus> {
-        status_of(&self.balancer)
+        status_of(&self.reloader.live.load().balancer)
     }
 
     /// Drains backend `name` (`draining = true`: no new requests go to it, those in
     /// flight finish) or puts it back in rotation (`false`). Takes effect for the next
     /// request; not persisted across restarts. False when no backend has that name.
     pub fn set_draining(&self, name: &str, draining: bool) -> bool {
-        let found = self.balancer.set_draining(name, draining);
+        let found = self
+            .reloader
+            .live
+            .load()
+            .balancer
+            .set_draining(name, draining);
         if found {
             tracing::info!(backend = name, draining, "backend drain state changed");
         }
@@ -195,6 +268,7 @@ impl LbHandle {
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
         self.remove_admin_socket();
+        self.reloader.stop();
         self.tasks.cancel();
     }
 
@@ -229,6 +303,7 @@ impl RoleHandle for LbHandle {
     fn shutdown(&self) -> serve::BoxFuture<()> {
         self.shutdown.send_replace(true);
         self.remove_admin_socket();
+        self.reloader.stop();
         let tasks = self.tasks.clone();
         Box::pin(async move { tasks.shutdown().await })
     }
@@ -256,7 +331,7 @@ pub struct BackendStatus {
 }
 
 /// Every backend of `balancer` as [`BackendStatus`], in configuration order.
-fn status_of(balancer: &Balancer) -> Vec<BackendStatus> {
+fn status_of(balancer: &balancer::Balancer) -> Vec<BackendStatus> {
     balancer
         .backends()
         .iter()
@@ -301,7 +376,7 @@ fn closed_counter(
     })
 }
 
-fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
+pub(crate) fn check_backends(backends: &[Backend]) -> Result<(), LbError> {
     if backends.is_empty() {
         return Err(LbError::NoBackends);
     }
@@ -386,31 +461,15 @@ pub async fn start(
     http_metrics: &telemetry::HttpMetrics,
 ) -> Result<LbHandle, LbError> {
     check_backends(&cfg.backends)?;
-    let (site_tls, upstream_tls) = match &cfg.standalone {
-        None => {
-            let site = pki::site_server_config(&cfg.pki)?;
-            let upstream = if cfg.plain_backends {
-                None
-            } else {
-                Some(pki::mtls_client_config(
-                    &cfg.pki,
-                    &Identity::Host(cfg.host.clone()),
-                    &[b"http/1.1"],
-                )?)
-            };
-            (site, upstream)
-        }
-        Some(files) => {
-            let site = pki::server_config_from_files(&files.cert, &files.key)?;
-            let upstream = match &files.backend_ca {
-                Some(ca) => Some(pki::client_config_with_ca(ca, &[b"http/1.1"])?),
-                None => None,
-            };
-            (site, upstream)
-        }
-    };
-    let site_tls = Arc::new(site_tls);
-    let upstream_tls = upstream_tls.map(|c| TlsConnector::from(Arc::new(c)));
+    if cfg.acme.is_some() && !cfg.http_enabled {
+        return Err(LbError::AcmeWithoutHttp);
+    }
+    let certs = tls::load(&cfg)?;
+    tracing::info!(certificates = %tls::describe(&certs), "site certificates loaded");
+    let cert_names = certs.extra_names();
+    let resolver = Arc::new(pki::SniResolver::new(certs));
+    let site_tls = Arc::new(pki::sni_server_config(resolver.clone(), cfg.resumption)?);
+    let upstream_tls = reload::upstream_tls(&cfg)?;
 
     let (https, https_addr) = bind(&cfg.net, Service::Https, cfg.https_port).await?;
     let http = if cfg.http_enabled {
@@ -446,87 +505,49 @@ pub async fn start(
         ),
         None => None,
     };
-    let limits = &cfg.balancer;
-    let max_conns = limits.backend_max_connections as usize;
-    let backend_families = backend_metrics::Families::register(registry);
-    let balancer = Arc::new(Balancer::new(
-        &cfg.backends,
-        |name| metrics.backend_up(name),
-        &backend_families,
-        max_conns,
-        limits.backend_queue_max as usize,
-        std::time::Duration::from_millis(limits.backend_queue_timeout_ms),
-        &limits.balancing,
-    ));
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
         "rampart_lb_rejected_requests",
         "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405, rate_limited 429)",
         rejected.clone(),
     );
-    layers::register_backend_load(registry, balancer.clone());
-    let connector = Connector::new(
-        cfg.net.clone(),
-        cfg.backends
-            .iter()
-            .map(|b| {
-                let sni = b.server_name.clone().unwrap_or_else(|| b.name.clone());
-                (b.name.clone(), (b.addr, sni))
-            })
-            .collect::<HashMap<_, _>>(),
-        upstream_tls,
-    );
-    let upstreams = Arc::new(Upstreams {
-        balancer: balancer.clone(),
-        client: upstream::client(
-            connector.clone(),
-            std::time::Duration::from_millis(limits.upstream_idle_timeout_ms),
-            max_conns,
-        ),
-        scheme: connector.scheme(),
-        site_names: cfg
-            .site_names
-            .iter()
-            .map(|n| n.to_ascii_lowercase())
-            .collect(),
-        max_body: limits.max_request_body_bytes,
-        body_timeout: cfg.request_body_timeout,
-        body_deadline: cfg.request_body_deadline,
-        response_buffer: limits.response_buffer_bytes,
+    let fixed = reload::Fixed {
+        metrics: metrics.clone(),
         rejected,
-        rate_limit: (limits.rate_limit_per_source > 0).then(|| {
-            rate_limit::RateLimit::new(
-                f64::from(limits.rate_limit_per_source),
-                f64::from(limits.rate_limit_burst),
-            )
-        }),
-        retry_budget: retry::RetryBudget::new(
-            limits.balancing.retry_budget_percent,
-            limits.balancing.retry_min_per_second,
-        ),
-        retries_refused: backend_families.refused.clone(),
-        connector: connector.clone(),
-        tunnel_idle: std::time::Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
-    });
-    backend_metrics::register_scraped(registry, balancer.clone(), connector.clone());
+        backend_families: backend_metrics::Families::register(registry),
+    };
+    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names);
+    let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));
+    let live = reloader.live.clone();
+    registry.register_collector(Box::new(reload::LiveBackendLoad(live.clone())));
+    backend_metrics::register_scraped(registry, live.clone());
     let security = Arc::new(layers::SecurityHeaders::new(&cfg.response_headers));
     let (shutdown, shutdown_rx) = watch::channel(false);
-
     if let Some(path) = &cfg.admin_socket {
         // The admin socket is a convenience: without it the load balancer still serves.
-        if let Err(e) = admin::spawn(path, balancer.clone(), shutdown_rx.clone()) {
+        if let Err(e) = admin::spawn(path, live.clone(), shutdown_rx.clone()) {
             tracing::warn!(path = %path.display(), error = %e, "admin socket not available; `rampart lb drain|enable|status` cannot reach this load balancer");
         }
     }
-    for index in 0..cfg.backends.len() {
-        tokio::spawn(health::run(
-            balancer.clone(),
-            index,
-            connector.clone(),
-            cfg.health.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
+    let challenges = cfg
+        .acme
+        .as_ref()
+        .map(|_| Arc::new(acme::Challenges::default()));
+    let acme_tx = cfg
+        .acme
+        .clone()
+        .zip(challenges.clone())
+        .map(|(acme_cfg, ch)| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(acme::run(
+                acme_cfg,
+                ch,
+                reloader.clone(),
+                rx,
+                shutdown_rx.clone(),
+            ));
+            tx
+        });
 
     let reopen_log = access_log.clone();
     let tasks = RoleTasks::new();
@@ -551,7 +572,7 @@ pub async fn start(
                     let security = security.clone();
                     move |resp| security.apply(resp)
                 })
-                .service(Proxy::new(upstreams.clone(), info.peer.ip()))
+                .service(reload::Current::new(live.clone(), info.peer.ip()))
         },
         tasks.token(),
         tasks.tracker(),
@@ -573,7 +594,7 @@ pub async fn start(
                         info.peer.ip(),
                     ))
                     .layer(MetricsLayer(metrics.clone()))
-                    .service(redirect.clone())
+                    .service(acme::Http01::new(challenges.clone(), redirect.clone()))
             },
             tasks.token(),
             tasks.tracker(),
@@ -585,7 +606,7 @@ pub async fn start(
         https = %https_addr,
         http = ?http_addr,
         backends = cfg.backends.len(),
-        algorithm = balancer.algorithm().as_str(),
+        algorithm = reloader.live.load().balancer.algorithm().as_str(),
         tls_upstream = !cfg.plain_backends,
         access_log = ?cfg.access_log,
         "load balancer listening"
@@ -594,7 +615,8 @@ pub async fn start(
         https_addr,
         http_addr,
         filters: std::iter::once(https_filter).chain(http_filter).collect(),
-        balancer,
+        reloader,
+        acme: acme_tx,
         shutdown,
         tasks,
         access_log: reopen_log,

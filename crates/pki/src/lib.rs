@@ -12,6 +12,9 @@
 #![forbid(unsafe_code)]
 
 mod issue;
+mod sni;
+
+pub use sni::{sni_server_config, CertFiles, CertStore, CertSummary, Resumption, SniResolver};
 
 use std::fs::File;
 use std::io::BufReader;

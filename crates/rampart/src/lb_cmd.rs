@@ -61,12 +61,20 @@ struct RunArgs {
     /// HTTPS listener address.
     #[arg(long, required = true)]
     listen: Option<SocketAddr>,
-    /// PEM certificate chain for clients.
-    #[arg(long, required = true)]
-    tls_cert: Option<PathBuf>,
-    /// Its PEM private key.
-    #[arg(long, required = true)]
-    tls_key: Option<PathBuf>,
+    /// PEM certificate chain for clients (repeat with --tls-key for more certificates,
+    /// each chosen by SNI for the names it covers; the first is the default).
+    #[arg(long = "tls-cert")]
+    tls_certs: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same position.
+    #[arg(long = "tls-key")]
+    tls_keys: Vec<PathBuf>,
+    /// A directory of further certificates: NAME.pem (or NAME.crt) with NAME.key, read
+    /// again on every reload.
+    #[arg(long)]
+    tls_cert_dir: Option<PathBuf>,
+    /// Write this process's id here (for `rampart reload --pid-file`); removed on exit.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
     /// A backend, ADDR[,weight=N][,backup] (repeat for more; named b1, b2, …).
     #[arg(long = "backend", required = true)]
     backends: Vec<lb::BackendSpec>,
@@ -127,19 +135,20 @@ fn parse_log_format(name: &str) -> Result<lb::AccessLogFormat, String> {
 }
 
 /// Runs `rampart lb …`: a subcommand against a running load balancer, or a standalone
-/// load balancer through `serve(config, threads)` (until SIGTERM).
+/// load balancer through `serve(config, threads, pid_file)` (until SIGTERM).
 pub(crate) fn run(
     cmd: LbCmd,
     state: &StateDir,
-    serve: impl FnOnce(lb::LbConfig, Option<usize>) -> anyhow::Result<()>,
+    serve: impl FnOnce(lb::LbConfig, Option<usize>, Option<PathBuf>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if let Some(action) = cmd.action {
         return admin(action, state);
     }
     let r = cmd.run;
-    let (Some(listen), Some(cert), Some(key)) = (r.listen, r.tls_cert, r.tls_key) else {
-        anyhow::bail!("--listen, --tls-cert and --tls-key are required");
+    let Some(listen) = r.listen else {
+        anyhow::bail!("--listen is required");
     };
+    let certs = crate::reload_cmd::cert_pairs(r.tls_certs, r.tls_keys, r.tls_cert_dir.is_some())?;
     let cfg = lb::LbConfig::standalone(lb::StandaloneOptions {
         balancing: lb::Balancing {
             algorithm: r.balance,
@@ -150,8 +159,8 @@ pub(crate) fn run(
         listen,
         http_listen: r.http_listen,
         tls: lb::StandaloneTls {
-            cert,
-            key,
+            certs,
+            cert_dir: r.tls_cert_dir,
             backend_ca: r.backend_ca,
         },
         backends: r.backends,
@@ -162,7 +171,7 @@ pub(crate) fn run(
         admin_socket: r.admin_socket,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    serve(cfg, r.threads)
+    serve(cfg, r.threads, r.pid_file)
 }
 
 /// The admin sockets `target` names: its `--socket`, or the lab's load balancers'.

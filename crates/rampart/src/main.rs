@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lab::{LabError, Mode, StateDir, Status};
 use topology::Topology;
 
+mod reload_cmd;
+
 /// Exit code for a bad configuration (the file, key and fix are printed).
 const EXIT_CONFIG: u8 = 64;
 
@@ -38,6 +40,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Write the default topology to a file to edit.
     Init {
@@ -108,6 +112,11 @@ enum Cmd {
     /// 10.0.0.11:8080 --backend 10.0.0.12:8080`. Runs until SIGTERM or Ctrl-C, then drains.
     /// `rampart lb drain|enable BACKEND` and `rampart lb status` control a running one.
     Lb(Box<lb_cmd::LbCmd>),
+    /// Reload load balancers without a restart: certificates (new handshakes get the new
+    /// ones) and, in the lab, the topology's backends, health check and [balancer] limits
+    /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
+    /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
+    Reload(reload_cmd::ReloadArgs),
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -369,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
+        Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
     }
 }
@@ -377,7 +387,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// `threads` workers, by default as many as the CPUs in this process's affinity mask
 /// (`available_parallelism` reads `sched_getaffinity(2)`), so a load balancer pinned to one
 /// CPU runs one worker and pays no cross-thread wake-ups.
-fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Result<()> {
+fn run_standalone_lb(
+    cfg: lb::LbConfig,
+    threads: Option<usize>,
+    pid_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let threads = threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
@@ -391,6 +405,7 @@ fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Resul
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);
         let handle = lb::start(cfg, &mut registry, &http).await?;
+        let pid = pid_file.map(reload_cmd::PidFile::write).transpose()?;
         eprintln!(
             "rampart lb: https on {}{}, {} worker thread(s); SIGTERM or Ctrl-C stops it",
             handle.https_addr(),
@@ -400,12 +415,7 @@ fn run_standalone_lb(cfg: lb::LbConfig, threads: Option<usize>) -> anyhow::Resul
                 .unwrap_or_default(),
             threads
         );
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        reload_cmd::serve_signals(&handle, pid.as_ref()).await?;
         // Drain: stop accepting, let requests in flight finish (limits.drain_timeout_ms).
         serve::RoleHandle::shutdown(&handle).await;
         Ok(())

@@ -13,7 +13,9 @@
 //!   timeout) on connections with a request in flight, so a zero-window client is closed;
 //! - the HTTP/1 head size cap and the HTTP/2 concurrent-stream cap;
 //! - lingering close after a response the client did not wait for ([`io`]);
-//! - graceful drain on shutdown (in-flight requests finish for up to `drain_timeout_ms`).
+//! - graceful drain on shutdown: the listening socket stops listening at once (new
+//!   connections are refused by the kernel), in-flight requests finish for up to
+//!   `drain_timeout_ms`, then every connection is closed.
 //!
 //! Request-body idle timeouts (`body_timeout_ms`) are applied by the role around its
 //! service: the load balancer buffers bodies itself, the axum roles use tower-http's
@@ -205,7 +207,9 @@ pub async fn serve_http<M, S, B>(
             Err(e) => firewall::accept_failed(service, &e).await,
         }
     }
-    // Drain: every connection saw `shutdown` and closes once its requests are done.
+    // Drain: no new connections (the kernel refuses them rather than queueing them for
+    // nobody); every connection saw `shutdown` and closes once its requests are done.
+    listener.stop_listening();
     conns.close();
     let drain = ctx.limits.drain_timeout();
     if tokio::time::timeout(drain, conns.wait()).await.is_err() {

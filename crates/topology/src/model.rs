@@ -108,6 +108,73 @@ pub struct Site {
     /// `Content-Security-Policy: frame-ancestors 'none'`, `Referrer-Policy:
     /// strict-origin-when-cross-origin` (OWASP secure headers; HSTS is always sent).
     pub response_headers: std::collections::BTreeMap<String, String>,
+    /// The HTTPS listener's certificates and session resumption (`[site.tls]`).
+    pub tls: SiteTls,
+    /// The site certificate from an ACME server instead of the lab's CA (`[site.acme]`).
+    /// Default `None`: the lab's CA issues it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSettings>,
+}
+
+/// ACME (RFC 8555) for the site certificate (`[site.acme]`): the load balancer orders a
+/// certificate for the site's domain and aliases, answers the HTTP-01 challenge on its
+/// HTTP listener (which must be reachable on port 80 from the ACME server), keeps the
+/// account and the certificate under `<state>/pki/acme/` and renews ahead of expiry. Until
+/// the first certificate arrives, the lab's site certificate serves.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AcmeSettings {
+    /// The directory URL, e.g. `https://acme-v02.api.letsencrypt.org/directory`. Required.
+    pub directory_url: String,
+    /// Account contact URIs, e.g. `["mailto:ops@foobar.com"]`. Default none.
+    pub contact: Vec<String>,
+    /// A PEM CA certificate the directory's HTTPS certificate chains to (a private or test
+    /// ACME server; relative to the topology file). Default none: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<std::path::PathBuf>,
+    /// Renew once this fraction of the certificate's lifetime has passed, in (0, 1).
+    /// Default 0.667 (day 60 of a 90-day certificate).
+    pub renew_at: f64,
+}
+
+/// The HTTPS listener's TLS beyond the site certificate (`[site.tls]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteTls {
+    /// Further certificates, each chosen for the names in its subject alternative names
+    /// when a client asks for one of them by SNI (`[[site.tls.certificates]]` with `cert`
+    /// and `key`, PEM files; relative paths are relative to the topology file's directory).
+    /// The lab's site certificate stays the default, for clients without SNI or asking for
+    /// another name. Default none. Reloaded with the certificates (SIGHUP, `rampart
+    /// reload`).
+    pub certificates: Vec<CertPaths>,
+    /// TLS sessions kept in memory for resumption by session ID (TLS 1.2) or by a TLS 1.3
+    /// PSK when tickets are off; the oldest is evicted beyond it, 0 turns the cache off.
+    /// Default 20 000 (a few hundred bytes each).
+    pub session_cache_entries: usize,
+    /// Stateless session tickets (RFC 5077 for TLS 1.2, RFC 8446 §4.6.1 for TLS 1.3),
+    /// encrypted with keys that rotate every 6 hours. Default `true`.
+    pub session_tickets: bool,
+}
+
+/// Default of [`SiteTls::session_cache_entries`].
+pub const DEFAULT_SESSION_CACHE_ENTRIES: usize = 20_000;
+
+impl Default for SiteTls {
+    fn default() -> Self {
+        SiteTls {
+            certificates: Vec::new(),
+            session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
+            session_tickets: true,
+        }
+    }
+}
+
+/// A PEM certificate chain and its PEM private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertPaths {
+    /// The certificate chain, end-entity certificate first.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 /// The default of [`Site::response_headers`].
@@ -314,7 +381,23 @@ impl Topology {
                 "pass an existing file with -f, or run `rampart init` to write the default",
             )
         })?;
-        Topology::parse(&text, &name)
+        let mut t = Topology::parse(&text, &name)?;
+        // Certificate files named relative to the topology file.
+        if let Some(dir) = path.parent() {
+            let acme = t.site.acme.iter_mut().flat_map(|a| a.ca_bundle.as_mut());
+            let certs = t
+                .site
+                .tls
+                .certificates
+                .iter_mut()
+                .flat_map(|c| [&mut c.cert, &mut c.key]);
+            for p in certs.chain(acme) {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(t)
     }
 
     /// Parses and validates topology TOML; `file` names the source in errors.
@@ -442,6 +525,63 @@ fn err(file: &str, key: impl Into<String>, reason: impl Into<String>, fix: &str)
     ConfigError::new(file, key, reason, fix)
 }
 
+fn site_tls(raw: Option<crate::raw::RawSiteTls>, file: &str) -> Result<SiteTls, ConfigError> {
+    let raw = raw.unwrap_or_default();
+    let mut certificates = Vec::new();
+    for (i, c) in raw.certificates.unwrap_or_default().into_iter().enumerate() {
+        for (key, p) in [("cert", &c.cert), ("key", &c.key)] {
+            if p.as_os_str().is_empty() {
+                return Err(err(
+                    file,
+                    format!("site.tls.certificates[{i}].{key}"),
+                    "empty path",
+                    "name a PEM file, e.g. cert = \"certs/example.pem\", key = \"certs/example.key\"",
+                ));
+            }
+        }
+        certificates.push(CertPaths {
+            cert: c.cert,
+            key: c.key,
+        });
+    }
+    let d = SiteTls::default();
+    Ok(SiteTls {
+        certificates,
+        session_cache_entries: raw.session_cache_entries.unwrap_or(d.session_cache_entries),
+        session_tickets: raw.session_tickets.unwrap_or(d.session_tickets),
+    })
+}
+
+fn site_acme(
+    raw: Option<crate::raw::RawAcme>,
+    file: &str,
+) -> Result<Option<AcmeSettings>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if !(raw.directory_url.starts_with("https://") || raw.directory_url.starts_with("http://")) {
+        return Err(err(
+            file,
+            "site.acme.directory_url",
+            format!("{:?} is not an http(s) URL", raw.directory_url),
+            "use the ACME server's directory URL, e.g. \"https://acme-v02.api.letsencrypt.org/directory\"",
+        ));
+    }
+    let renew_at = raw.renew_at.unwrap_or(0.667);
+    if !(renew_at > 0.0 && renew_at < 1.0) {
+        return Err(err(
+            file,
+            "site.acme.renew_at",
+            format!("{renew_at} is not between 0 and 1"),
+            "give the fraction of the lifetime after which to renew, e.g. 0.667",
+        ));
+    }
+    Ok(Some(AcmeSettings {
+        directory_url: raw.directory_url,
+        contact: raw.contact.unwrap_or_default(),
+        ca_bundle: raw.ca_bundle,
+        renew_at,
+    }))
+}
+
 fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
     let site = Site {
         domain: raw.site.domain.unwrap_or_else(|| "www.foobar.com".into()),
@@ -474,6 +614,8 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             }
             h
         },
+        tls: site_tls(raw.site.tls, file)?,
+        acme: site_acme(raw.site.acme, file)?,
     };
     for (key, name) in std::iter::once(("site.domain".to_string(), &site.domain)).chain(
         site.aliases
@@ -1114,5 +1256,57 @@ mod tests {
             Topology::parse(&text, "t").unwrap_err().key,
             "alerts.qps.clear_rps"
         );
+    }
+
+    #[test]
+    fn site_tls_certificates_resolve_relative_to_the_file_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rampart.toml");
+        let text = format!(
+            "{DEFAULT_TOML}\n[[site.tls.certificates]]\ncert = \"certs/a.pem\"\nkey = \"/abs/a.key\"\n"
+        );
+        std::fs::write(&file, &text).unwrap();
+        let t = Topology::load(&file).unwrap();
+        let c = &t.site.tls.certificates[0];
+        assert_eq!(c.cert, dir.path().join("certs/a.pem"));
+        assert_eq!(c.key, std::path::PathBuf::from("/abs/a.key"));
+        assert_eq!(
+            t.site.tls.session_cache_entries,
+            DEFAULT_SESSION_CACHE_ENTRIES
+        );
+        assert!(t.site.tls.session_tickets);
+        let back = Topology::parse(&t.to_toml(), "resolved").unwrap();
+        assert_eq!(back.site.tls, t.site.tls);
+        let e = Topology::parse(
+            &DEFAULT_TOML.replace("session_tickets", "session_ticket"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("session_ticket"), "{e}");
+    }
+
+    #[test]
+    fn site_acme_is_optional_validated_and_round_trips() {
+        assert_eq!(Topology::default_topology().site.acme, None);
+        let with = |acme: &str| format!("{DEFAULT_TOML}\n[site.acme]\n{acme}\n");
+        let t = Topology::parse(
+            &with(
+                "directory_url = \"https://acme.test/dir\"\ncontact = [\"mailto:ops@foobar.com\"]",
+            ),
+            "t",
+        )
+        .unwrap();
+        let acme = t.site.acme.clone().unwrap();
+        assert_eq!(acme.directory_url, "https://acme.test/dir");
+        assert!((acme.renew_at - 0.667).abs() < 1e-9);
+        assert_eq!(Topology::parse(&t.to_toml(), "resolved").unwrap(), t);
+        let e = Topology::parse(&with("directory_url = \"ftp://x\""), "t").unwrap_err();
+        assert_eq!(e.key, "site.acme.directory_url");
+        let e = Topology::parse(
+            &with("directory_url = \"https://a/dir\"\nrenew_at = 1.5"),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "site.acme.renew_at");
     }
 }

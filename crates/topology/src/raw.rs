@@ -136,6 +136,32 @@ pub(crate) struct RawSite {
     pub http_port: Option<u16>,
     pub plain_backends: Option<bool>,
     pub response_headers: Option<std::collections::BTreeMap<String, String>>,
+    pub tls: Option<RawSiteTls>,
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAcme {
+    pub directory_url: String,
+    pub contact: Option<Vec<String>>,
+    pub ca_bundle: Option<std::path::PathBuf>,
+    pub renew_at: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSiteTls {
+    pub certificates: Option<Vec<RawCertFiles>>,
+    pub session_cache_entries: Option<usize>,
+    pub session_tickets: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 #[derive(Debug, Deserialize, Default)]
