@@ -1,63 +1,118 @@
 #!/usr/bin/env bash
 # The load balancer alone against its peers: `rampart lb` (one worker thread), HAProxy
-# (nbthread 1) and nginx (one worker) in front of the SAME two static backends (nginx serving
-# a small file, so the backends are never the bottleneck), with the same ECDSA P-256
-# certificate, each pinned to CPU 1 while wrk runs on CPU 0. Access logs are OFF for all
-# three. The figure of merit is each load balancer's own CPU time per request: utime+stime
-# of its processes (/proc/PID/stat, clock ticks) over the run, divided by the requests wrk
-# completed. Also prints requests/s and wrk's p50/p99 latency.
+# (nbthread 1) and nginx (one worker) in front of the SAME two static backends (one nginx
+# worker serving a 612-byte file on two addresses, plain HTTP and TLS, so the backends are
+# never the bottleneck), with the same ECDSA P-256 site certificate, each load balancer
+# pinned to CPU 1 while the load generator and the backends run on CPU 0. Access logs are
+# OFF for all three. The figure of merit is each load balancer's own CPU time per request:
+# utime+stime of its processes (/proc/PID/stat, clock ticks) over the run, divided by the
+# requests completed. Also prints requests/s and p50/p99 latency.
 #
-# Measures, alternating the three load balancers in every round:
-#   keepalive  HTTPS, HTTP/1.1 keep-alive, 50 connections
-#   newconn    a new TLS connection per request (Connection: close), 50 connections
+# Modes (all by default; BENCH_MODES="h2 idle-rss" runs any subset), each load balancer in
+# turn in every round, the same round count for every mode:
+#   keepalive  HTTPS, HTTP/1.1 keep-alive, wrk -c50, p50/p99 from wrk --latency
+#   newconn    a new TLS connection per request (Connection: close), wrk -c50
+#   h2         HTTP/2 over TLS, h2load -c10 -m10 (10 connections x 10 streams), p50/p99
+#              from h2load's per-request log
+#   plain      plain HTTP to the load balancer, plain HTTP to the backends (wrk -c50).
+#              `rampart lb` has no plain-HTTP proxy listener (its --http-listen answers 301
+#              to HTTPS); its row "rampart-redirect" is that 301, shown for reference only
+#   reencrypt  HTTPS keep-alive in front, TLS to the backends verified against the bench
+#              CA (rampart --backend-ca, HAProxy `ssl verify required ca-file`, nginx
+#              `proxy_ssl_verify on`), pooled keep-alive upstream connections
+#   idle-rss   VmRSS (summed over the load balancer's processes) of a FRESH instance before
+#              and after IDLE_CONNS (default 10 000) TLS connections that each finished the
+#              handshake and HTTP/1.1 requests and then sit idle (keep-alive, nothing in
+#              flight), held by several client processes (<= 2 500 each, from 500 per
+#              source address). While the set is built each connection repeats a GET every
+#              5 s (Rampart closes a keep-alive connection after 10 s idle); the repeats
+#              stop 1.5 s before the measurement. KiB per connection = RSS growth / held.
 # and prints the median of the rounds and the ratios Rampart / HAProxy and Rampart / nginx
-# (CPU per request below 1 = Rampart spends less).
+# (CPU per request below 1 = Rampart spends less), next to the goals.
 #
 # Usage: bench/lb-standalone.sh [seconds per run, default 8] [rounds, default 3]
-# BENCH_MODES="keepalive" runs a subset of the modes (default: all).
-# Needs: haproxy, nginx (nginx-light), wrk, openssl, taskset (apt-installed when missing,
-# as root) and a release build (made here).
+# Env: BENCH_MODES (subset of the modes above), IDLE_CONNS (default 10000).
+# Addresses: 127.88.2.0/24 (LBs .10-.12, backends .21/.22, idle clients from .100 up).
+# Needs: haproxy, nginx (nginx-light), wrk, h2load (nghttp2-client), openssl, python3,
+# curl, ss (iproute2), taskset (apt-installed when missing, as root) and a release build
+# (made here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}; rounds=${2:-3}
-modes=${BENCH_MODES:-keepalive newconn}
+modes=${BENCH_MODES:-keepalive newconn h2 plain reencrypt idle-rss}
+idle_n=${IDLE_CONNS:-10000}
 ip=127.88.2
+for m in $modes; do
+  case $m in keepalive|newconn|h2|plain|reencrypt|idle-rss) ;;
+    *) echo "bench: unknown mode '$m' (keepalive newconn h2 plain reencrypt idle-rss)" >&2; exit 64;;
+  esac
+done
+[ "$idle_n" -ge 1 ] && [ "$idle_n" -le 15000 ] || { echo "bench: IDLE_CONNS must be 1..15000" >&2; exit 64; }
 need() { command -v "$1" >/dev/null 2>&1; }
 # Installed packages' own services are never started (policy-rc.d), as in install-deps.sh.
+updated=0
 install() {
   [ "$(id -u)" -eq 0 ] || return 0
   local made=0
   [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null 2>&1 \
+    || { [ $updated -eq 1 ] || { apt-get update -q </dev/null >/dev/null 2>&1 || true; updated=1; }
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null || true; }
   [ "$made" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
   return 0
 }
-for p in haproxy:haproxy nginx:nginx-light wrk:wrk openssl:openssl; do
+for p in haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl \
+         python3:python3 curl:curl ss:iproute2 taskset:util-linux; do
   bin=${p%%:*}; pkg=${p#*:}
   need "$bin" || install "$pkg"
   need "$bin" || { echo "bench: $bin is needed (apt-get install $pkg)" >&2; exit 1; }
 done
 cargo build --release -q -p rampart
 rampart=$PWD/target/release/rampart
-work=$(mktemp -d)
-pids=()
+helper=$PWD/bench/lb-standalone.py
+work=$(mktemp -d /tmp/lb-bench.XXXXXX)
+declare -A live=()   # pids this script started and has not stopped yet
+
+# stop PID...: SIGTERM, then SIGKILL after 8 s (Rampart drains for up to 5 s).
+stop() {
+  local p i
+  for p in "$@"; do kill "$p" 2>/dev/null || true; done
+  for p in "$@"; do
+    for i in $(seq 80); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    unset "live[$p]"
+  done
+}
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/backends.pid" ] && kill "$(cat "$work/backends.pid")" 2>/dev/null || true
-  [ -f "$work/nginx-lb.pid" ] && kill "$(cat "$work/nginx-lb.pid")" 2>/dev/null || true
-  sleep 0.5; rm -rf "$work"
+  trap - EXIT INT TERM
+  [ ${#live[@]} -eq 0 ] || stop "${!live[@]}"
+  local f; for f in "$work"/*.pid; do [ -f "$f" ] && stop "$(cat "$f")"; done
+  rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
 
+# A bench CA; the site certificate (every load balancer's, ECDSA P-256) and the backends'
+# certificate (their two addresses and a name) are signed by it.
+cd "$work"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -keyout "$work/key.pem" -out "$work/cert.pem" -subj /CN=bench.test \
-  -addext "subjectAltName=DNS:bench.test" 2>/dev/null
-cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
+  -keyout ca.key -out ca.pem -subj "/CN=Rampart bench CA" 2>/dev/null
+leaf() { # NAME CN SAN
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1.key" \
+    -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$3" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+}
+leaf site bench.test DNS:bench.test
+leaf backend backend.bench.test "DNS:backend.bench.test,IP:$ip.21,IP:$ip.22"
+cat site.pem site.key > haproxy.pem
+cd - >/dev/null
 # The page the backends serve (nginx's default page size), readable by nginx's workers.
 mkdir -p "$work/www" && chmod 755 "$work" "$work/www"
 head -c 612 /dev/zero | tr '\0' 'x' > "$work/www/index.html" && chmod 644 "$work/www/index.html"
 
-# The backends: one nginx, one worker, two servers, on CPU 0 with wrk.
+# The backends: one nginx, one worker, two servers (plain 808x, TLS 908x), on CPU 0.
 cat > "$work/backends.conf" <<CFG
 worker_processes 1;
 pid $work/backends.pid;
@@ -66,128 +121,263 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen $ip.21:8081; root $work/www; }
-  server { listen $ip.22:8082; root $work/www; }
+  keepalive_timeout 120s;
+  ssl_certificate $work/backend.pem; ssl_certificate_key $work/backend.key;
+  ssl_session_cache shared:backends:1m;
+  server { listen $ip.21:8081; listen $ip.21:9081 ssl; root $work/www; }
+  server { listen $ip.22:8082; listen $ip.22:9082 ssl; root $work/www; }
 }
 CFG
 taskset -c 0 nginx -c "$work/backends.conf" -p "$work"
 
-# Rampart: one worker thread (it would pick one anyway, pinned to one CPU).
-taskset -c 1 "$rampart" lb --listen $ip.10:8443 --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" \
-  --backend $ip.21:8081 --backend $ip.22:8082 --health-path /index.html --threads 1 \
-  2>"$work/rampart.err" &
-pids+=($!); rampart_pid=$!
+# Rampart: one worker thread (it would pick one anyway, pinned to one CPU). Its limits are
+# the topology defaults (standalone mode has no flags for them): https max_connections
+# 10 000 (at the cap the longest-idle connection makes room), 1 024 per source address,
+# 10 s for the first request after the handshake, keep-alive idle timeout 60 s on paper
+# but 10 s in effect (hyper's header read timeout also runs while an HTTP/1.1 connection
+# waits for its next request).
+# start_rampart NAME ADDR:PORT ARGS... -> pid in pid_of[NAME]
+declare -A pid_of=()
+start_rampart() {
+  local name=$1 listen=$2; shift 2
+  mkdir -p "$work/$name.state"
+  taskset -c 1 "$rampart" lb --state-dir "$work/$name.state" --listen "$listen" \
+    --tls-cert "$work/site.pem" --tls-key "$work/site.key" --health-path /index.html --threads 1 \
+    "$@" 2>"$work/$name.err" &
+  pid_of[$name]=$!; live[$!]=1
+}
 
-cat > "$work/haproxy.cfg" <<CFG
+# HAProxy: nbthread 1, maxconn above IDLE_CONNS (no strict-limits), client/keep-alive
+# timeouts 120 s.
+haproxy_global() {
+  cat <<CFG
 global
     nbthread 1
-    maxconn 8000
+    maxconn $((idle_n + 2000))
+    # maxconn above ~9 990 needs more than the 20 000 descriptors a process may open here
+    # (HAProxy reserves two per connection); without strict-limits it warns and runs.
+    no strict-limits
     ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
     mode http
     timeout connect 3s
-    timeout client 30s
+    timeout client 120s
+    timeout http-keep-alive 120s
     timeout server 30s
     option http-keep-alive
-frontend site
-    bind $ip.11:8443 ssl crt $work/haproxy.pem alpn h2,http/1.1
-    default_backend web
 backend web
     balance roundrobin
     http-reuse always
     option httpchk GET /index.html
     server b1 $ip.21:8081 check inter 1s
     server b2 $ip.22:8082 check inter 1s
+backend webtls
+    balance roundrobin
+    http-reuse always
+    option httpchk GET /index.html
+    server b1 $ip.21:9081 ssl verify required ca-file $work/ca.pem sni str(backend.bench.test) check inter 1s
+    server b2 $ip.22:9082 ssl verify required ca-file $work/ca.pem sni str(backend.bench.test) check inter 1s
 CFG
-taskset -c 1 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.err" 2>&1 &
-pids+=($!); haproxy_pid=$!
+}
+start_haproxy() { # NAME CONFIG-FILE
+  taskset -c 1 haproxy -f "$2" -db >"$work/$1.err" 2>&1 &
+  pid_of[$1]=$!; live[$!]=1
+}
 
-cat > "$work/nginx-lb.conf" <<CFG
+# nginx: one worker, worker_connections above IDLE_CONNS, keepalive_timeout 120 s.
+nginx_http() {
+  cat <<CFG
 worker_processes 1;
-pid $work/nginx-lb.pid;
-error_log $work/nginx-lb.err;
-events { worker_connections 8000; }
+worker_rlimit_nofile 20000;
+error_log $work/$1.err;
+pid $work/$1.pid;
+events { worker_connections $((idle_n + 2000)); }
 http {
   access_log off;
   keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  ssl_certificate $work/site.pem; ssl_certificate_key $work/site.key;
+  ssl_protocols TLSv1.2 TLSv1.3;
   upstream web { server $ip.21:8081; server $ip.22:8082; keepalive 64; }
+  upstream webtls { server $ip.21:9081; server $ip.22:9082; keepalive 64; }
+CFG
+}
+start_nginx() { # NAME CONFIG-FILE; the master daemonizes and writes NAME.pid
+  local i
+  taskset -c 1 nginx -c "$2" -p "$work"
+  for i in $(seq 50); do [ -s "$work/$1.pid" ] && break; sleep 0.1; done
+  pid_of[$1]=$(cat "$work/$1.pid"); live[${pid_of[$1]}]=1
+}
+# The processes whose CPU and memory count: nginx's master and its worker.
+pids_of() {
+  case $1 in *nginx*) echo "${pid_of[$1]} $(pgrep -P "${pid_of[$1]}" | tr '\n' ' ')";; *) echo "${pid_of[$1]}";; esac
+}
+wait_up() { # URL: up to 15 s for a 2xx/3xx
+  local i
+  for i in $(seq 150); do
+    curl -s -o /dev/null -f --max-time 2 --cacert "$work/ca.pem" \
+      --resolve "bench.test:${1##*:}:${1%:*}" "https://bench.test:${1##*:}/index.html" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "bench: the load balancer on $1 does not answer" >&2
+  cat "$work"/*.err >&2; exit 1
+}
+
+# The load balancers under test: 8443 TLS -> plain backends, 8444 TLS -> TLS backends,
+# 8080 plain -> plain backends (Rampart: redirect only). Rampart runs one process per
+# upstream kind (its standalone mode has one set of backends per process).
+start_rampart rampart "$ip.10:8443" --http-listen "$ip.10:8080" --backend "$ip.21:8081" --backend "$ip.22:8082"
+start_rampart rampart-tls "$ip.10:8444" --backend "$ip.21:9081" --backend "$ip.22:9082" --backend-ca "$work/ca.pem"
+{ haproxy_global; cat <<CFG; } > "$work/haproxy.cfg"
+frontend site
+    bind $ip.11:8443 ssl crt $work/haproxy.pem alpn h2,http/1.1
+    default_backend web
+frontend reencrypt
+    bind $ip.11:8444 ssl crt $work/haproxy.pem alpn h2,http/1.1
+    default_backend webtls
+frontend plain
+    bind $ip.11:8080
+    default_backend web
+CFG
+start_haproxy haproxy "$work/haproxy.cfg"
+proxy='proxy_http_version 1.1; proxy_set_header Connection "";'
+{ nginx_http nginx; cat <<CFG; } > "$work/nginx.conf"
+  server { listen $ip.12:8443 ssl http2; location / { proxy_pass http://web; $proxy } }
   server {
-    listen $ip.12:8443 ssl http2;
-    ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / { proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    listen $ip.12:8444 ssl http2;
+    location / {
+      proxy_pass https://webtls; $proxy
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate $work/ca.pem;
+      proxy_ssl_name backend.bench.test; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
+    }
   }
+  server { listen $ip.12:8080; location / { proxy_pass http://web; $proxy } }
 }
 CFG
-taskset -c 1 nginx -c "$work/nginx-lb.conf" -p "$work"
+start_nginx nginx "$work/nginx.conf"
+for a in $ip.10:8443 $ip.10:8444 $ip.11:8443 $ip.11:8444 $ip.12:8443 $ip.12:8444; do wait_up "$a"; done
 
-sleep 3
+echo "rampart $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), wrk $(wrk -v 2>&1 | head -1 | cut -d' ' -f2), $(h2load --version)"
 for a in $ip.10 $ip.11 $ip.12; do
-  curl -sf -o /dev/null --resolve bench.test:8443:$a --cacert "$work/cert.pem" https://bench.test:8443/index.html \
-    || { echo "bench: the load balancer on $a does not answer" >&2; cat "$work/rampart.err" "$work/backends.err" "$work/haproxy.err" >&2; exit 1; }
+  printf '%s: ' "$a"
+  openssl s_client -connect "$a:8443" -servername bench.test -CAfile "$work/ca.pem" -brief </dev/null 2>&1 \
+    | sed -n 's/^\(Protocol version\|Ciphersuite\|Server Temp Key\|Peer Temp Key\): */\1 /p' | paste -sd ',' | sed 's/,/, /g'
 done
-# nginx's master and its worker (the worker's command line does not name the file).
-nginx_lb_pids() { local m; m=$(cat "$work/nginx-lb.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
+echo "access logs: off for all three; site certificate ECDSA P-256; load balancers on CPU 1, clients and backends on CPU 0"
+echo "limits for idle-rss ($idle_n connections): Rampart topology defaults (https max_connections 10000, 1024 per source, keep-alive idle 10 s in effect); HAProxy maxconn $((idle_n + 2000)) with no strict-limits (20000 descriptors), timeout client/http-keep-alive 120 s; nginx worker_connections $((idle_n + 2000)), worker_rlimit_nofile 20000, keepalive_timeout 120 s"
 
 # utime+stime of the given pids, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+# VmRSS of the given pids, KiB.
+rss() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status"))); done; echo $t; }
 hz=$(getconf CLK_TCK)
 
-# run NAME ADDR MODE -> "requests rps p50_ms p99_ms cpu_us_per_req"
+# run MODE LB -> "requests rps p50_ms p99_ms cpu_us_per_req errors" in $work/line
 run() {
-  local addr=$1 mode=$2; shift 2
-  local extra=()
-  [ "$mode" = newconn ] && extra=(-H "Connection: close")
-  local before after out
-  before=$(ticks "$@")
-  out=$(taskset -c 0 wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" \
-        -H "Host: bench.test" "https://$addr:8443/index.html" 2>&1)
-  after=$(ticks "$@")
-  python3 - "$before" "$after" "$hz" <<PY "$out"
-import re, sys
-before, after, hz = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-out = sys.argv[4]
-req = int(re.search(r"(\d+) requests in", out).group(1))
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-def ms(p):
-    m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)" % p, out, re.M)
-    v, u = float(m.group(1)), m.group(2)
-    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
-cpu_us = (after - before) / hz * 1e6 / max(req, 1)
-print(req, rps, ms(50), ms(99), cpu_us)
-PY
+  local mode=$1 lb=$2 addr port=8443 name pids before after
+  case $lb in rampart*) addr=$ip.10;; haproxy) addr=$ip.11;; nginx) addr=$ip.12;; esac
+  name=${lb%-redirect}
+  [ "$mode" = reencrypt ] && { port=8444; [ "$lb" = rampart ] && name=rampart-tls; }
+  # shellcheck disable=SC2207
+  pids=($(pids_of "$name"))
+  before=$(ticks "${pids[@]}")
+  case $mode in
+    keepalive|reencrypt)
+      taskset -c 0 wrk -t1 -c50 -d"${secs}s" --latency -H "Host: bench.test" \
+        "https://$addr:$port/index.html" >"$work/out" 2>&1 || true;;
+    newconn)
+      taskset -c 0 wrk -t1 -c50 -d"${secs}s" --latency -H "Host: bench.test" -H "Connection: close" \
+        "https://$addr:$port/index.html" >"$work/out" 2>&1 || true;;
+    plain)
+      taskset -c 0 wrk -t1 -c50 -d"${secs}s" --latency -H "Host: bench.test" \
+        "http://$addr:8080/index.html" >"$work/out" 2>&1 || true;;
+    h2)
+      rm -f "$work/h2.log"
+      taskset -c 0 h2load -t1 -c10 -m10 -D"$secs" --log-file="$work/h2.log" -H ":authority: bench.test" \
+        "https://$addr:$port/index.html" >"$work/out" 2>&1 || true;;
+  esac
+  after=$(ticks "${pids[@]}")
+  if [ "$mode" = h2 ]; then
+    python3 "$helper" h2load "$before" "$after" "$hz" "$work/out" "$work/h2.log" >"$work/line"
+  else
+    python3 "$helper" wrk "$before" "$after" "$hz" "$work/out" >"$work/line"
+  fi
 }
 
-declare -A res
+# idle_rss LB -> "before_kib after_kib kib_per_conn held ok failed" in $work/line, measured
+# on a fresh instance. Not run in a subshell, so every process it starts stays in `live`.
+idle_rss() {
+  local lb=$1 addr per=2500 n left=$idle_n k=0 s=100 srcs i j before after held ok=0 failed=0
+  local clients=() ok_n
+  case $lb in
+    rampart) addr=$ip.10
+      start_rampart idle-rampart "$addr:8446" --backend "$ip.21:8081" --backend "$ip.22:8082";;
+    haproxy) addr=$ip.11
+      { haproxy_global; printf 'frontend idle\n    bind %s:8446 ssl crt %s alpn http/1.1\n    default_backend web\n' \
+          "$addr" "$work/haproxy.pem"; } > "$work/idle-haproxy.cfg"
+      start_haproxy idle-haproxy "$work/idle-haproxy.cfg";;
+    nginx) addr=$ip.12
+      { nginx_http idle-nginx; printf '  server { listen %s:8446 ssl; location / { proxy_pass http://web; %s } }\n}\n' \
+          "$addr" "$proxy"; } > "$work/idle-nginx.conf"
+      start_nginx idle-nginx "$work/idle-nginx.conf";;
+  esac
+  wait_up "$addr:8446"
+  # shellcheck disable=SC2207
+  local pids=($(pids_of "idle-$lb"))
+  sleep 1
+  before=$(rss "${pids[@]}")
+  local t0=$SECONDS
+  # Clients on any CPU (building the set is what takes time; nothing is timed here): <= 2 500
+  # connections per process, 500 per source address (Rampart allows 1 024 per source).
+  while [ "$left" -gt 0 ]; do
+    n=$((left < per ? left : per)); srcs=""
+    for j in $(seq $(((n + 499) / 500))); do srcs+="${srcs:+,}$ip.$((s++))"; done
+    python3 "$helper" idle "$addr" 8446 "$n" "$work/ca.pem" bench.test "$srcs" 420 5 \
+      >"$work/idle.$k.out" 2>&1 &
+    clients+=($!); live[$!]=1
+    left=$((left - n)); k=$((k + 1))
+  done
+  while [ $((SECONDS - t0)) -lt 300 ]; do   # up to 300 s for every client to report
+    j=0; for n in $(seq 0 $((k - 1))); do grep -q '^ready' "$work/idle.$n.out" 2>/dev/null && j=$((j + 1)); done
+    [ "$j" -eq "$k" ] && break
+    for n in "${clients[@]}"; do kill -0 "$n" 2>/dev/null || { cat "$work"/idle.*.out >&2; break 2; }; done
+    sleep 0.1
+  done
+  ok_n=$(ss -Htn state established src "$addr:8446" | wc -l)
+  # Stop the keep-alive repeats; 1.5 s later nothing is in flight, and every connection's
+  # last request is at most 6.5 s old.
+  echo "  $lb: $ok_n connections open after $((SECONDS - t0)) s" >&2
+  kill -USR1 "${clients[@]}" 2>/dev/null || true
+  sleep 1.5
+  held=$(ss -Htn state established src "$addr:8446" | wc -l)
+  after=$(rss "${pids[@]}")
+  j=$(ss -Htn state established src "$addr:8446" | wc -l); [ "$j" -lt "$held" ] && held=$j
+  for n in $(seq 0 $((k - 1))); do
+    read -r _ a b _ < <(grep '^ready' "$work/idle.$n.out" || echo "ready 0 0")
+    ok=$((ok + a)); failed=$((failed + b))
+    [ "$b" -eq 0 ] || echo "  idle client $n: $(cat "$work/idle.$n.out")" >&2
+  done
+  stop "${clients[@]}"
+  stop "${pid_of[idle-$lb]}"
+  rm -f "$work/idle-$lb.pid"
+  python3 -c "import sys; b,a,h,o,f=map(int,sys.argv[1:]); print(b, a, (a-b)/max(h,1), h, o, f)" \
+    "$before" "$after" "$held" "$ok" "$failed" >"$work/line"
+}
+
+results=$work/results
+: > "$results"
 for mode in $modes; do
+  lbs="rampart haproxy nginx"; [ "$mode" = plain ] && lbs="rampart-redirect haproxy nginx"
   for r in $(seq "$rounds"); do
-    res[$mode,rampart,$r]=$(run $ip.10 $mode $rampart_pid)
-    res[$mode,haproxy,$r]=$(run $ip.11 $mode $haproxy_pid)
-    # shellcheck disable=SC2046
-    res[$mode,nginx,$r]=$(run $ip.12 $mode $(nginx_lb_pids))
+    for lb in $lbs; do
+      if [ "$mode" = idle-rss ]; then idle_rss "$lb"; else run "$mode" "$lb"; fi
+      echo "$mode $lb $r $(cat "$work/line")" | tee -a "$results" >&2
+    done
   done
 done
-
-python3 - "$rounds" <<PY
-import statistics, sys
-rounds = int(sys.argv[1])
-raw = """$(for k in "${!res[@]}"; do echo "$k ${res[$k]}"; done)"""
-data = {}
-for line in raw.strip().splitlines():
-    key, *vals = line.split()
-    mode, lb, r = key.split(",")
-    data.setdefault((mode, lb), []).append([float(v) for v in vals])
-print(f"{'mode':10} {'lb':8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
-med = {}
-for (mode, lb), runs in sorted(data.items()):
-    m = [statistics.median(col) for col in zip(*runs)]
-    med[(mode, lb)] = m
-    print(f"{mode:10} {lb:8} {m[1]:9.0f} {m[2]:8.2f} {m[3]:8.2f} {m[4]:11.1f}")
-print()
-for mode in sorted({m for m, _ in med}):
-    r = med[(mode, "rampart")]
-    for peer in ("haproxy", "nginx"):
-        p = med[(mode, peer)]
-        print(f"{mode:10} rampart/{peer:8} req/s {r[1]/p[1]:.2f}  p99 {r[3]/p[3]:.2f}  CPU/req {r[4]/p[4]:.2f}")
-print(f"(median of {rounds} rounds; load balancers pinned to CPU 1, wrk and the backends to CPU 0; access logs off)")
-PY
+echo
+python3 "$helper" report "$rounds" "$results"
+if [ -n "$(echo " $modes " | sed 's/ idle-rss / /g' | tr -d ' ')" ]; then
+  echo "(requests/s and latency on a 2-core machine: the load generator and the backends share CPU 0;"
+  echo " keepalive/newconn/plain/reencrypt latency from wrk --latency, h2 from h2load's per-request log)"
+fi
