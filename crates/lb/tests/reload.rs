@@ -276,6 +276,59 @@ async fn reloads_under_load_lose_no_request_and_switch_the_backend_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_stays_drained_across_a_reload() {
+    let pki = TestPki::new(test_support::topology_in_block(114));
+    let a = backend("A", 21, Duration::ZERO).await;
+    let b = backend("B", 22, Duration::ZERO).await;
+    let c = backend("C", 23, Duration::ZERO).await;
+    let mut registry = Registry::default();
+    let http = telemetry::HttpMetrics::register(&mut registry);
+    let lb = lb::start(config(&pki, &[&a, &b]), &mut registry, &http)
+        .await
+        .unwrap();
+    eventually("A and B up", WAIT, || {
+        let up = lb.backends().iter().all(|(_, up)| *up);
+        async move { up.then_some(()) }
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(pki::ca_client_config(&pki.paths).unwrap())
+        .resolve("www.foobar.com", lb.https_addr())
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let url = format!("https://www.foobar.com:{}/", lb.https_addr().port());
+    assert!(lb.set_draining("A", true));
+    only_and_all(&client, &url, &BTreeSet::from(["B".to_string()]), "drain A").await;
+
+    // A new backend set that keeps A and B and adds C: A stays drained.
+    lb.reload(Some(config(&pki, &[&a, &b, &c]))).await.unwrap();
+    let a_status = lb
+        .backend_status()
+        .into_iter()
+        .find(|s| s.name == "A")
+        .unwrap();
+    assert!(a_status.draining && !a_status.available, "{a_status:?}");
+    only_and_all(
+        &client,
+        &url,
+        &BTreeSet::from(["B".to_string(), "C".to_string()]),
+        "a reload",
+    )
+    .await;
+
+    assert!(lb.set_draining("A", false));
+    only_and_all(
+        &client,
+        &url,
+        &BTreeSet::from(["A".to_string(), "B".to_string(), "C".to_string()]),
+        "enable A",
+    )
+    .await;
+    lb.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_drains_requests_in_flight_and_refuses_new_connections() {
     let pki = TestPki::new(test_support::topology_in_block(114));
     let slow = Duration::from_millis(800);
