@@ -195,8 +195,10 @@ impl Balancer {
             backends: backends
                 .iter()
                 .map(|b| {
+                    // Not reset here: a reload's new generation shares the series with
+                    // the live one, which keeps reporting until the swap (see `reload`).
+                    // A series starts at 0 when first created.
                     let g = gauge(&b.name);
-                    g.set(0);
                     BackendState {
                         name: Arc::from(b.name.as_str()),
                         authority: authority_of(&b.name, b.addr.port()),

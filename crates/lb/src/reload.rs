@@ -363,6 +363,14 @@ impl Reloader {
             let previous = std::mem::replace(&mut *stop, generation_state.stop);
             previous.send_replace(true);
         }
+        // From now on the series report the new generation's verdicts (its checkers only
+        // write on a change, so a backend that stayed down there is written here).
+        for b in new.balancer.backends() {
+            self.fixed
+                .metrics
+                .backend_up(&b.name)
+                .set(i64::from(b.is_up()));
+        }
         // Series of backends that left: down, rather than frozen at their last value.
         for b in old_gen.balancer.backends() {
             if !new.balancer.backends().iter().any(|n| n.name == b.name) {

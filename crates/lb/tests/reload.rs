@@ -301,8 +301,35 @@ async fn a_drained_backend_stays_drained_across_a_reload() {
     assert!(lb.set_draining("A", true));
     only_and_all(&client, &url, &BTreeSet::from(["B".to_string()]), "drain A").await;
 
-    // A new backend set that keeps A and B and adds C: A stays drained.
-    lb.reload(Some(config(&pki, &[&a, &b, &c]))).await.unwrap();
+    // A new backend set that keeps A and B and adds C: A stays drained, and B's health
+    // series never reads 0 while the new generation's checks run (no dip that could fire
+    // a backend-down alert).
+    let reloaded = AtomicBool::new(false);
+    let reload = async {
+        let r = lb.reload(Some(config(&pki, &[&a, &b, &c]))).await;
+        reloaded.store(true, Ordering::SeqCst);
+        r
+    };
+    let watch = async {
+        let (mut samples, mut zeros) = (0, 0);
+        while !reloaded.load(Ordering::SeqCst) {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            samples += 1;
+            if text.contains(r#"rampart_backend_up{backend="B"} 0"#) {
+                zeros += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (samples, zeros)
+    };
+    let (report, (samples, zeros)) = tokio::join!(reload, watch);
+    report.unwrap();
+    assert!(samples > 0);
+    assert_eq!(
+        zeros, 0,
+        "B read as down in {zeros} of {samples} samples during the reload"
+    );
     let a_status = lb
         .backend_status()
         .into_iter()
