@@ -39,7 +39,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::balancer::Balancer;
 use crate::layers::Metrics;
-use crate::proxy::{Proxy, RejectLabels, Upstreams};
+use crate::proxy::{Proxy, RejectLabels, Scheme, Upstreams};
 use crate::upstream::Connector;
 use crate::{check_backends, health, rate_limit, tls, upstream, LbConfig, LbError};
 
@@ -173,11 +173,16 @@ fn served_names(site_names: &[String], cert_names: &[String]) -> Vec<String> {
 pub(crate) struct Current {
     live: Live,
     client_ip: IpAddr,
+    scheme: Scheme,
 }
 
 impl Current {
-    pub(crate) fn new(live: Live, client_ip: IpAddr) -> Current {
-        Current { live, client_ip }
+    pub(crate) fn new(live: Live, client_ip: IpAddr, scheme: Scheme) -> Current {
+        Current {
+            live,
+            client_ip,
+            scheme,
+        }
     }
 }
 
@@ -191,7 +196,7 @@ impl tower::Service<Request<Incoming>> for Current {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        Proxy::new(self.live.load_full(), self.client_ip).call(req)
+        Proxy::new(self.live.load_full(), self.client_ip, self.scheme).call(req)
     }
 }
 

@@ -385,8 +385,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it. The runtime has
 /// `threads` workers, by default as many as the CPUs in this process's affinity mask
-/// (`available_parallelism` reads `sched_getaffinity(2)`), so a load balancer pinned to one
-/// CPU runs one worker and pays no cross-thread wake-ups.
+/// (`available_parallelism` reads `sched_getaffinity(2)`). With one, it is tokio's
+/// current-thread runtime: every connection is driven by the one thread that accepts it,
+/// so a load balancer pinned to one CPU pays no cross-thread wake-ups at all (a
+/// multi-thread runtime with one worker still hands work between the worker and the
+/// thread blocked in `block_on`).
 fn run_standalone_lb(
     cfg: lb::LbConfig,
     threads: Option<usize>,
@@ -396,11 +399,17 @@ fn run_standalone_lb(
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the async runtime")?;
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);
