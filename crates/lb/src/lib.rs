@@ -516,7 +516,7 @@ pub async fn start(
         rejected,
         backend_families: backend_metrics::Families::register(registry),
     };
-    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names);
+    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names, None);
     let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));
     let live = reloader.live.clone();
     registry.register_collector(Box::new(reload::LiveBackendLoad(live.clone())));

@@ -290,7 +290,7 @@ pub(crate) struct Upstreams {
     pub(crate) response_buffer: u64,
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
-    pub(crate) rate_limit: Option<crate::rate_limit::RateLimit>,
+    pub(crate) rate_limit: Option<Arc<crate::rate_limit::RateLimit>>,
     /// Bounds retries to a share of requests.
     pub(crate) retry_budget: RetryBudget,
     /// Dedicated (unpooled) connections for WebSocket tunnels.
