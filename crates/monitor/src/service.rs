@@ -21,7 +21,7 @@ use topology::{AlertRule, Service};
 
 use crate::alert::{Alert, Event, State as AlertState};
 use crate::serve::{self, Peer};
-use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST, RETENTION_SECONDS};
+use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST};
 use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
 
 /// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
@@ -212,6 +212,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let tasks = ::serve::RoleTasks::new();
     let mut state = MonitorState::new(cfg.rule, cfg.agent_hosts)
+        .with_retention(cfg.retention_seconds as f64)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
     if !cfg.webhook_urls.is_empty() {
@@ -362,8 +363,9 @@ impl RangeQuery {
     pub const DEFAULT_SECONDS: u64 = 300;
     /// Seconds between points when the query names none: one per agent push.
     pub const DEFAULT_STEP_SECONDS: u64 = 1;
-    /// The longest range, seconds: the store's retention; older samples are gone.
-    pub const MAX_SECONDS: u64 = RETENTION_SECONDS as u64;
+    /// The longest range, seconds: the dashboard's 15 minutes (longer ranges go through
+    /// `/api/v1/query_range`).
+    pub const MAX_SECONDS: u64 = 900;
     /// The longest step, seconds.
     pub const MAX_STEP_SECONDS: u64 = 60;
     /// The most points per host one query returns. The bounds on `seconds` and `step` keep
@@ -449,6 +451,12 @@ impl MonitorState {
         }
     }
 
+    /// Keeps `seconds` of history (default [`crate::store::DEFAULT_RETENTION_SECONDS`]).
+    pub fn with_retention(self, seconds: f64) -> MonitorState {
+        self.lock().store = Store::with_retention(seconds);
+        self
+    }
+
     /// Sends every firing and resolved alert to `notifier` as well.
     pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> MonitorState {
         self.notifier = Some(notifier);
@@ -500,7 +508,8 @@ impl MonitorState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
-        let store = Store::decode_snapshot(&bytes, now)?;
+        let retention = self.lock().store.retention();
+        let store = Store::decode_snapshot(&bytes, now, retention)?;
         let series = self.agent_hosts.iter().map(|h| store.series_count(h)).sum();
         self.lock().store = store;
         Ok(Some(series))
@@ -535,7 +544,7 @@ impl MonitorState {
                 .store
                 .series(BACKEND_UP_METRIC, Some(host))
                 .into_iter()
-                .filter_map(|s| s.ring.points().last().map(|(_, v)| v))
+                .filter_map(|s| s.samples.last().map(|(_, v)| v))
                 .collect()
         };
         match kind {
@@ -1045,7 +1054,7 @@ async fn series(
         .into_iter()
         .map(|s| {
             let labels: BTreeMap<_, _> = s.labels.iter().cloned().collect();
-            let samples: Vec<[f64; 2]> = s.ring.points().map(|(t, v)| [t, v]).collect();
+            let samples: Vec<[f64; 2]> = s.samples.points().map(|(t, v)| [t, v]).collect();
             json!({ "name": q.name, "host": s.host, "labels": labels, "samples": samples })
         })
         .collect();
@@ -1565,6 +1574,9 @@ mod tests {
     async fn refusals_are_answered_and_reported() {
         let st = state();
         push_as(&st, "lb-01", body(Some(500.0), "10")).await;
+        // Samples are kept at millisecond resolution: a second push within the same
+        // millisecond would be out of order.
+        tokio::time::sleep(Duration::from_millis(3)).await;
         let doc = push_as(&st, "lb-01", body(Some(500.0), "NaN")).await;
         assert_eq!(
             doc,
@@ -1596,7 +1608,7 @@ mod tests {
         assert_eq!(got.stored, 1);
         let inner = st.lock();
         let pts: Vec<_> = inner.store.series(REQUESTS_METRIC, None)[0]
-            .ring
+            .samples
             .points()
             .collect();
         assert_eq!(pts, [(T0 + 0.5, 7.0)]);
