@@ -36,6 +36,7 @@ pub mod collect;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;
+pub mod promql;
 mod serve;
 mod service;
 pub mod store;

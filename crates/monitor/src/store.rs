@@ -656,6 +656,82 @@ impl Store {
     }
 }
 
+/// The job label every stored series carries in queries.
+pub const JOB: &str = "rampart";
+
+/// A stored series' labels as queries see them (Prometheus' target labels): its own
+/// labels, `__name__`, `instance` (the pushing host) and `job` ([`JOB`]); a pushed label
+/// named `instance` or `job` becomes `exported_instance`/`exported_job`
+/// (`honor_labels: false`). Sorted by name.
+pub fn query_labels(host: &str, name: &str, labels: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "instance" | "job" => (format!("exported_{k}"), v.clone()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    out.push(("__name__".into(), name.into()));
+    out.push(("instance".into(), host.into()));
+    out.push(("job".into(), JOB.into()));
+    out.sort();
+    out
+}
+
+impl crate::promql::Source for Store {
+    fn select(
+        &self,
+        matchers: &[&promql_parser::label::Matcher],
+        start: f64,
+        end: f64,
+    ) -> crate::promql::Selected {
+        // the name is the cheap filter: test it before building label sets
+        let name_eq = matchers.iter().find_map(|m| {
+            (m.name == "__name__" && matches!(m.op, promql_parser::label::MatchOp::Equal))
+                .then_some(m.value.as_str())
+        });
+        let mut out = Vec::new();
+        for (host, h) in &self.hosts {
+            for ((name, labels), samples) in &h.series {
+                if name_eq.is_some_and(|n| n != name) {
+                    continue;
+                }
+                let l = query_labels(host, name, labels);
+                let ok = matchers.iter().all(|m| {
+                    let v = l
+                        .iter()
+                        .find(|(k, _)| *k == m.name)
+                        .map_or("", |(_, v)| v.as_str());
+                    m.is_match(v)
+                });
+                if ok {
+                    let pts: Vec<(f64, f64)> = samples.between(start, end).collect();
+                    if !pts.is_empty() {
+                        out.push((l, pts));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Store {
+    /// Every stored series' query labels ([`query_labels`]), of series with a sample at
+    /// or after `since` seconds.
+    pub fn all_series_labels(&self, since: f64) -> Vec<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (host, h) in &self.hosts {
+            for ((name, labels), samples) in &h.series {
+                if samples.last_time().is_some_and(|t| t >= since) {
+                    out.push(query_labels(host, name, labels));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The increase of a counter over consecutive points: the sum of the positive steps, and
 /// after a decrease (a counter reset, the process restarted) the new value itself, as the
 /// counter counted from zero since the restart. Non-finite values are skipped.
