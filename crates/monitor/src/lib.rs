@@ -36,6 +36,7 @@ pub mod collect;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;
+mod promapi;
 pub mod promql;
 mod serve;
 mod service;
