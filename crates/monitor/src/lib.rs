@@ -38,6 +38,7 @@ pub mod negotiate;
 pub mod notify;
 mod promapi;
 pub mod promql;
+pub mod rules;
 mod serve;
 mod service;
 pub mod store;
@@ -77,6 +78,9 @@ pub enum MonitorError {
     /// The push client could not be built.
     #[error("push client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A rule file (`[alerts] rule_files`) cannot be read or is invalid.
+    #[error("{0}")]
+    Rules(#[from] rules::RuleError),
 }
 
 /// What the agent of one host needs.

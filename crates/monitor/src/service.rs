@@ -212,8 +212,10 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let tasks = ::serve::RoleTasks::new();
+    let alerting = crate::rules::load(&cfg.rule_files)?;
     let mut state = MonitorState::new(cfg.rule, cfg.agent_hosts)
         .with_retention(cfg.retention_seconds as f64)
+        .with_alerting_rules(alerting)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
     if !cfg.webhook_urls.is_empty() {
@@ -291,8 +293,8 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
 /// One entry of the alert history.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
-    /// The rule (`HighQPS`, `FirewallDropSurge`).
-    pub alert: &'static str,
+    /// The rule (`HighQPS`, `FirewallDropSurge`, a rule file's `alert`).
+    pub alert: String,
     /// The host.
     pub host: String,
     /// `firing` or `resolved`.
@@ -313,6 +315,8 @@ struct Inner {
     history: VecDeque<HistoryEntry>,
     /// When refused samples of a host and reason were last logged.
     refusal_logged: BTreeMap<(String, Refused), f64>,
+    /// The PromQL alerting rules (built-in and rule files) with their alerts.
+    alerting: Vec<crate::rules::AlertingRule>,
 }
 
 /// The service's state: the store, each agent host's alert and the alert history. All
@@ -443,6 +447,7 @@ impl MonitorState {
                 stale: BTreeMap::new(),
                 history: VecDeque::new(),
                 refusal_logged: BTreeMap::new(),
+                alerting: Vec::new(),
             }),
             rule,
             rules: Vec::new(),
@@ -458,6 +463,13 @@ impl MonitorState {
         self
     }
 
+    /// Evaluates `rules` (PromQL alerting rules, [`crate::rules`]) every second besides the
+    /// built-in threshold rules.
+    pub fn with_alerting_rules(self, rules: Vec<crate::rules::AlertingRule>) -> MonitorState {
+        self.lock().alerting = rules;
+        self
+    }
+
     /// Sends every firing and resolved alert to `notifier` as well.
     pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> MonitorState {
         self.notifier = Some(notifier);
@@ -468,7 +480,7 @@ impl MonitorState {
     /// left, the start of firing for a resolved alert).
     fn notify(
         &self,
-        alert: &'static str,
+        alert: &str,
         host: &str,
         event: Event,
         value: Option<f64>,
@@ -477,7 +489,7 @@ impl MonitorState {
     ) {
         if let Some(n) = &self.notifier {
             n.send(crate::notify::Notification {
-                alert,
+                alert: alert.to_string(),
                 host: host.to_string(),
                 event,
                 value,
@@ -735,7 +747,7 @@ impl MonitorState {
                 inner.history.pop_front();
             }
             inner.history.push_back(HistoryEntry {
-                alert: ALERT_NAME,
+                alert: ALERT_NAME.to_string(),
                 host: host.clone(),
                 event,
                 at: now,
@@ -771,9 +783,51 @@ impl MonitorState {
                     inner.history.pop_front();
                 }
                 inner.history.push_back(HistoryEntry {
-                    alert: name,
+                    alert: name.to_string(),
                     host: host.clone(),
                     event,
+                    at: now,
+                    value,
+                });
+            }
+        }
+        let Inner {
+            store,
+            alerting,
+            history,
+            ..
+        } = inner;
+        for rule in alerting.iter_mut() {
+            for t in rule.evaluate(store, now) {
+                let host = t.alert.label("instance").to_string();
+                let value = Some(t.alert.value);
+                let since = t.alert.fired_at.unwrap_or(t.alert.active_at);
+                self.notify(&rule.name, &host, t.event, value, since, now);
+                let labels: Vec<String> = t
+                    .alert
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                match t.event {
+                    Event::Firing => tracing::warn!(
+                        "alert firing: {} {} value={:.3} for={}s",
+                        rule.name,
+                        labels.join(","),
+                        t.alert.value,
+                        rule.for_seconds
+                    ),
+                    Event::Resolved => {
+                        tracing::info!("alert resolved: {} {}", rule.name, labels.join(","))
+                    }
+                }
+                if history.len() == HISTORY_LEN {
+                    history.pop_front();
+                }
+                history.push_back(HistoryEntry {
+                    alert: rule.name.clone(),
+                    host,
+                    event: t.event,
                     at: now,
                     value,
                 });
@@ -845,6 +899,28 @@ impl MonitorState {
                 .filter(|(_, a)| a.state() != AlertState::Inactive)
                 .map(|((name, host), a)| json!({"alert": name, "host": host, "state": a.state(), "since": a.since(), "value": a.value()})),
         );
+        for rule in &inner.alerting {
+            for a in rule.alerts.values() {
+                let labels: BTreeMap<&str, &str> = a
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                active.push(json!({
+                    "alert": rule.name,
+                    "host": a.label("instance"),
+                    "state": a.state.as_str(),
+                    "since": a.active_at,
+                    "value": a.value,
+                    "labels": labels,
+                    "annotations": rule
+                        .annotations
+                        .iter()
+                        .map(|(k, v)| (k.clone(), crate::rules::expand(v, a)))
+                        .collect::<BTreeMap<_, _>>(),
+                }));
+            }
+        }
         json!({
             "rule": self.rule_json(),
             "alerts": alerts,
@@ -916,7 +992,52 @@ impl MonitorState {
                 })
             })
             .collect();
-        json!({"groups": [{"name": "rampart", "file": "built-in", "interval": 1, "rules": rules}]})
+        let mut groups =
+            vec![json!({"name": "rampart", "file": "built-in", "interval": 1, "rules": rules})];
+        let inner = self.lock();
+        let mut by_group: Vec<((String, String), Vec<serde_json::Value>)> = Vec::new();
+        for r in &inner.alerting {
+            let alerts: Vec<serde_json::Value> = active
+                .iter()
+                .filter(|a| a["alert"] == r.name.as_str() && a["labels"].is_object())
+                .map(prom_alert)
+                .collect();
+            let state = if r
+                .alerts
+                .values()
+                .any(|a| a.state == crate::rules::AlertState::Firing)
+            {
+                "firing"
+            } else if r.alerts.is_empty() {
+                "inactive"
+            } else {
+                "pending"
+            };
+            let rule = json!({
+                "type": "alerting",
+                "name": r.name,
+                "query": r.expr,
+                "duration": r.for_seconds,
+                "keepFiringFor": r.keep_firing_for_seconds,
+                "labels": r.labels,
+                "annotations": r.annotations,
+                "alerts": alerts,
+                "state": state,
+                "health": if r.last_error.is_some() { "err" } else { "ok" },
+                "lastError": r.last_error.clone().unwrap_or_default(),
+                "lastEvaluation": now,
+                "evaluationTime": 0,
+            });
+            let key = (r.file.clone(), r.group.clone());
+            match by_group.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(rule),
+                None => by_group.push((key, vec![rule])),
+            }
+        }
+        for ((file, name), rules) in by_group {
+            groups.push(json!({"name": name, "file": file, "interval": 1, "rules": rules}));
+        }
+        json!({ "groups": groups })
     }
 
     fn rule_json(&self) -> serde_json::Value {
@@ -1112,14 +1233,24 @@ async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> 
 
 /// One entry of `active` as a Prometheus alert.
 fn prom_alert(a: &serde_json::Value) -> serde_json::Value {
-    json!({
-        "labels": {
+    let labels = if a["labels"].is_object() {
+        a["labels"].clone()
+    } else {
+        json!({
             "alertname": a["alert"],
             "host": a["host"],
             "instance": a["host"],
             "job": crate::store::JOB,
-        },
-        "annotations": {},
+        })
+    };
+    let annotations = if a["annotations"].is_object() {
+        a["annotations"].clone()
+    } else {
+        json!({})
+    };
+    json!({
+        "labels": labels,
+        "annotations": annotations,
         "state": a["state"],
         "activeAt": crate::notify::rfc3339(a["since"].as_f64().unwrap_or(0.0)),
         "value": promapi::fmt_value(a["value"].as_f64().unwrap_or(f64::NAN)),
@@ -1905,6 +2036,80 @@ mod tests {
         )
         .await;
         assert_eq!(code, StatusCode::FORBIDDEN);
+    }
+
+    /// A rule file's alert goes pending, fires after `for`, shows in the alerts, rules and
+    /// history, and resolves.
+    #[test]
+    fn rule_file_alerts_fire_and_resolve() {
+        let text = "groups:\n- name: site\n  rules:\n  - alert: TooManyErrors\n    expr: sum by (instance) (rate(rampart_http_requests_total{code=\"5xx\"}[5s])) > 1\n    for: 3s\n    labels: {severity: critical}\n    annotations: {summary: \"errors on {{ $labels.instance }}\"}\n";
+        let rules = crate::rules::parse(text, "site.yml").unwrap();
+        let st = MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()])
+            .with_alerting_rules(rules);
+        let t0 = unix_now() - 100.0;
+        let mut errors = 0.0;
+        let mut states = Vec::new();
+        for i in 0..=30 {
+            let t = t0 + f64::from(i);
+            // 10 errors/s from 5 to 15 s, none after
+            if (5..=15).contains(&i) {
+                errors += 10.0;
+            }
+            st.ingest(
+                "web-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"5xx\"}} {errors}\n"),
+            )
+            .unwrap();
+            st.evaluate(t);
+            let doc = st.alerts_json();
+            let a = doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["alert"] == "TooManyErrors")
+                .cloned();
+            states.push(
+                a.as_ref()
+                    .map(|a| a["state"].as_str().unwrap().to_string())
+                    .unwrap_or_default(),
+            );
+            if i == 12 {
+                let a = a.unwrap_or_default();
+                assert_eq!(a["labels"]["severity"], "critical");
+                assert_eq!(a["annotations"]["summary"], "errors on web-01");
+                let rules = st.rules_json();
+                let g = &rules["groups"][1];
+                assert_eq!(
+                    (g["name"].as_str(), g["file"].as_str()),
+                    (Some("site"), Some("site.yml"))
+                );
+                assert_eq!(g["rules"][0]["state"], "firing");
+            }
+        }
+        let first_pending = states.iter().position(|s| s == "pending").unwrap();
+        let first_firing = states.iter().position(|s| s == "firing").unwrap();
+        assert_eq!(first_firing - first_pending, 3, "{states:?}");
+        assert_eq!(states.last().map(String::as_str), Some(""), "{states:?}");
+        let events: Vec<_> = st.alerts_json()["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["alert"] == "TooManyErrors")
+            .map(|h| {
+                (
+                    h["host"].as_str().unwrap().to_string(),
+                    h["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("web-01".to_string(), "firing".to_string()),
+                ("web-01".to_string(), "resolved".to_string())
+            ]
+        );
     }
 
     /// A push's timestamps are milliseconds: a spooled sample lands at its own second.
