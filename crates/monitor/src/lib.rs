@@ -41,6 +41,7 @@ pub mod promql;
 pub mod rules;
 mod serve;
 mod service;
+pub mod silence;
 pub mod store;
 
 pub use agent::{start_agent, AgentHandle};

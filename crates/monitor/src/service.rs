@@ -329,6 +329,8 @@ pub struct MonitorState {
     started: f64,
     agent_hosts: Vec<String>,
     inner: Mutex<Inner>,
+    /// Silences: they suppress notifications, not alerts.
+    silences: Mutex<crate::silence::Silences>,
 }
 
 /// A host's QPS as reported by the API.
@@ -454,6 +456,7 @@ impl MonitorState {
             notifier: None,
             started: now,
             agent_hosts,
+            silences: Mutex::new(crate::silence::Silences::default()),
         }
     }
 
@@ -487,6 +490,20 @@ impl MonitorState {
         since: f64,
         at: f64,
     ) {
+        let labels = [
+            ("alertname".to_string(), alert.to_string()),
+            ("host".to_string(), host.to_string()),
+            ("instance".to_string(), host.to_string()),
+        ];
+        let silenced = self
+            .silences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .silenced(&labels, at);
+        if silenced {
+            tracing::info!("notification of {alert} {host} {event:?} silenced");
+            return;
+        }
         if let Some(n) = &self.notifier {
             n.send(crate::notify::Notification {
                 alert: alert.to_string(),
@@ -1083,6 +1100,11 @@ pub fn app(state: Arc<MonitorState>) -> Router {
         .route("/api/v1/label/{name}/values", get(prom_label_values))
         .route("/api/v1/rules", get(prom_rules))
         .route("/api/v1/status/buildinfo", get(prom_buildinfo))
+        .route("/api/v2/silences", get(silences_list).post(silences_add))
+        .route(
+            "/api/v2/silence/{id}",
+            axum::routing::delete(silence_expire).get(silence_get),
+        )
         .route("/api/v1/ingest", get(ingest_report))
         .route_layer(middleware::from_fn(require_admin));
     Router::new()
@@ -1351,6 +1373,65 @@ async fn prom_label_values(
 /// `GET /api/v1/rules`: every rule as a Prometheus alerting rule in one group.
 async fn prom_rules(State(st): State<Arc<MonitorState>>) -> Response {
     promapi::success(st.rules_json())
+}
+
+/// `GET /api/v2/silences` (Alertmanager v2): every silence, `gettableSilence` shape.
+async fn silences_list(State(st): State<Arc<MonitorState>>) -> Response {
+    let list = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .list(unix_now());
+    Json(list).into_response()
+}
+
+/// `GET /api/v2/silence/{id}`.
+async fn silence_get(State(st): State<Arc<MonitorState>>, Path(id): Path<String>) -> Response {
+    let list = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .list(unix_now());
+    match list.into_iter().find(|s| s["id"] == id.as_str()) {
+        Some(s) => Json(s).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("silence {id} not found\n")).into_response(),
+    }
+}
+
+/// `POST /api/v2/silences` with a `postableSilence`: `200 {"silenceID": id}`, or `400`
+/// with the reason.
+async fn silences_add(State(st): State<Arc<MonitorState>>, body: Bytes) -> Response {
+    let post: crate::silence::PostableSilence = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let added = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(post, unix_now());
+    match added {
+        Ok(id) => {
+            tracing::info!("silence {id} added");
+            Json(json!({ "silenceID": id })).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `DELETE /api/v2/silence/{id}`: expires it now; `404` when unknown.
+async fn silence_expire(State(st): State<Arc<MonitorState>>, Path(id): Path<String>) -> Response {
+    let found = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .expire(&id, unix_now());
+    if found {
+        tracing::info!("silence {id} expired");
+        StatusCode::OK.into_response()
+    } else {
+        (StatusCode::NOT_FOUND, format!("silence {id} not found\n")).into_response()
+    }
 }
 
 async fn prom_buildinfo() -> Response {
@@ -2110,6 +2191,78 @@ mod tests {
                 ("web-01".to_string(), "resolved".to_string())
             ]
         );
+    }
+
+    /// A silence posted through the Alertmanager v2 API suppresses the notification of a
+    /// matching alert (the alert still fires); expired, the next one goes out.
+    #[tokio::test]
+    async fn silences_suppress_notifications() {
+        let (notifier, mut rx) = crate::notify::channel();
+        let st = Arc::new(
+            MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()])
+                .with_notifier(notifier),
+        );
+        let call = |method: &str, uri: &str, body: String| {
+            let (st, r) = (st.clone(), req(method, uri, Some(Identity::Admin), &body));
+            async move {
+                let resp = app(st).oneshot(r).await.unwrap();
+                let code = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+                )
+            }
+        };
+        let now = unix_now();
+        let silence = json!({
+            "matchers": [{"name": "host", "value": "lb-0.", "isRegex": true, "isEqual": true}],
+            "startsAt": crate::notify::rfc3339(now - 100.0),
+            "endsAt": crate::notify::rfc3339(now + 3_600.0),
+            "createdBy": "ops",
+            "comment": "load test",
+        });
+        let (code, doc) = call("POST", "/api/v2/silences", silence.to_string()).await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        let id = doc["silenceID"].as_str().unwrap().to_string();
+        let (_, list) = call("GET", "/api/v2/silences", String::new()).await;
+        assert_eq!(list[0]["status"]["state"], "active");
+        assert_eq!(list[0]["comment"], "load test");
+        let (code, _) = call(
+            "POST",
+            "/api/v2/silences",
+            json!({"matchers": []}).to_string(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        // HighQPS fires for lb-01 (10 requests/s above 5): silenced
+        let t0 = now - 40.0;
+        for i in 0..=6 {
+            let t = t0 + f64::from(i);
+            st.ingest(
+                "lb-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"2xx\"}} {}\n", 10 * i),
+            )
+            .unwrap();
+            st.evaluate(t);
+        }
+        assert_eq!(st.alert_state("lb-01"), Some(AlertState::Firing));
+        assert!(rx.try_recv().is_err(), "silenced");
+        let (code, _) = call("DELETE", &format!("/api/v2/silence/{id}"), String::new()).await;
+        assert_eq!(code, StatusCode::OK);
+        let (code, _) = call("DELETE", "/api/v2/silence/unknown", String::new()).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        // idle: the alert resolves, and the notification is not silenced any more
+        // (on the test clock, after the silence ended)
+        for i in 7..=20 {
+            let t = now + 100.0 + f64::from(i);
+            st.ingest("lb-01", t, "rampart_http_requests_total{code=\"2xx\"} 60\n")
+                .unwrap();
+            st.evaluate(t);
+        }
+        let n = rx.try_recv().expect("the resolved notification");
+        assert_eq!((n.alert.as_str(), n.event), (ALERT_NAME, Event::Resolved));
     }
 
     /// A push's timestamps are milliseconds: a spooled sample lands at its own second.
