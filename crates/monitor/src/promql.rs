@@ -375,9 +375,55 @@ impl Eval<'_> {
                     "increase" => (true, false),
                     _ => (false, false),
                 };
-                self.over_window(m, false, &|w, start, end| {
-                    extrapolated_rate(w, start, end, range, counter, per_second)
-                })
+                if !counter {
+                    return self.over_window(m, false, &|w, start, end| {
+                        extrapolated_rate(w, start, end, range, None, per_second)
+                    });
+                }
+                // Counter resets corrected once per series: `adj[i]` is the value plus
+                // every value before a reset up to `i`, so a window's increase is
+                // `adj[last] - adj[first]` (one subtraction per step, not a scan).
+                let data = self.fetch(&m.vs, range)?;
+                let mut out = Vec::new();
+                for (labels, pts) in data {
+                    let mut adj = Vec::with_capacity(pts.len());
+                    let mut offset = 0.0;
+                    let mut prev = f64::NAN;
+                    for &(_, v) in &pts {
+                        if v < prev {
+                            offset += prev;
+                        }
+                        adj.push(v + offset);
+                        prev = v;
+                    }
+                    let values: Vec<Option<f64>> = self
+                        .times
+                        .iter()
+                        .map(|&t| {
+                            let lo = pts.partition_point(|p| p.0 <= t - range);
+                            let hi = pts.partition_point(|p| p.0 <= t);
+                            if hi < lo + 2 {
+                                return None;
+                            }
+                            let increase = adj[hi - 1] - adj[lo];
+                            extrapolated_rate(
+                                &pts[lo..hi],
+                                t - range,
+                                t,
+                                range,
+                                Some(increase),
+                                per_second,
+                            )
+                        })
+                        .collect();
+                    if values.iter().any(Option::is_some) {
+                        out.push(Series {
+                            labels: drop_name(&labels),
+                            values,
+                        });
+                    }
+                }
+                Ok(Value::Vector(out))
             }
             "irate" => {
                 let m = self.matrix_arg(arg(0)?, name)?;
@@ -864,7 +910,8 @@ fn parse_le(s: &str) -> Result<f64, ()> {
 }
 
 /// Prometheus' `extrapolatedRate` (promql/functions.go): the increase between the first
-/// and last sample in the window, counter resets corrected when `counter`, extrapolated
+/// and last sample in the window — for a counter, `counter_increase`, already corrected
+/// for resets by the caller — extrapolated
 /// towards the window's edges by at most half a sample interval (and not below zero for
 /// a counter), per second when `per_second`. `None` with fewer than two samples.
 fn extrapolated_rate(
@@ -872,7 +919,7 @@ fn extrapolated_rate(
     start: f64,
     end: f64,
     range: f64,
-    counter: bool,
+    counter_increase: Option<f64>,
     per_second: bool,
 ) -> Option<f64> {
     if w.len() < 2 {
@@ -880,16 +927,8 @@ fn extrapolated_rate(
     }
     let (first_t, first_v) = w[0];
     let (last_t, last_v) = w[w.len() - 1];
-    let mut result = last_v - first_v;
-    if counter {
-        let mut prev = first_v;
-        for &(_, v) in &w[1..] {
-            if v < prev {
-                result += prev;
-            }
-            prev = v;
-        }
-    }
+    let counter = counter_increase.is_some();
+    let result = counter_increase.unwrap_or(last_v - first_v);
     let sampled = last_t - first_t;
     if sampled <= 0.0 {
         return None;
@@ -1105,6 +1144,27 @@ mod tests {
         // the lookback: nothing newer than 5 minutes before t
         assert!(instant("up", 901.0).is_empty());
         assert_eq!(instant("up", 900.0).len(), 2);
+    }
+
+    #[test]
+    fn counter_resets_count_from_zero() {
+        // 5/s, reset at t=30 to 0, then 5/s again: increase over (0, 60] is 5 * 60 - 5
+        // (the sample at 0 is outside the window; one step is lost to the reset)
+        let pts: Vec<(f64, f64)> = (0..=60)
+            .map(|t| {
+                (
+                    f64::from(t),
+                    5.0 * f64::from(if t < 30 { t } else { t - 30 }),
+                )
+            })
+            .collect();
+        let src = Mem(vec![(labels(&[("__name__", "c_total")]), pts)]);
+        let (v, _) = query(&src, "increase(c_total[60s])", Range::instant(60.0)).unwrap();
+        let Value::Vector(v) = v else { panic!() };
+        // samples 1..=60: raw increase 145 + reset correction 145 = 290 over 59 s,
+        // extrapolated to the 60 s window (first sample 1 s after its start)
+        let want = 290.0 * 60.0 / 59.0;
+        assert!(close(v[0].values[0].unwrap(), want), "{v:?}");
     }
 
     #[test]
