@@ -31,12 +31,17 @@ use topology::{AlertRule, Role, Topology};
 
 mod agent;
 pub mod alert;
+pub mod chunk;
 pub mod collect;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;
+mod promapi;
+pub mod promql;
+pub mod rules;
 mod serve;
 mod service;
+pub mod silence;
 pub mod store;
 
 pub use agent::{start_agent, AgentHandle};
@@ -74,6 +79,9 @@ pub enum MonitorError {
     /// The push client could not be built.
     #[error("push client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A rule file (`[alerts] rule_files`) cannot be read or is invalid.
+    #[error("{0}")]
+    Rules(#[from] rules::RuleError),
 }
 
 /// What the agent of one host needs.
@@ -143,6 +151,10 @@ pub struct MonitorConfig {
     pub snapshot: Option<std::path::PathBuf>,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
+    /// Seconds of history the store keeps (`[monitor] retention`).
+    pub retention_seconds: u64,
+    /// Prometheus rule files loaded besides the built-in rules (`[alerts] rule_files`).
+    pub rule_files: Vec<std::path::PathBuf>,
 }
 
 impl MonitorConfig {
@@ -166,6 +178,8 @@ impl MonitorConfig {
             webhook_urls: t.webhook_urls.clone(),
             snapshot: None,
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
+            retention_seconds: t.monitor_retention_seconds,
+            rule_files: t.alert_rule_files.clone(),
         })
     }
 }

@@ -24,7 +24,7 @@ pub const QUEUE: usize = 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
     /// The rule, e.g. `HighQPS`.
-    pub alert: &'static str,
+    pub alert: String,
     /// The host the alert is about.
     pub host: String,
     /// Firing or resolved.
@@ -127,7 +127,7 @@ fn event_str(e: Event) -> &'static str {
 }
 
 /// RFC 3339 time of Unix seconds `t` (UTC).
-fn rfc3339(t: f64) -> String {
+pub(crate) fn rfc3339(t: f64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos((t * 1e9) as i128)
         .ok()
         .and_then(|d| {
@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn the_payload_is_alertmanagers() {
         let n = Notification {
-            alert: "HostDown",
+            alert: "HostDown".to_string(),
             host: "web-01".into(),
             event: Event::Resolved,
             value: Some(1.5),

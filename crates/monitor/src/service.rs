@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,8 +20,9 @@ use serde_json::json;
 use topology::{AlertRule, Service};
 
 use crate::alert::{Alert, Event, State as AlertState};
+use crate::promapi;
 use crate::serve::{self, Peer};
-use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST, RETENTION_SECONDS};
+use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST};
 use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
 
 /// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
@@ -211,7 +212,10 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .local_addr()
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let tasks = ::serve::RoleTasks::new();
+    let alerting = crate::rules::load(&cfg.rule_files)?;
     let mut state = MonitorState::new(cfg.rule, cfg.agent_hosts)
+        .with_retention(cfg.retention_seconds as f64)
+        .with_alerting_rules(alerting)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
     if !cfg.webhook_urls.is_empty() {
@@ -289,8 +293,8 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
 /// One entry of the alert history.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
-    /// The rule (`HighQPS`, `FirewallDropSurge`).
-    pub alert: &'static str,
+    /// The rule (`HighQPS`, `FirewallDropSurge`, a rule file's `alert`).
+    pub alert: String,
     /// The host.
     pub host: String,
     /// `firing` or `resolved`.
@@ -311,6 +315,8 @@ struct Inner {
     history: VecDeque<HistoryEntry>,
     /// When refused samples of a host and reason were last logged.
     refusal_logged: BTreeMap<(String, Refused), f64>,
+    /// The PromQL alerting rules (built-in and rule files) with their alerts.
+    alerting: Vec<crate::rules::AlertingRule>,
 }
 
 /// The service's state: the store, each agent host's alert and the alert history. All
@@ -323,6 +329,8 @@ pub struct MonitorState {
     started: f64,
     agent_hosts: Vec<String>,
     inner: Mutex<Inner>,
+    /// Silences: they suppress notifications, not alerts.
+    silences: Mutex<crate::silence::Silences>,
 }
 
 /// A host's QPS as reported by the API.
@@ -344,7 +352,8 @@ pub struct HostIngest {
     /// Series stored now, at most the series budget ([`MAX_SERIES_PER_HOST`]).
     pub series: usize,
     /// Samples refused since the service started, by reason (`non_finite`,
-    /// `negative_counter`, `counter_too_large`, `counter_decreased`, `series_budget`);
+    /// `negative_counter`, `counter_too_large`, `counter_decreased`, `series_budget`,
+    /// `too_far_in_future`, `too_old`, `out_of_order`);
     /// reasons that never happened are absent.
     pub rejected_samples: BTreeMap<&'static str, u64>,
 }
@@ -361,8 +370,9 @@ impl RangeQuery {
     pub const DEFAULT_SECONDS: u64 = 300;
     /// Seconds between points when the query names none: one per agent push.
     pub const DEFAULT_STEP_SECONDS: u64 = 1;
-    /// The longest range, seconds: the store's retention; older samples are gone.
-    pub const MAX_SECONDS: u64 = RETENTION_SECONDS as u64;
+    /// The longest range, seconds: the dashboard's 15 minutes (longer ranges go through
+    /// `/api/v1/query_range`).
+    pub const MAX_SECONDS: u64 = 900;
     /// The longest step, seconds.
     pub const MAX_STEP_SECONDS: u64 = 60;
     /// The most points per host one query returns. The bounds on `seconds` and `step` keep
@@ -439,13 +449,28 @@ impl MonitorState {
                 stale: BTreeMap::new(),
                 history: VecDeque::new(),
                 refusal_logged: BTreeMap::new(),
+                alerting: Vec::new(),
             }),
             rule,
             rules: Vec::new(),
             notifier: None,
             started: now,
             agent_hosts,
+            silences: Mutex::new(crate::silence::Silences::default()),
         }
+    }
+
+    /// Keeps `seconds` of history (default [`crate::store::DEFAULT_RETENTION_SECONDS`]).
+    pub fn with_retention(self, seconds: f64) -> MonitorState {
+        self.lock().store = Store::with_retention(seconds);
+        self
+    }
+
+    /// Evaluates `rules` (PromQL alerting rules, [`crate::rules`]) every second besides the
+    /// built-in threshold rules.
+    pub fn with_alerting_rules(self, rules: Vec<crate::rules::AlertingRule>) -> MonitorState {
+        self.lock().alerting = rules;
+        self
     }
 
     /// Sends every firing and resolved alert to `notifier` as well.
@@ -458,16 +483,30 @@ impl MonitorState {
     /// left, the start of firing for a resolved alert).
     fn notify(
         &self,
-        alert: &'static str,
+        alert: &str,
         host: &str,
         event: Event,
         value: Option<f64>,
         since: f64,
         at: f64,
     ) {
+        let labels = [
+            ("alertname".to_string(), alert.to_string()),
+            ("host".to_string(), host.to_string()),
+            ("instance".to_string(), host.to_string()),
+        ];
+        let silenced = self
+            .silences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .silenced(&labels, at);
+        if silenced {
+            tracing::info!("notification of {alert} {host} {event:?} silenced");
+            return;
+        }
         if let Some(n) = &self.notifier {
             n.send(crate::notify::Notification {
-                alert,
+                alert: alert.to_string(),
                 host: host.to_string(),
                 event,
                 value,
@@ -499,7 +538,8 @@ impl MonitorState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
-        let store = Store::decode_snapshot(&bytes, now)?;
+        let retention = self.lock().store.retention();
+        let store = Store::decode_snapshot(&bytes, now, retention)?;
         let series = self.agent_hosts.iter().map(|h| store.series_count(h)).sum();
         self.lock().store = store;
         Ok(Some(series))
@@ -534,7 +574,7 @@ impl MonitorState {
                 .store
                 .series(BACKEND_UP_METRIC, Some(host))
                 .into_iter()
-                .filter_map(|s| s.ring.points().last().map(|(_, v)| v))
+                .filter_map(|s| s.samples.last().map(|(_, v)| v))
                 .collect()
         };
         match kind {
@@ -566,13 +606,19 @@ impl MonitorState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parses and stores one push from `host` received at `now`; returns what was stored
+    /// Parses and stores one push from `host` received at `now` (a sample's timestamp, when
+    /// present, is in milliseconds since the Unix epoch as in the Prometheus text format
+    /// 0.0.4, and the sample is stored at that time); returns what was stored
     /// and refused ([`Store::ingest`]: single bad samples are refused and counted, the rest
     /// stored), or why the whole push was rejected (it does not parse, or repeats a series).
     /// Refusals are logged at most once per host and reason every
     /// [`REFUSAL_LOG_INTERVAL_SECONDS`].
     pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<Ingested, String> {
-        let samples = exposition::parse(text).map_err(|e| e.to_string())?;
+        let mut samples = exposition::parse(text).map_err(|e| e.to_string())?;
+        // A push's timestamps are the text format's milliseconds since the epoch.
+        for s in &mut samples {
+            s.timestamp = s.timestamp.map(|ms| ms / 1000.0);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let got = inner
@@ -718,7 +764,7 @@ impl MonitorState {
                 inner.history.pop_front();
             }
             inner.history.push_back(HistoryEntry {
-                alert: ALERT_NAME,
+                alert: ALERT_NAME.to_string(),
                 host: host.clone(),
                 event,
                 at: now,
@@ -754,9 +800,51 @@ impl MonitorState {
                     inner.history.pop_front();
                 }
                 inner.history.push_back(HistoryEntry {
-                    alert: name,
+                    alert: name.to_string(),
                     host: host.clone(),
                     event,
+                    at: now,
+                    value,
+                });
+            }
+        }
+        let Inner {
+            store,
+            alerting,
+            history,
+            ..
+        } = inner;
+        for rule in alerting.iter_mut() {
+            for t in rule.evaluate(store, now) {
+                let host = t.alert.label("instance").to_string();
+                let value = Some(t.alert.value);
+                let since = t.alert.fired_at.unwrap_or(t.alert.active_at);
+                self.notify(&rule.name, &host, t.event, value, since, now);
+                let labels: Vec<String> = t
+                    .alert
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                match t.event {
+                    Event::Firing => tracing::warn!(
+                        "alert firing: {} {} value={:.3} for={}s",
+                        rule.name,
+                        labels.join(","),
+                        t.alert.value,
+                        rule.for_seconds
+                    ),
+                    Event::Resolved => {
+                        tracing::info!("alert resolved: {} {}", rule.name, labels.join(","))
+                    }
+                }
+                if history.len() == HISTORY_LEN {
+                    history.pop_front();
+                }
+                history.push_back(HistoryEntry {
+                    alert: rule.name.clone(),
+                    host,
+                    event: t.event,
                     at: now,
                     value,
                 });
@@ -828,6 +916,28 @@ impl MonitorState {
                 .filter(|(_, a)| a.state() != AlertState::Inactive)
                 .map(|((name, host), a)| json!({"alert": name, "host": host, "state": a.state(), "since": a.since(), "value": a.value()})),
         );
+        for rule in &inner.alerting {
+            for a in rule.alerts.values() {
+                let labels: BTreeMap<&str, &str> = a
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                active.push(json!({
+                    "alert": rule.name,
+                    "host": a.label("instance"),
+                    "state": a.state.as_str(),
+                    "since": a.active_at,
+                    "value": a.value,
+                    "labels": labels,
+                    "annotations": rule
+                        .annotations
+                        .iter()
+                        .map(|(k, v)| (k.clone(), crate::rules::expand(v, a)))
+                        .collect::<BTreeMap<_, _>>(),
+                }));
+            }
+        }
         json!({
             "rule": self.rule_json(),
             "alerts": alerts,
@@ -846,6 +956,105 @@ impl MonitorState {
             "active": active,
             "history": inner.history,
         })
+    }
+
+    /// The `/api/v1/rules` data: one group `rampart` (evaluated every second) holding
+    /// HighQPS and the built-in rules as Prometheus alerting rules, each with its alerts.
+    pub fn rules_json(&self) -> serde_json::Value {
+        let doc = self.alerts_json();
+        let active = doc["active"].as_array().cloned().unwrap_or_default();
+        let mut rules = vec![(
+            ALERT_NAME,
+            doc["rule"]["expr"].clone(),
+            self.rule.for_seconds,
+            self.rule.clear_for_seconds,
+        )];
+        for (kind, r) in &self.rules {
+            rules.push((
+                kind.name(),
+                json!(kind.expr(r)),
+                r.for_seconds,
+                r.clear_for_seconds,
+            ));
+        }
+        let now = crate::notify::rfc3339(unix_now());
+        let rules: Vec<serde_json::Value> = rules
+            .into_iter()
+            .map(|(name, expr, for_s, keep)| {
+                let alerts: Vec<serde_json::Value> = active
+                    .iter()
+                    .filter(|a| a["alert"] == name)
+                    .map(prom_alert)
+                    .collect();
+                let state = if alerts.iter().any(|a| a["state"] == "firing") {
+                    "firing"
+                } else if alerts.is_empty() {
+                    "inactive"
+                } else {
+                    "pending"
+                };
+                json!({
+                    "type": "alerting",
+                    "name": name,
+                    "query": expr,
+                    "duration": for_s,
+                    "keepFiringFor": keep,
+                    "labels": {},
+                    "annotations": {},
+                    "alerts": alerts,
+                    "state": state,
+                    "health": "ok",
+                    "lastEvaluation": now,
+                    "evaluationTime": 0,
+                })
+            })
+            .collect();
+        let mut groups =
+            vec![json!({"name": "rampart", "file": "built-in", "interval": 1, "rules": rules})];
+        let inner = self.lock();
+        let mut by_group: Vec<((String, String), Vec<serde_json::Value>)> = Vec::new();
+        for r in &inner.alerting {
+            let alerts: Vec<serde_json::Value> = active
+                .iter()
+                .filter(|a| a["alert"] == r.name.as_str() && a["labels"].is_object())
+                .map(prom_alert)
+                .collect();
+            let state = if r
+                .alerts
+                .values()
+                .any(|a| a.state == crate::rules::AlertState::Firing)
+            {
+                "firing"
+            } else if r.alerts.is_empty() {
+                "inactive"
+            } else {
+                "pending"
+            };
+            let rule = json!({
+                "type": "alerting",
+                "name": r.name,
+                "query": r.expr,
+                "duration": r.for_seconds,
+                "keepFiringFor": r.keep_firing_for_seconds,
+                "labels": r.labels,
+                "annotations": r.annotations,
+                "alerts": alerts,
+                "state": state,
+                "health": if r.last_error.is_some() { "err" } else { "ok" },
+                "lastError": r.last_error.clone().unwrap_or_default(),
+                "lastEvaluation": now,
+                "evaluationTime": 0,
+            });
+            let key = (r.file.clone(), r.group.clone());
+            match by_group.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(rule),
+                None => by_group.push((key, vec![rule])),
+            }
+        }
+        for ((file, name), rules) in by_group {
+            groups.push(json!({"name": name, "file": file, "interval": 1, "rules": rules}));
+        }
+        json!({ "groups": groups })
     }
 
     fn rule_json(&self) -> serde_json::Value {
@@ -881,7 +1090,21 @@ pub fn app(state: Arc<MonitorState>) -> Router {
         .route("/api/v1/qps", get(qps))
         .route("/api/v1/qps_range", get(qps_range))
         .route("/api/v1/alerts", get(alerts))
-        .route("/api/v1/series", get(series))
+        .route("/api/v1/series", get(series).post(series))
+        .route("/api/v1/query", get(prom_query).post(prom_query))
+        .route(
+            "/api/v1/query_range",
+            get(prom_query_range).post(prom_query_range),
+        )
+        .route("/api/v1/labels", get(prom_labels).post(prom_labels))
+        .route("/api/v1/label/{name}/values", get(prom_label_values))
+        .route("/api/v1/rules", get(prom_rules))
+        .route("/api/v1/status/buildinfo", get(prom_buildinfo))
+        .route("/api/v2/silences", get(silences_list).post(silences_add))
+        .route(
+            "/api/v2/silence/{id}",
+            axum::routing::delete(silence_expire).get(silence_get),
+        )
         .route("/api/v1/ingest", get(ingest_report))
         .route_layer(middleware::from_fn(require_admin));
     Router::new()
@@ -1016,33 +1239,203 @@ async fn ingest_report(State(st): State<Arc<MonitorState>>) -> Json<serde_json::
     }))
 }
 
+/// `/api/v1/alerts`: Prometheus' envelope (`status`, `data.alerts[]` with `labels`,
+/// `annotations`, `state`, `activeAt`, `value`) plus Rampart's own keys (`rule`, `alerts`
+/// per host, `rules`, `active`, `history`, `firewall_drops`) beside it.
 async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
-    Json(st.alerts_json())
+    let mut doc = st.alerts_json();
+    let prom: Vec<serde_json::Value> = doc["active"]
+        .as_array()
+        .map(|a| a.iter().map(prom_alert).collect())
+        .unwrap_or_default();
+    doc["status"] = json!("success");
+    doc["data"] = json!({ "alerts": prom });
+    Json(doc)
 }
 
-/// Query of `/api/v1/series`.
-#[derive(Debug, Deserialize)]
-struct SeriesQuery {
-    name: String,
-    host: Option<String>,
+/// One entry of `active` as a Prometheus alert.
+fn prom_alert(a: &serde_json::Value) -> serde_json::Value {
+    let labels = if a["labels"].is_object() {
+        a["labels"].clone()
+    } else {
+        json!({
+            "alertname": a["alert"],
+            "host": a["host"],
+            "instance": a["host"],
+            "job": crate::store::JOB,
+        })
+    };
+    let annotations = if a["annotations"].is_object() {
+        a["annotations"].clone()
+    } else {
+        json!({})
+    };
+    json!({
+        "labels": labels,
+        "annotations": annotations,
+        "state": a["state"],
+        "activeAt": crate::notify::rfc3339(a["since"].as_f64().unwrap_or(0.0)),
+        "value": promapi::fmt_value(a["value"].as_f64().unwrap_or(f64::NAN)),
+    })
 }
 
+/// `/api/v1/series`: with `match[]` (or without `name`), Prometheus' series endpoint;
+/// with `name=` (and optional `host=`), the stored samples of the last 15 minutes of the
+/// series with that name: `{"series":[{"name","host","labels","samples":[[t, v], ...]}]}`.
 async fn series(
     State(st): State<Arc<MonitorState>>,
-    Query(q): Query<SeriesQuery>,
-) -> Json<serde_json::Value> {
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let p = match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => p,
+        Err(e) => return promapi::bad(&e),
+    };
+    let now = unix_now();
+    let Some(name) = p.get("name").filter(|_| p.get("match[]").is_none()) else {
+        return promapi::series(|since| st.lock().store.all_series_labels(since), &p, now);
+    };
     let inner = st.lock();
     let series: Vec<_> = inner
         .store
-        .series(&q.name, q.host.as_deref())
+        .series(name, p.get("host"))
         .into_iter()
         .map(|s| {
             let labels: BTreeMap<_, _> = s.labels.iter().cloned().collect();
-            let samples: Vec<[f64; 2]> = s.ring.points().map(|(t, v)| [t, v]).collect();
-            json!({ "name": q.name, "host": s.host, "labels": labels, "samples": samples })
+            let samples: Vec<[f64; 2]> = s
+                .samples
+                .between(now - RangeQuery::MAX_SECONDS as f64, now)
+                .map(|(t, v)| [t, v])
+                .collect();
+            json!({ "name": name, "host": s.host, "labels": labels, "samples": samples })
         })
         .collect();
-    Json(json!({ "series": series }))
+    Json(json!({ "series": series })).into_response()
+}
+
+/// `GET|POST /api/v1/query` (Prometheus instant query).
+async fn prom_query(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::instant_query(&st.lock().store, &p, unix_now()),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET|POST /api/v1/query_range` (Prometheus range query).
+async fn prom_query_range(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::range_query(&st.lock().store, &p),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET|POST /api/v1/labels`.
+async fn prom_labels(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::labels(|s| st.lock().store.all_series_labels(s), &p, unix_now()),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET /api/v1/label/<name>/values`.
+async fn prom_label_values(
+    State(st): State<Arc<MonitorState>>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Response {
+    match promapi::Params::from_request(&Method::GET, &uri, &Bytes::new()) {
+        Ok(p) => promapi::label_values(
+            |s| st.lock().store.all_series_labels(s),
+            &name,
+            &p,
+            unix_now(),
+        ),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET /api/v1/rules`: every rule as a Prometheus alerting rule in one group.
+async fn prom_rules(State(st): State<Arc<MonitorState>>) -> Response {
+    promapi::success(st.rules_json())
+}
+
+/// `GET /api/v2/silences` (Alertmanager v2): every silence, `gettableSilence` shape.
+async fn silences_list(State(st): State<Arc<MonitorState>>) -> Response {
+    let list = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .list(unix_now());
+    Json(list).into_response()
+}
+
+/// `GET /api/v2/silence/{id}`.
+async fn silence_get(State(st): State<Arc<MonitorState>>, Path(id): Path<String>) -> Response {
+    let list = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .list(unix_now());
+    match list.into_iter().find(|s| s["id"] == id.as_str()) {
+        Some(s) => Json(s).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("silence {id} not found\n")).into_response(),
+    }
+}
+
+/// `POST /api/v2/silences` with a `postableSilence`: `200 {"silenceID": id}`, or `400`
+/// with the reason.
+async fn silences_add(State(st): State<Arc<MonitorState>>, body: Bytes) -> Response {
+    let post: crate::silence::PostableSilence = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let added = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(post, unix_now());
+    match added {
+        Ok(id) => {
+            tracing::info!("silence {id} added");
+            Json(json!({ "silenceID": id })).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `DELETE /api/v2/silence/{id}`: expires it now; `404` when unknown.
+async fn silence_expire(State(st): State<Arc<MonitorState>>, Path(id): Path<String>) -> Response {
+    let found = st
+        .silences
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .expire(&id, unix_now());
+    if found {
+        tracing::info!("silence {id} expired");
+        StatusCode::OK.into_response()
+    } else {
+        (StatusCode::NOT_FOUND, format!("silence {id} not found\n")).into_response()
+    }
+}
+
+async fn prom_buildinfo() -> Response {
+    promapi::buildinfo()
 }
 
 async fn healthz(peer: Option<Extension<Peer>>) -> Response {
@@ -1558,6 +1951,9 @@ mod tests {
     async fn refusals_are_answered_and_reported() {
         let st = state();
         push_as(&st, "lb-01", body(Some(500.0), "10")).await;
+        // Samples are kept at millisecond resolution: a second push within the same
+        // millisecond would be out of order.
+        tokio::time::sleep(Duration::from_millis(3)).await;
         let doc = push_as(&st, "lb-01", body(Some(500.0), "NaN")).await;
         assert_eq!(
             doc,
@@ -1570,6 +1966,326 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(doc["series_budget"], MAX_SERIES_PER_HOST);
         assert_eq!(doc["hosts"]["lb-01"]["rejected_samples"]["non_finite"], 1);
+    }
+
+    /// The Prometheus HTTP API: envelopes, result types and errors as documented.
+    #[tokio::test]
+    async fn the_prometheus_api_answers_like_prometheus() {
+        let st = state();
+        let t0 = unix_now() - 120.0;
+        for i in 0..=100 {
+            let t = t0 + f64::from(i);
+            let text = format!(
+                "rampart_http_requests_total{{code=\"2xx\"}} {}\n\
+                 rampart_http_requests_total{{code=\"5xx\"}} {}\n\
+                 rampart_backend_up{{backend=\"web-01\"}} 1\n",
+                20 * i,
+                i
+            );
+            st.ingest("lb-01", t, &text).unwrap();
+        }
+        let get = |uri: String, who: Option<Identity>| {
+            let (st, r) = (st.clone(), req("GET", &uri, who, ""));
+            async move {
+                let resp = app(st).oneshot(r).await.unwrap();
+                let code = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+                )
+            }
+        };
+        let admin = || Some(Identity::Admin);
+        let enc = |q: &str| {
+            q.replace(' ', "%20")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('"', "%22")
+                .replace('[', "%5B")
+                .replace(']', "%5D")
+                .replace('=', "%3D")
+                .replace('+', "%2B")
+        };
+        let at = t0 + 100.0;
+        let (code, doc) = get(
+            format!(
+                "/api/v1/query?query={}&time={at}",
+                enc("sum by (instance) (rate(rampart_http_requests_total[30s]))")
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        assert_eq!(doc["status"], "success");
+        assert_eq!(doc["data"]["resultType"], "vector");
+        let r = &doc["data"]["result"][0];
+        assert_eq!(r["metric"], json!({"instance": "lb-01"}));
+        assert_eq!(r["value"][0].as_f64(), Some((at * 1000.0).round() / 1000.0));
+        let qps: f64 = r["value"][1].as_str().unwrap().parse().unwrap();
+        assert!((qps - 21.0).abs() < 1e-6, "{qps}");
+        // a scalar
+        let (_, doc) = get(
+            format!("/api/v1/query?query={}&time={at}", enc("1 + 1")),
+            admin(),
+        )
+        .await;
+        assert_eq!(
+            doc["data"],
+            json!({"resultType": "scalar", "result": [(at * 1000.0).round() / 1000.0, "2"]})
+        );
+        // a range: one point every 10 s over 60 s
+        let (code, doc) = get(
+            format!(
+                "/api/v1/query_range?query={}&start={}&end={at}&step=10s",
+                enc("rampart_backend_up"),
+                at - 60.0
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        assert_eq!(doc["data"]["resultType"], "matrix");
+        let r = &doc["data"]["result"][0];
+        assert_eq!(r["metric"]["__name__"], "rampart_backend_up");
+        assert_eq!(r["metric"]["job"], "rampart");
+        assert_eq!(r["values"].as_array().unwrap().len(), 7);
+        assert_eq!(r["values"][0][1], "1");
+        // series, labels, label values
+        let (_, doc) = get(
+            format!(
+                "/api/v1/series?match[]={}",
+                enc(r#"rampart_http_requests_total{code="5xx"}"#)
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(
+            doc["data"],
+            json!([{"__name__": "rampart_http_requests_total", "code": "5xx", "instance": "lb-01", "job": "rampart"}])
+        );
+        let (_, doc) = get("/api/v1/labels".into(), admin()).await;
+        assert_eq!(
+            doc["data"],
+            json!(["__name__", "backend", "code", "instance", "job"])
+        );
+        let (_, doc) = get("/api/v1/label/code/values".into(), admin()).await;
+        assert_eq!(doc["data"], json!(["2xx", "5xx"]));
+        // errors
+        for (q, needle) in [
+            (
+                format!("/api/v1/query?query={}", enc("sum(")),
+                "parenthesis",
+            ),
+            (
+                format!("/api/v1/query?query={}", enc("topk(1, rampart_backend_up)")),
+                "topk",
+            ),
+            ("/api/v1/query?query=up&time=yesterday".to_string(), "time"),
+            (
+                "/api/v1/query_range?query=up&start=0&end=11000&step=1".to_string(),
+                "11000",
+            ),
+            (
+                "/api/v1/query_range?query=up&start=0&end=10".to_string(),
+                "step",
+            ),
+            ("/api/v1/series".to_string(), "match[]"),
+        ] {
+            let (code, doc) = get(q.clone(), admin()).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{q}: {doc}");
+            assert_eq!(doc["status"], "error");
+            assert_eq!(doc["errorType"], "bad_data");
+            assert!(
+                doc["error"].as_str().unwrap().contains(needle),
+                "{q}: {doc}"
+            );
+        }
+        // rules, alerts, buildinfo; admin only
+        let (_, doc) = get("/api/v1/rules".into(), admin()).await;
+        assert_eq!(doc["data"]["groups"][0]["rules"][0]["name"], ALERT_NAME);
+        assert_eq!(doc["data"]["groups"][0]["rules"][0]["type"], "alerting");
+        let (_, doc) = get("/api/v1/alerts".into(), admin()).await;
+        assert_eq!(doc["status"], "success");
+        assert!(doc["data"]["alerts"].is_array());
+        assert!(doc["alerts"].is_array(), "the per-host QPS alerts stay");
+        let (_, doc) = get("/api/v1/status/buildinfo".into(), admin()).await;
+        assert_eq!(doc["status"], "success");
+        let (code, _) = get(
+            "/api/v1/query?query=up".into(),
+            Some(Identity::Host("lb-01".into())),
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
+    }
+
+    /// A rule file's alert goes pending, fires after `for`, shows in the alerts, rules and
+    /// history, and resolves.
+    #[test]
+    fn rule_file_alerts_fire_and_resolve() {
+        let text = "groups:\n- name: site\n  rules:\n  - alert: TooManyErrors\n    expr: sum by (instance) (rate(rampart_http_requests_total{code=\"5xx\"}[5s])) > 1\n    for: 3s\n    labels: {severity: critical}\n    annotations: {summary: \"errors on {{ $labels.instance }}\"}\n";
+        let rules = crate::rules::parse(text, "site.yml").unwrap();
+        let st = MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()])
+            .with_alerting_rules(rules);
+        let t0 = unix_now() - 100.0;
+        let mut errors = 0.0;
+        let mut states = Vec::new();
+        for i in 0..=30 {
+            let t = t0 + f64::from(i);
+            // 10 errors/s from 5 to 15 s, none after
+            if (5..=15).contains(&i) {
+                errors += 10.0;
+            }
+            st.ingest(
+                "web-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"5xx\"}} {errors}\n"),
+            )
+            .unwrap();
+            st.evaluate(t);
+            let doc = st.alerts_json();
+            let a = doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["alert"] == "TooManyErrors")
+                .cloned();
+            states.push(
+                a.as_ref()
+                    .map(|a| a["state"].as_str().unwrap().to_string())
+                    .unwrap_or_default(),
+            );
+            if i == 12 {
+                let a = a.unwrap_or_default();
+                assert_eq!(a["labels"]["severity"], "critical");
+                assert_eq!(a["annotations"]["summary"], "errors on web-01");
+                let rules = st.rules_json();
+                let g = &rules["groups"][1];
+                assert_eq!(
+                    (g["name"].as_str(), g["file"].as_str()),
+                    (Some("site"), Some("site.yml"))
+                );
+                assert_eq!(g["rules"][0]["state"], "firing");
+            }
+        }
+        let first_pending = states.iter().position(|s| s == "pending").unwrap();
+        let first_firing = states.iter().position(|s| s == "firing").unwrap();
+        assert_eq!(first_firing - first_pending, 3, "{states:?}");
+        assert_eq!(states.last().map(String::as_str), Some(""), "{states:?}");
+        let events: Vec<_> = st.alerts_json()["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["alert"] == "TooManyErrors")
+            .map(|h| {
+                (
+                    h["host"].as_str().unwrap().to_string(),
+                    h["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("web-01".to_string(), "firing".to_string()),
+                ("web-01".to_string(), "resolved".to_string())
+            ]
+        );
+    }
+
+    /// A silence posted through the Alertmanager v2 API suppresses the notification of a
+    /// matching alert (the alert still fires); expired, the next one goes out.
+    #[tokio::test]
+    async fn silences_suppress_notifications() {
+        let (notifier, mut rx) = crate::notify::channel();
+        let st = Arc::new(
+            MonitorState::new(rule(), vec!["lb-01".into(), "web-01".into()])
+                .with_notifier(notifier),
+        );
+        let call = |method: &str, uri: &str, body: String| {
+            let (st, r) = (st.clone(), req(method, uri, Some(Identity::Admin), &body));
+            async move {
+                let resp = app(st).oneshot(r).await.unwrap();
+                let code = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+                )
+            }
+        };
+        let now = unix_now();
+        let silence = json!({
+            "matchers": [{"name": "host", "value": "lb-0.", "isRegex": true, "isEqual": true}],
+            "startsAt": crate::notify::rfc3339(now - 100.0),
+            "endsAt": crate::notify::rfc3339(now + 3_600.0),
+            "createdBy": "ops",
+            "comment": "load test",
+        });
+        let (code, doc) = call("POST", "/api/v2/silences", silence.to_string()).await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        let id = doc["silenceID"].as_str().unwrap().to_string();
+        let (_, list) = call("GET", "/api/v2/silences", String::new()).await;
+        assert_eq!(list[0]["status"]["state"], "active");
+        assert_eq!(list[0]["comment"], "load test");
+        let (code, _) = call(
+            "POST",
+            "/api/v2/silences",
+            json!({"matchers": []}).to_string(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        // HighQPS fires for lb-01 (10 requests/s above 5): silenced
+        let t0 = now - 40.0;
+        for i in 0..=6 {
+            let t = t0 + f64::from(i);
+            st.ingest(
+                "lb-01",
+                t,
+                &format!("rampart_http_requests_total{{code=\"2xx\"}} {}\n", 10 * i),
+            )
+            .unwrap();
+            st.evaluate(t);
+        }
+        assert_eq!(st.alert_state("lb-01"), Some(AlertState::Firing));
+        assert!(rx.try_recv().is_err(), "silenced");
+        let (code, _) = call("DELETE", &format!("/api/v2/silence/{id}"), String::new()).await;
+        assert_eq!(code, StatusCode::OK);
+        let (code, _) = call("DELETE", "/api/v2/silence/unknown", String::new()).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        // idle: the alert resolves, and the notification is not silenced any more
+        // (on the test clock, after the silence ended)
+        for i in 7..=20 {
+            let t = now + 100.0 + f64::from(i);
+            st.ingest("lb-01", t, "rampart_http_requests_total{code=\"2xx\"} 60\n")
+                .unwrap();
+            st.evaluate(t);
+        }
+        let n = rx.try_recv().expect("the resolved notification");
+        assert_eq!((n.alert.as_str(), n.event), (ALERT_NAME, Event::Resolved));
+    }
+
+    /// A push's timestamps are milliseconds: a spooled sample lands at its own second.
+    #[test]
+    fn push_timestamps_are_milliseconds() {
+        let st = state();
+        let got = st
+            .ingest(
+                "lb-01",
+                T0 + 30.0,
+                &format!(
+                    "rampart_http_requests_total{{code=\"2xx\"}} 7 {}\n",
+                    (T0 as i64) * 1000 + 500
+                ),
+            )
+            .unwrap();
+        assert_eq!(got.stored, 1);
+        let inner = st.lock();
+        let pts: Vec<_> = inner.store.series(REQUESTS_METRIC, None)[0]
+            .samples
+            .points()
+            .collect();
+        assert_eq!(pts, [(T0 + 0.5, 7.0)]);
     }
 
     /// The agent's node restarts: its start time moves forward and its counter starts
