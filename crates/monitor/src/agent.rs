@@ -106,9 +106,7 @@ pub async fn start_agent(
     let filter = listener.filter().clone();
     let mut all_filters = filters;
     all_filters.push(filter.clone());
-    registry.register_collector(Box::new(HostCollector {
-        fs_path: state_dir(&cfg),
-    }));
+    registry.register_collector(Box::new(HostCollector::default()));
     registry.register_collector(Box::new(FirewallCollector {
         filters: all_filters,
     }));
@@ -147,17 +145,6 @@ pub async fn start_agent(
         filter,
         tasks,
     })
-}
-
-/// The directory whose filesystem is reported: the state directory, which holds the PKI
-/// directory.
-fn state_dir(cfg: &AgentConfig) -> std::path::PathBuf {
-    cfg.pki
-        .dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(&cfg.pki.dir)
-        .to_path_buf()
 }
 
 struct MetricsState {
