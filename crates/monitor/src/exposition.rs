@@ -29,8 +29,9 @@ pub struct Sample {
     pub labels: Labels,
     /// The value; `NaN`, `+Inf` and `-Inf` are allowed.
     pub value: f64,
-    /// The exposed timestamp, if any (OpenMetrics: seconds; the store ignores it and stamps
-    /// samples with their receive time).
+    /// The exposed timestamp, if any, the number as written (the Prometheus text format
+    /// 0.0.4 gives milliseconds since the Unix epoch, which is what the monitoring service
+    /// expects in a push; OpenMetrics gives seconds).
     pub timestamp: Option<f64>,
 }
 

@@ -344,7 +344,8 @@ pub struct HostIngest {
     /// Series stored now, at most the series budget ([`MAX_SERIES_PER_HOST`]).
     pub series: usize,
     /// Samples refused since the service started, by reason (`non_finite`,
-    /// `negative_counter`, `counter_too_large`, `counter_decreased`, `series_budget`);
+    /// `negative_counter`, `counter_too_large`, `counter_decreased`, `series_budget`,
+    /// `too_far_in_future`, `too_old`, `out_of_order`);
     /// reasons that never happened are absent.
     pub rejected_samples: BTreeMap<&'static str, u64>,
 }
@@ -566,13 +567,19 @@ impl MonitorState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parses and stores one push from `host` received at `now`; returns what was stored
+    /// Parses and stores one push from `host` received at `now` (a sample's timestamp, when
+    /// present, is in milliseconds since the Unix epoch as in the Prometheus text format
+    /// 0.0.4, and the sample is stored at that time); returns what was stored
     /// and refused ([`Store::ingest`]: single bad samples are refused and counted, the rest
     /// stored), or why the whole push was rejected (it does not parse, or repeats a series).
     /// Refusals are logged at most once per host and reason every
     /// [`REFUSAL_LOG_INTERVAL_SECONDS`].
     pub fn ingest(&self, host: &str, now: f64, text: &str) -> Result<Ingested, String> {
-        let samples = exposition::parse(text).map_err(|e| e.to_string())?;
+        let mut samples = exposition::parse(text).map_err(|e| e.to_string())?;
+        // A push's timestamps are the text format's milliseconds since the epoch.
+        for s in &mut samples {
+            s.timestamp = s.timestamp.map(|ms| ms / 1000.0);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let got = inner
@@ -1570,6 +1577,29 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(doc["series_budget"], MAX_SERIES_PER_HOST);
         assert_eq!(doc["hosts"]["lb-01"]["rejected_samples"]["non_finite"], 1);
+    }
+
+    /// A push's timestamps are milliseconds: a spooled sample lands at its own second.
+    #[test]
+    fn push_timestamps_are_milliseconds() {
+        let st = state();
+        let got = st
+            .ingest(
+                "lb-01",
+                T0 + 30.0,
+                &format!(
+                    "rampart_http_requests_total{{code=\"2xx\"}} 7 {}\n",
+                    (T0 as i64) * 1000 + 500
+                ),
+            )
+            .unwrap();
+        assert_eq!(got.stored, 1);
+        let inner = st.lock();
+        let pts: Vec<_> = inner.store.series(REQUESTS_METRIC, None)[0]
+            .ring
+            .points()
+            .collect();
+        assert_eq!(pts, [(T0 + 0.5, 7.0)]);
     }
 
     /// The agent's node restarts: its start time moves forward and its counter starts

@@ -74,7 +74,11 @@ impl Ring {
 
 #[derive(Debug, Default)]
 struct HostSeries {
+    /// Per push, the time of its newest stored sample (receive time for samples without
+    /// a timestamp) and how many samples it stored; only pushes newer than the last.
     pushes: Ring,
+    /// When the host's last push was received (monitor clock), whatever its timestamps.
+    received: Option<f64>,
     series: HashMap<SeriesId, Ring>,
     /// The latest `process_start_time_seconds` the agent pushed.
     started: Option<f64>,
@@ -155,7 +159,18 @@ pub enum Refused {
     /// (its [`START_TIME_METRIC`] absent, unchanged or earlier): not a reset, a forgery or
     /// a bug. The previous value stays.
     CounterDecreased,
+    /// A timestamp more than [`MAX_FUTURE_SECONDS`] after the receive time.
+    TooFarInFuture,
+    /// A timestamp older than the retention: it would be dropped at once.
+    TooOld,
+    /// A timestamp not later than the series' last stored sample (Prometheus TSDB's
+    /// "out of order sample"; a repeat of the same time is refused too).
+    OutOfOrder,
 }
+
+/// Seconds a sample's own timestamp may lie after its receive time (clock skew between an
+/// agent and the monitor); later ones are refused ([`Refused::TooFarInFuture`]).
+pub const MAX_FUTURE_SECONDS: f64 = 5.0;
 
 impl Refused {
     /// The reason as shown in the API and logs.
@@ -166,6 +181,9 @@ impl Refused {
             Refused::NegativeCounter => "negative_counter",
             Refused::CounterTooLarge => "counter_too_large",
             Refused::CounterDecreased => "counter_decreased",
+            Refused::TooFarInFuture => "too_far_in_future",
+            Refused::TooOld => "too_old",
+            Refused::OutOfOrder => "out_of_order",
         }
     }
 }
@@ -220,9 +238,17 @@ impl Store {
 
     /// Stores one push of `host` received at `now` and says what was stored and refused.
     ///
-    /// The whole push is rejected only when it is malformed: it repeats a series. Single
-    /// samples are refused and counted ([`Store::refused`]) without failing the push:
+    /// Each sample is stored at its own time when it carries one (`Sample::timestamp`, in
+    /// seconds: the service converts the text format's milliseconds), else at `now`. That
+    /// is how an agent delivers, oldest first, the pushes it buffered while the monitor was
+    /// unreachable.
+    ///
+    /// The whole push is rejected only when it is malformed: it repeats a series at the
+    /// same time. Single samples are refused and counted ([`Store::refused`]) without
+    /// failing the push:
     /// - non-finite values (NaN, ±Inf), of any series;
+    /// - timestamps more than [`MAX_FUTURE_SECONDS`] after `now`, older than the retention,
+    ///   or not later than the series' last sample (out of order);
     /// - counters ([`is_counter`]) below zero or above [`MAX_COUNTER`];
     /// - counters lower than their stored value, unless the push shows that the agent
     ///   restarted: its [`START_TIME_METRIC`] is later than the one it pushed before. Then
@@ -241,7 +267,7 @@ impl Store {
         self.expire(now);
         let mut seen = HashSet::with_capacity(samples.len());
         for s in &samples {
-            if !seen.insert((&s.name, &s.labels)) {
+            if !seen.insert((&s.name, &s.labels, s.timestamp.map(f64::to_bits))) {
                 return Err(IngestError::DuplicateSeries(s.name.clone()));
             }
         }
@@ -265,12 +291,20 @@ impl Store {
             }
         }
         let mut out = Ingested::default();
+        let mut newest: Option<f64> = None;
         for s in samples {
+            let t = s.timestamp.unwrap_or(now);
             let id = (s.name, s.labels);
             let ring = entry.series.get(&id);
             let previous = ring.and_then(|r| r.points.back()).map(|p| p.1);
-            let refusal = if !s.value.is_finite() {
+            let refusal = if !s.value.is_finite() || !t.is_finite() {
                 Some(Refused::NonFinite)
+            } else if t > now + MAX_FUTURE_SECONDS {
+                Some(Refused::TooFarInFuture)
+            } else if t < now - RETENTION_SECONDS {
+                Some(Refused::TooOld)
+            } else if ring.and_then(Ring::last_time).is_some_and(|last| t <= last) {
+                Some(Refused::OutOfOrder)
             } else if is_counter(&id.0) && s.value < 0.0 {
                 Some(Refused::NegativeCounter)
             } else if is_counter(&id.0) && s.value > MAX_COUNTER {
@@ -287,10 +321,15 @@ impl Store {
                 out.refused.entry(r).or_insert((0, id.0)).0 += 1;
                 continue;
             }
-            entry.series.entry(id).or_default().push(now, s.value);
+            entry.series.entry(id).or_default().push(t, s.value);
+            newest = Some(newest.map_or(t, |n: f64| n.max(t)));
             out.stored += 1;
         }
-        entry.pushes.push(now, out.stored as f64);
+        entry.received = Some(now);
+        let at = newest.unwrap_or(now);
+        if entry.pushes.last_time().is_none_or(|last| at > last) {
+            entry.pushes.push(at, out.stored as f64);
+        }
         Ok(out)
     }
 
@@ -357,6 +396,7 @@ impl Store {
             let started = r.f64()?;
             let pushes = r.ring()?;
             let mut h = HostSeries {
+                received: pushes.last_time(),
                 pushes,
                 series: HashMap::new(),
                 started: (!started.is_nan()).then_some(started),
@@ -391,7 +431,9 @@ impl Store {
         self.hosts.retain(|_, h| {
             h.series
                 .retain(|_, r| r.last_time().is_some_and(|t| t >= horizon));
-            h.pushes.last_time().is_some_and(|t| t >= horizon)
+            h.received
+                .or(h.pushes.last_time())
+                .is_some_and(|t| t >= horizon)
         });
     }
 
@@ -400,9 +442,12 @@ impl Store {
         &self.refused
     }
 
-    /// When `host` last pushed, if it has.
+    /// When `host`'s last push was received (the `now` of [`Store::ingest`]), if it
+    /// pushed since this store was made; after a snapshot restore, its newest push's time.
     pub fn last_push(&self, host: &str) -> Option<f64> {
-        self.hosts.get(host).and_then(|h| h.pushes.last_time())
+        self.hosts
+            .get(host)
+            .and_then(|h| h.received.or(h.pushes.last_time()))
     }
 
     /// The per-second rate of the sum of `host`'s counters named `name` over the `window`
@@ -659,6 +704,64 @@ mod hygiene_tests {
         // The new start time is the reference now: the old one does not count as newer.
         assert_eq!(push(&mut s, 13.0, Some(1000.0), 1.0).stored, 1);
         assert_eq!(refused(&s, Refused::CounterDecreased), 1);
+    }
+
+    #[test]
+    fn timestamped_samples_are_stored_at_their_time_and_bad_times_refused() {
+        let mut s = Store::new();
+        let at = |name: &str, v: f64, t: f64| Sample {
+            timestamp: Some(t),
+            ..sample(name, v)
+        };
+        let now = 10_000.0;
+        // A spooled delivery, oldest first: three pushes from a minute ago in one body.
+        let r = s
+            .ingest(
+                "lb-01",
+                now,
+                vec![
+                    at(REQ, 1.0, now - 60.0),
+                    at(REQ, 2.0, now - 59.0),
+                    at(REQ, 3.0, now - 58.0),
+                ],
+            )
+            .unwrap();
+        assert_eq!((r.stored, r.refused_total()), (3, 0));
+        let times: Vec<f64> = s.series(REQ, None)[0].ring.points().map(|p| p.0).collect();
+        assert_eq!(times, [now - 60.0, now - 59.0, now - 58.0]);
+        assert_eq!(
+            s.last_push("lb-01"),
+            Some(now),
+            "host-down looks at the receive time"
+        );
+        let r = s
+            .ingest(
+                "lb-01",
+                now,
+                vec![
+                    at(REQ, 4.0, now - 58.0),
+                    at("other_total", 1.0, now + MAX_FUTURE_SECONDS + 1.0),
+                    at("old_total", 1.0, now - RETENTION_SECONDS - 1.0),
+                    at("skewed_total", 1.0, now + MAX_FUTURE_SECONDS),
+                ],
+            )
+            .unwrap();
+        assert_eq!(r.stored, 1, "only the sample within the allowed skew");
+        assert_eq!(r.refused[&Refused::OutOfOrder].0, 1);
+        assert_eq!(r.refused[&Refused::TooFarInFuture].0, 1);
+        assert_eq!(r.refused[&Refused::TooOld].0, 1);
+        assert_eq!(refused(&s, Refused::OutOfOrder), 1);
+        // Without a timestamp the receive time counts, and it is later: stored.
+        let r = s.ingest("lb-01", now, vec![sample(REQ, 5.0)]).unwrap();
+        assert_eq!((r.stored, r.refused_total()), (1, 0));
+        // The same series twice at the same time is a malformed push.
+        assert!(s
+            .ingest(
+                "lb-01",
+                now + 1.0,
+                vec![at(REQ, 6.0, now + 1.0), at(REQ, 6.0, now + 1.0)]
+            )
+            .is_err());
     }
 
     #[test]
