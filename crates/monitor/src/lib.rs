@@ -32,6 +32,7 @@ use topology::{AlertRule, Role, Topology};
 mod agent;
 pub mod alert;
 pub mod collect;
+pub mod export;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 mod agent_cmd;
 mod lb_cmd;
+mod monitor_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -123,6 +124,11 @@ enum Cmd {
     /// 0.0.0.0:9100` or `rampart agent --push https://mon-01:9090/api/v1/push --cert
     /// host.pem --key host.key --ca ca.pem`. Runs until SIGTERM or Ctrl-C.
     Agent(agent_cmd::AgentArgs),
+    /// Interoperate with Prometheus and Grafana: `rampart monitor export DIR`.
+    Monitor {
+        #[command(subcommand)]
+        command: monitor_cmd::MonitorCmd,
+    },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -387,6 +393,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
         Cmd::Agent(args) => agent_cmd::run(args),
+        Cmd::Monitor { command } => {
+            monitor_cmd::run(command, &state, |file| fw_topology(&state, file))
+        }
     }
 }
 

@@ -200,3 +200,27 @@ async fn pushes_over_mutual_tls_to_a_monitor() {
     })
     .await;
 }
+
+#[test]
+fn monitor_export_writes_the_three_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["monitor", "export"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for f in monitor::export::FILES {
+        let text = std::fs::read_to_string(dir.path().join("out").join(f)).unwrap();
+        assert!(!text.is_empty(), "{f}");
+    }
+    let yml = std::fs::read_to_string(dir.path().join("out/prometheus.yml")).unwrap();
+    // Absolute certificate paths under the state directory.
+    let admin = dir.path().join("state/pki/admin.pem");
+    assert!(
+        yml.contains(&format!("{:?}", admin.display().to_string())),
+        "{yml}"
+    );
+}
