@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use topology::Service;
 
 use crate::collect::{FirewallCollector, HostCollector, KernelFirewallCollector};
-use crate::push::{PushCollector, PushStats, PushTarget, PUSH_TIMEOUT};
+use crate::push::{PushCollector, PushFormat, PushStats, PushTarget, PUSH_TIMEOUT};
 use crate::serve::{self, Peer};
 use crate::spool::Spool;
 use crate::{AgentConfig, MonitorError, OPENMETRICS_CONTENT_TYPE};
@@ -117,8 +117,7 @@ pub async fn start_agent(
     let spool = open_spool(cfg.spool_dir.as_deref(), cfg.spool_max_bytes)?;
     let stats = Arc::new(PushStats::default());
     registry.register_collector(Box::new(PushCollector {
-        spool: spool.clone(),
-        stats: stats.clone(),
+        targets: vec![("monitor", spool.clone(), stats.clone())],
     }));
     let registry = Arc::new(registry);
 
@@ -137,6 +136,7 @@ pub async fn start_agent(
     let url = format!("https://{monitor_name}:{}/api/v1/push", monitor_addr.port());
     let target = PushTarget {
         url,
+        format: PushFormat::Text,
         client,
         interval: cfg.push_interval,
     };
@@ -246,6 +246,21 @@ pub struct StandalonePush {
     pub spool_max_bytes: u64,
 }
 
+/// The standalone agent's Prometheus remote-write target.
+#[derive(Debug, Clone)]
+pub struct StandaloneRemoteWrite {
+    /// The receiver's URL, e.g. `http://prometheus:9090/api/v1/write`.
+    pub url: String,
+    /// PEM CA certificates for an `https` URL (none: plain HTTP only).
+    pub ca: Option<PathBuf>,
+    /// Labels added to every series (`instance`, `job`).
+    pub labels: Vec<(String, String)>,
+    /// Time between writes.
+    pub interval: Duration,
+    /// Bound of the in-memory spool, bytes.
+    pub spool_max_bytes: u64,
+}
+
 /// What `rampart agent` runs.
 #[derive(Debug, Clone)]
 pub struct StandaloneAgentConfig {
@@ -255,13 +270,17 @@ pub struct StandaloneAgentConfig {
     pub allow: Vec<ipnet::IpNet>,
     /// Push to a monitoring service as well.
     pub push: Option<StandalonePush>,
+    /// Forward the samples to a Prometheus remote-write receiver as well.
+    pub remote_write: Option<StandaloneRemoteWrite>,
 }
 
 /// Starts the standalone agent: host metrics ([`HostCollector`]) on `GET /metrics` over
 /// plain HTTP on `cfg.listen` (format negotiated from `Accept` as for the lab's agent;
 /// timeouts and connection caps of the topology model's defaults for the agent listener,
-/// through the one serve path), readable by anyone from `cfg.allow`, and, with
-/// `cfg.push`, pushes over mutual TLS with the given certificate (see [`crate::push`]).
+/// through the one serve path), readable by anyone from `cfg.allow`; with `cfg.push`,
+/// pushes over mutual TLS with the given certificate (see [`crate::push`]); with
+/// `cfg.remote_write`, forwards the same samples to a remote-write receiver
+/// ([`crate::remote_write`]).
 ///
 /// Errors: the address cannot be bound ([`MonitorError::Bind`]), the certificate, key or
 /// CA cannot be loaded ([`MonitorError::Pki`]), the push client cannot be built, the
@@ -325,13 +344,10 @@ pub async fn start_standalone_agent(
             }
             let spool = open_spool(p.spool_dir.as_deref(), p.spool_max_bytes)?;
             let stats = Arc::new(PushStats::default());
-            registry.register_collector(Box::new(PushCollector {
-                spool: spool.clone(),
-                stats: stats.clone(),
-            }));
             Some((
                 PushTarget {
                     url: p.url.clone(),
+                    format: PushFormat::Text,
                     client: b.build()?,
                     interval: p.interval,
                 },
@@ -341,18 +357,49 @@ pub async fn start_standalone_agent(
         }
         None => None,
     };
+    let remote_write = match &cfg.remote_write {
+        Some(rw) => {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(PUSH_TIMEOUT)
+                .timeout(PUSH_TIMEOUT);
+            if let Some(ca) = &rw.ca {
+                b = b.use_preconfigured_tls(pki::client_config_with_ca(ca, &[b"h2", b"http/1.1"])?);
+            }
+            Some((
+                PushTarget {
+                    url: rw.url.clone(),
+                    format: PushFormat::RemoteWrite {
+                        labels: rw.labels.clone(),
+                    },
+                    client: b.build()?,
+                    interval: rw.interval,
+                },
+                Arc::new(Spool::memory(rw.spool_max_bytes)),
+                Arc::new(PushStats::default()),
+            ))
+        }
+        None => None,
+    };
+    let mut targets = Vec::new();
+    if let Some((_, spool, stats)) = &push {
+        targets.push(("monitor", spool.clone(), stats.clone()));
+    }
+    if let Some((_, spool, stats)) = &remote_write {
+        targets.push(("remote_write", spool.clone(), stats.clone()));
+    }
+    registry.register_collector(Box::new(PushCollector { targets }));
     let registry = Arc::new(registry);
     let app = Router::new()
         .route("/metrics", get(public_metrics))
         .with_state(registry.clone());
     serve::spawn_with(listener, None, app, &tasks);
-    if let Some((target, spool, stats)) = push {
+    for (target, spool, stats) in push.into_iter().chain(remote_write) {
         tracing::info!(
             "agent pushing to {} every {:?}",
             target.url,
             target.interval
         );
-        crate::push::spawn(&tasks, registry, target, spool, stats);
+        crate::push::spawn(&tasks, registry.clone(), target, spool, stats);
     }
     tracing::info!("agent serving /metrics on http://{addr}/metrics");
     Ok(AgentHandle {

@@ -199,7 +199,11 @@ pub fn rules_yml(t: &Topology) -> String {
 }
 
 /// One dashboard panel: title, Grafana unit, `(PromQL expression, legend)` per query.
-pub type Panel = (&'static str, &'static str, Vec<(&'static str, &'static str)>);
+pub type Panel = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+);
 
 /// The Grafana dashboard's panels.
 pub fn panels() -> Vec<Panel> {

@@ -37,6 +37,7 @@ pub mod exposition;
 pub mod negotiate;
 pub mod notify;
 pub mod push;
+pub mod remote_write;
 mod serve;
 mod service;
 pub mod spool;
@@ -44,6 +45,7 @@ pub mod store;
 
 pub use agent::{
     start_agent, start_standalone_agent, AgentHandle, StandaloneAgentConfig, StandalonePush,
+    StandaloneRemoteWrite,
 };
 pub use serve::Peer;
 pub use service::{

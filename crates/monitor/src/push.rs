@@ -54,11 +54,26 @@ pub struct PushStats {
     pub lost: AtomicU64,
 }
 
+/// What a push's body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushFormat {
+    /// Rampart's ingest: the text format 0.0.4 with millisecond timestamps, gzip.
+    Text,
+    /// Prometheus remote-write 1.0 ([`crate::remote_write`]), these labels added to every
+    /// series (e.g. `instance`, `job`).
+    RemoteWrite {
+        /// The extra labels.
+        labels: Vec<(String, String)>,
+    },
+}
+
 /// Where and how to push.
 #[derive(Debug, Clone)]
 pub struct PushTarget {
-    /// The ingest URL, e.g. `https://mon-01:9090/api/v1/push`.
+    /// The URL, e.g. `https://mon-01:9090/api/v1/push`.
     pub url: String,
+    /// The body's format.
+    pub format: PushFormat,
     /// The HTTPS client (mutual TLS, timeouts set).
     pub client: reqwest::Client,
     /// Time between collections.
@@ -73,14 +88,32 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Encodes `registry` as one push: the text format 0.0.4 with every sample stamped `ms`,
-/// gzip-compressed. `None` when encoding fails (logged).
-pub fn encode_push(registry: &Registry, ms: i64) -> Option<Vec<u8>> {
+/// Encodes `registry` as one push in `format`: the text format 0.0.4 with every sample
+/// stamped `ms`, gzip-compressed; or a snappy-compressed remote-write request. `None` when
+/// encoding fails (logged).
+pub fn encode_push(registry: &Registry, ms: i64, format: &PushFormat) -> Option<Vec<u8>> {
     use std::io::Write;
     let mut om = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut om, registry) {
         tracing::error!("encoding metrics: {e}");
         return None;
+    }
+    if let PushFormat::RemoteWrite { labels } = format {
+        let samples = match crate::exposition::parse(&om) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("reading back the exposition: {e}");
+                return None;
+            }
+        };
+        let req = crate::remote_write::write_request(&samples, labels, ms);
+        return match crate::remote_write::encode(&req) {
+            Ok(body) => Some(body),
+            Err(e) => {
+                tracing::error!("snappy: {e}");
+                None
+            }
+        };
     }
     let text = crate::negotiate::stamp(&crate::negotiate::to_text_004(&om), ms);
     let mut gz = flate2::write::GzEncoder::new(
@@ -104,6 +137,7 @@ pub fn spawn(
     let collect = collect_loop(
         registry,
         target.interval,
+        target.format.clone(),
         spool.clone(),
         stats.clone(),
         wake.clone(),
@@ -127,6 +161,7 @@ pub fn spawn(
 async fn collect_loop(
     registry: Arc<Registry>,
     every: Duration,
+    format: PushFormat,
     spool: Arc<Spool>,
     stats: Arc<PushStats>,
     wake: Arc<Notify>,
@@ -138,8 +173,10 @@ async fn collect_loop(
         let ms = now_ms();
         let registry = registry.clone();
         let spool = spool.clone();
+        let format = format.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let record = encode_push(&registry, ms).ok_or("encoding failed".to_string())?;
+            let record =
+                encode_push(&registry, ms, &format).ok_or("encoding failed".to_string())?;
             spool.append(&record).map_err(|e| e.to_string())
         })
         .await;
@@ -165,14 +202,20 @@ enum Outcome {
 }
 
 async fn deliver(target: &PushTarget, record: Vec<u8>) -> Outcome {
-    let result = target
-        .client
-        .post(&target.url)
-        .header(header::CONTENT_TYPE, TEXT_004_CONTENT_TYPE)
-        .header(header::CONTENT_ENCODING, "gzip")
-        .body(record)
-        .send()
-        .await;
+    let req = target.client.post(&target.url);
+    let req = match target.format {
+        PushFormat::Text => req
+            .header(header::CONTENT_TYPE, TEXT_004_CONTENT_TYPE)
+            .header(header::CONTENT_ENCODING, "gzip"),
+        PushFormat::RemoteWrite { .. } => req
+            .header(header::CONTENT_TYPE, crate::remote_write::CONTENT_TYPE)
+            .header(header::CONTENT_ENCODING, "snappy")
+            .header(
+                "X-Prometheus-Remote-Write-Version",
+                crate::remote_write::VERSION,
+            ),
+    };
+    let result = req.body(record).send().await;
     match result {
         Ok(r) if r.status().is_success() => Outcome::Delivered,
         Ok(r) => {
@@ -275,56 +318,70 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The agent's own delivery metrics: `rampart_agent_spool_records`,
+/// The agent's own delivery metrics, one `target` label value per push target
+/// (`monitor`, `remote_write`): `rampart_agent_spool_records`,
 /// `rampart_agent_spool_bytes`, `rampart_agent_spool_dropped_total` (pushes dropped
 /// oldest-first to keep the spool within its bound), `rampart_agent_pushes_total{result}`
 /// (`delivered`, `refused`, `failed` attempts, `lost` collections).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PushCollector {
-    /// The spool.
-    pub spool: Arc<Spool>,
-    /// The counters.
-    pub stats: Arc<PushStats>,
+    /// `(target, spool, counters)` per push target.
+    pub targets: Vec<(&'static str, Arc<Spool>, Arc<PushStats>)>,
 }
 
 impl Collector for PushCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = self.spool.stats();
-        let m = enc.encode_descriptor(
+        if self.targets.is_empty() {
+            return Ok(());
+        }
+        let stats: Vec<_> = self
+            .targets
+            .iter()
+            .map(|(t, spool, c)| (*t, spool.stats(), c))
+            .collect();
+        let mut m = enc.encode_descriptor(
             "rampart_agent_spool_records",
-            "Pushes waiting in the spool for the monitoring service.",
+            "Pushes waiting in the spool.",
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(s.records as i64).encode(m)?;
-        let m = enc.encode_descriptor(
+        for (t, s, _) in &stats {
+            ConstGauge::new(s.records as i64).encode(m.encode_family(&[("target", *t)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "rampart_agent_spool",
-            "Bytes of the pushes waiting in the spool (gzip-compressed).",
+            "Bytes of the pushes waiting in the spool (compressed).",
             Some(&Unit::Bytes),
             MetricType::Gauge,
         )?;
-        ConstGauge::new(s.bytes as i64).encode(m)?;
-        let m = enc.encode_descriptor(
+        for (t, s, _) in &stats {
+            ConstGauge::new(s.bytes as i64).encode(m.encode_family(&[("target", *t)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "rampart_agent_spool_dropped",
             "Pushes dropped, oldest first, to keep the spool within its bound.",
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(s.dropped).encode(m)?;
+        for (t, s, _) in &stats {
+            ConstCounter::new(s.dropped).encode(m.encode_family(&[("target", *t)])?)?;
+        }
         let mut m = enc.encode_descriptor(
             "rampart_agent_pushes",
-            "Push outcomes: delivered, refused by the monitor, failed attempts, lost collections.",
+            "Push outcomes: delivered, refused by the receiver, failed attempts, lost collections.",
             None,
             MetricType::Counter,
         )?;
-        for (result, v) in [
-            ("delivered", &self.stats.delivered),
-            ("refused", &self.stats.refused),
-            ("failed", &self.stats.failures),
-            ("lost", &self.stats.lost),
-        ] {
-            ConstCounter::new(v.load(Ordering::Relaxed))
-                .encode(m.encode_family(&[("result", result)])?)?;
+        for (t, _, c) in &stats {
+            for (result, v) in [
+                ("delivered", &c.delivered),
+                ("refused", &c.refused),
+                ("failed", &c.failures),
+                ("lost", &c.lost),
+            ] {
+                ConstCounter::new(v.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&[("target", *t), ("result", result)])?)?;
+            }
         }
         Ok(())
     }

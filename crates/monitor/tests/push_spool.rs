@@ -152,9 +152,13 @@ async fn a_minute_cut_off_is_delivered_afterwards() {
     let cut_at = unix_now();
     tokio::time::sleep(OUTAGE).await;
     let before = samples(&admin, &base, series).await.unwrap();
-    let spooled = agent_metric(&admin, &metrics, "rampart_agent_spool_records ")
-        .await
-        .unwrap();
+    let spooled = agent_metric(
+        &admin,
+        &metrics,
+        "rampart_agent_spool_records{target=\"monitor\"} ",
+    )
+    .await
+    .unwrap();
     assert!(
         spooled >= 10.0,
         "the agent spooled only {spooled} pushes during the outage"
@@ -162,7 +166,7 @@ async fn a_minute_cut_off_is_delivered_afterwards() {
     let failed = agent_metric(
         &admin,
         &metrics,
-        "rampart_agent_pushes_total{result=\"failed\"}",
+        "rampart_agent_pushes_total{target=\"monitor\",result=\"failed\"}",
     )
     .await
     .unwrap();
@@ -172,7 +176,12 @@ async fn a_minute_cut_off_is_delivered_afterwards() {
 
     // The spool drains, oldest first.
     eventually("the spool drained", WAIT, || async {
-        let n = agent_metric(&admin, &metrics, "rampart_agent_spool_records ").await?;
+        let n = agent_metric(
+            &admin,
+            &metrics,
+            "rampart_agent_spool_records{target=\"monitor\"} ",
+        )
+        .await?;
         (n == 0.0).then_some(())
     })
     .await;
@@ -206,15 +215,19 @@ async fn a_minute_cut_off_is_delivered_afterwards() {
         let v = agent_metric(
             &admin,
             &metrics,
-            &format!("rampart_agent_pushes_total{{result=\"{label}\"}}"),
+            &format!("rampart_agent_pushes_total{{target=\"monitor\",result=\"{label}\"}}"),
         )
         .await
         .unwrap();
         assert_eq!(v, want, "pushes {label}");
     }
-    let dropped = agent_metric(&admin, &metrics, "rampart_agent_spool_dropped_total ")
-        .await
-        .unwrap();
+    let dropped = agent_metric(
+        &admin,
+        &metrics,
+        "rampart_agent_spool_dropped_total{target=\"monitor\"} ",
+    )
+    .await
+    .unwrap();
     assert_eq!(dropped, 0.0);
     // The monitor refused none of the delivered samples as too old or otherwise bad; a
     // push whose answer the cut swallowed comes again and is refused as out of order, which

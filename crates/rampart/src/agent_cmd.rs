@@ -44,6 +44,19 @@ pub(crate) struct AgentArgs {
     /// The spool's bound in bytes; the oldest pushes are dropped (and counted) beyond it.
     #[arg(long, default_value_t = monitor::push::DEFAULT_SPOOL_BYTES)]
     spool_max_bytes: u64,
+    /// Also forward the samples to this Prometheus remote-write 1.0 receiver, e.g.
+    /// http://prometheus:9090/api/v1/write (every --interval).
+    #[arg(long)]
+    remote_write: Option<String>,
+    /// PEM CA certificate(s) for an https --remote-write URL.
+    #[arg(long, requires = "remote_write")]
+    remote_write_ca: Option<PathBuf>,
+    /// The `instance` label of the forwarded series (default: this machine's host name).
+    #[arg(long)]
+    instance: Option<String>,
+    /// The `job` label of the forwarded series.
+    #[arg(long, default_value = "rampart-agent")]
+    job: String,
 }
 
 /// `500ms`, `1s`, `15s`, `1m`: a positive interval.
@@ -84,10 +97,29 @@ pub(crate) fn run(args: AgentArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
+    let remote_write = match args.remote_write {
+        Some(url) => {
+            let instance = match args.instance {
+                Some(i) => i,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .context("reading the host name for the instance label; give --instance")?,
+            };
+            Some(monitor::StandaloneRemoteWrite {
+                url,
+                ca: args.remote_write_ca,
+                labels: vec![("instance".into(), instance), ("job".into(), args.job)],
+                interval: args.interval,
+                spool_max_bytes: args.spool_max_bytes,
+            })
+        }
+        None => None,
+    };
     let cfg = monitor::StandaloneAgentConfig {
         listen: args.listen,
         allow: args.allow,
         push,
+        remote_write,
     };
     // One thread: the agent's work is a few reads of /proc per scrape or push.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -37,10 +37,15 @@ fn start(args: &[&str]) -> (Agent, SocketAddr) {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // The first line that is not a log line (RUST_LOG may add some before it).
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    for _ in 0..100 {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 || line.starts_with("rampart agent:") {
+            break;
+        }
+    }
     let agent = Agent(child);
     // "rampart agent: /metrics on http://ADDR/metrics; ..."
     let addr = line
@@ -223,4 +228,92 @@ fn monitor_export_writes_the_three_files() {
         yml.contains(&format!("{:?}", admin.display().to_string())),
         "{yml}"
     );
+}
+
+/// Stops the test's Prometheus on drop.
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Debian's Prometheus, started here with its remote-write receiver on a loopback port and
+/// its own temporary storage, receives the agent's samples (remote-write 1.0: snappy
+/// protobuf) and answers them from its query API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_write_reaches_prometheus() {
+    let Some(prometheus) = test_support::find_binary("prometheus") else {
+        test_support::skip("prometheus is not installed (apt-get install prometheus)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global:\n  scrape_interval: 15s\n").unwrap();
+    // A free port on this test's own address.
+    let port = std::net::TcpListener::bind("127.112.3.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.112.3.1:{port}");
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prom = Prometheus(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .arg("--web.enable-remote-write-receiver")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let (_agent, _) = start(&[
+        "--listen",
+        "127.112.3.2:0",
+        "--remote-write",
+        &format!("http://{listen}/api/v1/write"),
+        "--instance",
+        "rw-test",
+        "--interval",
+        "1s",
+    ]);
+    let http = client("127.112.3.2");
+    let query = |q: &'static str| {
+        let http = http.clone();
+        let listen = listen.clone();
+        async move {
+            let doc: serde_json::Value = http
+                .get(format!("http://{listen}/api/v1/query"))
+                .query(&[("query", q)])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let result = doc["data"]["result"].as_array()?.clone();
+            (!result.is_empty()).then_some(result)
+        }
+    };
+    let load = eventually(
+        "the agent's samples in Prometheus",
+        Duration::from_secs(60),
+        || query("rampart_host_load1{instance=\"rw-test\",job=\"rampart-agent\"}"),
+    )
+    .await;
+    assert_eq!(load.len(), 1, "{load:?}");
+    // Counters with labels arrive as series too, and keep arriving: the counter's rate
+    // over the samples written so far is defined.
+    let cpu = eventually("CPU counters with a rate", Duration::from_secs(60), || {
+        query("rate(rampart_host_cpu_seconds_total{instance=\"rw-test\",mode=\"idle\"}[1m])")
+    })
+    .await;
+    assert_eq!(cpu.len(), 1, "{cpu:?}");
 }
