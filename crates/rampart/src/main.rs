@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod agent_cmd;
 mod lb_cmd;
+mod monitor_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -117,6 +119,16 @@ enum Cmd {
     /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
     /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
     Reload(reload_cmd::ReloadArgs),
+    /// Run the monitoring agent alone: host metrics on /metrics (like node_exporter),
+    /// optionally pushed to a monitoring service, e.g. `rampart agent --listen
+    /// 0.0.0.0:9100` or `rampart agent --push https://mon-01:9090/api/v1/push --cert
+    /// host.pem --key host.key --ca ca.pem`. Runs until SIGTERM or Ctrl-C.
+    Agent(agent_cmd::AgentArgs),
+    /// Interoperate with Prometheus and Grafana: `rampart monitor export DIR`.
+    Monitor {
+        #[command(subcommand)]
+        command: monitor_cmd::MonitorCmd,
+    },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -380,6 +392,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Fw { command } => fw(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
+        Cmd::Agent(args) => agent_cmd::run(args),
+        Cmd::Monitor { command } => {
+            monitor_cmd::run(command, &state, |file| fw_topology(&state, file))
+        }
     }
 }
 
