@@ -248,8 +248,12 @@ impl Policy {
                 );
             }
             if h.has(Role::DbPrimary) || h.has(Role::DbReplica) {
+                // Any database host may become a replica of this one after a failover.
                 let mut nets = addrs(Role::App);
-                for n in addrs(Role::DbReplica) {
+                for n in addrs(Role::DbReplica)
+                    .into_iter()
+                    .chain(addrs(Role::DbPrimary))
+                {
                     if !nets.contains(&n) {
                         nets.push(n);
                     }
@@ -259,10 +263,11 @@ impl Policy {
                     t.ports.mysql,
                     Sources::Nets(nets),
                     Callers::Anyone,
-                    "MariaDB, application hosts and replicas only",
+                    "MariaDB, application and database hosts only",
                 );
             }
-            if h.has(Role::DbReplica) {
+            // Every database host replicates after a failover, the first primary included.
+            if h.has(Role::DbReplica) || h.has(Role::DbPrimary) {
                 rule(
                     Service::MysqlEgress,
                     t.ports.mysql_egress,

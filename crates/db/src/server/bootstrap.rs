@@ -9,6 +9,7 @@ use tokio::process::Command;
 
 use super::options::Paths;
 use super::{startup_error, ServerConfig, ADMIN_TIMEOUT};
+use crate::observe::HEARTBEAT_TABLE;
 use crate::{Credentials, DbError};
 
 /// How long `mariadb-install-db` may take.
@@ -38,6 +39,13 @@ pub(super) async fn bootstrap_primary(
              ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
         ),
         format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.{HEARTBEAT_TABLE} (\
+             id TINYINT UNSIGNED NOT NULL PRIMARY KEY, \
+             server_id INT UNSIGNED NOT NULL, \
+             ts TIMESTAMP(6) NOT NULL\
+             ) ENGINE=InnoDB"
+        ),
+        format!(
             "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}'",
             u = creds.app_user,
             pw = creds.app_password
@@ -48,6 +56,12 @@ pub(super) async fn bootstrap_primary(
         ),
         format!(
             "GRANT SLAVE MONITOR ON *.* TO '{u}'@'localhost'",
+            u = creds.app_user
+        ),
+        // The heartbeat is written with the application account: it has no READ_ONLY
+        // ADMIN, so only a writable (promoted) server ever writes one.
+        format!(
+            "GRANT UPDATE ON `{db}`.{HEARTBEAT_TABLE} TO '{u}'@'localhost'",
             u = creds.app_user
         ),
         format!(
@@ -65,6 +79,25 @@ pub(super) async fn bootstrap_primary(
     }
     tracing::info!(host = %cfg.host, database = %db, "primary bootstrapped");
     Ok(())
+}
+
+/// Root's connection options for `host`'s server socket in `state_dir` (the failover
+/// controller's administrative connection).
+pub(crate) fn admin_opts_for(
+    state_dir: &std::path::Path,
+    host: &str,
+    password: &str,
+) -> OptsBuilder {
+    admin_opts(&Paths::new(state_dir, host), password)
+}
+
+/// The application account's connection options on the server's socket (the heartbeat).
+pub(super) fn app_opts(p: &Paths, creds: &Credentials) -> OptsBuilder {
+    OptsBuilder::default()
+        .socket(Some(p.socket.to_string_lossy().into_owned()))
+        .prefer_socket(false)
+        .user(Some(creds.app_user.clone()))
+        .pass(Some(creds.app_password.clone()))
 }
 
 pub(super) fn admin_opts(p: &Paths, password: &str) -> OptsBuilder {
@@ -136,7 +169,7 @@ pub(super) async fn admin_connect(
     }
 }
 
-pub(super) async fn admin_exec(host: &str, c: &mut Conn, sql: &str) -> Result<(), DbError> {
+pub(crate) async fn admin_exec(host: &str, c: &mut Conn, sql: &str) -> Result<(), DbError> {
     match tokio::time::timeout(ADMIN_TIMEOUT, c.query_drop(sql)).await {
         Ok(r) => r.map_err(|e| DbError::mysql(host, e)),
         Err(_) => Err(DbError::Timeout {

@@ -31,15 +31,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use topology::{Role, Service, Topology};
 
+use crate::cluster::ClusterState;
 use crate::sqlite::{sqlite_path, SqliteStore};
 use crate::{Credentials, DbError, Engine};
 
-use bootstrap::{admin_connect, admin_opts, bootstrap_primary, install_db};
-use health::health_loop;
-pub(crate) use health::seconds_behind;
+use bootstrap::{admin_connect, admin_opts, app_opts, bootstrap_primary, install_db};
+pub(crate) use bootstrap::{admin_exec, admin_opts_for};
+use health::{health_loop, heartbeat_loop};
+pub use options::SEMI_SYNC_TIMEOUT_MS;
 pub use options::{mariadb_dir, mariadbd_defaults_file, mariadbd_pid_file, mariadbd_socket};
 use options::{my_cnf, Paths};
+pub(crate) use process::{is_ours, read_pid};
 use process::{spawn_mariadbd, stop_stale, supervise, terminate, wait_ready, Restart};
+pub(crate) use replication::{make_writable, point_at_primary};
 
 /// Bound on one administrative statement or connection.
 pub(super) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,8 +89,11 @@ pub struct ServerConfig {
     pub port: u16,
     /// Replica only: the primary's host name and MariaDB address.
     pub primary: Option<(String, SocketAddr)>,
-    /// Replica only: port of the replication egress (`ports.mysql_egress`) on `address`.
+    /// Port of the replication egress (`ports.mysql_egress`) on the host's address.
     pub egress_port: u16,
+    /// Every database host (this one included) and its MariaDB address, in topology
+    /// order: where the egress leads when `cluster.json` names another primary.
+    pub peers: Vec<(String, SocketAddr)>,
     /// Database (schema) name; letters, digits and `_`.
     pub database: String,
     /// Engine in use.
@@ -129,6 +136,12 @@ impl ServerConfig {
             port: t.ports.mysql,
             primary,
             egress_port: t.ports.mysql_egress,
+            peers: t
+                .hosts
+                .iter()
+                .filter(|h| h.has(Role::DbPrimary) || h.has(Role::DbReplica))
+                .map(|h| (h.name.clone(), SocketAddr::new(h.address, t.ports.mysql)))
+                .collect(),
             database: t.database.name.clone(),
             engine,
         })
@@ -158,6 +171,11 @@ pub struct DbNodeStatus {
     /// Times the node restarted a `mariadbd` that exited on its own.
     #[serde(default)]
     pub restarts: u64,
+    /// The server's last observation (read-only flag, GTID positions, replication threads,
+    /// heartbeat lag, semi-synchronous state); `None` while it does not answer, and for
+    /// SQLite.
+    #[serde(default)]
+    pub observed: Option<crate::NodeObservation>,
 }
 
 /// A running database server. Dropping it closes its listeners but leaves `mariadbd`
@@ -300,6 +318,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<DbServer, DbError> {
                     lag_seconds: None,
                     healthy: true,
                     restarts: 0,
+                    observed: None,
                 })),
                 supervisor: tokio::sync::Mutex::new(None),
                 stop_server: CancellationToken::new(),
@@ -323,6 +342,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
         )));
     }
     let creds = Credentials::load(&cfg.state_dir)?;
+    let cfg = follow_cluster(cfg)?;
     let p = Paths::new(&cfg.state_dir, &cfg.host);
     check_socket_path(&p.socket)?;
     std::fs::DirBuilder::new()
@@ -357,13 +377,18 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 lag_seconds: None,
                 healthy: cfg.role == NodeRole::Primary,
                 restarts: 0,
+                observed: None,
             }));
             let mut tasks = tasks;
             tasks.push(tokio::spawn(health_loop(
                 admin,
                 admin_opts(&p, &creds.admin_password),
-                cfg.role,
+                cfg.database.clone(),
                 status.clone(),
+            )));
+            tasks.push(tokio::spawn(heartbeat_loop(
+                app_opts(&p, &creds),
+                cfg.database.clone(),
             )));
             let stop_server = CancellationToken::new();
             let supervisor = tokio::spawn(supervise(
@@ -375,6 +400,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                     p: p.clone(),
                     pid: pid_cell,
                     status: status.clone(),
+                    creds: creds.clone(),
                 },
                 stop_server.clone(),
             ));
@@ -395,6 +421,48 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
     }
 }
 
+/// The role `cfg`'s node takes from `<state>/db/cluster.json` (created from the topology
+/// when absent): primary when the file names it, otherwise a replica of the node it names.
+/// A former primary restarted after a failover thus comes back as a replica.
+fn follow_cluster(mut cfg: ServerConfig) -> Result<ServerConfig, DbError> {
+    let first_primary = match (&cfg.role, &cfg.primary) {
+        (NodeRole::Primary, _) => cfg.host.clone(),
+        (NodeRole::Replica, Some((p, _))) => p.clone(),
+        (NodeRole::Replica, None) => {
+            return Err(DbError::Config(format!(
+                "{} is a replica without a primary",
+                cfg.host
+            )))
+        }
+    };
+    let initial = ClusterState {
+        epoch: 1,
+        primary: first_primary,
+        nodes: cfg.peers.iter().map(|(h, _)| h.clone()).collect(),
+        failovers: 0,
+    };
+    let state = ClusterState::load_or_init(&cfg.state_dir, &initial)?;
+    if state.primary == cfg.host {
+        cfg.role = NodeRole::Primary;
+        cfg.primary = None;
+    } else {
+        let addr = cfg
+            .peers
+            .iter()
+            .find(|(h, _)| *h == state.primary)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| {
+                DbError::Config(format!(
+                    "cluster.json names {} primary, which is not a database host of the topology",
+                    state.primary
+                ))
+            })?;
+        cfg.role = NodeRole::Replica;
+        cfg.primary = Some((state.primary.clone(), addr));
+    }
+    Ok(cfg)
+}
+
 type Started = (Vec<JoinHandle<()>>, Vec<Arc<firewall::Filter>>, Conn);
 
 async fn bring_up(
@@ -409,22 +477,29 @@ async fn bring_up(
     let mut admin = admin_connect(cfg, p, creds).await?;
     let mut tasks = Vec::new();
     let mut filters = Vec::new();
+    let (task, filter) = replication::start_egress(cfg, pid, stop).await?;
+    tasks.push(task);
+    filters.push(filter);
     match (&cfg.role, &cfg.primary) {
-        (NodeRole::Replica, Some((primary_host, primary_addr))) => {
-            let (task, filter) = replication::start_replica(
-                cfg,
-                creds,
+        (NodeRole::Replica, Some((primary_host, _))) => {
+            point_at_primary(
+                &cfg.host,
                 &mut admin,
-                primary_host,
-                *primary_addr,
-                pid,
-                stop,
+                cfg.net.address(),
+                cfg.egress_port,
+                creds,
             )
             .await?;
-            tasks.push(task);
-            filters.push(filter);
+            tracing::info!(host = %cfg.host, primary = %primary_host, "replication started");
         }
-        _ => bootstrap_primary(cfg, creds, &mut admin).await?,
+        _ => {
+            bootstrap_primary(cfg, creds, &mut admin).await?;
+            // The first start of the node that cluster.json names primary makes it
+            // writable; a restart of its mariadbd alone does not (see `after_restart`).
+            // Semi-synchronous from the start: the replicas connect within seconds.
+            make_writable(&cfg.host, &mut admin, true).await?;
+            tracing::info!(host = %cfg.host, "primary writable");
+        }
     }
 
     let relay_addr = SocketAddr::new(cfg.net.address(), cfg.port);
@@ -433,7 +508,8 @@ async fn bring_up(
         .listen(Service::Mysql, cfg.port)
         .await
         .map_err(|e| DbError::io(format!("binding the MariaDB relay on {relay_addr}"), e))?;
-    filters.push(listener.filter().clone());
+    // The MariaDB relay's filter first (callers count its refusals).
+    filters.insert(0, listener.filter().clone());
     let target = firewall::Target::Unix(p.socket.clone());
     tasks.push(tokio::spawn(firewall::relay(
         listener,
@@ -552,7 +628,20 @@ roles = [\"web\", \"app\", \"db-replica\"]
             Engine::Mariadb,
         )
         .unwrap();
-        assert!(!my_cnf(&primary, &Paths::new(state, "web-01")).contains("read_only"));
+        // Every server starts read-only, the primary too; durability and semi-sync set.
+        let cnf = my_cnf(&primary, &Paths::new(state, "web-01"));
+        for line in [
+            "read_only = ON",
+            "sync_binlog = 1",
+            "innodb_flush_log_at_trx_commit = 1",
+            "binlog_format = ROW",
+            "log_slave_updates = ON",
+            "rpl_semi_sync_master_wait_point = AFTER_SYNC",
+            "rpl_semi_sync_slave_enabled = ON",
+        ] {
+            assert!(cnf.lines().any(|l| l == line), "{line} missing in\n{cnf}");
+        }
+        assert_eq!(primary.peers.len(), 2);
         let sqlite_replica = ServerConfig::from_topology(
             &t,
             "web-02",

@@ -12,8 +12,8 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::options::Paths;
-use super::replication::resume_replication;
-use super::{lock, startup_error, DbNodeStatus, NodeRole, ServerConfig};
+use super::replication::after_restart;
+use super::{lock, startup_error, DbNodeStatus, ServerConfig};
 use crate::DbError;
 
 /// How long `mariadbd` may take to accept on its socket after being started.
@@ -59,6 +59,7 @@ pub(super) struct Restart {
     pub(super) p: Paths,
     pub(super) pid: Arc<AtomicU32>,
     pub(super) status: Arc<Mutex<DbNodeStatus>>,
+    pub(super) creds: crate::Credentials,
 }
 
 /// Owns the running `mariadbd`: when it exits on its own (crash, OOM kill, `kill -9`) it is
@@ -111,9 +112,7 @@ pub(super) async fn supervise(mut child: Child, r: Restart, stop: CancellationTo
                     match wait_ready(&r.cfg, &r.p, &mut c).await {
                         Ok(()) => {
                             tracing::info!(host = %host, pid, "mariadbd restarted");
-                            if r.cfg.role == NodeRole::Replica {
-                                resume_replication(&r).await;
-                            }
+                            after_restart(&r).await;
                         }
                         Err(e) => tracing::warn!(host = %host, "restarted mariadbd not ready: {e}"),
                     }
@@ -193,7 +192,7 @@ fn processes_mentioning(cnf: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn read_pid(path: &Path) -> Option<i32> {
+pub(crate) fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path)
         .ok()?
         .trim()
@@ -204,7 +203,7 @@ fn read_pid(path: &Path) -> Option<i32> {
 
 /// Whether `pid` is a live (not zombie: its command line is empty) process started with
 /// exactly `--defaults-file=<cnf>`, as this module starts `mariadbd`.
-fn is_ours(pid: i32, cnf: &Path) -> bool {
+pub(crate) fn is_ours(pid: i32, cnf: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
