@@ -385,11 +385,16 @@ mod tests {
         // default deny: services a host does not run
         assert!(!p.allows("lb-01", Service::Mysql, web1));
         assert!(!p.allows("mon-01", Service::Https, anyone));
-        // the replication egress: only the replica host itself
+        // the replication egress: only the database host itself, the first primary
+        // included (it replicates after a failover)
         assert!(p.allows("web-02", Service::MysqlEgress, ip("127.0.0.1")));
         assert!(p.allows("web-02", Service::MysqlEgress, web2));
         assert!(!p.allows("web-02", Service::MysqlEgress, lb));
-        assert!(!p.allows("web-01", Service::MysqlEgress, ip("127.0.0.1")));
+        assert!(p.allows("web-01", Service::MysqlEgress, web1));
+        assert!(!p.allows("web-01", Service::MysqlEgress, web2));
+        assert!(!p.allows("lb-01", Service::MysqlEgress, ip("127.0.0.1")));
+        // a former primary replicates from the new one
+        assert!(p.allows("web-02", Service::Mysql, web1));
     }
 
     #[test]
