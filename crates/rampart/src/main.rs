@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod db_cmd;
 mod lb_cmd;
 
 use anyhow::Context;
@@ -117,6 +118,11 @@ enum Cmd {
     /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
     /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
     Reload(reload_cmd::ReloadArgs),
+    /// The database tier: status, switchover, failover.
+    Db {
+        #[command(subcommand)]
+        command: db_cmd::DbCmd,
+    },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -379,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Fw { command } => fw(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
+        Cmd::Db { command } => db_cmd::run(&state, command),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
     }
 }
