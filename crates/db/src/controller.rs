@@ -5,7 +5,9 @@
 //! semi-synchronous replication on when a replica can acknowledge and brings back replicas
 //! that stopped replicating, refusing one whose history diverged from the primary's
 //! (errant transactions). When the primary has been unreachable (or restarted, hence
-//! read-only) for `fail_after` and no replica still receives from it, it fails over:
+//! read-only) for `fail_after` and no replica still receives from it — and it has seen
+//! that primary writable in the current epoch, so a starting cluster is left alone — it
+//! fails over:
 //!
 //! 1. refuses when the primary's semi-synchronous replication had fallen back to
 //!    asynchronous (acknowledged writes may exist on no replica) unless forced;
@@ -263,6 +265,12 @@ struct Reconciler {
     /// The primary's semi-synchronous status at its last observation as a writable primary.
     semi_sync_ok: bool,
     refusal_logged: bool,
+    /// The epoch in which this controller last saw the primary writable. It acts only on
+    /// a primary it has seen writable in the current epoch: a cluster still starting (the
+    /// primary bootstrapping, read-only) is not failed over, and neither is one whose
+    /// primary was already gone when the controller started (`rampart db failover`
+    /// decides then).
+    seen_writable: Option<u64>,
 }
 
 impl Reconciler {
@@ -289,6 +297,7 @@ impl Reconciler {
             primary_bad_since: None,
             semi_sync_ok: false,
             refusal_logged: false,
+            seen_writable: None,
         }
     }
 
@@ -331,10 +340,14 @@ impl Reconciler {
             Some(p) if !p.read_only && !p.replicating => {
                 self.primary_bad_since = None;
                 self.refusal_logged = false;
+                self.seen_writable = Some(cluster.epoch);
                 self.semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).refused = None;
                 self.keep_replicas(pi, &p, &obs).await;
+            }
+            _ if self.seen_writable != Some(cluster.epoch) => {
+                self.primary_bad_since = None;
             }
             other => {
                 let since = *self.primary_bad_since.get_or_insert_with(Instant::now);
@@ -442,6 +455,7 @@ impl Reconciler {
         force: bool,
     ) -> Result<ClusterState, FailoverError> {
         let old = cluster.primary.clone();
+        tracing::warn!(primary = %old, epoch = cluster.epoch, "changing the database primary");
         let oi = self
             .index(&old)
             .ok_or_else(|| FailoverError::NoCandidate(format!("{old} is not a database host")))?;
@@ -501,7 +515,8 @@ impl Reconciler {
                     Some(o) if o.replicating || !o.read_only => {
                         let applied = GtidPos::parse(&o.gtid_slave_pos).unwrap_or_default();
                         let received = GtidPos::parse(&o.gtid_io_pos).unwrap_or_default();
-                        let current = GtidPos::parse(&o.gtid_current_pos).unwrap_or_default();
+                        // With log_slave_updates the binary log holds everything applied.
+                        let current = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
                         let has_old = old_final.as_ref().is_none_or(|f| current.contains(f));
                         if applied.contains(&received)
                             && has_old

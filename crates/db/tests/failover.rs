@@ -382,7 +382,9 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
     let n = load.acked.lock().unwrap().len();
     wait_acked(&load, n + 20).await;
     // And back.
-    let back = switchover(ccfg, None).await.unwrap();
+    let back = switchover(ccfg, None)
+        .await
+        .expect("switchover back to web-01");
     assert_eq!((back.primary.as_str(), back.epoch), ("web-01", 3));
     let n = load.acked.lock().unwrap().len();
     wait_acked(&load, n + 20).await;
