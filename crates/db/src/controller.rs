@@ -140,6 +140,10 @@ impl Controller {
         lock(&self.status).clone()
     }
 
+    pub(crate) fn status_cell(&self) -> Arc<Mutex<ControllerStatus>> {
+        self.status.clone()
+    }
+
     /// Stops the reconciler loop.
     pub async fn stop(self) {
         self.stop.cancel();

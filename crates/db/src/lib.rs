@@ -53,6 +53,7 @@ mod controller;
 mod credentials;
 mod error;
 mod gtid;
+mod metrics;
 mod observe;
 mod server;
 mod sqlite;
@@ -74,6 +75,7 @@ pub use controller::{
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
 pub use gtid::GtidPos;
+pub use metrics::{register_controller_metrics, register_server_metrics};
 pub use observe::{NodeObservation, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 pub use server::{
     mariadb_dir, mariadbd_defaults_file, mariadbd_pid_file, mariadbd_socket, start_server,

@@ -122,6 +122,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
                 .map_err(|e| role_err(&name, role, e))?,
         );
         tracing::info!(host = %name, "database role started");
+        db::register_server_metrics(&mut registry, &server);
         roles.push(server.clone());
         db_server = Some(server);
     } else if host.has(Role::DbPrimary) || host.has(Role::DbReplica) {
@@ -136,6 +137,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
         Some(cfg) => {
             let c = db::start_controller(cfg).map_err(|e| role_err(&name, Role::Monitor, e))?;
             tracing::info!(host = %name, "database failover controller started");
+            db::register_controller_metrics(&mut registry, &c);
             Some(c)
         }
         None => None,

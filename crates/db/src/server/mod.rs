@@ -219,7 +219,11 @@ impl Drop for DbServer {
 }
 
 impl DbServer {
-    /// The last known status (refreshed every second by a background task).
+    pub(crate) fn status_cell(&self) -> Arc<Mutex<DbNodeStatus>> {
+        self.status.clone()
+    }
+
+    /// The last known status (refreshed every 500 ms by a background task).
     pub fn status(&self) -> DbNodeStatus {
         lock(&self.status).clone()
     }
