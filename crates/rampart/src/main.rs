@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod agent_cmd;
+mod db_cmd;
 mod lb_cmd;
 mod monitor_cmd;
 
@@ -128,6 +129,11 @@ enum Cmd {
     Monitor {
         #[command(subcommand)]
         command: monitor_cmd::MonitorCmd,
+    },
+    /// The database tier: status, switchover, failover.
+    Db {
+        #[command(subcommand)]
+        command: db_cmd::DbCmd,
     },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
@@ -391,6 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Fw { command } => fw(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
+        Cmd::Db { command } => db_cmd::run(&state, command),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
         Cmd::Agent(args) => agent_cmd::run(args),
         Cmd::Monitor { command } => {
