@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use topology::{Role, Topology};
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, PromotionLock};
 use crate::gtid::GtidPos;
 use crate::observe::{observe, NodeObservation};
 use crate::server::{admin_exec, admin_opts_for, make_writable, point_at_primary};
@@ -186,6 +186,7 @@ pub async fn switchover(
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
     );
+    let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     r.observe_all().await;
     r.promote(&cluster, to.as_deref(), true).await
@@ -200,6 +201,7 @@ pub async fn failover(cfg: ControllerConfig, force: bool) -> Result<ClusterState
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
     );
+    let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     let obs = r.observe_all().await;
     if let Some(Some(o)) = r.index(&cluster.primary).map(|i| obs[i].clone()) {
@@ -360,6 +362,14 @@ impl Reconciler {
                     .enumerate()
                     .all(|(i, o)| i == pi || o.as_ref().is_none_or(|o| !o.io_running));
                 if other.is_none() && !confirmed {
+                    return Ok(());
+                }
+                // A commanded switchover or failover may be under way: never two
+                // promotions at once, and never from a stale epoch.
+                let Some(_lock) = PromotionLock::try_acquire(&self.cfg.state_dir)? else {
+                    return Ok(());
+                };
+                if ClusterState::load(&self.cfg.state_dir)?.as_ref() != Some(&cluster) {
                     return Ok(());
                 }
                 match self.promote(&cluster, None, false).await {
