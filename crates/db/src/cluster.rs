@@ -16,6 +16,42 @@ pub fn cluster_path(state_dir: &Path) -> PathBuf {
     state_dir.join("db").join("cluster.json")
 }
 
+/// Holds `<state>/db/promotion.lock` (`flock(2)`, exclusive) while it lives: one promotion
+/// at a time, between the controller's loop and `rampart db switchover|failover`.
+pub(crate) struct PromotionLock(#[allow(dead_code)] std::fs::File);
+
+impl PromotionLock {
+    fn open(state_dir: &Path) -> Result<std::fs::File, DbError> {
+        let path = state_dir.join("db").join("promotion.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| DbError::io(format!("opening {}", path.display()), e))
+    }
+
+    /// Waits for the lock (a promotion in progress finishes within seconds).
+    pub(crate) fn acquire(state_dir: &Path) -> Result<PromotionLock, DbError> {
+        let f = PromotionLock::open(state_dir)?;
+        f.lock()
+            .map_err(|e| DbError::io("locking promotion.lock".to_string(), e))?;
+        Ok(PromotionLock(f))
+    }
+
+    /// The lock if free now; `None` while another promotion holds it.
+    pub(crate) fn try_acquire(state_dir: &Path) -> Result<Option<PromotionLock>, DbError> {
+        let f = PromotionLock::open(state_dir)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(PromotionLock(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(DbError::io("locking promotion.lock".to_string(), e))
+            }
+        }
+    }
+}
+
 /// The desired shape of the database tier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,7 +123,9 @@ impl ClusterState {
         let dir = path.parent().unwrap_or(state_dir);
         std::fs::create_dir_all(dir)
             .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
-        let tmp = dir.join(format!(".cluster.json.{}", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".cluster.json.{}.{seq}", std::process::id()));
         let text = serde_json::to_vec_pretty(self).map_err(|e| DbError::Config(e.to_string()))?;
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;

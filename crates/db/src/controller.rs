@@ -33,16 +33,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use topology::{Role, Topology};
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, PromotionLock};
 use crate::gtid::GtidPos;
 use crate::observe::{observe, NodeObservation};
 use crate::server::{admin_exec, admin_opts_for, make_writable, point_at_primary};
 use crate::{mariadbd_defaults_file, mariadbd_pid_file, Credentials, DbError};
 
-/// Default probe interval.
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// Default time the primary must stay lost before a failover.
-pub const DEFAULT_FAIL_AFTER: Duration = Duration::from_secs(1);
 /// How long a candidate gets to apply its relay log (and catch up with a fenced primary).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on connecting to a server for a probe.
@@ -66,8 +62,8 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// The controller of `t`'s database tier with the default timings; `None` when the
-    /// topology has no `db-primary`.
+    /// The controller of `t`'s database tier with the timings of `[database.failover]`;
+    /// `None` when the topology has no `db-primary`.
     pub fn from_topology(t: &Topology, state_dir: &std::path::Path) -> Option<ControllerConfig> {
         t.db_primary()?;
         Some(ControllerConfig {
@@ -80,8 +76,8 @@ impl ControllerConfig {
                 .map(|h| (h.name.clone(), h.address))
                 .collect(),
             egress_port: t.ports.mysql_egress,
-            probe_interval: DEFAULT_PROBE_INTERVAL,
-            fail_after: DEFAULT_FAIL_AFTER,
+            probe_interval: Duration::from_millis(t.database.failover.probe_interval_ms),
+            fail_after: Duration::from_millis(t.database.failover.fail_after_ms),
         })
     }
 }
@@ -190,6 +186,7 @@ pub async fn switchover(
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
     );
+    let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     r.observe_all().await;
     r.promote(&cluster, to.as_deref(), true).await
@@ -204,6 +201,7 @@ pub async fn failover(cfg: ControllerConfig, force: bool) -> Result<ClusterState
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
     );
+    let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     let obs = r.observe_all().await;
     if let Some(Some(o)) = r.index(&cluster.primary).map(|i| obs[i].clone()) {
@@ -364,6 +362,14 @@ impl Reconciler {
                     .enumerate()
                     .all(|(i, o)| i == pi || o.as_ref().is_none_or(|o| !o.io_running));
                 if other.is_none() && !confirmed {
+                    return Ok(());
+                }
+                // A commanded switchover or failover may be under way: never two
+                // promotions at once, and never from a stale epoch.
+                let Some(_lock) = PromotionLock::try_acquire(&self.cfg.state_dir)? else {
+                    return Ok(());
+                };
+                if ClusterState::load(&self.cfg.state_dir)?.as_ref() != Some(&cluster) {
                     return Ok(());
                 }
                 match self.promote(&cluster, None, false).await {

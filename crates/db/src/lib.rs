@@ -47,6 +47,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backup;
 mod client;
 mod cluster;
 mod controller;
@@ -63,6 +64,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use topology::{DbEngine, Topology};
 
+pub use backup::{backup, backups_dir, restore};
 pub use client::{
     client_egress_socket, connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message,
     DEFAULT_MAX_LAG_SECONDS, MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,

@@ -410,3 +410,67 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_from_the_replica_then_restore_round_trips() {
+    if skip() {
+        return;
+    }
+    let l = lab("127.110.3", 23426).await;
+    let _reaper = Reaper(&l.state);
+    let app = client(&l, "web-01").await;
+    let kept = app.insert_message("ann", "kept").await.unwrap();
+    eventually("replicated", 30, || async {
+        let mut c = Conn::new(root(&l.state, "web-02")).await.ok()?;
+        let n: Option<u64> = c
+            .exec_first(
+                "SELECT COUNT(*) FROM foobar.guestbook WHERE id = ?",
+                (kept.id,),
+            )
+            .await
+            .ok()?;
+        (n? == 1).then_some(())
+    })
+    .await;
+    let state = l.state.clone();
+    let file = tokio::task::spawn_blocking(move || db::backup(&state, "foobar"))
+        .await
+        .unwrap()
+        .unwrap();
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("foobar-web-02-") && name.ends_with(".sql.gz"),
+        "{name}"
+    );
+    assert!(file.starts_with(db::backups_dir(&l.state)));
+    let later = app.insert_message("bob", "after the backup").await.unwrap();
+    assert_eq!(
+        app.list_messages(10).await.unwrap(),
+        vec![later, kept.clone()]
+    );
+    let (state, f) = (l.state.clone(), file.clone());
+    tokio::task::spawn_blocking(move || db::restore(&state, &f))
+        .await
+        .unwrap()
+        .unwrap();
+    // The primary holds what the backup held, and the replica receives the restore.
+    let mut c = Conn::new(root(&l.state, "web-01")).await.unwrap();
+    let rows: Vec<(u64, String)> = c
+        .query("SELECT id, `text` FROM foobar.guestbook")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(kept.id, "kept".to_string())]);
+    eventually("restore replicated", 30, || async {
+        let mut c = Conn::new(root(&l.state, "web-02")).await.ok()?;
+        let rows: Vec<(u64, String)> = c
+            .query("SELECT id, `text` FROM foobar.guestbook")
+            .await
+            .ok()?;
+        (rows == vec![(kept.id, "kept".to_string())]).then_some(())
+    })
+    .await;
+    drop(app);
+    for s in &l.servers {
+        s.stop().await;
+    }
+}

@@ -19,8 +19,9 @@ pub struct HostPlan {
     pub db_server: Option<db::ServerConfig>,
     /// The application's database client of an `app` host.
     pub db_client: Option<db::ClientConfig>,
-    /// The database failover controller: on the first `monitor` host, when the engine is
-    /// MariaDB and the topology has a `db-primary` (never on a database host).
+    /// The database failover controller: on `[database.failover] controller` (default the
+    /// first `monitor` host), when the engine is MariaDB and the topology has a
+    /// `db-primary`.
     pub db_controller: Option<db::ControllerConfig>,
     /// The monitoring service of the `monitor` host.
     pub monitor: Option<monitor::MonitorConfig>,
@@ -77,8 +78,7 @@ impl HostPlan {
             engine.and_then(|e| db::ServerConfig::from_topology(t, name, root, net.clone(), e));
         let db_client =
             engine.and_then(|e| db::ClientConfig::from_topology(t, name, root, net.clone(), e));
-        let controller_host = t.hosts_with(Role::Monitor).next().map(|h| h.name.as_str());
-        let db_controller = if controller_host == Some(name)
+        let db_controller = if t.database.failover.controller.as_deref() == Some(name)
             && matches!(db::resolve_engine(t), Ok(db::Engine::Mariadb))
         {
             db::ControllerConfig::from_topology(t, root)

@@ -29,6 +29,16 @@ pub enum DbCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Logical dump of the application's database from a replica (`mariadb-dump
+    /// --single-transaction --gtid`), gzip-compressed into a dated file under
+    /// `<state>/backups/`; prints its path.
+    Backup,
+    /// Replay a dump made by `backup` into the primary (the replicas receive it too); its
+    /// tables replace the current ones.
+    Restore {
+        /// The `.sql.gz` file.
+        file: std::path::PathBuf,
+    },
 }
 
 /// One node in `rampart db status --json`.
@@ -188,6 +198,16 @@ pub fn run(state: &StateDir, cmd: DbCmd) -> anyhow::Result<()> {
         DbCmd::Switchover { to } => {
             let next = rt.block_on(db::switchover(cfg()?, to))?;
             println!("primary is now {} (epoch {})", next.primary, next.epoch);
+            Ok(())
+        }
+        DbCmd::Backup => {
+            let path = db::backup(state.root(), &t.database.name)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        DbCmd::Restore { file } => {
+            db::restore(state.root(), &file)?;
+            println!("restored {}", file.display());
             Ok(())
         }
         DbCmd::Failover { force } => {

@@ -269,6 +269,25 @@ pub struct Database {
     pub engine: DbEngine,
     /// Schema (database) name used by the application. Default `foobar`.
     pub name: String,
+    /// The failover controller (`[database.failover]`).
+    pub failover: Failover,
+}
+
+/// `[database.failover]`: where the database failover controller runs and how fast it
+/// acts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failover {
+    /// The host running the controller (`controller`). Default: the first `monitor` host;
+    /// never a database host (it must see the primary from outside). `None` when the
+    /// topology has no monitor host and none is named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    /// Time between two observations of every server, ms (`probe_interval_ms`, 50 to
+    /// 10 000). Default 250.
+    pub probe_interval_ms: u64,
+    /// How long the primary must stay lost before a failover, ms (`fail_after_ms`, at
+    /// least twice the probe interval, at most 60 000). Default 1000.
+    pub fail_after_ms: u64,
 }
 
 /// One host of the topology.
@@ -880,9 +899,33 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             "use 1-64 letters, digits or '_'",
         ));
     }
-    let database = Database {
+    let raw_failover = raw.database.failover.unwrap_or_default();
+    let probe_interval_ms = raw_failover.probe_interval_ms.unwrap_or(250);
+    if !(50..=10_000).contains(&probe_interval_ms) {
+        return Err(err(
+            file,
+            "database.failover.probe_interval_ms",
+            format!("{probe_interval_ms} is out of range"),
+            "use 50 to 10000 (default 250)",
+        ));
+    }
+    let fail_after_ms = raw_failover.fail_after_ms.unwrap_or(1000);
+    if fail_after_ms < 2 * probe_interval_ms || fail_after_ms > 60_000 {
+        return Err(err(
+            file,
+            "database.failover.fail_after_ms",
+            format!("{fail_after_ms} is out of range"),
+            "use at least twice probe_interval_ms and at most 60000 (default 1000)",
+        ));
+    }
+    let mut database = Database {
         engine,
         name: db_name,
+        failover: Failover {
+            controller: raw_failover.controller,
+            probe_interval_ms,
+            fail_after_ms,
+        },
     };
 
     let mut operator_sources = Vec::new();
@@ -960,6 +1003,33 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
             ),
             "lower balancer.backend_max_connections or raise limits.web.max_connections",
         ));
+    }
+    match &database.failover.controller {
+        Some(c) => {
+            match hosts.iter().find(|h| &h.name == c) {
+                None => {
+                    return Err(err(
+                        file,
+                        "database.failover.controller",
+                        format!("{c:?} is not a host of the topology"),
+                        "name a host, e.g. the monitor host \"mon-01\"",
+                    ))
+                }
+                Some(h) if h.has(Role::DbPrimary) || h.has(Role::DbReplica) => return Err(err(
+                    file,
+                    "database.failover.controller",
+                    format!("{c:?} is a database host"),
+                    "run the controller on a host without a database role, e.g. the monitor host",
+                )),
+                Some(_) => {}
+            }
+        }
+        None => {
+            database.failover.controller = hosts
+                .iter()
+                .find(|h| h.has(Role::Monitor))
+                .map(|h| h.name.clone());
+        }
     }
     Ok(Topology {
         site,
@@ -1418,5 +1488,49 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "site.acme.renew_at");
+    }
+
+    #[test]
+    fn database_failover_settings_are_validated() {
+        let t = Topology::default_topology();
+        assert_eq!(t.database.failover.controller.as_deref(), Some("mon-01"));
+        assert_eq!(
+            (
+                t.database.failover.probe_interval_ms,
+                t.database.failover.fail_after_ms
+            ),
+            (250, 1000)
+        );
+        let with = |extra: &str| {
+            let text = DEFAULT_TOML.replace(
+                "[database.failover]\ncontroller = \"mon-01\"",
+                &format!("[database.failover]\n{extra}"),
+            );
+            Topology::parse(&text, "f.toml")
+        };
+        for (extra, key) in [
+            ("controller = \"web-01\"", "database.failover.controller"),
+            ("controller = \"nope\"", "database.failover.controller"),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("f.toml"), "{extra}: {e}");
+        }
+        let e = Topology::parse(
+            &DEFAULT_TOML.replace("probe_interval_ms = 250", "probe_interval_ms = 10"),
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("database.failover.probe_interval_ms"), "{e}");
+        // Without a controller named, the first monitor host runs it.
+        let t = with("").unwrap();
+        assert_eq!(t.database.failover.controller.as_deref(), Some("mon-01"));
+        let e = Topology::parse(
+            &DEFAULT_TOML.replace("fail_after_ms = 1000", "fail_after_ms = 300"),
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("database.failover.fail_after_ms"), "{e}");
     }
 }

@@ -227,6 +227,15 @@ pub(crate) struct RawQpsAlert {
 pub(crate) struct RawDatabase {
     pub engine: Option<String>,
     pub name: Option<String>,
+    pub failover: Option<RawFailover>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFailover {
+    pub controller: Option<String>,
+    pub probe_interval_ms: Option<u64>,
+    pub fail_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
