@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod alerts_cmd;
 mod lb_cmd;
 
 use anyhow::Context;
@@ -117,6 +118,17 @@ enum Cmd {
     /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
     /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
     Reload(reload_cmd::ReloadArgs),
+    /// The monitoring service's active alerts (pending and firing).
+    Alerts {
+        /// One JSON array (Prometheus' alert objects).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Silences: suppress the notifications of matching alerts for a while.
+    Silence {
+        #[command(subcommand)]
+        command: alerts_cmd::SilenceCmd,
+    },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
         #[command(subcommand)]
@@ -378,6 +390,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
+        Cmd::Alerts { json } => alerts_cmd::alerts(&state, json),
+        Cmd::Silence { command } => alerts_cmd::silence(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
     }
