@@ -71,11 +71,13 @@ pub fn channel() -> (Notifier, mpsc::Receiver<Notification>) {
     )
 }
 
-/// Delivers queued notifications to every URL in `urls` with `client` until `stop`.
+/// Delivers queued notifications to every URL in `urls` with `client`, and by email when
+/// `email` is set, until `stop`.
 pub async fn deliver(
     mut rx: mpsc::Receiver<Notification>,
     client: reqwest::Client,
     urls: Vec<String>,
+    email: Option<topology::EmailSettings>,
     external_url: String,
     stop: CancellationToken,
 ) {
@@ -84,6 +86,17 @@ pub async fn deliver(
             _ = stop.cancelled() => return,
             n = rx.recv() => match n { Some(n) => n, None => return },
         };
+        if let Some(e) = &email {
+            if let Err(why) = send_email(e, &n, &external_url).await {
+                tracing::warn!(
+                    "email to {}: {} {} of {} not delivered: {why}",
+                    e.to.join(", "),
+                    n.alert,
+                    event_str(n.event),
+                    n.host
+                );
+            }
+        }
         let body = payload(&n, &external_url);
         for url in &urls {
             let mut delay = Duration::from_secs(1);
@@ -117,6 +130,62 @@ pub async fn deliver(
             }
         }
     }
+}
+
+/// Seconds an SMTP exchange may take.
+pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Mails `n` through `e.smtp` (plain SMTP, RFC 5321, with lettre): subject
+/// `[FIRING] HighQPS on lb-01` / `[RESOLVED] …`, a text body with the value and times.
+///
+/// Errors: an address that does not parse, or the SMTP exchange failing (the message).
+pub async fn send_email(
+    e: &topology::EmailSettings,
+    n: &Notification,
+    external_url: &str,
+) -> Result<(), String> {
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    let (host, port) = e
+        .smtp
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("smtp {:?} is not host:port", e.smtp))?;
+    let status = event_str(n.event).to_uppercase();
+    let mut msg = Message::builder()
+        .from(
+            e.from
+                .parse()
+                .map_err(|x| format!("from {:?}: {x}", e.from))?,
+        )
+        .subject(format!("[{status}] {} on {}", n.alert, n.host));
+    for to in &e.to {
+        msg = msg.to(to.parse().map_err(|x| format!("to {to:?}: {x}"))?);
+    }
+    let value = n
+        .value
+        .map_or_else(|| "none".to_string(), |v| format!("{v:.3}"));
+    let body = format!(
+        "{} is {} on {}.\nvalue: {value}\nstarted: {}\n{}alerts: {external_url}api/v1/alerts\n",
+        n.alert,
+        event_str(n.event),
+        n.host,
+        rfc3339(n.starts_at),
+        if n.event == Event::Resolved {
+            format!("resolved: {}\n", rfc3339(n.at))
+        } else {
+            String::new()
+        },
+    );
+    let msg = msg.body(body).map_err(|x| x.to_string())?;
+    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        .port(port)
+        .timeout(Some(SMTP_TIMEOUT))
+        .build();
+    mailer
+        .send(msg)
+        .await
+        .map(|_| ())
+        .map_err(|x| x.to_string())
 }
 
 fn event_str(e: Event) -> &'static str {
@@ -187,6 +256,95 @@ pub fn payload(n: &Notification, external_url: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal SMTP receiver on loopback (RFC 5321's happy path): returns the DATA of
+    /// the first message.
+    async fn smtp_sink(listener: tokio::net::TcpListener) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"220 sink ESMTP\r\n").await.unwrap();
+        let mut data = String::new();
+        let mut in_data = false;
+        // bounded: at most 10 000 lines
+        for _ in 0..10_000 {
+            let Ok(Some(line)) = lines.next_line().await else {
+                break;
+            };
+            if in_data {
+                if line == "." {
+                    in_data = false;
+                    w.write_all(b"250 queued\r\n").await.unwrap();
+                } else {
+                    data.push_str(&line);
+                    data.push('\n');
+                }
+                continue;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" | "HELO" => b"250 sink\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                "QUIT" => {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                }
+                _ => b"250 ok\r\n",
+            };
+            w.write_all(reply).await.unwrap();
+        }
+        data
+    }
+
+    #[tokio::test]
+    async fn a_notification_is_mailed_over_smtp() {
+        let listener = tokio::net::TcpListener::bind("127.111.0.1:0")
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sink = tokio::spawn(smtp_sink(listener));
+        let settings = topology::EmailSettings {
+            smtp: format!("127.111.0.1:{port}"),
+            from: "rampart@foobar.com".into(),
+            to: vec!["ops@foobar.com".into(), "oncall@foobar.com".into()],
+        };
+        let n = Notification {
+            alert: "HostDown".to_string(),
+            host: "web-01".into(),
+            event: Event::Firing,
+            value: Some(12.0),
+            starts_at: 1_700_000_000.0,
+            at: 1_700_000_000.0,
+        };
+        send_email(&settings, &n, "https://mon-01:9090/")
+            .await
+            .unwrap();
+        let data = tokio::time::timeout(Duration::from_secs(10), sink)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            data.contains("Subject: [FIRING] HostDown on web-01"),
+            "{data}"
+        );
+        assert!(
+            data.contains("To: ops@foobar.com, oncall@foobar.com"),
+            "{data}"
+        );
+        assert!(data.contains("value: 12.000"), "{data}");
+        // nothing listening: an error, not a hang
+        let closed = topology::EmailSettings {
+            smtp: format!("127.111.0.1:{port}"),
+            ..settings
+        };
+        assert!(send_email(&closed, &n, "https://mon-01:9090/")
+            .await
+            .is_err());
+    }
 
     #[test]
     fn the_payload_is_alertmanagers() {
