@@ -207,7 +207,8 @@ pub async fn deliver(
             _ = stop.cancelled() => return,
             n = rx.recv() => {
                 let Some(n) = n else { return };
-                grouper.offer(n, now).into_iter().collect::<Vec<_>>()
+                // the time it arrived, not the time the wait began
+                grouper.offer(n, tokio::time::Instant::now()).into_iter().collect::<Vec<_>>()
             }
             _ = tokio::time::sleep_until(next) => grouper.take_due(tokio::time::Instant::now()),
         };
