@@ -182,7 +182,7 @@ def report(rounds, results):
     if runs:
         print(f"{'mode':10} {'lb':16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} {'errors':>7}")
         for mode in order:
-            for lb in lbs + ["rampart-redirect"]:
+            for lb in lbs:
                 r = runs.get((mode, lb))
                 if not r:
                     continue
@@ -195,9 +195,6 @@ def report(rounds, results):
         for mode in order:
             r = med.get((mode, "rampart"))
             if not r:
-                if (mode, "rampart-redirect") in med:
-                    print(f"{mode:10} no ratio: `rampart lb` has no plain-HTTP proxy listener (--http-listen only answers"
-                          " 301 to HTTPS); rampart-redirect is that 301, no backend — not comparable")
                 continue
             for peer in ("haproxy", "nginx"):
                 p = med.get((mode, peer))

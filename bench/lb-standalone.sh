@@ -14,9 +14,8 @@
 #   newconn    a new TLS connection per request (Connection: close), wrk -c50
 #   h2         HTTP/2 over TLS, h2load -c10 -m10 (10 connections x 10 streams), p50/p99
 #              from h2load's per-request log
-#   plain      plain HTTP to the load balancer, plain HTTP to the backends (wrk -c50).
-#              `rampart lb` has no plain-HTTP proxy listener (its --http-listen answers 301
-#              to HTTPS); its row "rampart-redirect" is that 301, shown for reference only
+#   plain      plain HTTP to the load balancer, plain HTTP to the backends (wrk -c50;
+#              Rampart's --http-listen with --http-proxy)
 #   reencrypt  HTTPS keep-alive in front, TLS to the backends verified against the bench
 #              CA (rampart --backend-ca, HAProxy `ssl verify required ca-file`, nginx
 #              `proxy_ssl_verify on`), pooled keep-alive upstream connections
@@ -224,9 +223,9 @@ wait_up() { # URL: up to 15 s for a 2xx/3xx
 }
 
 # The load balancers under test: 8443 TLS -> plain backends, 8444 TLS -> TLS backends,
-# 8080 plain -> plain backends (Rampart: redirect only). Rampart runs one process per
-# upstream kind (its standalone mode has one set of backends per process).
-start_rampart rampart "$ip.10:8443" --http-listen "$ip.10:8080" --backend "$ip.21:8081" --backend "$ip.22:8082"
+# 8080 plain -> plain backends. Rampart runs one process per upstream kind (its
+# standalone mode has one set of backends per process).
+start_rampart rampart "$ip.10:8443" --http-listen "$ip.10:8080" --http-proxy --backend "$ip.21:8081" --backend "$ip.22:8082"
 start_rampart rampart-tls "$ip.10:8444" --backend "$ip.21:9081" --backend "$ip.22:9082" --backend-ca "$work/ca.pem"
 { haproxy_global; cat <<CFG; } > "$work/haproxy.cfg"
 frontend site
@@ -276,7 +275,7 @@ hz=$(getconf CLK_TCK)
 run() {
   local mode=$1 lb=$2 addr port=8443 name pids before after
   case $lb in rampart*) addr=$ip.10;; haproxy) addr=$ip.11;; nginx) addr=$ip.12;; esac
-  name=${lb%-redirect}
+  name=$lb
   [ "$mode" = reencrypt ] && { port=8444; [ "$lb" = rampart ] && name=rampart-tls; }
   # shellcheck disable=SC2207
   pids=($(pids_of "$name"))
@@ -367,7 +366,7 @@ idle_rss() {
 results=$work/results
 : > "$results"
 for mode in $modes; do
-  lbs="rampart haproxy nginx"; [ "$mode" = plain ] && lbs="rampart-redirect haproxy nginx"
+  lbs="rampart haproxy nginx"
   for r in $(seq "$rounds"); do
     for lb in $lbs; do
       if [ "$mode" = idle-rss ]; then idle_rss "$lb"; else run "$mode" "$lb"; fi

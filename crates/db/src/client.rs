@@ -19,6 +19,8 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use topology::{Role, Topology};
 
+use crate::cluster::ClusterState;
+use crate::observe::HEARTBEAT_TABLE;
 use crate::sqlite::{sqlite_path, SqliteStore};
 use crate::{Credentials, DbError, Engine};
 
@@ -61,9 +63,9 @@ pub struct DbInfo {
     /// Host name of the node serving reads: the replica, or the primary when the replica is
     /// unreachable (or there is none).
     pub read_node: String,
-    /// The read node's `Seconds_Behind_Master` from `SHOW SLAVE STATUS` (MariaDB docs:
-    /// "SHOW REPLICA STATUS"), seconds; `None` when reads go to the primary, the replica's
-    /// SQL thread is not running, or the engine is SQLite.
+    /// The read node's replication lag: the age of the newest heartbeat it has applied
+    /// (the primary writes one every 250 ms), seconds; `None` when reads go to the primary
+    /// or the engine is SQLite.
     pub lag_seconds: Option<f64>,
 }
 
@@ -95,7 +97,17 @@ pub struct ClientConfig {
     /// The replica reads go to: the one on this host if any, else the first in topology
     /// order; `None` when there is no replica.
     pub read: Option<DbNode>,
+    /// Every database node, in topology order. Writes go to the one `<state>/db/cluster.json`
+    /// names primary (the topology's `db-primary` until that file exists); reads to another
+    /// whose lag is at most `max_lag_seconds`, the preferred `read` node first.
+    pub nodes: Vec<DbNode>,
+    /// Largest replication lag (heartbeat age) a replica may have to serve reads, seconds.
+    /// Default [`DEFAULT_MAX_LAG_SECONDS`].
+    pub max_lag_seconds: f64,
 }
+
+/// Default bound on a read replica's lag, seconds.
+pub const DEFAULT_MAX_LAG_SECONDS: f64 = 1.0;
 
 impl ClientConfig {
     /// The configuration for application host `host`; `None` when `host` does not exist,
@@ -118,6 +130,12 @@ impl ClientConfig {
         } else {
             t.hosts_with(Role::DbReplica).next().map(node)
         };
+        let nodes = t
+            .hosts
+            .iter()
+            .filter(|h| h.has(Role::DbPrimary) || h.has(Role::DbReplica))
+            .map(node)
+            .collect();
         Some(ClientConfig {
             host: me.name.clone(),
             net,
@@ -126,6 +144,8 @@ impl ClientConfig {
             database: t.database.name.clone(),
             primary,
             read,
+            nodes,
+            max_lag_seconds: DEFAULT_MAX_LAG_SECONDS,
         })
     }
 }
@@ -198,8 +218,9 @@ impl DbClient {
         }
     }
 
-    /// The newest `limit` messages (capped at [`MAX_LIST`]), newest first, from the read
-    /// replica; from the primary when the replica is unreachable or fails.
+    /// The newest `limit` messages (capped at [`MAX_LIST`]), newest first, from a replica
+    /// whose lag is under the bound and which has applied this client's last write
+    /// (`MASTER_GTID_WAIT` on its `@@last_gtid`, up to 0.5 s); else from the primary.
     pub async fn list_messages(&self, limit: u32) -> Result<Vec<Message>, DbError> {
         let limit = limit.min(MAX_LIST);
         match &*self.inner {
@@ -261,10 +282,24 @@ struct MariaNode {
     pool: Pool,
 }
 
+/// Longest wait for a replica to apply the client's last write before a read goes to the
+/// primary instead (`MASTER_GTID_WAIT`), seconds.
+const GTID_WAIT_SECONDS: f64 = 0.5;
+
 struct MariaClient {
-    primary: MariaNode,
-    /// `None` when there is no replica.
-    read: Option<MariaNode>,
+    state_dir: PathBuf,
+    /// Every database node, in topology order.
+    nodes: Vec<MariaNode>,
+    /// The node reads prefer (the replica on this host, else the first replica).
+    preferred_read: Option<String>,
+    /// Largest replica lag reads accept, seconds.
+    max_lag: f64,
+    /// The newest cluster state seen; never replaced by one with a lower epoch.
+    seen: std::sync::Mutex<Option<ClusterState>>,
+    /// `@@last_gtid` of this client's newest write, for read-your-writes.
+    last_gtid: std::sync::Mutex<Option<String>>,
+    /// Where the topology put the primary, used until `cluster.json` exists.
+    first_primary: String,
     /// Egress listeners; aborted (and their sockets removed) on drop.
     _egress: EgressTasks,
 }
@@ -287,20 +322,65 @@ impl MariaClient {
     async fn open(cfg: &ClientConfig) -> Result<MariaClient, DbError> {
         let creds = Credentials::load(&cfg.state_dir)?;
         let mut egress = EgressTasks(Vec::new());
-        let primary = open_node(cfg, &cfg.primary, &creds, &mut egress)?;
-        let read = match &cfg.read {
-            Some(r) if r.host != cfg.primary.host => Some(open_node(cfg, r, &creds, &mut egress)?),
-            _ => None,
-        };
+        let mut nodes = Vec::new();
+        for n in &cfg.nodes {
+            nodes.push(open_node(cfg, n, &creds, &mut egress)?);
+        }
         Ok(MariaClient {
-            primary,
-            read,
+            state_dir: cfg.state_dir.clone(),
+            nodes,
+            preferred_read: cfg.read.as_ref().map(|r| r.host.clone()),
+            max_lag: cfg.max_lag_seconds,
+            seen: std::sync::Mutex::new(None),
+            last_gtid: std::sync::Mutex::new(None),
+            first_primary: cfg.primary.host.clone(),
             _egress: egress,
         })
     }
 
+    /// The primary's host name: from `cluster.json` unless its epoch is lower than one
+    /// already seen (a stale state is ignored, with a warning).
+    fn primary_host(&self) -> String {
+        let loaded = ClusterState::load(&self.state_dir).ok().flatten();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match (loaded, seen.as_ref()) {
+            (Some(l), Some(s)) if l.epoch < s.epoch => {
+                tracing::warn!(
+                    seen = s.epoch,
+                    got = l.epoch,
+                    "ignoring a cluster state with a lower epoch"
+                );
+            }
+            (Some(l), _) => *seen = Some(l),
+            (None, _) => {}
+        }
+        seen.as_ref()
+            .map(|s| s.primary.clone())
+            .unwrap_or_else(|| self.first_primary.clone())
+    }
+
+    fn node(&self, host: &str) -> Option<&MariaNode> {
+        self.nodes.iter().find(|n| n.host == host)
+    }
+
+    fn primary(&self) -> Result<&MariaNode, DbError> {
+        let host = self.primary_host();
+        self.node(&host).ok_or_else(|| DbError::Data {
+            node: host.clone(),
+            reason: "the primary in cluster.json is not a database host of the topology".into(),
+        })
+    }
+
+    /// Replicas in the order reads try them: the preferred one first.
+    fn replicas(&self) -> Vec<&MariaNode> {
+        let primary = self.primary_host();
+        let mut v: Vec<&MariaNode> = self.nodes.iter().filter(|n| n.host != primary).collect();
+        v.sort_by_key(|n| Some(&n.host) != self.preferred_read.as_ref());
+        v
+    }
+
     async fn insert(&self, author: &str, text: &str) -> Result<Message, DbError> {
-        let node = &self.primary;
+        let node = self.primary()?;
         let mut conn = node.conn().await?;
         let q = async {
             conn.exec_drop(
@@ -309,10 +389,16 @@ impl MariaClient {
             )
             .await?;
             let id = conn.last_insert_id().unwrap_or_default();
-            conn.exec_first::<Row, _, _>(format!("{SELECT_COLUMNS} WHERE id = ?"), (id,))
-                .await
+            let gtid: Option<String> = conn.query_first("SELECT @@last_gtid").await?;
+            let row = conn
+                .exec_first::<Row, _, _>(format!("{SELECT_COLUMNS} WHERE id = ?"), (id,))
+                .await?;
+            Ok::<_, mysql_async::Error>((gtid, row))
         };
-        let row = node.bounded("insert", q).await?;
+        let (gtid, row) = node.bounded("insert", q).await?;
+        if let Some(g) = gtid.filter(|g| !g.is_empty()) {
+            *self.last_gtid.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+        }
         match row {
             Some(row) => node.message(row),
             None => Err(DbError::Data {
@@ -322,21 +408,55 @@ impl MariaClient {
         }
     }
 
+    /// A connection to a replica fit for reading: lag under the bound and this client's
+    /// last write applied (`MASTER_GTID_WAIT`, up to [`GTID_WAIT_SECONDS`]); with its lag.
+    async fn read_conn(&self) -> Option<(&MariaNode, Conn, Option<f64>)> {
+        let gtid = self
+            .last_gtid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for r in self.replicas() {
+            let Ok(mut conn) = r.conn().await else {
+                continue;
+            };
+            let lag = match r.lag(&mut conn).await {
+                Ok(Some(l)) if l <= self.max_lag => l,
+                _ => continue,
+            };
+            if let Some(g) = &gtid {
+                let waited: Result<Option<i64>, _> = r
+                    .bounded(
+                        "MASTER_GTID_WAIT",
+                        conn.exec_first("SELECT MASTER_GTID_WAIT(?, ?)", (g, GTID_WAIT_SECONDS)),
+                    )
+                    .await;
+                if !matches!(waited, Ok(Some(0))) {
+                    continue;
+                }
+            }
+            return Some((r, conn, Some(lag)));
+        }
+        None
+    }
+
     async fn list(&self, limit: u32) -> Result<Vec<Message>, DbError> {
-        if let Some(r) = &self.read {
-            match r.list(limit).await {
+        if let Some((r, mut conn, _)) = self.read_conn().await {
+            match r.list(&mut conn, limit).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     tracing::warn!(replica = %r.host, error = %e, "read failed, using the primary")
                 }
             }
         }
-        self.primary.list(limit).await
+        let p = self.primary()?;
+        let mut conn = p.conn().await?;
+        p.list(&mut conn, limit).await
     }
 
     async fn get(&self, id: u64) -> Result<Option<Message>, DbError> {
-        if let Some(r) = &self.read {
-            match r.get(id).await {
+        if let Some((r, mut conn, _)) = self.read_conn().await {
+            match r.get(&mut conn, id).await {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}
                 Err(e) => {
@@ -344,24 +464,22 @@ impl MariaClient {
                 }
             }
         }
-        self.primary.get(id).await
+        let p = self.primary()?;
+        let mut conn = p.conn().await?;
+        p.get(&mut conn, id).await
     }
 
     async fn info(&self) -> DbInfo {
+        let write = self.primary_host();
         let mut info = DbInfo {
             engine: Engine::Mariadb.as_str().into(),
-            write_node: self.primary.host.clone(),
-            read_node: self.primary.host.clone(),
+            write_node: write.clone(),
+            read_node: write,
             lag_seconds: None,
         };
-        if let Some(r) = &self.read {
-            match r.lag().await {
-                Ok(lag) => {
-                    info.read_node = r.host.clone();
-                    info.lag_seconds = lag;
-                }
-                Err(e) => tracing::warn!(replica = %r.host, error = %e, "replica unreachable"),
-            }
+        if let Some((r, _, lag)) = self.read_conn().await {
+            info.read_node = r.host.clone();
+            info.lag_seconds = lag;
         }
         info
     }
@@ -460,8 +578,7 @@ impl MariaNode {
         }
     }
 
-    async fn list(&self, limit: u32) -> Result<Vec<Message>, DbError> {
-        let mut conn = self.conn().await?;
+    async fn list(&self, conn: &mut Conn, limit: u32) -> Result<Vec<Message>, DbError> {
         let rows: Vec<Row> = self
             .bounded(
                 "list",
@@ -474,8 +591,7 @@ impl MariaNode {
         rows.into_iter().map(|r| self.message(r)).collect()
     }
 
-    async fn get(&self, id: u64) -> Result<Option<Message>, DbError> {
-        let mut conn = self.conn().await?;
+    async fn get(&self, conn: &mut Conn, id: u64) -> Result<Option<Message>, DbError> {
         let row: Option<Row> = self
             .bounded(
                 "get",
@@ -485,14 +601,25 @@ impl MariaNode {
         row.map(|r| self.message(r)).transpose()
     }
 
-    /// `Seconds_Behind_Master` of this node (`None` when it is not replicating or the SQL
-    /// thread is stopped).
-    async fn lag(&self) -> Result<Option<f64>, DbError> {
-        let mut conn = self.conn().await?;
-        let row: Option<Row> = self
+    /// This node's replication lag: the age of the newest heartbeat it holds, seconds
+    /// (`None` when it is not replicating or holds no heartbeat).
+    async fn lag(&self, conn: &mut Conn) -> Result<Option<f64>, DbError> {
+        let replicating: Option<Row> = self
             .bounded("SHOW SLAVE STATUS", conn.query_first("SHOW SLAVE STATUS"))
             .await?;
-        Ok(row.and_then(|r| crate::server::seconds_behind(&r)))
+        if replicating.is_none() {
+            return Ok(None);
+        }
+        let age: Option<Option<f64>> = self
+            .bounded(
+                "heartbeat",
+                conn.query_first(format!(
+                    "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, MAX(ts), NOW(6)) / 1000000 AS DOUBLE) \
+                     FROM {HEARTBEAT_TABLE}"
+                )),
+            )
+            .await?;
+        Ok(age.flatten().map(|a| a.max(0.0)))
     }
 
     fn message(&self, row: Row) -> Result<Message, DbError> {
@@ -516,9 +643,7 @@ impl Drop for MariaClient {
     fn drop(&mut self) {
         // Close pooled connections in the background when a runtime is still there.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let pools: Vec<Pool> = std::iter::once(self.primary.pool.clone())
-                .chain(self.read.as_ref().map(|r| r.pool.clone()))
-                .collect();
+            let pools: Vec<Pool> = self.nodes.iter().map(|n| n.pool.clone()).collect();
             rt.spawn(async move {
                 for p in pools {
                     let _ = p.disconnect().await;

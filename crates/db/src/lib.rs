@@ -48,8 +48,13 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod cluster;
+mod controller;
 mod credentials;
 mod error;
+mod gtid;
+mod metrics;
+mod observe;
 mod server;
 mod sqlite;
 
@@ -60,13 +65,21 @@ use topology::{DbEngine, Topology};
 
 pub use client::{
     client_egress_socket, connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message,
-    MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
+    DEFAULT_MAX_LAG_SECONDS, MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
+};
+pub use cluster::{cluster_path, ClusterState};
+pub use controller::{
+    failover, start_controller, switchover, Controller, ControllerConfig, ControllerStatus,
+    FailoverError,
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
+pub use gtid::GtidPos;
+pub use metrics::{register_controller_metrics, register_server_metrics};
+pub use observe::{NodeObservation, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 pub use server::{
     mariadb_dir, mariadbd_defaults_file, mariadbd_pid_file, mariadbd_socket, start_server,
-    DbNodeStatus, DbServer, NodeRole, ServerConfig,
+    DbNodeStatus, DbServer, NodeRole, ServerConfig, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use sqlite::sqlite_path;
 

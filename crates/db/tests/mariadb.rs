@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use db::{
-    connect_client, mariadbd_defaults_file, start_server, ClientConfig, Credentials, DbClient,
-    Engine, ServerConfig,
+    connect_client, mariadbd_defaults_file, start_controller, start_server, ClientConfig,
+    ControllerConfig, Credentials, DbClient, Engine, ServerConfig,
 };
 use tokio::io::AsyncReadExt;
 use topology::Topology;
@@ -86,19 +86,32 @@ impl Drop for Reaper<'_> {
 }
 
 /// Polls `f` every 100 ms for at most 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+async fn eventually<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_for(what, 30, f).await
+}
+
+/// Polls `f` every 100 ms for at most `seconds`.
+async fn eventually_for<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
+    while start.elapsed() < Duration::from_secs(seconds) {
         if let Some(v) = f().await {
             return v;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what}: not within 30 s");
+    panic!("{what}: not within {seconds} s");
+}
+
+fn controller_config(t: &Topology, state: &Path) -> ControllerConfig {
+    ControllerConfig::from_topology(t, state).unwrap()
 }
 
 async fn start_pair(t: &Topology, state: &Path) -> (db::DbServer, db::DbServer) {
@@ -282,6 +295,8 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
     let _reaper = Reaper(state);
     Credentials::ensure(state).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
+    // Servers come back read-only; the controller decides who takes writes again.
+    let controller = start_controller(controller_config(&t, state)).unwrap();
     let app = client(&t, "web-01", state).await;
     reads_from_replica(&app, &replica).await;
     let before = app.insert_message("ann", "before the crash").await.unwrap();
@@ -293,7 +308,7 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
             .args(["-9", &pid.to_string()])
             .status();
     }
-    let restarted = eventually("both servers restarted and healthy", || async {
+    let restarted = eventually_for("both servers restarted and healthy", 60, || async {
         let (p, r) = (primary.status(), replica.status());
         let new_pids = p.pid.is_some_and(|x| x != old.0) && r.pid.is_some_and(|x| x != old.1);
         (p.healthy && r.healthy && new_pids).then_some((p, r))
@@ -312,6 +327,7 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
         (list == vec![after.clone(), before.clone()]).then_some(())
     })
     .await;
+    controller.stop().await;
     drop(app);
     primary.stop().await;
     replica.stop().await;

@@ -34,6 +34,9 @@ pub struct NodeStatus {
     pub ports: BTreeMap<String, u16>,
     /// The database node on this host, if any.
     pub db: Option<db::DbNodeStatus>,
+    /// The database failover controller on this host, if any.
+    #[serde(default)]
+    pub db_controller: Option<db::ControllerStatus>,
     /// The load balancer's view of its backends: name → up.
     pub backends: BTreeMap<String, bool>,
     /// Unix time of this report, milliseconds.
@@ -119,6 +122,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
                 .map_err(|e| role_err(&name, role, e))?,
         );
         tracing::info!(host = %name, "database role started");
+        db::register_server_metrics(&mut registry, &server);
         roles.push(server.clone());
         db_server = Some(server);
     } else if host.has(Role::DbPrimary) || host.has(Role::DbReplica) {
@@ -128,6 +132,16 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
             "no database configuration for this host",
         ));
     }
+
+    let db_controller = match plan.db_controller {
+        Some(cfg) => {
+            let c = db::start_controller(cfg).map_err(|e| role_err(&name, Role::Monitor, e))?;
+            tracing::info!(host = %name, "database failover controller started");
+            db::register_controller_metrics(&mut registry, &c);
+            Some(c)
+        }
+        None => None,
+    };
 
     if let Some(cfg) = plan.monitor {
         let handle = monitor::start_monitor(cfg)
@@ -196,6 +210,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
 
     let write_status = || {
         let db = db_server.as_ref().map(|s| s.status());
+        let db_controller = db_controller.as_ref().map(|c| c.status());
         let backends: BTreeMap<String, bool> = lb_handle
             .as_ref()
             .map(|h| h.backends().into_iter().collect())
@@ -209,6 +224,7 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
             roles: host.roles.iter().map(|r| r.to_string()).collect(),
             ports: ports.clone(),
             db,
+            db_controller,
             backends,
             updated_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -261,6 +277,9 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
     // role drains its listeners (bounded by their drain timeouts).
     for role in roles.iter().rev() {
         role.shutdown().await;
+    }
+    if let Some(c) = db_controller {
+        c.stop().await;
     }
     if let Some(server) = &db_server {
         server.stop().await;

@@ -19,6 +19,9 @@ pub struct HostPlan {
     pub db_server: Option<db::ServerConfig>,
     /// The application's database client of an `app` host.
     pub db_client: Option<db::ClientConfig>,
+    /// The database failover controller: on the first `monitor` host, when the engine is
+    /// MariaDB and the topology has a `db-primary` (never on a database host).
+    pub db_controller: Option<db::ControllerConfig>,
     /// The monitoring service of the `monitor` host.
     pub monitor: Option<monitor::MonitorConfig>,
     /// The web server of a `web` host (its store is attached once the client connects).
@@ -74,6 +77,14 @@ impl HostPlan {
             engine.and_then(|e| db::ServerConfig::from_topology(t, name, root, net.clone(), e));
         let db_client =
             engine.and_then(|e| db::ClientConfig::from_topology(t, name, root, net.clone(), e));
+        let controller_host = t.hosts_with(Role::Monitor).next().map(|h| h.name.as_str());
+        let db_controller = if controller_host == Some(name)
+            && matches!(db::resolve_engine(t), Ok(db::Engine::Mariadb))
+        {
+            db::ControllerConfig::from_topology(t, root)
+        } else {
+            None
+        };
         let monitor = monitor::MonitorConfig::from_topology(t, name, pki.clone(), net.clone()).map(
             |mut c| {
                 c.snapshot = Some(state.host_dir(name).join("monitor.snapshot"));
@@ -97,6 +108,7 @@ impl HostPlan {
             net,
             db_server,
             db_client,
+            db_controller,
             monitor,
             web,
             lb,

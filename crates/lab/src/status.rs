@@ -100,7 +100,8 @@ pub struct HostView {
 pub struct DbView {
     /// `mariadb` or `sqlite` (null when no node reported yet).
     pub engine: Option<String>,
-    /// The host holding the primary.
+    /// The host holding the primary: the one `<state>/db/cluster.json` names (it follows
+    /// failovers), else the topology's `db-primary`.
     pub primary: Option<String>,
     /// Every database node.
     pub nodes: Vec<DbNodeView>,
@@ -219,7 +220,12 @@ pub async fn status(state: &StateDir) -> Result<Status, LabError> {
         hosts,
         db: DbView {
             engine,
-            primary: t.db_primary().map(|h| h.name.clone()),
+            // The controller's published state; the topology's until it exists.
+            primary: db::ClusterState::load(state.root())
+                .ok()
+                .flatten()
+                .map(|c| c.primary)
+                .or_else(|| t.db_primary().map(|h| h.name.clone())),
             nodes: db_nodes,
         },
         warnings: lab.warnings,

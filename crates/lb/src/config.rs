@@ -89,8 +89,12 @@ pub struct LbConfig {
     /// TLS backends the CA file their certificates are verified against (no client
     /// certificate). `None`: the lab's PKI.
     pub standalone: Option<StandaloneTls>,
-    /// Whether the HTTP (redirect) listener runs. True in the lab.
+    /// Whether the HTTP listener runs. True in the lab.
     pub http_enabled: bool,
+    /// What the HTTP listener does: redirect to HTTPS (the lab, and the default) or
+    /// proxy plain HTTP to the backends like the HTTPS listener (`rampart lb
+    /// --http-proxy`; then `X-Forwarded-Proto`/`Forwarded` say `http`).
+    pub http_mode: HttpMode,
     /// Where the local admin socket is bound (`rampart lb drain|enable|status`; see
     /// [`crate::admin`]); its directory must exist and the path fit a Unix socket address
     /// (107 bytes) — otherwise a warning is logged and the load balancer runs without it.
@@ -165,6 +169,7 @@ impl LbConfig {
             access_log: None,
             standalone: None,
             http_enabled: true,
+            http_mode: HttpMode::Redirect,
             admin_socket: None,
             extra_certs: t
                 .site
@@ -190,14 +195,26 @@ impl LbConfig {
     }
 }
 
+/// What the HTTP listener does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpMode {
+    /// `301` to the same path on HTTPS (and HTTP-01 challenges under ACME).
+    #[default]
+    Redirect,
+    /// Forward to the backends like the HTTPS listener, plain HTTP/1.1 to the client.
+    Proxy,
+}
+
 /// What `rampart lb` is started with (standalone mode: a load balancer alone, in front of
 /// any HTTP backends, like `caddy reverse-proxy`).
 #[derive(Debug, Clone)]
 pub struct StandaloneOptions {
     /// The HTTPS listener.
     pub listen: std::net::SocketAddr,
-    /// The HTTP listener redirecting to HTTPS, on the same address; `None`: none.
+    /// The HTTP listener, on the same address; `None`: none.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// What the HTTP listener does: redirect to HTTPS or proxy plain HTTP.
+    pub http_mode: HttpMode,
     /// Certificate, key and backend CA.
     pub tls: StandaloneTls,
     /// Backends, in order (named `b1`, `b2`, … in metrics, logs and `rampart lb drain`).
@@ -251,6 +268,9 @@ impl LbConfig {
         }
         use std::sync::Arc;
         use topology::{Callers, Policy, Rule, Service, Sources};
+        if o.http_mode == HttpMode::Proxy && o.http_listen.is_none() {
+            return Err("--http-proxy needs --http-listen ADDR (the listener that proxies)".into());
+        }
         if let Some(h) = o.http_listen {
             if h.ip() != o.listen.ip() {
                 return Err(format!(
@@ -329,6 +349,7 @@ impl LbConfig {
             access_log: o.access_log,
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),
+            http_mode: o.http_mode,
             admin_socket: o.admin_socket,
             extra_certs: Vec::new(),
             resumption: resumption(&t.site.tls),

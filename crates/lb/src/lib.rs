@@ -71,7 +71,7 @@ pub use access_log::Rotation;
 /// (`<state>/hosts/<host>/lb-admin.sock`).
 pub const ADMIN_SOCKET_FILE: &str = "lb-admin.sock";
 pub use acme::{AcmeConfig, AcmeError};
-pub use config::{Backend, BackendSpec, LbConfig, StandaloneOptions, StandaloneTls};
+pub use config::{Backend, BackendSpec, HttpMode, LbConfig, StandaloneOptions, StandaloneTls};
 pub use reload::ReloadReport;
 pub use topology::{AccessLogFormat, Algorithm, Balancing};
 
@@ -516,7 +516,7 @@ pub async fn start(
         rejected,
         backend_families: backend_metrics::Families::register(registry),
     };
-    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names);
+    let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names, None);
     let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));
     let live = reloader.live.clone();
     registry.register_collector(Box::new(reload::LiveBackendLoad(live.clone())));
@@ -572,14 +572,47 @@ pub async fn start(
                     let security = security.clone();
                     move |resp| security.apply(resp)
                 })
-                .service(reload::Current::new(live.clone(), info.peer.ip()))
+                .service(reload::Current::new(
+                    live.clone(),
+                    info.peer.ip(),
+                    proxy::Scheme::Https,
+                ))
         },
         tasks.token(),
         tasks.tracker(),
     ));
 
     let redirect = Redirect::new(&cfg.site_names, https_addr.port());
-    if let Some((http, _)) = http {
+    let (proxied, redirecting) = match cfg.http_mode {
+        HttpMode::Proxy => (http, None),
+        HttpMode::Redirect => (None, http),
+    };
+    if let Some((http, _)) = proxied {
+        let live = reloader.live.clone();
+        tasks.spawn(serve::serve_http(
+            http,
+            HttpOptions {
+                tls: None,
+                on_ended: Some(closed_counter(&closed, "http")),
+            },
+            move |info: &serve::ConnInfo| {
+                ServiceBuilder::new()
+                    .layer(AccessLogLayer::new(
+                        access_log.clone(),
+                        Listener::Http,
+                        info.peer.ip(),
+                    ))
+                    .layer(MetricsLayer(metrics.clone()))
+                    .service(reload::Current::new(
+                        live.clone(),
+                        info.peer.ip(),
+                        proxy::Scheme::Http,
+                    ))
+            },
+            tasks.token(),
+            tasks.tracker(),
+        ));
+    } else if let Some((http, _)) = redirecting {
         tasks.spawn(serve::serve_http(
             http,
             HttpOptions {

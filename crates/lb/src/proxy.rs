@@ -120,12 +120,32 @@ fn strip_connection_listed(headers: &mut HeaderMap) {
     }
 }
 
+/// The scheme a request arrived with: what `X-Forwarded-Proto` and `Forwarded: proto=`
+/// tell the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// The HTTPS listener.
+    Https,
+    /// The HTTP listener in proxy mode.
+    Http,
+}
+
+impl Scheme {
+    /// `https` or `http`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Https => "https",
+            Scheme::Http => "http",
+        }
+    }
+}
+
 /// The header fields sent upstream for a request from `client_ip` received as `version`
-/// (RFC 9110 §7.6.1 for the hop-by-hop fields):
+/// over `scheme` (RFC 9110 §7.6.1 for the hop-by-hop fields):
 /// `Host` kept, or taken from the request target's authority (HTTP/2 `:authority`);
-/// `X-Forwarded-For` the earlier list plus `client_ip`; `X-Forwarded-Proto: https`;
-/// `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the earlier elements plus
-/// `for=…;proto=https;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
+/// `X-Forwarded-For` the earlier list plus `client_ip`; `X-Forwarded-Proto: <scheme>`
+/// (replacing a client's); `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the
+/// earlier elements plus `for=…;proto=<scheme>;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
 /// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
 /// otherwise a new random UUID.
 pub(crate) fn upstream_headers(
@@ -133,6 +153,7 @@ pub(crate) fn upstream_headers(
     uri: &Uri,
     client_ip: IpAddr,
     version: Version,
+    scheme: Scheme,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     if !headers.contains_key(header::HOST) {
@@ -160,7 +181,7 @@ pub(crate) fn upstream_headers(
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(client)) {
         headers.insert(xff, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     match headers.get(header::HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -173,10 +194,10 @@ pub(crate) fn upstream_headers(
     let mut element = String::with_capacity(64);
     match client_ip {
         IpAddr::V4(a) => {
-            let _ = write!(element, "for={a};proto=https");
+            let _ = write!(element, "for={a};proto={}", scheme.as_str());
         }
         IpAddr::V6(a) => {
-            let _ = write!(element, "for=\"[{a}]\";proto=https");
+            let _ = write!(element, "for=\"[{a}]\";proto={}", scheme.as_str());
         }
     }
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -269,7 +290,7 @@ pub(crate) struct Upstreams {
     pub(crate) response_buffer: u64,
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
-    pub(crate) rate_limit: Option<crate::rate_limit::RateLimit>,
+    pub(crate) rate_limit: Option<Arc<crate::rate_limit::RateLimit>>,
     /// Bounds retries to a share of requests.
     pub(crate) retry_budget: RetryBudget,
     /// Dedicated (unpooled) connections for WebSocket tunnels.
@@ -467,13 +488,15 @@ pub(crate) async fn read_body(
 pub(crate) struct Proxy {
     upstreams: Arc<Upstreams>,
     client_ip: IpAddr,
+    scheme: Scheme,
 }
 
 impl Proxy {
-    pub(crate) fn new(upstreams: Arc<Upstreams>, client_ip: IpAddr) -> Proxy {
+    pub(crate) fn new(upstreams: Arc<Upstreams>, client_ip: IpAddr, scheme: Scheme) -> Proxy {
         Proxy {
             upstreams,
             client_ip,
+            scheme,
         }
     }
 
@@ -534,7 +557,7 @@ impl Proxy {
             }
         }
         if crate::websocket::is_upgrade(&req) {
-            return crate::websocket::forward(up, req, self.client_ip).await;
+            return crate::websocket::forward(up, req, self.client_ip, self.scheme).await;
         }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken
@@ -568,8 +591,13 @@ impl Proxy {
                 )
             }
         };
-        let mut headers =
-            upstream_headers(parts.headers, &parts.uri, self.client_ip, parts.version);
+        let mut headers = upstream_headers(
+            parts.headers,
+            &parts.uri,
+            self.client_ip,
+            parts.version,
+            self.scheme,
+        );
         let request_id = headers.get(X_REQUEST_ID).cloned();
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
@@ -850,7 +878,13 @@ mod tests {
     fn sets_forwarding_fields() {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("www.foobar.com"));
-        let h = upstream_headers(h, &Uri::from_static("/x"), ip(), Version::HTTP_11);
+        let h = upstream_headers(
+            h,
+            &Uri::from_static("/x"),
+            ip(),
+            Version::HTTP_11,
+            Scheme::Https,
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com");
@@ -863,7 +897,13 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        let h = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
+        let h = upstream_headers(
+            h,
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_11,
+            Scheme::Https,
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -875,7 +915,13 @@ mod tests {
         h.insert("host", HeaderValue::from_static("www.foobar.com:8443"));
         h.insert("forwarded", HeaderValue::from_static("for=198.51.100.1"));
         h.insert("via", HeaderValue::from_static("1.1 corp-proxy"));
-        let out = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_2);
+        let out = upstream_headers(
+            h,
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_2,
+            Scheme::Https,
+        );
         assert_eq!(
             out["forwarded"],
             "for=198.51.100.1, for=192.0.2.7;proto=https;host=\"www.foobar.com:8443\""
@@ -890,29 +936,58 @@ mod tests {
             &Uri::from_static("/"),
             ip(),
             Version::HTTP_11,
+            Scheme::Https,
         );
         assert_ne!(again["x-request-id"], out["x-request-id"]);
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        let kept = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
+        let kept = upstream_headers(
+            h,
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_11,
+            Scheme::Https,
+        );
         assert_eq!(kept["x-request-id"], "abc-123");
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("has space"));
-        let replaced = upstream_headers(h, &Uri::from_static("/"), ip(), Version::HTTP_11);
+        let replaced = upstream_headers(
+            h,
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_11,
+            Scheme::Https,
+        );
         assert_ne!(replaced["x-request-id"], "has space");
         let v6 = upstream_headers(
             HeaderMap::new(),
             &Uri::from_static("/"),
             "2001:db8::1".parse().unwrap(),
             Version::HTTP_11,
+            Scheme::Https,
         );
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+        // the plain HTTP listener in proxy mode says so, replacing what a client claimed
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let plain = upstream_headers(
+            h,
+            &Uri::from_static("/"),
+            ip(),
+            Version::HTTP_11,
+            Scheme::Http,
+        );
+        assert_eq!(plain["x-forwarded-proto"], "http");
+        assert!(plain["forwarded"]
+            .to_str()
+            .unwrap()
+            .ends_with(";proto=http"));
     }
 
     #[test]
     fn http2_authority_becomes_host() {
         let uri = Uri::from_static("https://www.foobar.com:8443/a?b=1");
-        let h = upstream_headers(HeaderMap::new(), &uri, ip(), Version::HTTP_2);
+        let h = upstream_headers(HeaderMap::new(), &uri, ip(), Version::HTTP_2, Scheme::Https);
         assert_eq!(h["host"], "www.foobar.com:8443");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com:8443");
     }

@@ -68,6 +68,12 @@ impl RateLimit {
         }
     }
 
+    /// Whether this table limits to `rate` a second with bursts of `burst` (as
+    /// [`RateLimit::new`] would), so a reload with the same limits can keep its buckets.
+    pub fn has_limits(&self, rate: f64, burst: f64) -> bool {
+        self.rate == rate && self.burst == burst.max(1.0)
+    }
+
     /// Source addresses tracked now.
     pub fn tracked(&self) -> usize {
         self.shards

@@ -39,7 +39,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::balancer::Balancer;
 use crate::layers::Metrics;
-use crate::proxy::{Proxy, RejectLabels, Upstreams};
+use crate::proxy::{Proxy, RejectLabels, Scheme, Upstreams};
 use crate::upstream::Connector;
 use crate::{check_backends, health, rate_limit, tls, upstream, LbConfig, LbError};
 
@@ -82,12 +82,14 @@ pub(crate) struct Generation {
 /// Builds the request-path state of `cfg` and starts one health checker per backend
 /// (stopped by the generation's `stop`). Its backends start down. `cert_names`, the exact
 /// names on the certificates after the default, are served besides `cfg.site_names` (unless those are
-/// empty: then every host is).
+/// empty: then every host is). `previous`, the generation being replaced, lends its
+/// per-source rate-limit buckets when the limits did not change.
 pub(crate) fn build(
     cfg: &LbConfig,
     fixed: &Fixed,
     upstream_tls: Option<TlsConnector>,
     cert_names: &[String],
+    previous: Option<&Upstreams>,
 ) -> Generation {
     let limits = &cfg.balancer;
     let max_conns = limits.backend_max_connections as usize;
@@ -126,10 +128,16 @@ pub(crate) fn build(
         response_buffer: limits.response_buffer_bytes,
         rejected: fixed.rejected.clone(),
         rate_limit: (limits.rate_limit_per_source > 0).then(|| {
-            rate_limit::RateLimit::new(
+            let (rate, burst) = (
                 f64::from(limits.rate_limit_per_source),
                 f64::from(limits.rate_limit_burst),
-            )
+            );
+            // The same limits after a reload keep the buckets: a reload must not hand
+            // every source a fresh burst.
+            previous
+                .and_then(|p| p.rate_limit.clone())
+                .filter(|l| l.has_limits(rate, burst))
+                .unwrap_or_else(|| Arc::new(rate_limit::RateLimit::new(rate, burst)))
         }),
         retry_budget: crate::retry::RetryBudget::new(
             limits.balancing.retry_budget_percent,
@@ -173,11 +181,16 @@ fn served_names(site_names: &[String], cert_names: &[String]) -> Vec<String> {
 pub(crate) struct Current {
     live: Live,
     client_ip: IpAddr,
+    scheme: Scheme,
 }
 
 impl Current {
-    pub(crate) fn new(live: Live, client_ip: IpAddr) -> Current {
-        Current { live, client_ip }
+    pub(crate) fn new(live: Live, client_ip: IpAddr, scheme: Scheme) -> Current {
+        Current {
+            live,
+            client_ip,
+            scheme,
+        }
     }
 }
 
@@ -191,7 +204,7 @@ impl tower::Service<Request<Incoming>> for Current {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        Proxy::new(self.live.load_full(), self.client_ip).call(req)
+        Proxy::new(self.live.load_full(), self.client_ip, self.scheme).call(req)
     }
 }
 
@@ -322,7 +335,9 @@ impl Reloader {
         let cert_names = store.extra_names();
         self.resolver.replace(store);
 
-        let generation_state = build(&cfg, &self.fixed, upstream_tls, &cert_names);
+        let current = self.live.load_full();
+        let generation_state = build(&cfg, &self.fixed, upstream_tls, &cert_names, Some(&current));
+        drop(current);
         let new = generation_state.upstreams.clone();
         let old_up: Vec<(Arc<str>, std::net::SocketAddr)> = self
             .live

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balancer::{Outcome, QueueError};
-use crate::proxy::{local, strip_hop_by_hop, upstream_headers, Body, ServedBy, Upstreams};
+use crate::proxy::{local, strip_hop_by_hop, upstream_headers, Body, Scheme, ServedBy, Upstreams};
 use crate::retry::Failure;
 
 /// Time allowed for the backend's answer to the upgrade request.
@@ -47,11 +47,13 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         && has_token(header::UPGRADE, "websocket")
 }
 
-/// Forwards the upgrade request `req` (already checked: target, `Host`) from `client_ip`.
+/// Forwards the upgrade request `req` (already checked: target, `Host`) from `client_ip`,
+/// received over `scheme`.
 pub(crate) async fn forward(
     up: &Upstreams,
     mut req: Request<Incoming>,
     client_ip: IpAddr,
+    scheme: Scheme,
 ) -> Response<Body> {
     let client_side = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
@@ -65,7 +67,7 @@ pub(crate) async fn forward(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
-    let mut headers = upstream_headers(parts.headers, &parts.uri, client_ip, parts.version);
+    let mut headers = upstream_headers(parts.headers, &parts.uri, client_ip, parts.version, scheme);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, upgrade.clone());
     let affinity = up.balancer.affinity(&headers, client_ip);

@@ -625,6 +625,36 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_rate_limit_buckets() {
+    // 1 request a second, bursts of 40: spend the burst, reload with the same limits, and
+    // the source is still limited (a fresh table would let the next 40 through).
+    let s = setup_with(true, None, Some((1, 40))).await;
+    let c = client(&s, false);
+    let mut spent = 0;
+    for _ in 0..60 {
+        if c.get(url(&s, "/")).send().await.unwrap().status() == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        spent += 1;
+    }
+    assert!(spent >= 40, "the burst was not admitted: {spent}");
+    let started = std::time::Instant::now();
+    s.lb.reload(None).await.unwrap();
+    let mut admitted = 0;
+    for _ in 0..30 {
+        if c.get(url(&s, "/")).send().await.unwrap().status() == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    // At 1 token a second only what refilled meanwhile passes.
+    let refilled = started.elapsed().as_secs() + 1;
+    assert!(
+        admitted <= refilled.min(30) as usize && admitted < 30,
+        "{admitted} of 30 admitted after the reload ({refilled} s of refill)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_over_the_rate_limit_gets_429_and_others_do_not() {
     // 2 requests a second, bursts of 5: 20 requests at once get 5 through.
     let s = setup_with(true, None, Some((2, 5))).await;

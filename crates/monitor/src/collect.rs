@@ -7,7 +7,6 @@
 //! scrape rather than failing it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use procfs::{Current, CurrentSI};
@@ -18,16 +17,33 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-/// Host statistics: `rampart_host_cpu_seconds_total{mode}`,
-/// `rampart_host_memory_{total,available}_bytes`,
-/// `rampart_host_filesystem_{size,avail}_bytes{path}` (the filesystem holding `path`),
-/// `rampart_host_network_{receive,transmit}_bytes_total{device}`,
-/// `rampart_host_load{1,5,15}`.
-#[derive(Debug)]
-pub struct HostCollector {
-    /// A path on the filesystem to report (the state directory).
-    pub fs_path: PathBuf,
-}
+/// Host statistics, after node_exporter's `cpu`, `loadavg`, `meminfo`, `diskstats`,
+/// `filesystem`, `netdev`, `tcpstat` and `stat` collectors, in base units (Prometheus
+/// "Metric and label naming": seconds, bytes, `_total` for counters):
+///
+/// - `rampart_host_cpu_seconds_total{mode}` (`/proc/stat`, all CPUs);
+/// - `rampart_host_load1`, `_load5`, `_load15` (`/proc/loadavg`);
+/// - `rampart_host_memory_{total,free,available,buffers,cached}_bytes`,
+///   `rampart_host_swap_{total,free}_bytes` (`/proc/meminfo`);
+/// - per block device (`/proc/diskstats`, partitions, loop and RAM devices left out):
+///   `rampart_host_disk_{reads,writes}_completed_total{device}`,
+///   `rampart_host_disk_{read,written}_bytes_total{device}` (512-byte sectors, as the
+///   kernel's Documentation/admin-guide/iostats.rst counts them),
+///   `rampart_host_disk_{read,write,io}_time_seconds_total{device}`;
+/// - per real filesystem (see [`real_filesystems`]):
+///   `rampart_host_filesystem_{size,avail,free}_bytes{device,fstype,mountpoint}`
+///   (`statvfs(3)`: `f_blocks`, `f_bavail`, `f_bfree` times `f_frsize`);
+/// - per interface (`/proc/net/dev`):
+///   `rampart_host_network_{receive,transmit}_{bytes,packets,errors,drops}_total{device}`;
+/// - `rampart_host_tcp_connections{state}`, IPv4 and IPv6 sockets of the reader's network
+///   namespace (`/proc/net/tcp`, `/proc/net/tcp6`);
+/// - `rampart_host_procs_running`, `rampart_host_procs_blocked`, `rampart_host_forks_total`
+///   (`/proc/stat`) and `rampart_host_threads` (scheduling entities, `/proc/loadavg`);
+/// - this process, as the Prometheus client libraries name it ("Writing client libraries",
+///   standard metrics): `process_cpu_seconds_total`, `process_resident_memory_bytes`,
+///   `process_start_time_seconds`.
+#[derive(Debug, Default)]
+pub struct HostCollector {}
 
 /// When this process started, Unix seconds, as node_exporter's and the Prometheus client
 /// libraries' `process_start_time_seconds`: the boot time (`btime` of `/proc/stat`) plus
@@ -53,125 +69,582 @@ fn process_start_time() -> f64 {
     })
 }
 
-impl Collector for HostCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        {
-            let m = enc.encode_descriptor(
-                "process_start_time",
-                "Start time of the node process since the Unix epoch.",
-                Some(&Unit::Seconds),
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(process_start_time()).encode(m)?;
+/// Filesystem types that hold no data of their own (node_exporter's default
+/// `--collector.filesystem.fs-types-exclude`, less `overlay`, which is the root
+/// filesystem of a container).
+const PSEUDO_FS: &[&str] = &[
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "fusectl",
+    "hugetlbfs",
+    "iso9660",
+    "mqueue",
+    "nsfs",
+    "proc",
+    "procfs",
+    "pstore",
+    "rpc_pipefs",
+    "securityfs",
+    "selinuxfs",
+    "squashfs",
+    "erofs",
+    "sysfs",
+    "tracefs",
+    "tmpfs",
+    "ramfs",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "fuse.sshfs",
+];
+
+/// One filesystem to report: `(device, fstype, mountpoint)`.
+pub type Mount = (String, String, String);
+
+/// The real filesystems of a `/proc/mounts` listing: a device path (`/dev/…`) or the
+/// root mount, not a pseudo or network filesystem ([`PSEUDO_FS`]; network filesystems are
+/// left out because `statvfs` on an unreachable server blocks). A device mounted at
+/// several places (bind mounts) is reported once, at its shortest mount point.
+pub fn real_filesystems(mounts: &[procfs::MountEntry]) -> Vec<Mount> {
+    let mut by_device: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for m in mounts {
+        let real = (m.fs_spec.starts_with("/dev/") || m.fs_file == "/")
+            && !PSEUDO_FS.contains(&m.fs_vfstype.as_str());
+        if !real {
+            continue;
         }
-        if let Ok(stats) = procfs::KernelStats::current() {
-            let t = &stats.total;
-            let modes = [
-                ("user", Some(t.user_ms())),
-                ("nice", Some(t.nice_ms())),
-                ("system", Some(t.system_ms())),
-                ("idle", Some(t.idle_ms())),
-                ("iowait", t.iowait_ms()),
-                ("irq", t.irq_ms()),
-                ("softirq", t.softirq_ms()),
-                ("steal", t.steal_ms()),
-            ];
-            let mut m = enc.encode_descriptor(
-                "rampart_host_cpu",
-                "Seconds the CPUs spent in each mode (/proc/stat).",
-                Some(&Unit::Seconds),
-                MetricType::Counter,
-            )?;
-            for (mode, ms) in modes {
-                if let Some(ms) = ms {
-                    ConstCounter::new(ms as f64 / 1000.0)
-                        .encode(m.encode_family(&[("mode", mode)])?)?;
-                }
+        let e = by_device
+            .entry(m.fs_spec.as_str())
+            .or_insert((m.fs_vfstype.as_str(), m.fs_file.as_str()));
+        if m.fs_file.len() < e.1.len() {
+            *e = (m.fs_vfstype.as_str(), m.fs_file.as_str());
+        }
+    }
+    by_device
+        .into_iter()
+        .map(|(dev, (ty, at))| (dev.to_string(), ty.to_string(), at.to_string()))
+        .collect()
+}
+
+/// Whether a `/proc/diskstats` name is a whole disk worth reporting: not a partition
+/// (`sda1`, `nvme0n1p1`, `vda2`), a loop, RAM, zram or floppy device (node_exporter's
+/// default `--collector.diskstats.device-exclude`).
+pub fn is_reported_disk(name: &str) -> bool {
+    let strip = |p: &str| name.strip_prefix(p);
+    if ["loop", "ram", "zram", "fd"]
+        .iter()
+        .any(|p| strip(p).is_some_and(|r| r.bytes().all(|b| b.is_ascii_digit())))
+    {
+        return false;
+    }
+    let digits_after = |prefix_len: usize| {
+        let r = &name[prefix_len..];
+        !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())
+    };
+    // sda1, vdb2, hdc3, xvda1: letters after the prefix, then a partition number.
+    for p in ["sd", "vd", "hd", "xvd"] {
+        if let Some(r) = strip(p) {
+            let letters = r.bytes().take_while(|b| b.is_ascii_lowercase()).count();
+            if letters > 0 && digits_after(p.len() + letters) {
+                return false;
             }
         }
-        if let Ok(mem) = procfs::Meminfo::current() {
-            gauge(
-                &mut enc,
-                "rampart_host_memory_total",
-                "Usable RAM (MemTotal of /proc/meminfo).",
-                mem.mem_total as f64,
-            )?;
-            if let Some(avail) = mem.mem_available {
-                gauge(
-                    &mut enc,
-                    "rampart_host_memory_available",
-                    "Memory available to new programs without swapping (MemAvailable).",
-                    avail as f64,
-                )?;
+    }
+    // nvme0n1p1, mmcblk0p1.
+    if (name.starts_with("nvme") || name.starts_with("mmcblk")) && name.contains('p') {
+        if let Some(i) = name.rfind('p') {
+            if i > 4 && digits_after(i + 1) {
+                return false;
             }
         }
-        if let Ok(vfs) = nix::sys::statvfs::statvfs(&self.fs_path) {
-            let frag = vfs.fragment_size() as f64;
-            let path = escape(&self.fs_path.to_string_lossy());
-            let labels = [("path", path.as_str())];
-            for (name, help, blocks) in [
-                (
-                    "rampart_host_filesystem_size",
-                    "Size of the filesystem holding the state directory (statvfs f_blocks).",
-                    vfs.blocks() as f64,
-                ),
-                (
-                    "rampart_host_filesystem_avail",
-                    "Bytes available to unprivileged users on that filesystem (f_bavail).",
-                    vfs.blocks_available() as f64,
-                ),
-            ] {
-                let mut m =
-                    enc.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?;
-                ConstGauge::new(blocks * frag).encode(m.encode_family(&labels)?)?;
-            }
+    }
+    true
+}
+
+/// Label names and values of one sample.
+type LabelSet<'a> = &'a [(&'a str, &'a str)];
+
+/// Writes one family of `f64` samples: counters when `counter`, gauges otherwise.
+fn family<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    counter: bool,
+    samples: impl IntoIterator<Item = (LabelSet<'a>, f64)>,
+) -> std::fmt::Result {
+    let ty = if counter {
+        MetricType::Counter
+    } else {
+        MetricType::Gauge
+    };
+    let mut m = enc.encode_descriptor(name, help, unit.as_ref(), ty)?;
+    for (labels, v) in samples {
+        if counter {
+            ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+        } else {
+            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
         }
-        if let Ok(devs) = procfs::net::dev_status() {
-            let devs: BTreeMap<_, _> = devs.into_iter().collect();
-            for (name, help, rx) in [
-                (
-                    "rampart_host_network_receive",
-                    "Bytes received per interface (/proc/net/dev).",
-                    true,
-                ),
-                (
-                    "rampart_host_network_transmit",
-                    "Bytes sent per interface (/proc/net/dev).",
-                    false,
-                ),
-            ] {
-                let mut m =
-                    enc.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Counter)?;
-                for (dev, st) in &devs {
-                    let v = if rx { st.recv_bytes } else { st.sent_bytes };
-                    let dev = escape(dev);
-                    ConstCounter::new(v).encode(m.encode_family(&[("device", dev.as_str())])?)?;
-                }
-            }
-        }
-        if let Ok(load) = procfs::LoadAverage::current() {
-            for (name, v) in [
-                ("rampart_host_load1", load.one),
-                ("rampart_host_load5", load.five),
-                ("rampart_host_load15", load.fifteen),
-            ] {
-                let m = enc.encode_descriptor(
-                    name,
-                    "System load average (/proc/loadavg).",
-                    None,
-                    MetricType::Gauge,
-                )?;
-                ConstGauge::new(f64::from(v)).encode(m)?;
-            }
-        }
-        Ok(())
+    }
+    Ok(())
+}
+
+/// One unlabelled sample.
+fn single(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    counter: bool,
+    v: f64,
+) -> std::fmt::Result {
+    let ty = if counter {
+        MetricType::Counter
+    } else {
+        MetricType::Gauge
+    };
+    let m = enc.encode_descriptor(name, help, unit.as_ref(), ty)?;
+    if counter {
+        ConstCounter::new(v).encode(m)
+    } else {
+        ConstGauge::new(v).encode(m)
     }
 }
 
-/// One unlabelled gauge in bytes.
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
-    let m = enc.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?;
-    ConstGauge::new(v).encode(m)
+/// The TCP states as node_exporter's `tcpstat` collector names them.
+const TCP_STATES: [(procfs::net::TcpState, &str); 11] = {
+    use procfs::net::TcpState::*;
+    [
+        (Established, "established"),
+        (SynSent, "syn_sent"),
+        (SynRecv, "syn_recv"),
+        (FinWait1, "fin_wait1"),
+        (FinWait2, "fin_wait2"),
+        (TimeWait, "time_wait"),
+        (Close, "close"),
+        (CloseWait, "close_wait"),
+        (LastAck, "last_ack"),
+        (Listen, "listen"),
+        (Closing, "closing"),
+    ]
+};
+
+impl HostCollector {
+    fn process(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        single(
+            enc,
+            "process_start_time",
+            "Start time of the node process since the Unix epoch.",
+            Some(Unit::Seconds),
+            false,
+            process_start_time(),
+        )?;
+        if let Ok(stat) = procfs::process::Process::myself().and_then(|p| p.stat()) {
+            let ticks = procfs::ticks_per_second().max(1) as f64;
+            single(
+                enc,
+                "process_cpu",
+                "User and system CPU time this process spent (/proc/self/stat utime + stime).",
+                Some(Unit::Seconds),
+                true,
+                (stat.utime + stat.stime) as f64 / ticks,
+            )?;
+            single(
+                enc,
+                "process_resident_memory",
+                "Resident set size of this process (/proc/self/stat rss times the page size).",
+                Some(Unit::Bytes),
+                false,
+                (stat.rss * procfs::page_size()) as f64,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn cpu_and_procs(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(stats) = procfs::KernelStats::current() else {
+            return Ok(());
+        };
+        let t = &stats.total;
+        let modes = [
+            ("user", Some(t.user_ms())),
+            ("nice", Some(t.nice_ms())),
+            ("system", Some(t.system_ms())),
+            ("idle", Some(t.idle_ms())),
+            ("iowait", t.iowait_ms()),
+            ("irq", t.irq_ms()),
+            ("softirq", t.softirq_ms()),
+            ("steal", t.steal_ms()),
+        ];
+        let labels: Vec<([(&str, &str); 1], f64)> = modes
+            .iter()
+            .filter_map(|(mode, ms)| ms.map(|ms| ([("mode", *mode)], ms as f64 / 1000.0)))
+            .collect();
+        family(
+            enc,
+            "rampart_host_cpu",
+            "Seconds the CPUs spent in each mode (/proc/stat).",
+            Some(Unit::Seconds),
+            true,
+            labels.iter().map(|(l, v)| (&l[..], *v)),
+        )?;
+        if let Some(n) = stats.procs_running {
+            single(
+                enc,
+                "rampart_host_procs_running",
+                "Threads running or ready to run (procs_running of /proc/stat).",
+                None,
+                false,
+                f64::from(n),
+            )?;
+        }
+        if let Some(n) = stats.procs_blocked {
+            single(
+                enc,
+                "rampart_host_procs_blocked",
+                "Threads blocked waiting for I/O (procs_blocked of /proc/stat).",
+                None,
+                false,
+                f64::from(n),
+            )?;
+        }
+        single(
+            enc,
+            "rampart_host_forks",
+            "Processes and threads created since boot (processes of /proc/stat).",
+            None,
+            true,
+            stats.processes as f64,
+        )
+    }
+
+    fn memory(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(mem) = procfs::Meminfo::current() else {
+            return Ok(());
+        };
+        let mut rows = vec![
+            (
+                "rampart_host_memory_total",
+                "Usable RAM (MemTotal of /proc/meminfo).",
+                mem.mem_total,
+            ),
+            (
+                "rampart_host_memory_free",
+                "Unused RAM (MemFree).",
+                mem.mem_free,
+            ),
+            (
+                "rampart_host_memory_buffers",
+                "RAM in block device buffers (Buffers).",
+                mem.buffers,
+            ),
+            (
+                "rampart_host_memory_cached",
+                "RAM in the page cache (Cached).",
+                mem.cached,
+            ),
+            (
+                "rampart_host_swap_total",
+                "Swap space (SwapTotal).",
+                mem.swap_total,
+            ),
+            (
+                "rampart_host_swap_free",
+                "Unused swap space (SwapFree).",
+                mem.swap_free,
+            ),
+        ];
+        if let Some(avail) = mem.mem_available {
+            rows.push((
+                "rampart_host_memory_available",
+                "Memory available to new programs without swapping (MemAvailable).",
+                avail,
+            ));
+        }
+        for (name, help, v) in rows {
+            single(enc, name, help, Some(Unit::Bytes), false, v as f64)?;
+        }
+        Ok(())
+    }
+
+    fn disks(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(disks) = procfs::diskstats() else {
+            return Ok(());
+        };
+        let disks: Vec<_> = disks
+            .into_iter()
+            .filter(|d| is_reported_disk(&d.name))
+            .map(|d| (escape(&d.name), d))
+            .collect();
+        type Field = fn(&procfs::DiskStat) -> f64;
+        let rows: [(&str, &str, Option<Unit>, Field); 7] = [
+            (
+                "rampart_host_disk_reads_completed",
+                "Reads completed per block device (/proc/diskstats).",
+                None,
+                |d| d.reads as f64,
+            ),
+            (
+                "rampart_host_disk_writes_completed",
+                "Writes completed per block device (/proc/diskstats).",
+                None,
+                |d| d.writes as f64,
+            ),
+            (
+                "rampart_host_disk_read",
+                "Bytes read per block device (sectors of 512 bytes).",
+                Some(Unit::Bytes),
+                |d| d.sectors_read as f64 * 512.0,
+            ),
+            (
+                "rampart_host_disk_written",
+                "Bytes written per block device (sectors of 512 bytes).",
+                Some(Unit::Bytes),
+                |d| d.sectors_written as f64 * 512.0,
+            ),
+            (
+                "rampart_host_disk_read_time",
+                "Time spent on reads per block device.",
+                Some(Unit::Seconds),
+                |d| d.time_reading as f64 / 1000.0,
+            ),
+            (
+                "rampart_host_disk_write_time",
+                "Time spent on writes per block device.",
+                Some(Unit::Seconds),
+                |d| d.time_writing as f64 / 1000.0,
+            ),
+            (
+                "rampart_host_disk_io_time",
+                "Time the block device had I/O in progress (its utilisation over time).",
+                Some(Unit::Seconds),
+                |d| d.time_in_progress as f64 / 1000.0,
+            ),
+        ];
+        for (name, help, unit, field) in rows {
+            let samples: Vec<([(&str, &str); 1], f64)> = disks
+                .iter()
+                .map(|(dev, d)| ([("device", dev.as_str())], field(d)))
+                .collect();
+            family(
+                enc,
+                name,
+                help,
+                unit,
+                true,
+                samples.iter().map(|(l, v)| (&l[..], *v)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn filesystems(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(mounts) = procfs::mounts() else {
+            return Ok(());
+        };
+        let mut rows: Vec<([String; 3], [f64; 3])> = Vec::new();
+        for (dev, ty, at) in real_filesystems(&mounts) {
+            let Ok(vfs) = nix::sys::statvfs::statvfs(at.as_str()) else {
+                continue;
+            };
+            let frag = vfs.fragment_size() as f64;
+            rows.push((
+                [escape(&dev), escape(&ty), escape(&at)],
+                [
+                    vfs.blocks() as f64 * frag,
+                    vfs.blocks_available() as f64 * frag,
+                    vfs.blocks_free() as f64 * frag,
+                ],
+            ));
+        }
+        let help = [
+            (
+                "rampart_host_filesystem_size",
+                "Size of each real filesystem (statvfs f_blocks).",
+            ),
+            (
+                "rampart_host_filesystem_avail",
+                "Bytes available to unprivileged users per filesystem (f_bavail).",
+            ),
+            (
+                "rampart_host_filesystem_free",
+                "Free bytes per filesystem, root's reserve included (f_bfree).",
+            ),
+        ];
+        for (i, (name, help)) in help.into_iter().enumerate() {
+            let samples: Vec<([(&str, &str); 3], f64)> = rows
+                .iter()
+                .map(|(l, v)| {
+                    (
+                        [
+                            ("device", l[0].as_str()),
+                            ("fstype", l[1].as_str()),
+                            ("mountpoint", l[2].as_str()),
+                        ],
+                        v[i],
+                    )
+                })
+                .collect();
+            family(
+                enc,
+                name,
+                help,
+                Some(Unit::Bytes),
+                false,
+                samples.iter().map(|(l, v)| (&l[..], *v)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn network(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(devs) = procfs::net::dev_status() else {
+            return Ok(());
+        };
+        let devs: BTreeMap<String, _> = devs.into_iter().map(|(k, v)| (escape(&k), v)).collect();
+        type Field = fn(&procfs::net::DeviceStatus) -> u64;
+        let rows: [(&str, &str, Option<Unit>, Field); 8] = [
+            (
+                "rampart_host_network_receive",
+                "Bytes received per interface (/proc/net/dev).",
+                Some(Unit::Bytes),
+                |d| d.recv_bytes,
+            ),
+            (
+                "rampart_host_network_transmit",
+                "Bytes sent per interface (/proc/net/dev).",
+                Some(Unit::Bytes),
+                |d| d.sent_bytes,
+            ),
+            (
+                "rampart_host_network_receive_packets",
+                "Packets received per interface.",
+                None,
+                |d| d.recv_packets,
+            ),
+            (
+                "rampart_host_network_transmit_packets",
+                "Packets sent per interface.",
+                None,
+                |d| d.sent_packets,
+            ),
+            (
+                "rampart_host_network_receive_errors",
+                "Receive errors per interface.",
+                None,
+                |d| d.recv_errs,
+            ),
+            (
+                "rampart_host_network_transmit_errors",
+                "Transmit errors per interface.",
+                None,
+                |d| d.sent_errs,
+            ),
+            (
+                "rampart_host_network_receive_drops",
+                "Received packets dropped per interface.",
+                None,
+                |d| d.recv_drop,
+            ),
+            (
+                "rampart_host_network_transmit_drops",
+                "Packets dropped on transmit per interface.",
+                None,
+                |d| d.sent_drop,
+            ),
+        ];
+        for (name, help, unit, field) in rows {
+            let samples: Vec<([(&str, &str); 1], f64)> = devs
+                .iter()
+                .map(|(dev, d)| ([("device", dev.as_str())], field(d) as f64))
+                .collect();
+            family(
+                enc,
+                name,
+                help,
+                unit,
+                true,
+                samples.iter().map(|(l, v)| (&l[..], *v)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn tcp(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let v4 = procfs::net::tcp();
+        let v6 = procfs::net::tcp6();
+        if v4.is_err() && v6.is_err() {
+            return Ok(());
+        }
+        let mut counts = [0u64; TCP_STATES.len()];
+        for e in v4.iter().chain(v6.iter()).flatten() {
+            if let Some(i) = TCP_STATES.iter().position(|(s, _)| *s == e.state) {
+                counts[i] += 1;
+            }
+        }
+        let samples: Vec<([(&str, &str); 1], f64)> = TCP_STATES
+            .iter()
+            .zip(counts)
+            .map(|((_, name), n)| ([("state", *name)], n as f64))
+            .collect();
+        family(
+            enc,
+            "rampart_host_tcp_connections",
+            "TCP sockets by state, IPv4 and IPv6 (/proc/net/tcp, /proc/net/tcp6).",
+            None,
+            false,
+            samples.iter().map(|(l, v)| (&l[..], *v)),
+        )
+    }
+
+    fn load(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Ok(load) = procfs::LoadAverage::current() else {
+            return Ok(());
+        };
+        for (name, v) in [
+            ("rampart_host_load1", load.one),
+            ("rampart_host_load5", load.five),
+            ("rampart_host_load15", load.fifteen),
+        ] {
+            single(
+                enc,
+                name,
+                "System load average (/proc/loadavg).",
+                None,
+                false,
+                f64::from(v),
+            )?;
+        }
+        single(
+            enc,
+            "rampart_host_threads",
+            "Scheduling entities (processes and threads) that exist (/proc/loadavg).",
+            None,
+            false,
+            f64::from(load.max),
+        )
+    }
+}
+
+impl Collector for HostCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.process(&mut enc)?;
+        self.cpu_and_procs(&mut enc)?;
+        self.load(&mut enc)?;
+        self.memory(&mut enc)?;
+        self.disks(&mut enc)?;
+        self.filesystems(&mut enc)?;
+        self.network(&mut enc)?;
+        self.tcp(&mut enc)
+    }
 }
 
 /// The firewall counters of this host's listeners:
@@ -331,13 +804,7 @@ mod tests {
     #[test]
     fn collectors_emit_parseable_text() {
         let mut registry = Registry::default();
-        let dir = tempfile::Builder::new()
-            .prefix("we\"ird\\dir")
-            .tempdir()
-            .unwrap();
-        registry.register_collector(Box::new(HostCollector {
-            fs_path: dir.path().to_path_buf(),
-        }));
+        registry.register_collector(Box::new(HostCollector::default()));
         let policy = Arc::new(topology::Policy {
             rules: vec![],
             extra: vec![],
@@ -353,9 +820,15 @@ mod tests {
         let find = |name: &'static str| samples.iter().filter(move |s| s.name == name);
         assert!(find("rampart_host_cpu_seconds_total").any(|s| s.labels[0].1 == "idle"));
         assert_eq!(find("rampart_host_memory_total_bytes").count(), 1);
-        let fs: Vec<_> = find("rampart_host_filesystem_size_bytes").collect();
-        assert_eq!(fs.len(), 1);
-        assert_eq!(fs[0].labels[0].1, dir.path().to_string_lossy());
+        // The root filesystem is always a real one.
+        assert!(find("rampart_host_filesystem_size_bytes")
+            .any(|s| s.labels.contains(&("mountpoint".into(), "/".into())) && s.value > 0.0));
+        assert!(find("rampart_host_tcp_connections").any(|s| s.labels[0].1 == "listen"));
+        assert!(find("rampart_host_network_receive_packets_total").any(|s| s.labels[0].1 == "lo"));
+        assert_eq!(find("rampart_host_swap_total_bytes").count(), 1);
+        assert_eq!(find("rampart_host_procs_running").count(), 1);
+        assert!(find("process_cpu_seconds_total").all(|s| s.value >= 0.0));
+        assert!(find("process_resident_memory_bytes").any(|s| s.value > 1e5));
         assert!(find("rampart_host_network_receive_bytes_total").any(|s| s.labels[0].1 == "lo"));
         assert_eq!(find("rampart_host_load1").count(), 1);
         // The node's start time, which tells the monitor a restart from a forged decrease.
@@ -368,5 +841,93 @@ mod tests {
             .collect();
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].value, 2.0);
+    }
+
+    #[test]
+    fn disks_and_filesystems_are_chosen_like_node_exporter() {
+        for d in ["sda", "vda", "nvme0n1", "mmcblk0", "xvdb", "dm-0", "md0"] {
+            assert!(is_reported_disk(d), "{d}");
+        }
+        for d in [
+            "sda1",
+            "vda15",
+            "nvme0n1p2",
+            "mmcblk0p1",
+            "loop3",
+            "ram0",
+            "zram0",
+            "xvda1",
+        ] {
+            assert!(!is_reported_disk(d), "{d}");
+        }
+        let m = |spec: &str, file: &str, ty: &str| procfs::MountEntry {
+            fs_spec: spec.into(),
+            fs_file: file.into(),
+            fs_vfstype: ty.into(),
+            fs_mntops: Default::default(),
+            fs_freq: 0,
+            fs_passno: 0,
+        };
+        let mounts = [
+            m("proc", "/proc", "proc"),
+            m("overlay", "/", "overlay"),
+            m("/dev/vda1", "/etc/hosts", "ext4"),
+            m("/dev/vda1", "/data", "ext4"),
+            m("tmpfs", "/run", "tmpfs"),
+            m("/dev/vdb", "/srv", "xfs"),
+            m("server:/x", "/mnt/nfs", "nfs4"),
+        ];
+        assert_eq!(
+            real_filesystems(&mounts),
+            [
+                ("/dev/vda1".into(), "ext4".into(), "/data".into()),
+                ("/dev/vdb".into(), "xfs".into(), "/srv".into()),
+                ("overlay".into(), "overlay".into(), "/".into()),
+            ]
+        );
+    }
+
+    /// `promtool check metrics` (the Prometheus project's linter: naming, units, help
+    /// text) accepts what the agent serves to a client asking for the classic text
+    /// format.
+    #[test]
+    fn promtool_accepts_the_host_metrics() {
+        let Some(promtool) = test_support::find_binary("promtool") else {
+            test_support::skip("promtool is not installed (apt-get install prometheus)");
+            return;
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(HostCollector::default()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = crate::negotiate::to_text_004(&text);
+        let (ok, report) = promtool_check_metrics(&promtool, &text);
+        assert!(ok, "promtool check metrics failed:\n{report}\n{text}");
+    }
+
+    /// Runs `promtool check metrics` on `text` (on its stdin): whether it passed, and what
+    /// it printed.
+    pub(crate) fn promtool_check_metrics(promtool: &std::path::Path, text: &str) -> (bool, String) {
+        use std::io::Write;
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), report)
     }
 }

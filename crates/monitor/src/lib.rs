@@ -33,18 +33,25 @@ mod agent;
 pub mod alert;
 pub mod chunk;
 pub mod collect;
+pub mod export;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;
 mod promapi;
 pub mod promql;
+pub mod push;
+pub mod remote_write;
 pub mod rules;
 mod serve;
 mod service;
 pub mod silence;
+pub mod spool;
 pub mod store;
 
-pub use agent::{start_agent, AgentHandle};
+pub use agent::{
+    start_agent, start_standalone_agent, AgentHandle, StandaloneAgentConfig, StandalonePush,
+    StandaloneRemoteWrite,
+};
 pub use serve::Peer;
 pub use service::{
     app, start_monitor, HostIngest, MonitorHandle, MonitorState, QpsRange, RangeError, RangeQuery,
@@ -82,6 +89,9 @@ pub enum MonitorError {
     /// A rule file (`[alerts] rule_files`) cannot be read or is invalid.
     #[error("{0}")]
     Rules(#[from] rules::RuleError),
+    /// The push spool's directory could not be created or read.
+    #[error("{0}")]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// What the agent of one host needs.
@@ -100,11 +110,18 @@ pub struct AgentConfig {
     pub pki: PkiPaths,
     /// Time between pushes; 1 s from the topology.
     pub push_interval: Duration,
+    /// Where pushes wait while the monitor is unreachable (`None`: in memory); from the
+    /// topology, `<state dir>/spool/<host>`.
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// The spool's bound in bytes ([`push::DEFAULT_SPOOL_BYTES`]); the oldest pushes are
+    /// dropped beyond it.
+    pub spool_max_bytes: u64,
 }
 
 impl AgentConfig {
     /// The agent of `host` in `t`: its address, the topology's agent port, the monitor host
-    /// and ingest port, a 1 s push interval. `None` when `host` does not exist, does not
+    /// and ingest port, a 1 s push interval, a spool under the state directory (the parent
+    /// of the PKI directory). `None` when `host` does not exist, does not
     /// hold the `agent` role, or the topology has no monitor host.
     pub fn from_topology(
         t: &Topology,
@@ -122,8 +139,14 @@ impl AgentConfig {
                 mon.name.clone(),
                 SocketAddr::new(mon.address, t.ports.ingest),
             ),
+            spool_dir: pki
+                .dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|state| state.join("spool").join(&h.name)),
             pki,
             push_interval: Duration::from_secs(1),
+            spool_max_bytes: push::DEFAULT_SPOOL_BYTES,
         })
     }
 }
@@ -214,6 +237,10 @@ mod tests {
         assert_eq!(a.monitor.0, "mon-01");
         assert_eq!(a.monitor.1, "127.80.0.20:9090".parse().unwrap());
         assert_eq!(a.port, 9100);
+        assert_eq!(
+            a.spool_dir.as_deref(),
+            Some(std::path::Path::new("/tmp/spool/web-01"))
+        );
         assert!(AgentConfig::from_topology(&t, "mon-01", pki.clone(), net("mon-01")).is_none());
         let m = MonitorConfig::from_topology(&t, "mon-01", pki.clone(), net("mon-01")).unwrap();
         assert_eq!(m.agent_hosts, ["lb-01", "web-01", "web-02"]);

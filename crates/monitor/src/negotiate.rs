@@ -84,8 +84,34 @@ pub fn to_text_004(openmetrics: &str) -> String {
     out
 }
 
+/// Stamps every sample line of a text exposition with `ms`, milliseconds since the Unix
+/// epoch (the text format 0.0.4's optional timestamp: "an int64 (milliseconds since
+/// epoch)", Prometheus "Exposition formats"); comment lines are kept as they are.
+pub fn stamp(text_004: &str, ms: i64) -> String {
+    let suffix = format!(" {ms}\n");
+    let mut out = String::with_capacity(text_004.len() + text_004.len() / 4);
+    for line in text_004.lines() {
+        out.push_str(line);
+        if line.starts_with('#') || line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str(&suffix);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn samples_are_stamped_in_milliseconds() {
+        let text = "# HELP up Up.\n# TYPE up gauge\nup 1\nx{a=\"b c\"} 2.5\n";
+        assert_eq!(
+            stamp(text, 1_700_000_000_123),
+            "# HELP up Up.\n# TYPE up gauge\nup 1 1700000000123\nx{a=\"b c\"} 2.5 1700000000123\n"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -25,12 +25,26 @@ pub fn spawn(
     app: Router,
     tasks: &RoleTasks,
 ) {
+    spawn_with(listener, Some(tls), app, tasks)
+}
+
+/// [`spawn`], with TLS optional (`None`: plain HTTP, the standalone agent's `/metrics`).
+/// Request bodies sent with `Content-Encoding: gzip` reach `app` decompressed (RFC 9110
+/// section 8.4; other codings get 415), so a handler's size cap applies to the
+/// decompressed bytes.
+pub fn spawn_with(
+    listener: GuardedListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    tasks: &RoleTasks,
+) {
     let body_timeout = listener.limits().body_timeout();
     let service = ServiceBuilder::new()
         .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .service(app);
     let opts = HttpOptions {
-        tls: Some(tls),
+        tls,
         on_ended: None,
     };
     tasks.spawn(serve::serve_http(

@@ -81,9 +81,14 @@ struct RunArgs {
     /// Speak TLS to the backends, verifying them against this PEM CA file.
     #[arg(long)]
     backend_ca: Option<PathBuf>,
-    /// An HTTP listener that redirects to HTTPS (same address as --listen).
+    /// An HTTP listener (same address as --listen): it redirects to HTTPS, or with
+    /// --http-proxy forwards plain HTTP to the backends.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// The --http-listen listener proxies plain HTTP to the backends instead of
+    /// redirecting to HTTPS.
+    #[arg(long, requires = "http_listen")]
+    http_proxy: bool,
     /// A name the site answers to (repeat for more; others get 421). Default: any.
     #[arg(long = "site-name")]
     site_names: Vec<String>,
@@ -158,6 +163,11 @@ pub(crate) fn run(
         },
         listen,
         http_listen: r.http_listen,
+        http_mode: if r.http_proxy {
+            lb::HttpMode::Proxy
+        } else {
+            lb::HttpMode::Redirect
+        },
         tls: lb::StandaloneTls {
             certs,
             cert_dir: r.tls_cert_dir,

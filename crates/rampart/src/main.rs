@@ -8,8 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod agent_cmd;
 mod alerts_cmd;
+mod db_cmd;
 mod lb_cmd;
+mod monitor_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -128,6 +131,21 @@ enum Cmd {
     Silence {
         #[command(subcommand)]
         command: alerts_cmd::SilenceCmd,
+    },
+    /// Run the monitoring agent alone: host metrics on /metrics (like node_exporter),
+    /// optionally pushed to a monitoring service, e.g. `rampart agent --listen
+    /// 0.0.0.0:9100` or `rampart agent --push https://mon-01:9090/api/v1/push --cert
+    /// host.pem --key host.key --ca ca.pem`. Runs until SIGTERM or Ctrl-C.
+    Agent(agent_cmd::AgentArgs),
+    /// Interoperate with Prometheus and Grafana: `rampart monitor export DIR`.
+    Monitor {
+        #[command(subcommand)]
+        command: monitor_cmd::MonitorCmd,
+    },
+    /// The database tier: status, switchover, failover.
+    Db {
+        #[command(subcommand)]
+        command: db_cmd::DbCmd,
     },
     /// The kernel firewall: show, check, export, probe, block, unblock.
     Fw {
@@ -393,14 +411,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Alerts { json } => alerts_cmd::alerts(&state, json),
         Cmd::Silence { command } => alerts_cmd::silence(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
+        Cmd::Db { command } => db_cmd::run(&state, command),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
+        Cmd::Agent(args) => agent_cmd::run(args),
+        Cmd::Monitor { command } => {
+            monitor_cmd::run(command, &state, |file| fw_topology(&state, file))
+        }
     }
 }
 
 /// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it. The runtime has
 /// `threads` workers, by default as many as the CPUs in this process's affinity mask
-/// (`available_parallelism` reads `sched_getaffinity(2)`), so a load balancer pinned to one
-/// CPU runs one worker and pays no cross-thread wake-ups.
+/// (`available_parallelism` reads `sched_getaffinity(2)`). With one, it is tokio's
+/// current-thread runtime: every connection is driven by the one thread that accepts it,
+/// so a load balancer pinned to one CPU pays no cross-thread wake-ups at all (a
+/// multi-thread runtime with one worker still hands work between the worker and the
+/// thread blocked in `block_on`).
 fn run_standalone_lb(
     cfg: lb::LbConfig,
     threads: Option<usize>,
@@ -410,11 +436,17 @@ fn run_standalone_lb(
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the async runtime")?;
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);

@@ -166,3 +166,98 @@ async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// `--http-proxy`: the HTTP listener forwards plain HTTP to the backends instead of
+/// redirecting, and tells them the request came over `http`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_lb_proxies_plain_http_with_http_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // The backend answers with the scheme the load balancer reported.
+    let listener = tokio::net::TcpListener::bind("127.98.1.21:0")
+        .await
+        .unwrap();
+    let backend = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        format!(
+            "{} {}",
+            headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            headers
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+        )
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut child = Command::new(BIN)
+        .args([
+            "lb",
+            "--listen",
+            "127.98.1.20:0",
+            "--http-listen",
+            "127.98.1.20:0",
+        ])
+        .arg("--http-proxy")
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .args(["--backend", &backend.to_string(), "--threads", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let http: SocketAddr = line
+        .split("http on ")
+        .nth(1)
+        .and_then(|s| s.split([',', ' ']).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no http address in {line:?}"));
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("http://{http}/p?q=1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the plain listener never proxied"
+        );
+        if let Ok(r) = client.get(&url).send().await {
+            assert_ne!(r.status(), 301, "--http-proxy still redirects");
+            if r.status() == 200 {
+                break r.text().await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.starts_with("http for=127.0.0.1;proto=http"), "{body}");
+    // Broken requests still get the load balancer's own 4xx on this listener.
+    let r = client
+        .get(format!("http://{http}/"))
+        .header("host", "bad host")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -248,8 +248,12 @@ impl Policy {
                 );
             }
             if h.has(Role::DbPrimary) || h.has(Role::DbReplica) {
+                // Any database host may become a replica of this one after a failover.
                 let mut nets = addrs(Role::App);
-                for n in addrs(Role::DbReplica) {
+                for n in addrs(Role::DbReplica)
+                    .into_iter()
+                    .chain(addrs(Role::DbPrimary))
+                {
                     if !nets.contains(&n) {
                         nets.push(n);
                     }
@@ -259,10 +263,11 @@ impl Policy {
                     t.ports.mysql,
                     Sources::Nets(nets),
                     Callers::Anyone,
-                    "MariaDB, application hosts and replicas only",
+                    "MariaDB, application and database hosts only",
                 );
             }
-            if h.has(Role::DbReplica) {
+            // Every database host replicates after a failover, the first primary included.
+            if h.has(Role::DbReplica) || h.has(Role::DbPrimary) {
                 rule(
                     Service::MysqlEgress,
                     t.ports.mysql_egress,
@@ -380,11 +385,16 @@ mod tests {
         // default deny: services a host does not run
         assert!(!p.allows("lb-01", Service::Mysql, web1));
         assert!(!p.allows("mon-01", Service::Https, anyone));
-        // the replication egress: only the replica host itself
+        // the replication egress: only the database host itself, the first primary
+        // included (it replicates after a failover)
         assert!(p.allows("web-02", Service::MysqlEgress, ip("127.0.0.1")));
         assert!(p.allows("web-02", Service::MysqlEgress, web2));
         assert!(!p.allows("web-02", Service::MysqlEgress, lb));
-        assert!(!p.allows("web-01", Service::MysqlEgress, ip("127.0.0.1")));
+        assert!(p.allows("web-01", Service::MysqlEgress, web1));
+        assert!(!p.allows("web-01", Service::MysqlEgress, web2));
+        assert!(!p.allows("lb-01", Service::MysqlEgress, ip("127.0.0.1")));
+        // a former primary replicates from the new one
+        assert!(p.allows("web-02", Service::Mysql, web1));
     }
 
     #[test]

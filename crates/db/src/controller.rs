@@ -1,0 +1,632 @@
+//! The failover controller: desired state (`cluster.json`) against observed state (each
+//! server's [`NodeObservation`]), reconciled every probe interval.
+//!
+//! Each tick it observes every database server. With a writable primary it keeps
+//! semi-synchronous replication on when a replica can acknowledge and brings back replicas
+//! that stopped replicating, refusing one whose history diverged from the primary's
+//! (errant transactions). When the primary has been unreachable (or restarted, hence
+//! read-only) for `fail_after` and no replica still receives from it — and it has seen
+//! that primary writable in the current epoch, so a starting cluster is left alone — it
+//! fails over:
+//!
+//! 1. refuses when the primary's semi-synchronous replication had fallen back to
+//!    asynchronous (acknowledged writes may exist on no replica) unless forced;
+//! 2. fences the old primary: `read_only = ON` if it answers, else `SIGKILL` of its
+//!    `mariadbd` (loopback mode: found by its pid file; it comes back read-only);
+//! 3. waits until each candidate has applied its relay log (`gtid_slave_pos` covers
+//!    `Gtid_IO_Pos`) and, when the old primary answers, holds its whole binary log;
+//! 4. picks the most advanced candidate, writes `cluster.json` with epoch + 1, makes it
+//!    writable and points every other server at it.
+//!
+//! Orchestrator lost data by promoting before relay logs were applied; this controller
+//! never promotes a server that has not applied all it received. In loopback mode the
+//! controller reaches each server on its Unix socket in the state directory.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mysql_async::{Conn, OptsBuilder};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use topology::{Role, Topology};
+
+use crate::cluster::ClusterState;
+use crate::gtid::GtidPos;
+use crate::observe::{observe, NodeObservation};
+use crate::server::{admin_exec, admin_opts_for, make_writable, point_at_primary};
+use crate::{mariadbd_defaults_file, mariadbd_pid_file, Credentials, DbError};
+
+/// Default probe interval.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Default time the primary must stay lost before a failover.
+pub const DEFAULT_FAIL_AFTER: Duration = Duration::from_secs(1);
+/// How long a candidate gets to apply its relay log (and catch up with a fenced primary).
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on connecting to a server for a probe.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the controller needs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The lab's state directory (`db/cluster.json`, credentials, server sockets).
+    pub state_dir: PathBuf,
+    /// The application's database (holds the heartbeat table).
+    pub database: String,
+    /// Every database host and its address, in topology order.
+    pub nodes: Vec<(String, IpAddr)>,
+    /// `ports.mysql_egress`: where a server's replication leaves its host.
+    pub egress_port: u16,
+    /// Time between two observations of every server. Default 250 ms.
+    pub probe_interval: Duration,
+    /// How long the primary must stay lost before a failover. Default 1 s.
+    pub fail_after: Duration,
+}
+
+impl ControllerConfig {
+    /// The controller of `t`'s database tier with the default timings; `None` when the
+    /// topology has no `db-primary`.
+    pub fn from_topology(t: &Topology, state_dir: &std::path::Path) -> Option<ControllerConfig> {
+        t.db_primary()?;
+        Some(ControllerConfig {
+            state_dir: state_dir.to_path_buf(),
+            database: t.database.name.clone(),
+            nodes: t
+                .hosts
+                .iter()
+                .filter(|h| h.has(Role::DbPrimary) || h.has(Role::DbReplica))
+                .map(|h| (h.name.clone(), h.address))
+                .collect(),
+            egress_port: t.ports.mysql_egress,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            fail_after: DEFAULT_FAIL_AFTER,
+        })
+    }
+}
+
+/// What the controller last saw and did, for `rampart db status` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    /// Epoch of `cluster.json`.
+    pub epoch: u64,
+    /// The primary `cluster.json` names.
+    pub primary: String,
+    /// Promotions since the cluster was created (`rampart_db_failovers_total`).
+    pub failovers: u64,
+    /// Whether the primary's last observation had semi-synchronous replication ON.
+    pub semi_sync_ok: bool,
+    /// The last promotion, described (`web-01 → web-02 at epoch 2: ...`).
+    pub last_failover: Option<String>,
+    /// Why the last needed failover was refused, while it is.
+    pub refused: Option<String>,
+    /// Servers kept out of replication because their history diverged from the primary's.
+    pub errant: Vec<String>,
+}
+
+/// Why a promotion did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// The primary's semi-synchronous replication had fallen back to asynchronous: the
+    /// replicas may miss acknowledged writes.
+    #[error(
+        "semi-synchronous replication on {primary} had fallen back to asynchronous: promoting \
+         a replica may lose acknowledged writes; run `rampart db failover --force` to accept that"
+    )]
+    Unsafe {
+        /// The primary.
+        primary: String,
+    },
+    /// No server qualifies (none reachable, none replicating, or the asked one is not the
+    /// most advanced).
+    #[error("no replica can be promoted: {0}")]
+    NoCandidate(String),
+    /// The state or a server failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A running controller.
+pub struct Controller {
+    status: Arc<Mutex<ControllerStatus>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Controller {
+    /// The last status.
+    pub fn status(&self) -> ControllerStatus {
+        lock(&self.status).clone()
+    }
+
+    pub(crate) fn status_cell(&self) -> Arc<Mutex<ControllerStatus>> {
+        self.status.clone()
+    }
+
+    /// Stops the reconciler loop.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the reconciler loop (see the module docs).
+///
+/// Errors: [`DbError::Credentials`] when the credentials file cannot be read.
+pub fn start_controller(cfg: ControllerConfig) -> Result<Controller, DbError> {
+    let creds = Credentials::load(&cfg.state_dir)?;
+    let status = Arc::new(Mutex::new(ControllerStatus::default()));
+    let stop = CancellationToken::new();
+    let mut r = Reconciler::new(cfg, creds, status.clone());
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(r.cfg.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = r.tick().await {
+                tracing::warn!(error = %e, "database controller");
+            }
+        }
+    });
+    Ok(Controller { status, stop, task })
+}
+
+/// A planned change of primary: fences the primary (`read_only = ON`), waits until the
+/// target (`to`, else the most advanced replica) has everything it wrote, promotes it and
+/// points the others at it. Writes pause from the fence to the promotion; nothing
+/// acknowledged is lost.
+pub async fn switchover(
+    cfg: ControllerConfig,
+    to: Option<String>,
+) -> Result<ClusterState, FailoverError> {
+    let creds = Credentials::load(&cfg.state_dir)?;
+    let mut r = Reconciler::new(
+        cfg,
+        creds,
+        Arc::new(Mutex::new(ControllerStatus::default())),
+    );
+    let cluster = r.cluster()?;
+    r.observe_all().await;
+    r.promote(&cluster, to.as_deref(), true).await
+}
+
+/// A commanded failover: like the automatic one (the old primary fenced, read-only or
+/// killed), refused when semi-synchronous replication was off unless `force`.
+pub async fn failover(cfg: ControllerConfig, force: bool) -> Result<ClusterState, FailoverError> {
+    let creds = Credentials::load(&cfg.state_dir)?;
+    let mut r = Reconciler::new(
+        cfg,
+        creds,
+        Arc::new(Mutex::new(ControllerStatus::default())),
+    );
+    let cluster = r.cluster()?;
+    let obs = r.observe_all().await;
+    if let Some(Some(o)) = r.index(&cluster.primary).map(|i| obs[i].clone()) {
+        r.semi_sync_ok = o.semi_sync_master_status;
+    }
+    r.promote(&cluster, None, force).await
+}
+
+struct Probe {
+    host: String,
+    address: IpAddr,
+    opts: OptsBuilder,
+    conn: Option<Conn>,
+}
+
+impl Probe {
+    async fn conn(&mut self) -> Result<&mut Conn, DbError> {
+        if self.conn.is_none() {
+            let c = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, Conn::new(self.opts.clone()))
+                .await
+                .map_err(|_| DbError::Timeout {
+                    what: format!("connecting to {}", self.host),
+                    seconds: PROBE_CONNECT_TIMEOUT.as_secs(),
+                })?
+                .map_err(|e| DbError::mysql(&self.host, e))?;
+            self.conn = Some(c);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| DbError::Config("no connection".into()))
+    }
+
+    async fn observe(&mut self, database: &str) -> Option<NodeObservation> {
+        let c = self.conn().await.ok()?;
+        match observe(c, database).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::debug!(host = %self.host, error = %e, "probe failed");
+                self.conn = None;
+                None
+            }
+        }
+    }
+
+    async fn exec(&mut self, sql: &str) -> Result<(), DbError> {
+        let host = self.host.clone();
+        let c = self.conn().await?;
+        let r = admin_exec(&host, c, sql).await;
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+}
+
+struct Reconciler {
+    cfg: ControllerConfig,
+    creds: Credentials,
+    probes: Vec<Probe>,
+    status: Arc<Mutex<ControllerStatus>>,
+    /// Since when the primary has been unreachable or read-only.
+    primary_bad_since: Option<Instant>,
+    /// The primary's semi-synchronous status at its last observation as a writable primary.
+    semi_sync_ok: bool,
+    refusal_logged: bool,
+    /// The epoch in which this controller last saw the primary writable. It acts only on
+    /// a primary it has seen writable in the current epoch: a cluster still starting (the
+    /// primary bootstrapping, read-only) is not failed over, and neither is one whose
+    /// primary was already gone when the controller started (`rampart db failover`
+    /// decides then).
+    seen_writable: Option<u64>,
+}
+
+impl Reconciler {
+    fn new(
+        cfg: ControllerConfig,
+        creds: Credentials,
+        status: Arc<Mutex<ControllerStatus>>,
+    ) -> Reconciler {
+        let probes = cfg
+            .nodes
+            .iter()
+            .map(|(h, a)| Probe {
+                host: h.clone(),
+                address: *a,
+                opts: admin_opts_for(&cfg.state_dir, h, &creds.admin_password),
+                conn: None,
+            })
+            .collect();
+        Reconciler {
+            cfg,
+            creds,
+            probes,
+            status,
+            primary_bad_since: None,
+            semi_sync_ok: false,
+            refusal_logged: false,
+            seen_writable: None,
+        }
+    }
+
+    fn cluster(&self) -> Result<ClusterState, DbError> {
+        ClusterState::load(&self.cfg.state_dir)?.ok_or_else(|| {
+            DbError::Config(format!(
+                "{} does not exist yet: start the database nodes first",
+                crate::cluster_path(&self.cfg.state_dir).display()
+            ))
+        })
+    }
+
+    fn index(&self, host: &str) -> Option<usize> {
+        self.probes.iter().position(|p| p.host == host)
+    }
+
+    async fn observe_all(&mut self) -> Vec<Option<NodeObservation>> {
+        let mut out = Vec::with_capacity(self.probes.len());
+        for p in &mut self.probes {
+            out.push(p.observe(&self.cfg.database).await);
+        }
+        out
+    }
+
+    async fn tick(&mut self) -> Result<(), DbError> {
+        let Some(cluster) = ClusterState::load(&self.cfg.state_dir)? else {
+            return Ok(());
+        };
+        {
+            let mut s = lock(&self.status);
+            s.epoch = cluster.epoch;
+            s.primary = cluster.primary.clone();
+            s.failovers = cluster.failovers;
+        }
+        let obs = self.observe_all().await;
+        let Some(pi) = self.index(&cluster.primary) else {
+            return Ok(());
+        };
+        match obs[pi].clone() {
+            Some(p) if !p.read_only && !p.replicating => {
+                self.primary_bad_since = None;
+                self.refusal_logged = false;
+                self.seen_writable = Some(cluster.epoch);
+                self.semi_sync_ok = p.semi_sync_master_status;
+                lock(&self.status).semi_sync_ok = p.semi_sync_master_status;
+                lock(&self.status).refused = None;
+                self.keep_replicas(pi, &p, &obs).await;
+            }
+            _ if self.seen_writable != Some(cluster.epoch) => {
+                self.primary_bad_since = None;
+            }
+            other => {
+                let since = *self.primary_bad_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < self.cfg.fail_after {
+                    return Ok(());
+                }
+                // The replicas must have lost it too: none still receives from it.
+                let confirmed = obs
+                    .iter()
+                    .enumerate()
+                    .all(|(i, o)| i == pi || o.as_ref().is_none_or(|o| !o.io_running));
+                if other.is_none() && !confirmed {
+                    return Ok(());
+                }
+                match self.promote(&cluster, None, false).await {
+                    Ok(next) => {
+                        self.primary_bad_since = None;
+                        lock(&self.status).refused = None;
+                        tracing::warn!(old = %cluster.primary, new = %next.primary, epoch = next.epoch, "database failover done");
+                    }
+                    Err(FailoverError::NoCandidate(why))
+                        if other.as_ref().is_some_and(|o| !o.replicating) =>
+                    {
+                        // Restarted read-only with no replica to take over: it is the
+                        // most advanced server there is; make it writable again.
+                        tracing::warn!(host = %cluster.primary, "no replica to promote ({why}); the primary takes writes again");
+                        let has_replica =
+                            obs.iter().enumerate().any(|(i, o)| i != pi && o.is_some());
+                        let host = cluster.primary.clone();
+                        let c = self.probes[pi].conn().await?;
+                        make_writable(&host, c, has_replica).await?;
+                        self.primary_bad_since = None;
+                    }
+                    Err(e) => {
+                        if !self.refusal_logged {
+                            tracing::error!(primary = %cluster.primary, "failover refused: {e}");
+                            self.refusal_logged = true;
+                        }
+                        lock(&self.status).refused = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With a writable primary `p` (index `pi`): semi-synchronous replication on when a
+    /// replica receives, and every other reachable server replicating from it unless its
+    /// history diverged.
+    async fn keep_replicas(
+        &mut self,
+        pi: usize,
+        p: &NodeObservation,
+        obs: &[Option<NodeObservation>],
+    ) {
+        let primary_pos = GtidPos::parse(&p.gtid_binlog_pos).unwrap_or_default();
+        let mut errant = Vec::new();
+        let mut receiving = false;
+        for (i, o) in obs.iter().enumerate() {
+            let Some(o) = o else { continue };
+            if i == pi {
+                continue;
+            }
+            receiving |= o.io_running;
+            let own = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
+            if !primary_pos.contains(&own) || o.last_io_errno == 1236 {
+                errant.push(self.probes[i].host.clone());
+                continue;
+            }
+            if !o.replicating || !o.read_only {
+                let (host, address) = (self.probes[i].host.clone(), self.probes[i].address);
+                if !o.read_only {
+                    let _ = self.probes[i].exec("SET GLOBAL read_only = ON").await;
+                }
+                let port = self.cfg.egress_port;
+                let creds = self.creds.clone();
+                if let Ok(c) = self.probes[i].conn().await {
+                    match point_at_primary(&host, c, address, port, &creds).await {
+                        Ok(()) => tracing::info!(%host, "replica rejoined the primary"),
+                        Err(e) => tracing::warn!(%host, "cannot point at the primary: {e}"),
+                    }
+                }
+            }
+        }
+        if receiving && !p.semi_sync_master_enabled {
+            let _ = self.probes[pi]
+                .exec("SET GLOBAL rpl_semi_sync_master_enabled = ON")
+                .await;
+        }
+        let mut s = lock(&self.status);
+        if s.errant != errant {
+            for h in errant.iter().filter(|h| !s.errant.contains(h)) {
+                tracing::error!(host = %h, "has transactions the primary does not have (errant GTIDs): kept out of replication; rebuild it from a backup");
+            }
+            s.errant = errant;
+        }
+    }
+
+    /// Fences the primary of `cluster`, waits for the candidates, promotes one (`to`, else
+    /// the most advanced), publishes epoch + 1 and repoints the others.
+    async fn promote(
+        &mut self,
+        cluster: &ClusterState,
+        to: Option<&str>,
+        force: bool,
+    ) -> Result<ClusterState, FailoverError> {
+        let old = cluster.primary.clone();
+        tracing::warn!(primary = %old, epoch = cluster.epoch, "changing the database primary");
+        let oi = self
+            .index(&old)
+            .ok_or_else(|| FailoverError::NoCandidate(format!("{old} is not a database host")))?;
+        // A replica must be there to take over before anything is fenced.
+        let mut any = false;
+        for i in (0..self.probes.len()).filter(|i| *i != oi) {
+            if to.is_some_and(|t| self.probes[i].host != t) {
+                continue;
+            }
+            if let Some(o) = self.probes[i].observe(&self.cfg.database).await {
+                any |= o.replicating;
+            }
+        }
+        if !any {
+            return Err(FailoverError::NoCandidate(format!(
+                "no replica of {old} answers"
+            )));
+        }
+        // 1. Fence.
+        let old_final: Option<GtidPos> = match self.probes[oi].observe(&self.cfg.database).await {
+            Some(_) => {
+                self.probes[oi].exec("SET GLOBAL read_only = ON").await?;
+                let o = self.probes[oi]
+                    .observe(&self.cfg.database)
+                    .await
+                    .ok_or_else(|| {
+                        FailoverError::NoCandidate(format!("{old} stopped answering while fenced"))
+                    })?;
+                Some(GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default())
+            }
+            None => {
+                if !self.semi_sync_ok && !force {
+                    return Err(FailoverError::Unsafe { primary: old });
+                }
+                self.kill_old(&old);
+                None
+            }
+        };
+        // 2. Candidates that applied all they received (and hold all the fenced primary
+        // wrote, when it answers).
+        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+        let mut ready: Vec<(usize, GtidPos)> = Vec::new();
+        let wanted: Vec<usize> = (0..self.probes.len())
+            .filter(|i| *i != oi && to.is_none_or(|t| self.probes[*i].host == t))
+            .collect();
+        if wanted.is_empty() {
+            return Err(FailoverError::NoCandidate(format!(
+                "{} is not another database host",
+                to.unwrap_or("-")
+            )));
+        }
+        let mut pending = wanted.clone();
+        while !pending.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for i in pending {
+                match self.probes[i].observe(&self.cfg.database).await {
+                    Some(o) if o.replicating || !o.read_only => {
+                        let applied = GtidPos::parse(&o.gtid_slave_pos).unwrap_or_default();
+                        let received = GtidPos::parse(&o.gtid_io_pos).unwrap_or_default();
+                        // With log_slave_updates the binary log holds everything applied.
+                        let current = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
+                        let has_old = old_final.as_ref().is_none_or(|f| current.contains(f));
+                        if applied.contains(&received)
+                            && has_old
+                            && (o.sql_running || applied == received)
+                        {
+                            ready.push((i, current));
+                        } else {
+                            still.push(i);
+                        }
+                    }
+                    // Unreachable or not a replica: not a candidate.
+                    _ => {}
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let Some((ci, _)) = ready.iter().max_by_key(|(_, p)| p.progress()).cloned() else {
+            if old_final.is_some() {
+                // Nothing can take over: the old primary stays the primary.
+                let host = old.clone();
+                let c = self.probes[oi].conn().await?;
+                let _ = make_writable(&host, c, true).await;
+            }
+            return Err(FailoverError::NoCandidate(format!(
+                "no replica of {old} answered and applied its relay log within {} s",
+                CATCH_UP_TIMEOUT.as_secs()
+            )));
+        };
+        // Never one behind another candidate that is ready.
+        let best = ready[ready.iter().position(|(i, _)| *i == ci).unwrap_or(0)]
+            .1
+            .clone();
+        if ready.iter().any(|(_, p)| !best.contains(p)) {
+            return Err(FailoverError::NoCandidate(
+                "the replicas' histories diverged".into(),
+            ));
+        }
+        let new = self.probes[ci].host.clone();
+        // 3. Publish, 4. promote, 5. repoint.
+        let next = ClusterState {
+            epoch: cluster.epoch + 1,
+            primary: new.clone(),
+            nodes: cluster.nodes.clone(),
+            failovers: cluster.failovers + 1,
+        };
+        next.store(&self.cfg.state_dir)?;
+        let others: Vec<usize> = (0..self.probes.len()).filter(|i| *i != ci).collect();
+        let mut reachable_others = Vec::new();
+        for i in &others {
+            if self.probes[*i].observe(&self.cfg.database).await.is_some() {
+                reachable_others.push(*i);
+            }
+        }
+        let c = self.probes[ci].conn().await?;
+        make_writable(&new, c, !reachable_others.is_empty()).await?;
+        let creds = self.creds.clone();
+        for i in reachable_others {
+            let (host, address) = (self.probes[i].host.clone(), self.probes[i].address);
+            let port = self.cfg.egress_port;
+            if let Ok(c) = self.probes[i].conn().await {
+                if let Err(e) = point_at_primary(&host, c, address, port, &creds).await {
+                    tracing::warn!(%host, "cannot point at the new primary: {e}");
+                }
+            }
+        }
+        let what = format!(
+            "{old} → {new} at epoch {}{}",
+            next.epoch,
+            if old_final.is_some() {
+                " (old primary fenced read-only)"
+            } else {
+                " (old primary unreachable, stopped)"
+            }
+        );
+        tracing::warn!("database primary changed: {what}");
+        {
+            let mut s = lock(&self.status);
+            s.epoch = next.epoch;
+            s.primary = new;
+            s.failovers = next.failovers;
+            s.last_failover = Some(what);
+        }
+        Ok(next)
+    }
+
+    /// Loopback-mode fencing of an unreachable primary: `SIGKILL` to the `mariadbd` of its
+    /// pid file (only when that process runs our option file). Its node restarts it
+    /// read-only, and it follows `cluster.json` from then on.
+    fn kill_old(&self, host: &str) {
+        let pid_file = mariadbd_pid_file(&self.cfg.state_dir, host);
+        let cnf = mariadbd_defaults_file(&self.cfg.state_dir, host);
+        if let Some(pid) =
+            crate::server::read_pid(&pid_file).filter(|p| crate::server::is_ours(*p, &cnf))
+        {
+            tracing::warn!(host, pid, "fencing the unreachable primary: SIGKILL");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,135 @@
+//! What one MariaDB server says about itself: read-only flag, GTID positions, replication
+//! threads, heartbeat lag and semi-synchronous state. Read by each node's health loop (and
+//! published in its status) and by the failover controller.
+
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Row};
+use serde::{Deserialize, Serialize};
+
+/// The table the writable primary updates every [`HEARTBEAT_PERIOD`]; a replica's lag is
+/// the age of the row it has applied (pt-heartbeat's method), which unlike
+/// `Seconds_Behind_Master` also grows while the IO thread is stalled.
+pub const HEARTBEAT_TABLE: &str = "rampart_heartbeat";
+/// Period of the heartbeat write on the primary.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(250);
+
+/// One observation of a server. Every field reflects the statement's answer at the time of
+/// the observation; `None` where the server did not say.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeObservation {
+    /// `@@read_only`.
+    pub read_only: bool,
+    /// `@@gtid_current_pos`.
+    pub gtid_current_pos: String,
+    /// `@@gtid_binlog_pos`: the last GTID of each domain in this server's binary log.
+    pub gtid_binlog_pos: String,
+    /// `@@gtid_slave_pos`: the last GTID applied by the SQL thread.
+    pub gtid_slave_pos: String,
+    /// Whether replication is configured (`SHOW SLAVE STATUS` returned a row).
+    pub replicating: bool,
+    /// `Slave_IO_Running = Yes`: connected to its primary and receiving.
+    pub io_running: bool,
+    /// `Slave_SQL_Running = Yes`.
+    pub sql_running: bool,
+    /// `Gtid_IO_Pos`: the last GTID received into the relay log.
+    pub gtid_io_pos: String,
+    /// `Last_IO_Errno` (0: none). 1236 means the primary does not have this server's
+    /// position in its binary log: diverged history.
+    pub last_io_errno: u32,
+    /// Seconds since the newest heartbeat this server holds was written (on the primary
+    /// that wrote it, at most about [`HEARTBEAT_PERIOD`]); `None` without a heartbeat row.
+    pub heartbeat_age_seconds: Option<f64>,
+    /// `@@rpl_semi_sync_master_enabled`.
+    pub semi_sync_master_enabled: bool,
+    /// `Rpl_semi_sync_master_status`: ON while commits wait for a replica's
+    /// acknowledgement; OFF after `rpl_semi_sync_master_timeout` fell back to asynchronous
+    /// replication (MariaDB KB: "Semisynchronous Replication").
+    pub semi_sync_master_status: bool,
+    /// `Rpl_semi_sync_master_clients`: replicas acknowledging.
+    pub semi_sync_master_clients: u64,
+    /// `Threads_connected`.
+    pub connections: u64,
+    /// `Questions`: statements received since start.
+    pub queries: u64,
+    /// `Ssl_cipher` of this observing connection (empty: not TLS).
+    pub ssl_cipher: String,
+}
+
+/// Bound on each statement of an observation.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = mysql_async::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STATEMENT_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer in {STATEMENT_TIMEOUT:?}")),
+    }
+}
+
+/// Observes the server behind `c` (an administrative connection). `database` is the
+/// schema holding the heartbeat table.
+///
+/// Errors: the driver's error or a timeout, as text (the caller treats any error as "not
+/// reachable").
+pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, String> {
+    let vars: Option<(u8, String, String, String, u8)> = bounded(c.query_first(
+        "SELECT @@read_only, @@gtid_current_pos, @@gtid_binlog_pos, @@gtid_slave_pos, \
+         @@rpl_semi_sync_master_enabled",
+    ))
+    .await?;
+    let Some((ro, cur, binlog, slave, ss_enabled)) = vars else {
+        return Err("no answer to SELECT @@read_only".into());
+    };
+    let mut o = NodeObservation {
+        read_only: ro != 0,
+        gtid_current_pos: cur,
+        gtid_binlog_pos: binlog,
+        gtid_slave_pos: slave,
+        semi_sync_master_enabled: ss_enabled != 0,
+        ..NodeObservation::default()
+    };
+    let status: Vec<(String, String)> = bounded(c.query(
+        "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync_master_status', \
+         'Rpl_semi_sync_master_clients', 'Threads_connected', 'Questions')",
+    ))
+    .await?;
+    for (name, value) in status {
+        match name.as_str() {
+            "Rpl_semi_sync_master_status" => o.semi_sync_master_status = value == "ON",
+            "Rpl_semi_sync_master_clients" => {
+                o.semi_sync_master_clients = value.parse().unwrap_or(0)
+            }
+            "Threads_connected" => o.connections = value.parse().unwrap_or(0),
+            "Questions" => o.queries = value.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let cipher: Option<(String, String)> =
+        bounded(c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")).await?;
+    o.ssl_cipher = cipher.map(|(_, v)| v).unwrap_or_default();
+    let row: Option<Row> = bounded(c.query_first("SHOW SLAVE STATUS")).await?;
+    if let Some(row) = row {
+        let text = |col: &str| -> String {
+            row.get_opt::<Option<String>, _>(col)
+                .and_then(Result::ok)
+                .flatten()
+                .unwrap_or_default()
+        };
+        o.replicating = true;
+        o.io_running = text("Slave_IO_Running") == "Yes";
+        o.sql_running = text("Slave_SQL_Running") == "Yes";
+        o.gtid_io_pos = text("Gtid_IO_Pos");
+        o.last_io_errno = text("Last_IO_Errno").parse().unwrap_or(0);
+    }
+    let age: Option<Option<f64>> = bounded(c.query_first(format!(
+        "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, MAX(ts), NOW(6)) / 1000000 AS DOUBLE) \
+         FROM `{database}`.{HEARTBEAT_TABLE}"
+    )))
+    .await
+    .unwrap_or(None);
+    o.heartbeat_age_seconds = age.flatten().map(|a| a.max(0.0));
+    Ok(o)
+}

@@ -1,0 +1,101 @@
+//! The periodic observation of the server (published in the node's status) and the
+//! heartbeat the writable primary writes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+
+use super::{lock, DbNodeStatus, ADMIN_TIMEOUT};
+use crate::observe::{observe, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
+
+/// Period of the observation.
+const HEALTH_PERIOD: Duration = Duration::from_millis(500);
+
+/// Observes the server every [`HEALTH_PERIOD`] and publishes the result in `status`:
+/// `observed`, the role it plays now (`primary` when writable and not replicating, else
+/// `replica`), `lag_seconds` (heartbeat age on a replica) and `healthy` (a writable
+/// primary, or a replica whose two replication threads run).
+pub(super) async fn health_loop(
+    first: Conn,
+    opts: OptsBuilder,
+    database: String,
+    status: Arc<Mutex<DbNodeStatus>>,
+) {
+    let mut conn = Some(first);
+    let mut tick = tokio::time::interval(HEALTH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = match conn.take() {
+            Some(c) => Some(c),
+            None => tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(opts.clone()))
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let (obs, keep) = match c {
+            None => (None, None),
+            Some(mut c) => match observe(&mut c, &database).await {
+                Ok(o) => (Some(o), Some(c)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "observation failed");
+                    (None, None)
+                }
+            },
+        };
+        conn = keep;
+        let mut s = lock(&status);
+        match obs {
+            Some(o) => {
+                let primary = !o.read_only && !o.replicating;
+                s.role = if primary { "primary" } else { "replica" }.into();
+                s.healthy = primary || (o.io_running && o.sql_running);
+                s.lag_seconds = if o.replicating {
+                    o.heartbeat_age_seconds
+                } else {
+                    None
+                };
+                s.observed = Some(o);
+            }
+            None => {
+                s.healthy = false;
+                s.lag_seconds = None;
+                s.observed = None;
+            }
+        }
+    }
+}
+
+/// Writes the heartbeat row every [`HEARTBEAT_PERIOD`] with the application account
+/// (`opts`). On a read-only server the write fails (error 1290) and nothing happens: only
+/// the writable primary's heartbeats exist, and replicas measure their lag by them.
+pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
+    let sql = format!(
+        "INSERT INTO `{database}`.{HEARTBEAT_TABLE} (id, server_id, ts) \
+         VALUES (1, @@server_id, NOW(6)) \
+         ON DUPLICATE KEY UPDATE server_id = VALUES(server_id), ts = VALUES(ts)"
+    );
+    let mut conn: Option<Conn> = None;
+    let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(opts.clone())).await {
+                Ok(Ok(c)) => c,
+                _ => continue,
+            },
+        };
+        // A write waiting for a semi-synchronous acknowledgement may take up to
+        // `rpl_semi_sync_master_timeout`.
+        match tokio::time::timeout(Duration::from_secs(10), c.query_drop(&sql)).await {
+            Ok(Ok(())) => conn = Some(c),
+            // Read-only (1290) or no grant yet (1142): keep the connection.
+            Ok(Err(mysql_async::Error::Server(_))) => conn = Some(c),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,412 @@
+#![allow(clippy::unwrap_used, missing_docs)]
+//! Failover and switchover against real `mariadbd` servers under a steady write load: the
+//! primary's `mariadbd` SIGKILLed (automatic failover by the controller) and a planned
+//! switchover. Every acknowledged write is recorded and looked for on the new primary; the
+//! read-only flag of every server is polled throughout so that two writable servers at
+//! once would be seen. Also: reads routed by replica lag, read-your-writes.
+//! Skipped (with `SKIP:`) when `mariadbd` is not installed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use db::{
+    connect_client, mariadbd_defaults_file, mariadbd_socket, start_controller, start_server,
+    switchover, ClientConfig, ClusterState, ControllerConfig, Credentials, DbClient, DbServer,
+    Engine, ServerConfig,
+};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use topology::Topology;
+
+fn topology(net: &str, port: u16) -> Topology {
+    let text = format!(
+        r#"
+[ports]
+mysql = {port}
+mysql_egress = {egress}
+[database]
+engine = "mariadb"
+[[hosts]]
+name = "lb-01"
+address = "{net}.10"
+roles = ["lb"]
+[[hosts]]
+name = "web-01"
+address = "{net}.11"
+roles = ["web", "app", "db-primary"]
+[[hosts]]
+name = "web-02"
+address = "{net}.12"
+roles = ["web", "app", "db-replica"]
+"#,
+        egress = port + 1
+    );
+    Topology::parse(&text, "test").unwrap()
+}
+
+fn skip() -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("db=info")
+        .try_init();
+    if db::find_mariadbd().is_none() {
+        eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
+        return true;
+    }
+    false
+}
+
+const HOSTS: [&str; 2] = ["web-01", "web-02"];
+
+/// Kills (SIGKILL) every `mariadbd` of the state dir when dropped.
+struct Reaper<'a>(&'a Path);
+
+impl Drop for Reaper<'_> {
+    fn drop(&mut self) {
+        for h in HOSTS {
+            let needle = mariadbd_defaults_file(self.0, h)
+                .to_string_lossy()
+                .into_owned();
+            for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                    if String::from_utf8_lossy(&cmd).contains(&needle) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {seconds} s");
+}
+
+struct Lab {
+    t: Topology,
+    _dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    servers: Vec<DbServer>,
+}
+
+async fn lab(net: &str, port: u16) -> Lab {
+    let t = topology(net, port);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_path_buf();
+    Credentials::ensure(&state).unwrap();
+    let cfg = |h| {
+        ServerConfig::from_topology(&t, h, &state, test_support::net(&t, h), Engine::Mariadb)
+            .unwrap()
+    };
+    let (p, r) = tokio::join!(start_server(cfg("web-01")), start_server(cfg("web-02")));
+    Lab {
+        servers: vec![p.unwrap(), r.unwrap()],
+        t,
+        state,
+        _dir: dir,
+    }
+}
+
+async fn client(l: &Lab, host: &str) -> DbClient {
+    let cfg = ClientConfig::from_topology(
+        &l.t,
+        host,
+        &l.state,
+        test_support::net(&l.t, host),
+        Engine::Mariadb,
+    )
+    .unwrap();
+    connect_client(cfg).await.unwrap()
+}
+
+fn root(state: &Path, host: &str) -> OptsBuilder {
+    let creds = Credentials::load(state).unwrap();
+    OptsBuilder::default()
+        .socket(Some(
+            mariadbd_socket(state, host).to_string_lossy().into_owned(),
+        ))
+        .prefer_socket(false)
+        .user(Some("root"))
+        .pass(Some(creds.admin_password))
+}
+
+/// What the write load saw.
+#[derive(Default)]
+struct Load {
+    /// Acknowledged writes: id → text.
+    acked: Mutex<BTreeMap<u64, String>>,
+    failed: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Writes one message every 10 ms until stopped (at most 60 s), recording every
+/// acknowledged one.
+fn write_load(app: DbClient, load: Arc<Load>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while !load.stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+            n += 1;
+            let text = format!("w{n}");
+            match app.insert_message("load", &text).await {
+                Ok(m) => {
+                    assert_eq!(m.text, text);
+                    let before = load.acked.lock().unwrap().insert(m.id, text);
+                    assert!(before.is_none(), "id {} acknowledged twice", m.id);
+                }
+                Err(_) => {
+                    load.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Polls `@@read_only` on every server every 20 ms until stopped (at most 60 s); returns
+/// how many polls saw more than one writable server.
+fn poll_writable(state: &Path, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let opts: Vec<OptsBuilder> = HOSTS.iter().map(|h| root(state, h)).collect();
+    tokio::spawn(async move {
+        let mut conns: Vec<Option<Conn>> = HOSTS.iter().map(|_| None).collect();
+        let mut both = 0;
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+            let mut writable = 0;
+            for (i, o) in opts.iter().enumerate() {
+                if conns[i].is_none() {
+                    conns[i] =
+                        tokio::time::timeout(Duration::from_millis(500), Conn::new(o.clone()))
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                }
+                let Some(c) = conns[i].as_mut() else { continue };
+                let r = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    c.query_first::<u8, _>("SELECT @@read_only"),
+                )
+                .await;
+                match r {
+                    Ok(Ok(Some(0))) => writable += 1,
+                    Ok(Ok(_)) => {}
+                    _ => conns[i] = None,
+                }
+            }
+            if writable > 1 {
+                both += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        both
+    })
+}
+
+/// Every acknowledged write is on `host`'s server with its own text, and no text is there
+/// twice.
+async fn check_nothing_lost(state: &Path, host: &str, load: &Load) {
+    let mut c = Conn::new(root(state, host)).await.unwrap();
+    let rows: Vec<(u64, String)> = c
+        .query("SELECT id, `text` FROM foobar.guestbook")
+        .await
+        .unwrap();
+    let table: BTreeMap<u64, String> = rows.iter().cloned().collect();
+    let mut texts = HashSet::new();
+    for (_, text) in &rows {
+        assert!(texts.insert(text.clone()), "{text} stored twice on {host}");
+    }
+    let acked = load.acked.lock().unwrap();
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|(id, text)| table.get(id) != Some(text))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes missing on {host}: {lost:?}"
+    );
+}
+
+async fn wait_acked(load: &Load, at_least: usize) {
+    eventually("acknowledged writes", 60, || async {
+        (load.acked.lock().unwrap().len() >= at_least).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
+    if skip() {
+        return;
+    }
+    let l = lab("127.110.1", 23406).await;
+    let _reaper = Reaper(&l.state);
+    let ccfg = ControllerConfig::from_topology(&l.t, &l.state).unwrap();
+    let controller = start_controller(ccfg).unwrap();
+    let app = client(&l, "web-02").await;
+    eventually("semi-synchronous replication on", 60, || async {
+        (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
+    })
+    .await;
+
+    let load = Arc::new(Load::default());
+    let stop_poll = Arc::new(AtomicBool::new(false));
+    let poller = poll_writable(&l.state, stop_poll.clone());
+    let writer = write_load(app.clone(), load.clone());
+    wait_acked(&load, 30).await;
+
+    // SIGKILL the primary's mariadbd.
+    let pid = l.servers[0].status().pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let acked_at_kill = load.acked.lock().unwrap().len();
+    eventually("web-02 promoted", 60, || async {
+        let s = ClusterState::load(&l.state).ok()??;
+        (s.primary == "web-02" && s.epoch == 2).then_some(())
+    })
+    .await;
+    // Writes resume on the new primary.
+    wait_acked(&load, acked_at_kill + 30).await;
+    // The old primary comes back by itself as a read-only replica of the new one.
+    eventually("web-01 rejoined as a replica", 90, || async {
+        let o = l.servers[0].status().observed?;
+        (o.read_only && o.io_running && o.sql_running).then_some(())
+    })
+    .await;
+    load.stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    stop_poll.store(true, Ordering::Relaxed);
+    let two_writable = poller.await.unwrap();
+    assert_eq!(two_writable, 0, "two servers were writable at once");
+    assert!(
+        load.failed.load(Ordering::Relaxed) > 0,
+        "the kill was never seen by a writer"
+    );
+
+    check_nothing_lost(&l.state, "web-02", &load).await;
+    // No errant transactions: the rejoined server catches up with everything.
+    let st = controller.status();
+    assert!(st.errant.is_empty(), "{st:?}");
+    assert_eq!(
+        (st.epoch, st.primary.as_str(), st.failovers),
+        (2, "web-02", 1)
+    );
+    let last = *load.acked.lock().unwrap().keys().last().unwrap();
+    eventually("web-01 has every acknowledged write", 30, || async {
+        let mut c = Conn::new(root(&l.state, "web-01")).await.ok()?;
+        let max: Option<u64> = c
+            .query_first("SELECT MAX(id) FROM foobar.guestbook")
+            .await
+            .ok()?;
+        (max? >= last).then_some(())
+    })
+    .await;
+    check_nothing_lost(&l.state, "web-01", &load).await;
+
+    controller.stop().await;
+    drop(app);
+    for s in &l.servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
+    if skip() {
+        return;
+    }
+    let l = lab("127.110.2", 23416).await;
+    let _reaper = Reaper(&l.state);
+    let ccfg = ControllerConfig::from_topology(&l.t, &l.state).unwrap();
+    let controller = start_controller(ccfg.clone()).unwrap();
+    let app = client(&l, "web-01").await;
+    eventually("semi-synchronous replication on", 60, || async {
+        (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
+    })
+    .await;
+
+    // Reads go to the replica while its lag is under 1 s, and read the client's own
+    // write at once (MASTER_GTID_WAIT on the write's GTID).
+    eventually("reads on web-02", 30, || async {
+        (app.info().await.ok()?.read_node == "web-02").then_some(())
+    })
+    .await;
+    let m = app.insert_message("ann", "mine").await.unwrap();
+    assert_eq!(app.list_messages(1).await.unwrap(), vec![m.clone()]);
+    // A replica whose SQL thread stopped falls behind the heartbeat: reads leave it.
+    let mut r = Conn::new(root(&l.state, "web-02")).await.unwrap();
+    r.query_drop("STOP SLAVE SQL_THREAD").await.unwrap();
+    eventually("reads on the primary while web-02 lags", 30, || async {
+        (app.info().await.ok()?.read_node == "web-01").then_some(())
+    })
+    .await;
+    let m2 = app.insert_message("ann", "while lagging").await.unwrap();
+    assert_eq!(app.list_messages(1).await.unwrap(), vec![m2.clone()]);
+    r.query_drop("START SLAVE SQL_THREAD").await.unwrap();
+    eventually("reads back on web-02", 30, || async {
+        (app.info().await.ok()?.read_node == "web-02").then_some(())
+    })
+    .await;
+
+    let load = Arc::new(Load::default());
+    let stop_poll = Arc::new(AtomicBool::new(false));
+    let poller = poll_writable(&l.state, stop_poll.clone());
+    let writer = write_load(app.clone(), load.clone());
+    wait_acked(&load, 20).await;
+    let next = switchover(ccfg.clone(), Some("web-02".into()))
+        .await
+        .unwrap();
+    assert_eq!((next.primary.as_str(), next.epoch), ("web-02", 2));
+    let n = load.acked.lock().unwrap().len();
+    wait_acked(&load, n + 20).await;
+    // And back.
+    let back = switchover(ccfg, None)
+        .await
+        .expect("switchover back to web-01");
+    assert_eq!((back.primary.as_str(), back.epoch), ("web-01", 3));
+    let n = load.acked.lock().unwrap().len();
+    wait_acked(&load, n + 20).await;
+    load.stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    stop_poll.store(true, Ordering::Relaxed);
+    assert_eq!(
+        poller.await.unwrap(),
+        0,
+        "two servers were writable at once"
+    );
+    check_nothing_lost(&l.state, "web-01", &load).await;
+    eventually("web-02 replicating from web-01", 30, || async {
+        let o = l.servers[1].status().observed?;
+        (o.read_only && o.io_running && o.sql_running).then_some(())
+    })
+    .await;
+    assert!(controller.status().errant.is_empty());
+
+    controller.stop().await;
+    drop(app);
+    for s in &l.servers {
+        s.stop().await;
+    }
+}
