@@ -178,6 +178,8 @@ pub struct MonitorConfig {
     pub retention_seconds: u64,
     /// Prometheus rule files loaded besides the built-in rules (`[alerts] rule_files`).
     pub rule_files: Vec<std::path::PathBuf>,
+    /// Email notifications (`[alerts.email]`).
+    pub email: Option<topology::EmailSettings>,
 }
 
 impl MonitorConfig {
@@ -203,6 +205,7 @@ impl MonitorConfig {
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
             retention_seconds: t.monitor_retention_seconds,
             rule_files: t.alert_rule_files.clone(),
+            email: t.alert_email.clone(),
         })
     }
 }

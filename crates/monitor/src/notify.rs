@@ -71,52 +71,260 @@ pub fn channel() -> (Notifier, mpsc::Receiver<Notification>) {
     )
 }
 
-/// Delivers queued notifications to every URL in `urls` with `client` until `stop`.
+/// When grouped notifications leave (after Alertmanager's route settings, with the
+/// group being one alert name on one host, `group_by: [alertname, host]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grouping {
+    /// How long a new group waits for more changes before its first notification
+    /// (Alertmanager `group_wait`; default 1 s, so one leaves within about 2 s of a rule's
+    /// `for` expiring with the 1 s evaluation).
+    pub group_wait: Duration,
+    /// The least time between two notifications of one group (`group_interval`; default
+    /// 2 s): a change sooner waits, and only the latest state is sent.
+    pub group_interval: Duration,
+    /// How often a still-firing alert is notified again (`repeat_interval`; default 4 h).
+    pub repeat_interval: Duration,
+}
+
+impl Default for Grouping {
+    fn default() -> Grouping {
+        Grouping {
+            group_wait: Duration::from_secs(1),
+            group_interval: Duration::from_secs(2),
+            repeat_interval: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+/// The most groups tracked at once; a notification for a new group beyond it is sent at
+/// once, ungrouped.
+pub const MAX_GROUPS: usize = 10_000;
+
+struct Group {
+    latest: Notification,
+    /// When the latest change is due to be sent.
+    due: Option<tokio::time::Instant>,
+    last_sent: Option<(tokio::time::Instant, Event)>,
+}
+
+/// The grouping state, on an explicit clock: changes go in with [`Grouper::offer`], due
+/// notifications come out of [`Grouper::take_due`].
+pub struct Grouper {
+    grouping: Grouping,
+    groups: std::collections::HashMap<(String, String), Group>,
+}
+
+impl Grouper {
+    /// No groups yet.
+    pub fn new(grouping: Grouping) -> Grouper {
+        Grouper {
+            grouping,
+            groups: Default::default(),
+        }
+    }
+
+    /// Takes a change at `now`. Returns it back when it must be sent at once (a new group
+    /// while [`MAX_GROUPS`] are tracked).
+    pub fn offer(&mut self, n: Notification, now: tokio::time::Instant) -> Option<Notification> {
+        let key = (n.alert.clone(), n.host.clone());
+        if !self.groups.contains_key(&key) && self.groups.len() >= MAX_GROUPS {
+            return Some(n);
+        }
+        let g = self.groups.entry(key).or_insert_with(|| Group {
+            latest: n.clone(),
+            due: None,
+            last_sent: None,
+        });
+        g.latest = n;
+        if g.due.is_none() {
+            g.due = Some(match g.last_sent {
+                None => now + self.grouping.group_wait,
+                Some((at, _)) => (at + self.grouping.group_interval).max(now),
+            });
+        }
+        None
+    }
+
+    /// The next time something is due (a change, or a repeat of a firing alert); `None`
+    /// when nothing is pending.
+    pub fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.groups
+            .values()
+            .filter_map(|g| {
+                g.due.or_else(|| match g.last_sent {
+                    Some((at, Event::Firing)) => Some(at + self.grouping.repeat_interval),
+                    _ => None,
+                })
+            })
+            .min()
+    }
+
+    /// The notifications due at `now`: each group's latest change once its wait is over
+    /// (a resolved alert whose firing was never sent — it flapped within `group_wait` —
+    /// is dropped), and firing alerts not sent for `repeat_interval`.
+    pub fn take_due(&mut self, now: tokio::time::Instant) -> Vec<Notification> {
+        let repeat = self.grouping.repeat_interval;
+        let mut out = Vec::new();
+        for g in self.groups.values_mut() {
+            let due = g.due.is_some_and(|d| d <= now);
+            let again = g.due.is_none()
+                && matches!(g.last_sent, Some((at, Event::Firing)) if at + repeat <= now);
+            if !(due || again) {
+                continue;
+            }
+            g.due = None;
+            let already = g.last_sent.map(|(_, e)| e);
+            if g.latest.event == Event::Resolved && already != Some(Event::Firing) {
+                g.last_sent = Some((now, Event::Resolved));
+                continue;
+            }
+            g.last_sent = Some((now, g.latest.event));
+            out.push(g.latest.clone());
+        }
+        self.groups
+            .retain(|_, g| g.due.is_some() || matches!(g.last_sent, Some((_, Event::Firing))));
+        out
+    }
+}
+
+/// Delivers queued notifications, grouped ([`Grouping`]), to every URL in `urls` with
+/// `client`, and by email when `email` is set, until `stop`.
 pub async fn deliver(
     mut rx: mpsc::Receiver<Notification>,
     client: reqwest::Client,
     urls: Vec<String>,
+    email: Option<topology::EmailSettings>,
     external_url: String,
     stop: CancellationToken,
 ) {
+    let mut grouper = Grouper::new(Grouping::default());
     loop {
-        let n = tokio::select! {
+        let now = tokio::time::Instant::now();
+        let next = grouper
+            .next_due()
+            .unwrap_or(now + Grouping::default().repeat_interval);
+        let out = tokio::select! {
             _ = stop.cancelled() => return,
-            n = rx.recv() => match n { Some(n) => n, None => return },
+            n = rx.recv() => {
+                let Some(n) = n else { return };
+                // the time it arrived, not the time the wait began
+                grouper.offer(n, tokio::time::Instant::now()).into_iter().collect::<Vec<_>>()
+            }
+            _ = tokio::time::sleep_until(next) => grouper.take_due(tokio::time::Instant::now()),
         };
-        let body = payload(&n, &external_url);
-        for url in &urls {
-            let mut delay = Duration::from_secs(1);
-            for attempt in 1..=3 {
-                let r = client
-                    .post(url)
-                    .timeout(Duration::from_secs(5))
-                    .json(&body)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status().is_success() => break,
-                    other => {
-                        let why = match other {
-                            Ok(r) => format!("HTTP {}", r.status()),
-                            Err(e) => e.to_string(),
-                        };
-                        if attempt == 3 {
-                            tracing::warn!(
-                                "webhook {url}: {} {} of {} not delivered: {why}",
-                                n.alert,
-                                event_str(n.event),
-                                n.host
-                            );
-                        } else {
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                        }
+        for n in out {
+            send_one(&client, &urls, email.as_ref(), &external_url, n).await;
+        }
+    }
+}
+
+/// Sends one notification by email (when set) and to every webhook (three tries each).
+async fn send_one(
+    client: &reqwest::Client,
+    urls: &[String],
+    email: Option<&topology::EmailSettings>,
+    external_url: &str,
+    n: Notification,
+) {
+    if let Some(e) = email {
+        if let Err(why) = send_email(e, &n, external_url).await {
+            tracing::warn!(
+                "email to {}: {} {} of {} not delivered: {why}",
+                e.to.join(", "),
+                n.alert,
+                event_str(n.event),
+                n.host
+            );
+        }
+    }
+    let body = payload(&n, external_url);
+    for url in urls {
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=3 {
+            let r = client
+                .post(url)
+                .timeout(Duration::from_secs(5))
+                .json(&body)
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => break,
+                other => {
+                    let why = match other {
+                        Ok(r) => format!("HTTP {}", r.status()),
+                        Err(e) => e.to_string(),
+                    };
+                    if attempt == 3 {
+                        tracing::warn!(
+                            "webhook {url}: {} {} of {} not delivered: {why}",
+                            n.alert,
+                            event_str(n.event),
+                            n.host
+                        );
+                    } else {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
                     }
                 }
             }
         }
     }
+}
+
+/// Seconds an SMTP exchange may take.
+pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Mails `n` through `e.smtp` (plain SMTP, RFC 5321, with lettre): subject
+/// `[FIRING] HighQPS on lb-01` / `[RESOLVED] …`, a text body with the value and times.
+///
+/// Errors: an address that does not parse, or the SMTP exchange failing (the message).
+pub async fn send_email(
+    e: &topology::EmailSettings,
+    n: &Notification,
+    external_url: &str,
+) -> Result<(), String> {
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    let (host, port) = e
+        .smtp
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("smtp {:?} is not host:port", e.smtp))?;
+    let status = event_str(n.event).to_uppercase();
+    let mut msg = Message::builder()
+        .from(
+            e.from
+                .parse()
+                .map_err(|x| format!("from {:?}: {x}", e.from))?,
+        )
+        .subject(format!("[{status}] {} on {}", n.alert, n.host));
+    for to in &e.to {
+        msg = msg.to(to.parse().map_err(|x| format!("to {to:?}: {x}"))?);
+    }
+    let value = n
+        .value
+        .map_or_else(|| "none".to_string(), |v| format!("{v:.3}"));
+    let body = format!(
+        "{} is {} on {}.\nvalue: {value}\nstarted: {}\n{}alerts: {external_url}api/v1/alerts\n",
+        n.alert,
+        event_str(n.event),
+        n.host,
+        rfc3339(n.starts_at),
+        if n.event == Event::Resolved {
+            format!("resolved: {}\n", rfc3339(n.at))
+        } else {
+            String::new()
+        },
+    );
+    let msg = msg.body(body).map_err(|x| x.to_string())?;
+    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        .port(port)
+        .timeout(Some(SMTP_TIMEOUT))
+        .build();
+    mailer
+        .send(msg)
+        .await
+        .map(|_| ())
+        .map_err(|x| x.to_string())
 }
 
 fn event_str(e: Event) -> &'static str {
@@ -187,6 +395,160 @@ pub fn payload(n: &Notification, external_url: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal SMTP receiver on loopback (RFC 5321's happy path): returns the DATA of
+    /// the first message.
+    async fn smtp_sink(listener: tokio::net::TcpListener) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"220 sink ESMTP\r\n").await.unwrap();
+        let mut data = String::new();
+        let mut in_data = false;
+        // bounded: at most 10 000 lines
+        for _ in 0..10_000 {
+            let Ok(Some(line)) = lines.next_line().await else {
+                break;
+            };
+            if in_data {
+                if line == "." {
+                    in_data = false;
+                    w.write_all(b"250 queued\r\n").await.unwrap();
+                } else {
+                    data.push_str(&line);
+                    data.push('\n');
+                }
+                continue;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" | "HELO" => b"250 sink\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                "QUIT" => {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                }
+                _ => b"250 ok\r\n",
+            };
+            w.write_all(reply).await.unwrap();
+        }
+        data
+    }
+
+    fn note(host: &str, event: Event, at: f64) -> Notification {
+        Notification {
+            alert: "HostDown".to_string(),
+            host: host.into(),
+            event,
+            value: Some(1.0),
+            starts_at: at,
+            at,
+        }
+    }
+
+    /// Grouping on an explicit clock: a flap within group_wait sends nothing; a firing
+    /// alert goes out after group_wait and again after repeat_interval; a change soon
+    /// after a notification waits for group_interval.
+    #[test]
+    fn grouping_waits_collapses_and_repeats() {
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut g = Grouper::new(Grouping {
+            group_wait: Duration::from_secs(1),
+            group_interval: Duration::from_secs(2),
+            repeat_interval: Duration::from_secs(60),
+        });
+        let hosts = |v: Vec<Notification>| -> Vec<(String, Event)> {
+            v.into_iter().map(|n| (n.host, n.event)).collect()
+        };
+        assert_eq!(g.next_due(), None);
+        assert!(g.offer(note("web-02", Event::Firing, 0.0), at(0)).is_none());
+        assert!(g
+            .offer(note("web-02", Event::Resolved, 0.0), at(0))
+            .is_none());
+        assert!(g.offer(note("web-01", Event::Firing, 0.0), at(0)).is_none());
+        assert_eq!(g.next_due(), Some(at(1)));
+        assert!(g.take_due(at(0)).is_empty(), "group_wait not over");
+        assert_eq!(
+            hosts(g.take_due(at(1))),
+            [("web-01".to_string(), Event::Firing)],
+            "web-02 flapped: nothing"
+        );
+        // resolved half a second later: waits for group_interval after the last send
+        g.offer(
+            note("web-01", Event::Resolved, 1.5),
+            at(1) + Duration::from_millis(500),
+        );
+        assert_eq!(g.next_due(), Some(at(3)));
+        assert!(g.take_due(at(2)).is_empty());
+        assert_eq!(
+            hosts(g.take_due(at(3))),
+            [("web-01".to_string(), Event::Resolved)]
+        );
+        assert_eq!(g.next_due(), None, "resolved groups are forgotten");
+        // a lasting alert is repeated
+        g.offer(note("web-03", Event::Firing, 10.0), at(10));
+        assert_eq!(
+            hosts(g.take_due(at(11))),
+            [("web-03".to_string(), Event::Firing)]
+        );
+        assert_eq!(g.next_due(), Some(at(71)));
+        assert!(g.take_due(at(70)).is_empty());
+        assert_eq!(
+            hosts(g.take_due(at(71))),
+            [("web-03".to_string(), Event::Firing)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_notification_is_mailed_over_smtp() {
+        let listener = tokio::net::TcpListener::bind("127.111.0.1:0")
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sink = tokio::spawn(smtp_sink(listener));
+        let settings = topology::EmailSettings {
+            smtp: format!("127.111.0.1:{port}"),
+            from: "rampart@foobar.com".into(),
+            to: vec!["ops@foobar.com".into(), "oncall@foobar.com".into()],
+        };
+        let n = Notification {
+            alert: "HostDown".to_string(),
+            host: "web-01".into(),
+            event: Event::Firing,
+            value: Some(12.0),
+            starts_at: 1_700_000_000.0,
+            at: 1_700_000_000.0,
+        };
+        send_email(&settings, &n, "https://mon-01:9090/")
+            .await
+            .unwrap();
+        let data = tokio::time::timeout(Duration::from_secs(10), sink)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            data.contains("Subject: [FIRING] HostDown on web-01"),
+            "{data}"
+        );
+        assert!(
+            data.contains("To: ops@foobar.com, oncall@foobar.com"),
+            "{data}"
+        );
+        assert!(data.contains("value: 12.000"), "{data}");
+        // nothing listening: an error, not a hang
+        let closed = topology::EmailSettings {
+            smtp: format!("127.111.0.1:{port}"),
+            ..settings
+        };
+        assert!(send_email(&closed, &n, "https://mon-01:9090/")
+            .await
+            .is_err());
+    }
 
     #[test]
     fn the_payload_is_alertmanagers() {

@@ -218,7 +218,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .with_alerting_rules(alerting)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
-    if !cfg.webhook_urls.is_empty() {
+    if !cfg.webhook_urls.is_empty() || cfg.email.is_some() {
         let (notifier, rx) = crate::notify::channel();
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(pki::ca_client_config(&cfg.pki)?)
@@ -229,6 +229,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
             rx,
             client,
             cfg.webhook_urls.clone(),
+            cfg.email.clone(),
             external,
             tasks.token(),
         ));

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod agent_cmd;
+mod alerts_cmd;
 mod db_cmd;
 mod lb_cmd;
 mod monitor_cmd;
@@ -120,6 +121,17 @@ enum Cmd {
     /// (new requests use them, requests in flight finish). Sends SIGHUP to the lab's load
     /// balancer nodes, or to the standalone `rampart lb` of --pid-file.
     Reload(reload_cmd::ReloadArgs),
+    /// The monitoring service's active alerts (pending and firing).
+    Alerts {
+        /// One JSON array (Prometheus' alert objects).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Silences: suppress the notifications of matching alerts for a while.
+    Silence {
+        #[command(subcommand)]
+        command: alerts_cmd::SilenceCmd,
+    },
     /// Run the monitoring agent alone: host metrics on /metrics (like node_exporter),
     /// optionally pushed to a monitoring service, e.g. `rampart agent --listen
     /// 0.0.0.0:9100` or `rampart agent --push https://mon-01:9090/api/v1/push --cert
@@ -396,6 +408,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("running ip netns exec: {err}"))
         }
         Cmd::Fw { command } => fw(&state, command),
+        Cmd::Alerts { json } => alerts_cmd::alerts(&state, json),
+        Cmd::Silence { command } => alerts_cmd::silence(&state, command),
         Cmd::Reload(args) => reload_cmd::run(&state, args),
         Cmd::Db { command } => db_cmd::run(&state, command),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),

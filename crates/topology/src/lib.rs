@@ -20,7 +20,7 @@ pub use error::ConfigError;
 pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
     default_response_headers, parse_duration_seconds, AcmeSettings, AlertRule, CertPaths, Database,
-    DbEngine, Failover, HealthCheck, Host, Ports, Role, Site, SiteTls, Topology,
+    DbEngine, EmailSettings, Failover, HealthCheck, Host, Ports, Role, Site, SiteTls, Topology,
     DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
 };
 pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};

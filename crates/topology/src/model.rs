@@ -319,9 +319,23 @@ struct FirewallOut<'a> {
     allow: &'a [crate::ExtraRule],
 }
 
+/// Where alert notifications are mailed (`[alerts.email]`): plain SMTP (no TLS, no
+/// authentication: a relay on the monitor's network), RFC 5321.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EmailSettings {
+    /// The SMTP server, `host:port`.
+    pub smtp: String,
+    /// The sender address.
+    pub from: String,
+    /// Recipients (at least one).
+    pub to: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct AlertsOut<'a> {
     webhook_urls: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a EmailSettings>,
     rule_files: &'a [std::path::PathBuf],
     qps: &'a AlertRule,
     firewall_drops: DropAlertOut,
@@ -364,6 +378,8 @@ pub struct Topology {
     /// its built-in rules, relative paths resolved against the topology file's directory.
     /// Default none.
     pub alert_rule_files: Vec<std::path::PathBuf>,
+    /// Alert notifications by email (`[alerts.email] smtp, from, to`). Default none.
+    pub alert_email: Option<EmailSettings>,
     /// Seconds of history the monitoring service keeps (`[monitor] retention`, a
     /// Prometheus-style duration such as `"24h"`, `"90m"`, `"2d"`; at least one minute).
     /// Default 24 h.
@@ -473,6 +489,7 @@ impl Topology {
             health_check: &self.health_check,
             alerts: AlertsOut {
                 webhook_urls: &self.webhook_urls,
+                email: self.alert_email.as_ref(),
                 rule_files: &self.alert_rule_files,
                 qps: &self.qps_alert,
                 firewall_drops: DropAlertOut {
@@ -834,6 +851,37 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         .into_iter()
         .map(|p| if p.is_relative() { base_dir.join(p) } else { p })
         .collect();
+    let alert_email = match raw.alerts.email {
+        None => None,
+        Some(e) => {
+            let port_ok = e
+                .smtp
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(err(
+                    file,
+                    "alerts.email.smtp",
+                    format!("{:?} is not host:port", e.smtp),
+                    "e.g. smtp = \"10.80.0.1:25\"",
+                ));
+            }
+            let addr_ok = |a: &String| a.contains('@') && !a.chars().any(|c| c.is_whitespace());
+            if !addr_ok(&e.from) || e.to.is_empty() || !e.to.iter().all(addr_ok) {
+                return Err(err(
+                    file,
+                    "alerts.email",
+                    "from must be an address and to a list of at least one address",
+                    "e.g. from = \"rampart@foobar.com\", to = [\"ops@foobar.com\"]",
+                ));
+            }
+            Some(EmailSettings {
+                smtp: e.smtp,
+                from: e.from,
+                to: e.to,
+            })
+        }
+    };
     let monitor_retention_seconds = match raw.monitor.retention.as_deref() {
         None => 86_400,
         Some(text) => match parse_duration_seconds(text) {
@@ -1039,6 +1087,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         drop_alert,
         webhook_urls,
         alert_rule_files,
+        alert_email,
         monitor_retention_seconds,
         database,
         operator_sources,
@@ -1324,7 +1373,18 @@ mod tests {
                 );
             Topology::parse(&text, "conf/rampart.toml")
         };
-        let t = with("[monitor]\nretention = \"2d\"").unwrap();
+        let t = with("[monitor]\nretention = \"2d\"\n[alerts.email]\nsmtp = \"127.0.0.1:25\"\nfrom = \"r@x\"\nto = [\"o@x\"]").unwrap();
+        assert_eq!(
+            t.alert_email.as_ref().map(|e| e.smtp.as_str()),
+            Some("127.0.0.1:25")
+        );
+        assert_eq!(
+            Topology::parse(&t.to_toml(), "x").unwrap().alert_email,
+            t.alert_email
+        );
+        let e =
+            with("[alerts.email]\nsmtp = \"nohost\"\nfrom = \"r@x\"\nto = [\"o@x\"]").unwrap_err();
+        assert!(e.to_string().contains("alerts.email.smtp"), "{e}");
         assert_eq!(t.monitor_retention_seconds, 172_800);
         assert_eq!(
             t.alert_rule_files,

@@ -191,8 +191,18 @@ pub(crate) struct RawHealthCheck {
 pub(crate) struct RawAlerts {
     pub webhook_urls: Option<Vec<String>>,
     pub rule_files: Option<Vec<std::path::PathBuf>>,
+    pub email: Option<RawEmail>,
     pub qps: Option<RawQpsAlert>,
     pub firewall_drops: Option<RawDropAlert>,
+}
+
+/// `[alerts.email]`: notifications by SMTP.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEmail {
+    pub smtp: String,
+    pub from: String,
+    pub to: Vec<String>,
 }
 
 /// `[monitor]`: the monitoring service's store.
