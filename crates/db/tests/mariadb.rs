@@ -133,11 +133,18 @@ async fn client(t: &Topology, host: &str, state: &Path) -> DbClient {
 /// Waits until reads go to the replica: its replication threads run and it has received
 /// the application account from the primary.
 async fn reads_from_replica(app: &DbClient, replica: &db::DbServer) {
-    eventually("reads served by web-02", || async {
-        let info = app.info().await.ok()?;
-        (replica.status().healthy && info.read_node == "web-02").then_some(())
-    })
-    .await;
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        let info = app.info().await;
+        let status = replica.status();
+        if status.healthy && matches!(&info, Ok(i) if i.read_node == "web-02") {
+            return;
+        }
+        last = format!("client info {info:?}; replica status {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("reads served by web-02: not within 60 s; last seen: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

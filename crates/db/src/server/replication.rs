@@ -110,7 +110,47 @@ fn current_primary(cfg: &ServerConfig) -> Option<SocketAddr> {
 /// Transaction ID"). Leaves `read_only` as it is (ON on every server but the primary).
 ///
 /// Errors: [`DbError::Mysql`] or [`DbError::Timeout`] from a statement.
+///
+/// The node (after a start or restart) and the failover controller (repointing replicas)
+/// may both run this against one server at once; the whole sequence holds the server's
+/// named lock [`POINT_LOCK`] (`GET_LOCK`, MariaDB KB "GET_LOCK"), so one `CHANGE MASTER
+/// TO` never lands between the other's `STOP SLAVE` and `START SLAVE` (error 1198).
 pub(crate) async fn point_at_primary(
+    host: &str,
+    admin: &mut Conn,
+    own_address: IpAddr,
+    egress_port: u16,
+    creds: &Credentials,
+) -> Result<(), DbError> {
+    let sql = format!(
+        "SELECT GET_LOCK('{POINT_LOCK}', {})",
+        ADMIN_TIMEOUT.as_secs()
+    );
+    let got: Option<Option<i64>> = tokio::time::timeout(
+        ADMIN_TIMEOUT + std::time::Duration::from_secs(1),
+        admin.query_first(sql),
+    )
+    .await
+    .map_err(|_| DbError::Timeout {
+        what: format!("waiting for the replication set-up lock on {host}"),
+        seconds: ADMIN_TIMEOUT.as_secs(),
+    })?
+    .map_err(|e| DbError::mysql(host, e))?;
+    if got.flatten() != Some(1) {
+        return Err(DbError::Timeout {
+            what: format!("waiting for the replication set-up lock on {host}"),
+            seconds: ADMIN_TIMEOUT.as_secs(),
+        });
+    }
+    let result = point_at_primary_locked(host, admin, own_address, egress_port, creds).await;
+    let _ = admin_exec(host, admin, &format!("DO RELEASE_LOCK('{POINT_LOCK}')")).await;
+    result
+}
+
+/// The name of the lock [`point_at_primary`] holds on the server it sets up.
+pub(crate) const POINT_LOCK: &str = "rampart_point_at_primary";
+
+async fn point_at_primary_locked(
     host: &str,
     admin: &mut Conn,
     own_address: IpAddr,
