@@ -31,11 +31,14 @@ use topology::{AlertRule, Role, Topology};
 
 mod agent;
 pub mod alert;
+pub mod chunk;
 pub mod collect;
 pub mod export;
 pub mod exposition;
 pub mod negotiate;
 pub mod notify;
+mod promapi;
+pub mod promql;
 pub mod push;
 pub mod remote_write;
 mod serve;
@@ -166,6 +169,10 @@ pub struct MonitorConfig {
     pub snapshot: Option<std::path::PathBuf>,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
+    /// Seconds of history the store keeps (`[monitor] retention`).
+    pub retention_seconds: u64,
+    /// Prometheus rule files loaded besides the built-in rules (`[alerts] rule_files`).
+    pub rule_files: Vec<std::path::PathBuf>,
 }
 
 impl MonitorConfig {
@@ -189,6 +196,8 @@ impl MonitorConfig {
             webhook_urls: t.webhook_urls.clone(),
             snapshot: None,
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
+            retention_seconds: t.monitor_retention_seconds,
+            rule_files: t.alert_rule_files.clone(),
         })
     }
 }

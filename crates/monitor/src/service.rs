@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,8 +20,9 @@ use serde_json::json;
 use topology::{AlertRule, Service};
 
 use crate::alert::{Alert, Event, State as AlertState};
+use crate::promapi;
 use crate::serve::{self, Peer};
-use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST, RETENTION_SECONDS};
+use crate::store::{Ingested, Rate, Refused, Store, MAX_SERIES_PER_HOST};
 use crate::{exposition, unix_now, MonitorConfig, MonitorError, REQUESTS_METRIC};
 
 /// The largest push body accepted, in bytes; larger ones get `413 Payload Too Large`.
@@ -212,6 +213,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .map_err(|source| MonitorError::Bind { addr: bind, source })?;
     let tasks = ::serve::RoleTasks::new();
     let mut state = MonitorState::new(cfg.rule, cfg.agent_hosts)
+        .with_retention(cfg.retention_seconds as f64)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
     if !cfg.webhook_urls.is_empty() {
@@ -362,8 +364,9 @@ impl RangeQuery {
     pub const DEFAULT_SECONDS: u64 = 300;
     /// Seconds between points when the query names none: one per agent push.
     pub const DEFAULT_STEP_SECONDS: u64 = 1;
-    /// The longest range, seconds: the store's retention; older samples are gone.
-    pub const MAX_SECONDS: u64 = RETENTION_SECONDS as u64;
+    /// The longest range, seconds: the dashboard's 15 minutes (longer ranges go through
+    /// `/api/v1/query_range`).
+    pub const MAX_SECONDS: u64 = 900;
     /// The longest step, seconds.
     pub const MAX_STEP_SECONDS: u64 = 60;
     /// The most points per host one query returns. The bounds on `seconds` and `step` keep
@@ -449,6 +452,12 @@ impl MonitorState {
         }
     }
 
+    /// Keeps `seconds` of history (default [`crate::store::DEFAULT_RETENTION_SECONDS`]).
+    pub fn with_retention(self, seconds: f64) -> MonitorState {
+        self.lock().store = Store::with_retention(seconds);
+        self
+    }
+
     /// Sends every firing and resolved alert to `notifier` as well.
     pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> MonitorState {
         self.notifier = Some(notifier);
@@ -500,7 +509,8 @@ impl MonitorState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
-        let store = Store::decode_snapshot(&bytes, now)?;
+        let retention = self.lock().store.retention();
+        let store = Store::decode_snapshot(&bytes, now, retention)?;
         let series = self.agent_hosts.iter().map(|h| store.series_count(h)).sum();
         self.lock().store = store;
         Ok(Some(series))
@@ -535,7 +545,7 @@ impl MonitorState {
                 .store
                 .series(BACKEND_UP_METRIC, Some(host))
                 .into_iter()
-                .filter_map(|s| s.ring.points().last().map(|(_, v)| v))
+                .filter_map(|s| s.samples.last().map(|(_, v)| v))
                 .collect()
         };
         match kind {
@@ -855,6 +865,60 @@ impl MonitorState {
         })
     }
 
+    /// The `/api/v1/rules` data: one group `rampart` (evaluated every second) holding
+    /// HighQPS and the built-in rules as Prometheus alerting rules, each with its alerts.
+    pub fn rules_json(&self) -> serde_json::Value {
+        let doc = self.alerts_json();
+        let active = doc["active"].as_array().cloned().unwrap_or_default();
+        let mut rules = vec![(
+            ALERT_NAME,
+            doc["rule"]["expr"].clone(),
+            self.rule.for_seconds,
+            self.rule.clear_for_seconds,
+        )];
+        for (kind, r) in &self.rules {
+            rules.push((
+                kind.name(),
+                json!(kind.expr(r)),
+                r.for_seconds,
+                r.clear_for_seconds,
+            ));
+        }
+        let now = crate::notify::rfc3339(unix_now());
+        let rules: Vec<serde_json::Value> = rules
+            .into_iter()
+            .map(|(name, expr, for_s, keep)| {
+                let alerts: Vec<serde_json::Value> = active
+                    .iter()
+                    .filter(|a| a["alert"] == name)
+                    .map(prom_alert)
+                    .collect();
+                let state = if alerts.iter().any(|a| a["state"] == "firing") {
+                    "firing"
+                } else if alerts.is_empty() {
+                    "inactive"
+                } else {
+                    "pending"
+                };
+                json!({
+                    "type": "alerting",
+                    "name": name,
+                    "query": expr,
+                    "duration": for_s,
+                    "keepFiringFor": keep,
+                    "labels": {},
+                    "annotations": {},
+                    "alerts": alerts,
+                    "state": state,
+                    "health": "ok",
+                    "lastEvaluation": now,
+                    "evaluationTime": 0,
+                })
+            })
+            .collect();
+        json!({"groups": [{"name": "rampart", "file": "built-in", "interval": 1, "rules": rules}]})
+    }
+
     fn rule_json(&self) -> serde_json::Value {
         let r = &self.rule;
         json!({
@@ -888,7 +952,16 @@ pub fn app(state: Arc<MonitorState>) -> Router {
         .route("/api/v1/qps", get(qps))
         .route("/api/v1/qps_range", get(qps_range))
         .route("/api/v1/alerts", get(alerts))
-        .route("/api/v1/series", get(series))
+        .route("/api/v1/series", get(series).post(series))
+        .route("/api/v1/query", get(prom_query).post(prom_query))
+        .route(
+            "/api/v1/query_range",
+            get(prom_query_range).post(prom_query_range),
+        )
+        .route("/api/v1/labels", get(prom_labels).post(prom_labels))
+        .route("/api/v1/label/{name}/values", get(prom_label_values))
+        .route("/api/v1/rules", get(prom_rules))
+        .route("/api/v1/status/buildinfo", get(prom_buildinfo))
         .route("/api/v1/ingest", get(ingest_report))
         .route_layer(middleware::from_fn(require_admin));
     Router::new()
@@ -1023,33 +1096,134 @@ async fn ingest_report(State(st): State<Arc<MonitorState>>) -> Json<serde_json::
     }))
 }
 
+/// `/api/v1/alerts`: Prometheus' envelope (`status`, `data.alerts[]` with `labels`,
+/// `annotations`, `state`, `activeAt`, `value`) plus Rampart's own keys (`rule`, `alerts`
+/// per host, `rules`, `active`, `history`, `firewall_drops`) beside it.
 async fn alerts(State(st): State<Arc<MonitorState>>) -> Json<serde_json::Value> {
-    Json(st.alerts_json())
+    let mut doc = st.alerts_json();
+    let prom: Vec<serde_json::Value> = doc["active"]
+        .as_array()
+        .map(|a| a.iter().map(prom_alert).collect())
+        .unwrap_or_default();
+    doc["status"] = json!("success");
+    doc["data"] = json!({ "alerts": prom });
+    Json(doc)
 }
 
-/// Query of `/api/v1/series`.
-#[derive(Debug, Deserialize)]
-struct SeriesQuery {
-    name: String,
-    host: Option<String>,
+/// One entry of `active` as a Prometheus alert.
+fn prom_alert(a: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "labels": {
+            "alertname": a["alert"],
+            "host": a["host"],
+            "instance": a["host"],
+            "job": crate::store::JOB,
+        },
+        "annotations": {},
+        "state": a["state"],
+        "activeAt": crate::notify::rfc3339(a["since"].as_f64().unwrap_or(0.0)),
+        "value": promapi::fmt_value(a["value"].as_f64().unwrap_or(f64::NAN)),
+    })
 }
 
+/// `/api/v1/series`: with `match[]` (or without `name`), Prometheus' series endpoint;
+/// with `name=` (and optional `host=`), the stored samples of the last 15 minutes of the
+/// series with that name: `{"series":[{"name","host","labels","samples":[[t, v], ...]}]}`.
 async fn series(
     State(st): State<Arc<MonitorState>>,
-    Query(q): Query<SeriesQuery>,
-) -> Json<serde_json::Value> {
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let p = match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => p,
+        Err(e) => return promapi::bad(&e),
+    };
+    let now = unix_now();
+    let Some(name) = p.get("name").filter(|_| p.get("match[]").is_none()) else {
+        return promapi::series(|since| st.lock().store.all_series_labels(since), &p, now);
+    };
     let inner = st.lock();
     let series: Vec<_> = inner
         .store
-        .series(&q.name, q.host.as_deref())
+        .series(name, p.get("host"))
         .into_iter()
         .map(|s| {
             let labels: BTreeMap<_, _> = s.labels.iter().cloned().collect();
-            let samples: Vec<[f64; 2]> = s.ring.points().map(|(t, v)| [t, v]).collect();
-            json!({ "name": q.name, "host": s.host, "labels": labels, "samples": samples })
+            let samples: Vec<[f64; 2]> = s
+                .samples
+                .between(now - RangeQuery::MAX_SECONDS as f64, now)
+                .map(|(t, v)| [t, v])
+                .collect();
+            json!({ "name": name, "host": s.host, "labels": labels, "samples": samples })
         })
         .collect();
-    Json(json!({ "series": series }))
+    Json(json!({ "series": series })).into_response()
+}
+
+/// `GET|POST /api/v1/query` (Prometheus instant query).
+async fn prom_query(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::instant_query(&st.lock().store, &p, unix_now()),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET|POST /api/v1/query_range` (Prometheus range query).
+async fn prom_query_range(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::range_query(&st.lock().store, &p),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET|POST /api/v1/labels`.
+async fn prom_labels(
+    State(st): State<Arc<MonitorState>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    match promapi::Params::from_request(&method, &uri, &body) {
+        Ok(p) => promapi::labels(|s| st.lock().store.all_series_labels(s), &p, unix_now()),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET /api/v1/label/<name>/values`.
+async fn prom_label_values(
+    State(st): State<Arc<MonitorState>>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Response {
+    match promapi::Params::from_request(&Method::GET, &uri, &Bytes::new()) {
+        Ok(p) => promapi::label_values(
+            |s| st.lock().store.all_series_labels(s),
+            &name,
+            &p,
+            unix_now(),
+        ),
+        Err(e) => promapi::bad(&e),
+    }
+}
+
+/// `GET /api/v1/rules`: every rule as a Prometheus alerting rule in one group.
+async fn prom_rules(State(st): State<Arc<MonitorState>>) -> Response {
+    promapi::success(st.rules_json())
+}
+
+async fn prom_buildinfo() -> Response {
+    promapi::buildinfo()
 }
 
 async fn healthz(peer: Option<Extension<Peer>>) -> Response {
@@ -1565,6 +1739,9 @@ mod tests {
     async fn refusals_are_answered_and_reported() {
         let st = state();
         push_as(&st, "lb-01", body(Some(500.0), "10")).await;
+        // Samples are kept at millisecond resolution: a second push within the same
+        // millisecond would be out of order.
+        tokio::time::sleep(Duration::from_millis(3)).await;
         let doc = push_as(&st, "lb-01", body(Some(500.0), "NaN")).await;
         assert_eq!(
             doc,
@@ -1577,6 +1754,157 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(doc["series_budget"], MAX_SERIES_PER_HOST);
         assert_eq!(doc["hosts"]["lb-01"]["rejected_samples"]["non_finite"], 1);
+    }
+
+    /// The Prometheus HTTP API: envelopes, result types and errors as documented.
+    #[tokio::test]
+    async fn the_prometheus_api_answers_like_prometheus() {
+        let st = state();
+        let t0 = unix_now() - 120.0;
+        for i in 0..=100 {
+            let t = t0 + f64::from(i);
+            let text = format!(
+                "rampart_http_requests_total{{code=\"2xx\"}} {}\n\
+                 rampart_http_requests_total{{code=\"5xx\"}} {}\n\
+                 rampart_backend_up{{backend=\"web-01\"}} 1\n",
+                20 * i,
+                i
+            );
+            st.ingest("lb-01", t, &text).unwrap();
+        }
+        let get = |uri: String, who: Option<Identity>| {
+            let (st, r) = (st.clone(), req("GET", &uri, who, ""));
+            async move {
+                let resp = app(st).oneshot(r).await.unwrap();
+                let code = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (
+                    code,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+                )
+            }
+        };
+        let admin = || Some(Identity::Admin);
+        let enc = |q: &str| {
+            q.replace(' ', "%20")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('"', "%22")
+                .replace('[', "%5B")
+                .replace(']', "%5D")
+                .replace('=', "%3D")
+                .replace('+', "%2B")
+        };
+        let at = t0 + 100.0;
+        let (code, doc) = get(
+            format!(
+                "/api/v1/query?query={}&time={at}",
+                enc("sum by (instance) (rate(rampart_http_requests_total[30s]))")
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        assert_eq!(doc["status"], "success");
+        assert_eq!(doc["data"]["resultType"], "vector");
+        let r = &doc["data"]["result"][0];
+        assert_eq!(r["metric"], json!({"instance": "lb-01"}));
+        assert_eq!(r["value"][0].as_f64(), Some((at * 1000.0).round() / 1000.0));
+        let qps: f64 = r["value"][1].as_str().unwrap().parse().unwrap();
+        assert!((qps - 21.0).abs() < 1e-6, "{qps}");
+        // a scalar
+        let (_, doc) = get(
+            format!("/api/v1/query?query={}&time={at}", enc("1 + 1")),
+            admin(),
+        )
+        .await;
+        assert_eq!(
+            doc["data"],
+            json!({"resultType": "scalar", "result": [(at * 1000.0).round() / 1000.0, "2"]})
+        );
+        // a range: one point every 10 s over 60 s
+        let (code, doc) = get(
+            format!(
+                "/api/v1/query_range?query={}&start={}&end={at}&step=10s",
+                enc("rampart_backend_up"),
+                at - 60.0
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{doc}");
+        assert_eq!(doc["data"]["resultType"], "matrix");
+        let r = &doc["data"]["result"][0];
+        assert_eq!(r["metric"]["__name__"], "rampart_backend_up");
+        assert_eq!(r["metric"]["job"], "rampart");
+        assert_eq!(r["values"].as_array().unwrap().len(), 7);
+        assert_eq!(r["values"][0][1], "1");
+        // series, labels, label values
+        let (_, doc) = get(
+            format!(
+                "/api/v1/series?match[]={}",
+                enc(r#"rampart_http_requests_total{code="5xx"}"#)
+            ),
+            admin(),
+        )
+        .await;
+        assert_eq!(
+            doc["data"],
+            json!([{"__name__": "rampart_http_requests_total", "code": "5xx", "instance": "lb-01", "job": "rampart"}])
+        );
+        let (_, doc) = get("/api/v1/labels".into(), admin()).await;
+        assert_eq!(
+            doc["data"],
+            json!(["__name__", "backend", "code", "instance", "job"])
+        );
+        let (_, doc) = get("/api/v1/label/code/values".into(), admin()).await;
+        assert_eq!(doc["data"], json!(["2xx", "5xx"]));
+        // errors
+        for (q, needle) in [
+            (
+                format!("/api/v1/query?query={}", enc("sum(")),
+                "parenthesis",
+            ),
+            (
+                format!("/api/v1/query?query={}", enc("topk(1, rampart_backend_up)")),
+                "topk",
+            ),
+            ("/api/v1/query?query=up&time=yesterday".to_string(), "time"),
+            (
+                "/api/v1/query_range?query=up&start=0&end=11000&step=1".to_string(),
+                "11000",
+            ),
+            (
+                "/api/v1/query_range?query=up&start=0&end=10".to_string(),
+                "step",
+            ),
+            ("/api/v1/series".to_string(), "match[]"),
+        ] {
+            let (code, doc) = get(q.clone(), admin()).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{q}: {doc}");
+            assert_eq!(doc["status"], "error");
+            assert_eq!(doc["errorType"], "bad_data");
+            assert!(
+                doc["error"].as_str().unwrap().contains(needle),
+                "{q}: {doc}"
+            );
+        }
+        // rules, alerts, buildinfo; admin only
+        let (_, doc) = get("/api/v1/rules".into(), admin()).await;
+        assert_eq!(doc["data"]["groups"][0]["rules"][0]["name"], ALERT_NAME);
+        assert_eq!(doc["data"]["groups"][0]["rules"][0]["type"], "alerting");
+        let (_, doc) = get("/api/v1/alerts".into(), admin()).await;
+        assert_eq!(doc["status"], "success");
+        assert!(doc["data"]["alerts"].is_array());
+        assert!(doc["alerts"].is_array(), "the per-host QPS alerts stay");
+        let (_, doc) = get("/api/v1/status/buildinfo".into(), admin()).await;
+        assert_eq!(doc["status"], "success");
+        let (code, _) = get(
+            "/api/v1/query?query=up".into(),
+            Some(Identity::Host("lb-01".into())),
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
     }
 
     /// A push's timestamps are milliseconds: a spooled sample lands at its own second.
@@ -1596,7 +1924,7 @@ mod tests {
         assert_eq!(got.stored, 1);
         let inner = st.lock();
         let pts: Vec<_> = inner.store.series(REQUESTS_METRIC, None)[0]
-            .ring
+            .samples
             .points()
             .collect();
         assert_eq!(pts, [(T0 + 0.5, 7.0)]);

@@ -6,16 +6,23 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::chunk::Chunk;
 use crate::exposition::{Labels, Sample};
 
-/// Samples kept per series: 15 minutes at one push per second.
-pub const RING_CAPACITY: usize = 900;
-/// Seconds after its last sample a series (or a host's push record) is dropped.
-pub const RETENTION_SECONDS: f64 = 900.0;
+/// Samples per compressed chunk: four minutes at one push per second (Prometheus' TSDB
+/// cuts chunks at 120 samples; longer chunks spread the 16-byte head over more samples).
+pub const CHUNK_SAMPLES: usize = 240;
+/// The default retention, seconds (24 h; `[monitor] retention` in the topology): older
+/// samples are dropped, a chunk at a time, and a series or host silent that long is
+/// forgotten.
+pub const DEFAULT_RETENTION_SECONDS: f64 = 86_400.0;
+/// Seconds between two passes dropping what is older than the retention.
+pub const EXPIRE_INTERVAL_SECONDS: f64 = 10.0;
 /// Each agent host's series budget: the most series the store keeps for one host. A
 /// sample of a new series beyond it is refused ([`Refused::SeriesBudget`]); the host's
-/// existing series keep being updated. At [`RING_CAPACITY`] points of 16 bytes a full
-/// budget holds about 29 MB per host.
+/// existing series keep being updated. With 24 h of one-second samples at about 1.5 bytes
+/// each, a full budget holds about 260 MB per host; a typical agent pushes a few hundred
+/// series.
 pub const MAX_SERIES_PER_HOST: usize = 2_000;
 
 /// A series of one host: metric name and labels sorted by name.
@@ -29,7 +36,7 @@ pub struct SeriesRef<'a> {
     /// Labels sorted by name.
     pub labels: &'a [(String, String)],
     /// The samples.
-    pub ring: &'a Ring,
+    pub samples: &'a Samples,
 }
 
 /// Why a whole push was not stored (it is malformed; single bad samples are
@@ -41,34 +48,102 @@ pub enum IngestError {
     DuplicateSeries(String),
 }
 
-/// The samples of one series, oldest first, at most [`RING_CAPACITY`].
+/// The samples of one series, oldest first, in compressed [`Chunk`]s of at most
+/// [`CHUNK_SAMPLES`] samples, times rounded to milliseconds.
 #[derive(Debug, Clone, Default)]
-pub struct Ring {
-    points: VecDeque<(f64, f64)>,
+pub struct Samples {
+    sealed: VecDeque<Chunk>,
+    head: Chunk,
 }
 
-impl Ring {
+/// Seconds to the store's millisecond times.
+fn to_ms(t: f64) -> i64 {
+    (t * 1000.0).round() as i64
+}
+
+fn to_s(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+impl Samples {
     fn push(&mut self, t: f64, v: f64) {
-        if self.points.len() == RING_CAPACITY {
-            self.points.pop_front();
+        if self.head.len() >= CHUNK_SAMPLES {
+            let mut full = std::mem::take(&mut self.head);
+            full.shrink_to_fit();
+            self.sealed.push_back(full);
         }
-        self.points.push_back((t, v));
+        self.head.append(to_ms(t), v);
+    }
+
+    fn chunks(&self) -> impl DoubleEndedIterator<Item = &Chunk> + '_ {
+        self.sealed.iter().chain(std::iter::once(&self.head))
     }
 
     /// `(time seconds, value)` pairs, oldest first.
     pub fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
-        self.points.iter().copied()
+        self.chunks()
+            .flat_map(|c| c.iter())
+            .map(|(t, v)| (to_s(t), v))
     }
 
-    /// Points with `since <= t <= until`, oldest first.
-    fn between(&self, since: f64, until: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
-        let start = self.points.partition_point(|&(t, _)| t < since);
-        let end = self.points.partition_point(|&(t, _)| t <= until).max(start);
-        self.points.range(start..end).copied()
+    /// Points with `since <= t <= until`, oldest first; only the chunks overlapping the
+    /// range are decoded.
+    pub fn between(&self, since: f64, until: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
+        let (lo, hi) = (to_ms(since), to_ms(until));
+        self.chunks()
+            .filter(move |c| {
+                c.first_time().is_some_and(|f| f <= hi) && c.last().is_some_and(|(l, _)| l >= lo)
+            })
+            .flat_map(|c| c.iter())
+            .filter(move |&(t, _)| t >= lo && t <= hi)
+            .map(|(t, v)| (to_s(t), v))
+    }
+
+    /// The newest sample, `(time seconds, value)`.
+    pub fn last(&self) -> Option<(f64, f64)> {
+        self.head
+            .last()
+            .or_else(|| self.sealed.back().and_then(Chunk::last))
+            .map(|(t, v)| (to_s(t), v))
+    }
+
+    fn last_ms(&self) -> Option<i64> {
+        self.head
+            .last()
+            .or_else(|| self.sealed.back().and_then(Chunk::last))
+            .map(|(t, _)| t)
     }
 
     fn last_time(&self) -> Option<f64> {
-        self.points.back().map(|&(t, _)| t)
+        self.last_ms().map(to_s)
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.chunks().map(Chunk::len).sum()
+    }
+
+    /// Whether no sample is held.
+    pub fn is_empty(&self) -> bool {
+        self.head.is_empty() && self.sealed.is_empty()
+    }
+
+    /// Bytes of compressed samples held (chunk payloads, without their headers).
+    pub fn encoded_bytes(&self) -> usize {
+        self.chunks().map(Chunk::encoded_bytes).sum()
+    }
+
+    /// Drops the sealed chunks whose newest sample is older than `horizon` seconds.
+    fn drop_before(&mut self, horizon: f64) {
+        let h = to_ms(horizon);
+        while self
+            .sealed
+            .front()
+            .and_then(Chunk::last)
+            .is_some_and(|(t, _)| t < h)
+        {
+            self.sealed.pop_front();
+        }
     }
 }
 
@@ -76,16 +151,18 @@ impl Ring {
 struct HostSeries {
     /// Per push, the time of its newest stored sample (receive time for samples without
     /// a timestamp) and how many samples it stored; only pushes newer than the last.
-    pushes: Ring,
+    pushes: Samples,
     /// When the host's last push was received (monitor clock), whatever its timestamps.
     received: Option<f64>,
-    series: HashMap<SeriesId, Ring>,
+    series: HashMap<SeriesId, Samples>,
     /// The latest `process_start_time_seconds` the agent pushed.
     started: Option<f64>,
 }
 
-/// The first bytes of a store snapshot (format version 1).
-pub const SNAPSHOT_MAGIC: &[u8] = b"RAMPART-STORE 1\n";
+/// The first bytes of a store snapshot (format version 2: compressed chunks).
+pub const SNAPSHOT_MAGIC: &[u8] = b"RAMPART-STORE 2\n";
+/// The first bytes of a snapshot in an older format, which is not read.
+const SNAPSHOT_MAGIC_PREFIX: &[u8] = b"RAMPART-STORE ";
 
 fn fnv64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -124,17 +201,31 @@ impl Reader<'_> {
         let n = self.u32()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "a string is not UTF-8".to_string())
     }
-    fn ring(&mut self) -> Result<Ring, String> {
+    fn samples(&mut self) -> Result<Samples, String> {
         let n = self.u32()? as usize;
-        if n > RING_CAPACITY {
-            return Err(format!("a ring of {n} points (at most {RING_CAPACITY})"));
+        let mut out = Samples::default();
+        for i in 0..n {
+            let (c, rest) = Chunk::from_bytes(self.b)?;
+            if c.len() > CHUNK_SAMPLES {
+                return Err(format!(
+                    "a chunk of {} samples (at most {CHUNK_SAMPLES})",
+                    c.len()
+                ));
+            }
+            let prev = out.sealed.back().and_then(Chunk::last);
+            if let (Some((prev, _)), Some(first)) = (prev, c.first_time()) {
+                if first <= prev {
+                    return Err("chunks out of time order".into());
+                }
+            }
+            self.b = rest;
+            if i + 1 < n {
+                out.sealed.push_back(c);
+            } else {
+                out.head = c;
+            }
         }
-        let mut r = Ring::default();
-        for _ in 0..n {
-            let (t, v) = (self.f64()?, self.f64()?);
-            r.points.push_back((t, v));
-        }
-        Ok(r)
+        Ok(out)
     }
 }
 
@@ -224,16 +315,51 @@ pub struct Rate {
 }
 
 /// The store. Not synchronised: the service holds it behind a mutex.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     hosts: HashMap<String, HostSeries>,
     refused: std::collections::BTreeMap<(String, Refused), u64>,
+    /// Seconds of history kept.
+    retention: f64,
+    /// When what is older than the retention was last dropped.
+    expired_at: Option<f64>,
+}
+
+impl Default for Store {
+    fn default() -> Store {
+        Store::with_retention(DEFAULT_RETENTION_SECONDS)
+    }
 }
 
 impl Store {
-    /// An empty store.
+    /// An empty store keeping [`DEFAULT_RETENTION_SECONDS`].
     pub fn new() -> Store {
         Store::default()
+    }
+
+    /// An empty store keeping `seconds` of history (positive, finite; the topology
+    /// validates `[monitor] retention`).
+    pub fn with_retention(seconds: f64) -> Store {
+        Store {
+            hosts: HashMap::new(),
+            refused: std::collections::BTreeMap::new(),
+            retention: seconds,
+            expired_at: None,
+        }
+    }
+
+    /// Seconds of history kept.
+    pub fn retention(&self) -> f64 {
+        self.retention
+    }
+
+    /// Samples held and bytes of their compressed chunks, over every series of every host
+    /// (push records not counted).
+    pub fn footprint(&self) -> (usize, usize) {
+        self.hosts
+            .values()
+            .flat_map(|h| h.series.values())
+            .fold((0, 0), |(n, b), s| (n + s.len(), b + s.encoded_bytes()))
     }
 
     /// Stores one push of `host` received at `now` and says what was stored and refused.
@@ -257,7 +383,8 @@ impl Store {
     /// - samples of a new series once the host holds [`MAX_SERIES_PER_HOST`] series (the
     ///   series budget; in the push's order).
     ///
-    /// Series and hosts silent for [`RETENTION_SECONDS`] are dropped first.
+    /// What is older than the retention is dropped first (at most every
+    /// [`EXPIRE_INTERVAL_SECONDS`]).
     pub fn ingest(
         &mut self,
         host: &str,
@@ -296,14 +423,17 @@ impl Store {
             let t = s.timestamp.unwrap_or(now);
             let id = (s.name, s.labels);
             let ring = entry.series.get(&id);
-            let previous = ring.and_then(|r| r.points.back()).map(|p| p.1);
+            let previous = ring.and_then(Samples::last).map(|p| p.1);
             let refusal = if !s.value.is_finite() || !t.is_finite() {
                 Some(Refused::NonFinite)
             } else if t > now + MAX_FUTURE_SECONDS {
                 Some(Refused::TooFarInFuture)
-            } else if t < now - RETENTION_SECONDS {
+            } else if t < now - self.retention {
                 Some(Refused::TooOld)
-            } else if ring.and_then(Ring::last_time).is_some_and(|last| t <= last) {
+            } else if ring
+                .and_then(Samples::last_ms)
+                .is_some_and(|last| to_ms(t) <= last)
+            {
                 Some(Refused::OutOfOrder)
             } else if is_counter(&id.0) && s.value < 0.0 {
                 Some(Refused::NegativeCounter)
@@ -334,21 +464,23 @@ impl Store {
     }
 
     /// The whole store (every host's pushes, series and start time; not the refusal
-    /// counts) in the snapshot format: `RAMPART-STORE 1\n`, then little-endian records —
-    /// per host its name, start time (NaN: none), push ring and series (name, labels,
-    /// ring) — then an FNV-1a 64 checksum of everything before it, so a torn or corrupted
-    /// file is detected rather than half loaded. Strings are a u32 length and UTF-8 bytes;
-    /// rings a u32 count and `(time, value)` f64 pairs.
+    /// counts) in the snapshot format: `RAMPART-STORE 2\n`, then little-endian records —
+    /// per host its name, start time (NaN: none), push records and series (name, labels,
+    /// samples) — then an FNV-1a 64 checksum of everything before it, so a torn or
+    /// corrupted file is detected rather than half loaded. Strings are a u32 length and
+    /// UTF-8 bytes; samples a u32 chunk count and the chunks as [`Chunk::to_bytes`] writes
+    /// them (still compressed: a day of one-second samples costs about as much on disk as
+    /// in memory).
     pub fn encode_snapshot(&self) -> Vec<u8> {
         fn put_str(b: &mut Vec<u8>, s: &str) {
             b.extend_from_slice(&(s.len() as u32).to_le_bytes());
             b.extend_from_slice(s.as_bytes());
         }
-        fn put_ring(b: &mut Vec<u8>, r: &Ring) {
-            b.extend_from_slice(&(r.points.len() as u32).to_le_bytes());
-            for (t, v) in &r.points {
-                b.extend_from_slice(&t.to_le_bytes());
-                b.extend_from_slice(&v.to_le_bytes());
+        fn put_ring(b: &mut Vec<u8>, r: &Samples) {
+            let chunks: Vec<&Chunk> = r.chunks().filter(|c| !c.is_empty()).collect();
+            b.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+            for c in chunks {
+                c.to_bytes(b);
             }
         }
         let mut b = SNAPSHOT_MAGIC.to_vec();
@@ -373,11 +505,21 @@ impl Store {
         b
     }
 
-    /// A store from [`Store::encode_snapshot`]'s bytes, without what expired by `now`.
+    /// A store keeping `retention` seconds from [`Store::encode_snapshot`]'s bytes,
+    /// without what is older than the retention at `now`.
     ///
-    /// Errors: not a snapshot, a checksum mismatch (torn or corrupted file), or records
-    /// that do not parse; the message says which.
-    pub fn decode_snapshot(bytes: &[u8], now: f64) -> Result<Store, String> {
+    /// Errors: an older snapshot format (version 1 held raw rings; it is not converted),
+    /// not a snapshot, a checksum mismatch (torn or corrupted file), or records that do
+    /// not parse; the message says which.
+    pub fn decode_snapshot(bytes: &[u8], now: f64, retention: f64) -> Result<Store, String> {
+        if !bytes.starts_with(SNAPSHOT_MAGIC) && bytes.starts_with(SNAPSHOT_MAGIC_PREFIX) {
+            let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+            return Err(format!(
+                "snapshot format {:?} is not read by this version (it reads {:?})",
+                String::from_utf8_lossy(line),
+                String::from_utf8_lossy(&SNAPSHOT_MAGIC[..SNAPSHOT_MAGIC.len() - 1])
+            ));
+        }
         if bytes.len() < SNAPSHOT_MAGIC.len() + 8 || !bytes.starts_with(SNAPSHOT_MAGIC) {
             return Err("not a Rampart store snapshot".into());
         }
@@ -390,11 +532,11 @@ impl Store {
         let mut r = Reader {
             b: &body[SNAPSHOT_MAGIC.len()..],
         };
-        let mut store = Store::new();
+        let mut store = Store::with_retention(retention);
         for _ in 0..r.u32()? {
             let host = r.str()?;
             let started = r.f64()?;
-            let pushes = r.ring()?;
+            let pushes = r.samples()?;
             let mut h = HostSeries {
                 received: pushes.last_time(),
                 pushes,
@@ -407,7 +549,7 @@ impl Store {
                 for _ in 0..r.u32()? {
                     labels.push((r.str()?, r.str()?));
                 }
-                let ring = r.ring()?;
+                let ring = r.samples()?;
                 if h.series.len() < MAX_SERIES_PER_HOST {
                     h.series.insert((name, labels), ring);
                 }
@@ -427,10 +569,20 @@ impl Store {
     }
 
     fn expire(&mut self, now: f64) {
-        let horizon = now - RETENTION_SECONDS;
+        if self
+            .expired_at
+            .is_some_and(|at| (at..at + EXPIRE_INTERVAL_SECONDS).contains(&now))
+        {
+            return;
+        }
+        self.expired_at = Some(now);
+        let horizon = now - self.retention;
         self.hosts.retain(|_, h| {
-            h.series
-                .retain(|_, r| r.last_time().is_some_and(|t| t >= horizon));
+            h.series.retain(|_, r| {
+                r.drop_before(horizon);
+                r.last_time().is_some_and(|t| t >= horizon)
+            });
+            h.pushes.drop_before(horizon);
             h.received
                 .or(h.pushes.last_time())
                 .is_some_and(|t| t >= horizon)
@@ -494,12 +646,88 @@ impl Store {
                         move |((_, labels), ring)| SeriesRef {
                             host: h.as_str(),
                             labels: labels.as_slice(),
-                            ring,
+                            samples: ring,
                         },
                     )
                 })
                 .collect();
         out.sort_by(|a, b| (a.host, a.labels).cmp(&(b.host, b.labels)));
+        out
+    }
+}
+
+/// The job label every stored series carries in queries.
+pub const JOB: &str = "rampart";
+
+/// A stored series' labels as queries see them (Prometheus' target labels): its own
+/// labels, `__name__`, `instance` (the pushing host) and `job` ([`JOB`]); a pushed label
+/// named `instance` or `job` becomes `exported_instance`/`exported_job`
+/// (`honor_labels: false`). Sorted by name.
+pub fn query_labels(host: &str, name: &str, labels: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "instance" | "job" => (format!("exported_{k}"), v.clone()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    out.push(("__name__".into(), name.into()));
+    out.push(("instance".into(), host.into()));
+    out.push(("job".into(), JOB.into()));
+    out.sort();
+    out
+}
+
+impl crate::promql::Source for Store {
+    fn select(
+        &self,
+        matchers: &[&promql_parser::label::Matcher],
+        start: f64,
+        end: f64,
+    ) -> crate::promql::Selected {
+        // the name is the cheap filter: test it before building label sets
+        let name_eq = matchers.iter().find_map(|m| {
+            (m.name == "__name__" && matches!(m.op, promql_parser::label::MatchOp::Equal))
+                .then_some(m.value.as_str())
+        });
+        let mut out = Vec::new();
+        for (host, h) in &self.hosts {
+            for ((name, labels), samples) in &h.series {
+                if name_eq.is_some_and(|n| n != name) {
+                    continue;
+                }
+                let l = query_labels(host, name, labels);
+                let ok = matchers.iter().all(|m| {
+                    let v = l
+                        .iter()
+                        .find(|(k, _)| *k == m.name)
+                        .map_or("", |(_, v)| v.as_str());
+                    m.is_match(v)
+                });
+                if ok {
+                    let pts: Vec<(f64, f64)> = samples.between(start, end).collect();
+                    if !pts.is_empty() {
+                        out.push((l, pts));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Store {
+    /// Every stored series' query labels ([`query_labels`]), of series with a sample at
+    /// or after `since` seconds.
+    pub fn all_series_labels(&self, since: f64) -> Vec<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (host, h) in &self.hosts {
+            for ((name, labels), samples) in &h.series {
+                if samples.last_time().is_some_and(|t| t >= since) {
+                    out.push(query_labels(host, name, labels));
+                }
+            }
+        }
         out
     }
 }
@@ -579,7 +807,7 @@ mod hygiene_tests {
             .unwrap();
         }
         let bytes = st.encode_snapshot();
-        let back = Store::decode_snapshot(&bytes, 1_010.0).unwrap();
+        let back = Store::decode_snapshot(&bytes, 1_010.0, DEFAULT_RETENTION_SECONDS).unwrap();
         let rate = |s: &Store| s.rate("lb-01", "rampart_http_requests_total", 1_009.0, 5.0);
         assert_eq!(rate(&back).map(|r| r.per_second), Some(10.0));
         assert_eq!(
@@ -590,19 +818,71 @@ mod hygiene_tests {
         assert_eq!(back.series_count("lb-01"), 2);
         // everything expired by a much later `now`
         assert_eq!(
-            Store::decode_snapshot(&bytes, 1_000_000.0)
+            Store::decode_snapshot(&bytes, 1_000_000.0, DEFAULT_RETENTION_SECONDS)
                 .unwrap()
                 .series_count("lb-01"),
             0
         );
         // torn, flipped, foreign
-        assert!(Store::decode_snapshot(&bytes[..bytes.len() - 3], 1_010.0).is_err());
+        assert!(Store::decode_snapshot(
+            &bytes[..bytes.len() - 3],
+            1_010.0,
+            DEFAULT_RETENTION_SECONDS
+        )
+        .is_err());
         let mut flipped = bytes.clone();
         flipped[40] ^= 1;
-        assert!(Store::decode_snapshot(&flipped, 1_010.0)
-            .unwrap_err()
-            .contains("checksum"));
-        assert!(Store::decode_snapshot(b"hello", 1_010.0).is_err());
+        assert!(
+            Store::decode_snapshot(&flipped, 1_010.0, DEFAULT_RETENTION_SECONDS)
+                .unwrap_err()
+                .contains("checksum")
+        );
+        assert!(Store::decode_snapshot(b"hello", 1_010.0, DEFAULT_RETENTION_SECONDS).is_err());
+        let old = Store::decode_snapshot(b"RAMPART-STORE 1\nxxxxxxxxxxxx", 1_010.0, 60.0);
+        assert!(old.unwrap_err().contains("RAMPART-STORE 1"));
+    }
+
+    #[test]
+    fn two_hours_of_history_survive_a_snapshot_in_compressed_form() {
+        let mut st = Store::new();
+        let t0 = 1_700_000_000.0;
+        let n = 7_200;
+        for i in 0..n {
+            let text = format!(
+                "rampart_http_requests_total{{code=\"2xx\"}} {}\nup 1\n",
+                3 * i
+            );
+            st.ingest(
+                "web-01",
+                t0 + f64::from(i),
+                crate::exposition::parse(&text).unwrap(),
+            )
+            .unwrap();
+        }
+        let (samples, bytes) = st.footprint();
+        assert_eq!(samples, 2 * n as usize);
+        let snap = st.encode_snapshot();
+        assert!(
+            snap.len() < samples * 2,
+            "{} bytes for {samples} samples",
+            snap.len()
+        );
+        let now = t0 + f64::from(n);
+        let back = Store::decode_snapshot(&snap, now, DEFAULT_RETENTION_SECONDS).unwrap();
+        assert_eq!(back.footprint(), (samples, bytes));
+        let pts: Vec<_> = back.series(REQ, None)[0].samples.points().collect();
+        assert_eq!(pts.first(), Some(&(t0, 0.0)));
+        assert_eq!(pts.last(), Some(&(now - 1.0, 3.0 * f64::from(n - 1))));
+        // the restored series keep growing
+        let mut back = back;
+        let r = back
+            .ingest("web-01", now, crate::exposition::parse("up 1\n").unwrap())
+            .unwrap();
+        assert_eq!(r.stored, 1);
+        // a shorter retention drops what is older at load
+        let short = Store::decode_snapshot(&snap, now, 3_600.0).unwrap();
+        let kept = short.series(REQ, None)[0].samples.len();
+        assert!((3_600..=3_600 + CHUNK_SAMPLES).contains(&kept), "{kept}");
     }
 
     #[test]
@@ -634,7 +914,11 @@ mod hygiene_tests {
         assert_eq!(refused(&s, Refused::CounterDecreased), 3);
         // The counter kept its last good value: nothing happened, the rate only spreads
         // the same increase over more pushes.
-        let kept: Vec<f64> = s.series(REQ, None)[0].ring.points().map(|p| p.1).collect();
+        let kept: Vec<f64> = s.series(REQ, None)[0]
+            .samples
+            .points()
+            .map(|p| p.1)
+            .collect();
         assert_eq!(kept.last(), Some(&90.0));
         let after = s.rate("lb-01", REQ, 9.9, 10.0).unwrap();
         assert!(
@@ -727,7 +1011,11 @@ mod hygiene_tests {
             )
             .unwrap();
         assert_eq!((r.stored, r.refused_total()), (3, 0));
-        let times: Vec<f64> = s.series(REQ, None)[0].ring.points().map(|p| p.0).collect();
+        let times: Vec<f64> = s.series(REQ, None)[0]
+            .samples
+            .points()
+            .map(|p| p.0)
+            .collect();
         assert_eq!(times, [now - 60.0, now - 59.0, now - 58.0]);
         assert_eq!(
             s.last_push("lb-01"),
@@ -741,7 +1029,7 @@ mod hygiene_tests {
                 vec![
                     at(REQ, 4.0, now - 58.0),
                     at("other_total", 1.0, now + MAX_FUTURE_SECONDS + 1.0),
-                    at("old_total", 1.0, now - RETENTION_SECONDS - 1.0),
+                    at("old_total", 1.0, now - DEFAULT_RETENTION_SECONDS - 1.0),
                     at("skewed_total", 1.0, now + MAX_FUTURE_SECONDS),
                 ],
             )
@@ -906,13 +1194,20 @@ mod tests {
         let r = s.ingest("big", 0.0, many).unwrap();
         assert_eq!(r.stored, MAX_SERIES_PER_HOST);
         assert_eq!(r.refused[&Refused::SeriesBudget].0, 1);
-        for t in 0..(RING_CAPACITY + 5) {
+        let mut s = Store::with_retention(1_000.0);
+        for t in 0..3_000 {
             s.ingest("h", t as f64, vec![sample("m", "x", t as f64)])
                 .unwrap();
         }
         let series = s.series("m", Some("h"));
         assert_eq!(series.len(), 1);
-        assert_eq!(series[0].ring.points().count(), RING_CAPACITY);
+        // whole chunks older than the retention are dropped: at most one chunk more
+        let kept = series[0].samples.len();
+        assert!(
+            (1_000..=1_000 + CHUNK_SAMPLES + 10).contains(&kept),
+            "{kept}"
+        );
+        assert_eq!(series[0].samples.last(), Some((2_999.0, 2_999.0)));
         // silent for longer than the retention: dropped on the next push
         s.ingest("other", 10_000.0, vec![]).unwrap();
         assert!(s.series("m", None).is_empty());

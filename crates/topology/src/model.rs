@@ -303,6 +303,7 @@ struct FirewallOut<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct AlertsOut<'a> {
     webhook_urls: &'a [String],
+    rule_files: &'a [std::path::PathBuf],
     qps: &'a AlertRule,
     firewall_drops: DropAlertOut,
 }
@@ -340,6 +341,14 @@ pub struct Topology {
     /// Alertmanager's webhook receiver payload (version 4); `http://` or `https://` (verified
     /// against the lab's CA). Default none: alerts are logged only.
     pub webhook_urls: Vec<String>,
+    /// Prometheus rule files (`[alerts] rule_files`) the monitoring service loads besides
+    /// its built-in rules, relative paths resolved against the topology file's directory.
+    /// Default none.
+    pub alert_rule_files: Vec<std::path::PathBuf>,
+    /// Seconds of history the monitoring service keeps (`[monitor] retention`, a
+    /// Prometheus-style duration such as `"24h"`, `"90m"`, `"2d"`; at least one minute).
+    /// Default 24 h.
+    pub monitor_retention_seconds: u64,
     /// Database settings.
     pub database: Database,
     /// Sources allowed to reach operator-facing ports (monitor API/dashboard, agents'
@@ -421,11 +430,16 @@ impl Topology {
     /// The topology as TOML that [`Topology::parse`] reads back to an equal value.
     pub fn to_toml(&self) -> String {
         #[derive(Serialize)]
+        struct MonitorOut {
+            retention: String,
+        }
+        #[derive(Serialize)]
         struct Out<'a> {
             site: &'a Site,
             ports: &'a Ports,
             health_check: &'a HealthCheck,
             alerts: AlertsOut<'a>,
+            monitor: MonitorOut,
             database: &'a Database,
             firewall: FirewallOut<'a>,
             limits: &'a crate::Limits,
@@ -440,6 +454,7 @@ impl Topology {
             health_check: &self.health_check,
             alerts: AlertsOut {
                 webhook_urls: &self.webhook_urls,
+                rule_files: &self.alert_rule_files,
                 qps: &self.qps_alert,
                 firewall_drops: DropAlertOut {
                     threshold_pps: self.drop_alert.threshold_rps,
@@ -448,6 +463,9 @@ impl Topology {
                     window_seconds: self.drop_alert.window_seconds,
                     clear_for_seconds: self.drop_alert.clear_for_seconds,
                 },
+            },
+            monitor: MonitorOut {
+                retention: format!("{}s", self.monitor_retention_seconds),
             },
             database: &self.database,
             firewall: FirewallOut {
@@ -519,6 +537,33 @@ impl Topology {
         t.operator_sources = sources;
         t
     }
+}
+
+/// Seconds in a Prometheus-style duration: whole numbers with units `s`, `m`, `h`, `d`,
+/// `w`, concatenated (`"1h30m"`). `None` when malformed or empty.
+pub fn parse_duration_seconds(text: &str) -> Option<u64> {
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut any = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3_600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        let n: u64 = digits.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        digits.clear();
+        any = true;
+    }
+    (any && digits.is_empty()).then_some(total)
 }
 
 fn err(file: &str, key: impl Into<String>, reason: impl Into<String>, fix: &str) -> ConfigError {
@@ -759,6 +804,31 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         }
         webhook_urls.push(u.clone());
     }
+    let base_dir = std::path::Path::new(file)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let alert_rule_files = raw
+        .alerts
+        .rule_files
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| if p.is_relative() { base_dir.join(p) } else { p })
+        .collect();
+    let monitor_retention_seconds = match raw.monitor.retention.as_deref() {
+        None => 86_400,
+        Some(text) => match parse_duration_seconds(text) {
+            Some(s) if s >= 60 => s,
+            _ => {
+                return Err(err(
+                    file,
+                    "monitor.retention",
+                    format!("{text:?} is not a duration of at least one minute"),
+                    "write a number with a unit s, m, h or d, e.g. retention = \"24h\"",
+                ))
+            }
+        },
+    };
     let d = raw.alerts.firewall_drops.unwrap_or_default();
     let threshold_pps = d.threshold_pps.unwrap_or(50.0);
     let drop_alert = AlertRule {
@@ -898,6 +968,8 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         qps_alert,
         drop_alert,
         webhook_urls,
+        alert_rule_files,
+        monitor_retention_seconds,
         database,
         operator_sources,
         limits,
@@ -1160,6 +1232,44 @@ mod tests {
         assert_eq!(t.qps_alert.for_seconds, 10);
         assert_eq!(t.health_check.rise, 2);
         assert_eq!(t.health_check.fall, 3);
+    }
+
+    #[test]
+    fn monitor_retention_and_rule_files() {
+        assert_eq!(parse_duration_seconds("24h"), Some(86_400));
+        assert_eq!(parse_duration_seconds("1h30m"), Some(5_400));
+        assert_eq!(parse_duration_seconds("90"), None);
+        assert_eq!(parse_duration_seconds("h"), None);
+        assert_eq!(
+            Topology::default_topology().monitor_retention_seconds,
+            86_400
+        );
+        let base = Topology::default_topology().to_toml();
+        let with = |extra: &str| {
+            let text = base
+                .replace("[monitor]\nretention = \"86400s\"", extra)
+                .replace(
+                    "rule_files = []",
+                    "rule_files = [\"rules/site.yml\", \"/etc/r.yml\"]",
+                );
+            Topology::parse(&text, "conf/rampart.toml")
+        };
+        let t = with("[monitor]\nretention = \"2d\"").unwrap();
+        assert_eq!(t.monitor_retention_seconds, 172_800);
+        assert_eq!(
+            t.alert_rule_files,
+            [
+                std::path::PathBuf::from("conf/rules/site.yml"),
+                std::path::PathBuf::from("/etc/r.yml")
+            ]
+        );
+        let e = with("[monitor]\nretention = \"30s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("monitor.retention") && e.contains("conf/rampart.toml"),
+            "{e}"
+        );
     }
 
     #[test]

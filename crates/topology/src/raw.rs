@@ -15,6 +15,8 @@ pub(crate) struct RawTopology {
     #[serde(default)]
     pub alerts: RawAlerts,
     #[serde(default)]
+    pub monitor: RawMonitor,
+    #[serde(default)]
     pub database: RawDatabase,
     #[serde(default)]
     pub firewall: RawFirewall,
@@ -188,8 +190,16 @@ pub(crate) struct RawHealthCheck {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAlerts {
     pub webhook_urls: Option<Vec<String>>,
+    pub rule_files: Option<Vec<std::path::PathBuf>>,
     pub qps: Option<RawQpsAlert>,
     pub firewall_drops: Option<RawDropAlert>,
+}
+
+/// `[monitor]`: the monitoring service's store.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMonitor {
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
