@@ -3,12 +3,14 @@
 #   mariadb-server  the primary and replica (without it the data tier falls back to SQLite)
 #   nftables, iproute2  firewalls and network namespaces (netns mode)
 #   curl            the README's curl line
-#   prometheus      promtool, which the tests use to lint every agent's /metrics (its service is never started)
+#   prometheus      promtool, which the tests use to lint every agent's /metrics and the exported
+#                   configuration; the remote-write test starts its own prometheus on a loopback port
+#   chromium        headless browser for the dashboard test
 #   pebble          an RFC 8555 ACME test server (and its DNS), started by the load balancer's ACME test
 # Needs root for apt-get; without root it only reports what is missing.
 set -euo pipefail
 
-want=(mariadb-server nftables iproute2 curl ca-certificates prometheus pebble)
+want=(mariadb-server nftables iproute2 curl ca-certificates prometheus pebble chromium)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -33,6 +33,7 @@ mod agent;
 pub mod alert;
 pub mod chunk;
 pub mod collect;
+mod dashboard;
 pub mod export;
 pub mod exposition;
 pub mod negotiate;

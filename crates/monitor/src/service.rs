@@ -1088,6 +1088,7 @@ pub fn app(state: Arc<MonitorState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_agent));
     let admin = Router::new()
         .route("/", get(dashboard))
+        .route("/assets/{file}", get(crate::dashboard::asset))
         .route("/api/v1/qps", get(qps))
         .route("/api/v1/qps_range", get(qps_range))
         .route("/api/v1/alerts", get(alerts))

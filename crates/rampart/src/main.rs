@@ -13,6 +13,7 @@ mod alerts_cmd;
 mod db_cmd;
 mod lb_cmd;
 mod monitor_cmd;
+mod top_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -137,6 +138,9 @@ enum Cmd {
     /// 0.0.0.0:9100` or `rampart agent --push https://mon-01:9090/api/v1/push --cert
     /// host.pem --key host.key --ca ca.pem`. Runs until SIGTERM or Ctrl-C.
     Agent(agent_cmd::AgentArgs),
+    /// A live terminal view of the running lab: hosts, QPS, p99 latency, errors, alerts
+    /// (q quits).
+    Top,
     /// Interoperate with Prometheus and Grafana: `rampart monitor export DIR`.
     Monitor {
         #[command(subcommand)]
@@ -414,6 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Db { command } => db_cmd::run(&state, command),
         Cmd::Lb(cmd) => lb_cmd::run(*cmd, &state, run_standalone_lb),
         Cmd::Agent(args) => agent_cmd::run(args),
+        Cmd::Top => top_cmd::run(&state),
         Cmd::Monitor { command } => {
             monitor_cmd::run(command, &state, |file| fw_topology(&state, file))
         }
