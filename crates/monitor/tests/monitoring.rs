@@ -194,7 +194,18 @@ async fn pushes_become_qps_and_identities_are_enforced() {
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/html"), "{ct}");
     let html = r.text().await.unwrap();
-    assert!(html.contains("/api/v1/qps_range") && html.contains("<canvas"));
+    // Charts are drawn by the vendored uPlot from the Prometheus API.
+    assert!(
+        html.contains("/api/v1/query_range") && html.contains("/assets/uPlot.iife.min.js"),
+        "{html}"
+    );
+    let js = admin
+        .get(lab.url("/assets/uPlot.iife.min.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(js.text().await.unwrap().contains("uPlot"));
 
     // The agent's /metrics: the classic text format unless OpenMetrics is asked for ...
     let metrics_url = format!("https://lb-01:{}/metrics", lab.agent.addr().port());

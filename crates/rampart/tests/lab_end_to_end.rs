@@ -620,9 +620,10 @@ async fn status_qps_follows_the_load_and_the_qps_alert_fires_and_resolves() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
     assert!(
-        page.text().await.unwrap().contains("<canvas"),
-        "the dashboard draws a chart"
+        html.contains("/assets/uPlot.iife.min.js") && html.contains("/api/v1/query_range"),
+        "the dashboard draws charts from the Prometheus API"
     );
     let anonymous = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
