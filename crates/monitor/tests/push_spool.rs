@@ -92,7 +92,7 @@ async fn agent_metric(client: &reqwest::Client, url: &str, line_prefix: &str) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: after the cut-off the monitor sometimes refuses delivered samples as counter_decreased (about one run in three); run with --ignored"]
+#[ignore = "open bug: run beside the netns lab tests, which delete and recreate a network interface, the interface's byte/packet counters restart and the monitor refuses them as counter_decreased; run with --run-ignored"]
 async fn a_minute_cut_off_is_delivered_afterwards() {
     let t = topology_in_block(112);
     let pki = TestPki::new(t.clone());
