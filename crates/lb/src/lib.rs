@@ -63,6 +63,7 @@ use prometheus_client::registry::Registry;
 use serve::{Ended, HttpOptions, RoleHandle, RoleTasks};
 use tokio::sync::watch;
 use topology::Service;
+use tower::util::Either;
 use tower::ServiceBuilder;
 
 pub use access_log::Rotation;
@@ -583,12 +584,8 @@ pub async fn start(
     ));
 
     let redirect = Redirect::new(&cfg.site_names, https_addr.port());
-    let (proxied, redirecting) = match cfg.http_mode {
-        HttpMode::Proxy => (http, None),
-        HttpMode::Redirect => (None, http),
-    };
-    if let Some((http, _)) = proxied {
-        let live = reloader.live.clone();
+    if let Some((http, _)) = http {
+        let (mode, live) = (cfg.http_mode, reloader.live.clone());
         tasks.spawn(serve::serve_http(
             http,
             HttpOptions {
@@ -596,30 +593,16 @@ pub async fn start(
                 on_ended: Some(closed_counter(&closed, "http")),
             },
             move |info: &serve::ConnInfo| {
-                ServiceBuilder::new()
-                    .layer(AccessLogLayer::new(
-                        access_log.clone(),
-                        Listener::Http,
-                        info.peer.ip(),
-                    ))
-                    .layer(MetricsLayer(metrics.clone()))
-                    .service(reload::Current::new(
+                let inner = match mode {
+                    HttpMode::Proxy => Either::Left(reload::Current::new(
                         live.clone(),
                         info.peer.ip(),
                         proxy::Scheme::Http,
-                    ))
-            },
-            tasks.token(),
-            tasks.tracker(),
-        ));
-    } else if let Some((http, _)) = redirecting {
-        tasks.spawn(serve::serve_http(
-            http,
-            HttpOptions {
-                tls: None,
-                on_ended: Some(closed_counter(&closed, "http")),
-            },
-            move |info: &serve::ConnInfo| {
+                    )),
+                    HttpMode::Redirect => {
+                        Either::Right(acme::Http01::new(challenges.clone(), redirect.clone()))
+                    }
+                };
                 ServiceBuilder::new()
                     .layer(AccessLogLayer::new(
                         access_log.clone(),
@@ -627,7 +610,7 @@ pub async fn start(
                         info.peer.ip(),
                     ))
                     .layer(MetricsLayer(metrics.clone()))
-                    .service(acme::Http01::new(challenges.clone(), redirect.clone()))
+                    .service(inner)
             },
             tasks.token(),
             tasks.tracker(),
