@@ -48,9 +48,8 @@ pub struct HostCollector {}
 /// When this process started, Unix seconds, as node_exporter's and the Prometheus client
 /// libraries' `process_start_time_seconds`: the boot time (`btime` of `/proc/stat`) plus
 /// the process's `starttime` (field 22 of `/proc/self/stat`, in clock ticks since boot;
-/// proc(5)). The monitor tells a counter reset (the node restarted: a later start time)
-/// from a counter that went backwards (refused) by it. Where `/proc` cannot be read, the
-/// time of the first call.
+/// proc(5)): a later value tells a reader that the node restarted and its counters
+/// started again from zero. Where `/proc` cannot be read, the time of the first call.
 fn process_start_time() -> f64 {
     static START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *START.get_or_init(|| {
@@ -858,8 +857,8 @@ mod tests {
         assert!(find("process_resident_memory_bytes").any(|s| s.value > 1e5));
         assert!(find("rampart_host_network_receive_bytes_total").any(|s| s.labels[0].1 == "lo"));
         assert_eq!(find("rampart_host_load1").count(), 1);
-        // The node's start time, which tells the monitor a restart from a forged decrease.
-        let started: Vec<_> = find(crate::store::START_TIME_METRIC).collect();
+        // The node's start time, which tells a reader that the node restarted.
+        let started: Vec<_> = find("process_start_time_seconds").collect();
         assert_eq!(started.len(), 1);
         assert!(started[0].labels.is_empty());
         assert!(started[0].value > 0.0 && started[0].value <= crate::unix_now() + 1.0);

@@ -13,11 +13,12 @@
 //! Ingest trusts an agent's identity, not its numbers ([`store::Store::ingest`]): a push
 //! that does not parse or repeats a series is refused whole; otherwise single samples are
 //! refused and the rest stored — non-finite values, counters below zero or above 2^53,
-//! counters that decrease while the agent's `process_start_time_seconds` did not move
-//! forward (a reset is accepted only from a restarted node), and new series beyond the
+//! samples out of order, too old or too far in the future, and new series beyond the
 //! agent's **series budget** of [`store::MAX_SERIES_PER_HOST`] series. Refusals are
 //! counted per host and reason (`GET /api/v1/ingest`) and logged at most once per host
-//! and reason every [`REFUSAL_LOG_INTERVAL_SECONDS`].
+//! and reason every [`REFUSAL_LOG_INTERVAL_SECONDS`]. A counter that decreases is a
+//! counter reset (a restarted process, a recreated network interface), stored and counted
+//! as Prometheus treats it.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]

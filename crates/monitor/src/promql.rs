@@ -1165,6 +1165,17 @@ mod tests {
         // extrapolated to the 60 s window (first sample 1 s after its start)
         let want = 290.0 * 60.0 / 59.0;
         assert!(close(v[0].values[0].unwrap(), want), "{v:?}");
+        // rate is the same increase per second of the window
+        let (v, _) = query(&src, "rate(c_total[60s])", Range::instant(60.0)).unwrap();
+        let Value::Vector(v) = v else { panic!() };
+        assert!(close(v[0].values[0].unwrap(), want / 60.0), "{v:?}");
+        // irate across the reset: 145 → 0 is a reset to 0 (0/s), then 0 → 5 is 5/s;
+        // a window that ends before the reset sees 5/s
+        for (at, want) in [(29.0, 5.0), (30.0, 0.0), (31.0, 5.0)] {
+            let (v, _) = query(&src, "irate(c_total[10s])", Range::instant(at)).unwrap();
+            let Value::Vector(v) = v else { panic!() };
+            assert!(close(v[0].values[0].unwrap(), want), "t={at}: {v:?}");
+        }
     }
 
     #[test]

@@ -155,8 +155,6 @@ struct HostSeries {
     /// When the host's last push was received (monitor clock), whatever its timestamps.
     received: Option<f64>,
     series: HashMap<SeriesId, Samples>,
-    /// The latest `process_start_time_seconds` the agent pushed.
-    started: Option<f64>,
 }
 
 /// The first bytes of a store snapshot (format version 2: compressed chunks).
@@ -229,9 +227,6 @@ impl Reader<'_> {
     }
 }
 
-/// The series a push must carry for counter resets to be accepted: the node's start time.
-pub const START_TIME_METRIC: &str = "process_start_time_seconds";
-
 /// Largest counter value accepted: 2^53, beyond which an `f64` no longer counts by one.
 pub const MAX_COUNTER: f64 = 9_007_199_254_740_992.0;
 
@@ -246,10 +241,6 @@ pub enum Refused {
     NegativeCounter,
     /// A counter above [`MAX_COUNTER`].
     CounterTooLarge,
-    /// A counter lower than its previous value while the agent did not show a restart
-    /// (its [`START_TIME_METRIC`] absent, unchanged or earlier): not a reset, a forgery or
-    /// a bug. The previous value stays.
-    CounterDecreased,
     /// A timestamp more than [`MAX_FUTURE_SECONDS`] after the receive time.
     TooFarInFuture,
     /// A timestamp older than the retention: it would be dropped at once.
@@ -271,7 +262,6 @@ impl Refused {
             Refused::NonFinite => "non_finite",
             Refused::NegativeCounter => "negative_counter",
             Refused::CounterTooLarge => "counter_too_large",
-            Refused::CounterDecreased => "counter_decreased",
             Refused::TooFarInFuture => "too_far_in_future",
             Refused::TooOld => "too_old",
             Refused::OutOfOrder => "out_of_order",
@@ -294,6 +284,9 @@ pub fn is_counter(name: &str) -> bool {
 pub struct Ingested {
     /// Samples stored.
     pub stored: usize,
+    /// Of the stored samples, counters lower than their series' previous value: counter
+    /// resets ([`Store::counter_resets`]).
+    pub resets: usize,
     /// Samples refused, by reason: how many, and the name of the first such sample.
     pub refused: std::collections::BTreeMap<Refused, (u64, String)>,
 }
@@ -319,6 +312,8 @@ pub struct Rate {
 pub struct Store {
     hosts: HashMap<String, HostSeries>,
     refused: std::collections::BTreeMap<(String, Refused), u64>,
+    /// Counter resets stored so far, per host.
+    resets: HashMap<String, u64>,
     /// Seconds of history kept.
     retention: f64,
     /// When what is older than the retention was last dropped.
@@ -343,6 +338,7 @@ impl Store {
         Store {
             hosts: HashMap::new(),
             refused: std::collections::BTreeMap::new(),
+            resets: HashMap::new(),
             retention: seconds,
             expired_at: None,
         }
@@ -376,12 +372,15 @@ impl Store {
     /// - timestamps more than [`MAX_FUTURE_SECONDS`] after `now`, older than the retention,
     ///   or not later than the series' last sample (out of order);
     /// - counters ([`is_counter`]) below zero or above [`MAX_COUNTER`];
-    /// - counters lower than their stored value, unless the push shows that the agent
-    ///   restarted: its [`START_TIME_METRIC`] is later than the one it pushed before. Then
-    ///   the decrease is a counter reset (the rate counts from zero again, see
-    ///   [`increase`]); otherwise the sample is refused and the previous value stays;
     /// - samples of a new series once the host holds [`MAX_SERIES_PER_HOST`] series (the
     ///   series budget; in the push's order).
+    ///
+    /// A counter lower than its series' previous value is stored as a counter reset, as
+    /// Prometheus treats it (`rate`, `increase` and `irate` count from zero again after
+    /// it, see [`increase`]): the process restarted, or the kernel object behind the
+    /// counter was recreated (a network interface deleted and made again restarts its
+    /// byte and packet counters without the agent restarting). Resets are counted per
+    /// host ([`Store::counter_resets`], `/api/v1/ingest`).
     ///
     /// What is older than the retention is dropped first (at most every
     /// [`EXPIRE_INTERVAL_SECONDS`]).
@@ -400,23 +399,6 @@ impl Store {
         }
         drop(seen);
         let entry = self.hosts.entry(host.to_string()).or_default();
-        // A restart shows as a later start time. An absent, non-finite, unchanged or
-        // earlier one is no evidence of a restart and does not replace the known one, so
-        // leaving the metric out of a push (or sending it lower) cannot make a decrease
-        // look like a reset.
-        let started = samples
-            .iter()
-            .find(|s| s.name == START_TIME_METRIC && s.labels.is_empty() && s.value.is_finite())
-            .map(|s| s.value);
-        let restarted = match (entry.started, started) {
-            (Some(before), Some(after)) => after > before,
-            _ => false,
-        };
-        if let Some(after) = started {
-            if entry.started.is_none_or(|before| after > before) {
-                entry.started = Some(after);
-            }
-        }
         let mut out = Ingested::default();
         let mut newest: Option<f64> = None;
         for s in samples {
@@ -439,8 +421,6 @@ impl Store {
                 Some(Refused::NegativeCounter)
             } else if is_counter(&id.0) && s.value > MAX_COUNTER {
                 Some(Refused::CounterTooLarge)
-            } else if is_counter(&id.0) && previous.is_some_and(|p| s.value < p) && !restarted {
-                Some(Refused::CounterDecreased)
             } else if ring.is_none() && entry.series.len() >= MAX_SERIES_PER_HOST {
                 Some(Refused::SeriesBudget)
             } else {
@@ -451,11 +431,17 @@ impl Store {
                 out.refused.entry(r).or_insert((0, id.0)).0 += 1;
                 continue;
             }
+            if is_counter(&id.0) && previous.is_some_and(|p| s.value < p) {
+                out.resets += 1;
+            }
             entry.series.entry(id).or_default().push(t, s.value);
             newest = Some(newest.map_or(t, |n: f64| n.max(t)));
             out.stored += 1;
         }
         entry.received = Some(now);
+        if out.resets > 0 {
+            *self.resets.entry(host.to_string()).or_default() += out.resets as u64;
+        }
         let at = newest.unwrap_or(now);
         if entry.pushes.last_time().is_none_or(|last| at > last) {
             entry.pushes.push(at, out.stored as f64);
@@ -463,9 +449,11 @@ impl Store {
         Ok(out)
     }
 
-    /// The whole store (every host's pushes, series and start time; not the refusal
+    /// The whole store (every host's pushes and series; not the refusal and reset
     /// counts) in the snapshot format: `RAMPART-STORE 2\n`, then little-endian records —
-    /// per host its name, start time (NaN: none), push records and series (name, labels,
+    /// per host its name, an unused f64 (written NaN, skipped on load; it held the agent's
+    /// start time when a counter decrease still needed a restart to count as a reset),
+    /// push records and series (name, labels,
     /// samples) — then an FNV-1a 64 checksum of everything before it, so a torn or
     /// corrupted file is detected rather than half loaded. Strings are a u32 length and
     /// UTF-8 bytes; samples a u32 chunk count and the chunks as [`Chunk::to_bytes`] writes
@@ -487,7 +475,7 @@ impl Store {
         b.extend_from_slice(&(self.hosts.len() as u32).to_le_bytes());
         for (host, h) in &self.hosts {
             put_str(&mut b, host);
-            b.extend_from_slice(&h.started.unwrap_or(f64::NAN).to_le_bytes());
+            b.extend_from_slice(&f64::NAN.to_le_bytes());
             put_ring(&mut b, &h.pushes);
             b.extend_from_slice(&(h.series.len() as u32).to_le_bytes());
             for ((name, labels), ring) in &h.series {
@@ -535,13 +523,12 @@ impl Store {
         let mut store = Store::with_retention(retention);
         for _ in 0..r.u32()? {
             let host = r.str()?;
-            let started = r.f64()?;
+            let _unused = r.f64()?;
             let pushes = r.samples()?;
             let mut h = HostSeries {
                 received: pushes.last_time(),
                 pushes,
                 series: HashMap::new(),
-                started: (!started.is_nan()).then_some(started),
             };
             for _ in 0..r.u32()? {
                 let name = r.str()?;
@@ -592,6 +579,12 @@ impl Store {
     /// Samples refused so far, by host and reason.
     pub fn refused(&self) -> &std::collections::BTreeMap<(String, Refused), u64> {
         &self.refused
+    }
+
+    /// Counter resets `host`'s pushes carried since this store was made (a counter lower
+    /// than its series' previous value, stored as a reset; see [`Store::ingest`]).
+    pub fn counter_resets(&self, host: &str) -> u64 {
+        self.resets.get(host).copied().unwrap_or(0)
     }
 
     /// When `host`'s last push was received (the `now` of [`Store::ingest`]), if it
@@ -755,6 +748,7 @@ mod hygiene_tests {
     use super::*;
 
     const REQ: &str = "rampart_http_requests_total";
+    const START_TIME_METRIC: &str = "process_start_time_seconds";
 
     fn sample(name: &str, value: f64) -> Sample {
         Sample {
@@ -886,7 +880,7 @@ mod hygiene_tests {
     }
 
     #[test]
-    fn forged_counters_are_refused_and_cannot_move_the_rate() {
+    fn impossible_counters_are_refused_and_cannot_move_the_rate() {
         let mut s = steady();
         let before = s.rate("lb-01", REQ, 9.0, 10.0).unwrap();
         assert!((before.per_second - 10.0).abs() < 1e-9, "{before:?}");
@@ -897,7 +891,6 @@ mod hygiene_tests {
             (1e300, Refused::CounterTooLarge),
             (MAX_COUNTER * 2.0, Refused::CounterTooLarge),
             (-5.0, Refused::NegativeCounter),
-            (3.0, Refused::CounterDecreased),
         ];
         for (i, (value, reason)) in forged.into_iter().enumerate() {
             let r = push(&mut s, 9.1 + 0.1 * i as f64, Some(1000.0), value);
@@ -905,13 +898,10 @@ mod hygiene_tests {
             assert_eq!(r.refused.keys().collect::<Vec<_>>(), [&reason], "{value}");
             assert_eq!(r.refused[&reason].1, REQ);
         }
-        // A decrease with the start time left out, or moved back, is no restart either.
-        assert_eq!(push(&mut s, 9.8, None, 2.0).stored, 0);
-        assert_eq!(push(&mut s, 9.9, Some(999.0), 1.0).stored, 1);
         assert_eq!(refused(&s, Refused::NonFinite), 3);
         assert_eq!(refused(&s, Refused::CounterTooLarge), 2);
         assert_eq!(refused(&s, Refused::NegativeCounter), 1);
-        assert_eq!(refused(&s, Refused::CounterDecreased), 3);
+        assert_eq!(s.counter_resets("lb-01"), 0);
         // The counter kept its last good value: nothing happened, the rate only spreads
         // the same increase over more pushes.
         let kept: Vec<f64> = s.series(REQ, None)[0]
@@ -927,7 +917,43 @@ mod hygiene_tests {
         );
         // And the next genuine sample continues from there.
         let r = push(&mut s, 10.0, Some(1000.0), 100.0);
-        assert_eq!((r.stored, r.refused_total()), (2, 0));
+        assert_eq!((r.stored, r.refused_total(), r.resets), (2, 0, 0));
+    }
+
+    /// A network interface deleted and created again restarts its counters while the
+    /// agent keeps running (same start time): the decrease is stored as a reset and
+    /// counted, the series is not dropped, and the rate counts from zero again.
+    #[test]
+    fn a_counter_that_restarts_without_the_agent_is_a_reset() {
+        let mut s = steady();
+        for (t, v) in [(10.0, 4.0), (11.0, 14.0), (12.0, 24.0)] {
+            let r = push(&mut s, t, Some(1000.0), v);
+            assert_eq!((r.stored, r.refused_total()), (2, 0), "t={t}");
+            assert_eq!(r.resets, usize::from(t == 10.0), "t={t}");
+        }
+        // Or without a start time at all (a pusher that never sends one).
+        let r = push(&mut s, 13.0, None, 1.0);
+        assert_eq!((r.stored, r.refused_total(), r.resets), (1, 0, 1));
+        assert!(s.refused().is_empty());
+        assert_eq!(s.counter_resets("lb-01"), 2);
+        assert_eq!(s.counter_resets("web-01"), 0);
+        let kept: Vec<f64> = s.series(REQ, None)[0]
+            .samples
+            .points()
+            .map(|p| p.1)
+            .collect();
+        assert_eq!(kept[9..], [90.0, 4.0, 14.0, 24.0, 1.0]);
+        // Over 9..12: 90 → (reset) 4 → 14 → 24 is 24 requests in 3 s.
+        let r = s.rate("lb-01", REQ, 12.0, 3.0).unwrap();
+        assert!((r.per_second - 8.0).abs() < 1e-9, "{r:?}");
+        // Gauges go down freely and are no resets.
+        for (t, v) in [(14.0, 5.0), (15.0, 1.0)] {
+            let r = s
+                .ingest("lb-01", t, vec![sample("temperature", v)])
+                .unwrap();
+            assert_eq!((r.stored, r.resets), (1, 0));
+        }
+        assert_eq!(s.counter_resets("lb-01"), 2);
     }
 
     #[test]
@@ -960,34 +986,17 @@ mod hygiene_tests {
                 ],
             )
             .unwrap();
-        assert_eq!(bad.stored, 1, "only the finite gauge");
+        assert_eq!(
+            (bad.stored, bad.resets),
+            (2, 1),
+            "the finite gauge, and the bucket's reset"
+        );
         let reasons: Vec<_> = bad.refused.iter().map(|(r, (n, _))| (*r, *n)).collect();
         assert_eq!(
             reasons,
-            [
-                (Refused::NonFinite, 2),
-                (Refused::NegativeCounter, 1),
-                (Refused::CounterDecreased, 1)
-            ]
+            [(Refused::NonFinite, 2), (Refused::NegativeCounter, 1)]
         );
         assert!(is_counter("x_bucket") && is_counter("x_total") && !is_counter("x_bytes"));
-    }
-
-    #[test]
-    fn a_restart_is_a_reset() {
-        let mut s = steady();
-        // The node restarted at 1009.5: its counter starts again from zero.
-        for (t, v) in [(10.0, 5.0), (11.0, 15.0), (12.0, 25.0)] {
-            let r = push(&mut s, t, Some(1009.5), v);
-            assert_eq!((r.stored, r.refused_total()), (2, 0), "t={t}");
-        }
-        assert!(s.refused().is_empty());
-        // Over 9..12: 90 → (reset) 5 → 15 → 25 is 25 requests in 3 s.
-        let r = s.rate("lb-01", REQ, 12.0, 3.0).unwrap();
-        assert!((r.per_second - 25.0 / 3.0).abs() < 1e-9, "{r:?}");
-        // The new start time is the reference now: the old one does not count as newer.
-        assert_eq!(push(&mut s, 13.0, Some(1000.0), 1.0).stored, 1);
-        assert_eq!(refused(&s, Refused::CounterDecreased), 1);
     }
 
     #[test]
@@ -1143,7 +1152,7 @@ mod tests {
         let values = [0.0, 5.0, 10.0, 15.0, 20.0, 5.0, 10.0, 15.0];
         for (t, v) in values.iter().enumerate() {
             let started = Sample {
-                name: START_TIME_METRIC.into(),
+                name: "process_start_time_seconds".into(),
                 labels: Vec::new(),
                 value: if t < 5 { 100.0 } else { 105.0 },
                 timestamp: None,
