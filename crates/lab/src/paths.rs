@@ -8,6 +8,7 @@
 //! <state>/hosts/<name>/node.pid  the node process
 //! <state>/hosts/<name>/node.log  its log
 //! <state>/hosts/<name>/status.json   written by the node every second
+//! <state>/hosts/mon-01/monitor.snapshot, silences.json   the monitor's history and silences
 //! <state>/hosts/<name>/www/      the application files the web server serves
 //! <state>/hosts/<name>/mariadb/  datadir, socket, pid file, error log (db crate)
 //! ```

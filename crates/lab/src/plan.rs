@@ -88,6 +88,7 @@ impl HostPlan {
         let monitor = monitor::MonitorConfig::from_topology(t, name, pki.clone(), net.clone()).map(
             |mut c| {
                 c.snapshot = Some(state.host_dir(name).join("monitor.snapshot"));
+                c.silences_file = Some(state.host_dir(name).join("silences.json"));
                 c
             },
         );

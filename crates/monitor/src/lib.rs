@@ -174,6 +174,9 @@ pub struct MonitorConfig {
     /// restored from at start, so a restarted monitor keeps its history; `None`: memory
     /// only.
     pub snapshot: Option<std::path::PathBuf>,
+    /// Where the silences are kept (written atomically after every change, loaded at
+    /// start), so a restarted monitor keeps them; `None`: memory only.
+    pub silences_file: Option<std::path::PathBuf>,
     /// Host identities allowed to push; each gets an alert and a QPS entry.
     pub agent_hosts: Vec<String>,
     /// Seconds of history the store keeps (`[monitor] retention`).
@@ -204,6 +207,7 @@ impl MonitorConfig {
             drop_rule: t.drop_alert.clone(),
             webhook_urls: t.webhook_urls.clone(),
             snapshot: None,
+            silences_file: None,
             agent_hosts: t.hosts_with(Role::Agent).map(|h| h.name.clone()).collect(),
             retention_seconds: t.monitor_retention_seconds,
             rule_files: t.alert_rule_files.clone(),

@@ -335,7 +335,7 @@ fn event_str(e: Event) -> &'static str {
 }
 
 /// RFC 3339 time of Unix seconds `t` (UTC).
-pub(crate) fn rfc3339(t: f64) -> String {
+pub fn rfc3339(t: f64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos((t * 1e9) as i128)
         .ok()
         .and_then(|d| {

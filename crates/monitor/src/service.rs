@@ -218,6 +218,9 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
         .with_alerting_rules(alerting)
         .with_drop_rule(cfg.drop_rule)
         .with_rules(default_rules());
+    if let Some(path) = cfg.silences_file.clone() {
+        state = state.with_silences_file(path);
+    }
     if !cfg.webhook_urls.is_empty() || cfg.email.is_some() {
         let (notifier, rx) = crate::notify::channel();
         let client = reqwest::Client::builder()
@@ -332,6 +335,25 @@ pub struct MonitorState {
     inner: Mutex<Inner>,
     /// Silences: they suppress notifications, not alerts.
     silences: Mutex<crate::silence::Silences>,
+    /// Where the silences are kept across restarts ([`MonitorState::with_silences_file`]);
+    /// the mutex orders the writes.
+    silences_file: Option<Mutex<std::path::PathBuf>>,
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a
+/// torn one: a temporary file beside it, fsync, rename over `path`, fsync of the directory
+/// (rename(2), fsync(2)).
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A host's QPS as reported by the API.
@@ -461,7 +483,47 @@ impl MonitorState {
             started: now,
             agent_hosts,
             silences: Mutex::new(crate::silence::Silences::default()),
+            silences_file: None,
         }
+    }
+
+    /// Keeps the silences in `path` ([`crate::silence::Silences::encode`], written
+    /// atomically after every change) and loads the ones already there, so silences
+    /// survive a restart. A file that cannot be read or decoded is logged; the service
+    /// then starts without silences, and the next change overwrites the file.
+    pub fn with_silences_file(mut self, path: std::path::PathBuf) -> MonitorState {
+        match std::fs::read(&path) {
+            Ok(bytes) => match crate::silence::Silences::decode(&bytes) {
+                Ok(loaded) => {
+                    tracing::info!(
+                        "{} silence(s) restored from {}",
+                        loaded.list(unix_now()).len(),
+                        path.display()
+                    );
+                    *self.silences.lock().unwrap_or_else(|e| e.into_inner()) = loaded;
+                }
+                Err(e) => tracing::warn!("silences not restored from {}: {e}", path.display()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("silences not restored from {}: {e}", path.display()),
+        }
+        self.silences_file = Some(Mutex::new(path));
+        self
+    }
+
+    /// Writes the silences to their file, when there is one (blocking: call it off the
+    /// async runtime). Errors: the file cannot be written.
+    pub fn save_silences(&self) -> std::io::Result<()> {
+        let Some(file) = &self.silences_file else {
+            return Ok(());
+        };
+        let path = file.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = self
+            .silences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .encode(unix_now());
+        write_atomically(&path, &bytes)
     }
 
     /// Keeps `seconds` of history (default [`crate::store::DEFAULT_RETENTION_SECONDS`]).
@@ -520,16 +582,12 @@ impl MonitorState {
         }
     }
 
-    /// Writes the store to `path` atomically (a temporary file, fsync, rename), in
+    /// Writes the store to `path` atomically (a temporary file, fsync, rename, fsync of the
+    /// directory), in
     /// [`Store::encode_snapshot`]'s format. The store is locked only while it is encoded.
     pub fn snapshot(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::io::Write;
         let bytes = self.lock().store.encode_snapshot();
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        write_atomically(path, &bytes)
     }
 
     /// Replaces the store with the snapshot at `path` (what expired by `now` left out).
@@ -1425,6 +1483,7 @@ async fn silences_add(State(st): State<Arc<MonitorState>>, body: Bytes) -> Respo
     match added {
         Ok(id) => {
             tracing::info!("silence {id} added");
+            persist_silences(&st).await;
             Json(json!({ "silenceID": id })).into_response()
         }
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
@@ -1440,9 +1499,21 @@ async fn silence_expire(State(st): State<Arc<MonitorState>>, Path(id): Path<Stri
         .expire(&id, unix_now());
     if found {
         tracing::info!("silence {id} expired");
+        persist_silences(&st).await;
         StatusCode::OK.into_response()
     } else {
         (StatusCode::NOT_FOUND, format!("silence {id} not found\n")).into_response()
+    }
+}
+
+/// Writes the silences file after a change; a failure is logged (the change holds in
+/// memory and is written with the next one).
+async fn persist_silences(st: &Arc<MonitorState>) {
+    let st = st.clone();
+    match tokio::task::spawn_blocking(move || st.save_silences()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("writing the silences file: {e}"),
+        Err(e) => tracing::warn!("writing the silences file: {e}"),
     }
 }
 

@@ -78,20 +78,11 @@ impl Silences {
         if p.matchers.is_empty() {
             return Err("a silence needs at least one matcher".into());
         }
-        let mut regexes = Vec::new();
-        for m in &p.matchers {
-            if m.name.is_empty() {
-                return Err("a matcher has an empty name".into());
-            }
-            regexes.push(if m.is_regex {
-                Some(
-                    regex::Regex::new(&format!("^(?:{})$", m.value))
-                        .map_err(|e| format!("matcher {}: {e}", m.name))?,
-                )
-            } else {
-                None
-            });
-        }
+        let regexes = p
+            .matchers
+            .iter()
+            .map(compile)
+            .collect::<Result<Vec<_>, _>>()?;
         let starts = crate::promapi::parse_time(&p.starts_at)
             .ok_or_else(|| format!("startsAt {:?} is not an RFC 3339 time", p.starts_at))?;
         let ends = crate::promapi::parse_time(&p.ends_at)
@@ -203,6 +194,100 @@ impl Silences {
     }
 }
 
+/// The first line of the silences file ([`Silences::encode`]).
+pub const FILE_MAGIC: &str = "RAMPART-SILENCES 1";
+
+impl Silences {
+    /// Every silence (expired ones too) in the silences file's format: the line
+    /// [`FILE_MAGIC`], then one JSON array of Alertmanager's `gettableSilence` objects as
+    /// [`Silences::list`] gives them at `now`.
+    pub fn encode(&self, now: f64) -> Vec<u8> {
+        let mut out = format!("{FILE_MAGIC}\n").into_bytes();
+        // Serialising JSON values to memory does not fail.
+        out.extend(serde_json::to_vec_pretty(&self.list(now)).unwrap_or_default());
+        out.push(b'\n');
+        out
+    }
+
+    /// The silences [`Silences::encode`] wrote, with their ids, times and authors; at most
+    /// [`MAX_SILENCES`] (the ones ending last are kept).
+    ///
+    /// Errors: not a silences file, JSON that does not parse, or a silence whose matchers,
+    /// times or regexes are invalid; the message names the silence.
+    pub fn decode(bytes: &[u8]) -> Result<Silences, String> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Stored {
+            id: String,
+            matchers: Vec<Matcher>,
+            starts_at: String,
+            ends_at: String,
+            updated_at: String,
+            created_by: String,
+            comment: String,
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+        let body = text
+            .strip_prefix(FILE_MAGIC)
+            .and_then(|rest| rest.strip_prefix('\n'))
+            .ok_or_else(|| format!("not a silences file (no {FILE_MAGIC:?} line)"))?;
+        let mut stored: Vec<Stored> = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        let time = |id: &str, field: &str, v: &str| {
+            crate::promapi::parse_time(v)
+                .ok_or_else(|| format!("silence {id}: {field} {v:?} is not an RFC 3339 time"))
+        };
+        let mut out = Silences::default();
+        stored.sort_by_cached_key(|s| std::cmp::Reverse(s.ends_at.clone()));
+        for s in stored.into_iter().take(MAX_SILENCES) {
+            let (starts, ends) = (
+                time(&s.id, "startsAt", &s.starts_at)?,
+                time(&s.id, "endsAt", &s.ends_at)?,
+            );
+            let updated = time(&s.id, "updatedAt", &s.updated_at)?;
+            let regexes = s
+                .matchers
+                .iter()
+                .map(|m| compile(m).map_err(|e| format!("silence {}: {e}", s.id)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if s.matchers.is_empty() || ends < starts {
+                return Err(format!(
+                    "silence {}: no matcher or ends before it starts",
+                    s.id
+                ));
+            }
+            let entry = Entry {
+                post: PostableSilence {
+                    id: Some(s.id.clone()),
+                    matchers: s.matchers,
+                    starts_at: s.starts_at,
+                    ends_at: s.ends_at,
+                    created_by: s.created_by,
+                    comment: s.comment,
+                },
+                regexes,
+                starts,
+                ends,
+                updated,
+            };
+            out.entries.insert(s.id, entry);
+        }
+        Ok(out)
+    }
+}
+
+/// A matcher's anchored regex (`None` for an equality matcher).
+fn compile(m: &Matcher) -> Result<Option<regex::Regex>, String> {
+    if m.name.is_empty() {
+        return Err("a matcher has an empty name".into());
+    }
+    if !m.is_regex {
+        return Ok(None);
+    }
+    regex::Regex::new(&format!("^(?:{})$", m.value))
+        .map(Some)
+        .map_err(|e| format!("matcher {}: {e}", m.name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +370,59 @@ mod tests {
             .list(now)
             .iter()
             .any(|x| x["status"]["state"] == "pending"));
+    }
+
+    #[test]
+    fn silences_survive_an_encode_and_decode() {
+        let mut s = Silences::default();
+        let now = 1_700_000_000.0;
+        let active = s
+            .add(
+                post(
+                    vec![
+                        m("host", "web-0[12]", true, true),
+                        m("alertname", "HostDown", false, false),
+                    ],
+                    "2023-11-14T22:13:20Z",
+                    "2023-11-14T23:13:20Z",
+                ),
+                now,
+            )
+            .unwrap();
+        let ended = s
+            .add(
+                post(
+                    vec![m("host", "lb-01", false, true)],
+                    "2023-11-14T22:13:20Z",
+                    "2023-11-14T23:13:20Z",
+                ),
+                now,
+            )
+            .unwrap();
+        assert!(s.expire(&ended, now + 5.0));
+        let bytes = s.encode(now + 6.0);
+        assert!(bytes.starts_with(FILE_MAGIC.as_bytes()));
+        let back = Silences::decode(&bytes).unwrap();
+        assert_eq!(back.list(now + 6.0), s.list(now + 6.0));
+        assert!(back.silenced(&labels("web-02", "BackendDown"), now + 6.0));
+        assert!(!back.silenced(&labels("web-02", "HostDown"), now + 6.0));
+        assert!(!back.silenced(&labels("lb-01", "BackendDown"), now + 6.0));
+        // the restored silence can still be expired by its id
+        let mut back = back;
+        assert!(back.expire(&active, now + 7.0));
+        assert!(!back.silenced(&labels("web-02", "BackendDown"), now + 8.0));
+        // damaged files are refused, naming why
+        assert!(Silences::decode(b"[]")
+            .unwrap_err()
+            .contains("not a silences file"));
+        let torn = &bytes[..bytes.len() / 2];
+        assert!(Silences::decode(torn).is_err());
+        let bad = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replace("web-0[12]", "web-0[12");
+        assert!(Silences::decode(bad.as_bytes())
+            .unwrap_err()
+            .contains(&active));
     }
 
     #[test]
