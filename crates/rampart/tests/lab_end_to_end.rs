@@ -1,7 +1,8 @@
 //! End to end: `rampart up -d` on a topology of its own (addresses 127.96.0.0/16), then a
 //! real HTTPS client that verifies the chain against the lab's CA checks the site, the
 //! redirect, HSTS, round robin, the guestbook through the load balancer, the firewall,
-//! the loss of web-01's node, and finally that `rampart down` leaves nothing behind.
+//! the loss of web-01's node, and finally that `rampart down` leaves nothing behind. The
+//! monitoring tests run labs of their own (127.97.0.0/16, 127.111.8.0/24).
 
 #![allow(clippy::unwrap_used)]
 
@@ -872,4 +873,341 @@ async fn without_mariadb_the_guestbook_runs_on_sqlite_with_a_warning() {
         .await
         .unwrap();
     assert_eq!(whoami["db"]["engine"], "sqlite");
+}
+
+/// A client holding `name`'s host certificate from the lab's PKI, connecting from the
+/// host's own address (the monitor's ingest admits agent hosts only).
+fn host_client(status: &Value, name: &str) -> reqwest::Client {
+    let state = Path::new(status["state_dir"].as_str().unwrap());
+    let hosts = state.join("pki").join("hosts");
+    let ca = std::fs::read(status["ca_cert"].as_str().unwrap()).unwrap();
+    let mut identity = std::fs::read(hosts.join(format!("{name}.pem"))).unwrap();
+    identity.extend(std::fs::read(hosts.join(format!("{name}.key"))).unwrap());
+    let from: std::net::IpAddr = host(status, name)["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .local_address(from)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// `/api/v1/query_range` (POST, form parameters, as Grafana sends it): each result
+/// series' labels and `(time, value)` points.
+async fn query_range(
+    admin: &reqwest::Client,
+    api: &str,
+    query: &str,
+    (start, end, step): (f64, f64, f64),
+) -> Vec<(Value, Vec<(f64, f64)>)> {
+    let doc: Value = admin
+        .post(format!("{api}query_range"))
+        .form(&[
+            ("query", query.to_string()),
+            ("start", format!("{start:.3}")),
+            ("end", format!("{end:.3}")),
+            ("step", step.to_string()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["status"], "success", "{query}: {doc}");
+    doc["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let pts = s["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    (
+                        p[0].as_f64().unwrap(),
+                        p[1].as_str().unwrap().parse().unwrap(),
+                    )
+                })
+                .collect();
+            (s["metric"].clone(), pts)
+        })
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Waits (at most `limit`) until the node process `pid` has exited.
+async fn wait_exited(pid: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+        assert!(Instant::now() < deadline, "node {pid} did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn is_zombie(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// The monitoring pipeline end to end on one lab (127.111.8.0/24):
+/// 1. a steady, bounded load through the load balancer; a Grafana-style range query of the
+///    site's QPS returns the rate the load generator measured (median of the steady
+///    window's points, within 10 %), and HighQPS, set just under that load, does not flap
+///    (at most one firing, no resolved while the load lasts);
+/// 2. mon-01's node killed with SIGKILL and brought back by `up` keeps every sample it had
+///    snapshotted; stopped with SIGTERM and brought back, it keeps the whole hour;
+/// 3. killing both web servers' nodes fires BackendDown and SiteUnavailable for lb-01.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_queries_match_the_load_the_monitor_survives_restarts_and_a_dead_site_alerts() {
+    // HighQPS just under the 40 req/s load: the load balancer's QPS hovers around it.
+    let topo = topology::DEFAULT_TOML
+        .replace("127.80.0.", "127.111.8.")
+        .replace("threshold_rps = 100.0", "threshold_rps = 38.0")
+        .replace("for_seconds = 10", "for_seconds = 3")
+        .replace("clear_rps = 80.0", "clear_rps = 25.0")
+        .replace("window_seconds = 10", "window_seconds = 5");
+    let (lab, out) = Lab::up(topo);
+    let state = lab.state.clone();
+    assert!(
+        out.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = status_json(&state);
+    let site = lb_client(&status);
+    let url = status["endpoints"]["https"].as_str().unwrap().to_string();
+    let admin = admin_client(&status);
+    let api = status["endpoints"]["monitor_api"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // 1. 40 req/s for 24 s.
+    let began = unix_now();
+    let (answered, took) = load(&site, &url, 40, Duration::from_secs(24), Arc::default()).await;
+    let ended = began + took.as_secs_f64();
+    assert!(answered > 400, "only {answered} requests answered");
+    let measured = f64::from(answered) / took.as_secs_f64();
+    // The agents push every second; wait for the last second's push.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The dashboard's QPS query with a 10 s window, over the steady part of the load (its
+    // first full window to its last second).
+    let series = query_range(
+        &admin,
+        &api,
+        "sum by (instance) (rate(rampart_http_requests_total[10s]))",
+        (began + 11.0, ended - 1.0, 1.0),
+    )
+    .await;
+    let qps_of = |instance: &str| -> Vec<f64> {
+        series
+            .iter()
+            .find(|(m, _)| m["instance"] == instance)
+            .unwrap_or_else(|| panic!("no QPS series for {instance}: {series:?}"))
+            .1
+            .iter()
+            .map(|p| p.1)
+            .collect()
+    };
+    let median = |mut v: Vec<f64>| {
+        assert!(!v.is_empty());
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let lb = qps_of("lb-01");
+    assert!(lb.len() >= 8, "{lb:?}");
+    let site_qps = median(lb.clone());
+    eprintln!(
+        "load generator: {answered} answered in {:.1} s = {measured:.2} req/s; \
+         query_range median for lb-01 {site_qps:.2} req/s (points {lb:?}); web-01 {:.2}, web-02 {:.2}",
+        took.as_secs_f64(),
+        median(qps_of("web-01")),
+        median(qps_of("web-02")),
+    );
+    assert!(
+        (site_qps - measured).abs() <= 0.1 * measured,
+        "the range query says {site_qps:.2} req/s, the load generator measured {measured:.2}"
+    );
+    // No flapping: HighQPS for lb-01 fired at most once and never resolved under the load.
+    let doc: Value = admin
+        .get(format!("{api}alerts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events: Vec<&Value> = doc["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["alert"] == "HighQPS" && e["host"] == "lb-01")
+        .filter(|e| e["at"].as_f64().is_some_and(|at| at <= ended))
+        .collect();
+    eprintln!("HighQPS events for lb-01 under the load: {events:?}");
+    let count = |event: &str| events.iter().filter(|e| e["event"] == event).count();
+    assert!(count("firing") <= 1, "HighQPS flapped: {events:?}");
+    assert_eq!(count("resolved"), 0, "HighQPS flapped: {events:?}");
+
+    // 2. An hour of a probe series, pushed as lb-01 in two halves around a SIGKILL.
+    let pusher = host_client(&status, "lb-01");
+    let mon = host(&status, "mon-01");
+    let ingest = format!(
+        "https://{}:{}/api/v1/push",
+        mon["address"].as_str().unwrap(),
+        mon["ports"]["ingest"].as_u64().unwrap()
+    );
+    let end = unix_now().floor() - 1.0;
+    let start = end - 3_599.0;
+    let half = |from: u32, to: u32| {
+        (from..to)
+            .map(|i| {
+                format!(
+                    "rampart_restart_probe_total {} {}\n",
+                    i * 5,
+                    (start as i64 + i64::from(i)) * 1000
+                )
+            })
+            .collect::<String>()
+    };
+    let push = |body: String| {
+        let (pusher, ingest) = (pusher.clone(), ingest.clone());
+        async move {
+            let r = pusher.post(&ingest).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    // Samples stored in the hour (a range query would repeat the last one for the 5 min
+    // lookback).
+    let probe_points = |admin: reqwest::Client, api: String| async move {
+        let s = query_range(
+            &admin,
+            &api,
+            "count_over_time(rampart_restart_probe_total[1h])",
+            (end, end, 1.0),
+        )
+        .await;
+        s.first().map_or(0, |(_, pts)| pts[0].1 as u32)
+    };
+    let got = push(half(0, 1_800)).await;
+    assert_eq!(got["accepted"], 1_800, "{got}");
+    let acked = std::time::SystemTime::now();
+    // Wait for the next periodic snapshot (every 10 s) after the first half was stored.
+    let snapshot = state.join("hosts").join("mon-01").join("monitor.snapshot");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&snapshot)
+        .and_then(|m| m.modified())
+        .map_or(true, |m| m <= acked)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot written after the push"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The second half, then at once SIGKILL.
+    let got = push(half(1_800, 3_600)).await;
+    assert_eq!(got["accepted"], 1_800, "{got}");
+    let mon_pid = mon["pid"].as_u64().unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", &mon_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_exited(mon_pid, Duration::from_secs(10)).await;
+    let out = lab.run_up(&lab.topo_path);
+    assert!(
+        out.status.success(),
+        "up after the SIGKILL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = probe_points(admin.clone(), api.clone()).await;
+    eprintln!("after SIGKILL: {kept} of 3600 probe samples kept (the first 1800 were snapshotted)");
+    // Ingest and snapshot each take the store's lock: the second half is in the
+    // snapshot whole or not at all; the first half always.
+    assert!(kept == 1_800 || kept == 3_600, "{kept} samples kept");
+    if kept == 1_800 {
+        let got = push(half(1_800, 3_600)).await;
+        assert_eq!(got["accepted"], 1_800, "{got}");
+    }
+    // SIGTERM: the node stops its roles, the monitor writes its last snapshot.
+    let mon_pid = host(&status_json(&state), "mon-01")["pid"]
+        .as_u64()
+        .unwrap();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &mon_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    wait_exited(mon_pid, Duration::from_secs(30)).await;
+    let out = lab.run_up(&lab.topo_path);
+    assert!(
+        out.status.success(),
+        "up after the SIGTERM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        probe_points(admin.clone(), api.clone()).await,
+        3_600,
+        "the last hour after a graceful restart"
+    );
+
+    // 3. Both web servers' nodes killed: the site has no backend left.
+    let status = status_json(&state);
+    for name in ["web-01", "web-02"] {
+        let pid = host(&status, name)["pid"].as_u64().unwrap();
+        let killed = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let doc: Value = admin
+            .get(format!("{api}alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let firing = |alert: &str, host: &str| {
+            doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
+        };
+        if firing("BackendDown", "lb-01") && firing("SiteUnavailable", "lb-01") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BackendDown and SiteUnavailable did not fire for lb-01: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = site.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503, "no backend left");
 }
