@@ -199,6 +199,43 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
         lb_handle = Some(handle);
     }
 
+    // The not-after times of the certificates this host serves, for CertificateExpiring:
+    // its own (every internal listener), the internal CA, and the load balancer's
+    // site certificates as its SNI store holds them now (a reload replaces them).
+    let mut certs = vec![
+        monitor::collect::CertSource::File {
+            role: "node".into(),
+            certificate: format!("host/{name}"),
+            path: state.pki().host_cert(&name),
+        },
+        monitor::collect::CertSource::File {
+            role: "ca".into(),
+            certificate: "internal-ca".into(),
+            path: state.pki().ca_cert(),
+        },
+    ];
+    if let Some(lb) = &lb_handle {
+        let lb = lb.clone();
+        certs.push(monitor::collect::CertSource::Live {
+            role: "lb".into(),
+            read: Arc::new(move || {
+                lb.certificates()
+                    .into_iter()
+                    .map(|c| {
+                        let name = c.names.first().cloned().unwrap_or_else(|| {
+                            c.cert
+                                .file_name()
+                                .map(|f| f.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        });
+                        (name, c.not_after_unix as f64)
+                    })
+                    .collect()
+            }),
+        });
+    }
+    registry.register_collector(Box::new(monitor::collect::CertificateCollector::new(certs)));
+
     if let Some(cfg) = plan.agent {
         let filters = roles.iter().flat_map(|r| r.filters()).collect();
         let handle = monitor::start_agent(cfg, registry, filters)

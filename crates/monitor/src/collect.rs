@@ -807,6 +807,130 @@ impl Collector for KernelFirewallCollector {
     }
 }
 
+/// Where [`CertificateCollector`] finds certificates.
+#[derive(Clone)]
+pub enum CertSource {
+    /// A PEM file whose first certificate is the one served; read again when the file's
+    /// modification time changes (a renewed certificate replaces the file).
+    File {
+        /// The `role` label: which role serves it (`node` for a host's own certificate,
+        /// served by every internal listener of the node; `ca` for the internal CA).
+        role: String,
+        /// The `certificate` label.
+        certificate: String,
+        /// The PEM file.
+        path: std::path::PathBuf,
+    },
+    /// A role's own list of the certificates it serves now, as `(name, not-after Unix
+    /// seconds)` (the load balancer's SNI certificates, which a reload replaces).
+    Live {
+        /// The `role` label.
+        role: String,
+        /// Read at every collection; must not block.
+        read: Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
+    },
+}
+
+impl std::fmt::Debug for CertSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertSource::File {
+                role,
+                certificate,
+                path,
+            } => write!(f, "File({role}, {certificate}, {})", path.display()),
+            CertSource::Live { role, .. } => write!(f, "Live({role})"),
+        }
+    }
+}
+
+/// The end of the validity of the certificates this host's roles serve:
+/// `rampart_tls_certificate_not_after_timestamp_seconds{role, certificate}`, Unix seconds
+/// (the X.509 `notAfter`, RFC 5280 §4.1.2.5), as the Prometheus convention for
+/// timestamps (`_timestamp_seconds`) and like blackbox_exporter's
+/// `probe_ssl_earliest_cert_expiry`. The built-in rule CertificateExpiring compares it
+/// with `time()`.
+///
+/// A file that cannot be read or parsed is left out of that collection (and retried at
+/// the next).
+#[derive(Debug, Default)]
+pub struct CertificateCollector {
+    sources: Vec<CertSource>,
+    /// Per file: its modification time and not-after when last read.
+    cache: std::sync::Mutex<BTreeMap<std::path::PathBuf, (std::time::SystemTime, f64)>>,
+}
+
+impl CertificateCollector {
+    /// A collector over `sources`.
+    pub fn new(sources: Vec<CertSource>) -> CertificateCollector {
+        CertificateCollector {
+            sources,
+            cache: Default::default(),
+        }
+    }
+
+    fn file_not_after(&self, path: &std::path::Path) -> Option<f64> {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = cache.get(path) {
+            if *at == modified {
+                return Some(*v);
+            }
+        }
+        let v = not_after(path)?;
+        cache.insert(path.to_path_buf(), (modified, v));
+        Some(v)
+    }
+}
+
+/// The `notAfter` of the first certificate in the PEM file `path`, Unix seconds.
+pub fn not_after(path: &std::path::Path) -> Option<f64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs = pki::load_certs(path).ok()?;
+    let (_, cert) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp() as f64)
+}
+
+impl Collector for CertificateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut rows: BTreeMap<(String, String), f64> = BTreeMap::new();
+        for s in &self.sources {
+            match s {
+                CertSource::File {
+                    role,
+                    certificate,
+                    path,
+                } => {
+                    if let Some(v) = self.file_not_after(path) {
+                        rows.insert((escape(role), escape(certificate)), v);
+                    }
+                }
+                CertSource::Live { role, read } => {
+                    for (name, v) in read() {
+                        rows.insert((escape(role), escape(&name)), v);
+                    }
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut m = enc.encode_descriptor(
+            "rampart_tls_certificate_not_after_timestamp",
+            "End of the validity (X.509 notAfter) of a certificate a role serves, Unix time.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for ((role, certificate), v) in &rows {
+            ConstGauge::new(*v).encode(m.encode_family(&[
+                ("role", role.as_str()),
+                ("certificate", certificate.as_str()),
+            ])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Escapes a label value as the text format requires (`\\`, `\"`, `\n`); prometheus-client
 /// writes label values verbatim.
 pub fn escape(s: &str) -> String {
@@ -826,6 +950,98 @@ pub fn escape(s: &str) -> String {
 mod tests {
     use super::*;
     use prometheus_client::registry::Registry;
+
+    /// Writes a self-signed certificate for `name` valid until `days` from now to
+    /// `dir/stem.pem`; returns the file and its not-after, Unix seconds.
+    fn short_lived(
+        dir: &std::path::Path,
+        stem: &str,
+        name: &str,
+        days: i64,
+    ) -> (std::path::PathBuf, f64) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days);
+        let after = params.not_after.unix_timestamp() as f64;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{stem}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        (path, after)
+    }
+
+    /// The certificate series from a file (read again once the file is replaced) and from
+    /// a role's live list; unreadable files are left out.
+    #[test]
+    fn certificate_expiry_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let (host, host_after) = short_lived(dir.path(), "web-01", "web-01", 2);
+        let live = Arc::new(std::sync::Mutex::new(vec![(
+            "www.foobar.com".to_string(),
+            1_900_000_000.0,
+        )]));
+        let read = {
+            let live = live.clone();
+            Arc::new(move || live.lock().unwrap().clone())
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(CertificateCollector::new(vec![
+            CertSource::File {
+                role: "node".into(),
+                certificate: "host/web-01".into(),
+                path: host.clone(),
+            },
+            CertSource::File {
+                role: "ca".into(),
+                certificate: "missing".into(),
+                path: dir.path().join("missing.pem"),
+            },
+            CertSource::Live {
+                role: "lb".into(),
+                read,
+            },
+        ])));
+        let scrape = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let samples = crate::exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            samples
+                .into_iter()
+                .filter(|s| s.name == "rampart_tls_certificate_not_after_timestamp_seconds")
+                .map(|s| (s.labels, s.value))
+                .collect::<Vec<_>>()
+        };
+        let l = |role: &str, cert: &str| {
+            vec![
+                ("certificate".to_string(), cert.to_string()),
+                ("role".to_string(), role.to_string()),
+            ]
+        };
+        let mut got = scrape();
+        got.iter_mut().for_each(|(labels, _)| labels.sort());
+        assert_eq!(
+            got,
+            [
+                (l("lb", "www.foobar.com"), 1_900_000_000.0),
+                (l("node", "host/web-01"), host_after)
+            ]
+        );
+        // A renewed certificate (the file replaced) and a reloaded load balancer.
+        let (_, renewed_after) = short_lived(dir.path(), "web-01", "web-01", 90);
+        // A later modification time, whatever the file system's time resolution.
+        std::fs::File::options()
+            .write(true)
+            .open(&host)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(10))
+            .unwrap();
+        live.lock().unwrap()[0].1 = 1_950_000_000.0;
+        let got = scrape();
+        assert!(got.iter().any(|(_, v)| *v == renewed_after), "{got:?}");
+        assert!(got.iter().any(|(_, v)| *v == 1_950_000_000.0), "{got:?}");
+        assert!(renewed_after > host_after + 80.0 * 86_400.0);
+    }
 
     #[test]
     fn collectors_emit_parseable_text() {

@@ -168,6 +168,22 @@ fn rules(t: &Topology) -> Vec<Rule> {
             severity: "warning",
             summary: "firewall drops above the bound",
         },
+        Rule {
+            alert: "CertificateExpiring",
+            expr: "rampart_tls_certificate_not_after_timestamp_seconds - time() < 14 * 86400 and rampart_tls_certificate_not_after_timestamp_seconds - time() >= 3 * 86400".into(),
+            for_seconds: 60,
+            keep_firing_seconds: 0,
+            severity: "warning",
+            summary: "a certificate expires within 14 days",
+        },
+        Rule {
+            alert: "CertificateExpiring",
+            expr: "rampart_tls_certificate_not_after_timestamp_seconds - time() < 3 * 86400".into(),
+            for_seconds: 60,
+            keep_firing_seconds: 0,
+            severity: "critical",
+            summary: "a certificate expires within 3 days or has expired",
+        },
     ]
 }
 

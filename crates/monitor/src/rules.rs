@@ -408,10 +408,75 @@ mod tests {
             "ReplicationLagging",
             "SemiSyncOff",
             "FailoverHappened",
+            "CertificateExpiring",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         assert!(rules.iter().all(|r| r.annotations.contains_key("summary")));
+    }
+
+    /// Certificates ending in 2, 10 and 30 days: CertificateExpiring fires critical for
+    /// the first, warning for the second, not for the third, once its `for` has passed.
+    #[test]
+    fn certificate_expiring_warns_at_14_days_and_is_critical_at_3() {
+        let mut rules: Vec<AlertingRule> = parse(BUILTIN_RULES, "built-in")
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.name == "CertificateExpiring")
+            .collect();
+        assert_eq!(rules.len(), 2);
+        let now = 1_800_000_000.0;
+        let day = 86_400.0;
+        let mut store = crate::store::Store::new();
+        for t in [now, now + 30.0, now + 60.0] {
+            let samples = [("host/web-01", 2.0), ("www.foobar.com", 10.0), ("ca", 30.0)]
+                .iter()
+                .map(|(cert, days)| crate::exposition::Sample {
+                    name: "rampart_tls_certificate_not_after_timestamp_seconds".into(),
+                    labels: vec![
+                        ("certificate".into(), cert.to_string()),
+                        ("role".into(), "lb".into()),
+                    ],
+                    value: now + days * day,
+                    timestamp: None,
+                })
+                .collect();
+            store.ingest("lb-01", t, samples).unwrap();
+        }
+        let mut fired = Vec::new();
+        for t in [now, now + 30.0, now + 60.0] {
+            for r in &mut rules {
+                for e in r.evaluate(&store, t) {
+                    assert_eq!(e.event, Event::Firing);
+                    let get = |k: &str| {
+                        e.alert
+                            .labels
+                            .iter()
+                            .find(|l| l.0 == k)
+                            .map(|l| l.1.clone())
+                            .unwrap()
+                    };
+                    fired.push((t, get("certificate"), get("severity")));
+                }
+                assert_eq!(r.last_error, None);
+            }
+        }
+        fired.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        assert_eq!(
+            fired,
+            [
+                (
+                    now + 60.0,
+                    "host/web-01".to_string(),
+                    "critical".to_string()
+                ),
+                (
+                    now + 60.0,
+                    "www.foobar.com".to_string(),
+                    "warning".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -978,8 +978,33 @@ fn is_zombie(pid: u64) -> bool {
 /// 3. killing both web servers' nodes fires BackendDown and SiteUnavailable for lb-01.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_queries_match_the_load_the_monitor_survives_restarts_and_a_dead_site_alerts() {
+    // A second site certificate that ends in 2 days, served by SNI.
+    let certs = tempfile::tempdir().unwrap();
+    let short_after = {
+        let mut params = rcgen::CertificateParams::new(vec!["short.foobar.com".into()]).unwrap();
+        let now = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_before = now;
+        let after = std::time::SystemTime::now() + Duration::from_secs(2 * 86_400);
+        params.not_after = after.into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(certs.path().join("short.pem"), cert.pem()).unwrap();
+        std::fs::write(certs.path().join("short.key"), key.serialize_pem()).unwrap();
+        after
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
     // HighQPS just under the 40 req/s load: the load balancer's QPS hovers around it.
     let topo = topology::DEFAULT_TOML
+        .replace(
+            "# [[site.tls.certificates]]\n# cert = \"certs/shop.example.pem\"\n# key = \"certs/shop.example.key\"",
+            &format!(
+                "[[site.tls.certificates]]\ncert = {:?}\nkey = {:?}",
+                certs.path().join("short.pem"),
+                certs.path().join("short.key")
+            ),
+        )
         .replace("127.80.0.", "127.111.8.")
         .replace("threshold_rps = 100.0", "threshold_rps = 38.0")
         .replace("for_seconds = 10", "for_seconds = 3")
@@ -1067,6 +1092,37 @@ async fn range_queries_match_the_load_the_monitor_survives_restarts_and_a_dead_s
     let count = |event: &str| events.iter().filter(|e| e["event"] == event).count();
     assert!(count("firing") <= 1, "HighQPS flapped: {events:?}");
     assert_eq!(count("resolved"), 0, "HighQPS flapped: {events:?}");
+
+    // The certificates' not-after times reached the monitor through the agents: the
+    // load balancer's two site certificates, every agent host's own.
+    let now = unix_now();
+    let certs = query_range(
+        &admin,
+        &api,
+        "rampart_tls_certificate_not_after_timestamp_seconds",
+        (now, now, 1.0),
+    )
+    .await;
+    let not_after = |instance: &str, role: &str, certificate: &str| {
+        certs
+            .iter()
+            .find(|(m, _)| {
+                m["instance"] == instance && m["role"] == role && m["certificate"] == certificate
+            })
+            .map(|(_, pts)| pts[0].1)
+            .unwrap_or_else(|| {
+                panic!("no {role} certificate {certificate} of {instance}: {certs:?}")
+            })
+    };
+    assert_eq!(
+        not_after("lb-01", "lb", "short.foobar.com") as u64,
+        short_after,
+        "the short-lived certificate's notAfter"
+    );
+    assert!(not_after("lb-01", "lb", "www.foobar.com") > now + 14.0 * 86_400.0);
+    for h in ["lb-01", "web-01", "web-02"] {
+        assert!(not_after(h, "node", &format!("host/{h}")) > now);
+    }
 
     // 2. An hour of a probe series, pushed as lb-01 in two halves around a SIGKILL.
     let pusher = host_client(&status, "lb-01");
