@@ -257,6 +257,10 @@ pub fn panels() -> Vec<Panel> {
             ("sum by (host) (rate(rampart_host_network_receive_bytes_total{device!=\"lo\"}[1m]))", "rx {{host}}"),
             ("sum by (host) (rate(rampart_host_network_transmit_bytes_total{device!=\"lo\"}[1m]))", "tx {{host}}"),
         ]),
+        ("Replication lag", "s", vec![(
+            "max by (host) (rampart_db_replication_lag_seconds)",
+            "{{host}}",
+        )]),
     ]
 }
 

@@ -3,7 +3,8 @@
 //! vendored uPlot through a plain-HTTP relay on 127.112.4.1 that presents the admin client
 //! certificate to mon-01 (headless Chromium cannot pick a client certificate without a
 //! user profile), lets the page refresh for a virtual 20 s, and dumps the DOM: no error
-//! recorded by the page, every chart drawn as a uPlot canvas, the ones with data non-empty.
+//! recorded by the page, all 11 charts drawn as uPlot canvases (firewall drops and
+//! replication lag among them), the ones with data non-empty.
 
 #![allow(clippy::unwrap_used)]
 
@@ -76,6 +77,16 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     acfg.spool_dir = None;
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
+    // A replica's lag, as the database role exports it.
+    let lag =
+        prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    lag.set(0.25);
+    registry.register_with_unit(
+        "rampart_db_replication_lag",
+        "Seconds the replica lags its primary.",
+        prometheus_client::registry::Unit::Seconds,
+        lag,
+    );
     let _agent = start_agent(acfg, registry, vec![]).await.unwrap();
 
     let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
@@ -160,7 +171,22 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     }
     // Every chart is a uPlot canvas; the request, latency and host charts have points.
     let charts: Vec<&str> = dom.split("class=\"panel chart\"").skip(1).collect();
-    assert!(charts.len() >= 9, "{} charts:\n{dom}", charts.len());
+    let titles: Vec<&str> = charts
+        .iter()
+        .map(|c| {
+            c.split("<h2>")
+                .nth(1)
+                .and_then(|s| s.split("</h2>").next())
+                .unwrap_or("")
+        })
+        .collect();
+    assert_eq!(charts.len(), 11, "{titles:?}");
+    for want in [
+        "Firewall: kernel drops per second (packets/s)",
+        "Replication lag (s)",
+    ] {
+        assert!(titles.contains(&want), "no {want:?} chart: {titles:?}");
+    }
     let canvases = dom.matches("<canvas").count();
     assert!(
         canvases >= charts.len(),
@@ -178,7 +204,13 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         })
         .collect();
     eprintln!("points per chart: {points:?}; canvases {canvases}; errlog {errlog:?}");
-    for (i, name) in [(0, "QPS"), (2, "latency p99"), (4, "CPU"), (5, "memory")] {
+    for (i, name) in [
+        (0, "QPS"),
+        (2, "latency p99"),
+        (4, "CPU"),
+        (5, "memory"),
+        (10, "replication lag"),
+    ] {
         assert!(points[i] > 0, "the {name} chart has no point: {points:?}");
     }
     // The hosts table lists lb-01 as up; no alert table error.
