@@ -185,6 +185,8 @@ pub struct MonitorConfig {
     pub rule_files: Vec<std::path::PathBuf>,
     /// Email notifications (`[alerts.email]`).
     pub email: Option<topology::EmailSettings>,
+    /// When grouped notifications leave (`[alerts.grouping]`).
+    pub grouping: notify::Grouping,
 }
 
 impl MonitorConfig {
@@ -212,6 +214,7 @@ impl MonitorConfig {
             retention_seconds: t.monitor_retention_seconds,
             rule_files: t.alert_rule_files.clone(),
             email: t.alert_email.clone(),
+            grouping: t.alert_grouping.into(),
         })
     }
 }
@@ -251,6 +254,14 @@ mod tests {
         let m = MonitorConfig::from_topology(&t, "mon-01", pki.clone(), net("mon-01")).unwrap();
         assert_eq!(m.agent_hosts, ["lb-01", "web-01", "web-02"]);
         assert_eq!(m.rule.threshold_rps, 100.0);
+        assert_eq!(m.grouping, notify::Grouping::default());
+        let mut slow = t.clone();
+        slow.alert_grouping.repeat_interval_seconds = 86_400;
+        let m = MonitorConfig::from_topology(&slow, "mon-01", pki.clone(), net("mon-01")).unwrap();
+        assert_eq!(
+            m.grouping.repeat_interval,
+            std::time::Duration::from_secs(86_400)
+        );
         assert!(MonitorConfig::from_topology(&t, "lb-01", pki, net("lb-01")).is_none());
     }
 }

@@ -86,6 +86,16 @@ pub struct Grouping {
     pub repeat_interval: Duration,
 }
 
+impl From<topology::AlertGrouping> for Grouping {
+    fn from(g: topology::AlertGrouping) -> Grouping {
+        Grouping {
+            group_wait: Duration::from_secs(g.group_wait_seconds),
+            group_interval: Duration::from_secs(g.group_interval_seconds),
+            repeat_interval: Duration::from_secs(g.repeat_interval_seconds),
+        }
+    }
+}
+
 impl Default for Grouping {
     fn default() -> Grouping {
         Grouping {
@@ -187,22 +197,21 @@ impl Grouper {
     }
 }
 
-/// Delivers queued notifications, grouped ([`Grouping`]), to every URL in `urls` with
+/// Delivers queued notifications, grouped by `grouping`, to every URL in `urls` with
 /// `client`, and by email when `email` is set, until `stop`.
 pub async fn deliver(
     mut rx: mpsc::Receiver<Notification>,
     client: reqwest::Client,
     urls: Vec<String>,
     email: Option<topology::EmailSettings>,
+    grouping: Grouping,
     external_url: String,
     stop: CancellationToken,
 ) {
-    let mut grouper = Grouper::new(Grouping::default());
+    let mut grouper = Grouper::new(grouping);
     loop {
         let now = tokio::time::Instant::now();
-        let next = grouper
-            .next_due()
-            .unwrap_or(now + Grouping::default().repeat_interval);
+        let next = grouper.next_due().unwrap_or(now + grouping.repeat_interval);
         let out = tokio::select! {
             _ = stop.cancelled() => return,
             n = rx.recv() => {
@@ -274,10 +283,15 @@ async fn send_one(
 /// Seconds an SMTP exchange may take.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Mails `n` through `e.smtp` (plain SMTP, RFC 5321, with lettre): subject
+/// Mails `n` through `e.smtp` (SMTP, RFC 5321, with lettre): subject
 /// `[FIRING] HighQPS on lb-01` / `[RESOLVED] …`, a text body with the value and times.
+/// With `e.tls` STARTTLS (RFC 3207, required: a server that does not offer it is an
+/// error) or implicit TLS (RFC 8314), the server's certificate verified for its host
+/// name against the public web roots and `e.ca_file`; with `e.username`, SMTP AUTH
+/// (RFC 4954, PLAIN or LOGIN) with the first line of `e.password_file`, read now.
 ///
-/// Errors: an address that does not parse, or the SMTP exchange failing (the message).
+/// Errors: an address that does not parse, an unreadable CA or password file, or the
+/// SMTP exchange failing (the message).
 pub async fn send_email(
     e: &topology::EmailSettings,
     n: &Notification,
@@ -316,10 +330,37 @@ pub async fn send_email(
         },
     );
     let msg = msg.body(body).map_err(|x| x.to_string())?;
-    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
         .port(port)
-        .timeout(Some(SMTP_TIMEOUT))
-        .build();
+        .timeout(Some(SMTP_TIMEOUT));
+    if e.tls != topology::SmtpTls::None {
+        use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+        let mut params = TlsParameters::builder(host.to_string());
+        if let Some(ca) = &e.ca_file {
+            let pem = tokio::fs::read(ca)
+                .await
+                .map_err(|x| format!("ca_file {}: {x}", ca.display()))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|x| format!("ca_file {}: {x}", ca.display()))?;
+            params = params.add_root_certificate(cert);
+        }
+        let params = params.build_rustls().map_err(|x| x.to_string())?;
+        builder = builder.tls(match e.tls {
+            topology::SmtpTls::Starttls => Tls::Required(params),
+            _ => Tls::Wrapper(params),
+        });
+    }
+    if let (Some(user), Some(file)) = (&e.username, &e.password_file) {
+        let text = tokio::fs::read_to_string(file)
+            .await
+            .map_err(|x| format!("password_file {}: {x}", file.display()))?;
+        let password = text.lines().next().unwrap_or("").to_string();
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            user.clone(),
+            password,
+        ));
+    }
+    let mailer = builder.build();
     mailer
         .send(msg)
         .await
@@ -439,6 +480,199 @@ mod tests {
         data
     }
 
+    /// What [`starttls_sink`] saw.
+    #[derive(Debug, Default)]
+    struct Seen {
+        /// The message's DATA, received after STARTTLS.
+        data: String,
+        /// Whether AUTH PLAIN carried the expected user and password.
+        authenticated: bool,
+    }
+
+    /// An SMTP receiver that offers STARTTLS (RFC 3207) with `tls` and, once upgraded,
+    /// AUTH PLAIN (RFC 4954) for `rampart@foobar.com` / `s3cret` only; mail is accepted
+    /// only over TLS after a successful AUTH.
+    async fn starttls_sink(
+        listener: tokio::net::TcpListener,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> Seen {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (sock, _) = listener.accept().await.unwrap();
+        let mut plain = BufReader::new(sock);
+        plain
+            .get_mut()
+            .write_all(b"220 sink ESMTP\r\n")
+            .await
+            .unwrap();
+        // bounded: at most 100 commands before STARTTLS
+        for _ in 0..100 {
+            let mut line = String::new();
+            if plain.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return Seen::default();
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-sink\r\n250 STARTTLS\r\n",
+                "STAR" => b"220 go ahead\r\n",
+                "QUIT" => return Seen::default(),
+                _ => b"530 STARTTLS first\r\n",
+            };
+            plain.get_mut().write_all(reply).await.unwrap();
+            if verb == "STAR" {
+                break;
+            }
+        }
+        let stream = tls.accept(plain.into_inner()).await.unwrap();
+        let mut lines = BufReader::new(stream);
+        let mut seen = Seen::default();
+        let mut in_data = false;
+        // bounded: at most 10 000 lines
+        for _ in 0..10_000 {
+            let mut line = String::new();
+            if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+                break;
+            }
+            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            if in_data {
+                if line == "." {
+                    in_data = false;
+                    lines.get_mut().write_all(b"250 queued\r\n").await.unwrap();
+                } else {
+                    seen.data.push_str(&line);
+                    seen.data.push('\n');
+                }
+                continue;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-sink\r\n250 AUTH PLAIN\r\n",
+                // base64 of "\0rampart@foobar.com\0s3cret"
+                "AUTH" if line == "AUTH PLAIN AHJhbXBhcnRAZm9vYmFyLmNvbQBzM2NyZXQ=" => {
+                    seen.authenticated = true;
+                    b"235 ok\r\n"
+                }
+                "AUTH" => b"535 bad credentials\r\n",
+                "MAIL" if !seen.authenticated => b"530 authenticate first\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                "QUIT" => {
+                    lines.get_mut().write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                }
+                _ => b"250 ok\r\n",
+            };
+            lines.get_mut().write_all(reply).await.unwrap();
+        }
+        seen
+    }
+
+    /// A CA and a certificate it signed for `ip`, as PEM (CA certificate, leaf, leaf key).
+    fn smtp_server_cert(ip: &str) -> (String, String, String) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "test mail CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![ip.to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    /// STARTTLS with the server verified against `ca_file`, then AUTH PLAIN with the
+    /// password from `password_file`: the message arrives over TLS. A wrong password, a
+    /// server that does not offer STARTTLS, and an untrusted server certificate are errors.
+    #[tokio::test]
+    async fn a_notification_is_mailed_with_starttls_and_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = smtp_server_cert("127.111.0.2");
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
+        let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut key.as_bytes())
+            .unwrap()
+            .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(pki::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let n = note("web-01", Event::Firing, 1_700_000_000.0);
+        let start = || async {
+            let listener = tokio::net::TcpListener::bind("127.111.0.2:0")
+                .await
+                .unwrap();
+            let port = listener.local_addr().unwrap().port();
+            (port, tokio::spawn(starttls_sink(listener, tls.clone())))
+        };
+        let settings = |port: u16, password: &str| topology::EmailSettings {
+            smtp: format!("127.111.0.2:{port}"),
+            from: "rampart@foobar.com".into(),
+            to: vec!["ops@foobar.com".into()],
+            tls: topology::SmtpTls::Starttls,
+            ca_file: Some(dir.path().join("ca.pem")),
+            username: Some("rampart@foobar.com".into()),
+            password_file: Some(dir.path().join(password)),
+        };
+
+        let (port, sink) = start().await;
+        send_email(&settings(port, "password"), &n, "https://mon-01:9090/")
+            .await
+            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), sink)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(seen.authenticated);
+        assert!(
+            seen.data.contains("Subject: [FIRING] HostDown on web-01"),
+            "{seen:?}"
+        );
+
+        // A wrong password is refused by the server.
+        std::fs::write(dir.path().join("wrong"), "hunter2\n").unwrap();
+        let (port, sink) = start().await;
+        let e = send_email(&settings(port, "wrong"), &n, "https://mon-01:9090/")
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("535") || e.to_lowercase().contains("credentials"),
+            "{e}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(10), sink).await;
+
+        // A server certificate the CA file does not vouch for: no mail, no password sent.
+        let (port, sink) = start().await;
+        let untrusted = topology::EmailSettings {
+            ca_file: None,
+            ..settings(port, "password")
+        };
+        assert!(send_email(&untrusted, &n, "https://mon-01:9090/")
+            .await
+            .is_err());
+        sink.abort();
+
+        // A server without STARTTLS: refused rather than sent in clear.
+        let listener = tokio::net::TcpListener::bind("127.111.0.2:0")
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let plain = tokio::spawn(smtp_sink(listener));
+        assert!(
+            send_email(&settings(port, "password"), &n, "https://mon-01:9090/")
+                .await
+                .is_err()
+        );
+        plain.abort();
+    }
+
     fn note(host: &str, event: Event, at: f64) -> Notification {
         Notification {
             alert: "HostDown".to_string(),
@@ -515,6 +749,7 @@ mod tests {
             smtp: format!("127.111.0.1:{port}"),
             from: "rampart@foobar.com".into(),
             to: vec!["ops@foobar.com".into(), "oncall@foobar.com".into()],
+            ..Default::default()
         };
         let n = Notification {
             alert: "HostDown".to_string(),

@@ -233,6 +233,7 @@ pub async fn start_monitor(cfg: MonitorConfig) -> Result<MonitorHandle, MonitorE
             client,
             cfg.webhook_urls.clone(),
             cfg.email.clone(),
+            cfg.grouping,
             external,
             tasks.token(),
         ));

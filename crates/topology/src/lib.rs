@@ -19,9 +19,9 @@ pub use balancing::{is_token, Algorithm, BackendOptions, Balancing, MAX_WEIGHT};
 pub use error::ConfigError;
 pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, ListenerLimits};
 pub use model::{
-    default_response_headers, parse_duration_seconds, AcmeSettings, AlertRule, CertPaths, Database,
-    DbEngine, EmailSettings, Failover, HealthCheck, Host, Ports, Role, Site, SiteTls, Topology,
-    DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
+    default_response_headers, parse_duration_seconds, AcmeSettings, AlertGrouping, AlertRule,
+    CertPaths, Database, DbEngine, EmailSettings, Failover, HealthCheck, Host, Ports, Role, Site,
+    SiteTls, SmtpTls, Topology, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
 };
 pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

@@ -319,9 +319,9 @@ struct FirewallOut<'a> {
     allow: &'a [crate::ExtraRule],
 }
 
-/// Where alert notifications are mailed (`[alerts.email]`): plain SMTP (no TLS, no
-/// authentication: a relay on the monitor's network), RFC 5321.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Where alert notifications are mailed (`[alerts.email]`), SMTP (RFC 5321): a relay on
+/// the monitor's network in clear, or a mail provider over TLS with authentication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct EmailSettings {
     /// The SMTP server, `host:port`.
     pub smtp: String,
@@ -329,6 +329,66 @@ pub struct EmailSettings {
     pub from: String,
     /// Recipients (at least one).
     pub to: Vec<String>,
+    /// Transport security (`tls`: `"none"`, the default; `"starttls"`, RFC 3207, usually
+    /// port 587; `"tls"`, implicit TLS, RFC 8314, usually port 465).
+    pub tls: SmtpTls,
+    /// PEM CA certificates trusted for the server besides the public web roots
+    /// (`ca_file`, relative to the topology file), e.g. a company relay's own CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The SMTP AUTH user (`username`, RFC 4954; PLAIN or LOGIN, as the server offers);
+    /// requires `password_file` and TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The file holding the password (`password_file`, relative to the topology file; its
+    /// first line, read at each send so a rotated password is used; never inline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// An SMTP connection's security ([`EmailSettings::tls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP.
+    #[default]
+    None,
+    /// Plain, upgraded with STARTTLS (RFC 3207); refused when the server does not offer it.
+    Starttls,
+    /// TLS from the first byte (RFC 8314 "implicit TLS").
+    Tls,
+}
+
+/// When grouped alert notifications leave (`[alerts.grouping]`, after Alertmanager's
+/// route settings of the same names), seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertGrouping {
+    /// `group_wait`: how long a new group waits before its first notification (default
+    /// 1 s; 0 allowed).
+    pub group_wait_seconds: u64,
+    /// `group_interval`: the least time between two notifications of one group (default
+    /// 2 s; at least 1 s).
+    pub group_interval_seconds: u64,
+    /// `repeat_interval`: how often a still-firing alert is notified again (default 4 h;
+    /// at least `group_interval`).
+    pub repeat_interval_seconds: u64,
+}
+
+impl Default for AlertGrouping {
+    fn default() -> AlertGrouping {
+        AlertGrouping {
+            group_wait_seconds: 1,
+            group_interval_seconds: 2,
+            repeat_interval_seconds: 4 * 3_600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct GroupingOut {
+    group_wait: String,
+    group_interval: String,
+    repeat_interval: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -336,6 +396,7 @@ struct AlertsOut<'a> {
     webhook_urls: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a EmailSettings>,
+    grouping: GroupingOut,
     rule_files: &'a [std::path::PathBuf],
     qps: &'a AlertRule,
     firewall_drops: DropAlertOut,
@@ -380,6 +441,9 @@ pub struct Topology {
     pub alert_rule_files: Vec<std::path::PathBuf>,
     /// Alert notifications by email (`[alerts.email] smtp, from, to`). Default none.
     pub alert_email: Option<EmailSettings>,
+    /// When grouped notifications leave (`[alerts.grouping]`). Default
+    /// [`AlertGrouping::default`].
+    pub alert_grouping: AlertGrouping,
     /// Seconds of history the monitoring service keeps (`[monitor] retention`, a
     /// Prometheus-style duration such as `"24h"`, `"90m"`, `"2d"`; at least one minute).
     /// Default 24 h.
@@ -490,6 +554,11 @@ impl Topology {
             alerts: AlertsOut {
                 webhook_urls: &self.webhook_urls,
                 email: self.alert_email.as_ref(),
+                grouping: GroupingOut {
+                    group_wait: format!("{}s", self.alert_grouping.group_wait_seconds),
+                    group_interval: format!("{}s", self.alert_grouping.group_interval_seconds),
+                    repeat_interval: format!("{}s", self.alert_grouping.repeat_interval_seconds),
+                },
                 rule_files: &self.alert_rule_files,
                 qps: &self.qps_alert,
                 firewall_drops: DropAlertOut {
@@ -875,13 +944,101 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
                     "e.g. from = \"rampart@foobar.com\", to = [\"ops@foobar.com\"]",
                 ));
             }
+            let tls = match e.tls.as_deref() {
+                None | Some("none") => SmtpTls::None,
+                Some("starttls") => SmtpTls::Starttls,
+                Some("tls") => SmtpTls::Tls,
+                Some(other) => {
+                    return Err(err(
+                        file,
+                        "alerts.email.tls",
+                        format!("{other:?} is not a transport security"),
+                        "write tls = \"none\", \"starttls\" (port 587) or \"tls\" (port 465)",
+                    ))
+                }
+            };
+            let resolve =
+                |p: std::path::PathBuf| if p.is_relative() { base_dir.join(p) } else { p };
+            match (&e.username, &e.password_file) {
+                (Some(u), Some(_)) if u.is_empty() || u.chars().any(char::is_control) => {
+                    return Err(err(
+                        file,
+                        "alerts.email.username",
+                        "is empty or holds control characters",
+                        "e.g. username = \"rampart@foobar.com\"",
+                    ))
+                }
+                (Some(_), Some(_)) if tls == SmtpTls::None => {
+                    return Err(err(
+                        file,
+                        "alerts.email.tls",
+                        "a password is never sent over plain SMTP",
+                        "set tls = \"starttls\" or \"tls\" with username and password_file",
+                    ))
+                }
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(err(
+                        file,
+                        "alerts.email.password_file",
+                        "username and password_file go together",
+                        "set both (the password in its own file, mode 0600), or neither",
+                    ))
+                }
+                _ => {}
+            }
             Some(EmailSettings {
                 smtp: e.smtp,
                 from: e.from,
                 to: e.to,
+                tls,
+                ca_file: e.ca_file.map(resolve),
+                username: e.username,
+                password_file: e.password_file.map(resolve),
             })
         }
     };
+    let g = raw.alerts.grouping.unwrap_or_default();
+    let defaults = AlertGrouping::default();
+    let duration = |key: &str, text: Option<&String>, default: u64, least: u64| match text {
+        None => Ok(default),
+        Some(t) => match parse_duration_seconds(t) {
+            Some(s) if s >= least => Ok(s),
+            _ => Err(err(
+                file,
+                format!("alerts.grouping.{key}"),
+                format!("{t:?} is not a duration of at least {least} s"),
+                "write a number with a unit s, m, h or d, e.g. group_interval = \"5m\"",
+            )),
+        },
+    };
+    let alert_grouping = AlertGrouping {
+        group_wait_seconds: duration(
+            "group_wait",
+            g.group_wait.as_ref(),
+            defaults.group_wait_seconds,
+            0,
+        )?,
+        group_interval_seconds: duration(
+            "group_interval",
+            g.group_interval.as_ref(),
+            defaults.group_interval_seconds,
+            1,
+        )?,
+        repeat_interval_seconds: duration(
+            "repeat_interval",
+            g.repeat_interval.as_ref(),
+            defaults.repeat_interval_seconds,
+            1,
+        )?,
+    };
+    if alert_grouping.repeat_interval_seconds < alert_grouping.group_interval_seconds {
+        return Err(err(
+            file,
+            "alerts.grouping.repeat_interval",
+            "is shorter than group_interval",
+            "make repeat_interval at least group_interval, e.g. repeat_interval = \"4h\"",
+        ));
+    }
     let monitor_retention_seconds = match raw.monitor.retention.as_deref() {
         None => 86_400,
         Some(text) => match parse_duration_seconds(text) {
@@ -1088,6 +1245,7 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         webhook_urls,
         alert_rule_files,
         alert_email,
+        alert_grouping,
         monitor_retention_seconds,
         database,
         operator_sources,
@@ -1400,6 +1558,91 @@ mod tests {
             e.contains("monitor.retention") && e.contains("conf/rampart.toml"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn alert_grouping_and_email_security() {
+        let base = Topology::default_topology().to_toml();
+        let with = |extra: &str| {
+            let default_grouping = "[alerts.grouping]\ngroup_wait = \"1s\"\ngroup_interval = \"2s\"\nrepeat_interval = \"14400s\"\n";
+            assert!(base.contains(default_grouping), "{base}");
+            let text = base
+                .replace(default_grouping, "")
+                .replace("[monitor]\nretention = \"86400s\"", extra);
+            Topology::parse(&text, "conf/rampart.toml")
+        };
+        assert_eq!(
+            Topology::default_topology().alert_grouping,
+            AlertGrouping::default()
+        );
+        let t = with("[monitor]\n[alerts.grouping]\ngroup_wait = \"0s\"\ngroup_interval = \"5m\"\nrepeat_interval = \"1d\"")
+            .unwrap();
+        assert_eq!(
+            t.alert_grouping,
+            AlertGrouping {
+                group_wait_seconds: 0,
+                group_interval_seconds: 300,
+                repeat_interval_seconds: 86_400
+            }
+        );
+        assert_eq!(
+            Topology::parse(&t.to_toml(), "x").unwrap().alert_grouping,
+            t.alert_grouping
+        );
+        for (bad, key) in [
+            ("group_interval = \"0s\"", "alerts.grouping.group_interval"),
+            ("group_wait = \"soon\"", "alerts.grouping.group_wait"),
+            (
+                "group_interval = \"1h\"\nrepeat_interval = \"5m\"",
+                "alerts.grouping.repeat_interval",
+            ),
+        ] {
+            let e = with(&format!("[monitor]\n[alerts.grouping]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains("conf/rampart.toml"),
+                "{bad}: {e}"
+            );
+        }
+        let email = |more: &str| {
+            with(&format!(
+                "[monitor]\n[alerts.email]\nsmtp = \"mail.foobar.com:587\"\nfrom = \"r@x\"\nto = [\"o@x\"]\n{more}"
+            ))
+        };
+        let t = email("tls = \"starttls\"\nusername = \"r@x\"\npassword_file = \"secrets/smtp\"\nca_file = \"/etc/ca.pem\"").unwrap();
+        let e = t.alert_email.clone().unwrap();
+        assert_eq!(e.tls, SmtpTls::Starttls);
+        assert_eq!(e.username.as_deref(), Some("r@x"));
+        assert_eq!(
+            e.password_file,
+            Some(std::path::PathBuf::from("conf/secrets/smtp"))
+        );
+        assert_eq!(e.ca_file, Some(std::path::PathBuf::from("/etc/ca.pem")));
+        assert_eq!(
+            Topology::parse(&t.to_toml(), "x").unwrap().alert_email,
+            t.alert_email
+        );
+        assert_eq!(email("").unwrap().alert_email.unwrap().tls, SmtpTls::None);
+        for (bad, key) in [
+            ("tls = \"ssl\"", "alerts.email.tls"),
+            (
+                "username = \"r@x\"\npassword_file = \"p\"",
+                "alerts.email.tls",
+            ),
+            (
+                "tls = \"tls\"\nusername = \"r@x\"",
+                "alerts.email.password_file",
+            ),
+            (
+                "tls = \"tls\"\npassword_file = \"p\"",
+                "alerts.email.password_file",
+            ),
+            ("password = \"hunter2\"", "password"),
+        ] {
+            let e = email(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

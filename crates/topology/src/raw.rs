@@ -192,6 +192,7 @@ pub(crate) struct RawAlerts {
     pub webhook_urls: Option<Vec<String>>,
     pub rule_files: Option<Vec<std::path::PathBuf>>,
     pub email: Option<RawEmail>,
+    pub grouping: Option<RawGrouping>,
     pub qps: Option<RawQpsAlert>,
     pub firewall_drops: Option<RawDropAlert>,
 }
@@ -203,6 +204,19 @@ pub(crate) struct RawEmail {
     pub smtp: String,
     pub from: String,
     pub to: Vec<String>,
+    pub tls: Option<String>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// `[alerts.grouping]`: when grouped notifications leave (durations).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGrouping {
+    pub group_wait: Option<String>,
+    pub group_interval: Option<String>,
+    pub repeat_interval: Option<String>,
 }
 
 /// `[monitor]`: the monitoring service's store.
