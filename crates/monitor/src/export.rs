@@ -31,8 +31,10 @@ fn q(s: &str) -> String {
 
 /// `prometheus.yml`: one scrape job over HTTPS with the given client certificate (the
 /// agents' `/metrics` answer only the monitor host and the admin), one target per agent
-/// host at its topology address with a `host` label, the rule file, and a scrape and
-/// evaluation interval of `interval_seconds`.
+/// host at its topology address with its `instance` label set to the host's name (as
+/// the monitor's own series carry it, so the same PromQL, rules and dashboards work on
+/// both; Prometheus keeps a target label named `instance` instead of the address), the
+/// rule file, and a scrape and evaluation interval of `interval_seconds`.
 pub fn prometheus_yml(
     t: &Topology,
     pki: &PkiPaths,
@@ -59,7 +61,7 @@ pub fn prometheus_yml(
     for h in t.hosts_with(Role::Agent) {
         let target = std::net::SocketAddr::new(h.address, t.ports.agent);
         y.push_str(&format!(
-            "      - targets: [{}]\n        labels:\n          host: {}\n",
+            "      - targets: [{}]\n        labels:\n          instance: {}\n",
             q(&target.to_string()),
             q(&h.name)
         ));
@@ -89,7 +91,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         Rule {
             alert: "HighQPS",
             expr: format!(
-                "sum by (host) (rate(rampart_http_requests_total[{}])) > {}",
+                "sum by (instance) (rate(rampart_http_requests_total[{}])) > {}",
                 w(qps.window_seconds),
                 qps.threshold_rps
             ),
@@ -101,7 +103,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         Rule {
             alert: "QPSDroppedToZero",
             expr: format!(
-                "sum by (host) (rate(rampart_http_requests_total{{role=\"lb\"}}[1m])) == 0 and on (host) up{{job=\"{JOB}\"}} == 1"
+                "sum by (instance) (rate(rampart_http_requests_total{{role=\"lb\"}}[1m])) == 0 and on (instance) up{{job=\"{JOB}\"}} == 1"
             ),
             for_seconds: 60,
             keep_firing_seconds: 0,
@@ -118,7 +120,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         },
         Rule {
             alert: "SiteUnavailable",
-            expr: "max by (host) (rampart_backend_up) == 0".into(),
+            expr: "max by (instance) (rampart_backend_up) == 0".into(),
             for_seconds: 5,
             keep_firing_seconds: 0,
             severity: "critical",
@@ -126,7 +128,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         },
         Rule {
             alert: "HighErrorRatio",
-            expr: "sum by (host) (rate(rampart_http_requests_total{code=\"5xx\"}[1m])) / sum by (host) (rate(rampart_http_requests_total[1m])) > 0.05".into(),
+            expr: "sum by (instance) (rate(rampart_http_requests_total{code=\"5xx\"}[1m])) / sum by (instance) (rate(rampart_http_requests_total[1m])) > 0.05".into(),
             for_seconds: 60,
             keep_firing_seconds: 60,
             severity: "warning",
@@ -134,7 +136,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         },
         Rule {
             alert: "HighLatencyP99",
-            expr: "histogram_quantile(0.99, sum by (host, le) (rate(rampart_http_request_duration_seconds_bucket[1m]))) > 1".into(),
+            expr: "histogram_quantile(0.99, sum by (instance, le) (rate(rampart_http_request_duration_seconds_bucket[1m]))) > 1".into(),
             for_seconds: 120,
             keep_firing_seconds: 60,
             severity: "warning",
@@ -159,7 +161,7 @@ fn rules(t: &Topology) -> Vec<Rule> {
         Rule {
             alert: "FirewallDropSurge",
             expr: format!(
-                "sum by (host) (rate(rampart_firewall_dropped_packets_total[{w}]) or rate(rampart_firewall_connections_total{{verdict=\"refused\"}}[{w}])) > {}",
+                "sum by (instance) (rate(rampart_firewall_dropped_packets_total[{w}]) or rate(rampart_firewall_connections_total{{verdict=\"refused\"}}[{w}])) > {}",
                 drops.threshold_rps,
                 w = w(drops.window_seconds)
             ),
@@ -208,7 +210,7 @@ pub fn rules_yml(t: &Topology) -> String {
         y.push_str(&format!(
             "        labels:\n          severity: {}\n        annotations:\n          summary: {}\n",
             q(r.severity),
-            q(&format!("{{{{ $labels.host }}}}: {}", r.summary))
+            q(&format!("{{{{ $labels.instance }}}}: {}", r.summary))
         ));
     }
     y
@@ -225,41 +227,41 @@ pub type Panel = (
 pub fn panels() -> Vec<Panel> {
     vec![
         ("QPS per server", "reqps", vec![(
-            "sum by (host) (rate(rampart_http_requests_total[1m]))",
-            "{{host}}",
+            "sum by (instance) (rate(rampart_http_requests_total[1m]))",
+            "{{instance}}",
         )]),
         ("Latency p50 / p99", "s", vec![
-            ("histogram_quantile(0.5, sum by (host, le) (rate(rampart_http_request_duration_seconds_bucket[1m])))", "p50 {{host}}"),
-            ("histogram_quantile(0.99, sum by (host, le) (rate(rampart_http_request_duration_seconds_bucket[1m])))", "p99 {{host}}"),
+            ("histogram_quantile(0.5, sum by (instance, le) (rate(rampart_http_request_duration_seconds_bucket[1m])))", "p50 {{instance}}"),
+            ("histogram_quantile(0.99, sum by (instance, le) (rate(rampart_http_request_duration_seconds_bucket[1m])))", "p99 {{instance}}"),
         ]),
         ("Error ratio (5xx)", "percentunit", vec![(
-            "sum by (host) (rate(rampart_http_requests_total{code=\"5xx\"}[1m])) / sum by (host) (rate(rampart_http_requests_total[1m]))",
-            "{{host}}",
+            "sum by (instance) (rate(rampart_http_requests_total{code=\"5xx\"}[1m])) / sum by (instance) (rate(rampart_http_requests_total[1m]))",
+            "{{instance}}",
         )]),
-        ("Backends up", "short", vec![("rampart_backend_up", "{{host}} {{backend}}")]),
+        ("Backends up", "short", vec![("rampart_backend_up", "{{instance}} {{backend}}")]),
         ("CPU busy (cores)", "short", vec![(
-            "sum by (host) (rate(rampart_host_cpu_seconds_total{mode!=\"idle\"}[1m]))",
-            "{{host}}",
+            "sum by (instance) (rate(rampart_host_cpu_seconds_total{mode!=\"idle\"}[1m]))",
+            "{{instance}}",
         )]),
         ("Memory used", "bytes", vec![(
             "rampart_host_memory_total_bytes - rampart_host_memory_available_bytes",
-            "{{host}}",
+            "{{instance}}",
         )]),
         ("Disk available", "percentunit", vec![(
             "rampart_host_filesystem_avail_bytes / rampart_host_filesystem_size_bytes",
-            "{{host}} {{mountpoint}}",
+            "{{instance}} {{mountpoint}}",
         )]),
         ("Firewall drops", "pps", vec![
-            ("sum by (host) (rate(rampart_firewall_dropped_packets_total[1m]))", "kernel {{host}}"),
-            ("sum by (host) (rate(rampart_firewall_connections_total{verdict=\"refused\"}[1m]))", "refused {{host}}"),
+            ("sum by (instance) (rate(rampart_firewall_dropped_packets_total[1m]))", "kernel {{instance}}"),
+            ("sum by (instance) (rate(rampart_firewall_connections_total{verdict=\"refused\"}[1m]))", "refused {{instance}}"),
         ]),
         ("Network", "Bps", vec![
-            ("sum by (host) (rate(rampart_host_network_receive_bytes_total{device!=\"lo\"}[1m]))", "rx {{host}}"),
-            ("sum by (host) (rate(rampart_host_network_transmit_bytes_total{device!=\"lo\"}[1m]))", "tx {{host}}"),
+            ("sum by (instance) (rate(rampart_host_network_receive_bytes_total{device!=\"lo\"}[1m]))", "rx {{instance}}"),
+            ("sum by (instance) (rate(rampart_host_network_transmit_bytes_total{device!=\"lo\"}[1m]))", "tx {{instance}}"),
         ]),
         ("Replication lag", "s", vec![(
-            "max by (host) (rampart_db_replication_lag_seconds)",
-            "{{host}}",
+            "max by (instance) (rampart_db_replication_lag_seconds)",
+            "{{instance}}",
         )]),
     ]
 }
@@ -374,7 +376,7 @@ mod tests {
         assert_eq!(files.len(), 3);
         let yml = std::fs::read_to_string(&files[0]).unwrap();
         for h in ["lb-01", "web-01", "web-02"] {
-            assert!(yml.contains(&format!("host: \"{h}\"")), "{yml}");
+            assert!(yml.contains(&format!("instance: \"{h}\"")), "{yml}");
         }
         assert!(yml.contains("\"127.80.0.10:9100\""), "{yml}");
         // The dashboard is JSON with a query per panel.
