@@ -784,4 +784,187 @@ mod tests {
             &headers(&[("connection", "keep-alive")])
         ));
     }
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A backend that answers the n-th request it receives (over all connections) with
+    /// `script[n]` and closes the connection after it when the entry says so; counts the
+    /// connections it accepted.
+    async fn scripted(script: Vec<(&'static [u8], bool)>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(script);
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (script, next) = (script.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request head (the tests send no body).
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                        buf.drain(..end + 4);
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((answer, close)) = script.get(n).copied() else {
+                            return;
+                        };
+                        if s.write_all(answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(addr: SocketAddr) -> Pool {
+        let policy = Arc::new(topology::Policy::compile(
+            &topology::Topology::default_topology(),
+        ));
+        let net = firewall::Net::loopback(
+            "lb-01",
+            [127, 0, 0, 1].into(),
+            policy,
+            topology::Limits::default(),
+        );
+        let connector = Connector::new(
+            net,
+            [("web-01".to_string(), (addr, "web-01".to_string()))].into(),
+            None,
+        );
+        Pool::new(connector, [Arc::from("web-01")], Duration::from_secs(4), 8)
+    }
+
+    async fn get(
+        pool: &Pool,
+        method: Method,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ExchangeError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web-01"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let target = PathAndQuery::from_static("/x");
+        let body = Bytes::new();
+        let out = Outgoing {
+            method: &method,
+            target: &target,
+            headers: &h,
+            body: &body,
+        };
+        let mut head = pool.send("web-01", &out).await?;
+        let mut all = BytesMut::new();
+        while let Some(piece) = head.body.next(Duration::from_secs(5)).await? {
+            all.extend_from_slice(&piece);
+        }
+        Ok((head.status, head.headers, all.freeze()))
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_with_trailers_is_read_and_the_connection_reused() {
+        let chunked: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n";
+        let (addr, accepted) = scripted(vec![(chunked, false), (chunked, false)]).await;
+        let p = pool(addr);
+        for _ in 0..2 {
+            let (status, _, body) = get(&p, Method::GET).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"hello world");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second request reused the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped_and_head_has_no_body() {
+        let (addr, _) = scripted(vec![
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok", false),
+            // A HEAD answer names the length of the body it does not send.
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        ])
+        .await;
+        let p = pool(addr);
+        let (status, headers, body) = get(&p, Method::GET).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"ok"[..]));
+        assert_eq!(headers.get("x-a").unwrap(), "b");
+        let (status, _, body) = get(&p, Method::HEAD).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        let (status, _, body) = get(&p, Method::GET).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_close_delimited_bodies_are_not_pooled() {
+        let (addr, accepted) = scripted(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+                true,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nyo", false),
+        ])
+        .await;
+        let p = pool(addr);
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"abc");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"until the end");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"hi");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"yo");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_replaced_for_an_idempotent_request() {
+        // The backend closes each connection right after answering although it announced
+        // keep-alive (as one that reached its idle timeout would).
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (addr, accepted) = scripted(vec![(ok, true), (ok, true), (ok, true)]).await;
+        let p = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"ok");
+            // Let the close arrive before the next checkout half of the time at most;
+            // both orders must work.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_protocol_errors_and_a_cut_body_is_a_reset() {
+        let (addr, _) = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\nabc", true),
+            (b"nonsense\r\n\r\n", true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                true,
+            ),
+        ])
+        .await;
+        let p = pool(addr);
+        for want in [
+            Failure::Other,
+            Failure::Other,
+            Failure::Reset,
+            Failure::Other,
+        ] {
+            let e = get(&p, Method::GET).await.unwrap_err();
+            assert_eq!(e.failure(), want, "{e}");
+        }
+    }
 }
