@@ -10,8 +10,6 @@
 //! load balancer makes itself have `-` for the upstream ones.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::access_log::Entry;
@@ -25,29 +23,6 @@ pub(crate) struct UpstreamTiming {
     pub(crate) connect: Option<Duration>,
     /// Sending the request to the end of the buffered response.
     pub(crate) response: Duration,
-}
-
-/// How long one upstream connection took to open; attached to every response it carries
-/// (hyper's `Connected::extra`), reported for the first of them only.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnectTiming {
-    took: Duration,
-    reported: Arc<AtomicBool>,
-}
-
-impl ConnectTiming {
-    pub(crate) fn new(took: Duration) -> ConnectTiming {
-        ConnectTiming {
-            took,
-            reported: Arc::default(),
-        }
-    }
-
-    /// The connect time, the first time it is asked for; `None` afterwards (the
-    /// connection is then a reused one).
-    pub(crate) fn first_use(&self) -> Option<Duration> {
-        (!self.reported.swap(true, Ordering::Relaxed)).then_some(self.took)
-    }
 }
 
 fn secs(s: &mut String, d: Option<Duration>) {

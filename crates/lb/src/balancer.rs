@@ -40,9 +40,6 @@ pub(crate) struct BackendState {
     /// The backend's name, shared with every response it serves (see
     /// [`crate::proxy::ServedBy`]).
     pub(crate) name: Arc<str>,
-    /// `name:port`, the authority of request URIs to this backend (the connector maps the
-    /// name back to the address), parsed once instead of per request.
-    pub(crate) authority: http::uri::Authority,
     /// Where it listens (a reload keeps a backend's health only for the same name and
     /// address).
     pub(crate) addr: std::net::SocketAddr,
@@ -128,15 +125,6 @@ pub(crate) struct Slot<'a> {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-/// `name:port` as a URI authority; backend names are validated host names, so parsing
-/// fails only for a name no request could reach (then a placeholder the connector refuses
-/// as an unknown backend, i.e. a connect error).
-fn authority_of(name: &str, port: u16) -> http::uri::Authority {
-    format!("{name}:{port}")
-        .parse()
-        .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.backend"))
-}
-
 /// What of a request steers its backend choice: the consistent-hash key and the backend
 /// its sticky cookie names. Computed once per request, before the first attempt.
 #[derive(Debug, Clone, Copy, Default)]
@@ -201,7 +189,6 @@ impl Balancer {
                     let g = gauge(&b.name);
                     BackendState {
                         name: Arc::from(b.name.as_str()),
-                        authority: authority_of(&b.name, b.addr.port()),
                         addr: b.addr,
                         weight: b.weight.max(1),
                         backup: b.backup,

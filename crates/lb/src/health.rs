@@ -82,7 +82,8 @@ enum ProbeError {
 /// One check: a new connection, `GET path` with `Connection: close`, 2xx or an error.
 async fn probe(connector: &Connector, backend: &str, path: &str) -> Result<(), ProbeError> {
     let io = connector.connect(backend).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     let driver = tokio::spawn(conn);
     let req = Request::get(path)
         .header(header::HOST, backend)

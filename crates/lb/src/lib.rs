@@ -35,6 +35,7 @@ pub mod admin;
 mod backend_metrics;
 mod balancer;
 mod config;
+mod exchange;
 mod health;
 mod layers;
 mod outlier;

@@ -39,10 +39,12 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::balancer::{Balancer, Outcome, QueueError};
 use crate::retry::{Failure, RetryBudget};
-use crate::upstream::UpstreamClient;
 
 /// Response body type of both listeners.
-pub(crate) type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The error of a response body: the backend's connection failed mid-stream.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Time allowed from sending a request upstream to receiving its response headers; past
 /// it the client gets 504 Gateway Timeout.
@@ -280,8 +282,7 @@ pub(crate) struct RejectLabels {
 /// What every HTTPS connection shares: the backend set, the pooled client and the limits.
 pub(crate) struct Upstreams {
     pub(crate) balancer: Arc<Balancer>,
-    pub(crate) client: UpstreamClient,
-    pub(crate) scheme: http::uri::Scheme,
+    pub(crate) pool: crate::exchange::Pool,
     /// Lower-case names the site answers to (domain and aliases).
     pub(crate) site_names: Vec<String>,
     pub(crate) max_body: u64,
@@ -642,35 +643,25 @@ impl Proxy {
                 }
             };
             let backend = slot.backend;
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(up.scheme.clone());
-            uri.authority = Some(backend.authority.clone());
-            uri.path_and_query = Some(path.clone());
-            let Ok(uri) = Uri::from_parts(uri) else {
-                return up.reject(
-                    StatusCode::BAD_REQUEST,
-                    "bad_target",
-                    "unsupported request target",
-                );
+            let out = crate::exchange::Outgoing {
+                method: &parts.method,
+                target: &path,
+                headers: &headers,
+                body: &body,
             };
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = uri;
-            *req.version_mut() = Version::HTTP_11;
-            *req.headers_mut() = headers.clone();
-
             let attempt = std::time::Instant::now();
-            let sent = tokio::time::timeout(RESPONSE_TIMEOUT, up.client.request(req)).await;
+            let sent =
+                tokio::time::timeout(RESPONSE_TIMEOUT, up.pool.send(&backend.name, &out)).await;
             match sent {
-                Ok(Ok(resp)) => {
-                    let (mut parts, body) = resp.into_parts();
+                Ok(Ok(head)) => {
+                    let mut resp = Response::new(());
+                    *resp.status_mut() = head.status;
+                    *resp.headers_mut() = head.headers;
+                    let (mut parts, ()) = resp.into_parts();
+                    let (connect, body) = (head.connect, head.body);
                     if let Some(cookie) = up.balancer.sticky_cookie(&affinity, slot.index) {
                         parts.headers.append(header::SET_COOKIE, cookie);
                     }
-                    let connect = parts
-                        .extensions
-                        .get::<crate::access_format::ConnectTiming>()
-                        .and_then(|t| t.first_use());
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
@@ -683,7 +674,7 @@ impl Proxy {
                         Err(e) => {
                             // Nothing has reached the client yet: an idempotent request
                             // may go to another backend.
-                            let failure = Failure::of_chain(&e);
+                            let failure = e.failure();
                             up.balancer.observe(backend, Outcome::Failed(failure));
                             tracing::warn!(side = "upstream", backend = %backend.name, error = %error_chain(&e), "response body failed");
                             if up.may_retry(idempotent, failure) {
@@ -712,7 +703,7 @@ impl Proxy {
                     return Response::from_parts(parts, body);
                 }
                 Ok(Err(e)) => {
-                    let failure = Failure::of_client(&e);
+                    let failure = e.failure();
                     up.balancer.observe(backend, Outcome::Failed(failure));
                     let retry = up.may_retry(idempotent, failure);
                     tracing::warn!(
@@ -750,77 +741,73 @@ const RESPONSE_BODY_IDLE: Duration = Duration::from_secs(30);
 /// `proxy_buffering`). A body that fits is returned whole and `permit` (the backend slot)
 /// is given back at once, with the upstream connection back in the pool; a larger one is
 /// returned as the bytes read so far followed by the rest streamed from the backend,
-/// holding the slot until it ends.
+/// holding the slot until it ends. A backend that sends nothing for
+/// [`RESPONSE_BODY_IDLE`] while the body is buffered gets what arrived sent on, then the
+/// stream ends with an error.
 async fn buffer_response(
-    mut body: Incoming,
+    mut body: crate::exchange::BodyReader,
     limit: u64,
     permit: OwnedSemaphorePermit,
-) -> Result<Body, hyper::Error> {
+) -> Result<Body, crate::exchange::ExchangeError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // Most bodies arrive in one piece: kept as it is, not copied.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     loop {
-        if buf.len() as u64 >= limit {
-            let prefix = buf.freeze();
-            return Ok(StreamRest {
-                prefix: Some(prefix),
-                rest: body,
-                _permit: permit,
-            }
-            .boxed_unsync());
-        }
-        match tokio::time::timeout(RESPONSE_BODY_IDLE, body.frame()).await {
-            Err(_) => {
-                // A stalled backend: the client gets what arrived, then the stream ends
-                // with an error when the rest does not come.
-                let prefix = buf.freeze();
-                return Ok(StreamRest {
-                    prefix: Some(prefix),
-                    rest: body,
-                    _permit: permit,
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if held >= limit {
+            let prefix = match first.take() {
+                Some(f) if buf.is_empty() => f,
+                Some(f) => {
+                    let mut all = BytesMut::with_capacity(f.len() + buf.len());
+                    all.extend_from_slice(&f);
+                    all.extend_from_slice(&buf);
+                    all.freeze()
                 }
-                .boxed_unsync());
-            }
+                None => buf.freeze(),
+            };
+            return Ok(
+                crate::exchange::Streamed::new(prefix, body, RESPONSE_BODY_IDLE, permit)
+                    .map_err(Into::into)
+                    .boxed_unsync(),
+            );
+        }
+        match body.next(RESPONSE_BODY_IDLE).await {
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
+            Ok(Some(data)) => match &first {
+                None if buf.is_empty() => first = Some(data),
+                _ => {
+                    if let Some(f) = first.take() {
+                        buf.extend_from_slice(&f);
+                    }
                     buf.extend_from_slice(&data);
                 }
+            },
+            Err(crate::exchange::ExchangeError::Stalled) => {
+                let prefix = match first.take() {
+                    Some(f) => f,
+                    None => buf.freeze(),
+                };
+                return Ok(crate::exchange::Streamed::new(
+                    prefix,
+                    body,
+                    RESPONSE_BODY_IDLE,
+                    permit,
+                )
+                .map_err(Into::into)
+                .boxed_unsync());
             }
+            Err(e) => return Err(e),
         }
     }
     drop(permit);
-    Ok(Full::new(buf.freeze())
+    let whole = match first {
+        Some(f) if buf.is_empty() => f,
+        _ => buf.freeze(),
+    };
+    Ok(Full::new(whole)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync())
-}
-
-pin_project_lite::pin_project! {
-    /// The buffered start of a large response, then the rest from the backend; holds the
-    /// backend slot until dropped.
-    struct StreamRest {
-        prefix: Option<Bytes>,
-        #[pin]
-        rest: Incoming,
-        _permit: OwnedSemaphorePermit,
-    }
-}
-
-impl http_body::Body for StreamRest {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        if let Some(prefix) = this.prefix.take() {
-            if !prefix.is_empty() {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
-            }
-        }
-        this.rest.poll_frame(cx)
-    }
 }
 
 /// An error and its sources, `outer: inner: innermost`.

@@ -41,7 +41,7 @@ use crate::balancer::Balancer;
 use crate::layers::Metrics;
 use crate::proxy::{Proxy, RejectLabels, Scheme, Upstreams};
 use crate::upstream::Connector;
-use crate::{check_backends, health, rate_limit, tls, upstream, LbConfig, LbError};
+use crate::{check_backends, health, rate_limit, tls, LbConfig, LbError};
 
 /// The request-path state every request reads: swapped whole by a reload.
 pub(crate) type Live = Arc<ArcSwap<Upstreams>>;
@@ -115,12 +115,12 @@ pub(crate) fn build(
     );
     let upstreams = Arc::new(Upstreams {
         balancer: balancer.clone(),
-        client: upstream::client(
+        pool: crate::exchange::Pool::new(
             connector.clone(),
+            connector.backend_names().map(Arc::from).collect::<Vec<_>>(),
             Duration::from_millis(limits.upstream_idle_timeout_ms),
             max_conns,
         ),
-        scheme: connector.scheme(),
         site_names: served_names(&cfg.site_names, cert_names),
         max_body: limits.max_request_body_bytes,
         body_timeout: cfg.request_body_timeout,

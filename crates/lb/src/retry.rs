@@ -42,14 +42,6 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    /// Classifies an error of the pooled client.
-    pub(crate) fn of_client(e: &hyper_util::client::legacy::Error) -> Failure {
-        if e.is_connect() {
-            return Failure::Connect;
-        }
-        Failure::of_chain(e)
-    }
-
     /// Classifies an error from an error's source chain: a `hyper::Error` for an
     /// incomplete message or a closed channel, or an I/O reset/abort/EOF, is a reset.
     pub(crate) fn of_chain(e: &(dyn std::error::Error + 'static)) -> Failure {

@@ -1,9 +1,8 @@
 //! The upstream side: one connector that turns a backend name into a connection (TCP from
-//! this host's address, then mutual TLS unless the insecure variant is configured), the
-//! pooled HTTP/1.1 client built on it.
+//! this host's address, then mutual TLS unless the insecure variant is configured); the
+//! request pool on it is [`crate::exchange`].
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,12 +11,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Uri;
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -50,14 +43,12 @@ pub(crate) enum ConnectError {
 pub(crate) struct UpstreamIo {
     stream: Stream,
     _open: Option<OpenGuard>,
-    /// How long connecting took (reported once, in the access log).
-    timing: crate::access_format::ConnectTiming,
 }
 
 #[derive(Debug)]
 enum Stream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// One open connection of a backend; uncounted on drop.
@@ -70,11 +61,11 @@ impl Drop for OpenGuard {
     }
 }
 
-impl hyper::rt::Read for UpstreamIo {
+impl tokio::io::AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -83,7 +74,7 @@ impl hyper::rt::Read for UpstreamIo {
     }
 }
 
-impl hyper::rt::Write for UpstreamIo {
+impl tokio::io::AsyncWrite for UpstreamIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -128,9 +119,20 @@ impl hyper::rt::Write for UpstreamIo {
     }
 }
 
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.timing.clone())
+impl UpstreamIo {
+    /// Whether an idle connection is still usable: nothing is waiting to be read on its
+    /// socket (neither an end of stream, a TLS close_notify, nor stray bytes). Costs at
+    /// most one non-blocking `recv(MSG_PEEK)`; none when the runtime has not seen the
+    /// socket become readable.
+    pub(crate) fn idle_and_open(&mut self) -> bool {
+        let tcp = match &self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
     }
 }
 
@@ -165,15 +167,6 @@ impl Connector {
         }
     }
 
-    /// The URI scheme requests to backends use.
-    pub(crate) fn scheme(&self) -> http::uri::Scheme {
-        if self.inner.tls.is_some() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        }
-    }
-
     /// Open pooled connections to backend `name` (0 for an unknown name).
     pub(crate) fn open_connections(&self, name: &str) -> usize {
         self.inner
@@ -188,6 +181,17 @@ impl Connector {
         self.connect_inner(name, false).await
     }
 
+    /// A new connection to the backend called `name` for the request pool, counted in
+    /// [`Connector::open_connections`] while it lives.
+    pub(crate) async fn connect_pooled(&self, name: &str) -> Result<UpstreamIo, ConnectError> {
+        self.connect_inner(name, true).await
+    }
+
+    /// The names of the configured backends.
+    pub(crate) fn backend_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.backends.keys().map(String::as_str)
+    }
+
     async fn connect_inner(&self, name: &str, count: bool) -> Result<UpstreamIo, ConnectError> {
         let inner = &self.inner;
         let (addr, sni, open) = inner
@@ -195,8 +199,6 @@ impl Connector {
             .get(name)
             .cloned()
             .ok_or_else(|| ConnectError::UnknownBackend(name.to_string()))?;
-        let started = std::time::Instant::now();
-        let timing = || crate::access_format::ConnectTiming::new(started.elapsed());
         let guard = || {
             count.then(|| {
                 open.fetch_add(1, Ordering::Relaxed);
@@ -211,9 +213,8 @@ impl Connector {
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
             let Some(tls) = &inner.tls else {
                 return Ok(UpstreamIo {
-                    stream: Stream::Plain(TokioIo::new(tcp)),
+                    stream: Stream::Plain(tcp),
                     _open: guard(),
-                    timing: timing(),
                 });
             };
             // A DNS name or an IP address (checked when the LB starts).
@@ -226,54 +227,12 @@ impl Connector {
                 .await
                 .map_err(|source| ConnectError::Tls { addr, source })?;
             Ok(UpstreamIo {
-                stream: Stream::Tls(Box::new(TokioIo::new(stream))),
+                stream: Stream::Tls(Box::new(stream)),
                 _open: guard(),
-                timing: timing(),
             })
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| ConnectError::Timeout { addr })?
     }
-}
-
-impl tower::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let name = uri.host().unwrap_or_default();
-            this.connect_inner(name, true).await
-        })
-    }
-}
-
-/// The one pooled HTTP/1.1 client of a load balancer; pool key = scheme + backend name.
-/// Request bodies are buffered in full before they are sent.
-pub(crate) type UpstreamClient = Client<Connector, Full<Bytes>>;
-
-/// Builds the pooled client over `connector`: at most `max_idle_per_backend` idle
-/// connections per backend, each closed after `idle_timeout` (which must stay below the
-/// backends' keep-alive timeout, so a pooled connection is never one the backend is
-/// closing). The client leaves `Host` alone (the caller sets it from the downstream
-/// request).
-pub(crate) fn client(
-    connector: Connector,
-    idle_timeout: Duration,
-    max_idle_per_backend: usize,
-) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle_per_backend)
-        .set_host(false)
-        .build(connector)
 }

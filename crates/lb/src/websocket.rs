@@ -97,7 +97,7 @@ pub(crate) async fn forward(
                 .connect(&backend.name)
                 .await
                 .map_err(|_| Failure::Connect)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| Failure::of_chain(&e))?;
             tokio::spawn(conn.with_upgrades());
@@ -124,7 +124,7 @@ pub(crate) async fn forward(
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
-                    return Response::from_parts(parts, body.boxed_unsync());
+                    return Response::from_parts(parts, body.map_err(Into::into).boxed_unsync());
                 }
                 let backend_side = hyper::upgrade::on(&mut resp);
                 let idle = up.tunnel_idle;

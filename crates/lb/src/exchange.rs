@@ -1,0 +1,970 @@
+//! The HTTP/1.1 exchange with a backend (RFC 9112) over a pool of kept-alive connections.
+//!
+//! The proxy reads a request's whole body before it chooses a backend and buffers the
+//! response up to a limit, so one exchange is short and regular: take an idle connection
+//! (or open one), write the request head and body in one write, parse the response head in
+//! place with `httparse`, then read the body as its framing says (`Content-Length`,
+//! `chunked`, or until the connection closes; RFC 9112 §6.3) and give the connection back.
+//! It all runs on the task that serves the client's request: there is no connection task
+//! and no channel between tasks per request, which is where a general-purpose client
+//! (hyper-util's pooled client, used here before) spent its time on this path.
+//!
+//! The pool is keyed by backend name within one configuration generation; a generation
+//! has one connector (address, TLS settings, server name and client certificate fixed), so
+//! the name is the connection's full identity. Idle connections are kept last-in
+//! first-out (the warmest first), at most `max_idle` per backend, and closed after
+//! `idle_timeout`, which the configuration keeps below the backends' own keep-alive
+//! timeout so that a pooled connection is never one the backend is closing.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, StatusCode, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::retry::Failure;
+use crate::upstream::{ConnectError, Connector, UpstreamIo};
+
+/// Largest response head accepted from a backend (status line and fields), as the
+/// listener's own request head cap.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Most fields in a response head; more is a malformed answer.
+const MAX_HEADERS: usize = 128;
+
+/// Largest chunk-size line or trailer section accepted in a chunked body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Request bodies up to this size are copied behind the head so that both leave in one
+/// write; larger ones are written after it.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// What went wrong in one exchange; [`ExchangeError::failure`] says whether another
+/// backend may be tried.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExchangeError {
+    /// No connection could be made: nothing was sent.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection failed while writing the request or reading the response.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// The backend closed the connection before the response was complete.
+    #[error("connection closed before the response was complete")]
+    Closed,
+    /// The answer was not a valid HTTP/1.1 response.
+    #[error("malformed response: {0}")]
+    Protocol(&'static str),
+    /// No byte of the body came for the configured idle time.
+    #[error("response body stalled")]
+    Stalled,
+}
+
+impl ExchangeError {
+    /// How the failure counts for retries and outlier detection (see [`Failure`]).
+    pub(crate) fn failure(&self) -> Failure {
+        match self {
+            ExchangeError::Connect(_) => Failure::Connect,
+            ExchangeError::Closed => Failure::Reset,
+            ExchangeError::Io(e) => Failure::of_chain(e),
+            ExchangeError::Protocol(_) | ExchangeError::Stalled => Failure::Other,
+        }
+    }
+}
+
+/// The request as it goes to the backend: the target in origin form, the fields the proxy
+/// built (with `Host` and `Content-Length`), and the whole body.
+pub(crate) struct Outgoing<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) target: &'a PathAndQuery,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) body: &'a Bytes,
+}
+
+/// A response head and the reader of its body.
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// How long opening the connection took, when this exchange opened it.
+    pub(crate) connect: Option<Duration>,
+    pub(crate) body: BodyReader,
+}
+
+/// The pool of idle connections to every backend of one configuration generation.
+/// Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    connector: Connector,
+    idle_timeout: Duration,
+    max_idle: usize,
+    /// Backend name → idle connections, oldest first. Every backend has its entry from the
+    /// start, so checking a connection in or out allocates nothing.
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One connection with what was read from it and not yet consumed.
+struct Conn {
+    io: UpstreamIo,
+    buf: BytesMut,
+}
+
+impl Pool {
+    /// A pool over `connector` for `backends`, keeping at most `max_idle` idle connections
+    /// per backend, each for at most `idle_timeout`. When called inside a Tokio runtime it
+    /// also starts a task that closes expired idle connections; the task ends with the
+    /// pool.
+    pub(crate) fn new(
+        connector: Connector,
+        backends: impl IntoIterator<Item = Arc<str>>,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Pool {
+        let idle = backends.into_iter().map(|b| (b, Vec::new())).collect();
+        let inner = Arc::new(PoolInner {
+            connector,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::new(idle),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reap(Arc::downgrade(&inner)));
+        }
+        Pool { inner }
+    }
+
+    /// Sends `req` to `backend` and reads the response head. A pooled connection is used
+    /// when one is idle and still open; if it turns out to have been closed by the backend
+    /// before any byte of the answer arrived, an idempotent request (RFC 9110 §9.2.2) is
+    /// sent again once on a new connection. The caller bounds the time this takes.
+    ///
+    /// Errors: [`ExchangeError`]; its [`failure`](ExchangeError::failure) tells whether the
+    /// request may go to another backend.
+    pub(crate) async fn send(
+        &self,
+        backend: &str,
+        req: &Outgoing<'_>,
+    ) -> Result<Head, ExchangeError> {
+        if let Some(conn) = self.checkout(backend) {
+            match self.exchange(backend, conn, req, None).await {
+                Ok(head) => return Ok(head),
+                // A stale connection: the backend closed it while it was idle.
+                Err(Attempt::NothingBack(e)) if !crate::retry::idempotent(req.method) => {
+                    return Err(e)
+                }
+                Err(Attempt::NothingBack(_)) => {}
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        let started = Instant::now();
+        let io = self.inner.connector.connect_pooled(backend).await?;
+        let conn = Conn {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+        };
+        let connect = Some(started.elapsed());
+        match self.exchange(backend, conn, req, connect).await {
+            Ok(head) => Ok(head),
+            Err(Attempt::NothingBack(e) | Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    /// An idle connection to `backend` that is neither expired nor closed by the peer.
+    fn checkout(&self, backend: &str) -> Option<Conn> {
+        let mut idle = lock(&self.inner.idle);
+        let list = idle.get_mut(backend)?;
+        while let Some(Idle { mut conn, since }) = list.pop() {
+            if since.elapsed() < self.inner.idle_timeout && conn.io.idle_and_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Gives `conn` back after a complete exchange.
+    fn checkin(&self, backend: &str, conn: Conn) {
+        if !conn.buf.is_empty() {
+            // Bytes past the end of the response: the connection is out of step.
+            return;
+        }
+        let mut idle = lock(&self.inner.idle);
+        let Some(list) = idle.get_mut(backend) else {
+            return;
+        };
+        if list.len() >= self.inner.max_idle {
+            // The oldest goes: the warmest are kept.
+            list.remove(0);
+        }
+        list.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    async fn exchange(
+        &self,
+        backend: &str,
+        mut conn: Conn,
+        req: &Outgoing<'_>,
+        connect: Option<Duration>,
+    ) -> Result<Head, Attempt> {
+        write_request(&mut conn.io, req)
+            .await
+            .map_err(|e| Attempt::NothingBack(ExchangeError::Io(e)))?;
+        let head_only = req.method == Method::HEAD;
+        let (status, version, headers) = loop {
+            let parsed = read_head(&mut conn).await?;
+            // 1xx answers before the final one are skipped (RFC 9110 §15.2); 101 was not
+            // asked for (upgrades take their own path).
+            if parsed.0.is_informational() {
+                if parsed.0 == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Attempt::Failed(ExchangeError::Protocol(
+                        "101 to a request that asked for no upgrade",
+                    )));
+                }
+                continue;
+            }
+            break parsed;
+        };
+        let framing = framing(&status, head_only, &headers).map_err(Attempt::Failed)?;
+        let keep_alive = framing != Framing::Close && persistent(version, &headers);
+        Ok(Head {
+            status,
+            headers,
+            connect,
+            body: BodyReader {
+                conn: Some(conn),
+                framing,
+                keep_alive,
+                pool: self.clone(),
+                backend: Arc::from(backend),
+            },
+        })
+    }
+}
+
+/// How one try on a connection failed: with nothing read back (the connection may have
+/// been stale), or after the backend started answering.
+enum Attempt {
+    NothingBack(ExchangeError),
+    Failed(ExchangeError),
+}
+
+/// Closes idle connections that outlived the pool's idle timeout, every half of it, until
+/// the pool is dropped.
+async fn reap(pool: Weak<PoolInner>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.idle_timeout / 2).max(Duration::from_millis(100)),
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(p) = pool.upgrade() else { return };
+        let expired: Vec<Idle> = {
+            let mut idle = lock(&p.idle);
+            let mut out = Vec::new();
+            for list in idle.values_mut() {
+                // Oldest first: the expired ones are a prefix.
+                let n = list
+                    .iter()
+                    .take_while(|i| i.since.elapsed() >= p.idle_timeout)
+                    .count();
+                out.extend(list.drain(..n));
+            }
+            out
+        };
+        // Closed outside the lock.
+        drop(expired);
+    }
+}
+
+/// Writes the request line, the fields and the body.
+async fn write_request(io: &mut UpstreamIo, req: &Outgoing<'_>) -> io::Result<()> {
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let head_len = req.method.as_str().len() + req.target.as_str().len() + 13 + fields + 2;
+    let coalesce = req.body.len() <= COALESCE_BODY;
+    let mut out = Vec::with_capacity(head_len + if coalesce { req.body.len() } else { 0 });
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.target.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if coalesce {
+        out.extend_from_slice(req.body);
+        io.write_all(&out).await?;
+    } else {
+        io.write_all(&out).await?;
+        io.write_all(req.body).await?;
+    }
+    io.flush().await
+}
+
+/// Reads and parses one response head from `conn`.
+async fn read_head(conn: &mut Conn) -> Result<(StatusCode, Version, HeaderMap), Attempt> {
+    let mut got_any = !conn.buf.is_empty();
+    loop {
+        if !conn.buf.is_empty() {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut fields);
+            match resp.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = resp
+                        .code
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or(Attempt::Failed(ExchangeError::Protocol("bad status code")))?;
+                    let version = if resp.version == Some(0) {
+                        Version::HTTP_10
+                    } else {
+                        Version::HTTP_11
+                    };
+                    // Where each value lies in the head, so that the values can be slices
+                    // of it (no copy) once the parser's borrow of the buffer ends.
+                    let base = conn.buf.as_ptr() as usize;
+                    let mut names = Vec::with_capacity(resp.headers.len());
+                    for f in resp.headers.iter() {
+                        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| {
+                            Attempt::Failed(ExchangeError::Protocol("bad field name"))
+                        })?;
+                        let start = f.value.as_ptr() as usize - base;
+                        names.push((name, start, start + f.value.len()));
+                    }
+                    let head = conn.buf.split_to(len).freeze();
+                    let mut headers = HeaderMap::with_capacity(names.len());
+                    for (name, start, end) in names {
+                        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                            .map_err(|_| {
+                                Attempt::Failed(ExchangeError::Protocol("bad field value"))
+                            })?;
+                        headers.append(name, value);
+                    }
+                    return Ok((status, version, headers));
+                }
+                Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD_BYTES => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(Attempt::Failed(ExchangeError::Protocol(
+                        "response head too large",
+                    )))
+                }
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Attempt::Failed(ExchangeError::Protocol(
+                        "too many header fields",
+                    )))
+                }
+                Err(_) => {
+                    return Err(Attempt::Failed(ExchangeError::Protocol(
+                        "unparsable response head",
+                    )))
+                }
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(8 * 1024);
+        }
+        let n = match conn.io.read_buf(&mut conn.buf).await {
+            Ok(n) => n,
+            Err(e) if got_any => return Err(Attempt::Failed(ExchangeError::Io(e))),
+            Err(e) => return Err(Attempt::NothingBack(ExchangeError::Io(e))),
+        };
+        if n == 0 {
+            return Err(if got_any {
+                Attempt::Failed(ExchangeError::Closed)
+            } else {
+                Attempt::NothingBack(ExchangeError::Closed)
+            });
+        }
+        got_any = true;
+    }
+}
+
+/// How the end of a response body is found (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many more bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+    /// Until the backend closes the connection (which is then not reused).
+    Close,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left, then its CRLF.
+    Data(u64),
+    /// Expecting the CRLF that ends a chunk's data.
+    DataEnd,
+    /// After the last chunk: the trailer section, up to an empty line.
+    Trailers,
+}
+
+fn framing(
+    status: &StatusCode,
+    head_only: bool,
+    headers: &HeaderMap,
+) -> Result<Framing, ExchangeError> {
+    if head_only || *status == StatusCode::NO_CONTENT || *status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length(0));
+    }
+    if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        // Chunked must be the last coding; otherwise the body runs to the close.
+        let last = te
+            .to_str()
+            .ok()
+            .and_then(|s| s.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        // A list of identical values is one value (RFC 9110 §8.6).
+        for part in v.to_str().map_err(|_| bad_length())?.split(',') {
+            let n: u64 = part.trim().parse().map_err(|_| bad_length())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad_length());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+fn bad_length() -> ExchangeError {
+    ExchangeError::Protocol("invalid Content-Length")
+}
+
+/// Whether the connection stays open after this response (RFC 9112 §9.3).
+fn persistent(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if has("close") {
+        return false;
+    }
+    version == Version::HTTP_11 || has("keep-alive")
+}
+
+/// Reads one response body from its connection; the connection goes back to the pool
+/// when the body ended cleanly and the response allows it. Dropped early, it closes the
+/// connection.
+pub(crate) struct BodyReader {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Pool,
+    backend: Arc<str>,
+}
+
+impl BodyReader {
+    /// The next piece of the body, `None` at its end. Each read from the backend waits at
+    /// most `idle` for a byte.
+    pub(crate) async fn next(&mut self, idle: Duration) -> Result<Option<Bytes>, ExchangeError> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(None);
+            };
+            match self.framing {
+                Framing::Length(0) => {
+                    self.finish();
+                    return Ok(None);
+                }
+                Framing::Length(left) => {
+                    if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
+                        return Err(self.fail(ExchangeError::Closed));
+                    }
+                    let take = conn
+                        .buf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.framing = Framing::Length(left - take as u64);
+                    let data = conn.buf.split_to(take).freeze();
+                    if self.framing == Framing::Length(0) {
+                        self.finish();
+                    }
+                    return Ok(Some(data));
+                }
+                Framing::Close => {
+                    if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
+                        self.keep_alive = false;
+                        self.conn = None;
+                        return Ok(None);
+                    }
+                    return Ok(Some(conn.buf.split().freeze()));
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
+                        return Err(self.fail(ExchangeError::Closed));
+                    }
+                    let take = conn
+                        .buf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - take as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(Some(conn.buf.split_to(take).freeze()));
+                }
+                Framing::Chunked(Chunk::Size) => match httparse::parse_chunk_size(&conn.buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        let _ = conn.buf.split_to(used);
+                        self.framing = Framing::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                    }
+                    Ok(httparse::Status::Partial) if conn.buf.len() < MAX_CHUNK_LINE => {
+                        if fill(conn, idle).await? == 0 {
+                            return Err(self.fail(ExchangeError::Closed));
+                        }
+                    }
+                    _ => return Err(self.fail(ExchangeError::Protocol("bad chunk size"))),
+                },
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if conn.buf.len() < 2 {
+                        if fill(conn, idle).await? == 0 {
+                            return Err(self.fail(ExchangeError::Closed));
+                        }
+                        continue;
+                    }
+                    if &conn.buf[..2] != b"\r\n" {
+                        return Err(self.fail(ExchangeError::Protocol("chunk without CRLF")));
+                    }
+                    let _ = conn.buf.split_to(2);
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    // Trailer fields are dropped (the response is buffered or streamed
+                    // without them); the section ends with an empty line.
+                    if let Some(end) = find_crlf(&conn.buf) {
+                        let line_empty = end == 0;
+                        let _ = conn.buf.split_to(end + 2);
+                        if line_empty {
+                            self.framing = Framing::Length(0);
+                        }
+                        continue;
+                    }
+                    if conn.buf.len() >= MAX_TRAILERS {
+                        return Err(self.fail(ExchangeError::Protocol("trailers too large")));
+                    }
+                    if fill(conn, idle).await? == 0 {
+                        return Err(self.fail(ExchangeError::Closed));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The body ended: the connection goes back to the pool if it may be reused.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive {
+                self.pool.checkin(&self.backend, conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: ExchangeError) -> ExchangeError {
+        self.conn = None;
+        e
+    }
+}
+
+/// Reads more of the response into the connection's buffer; 0 at end of stream.
+async fn fill(conn: &mut Conn, idle: Duration) -> Result<usize, ExchangeError> {
+    if conn.buf.capacity() - conn.buf.len() < 4096 {
+        conn.buf.reserve(16 * 1024);
+    }
+    match tokio::time::timeout(idle, conn.io.read_buf(&mut conn.buf)).await {
+        Err(_) => Err(ExchangeError::Stalled),
+        Ok(Err(e)) => Err(ExchangeError::Io(e)),
+        Ok(Ok(n)) => Ok(n),
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One read of a [`Streamed`] body in progress; gives the reader back with its result.
+type NextPiece = Pin<
+    Box<
+        dyn std::future::Future<Output = (BodyReader, Result<Option<Bytes>, ExchangeError>)> + Send,
+    >,
+>;
+
+/// The rest of a response body as an [`http_body::Body`], read from the backend as the
+/// client takes it; holds `permit` (the backend slot) until it ends or is dropped.
+pub(crate) struct Streamed {
+    prefix: Option<Bytes>,
+    reader: Option<BodyReader>,
+    idle: Duration,
+    pending: Option<NextPiece>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Streamed {
+    /// `prefix` (what was buffered), then the rest of `reader`.
+    pub(crate) fn new(
+        prefix: Bytes,
+        reader: BodyReader,
+        idle: Duration,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Streamed {
+        Streamed {
+            prefix: Some(prefix),
+            reader: Some(reader),
+            idle,
+            pending: None,
+            _permit: permit,
+        }
+    }
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, ExchangeError>>> {
+        let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            if !prefix.is_empty() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+            }
+        }
+        if this.pending.is_none() {
+            let Some(mut reader) = this.reader.take() else {
+                return Poll::Ready(None);
+            };
+            let idle = this.idle;
+            this.pending = Some(Box::pin(async move {
+                let r = reader.next(idle).await;
+                (reader, r)
+            }));
+        }
+        let Some(fut) = this.pending.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let (reader, result) = std::task::ready!(fut.as_mut().poll(cx));
+        this.pending = None;
+        match result {
+            Ok(Some(data)) => {
+                this.reader = Some(reader);
+                Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+            }
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_section_6_3() {
+        let ok = StatusCode::OK;
+        assert_eq!(
+            framing(&ok, false, &headers(&[("content-length", "12")])).unwrap(),
+            Framing::Length(12)
+        );
+        assert_eq!(
+            framing(&ok, false, &headers(&[("content-length", "12, 12")])).unwrap(),
+            Framing::Length(12)
+        );
+        assert!(framing(&ok, false, &headers(&[("content-length", "12, 13")])).is_err());
+        assert!(framing(&ok, false, &headers(&[("content-length", "-1")])).is_err());
+        // Transfer-Encoding wins over Content-Length.
+        assert_eq!(
+            framing(
+                &ok,
+                false,
+                &headers(&[
+                    ("transfer-encoding", "gzip, chunked"),
+                    ("content-length", "3")
+                ])
+            )
+            .unwrap(),
+            Framing::Chunked(Chunk::Size)
+        );
+        assert_eq!(
+            framing(&ok, false, &headers(&[("transfer-encoding", "gzip")])).unwrap(),
+            Framing::Close
+        );
+        assert_eq!(framing(&ok, false, &headers(&[])).unwrap(), Framing::Close);
+        // No body after HEAD, 204 and 304 whatever the fields say.
+        assert_eq!(
+            framing(&ok, true, &headers(&[("content-length", "12")])).unwrap(),
+            Framing::Length(0)
+        );
+        assert_eq!(
+            framing(
+                &StatusCode::NOT_MODIFIED,
+                false,
+                &headers(&[("content-length", "9")])
+            )
+            .unwrap(),
+            Framing::Length(0)
+        );
+    }
+
+    #[test]
+    fn persistence_follows_version_and_connection() {
+        assert!(persistent(Version::HTTP_11, &headers(&[])));
+        assert!(!persistent(
+            Version::HTTP_11,
+            &headers(&[("connection", "Close")])
+        ));
+        assert!(!persistent(Version::HTTP_10, &headers(&[])));
+        assert!(persistent(
+            Version::HTTP_10,
+            &headers(&[("connection", "keep-alive")])
+        ));
+    }
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A backend that answers the n-th request it receives (over all connections) with
+    /// `script[n]` and closes the connection after it when the entry says so; counts the
+    /// connections it accepted.
+    async fn scripted(script: Vec<(&'static [u8], bool)>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(script);
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (script, next) = (script.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request head (the tests send no body).
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                        buf.drain(..end + 4);
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((answer, close)) = script.get(n).copied() else {
+                            return;
+                        };
+                        if s.write_all(answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(addr: SocketAddr) -> Pool {
+        let policy = Arc::new(topology::Policy::compile(
+            &topology::Topology::default_topology(),
+        ));
+        let net = firewall::Net::loopback(
+            "lb-01",
+            [127, 0, 0, 1].into(),
+            policy,
+            topology::Limits::default(),
+        );
+        let connector = Connector::new(
+            net,
+            [("web-01".to_string(), (addr, "web-01".to_string()))].into(),
+            None,
+        );
+        Pool::new(connector, [Arc::from("web-01")], Duration::from_secs(4), 8)
+    }
+
+    async fn get(
+        pool: &Pool,
+        method: Method,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ExchangeError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web-01"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let target = PathAndQuery::from_static("/x");
+        let body = Bytes::new();
+        let out = Outgoing {
+            method: &method,
+            target: &target,
+            headers: &h,
+            body: &body,
+        };
+        let mut head = pool.send("web-01", &out).await?;
+        let mut all = BytesMut::new();
+        while let Some(piece) = head.body.next(Duration::from_secs(5)).await? {
+            all.extend_from_slice(&piece);
+        }
+        Ok((head.status, head.headers, all.freeze()))
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_with_trailers_is_read_and_the_connection_reused() {
+        let chunked: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n";
+        let (addr, accepted) = scripted(vec![(chunked, false), (chunked, false)]).await;
+        let p = pool(addr);
+        for _ in 0..2 {
+            let (status, _, body) = get(&p, Method::GET).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"hello world");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second request reused the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped_and_head_has_no_body() {
+        let (addr, _) = scripted(vec![
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok", false),
+            // A HEAD answer names the length of the body it does not send.
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        ])
+        .await;
+        let p = pool(addr);
+        let (status, headers, body) = get(&p, Method::GET).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"ok"[..]));
+        assert_eq!(headers.get("x-a").unwrap(), "b");
+        let (status, _, body) = get(&p, Method::HEAD).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        let (status, _, body) = get(&p, Method::GET).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_close_delimited_bodies_are_not_pooled() {
+        let (addr, accepted) = scripted(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+                true,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nyo", false),
+        ])
+        .await;
+        let p = pool(addr);
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"abc");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"until the end");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"hi");
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"yo");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_replaced_for_an_idempotent_request() {
+        // The backend closes each connection right after answering although it announced
+        // keep-alive (as one that reached its idle timeout would).
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (addr, accepted) = scripted(vec![(ok, true), (ok, true), (ok, true)]).await;
+        let p = pool(addr);
+        for _ in 0..3 {
+            assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"ok");
+            // Let the close arrive before the next checkout half of the time at most;
+            // both orders must work.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_protocol_errors_and_a_cut_body_is_a_reset() {
+        let (addr, _) = scripted(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\nabc", true),
+            (b"nonsense\r\n\r\n", true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                true,
+            ),
+        ])
+        .await;
+        let p = pool(addr);
+        for want in [
+            Failure::Other,
+            Failure::Other,
+            Failure::Reset,
+            Failure::Other,
+        ] {
+            let e = get(&p, Method::GET).await.unwrap_err();
+            assert_eq!(e.failure(), want, "{e}");
+        }
+    }
+}
