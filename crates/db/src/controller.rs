@@ -423,7 +423,10 @@ impl Reconciler {
             }
             receiving |= o.io_running;
             let own = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
-            if !primary_pos.contains(&own) || o.last_io_errno == 1236 {
+            if !primary_pos.contains(&own)
+                || o.last_io_errno == 1236
+                || !o.errant_against(p).is_empty()
+            {
                 errant.push(self.probes[i].host.clone());
                 continue;
             }

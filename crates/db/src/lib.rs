@@ -79,7 +79,7 @@ pub use controller::{
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
-pub use gtid::GtidPos;
+pub use gtid::{Gtid, GtidPos, GtidState};
 pub use metrics::{register_controller_metrics, register_server_metrics};
 pub use observe::{NodeObservation, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 pub use server::{
