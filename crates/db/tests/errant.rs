@@ -99,7 +99,7 @@ async fn root(state: &Path, host: &str) -> Conn {
 async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter("db=info")
+        .with_env_filter("db=info,db::client=debug")
         .try_init();
     if db::find_mariadbd().is_none() {
         eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
@@ -130,11 +130,20 @@ async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
     )
     .await
     .unwrap();
-    eventually("reads served by the replica", 60, || async {
-        let info = app.info().await.ok()?;
-        (replica.status().healthy && info.read_node == "web-02").then_some(())
-    })
-    .await;
+    let start = Instant::now();
+    loop {
+        let info = app.info().await;
+        let status = replica.status();
+        if status.healthy && matches!(&info, Ok(i) if i.read_node == "web-02") {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let mut c = root(state, "web-02").await;
+            let slave: Option<mysql_async::Row> = c.query_first("SHOW SLAVE STATUS").await.unwrap();
+            panic!("reads served by web-02: not within 60 s; client info {info:?}; replica status {status:?}; slave status {slave:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before = app.insert_message("ann", "everywhere").await.unwrap();
     assert!(controller.status().errant.is_empty());
 
