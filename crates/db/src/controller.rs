@@ -413,7 +413,6 @@ impl Reconciler {
         p: &NodeObservation,
         obs: &[Option<NodeObservation>],
     ) {
-        let primary_pos = GtidPos::parse(&p.gtid_binlog_pos).unwrap_or_default();
         let mut errant = Vec::new();
         let mut receiving = false;
         for (i, o) in obs.iter().enumerate() {
@@ -422,8 +421,10 @@ impl Reconciler {
                 continue;
             }
             receiving |= o.io_running;
-            let own = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
-            if !primary_pos.contains(&own) || o.last_io_errno == 1236 {
+            // Errant: transactions the primary's binary log lacks (by originating server,
+            // so a replica observed just after the primary and ahead of it is not), or
+            // refused by the primary as a diverged history (1236).
+            if o.last_io_errno == 1236 || !o.errant_against(p).is_empty() {
                 errant.push(self.probes[i].host.clone());
                 continue;
             }

@@ -62,6 +62,53 @@ impl GtidPos {
     }
 }
 
+/// A binary log's GTID state (`@@gtid_binlog_state`): the last GTID for **every**
+/// combination of domain and originating server, not only the last of each domain (MariaDB
+/// KB: "gtid_binlog_state"). A transaction a server wrote on its own keeps an entry under
+/// its `server_id` however far the primary's sequence numbers move on, which
+/// [`GtidPos`] (one GTID per domain) loses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GtidState(BTreeMap<(u32, u32), Gtid>);
+
+impl GtidState {
+    /// Parses MariaDB's comma-separated list; `None` as for [`GtidPos::parse`].
+    pub fn parse(text: &str) -> Option<GtidState> {
+        let mut map = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let pos = GtidPos::parse(part)?;
+            for g in pos.0.into_values() {
+                map.insert((g.domain, g.server), g);
+            }
+        }
+        Some(GtidState(map))
+    }
+
+    /// The transactions of `self`'s binary log that `primary`'s does not hold: for each
+    /// (domain, originating server) of `self` other than `primary_server_id`, the last
+    /// GTID when `primary` has none from that server in that domain or an older one.
+    /// GTIDs first written by the primary itself are left out: a replica only has them
+    /// from the primary, and comparing them would race with the primary's newest writes.
+    pub fn not_in(&self, primary: &GtidState, primary_server_id: u32) -> Vec<Gtid> {
+        self.0
+            .values()
+            .filter(|g| g.server != primary_server_id)
+            .filter(|g| {
+                primary
+                    .0
+                    .get(&(g.domain, g.server))
+                    .is_none_or(|p| p.seq < g.seq)
+            })
+            .copied()
+            .collect()
+    }
+}
+
+impl fmt::Display for Gtid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}-{}", self.domain, self.server, self.seq)
+    }
+}
+
 impl fmt::Display for GtidPos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self
@@ -94,5 +141,26 @@ mod tests {
         assert!(!a.contains(&diverged));
         assert!(a.contains(&GtidPos::parse("0-1-42").unwrap()));
         assert_eq!(a.progress(), 49);
+    }
+
+    #[test]
+    fn errant_transactions_survive_the_primary_moving_on() {
+        // Primary server 2 after taking over from server 1; replica server 3 wrote 0-3-43
+        // on its own, and the primary has since moved to 0-2-90.
+        let primary = GtidState::parse("0-1-40,0-2-90").unwrap();
+        let replica = GtidState::parse("0-1-40,0-2-88,0-3-43").unwrap();
+        let errant = replica.not_in(&primary, 2);
+        assert_eq!(errant.len(), 1);
+        assert_eq!(errant[0].to_string(), "0-3-43");
+        // Ahead of the primary on the primary's own GTIDs: a race, not errant.
+        let ahead = GtidState::parse("0-1-40,0-2-91").unwrap();
+        assert!(ahead.not_in(&primary, 2).is_empty());
+        // A former primary whose writes the new primary has: not errant.
+        let former = GtidState::parse("0-1-40").unwrap();
+        assert!(former.not_in(&primary, 2).is_empty());
+        // One the new primary never received: errant.
+        let lost = GtidState::parse("0-1-41").unwrap();
+        assert_eq!(lost.not_in(&primary, 2)[0].to_string(), "0-1-41");
+        assert!(GtidState::parse("0-1").is_none());
     }
 }

@@ -13,7 +13,8 @@
 //! `--defaults-file`, listens on a Unix socket only (`skip-networking`), and is reached over
 //! TCP only through a [`firewall::GuardedListener`]. It never decides firewall policy.
 //!
-//! Order of calls for a lab: [`Credentials::ensure`] once (`rampart up`), then on each
+//! Order of calls for a lab: [`Credentials::ensure`] and `pki::ensure` on [`pki_dir`] once
+//! (`rampart up`), then on each
 //! database host [`start_server`], then on each application host [`connect_client`].
 //!
 //! # How the data tier is put together
@@ -22,13 +23,14 @@
 //!   at every start, passed with `--defaults-file`), `data/` (datadir, binary and relay
 //!   logs), `tmp/`, `mysqld.sock`, `mariadbd.pid`, `error.log`, `install.log`. Shared:
 //!   `<state>/db/credentials.json` (0600) and, for SQLite, `<state>/db/<database>.sqlite3`.
-//!   An application host's egress sockets are `<state>/hosts/<app>/egress/mysql-<db>.sock`.
+//!   TLS: `<state>/pki/ca.pem` and each database host's `<state>/pki/db/<host>.{pem,key}`.
 //! - **Accounts.** `root@localhost` gets the admin password on each server with
 //!   `sql_log_bin=0` (a local change: no GTID, nothing replicated) and the other `root`
 //!   accounts are dropped — every relayed connection reaches the socket from the root-owned
 //!   node process, so neither `unix_socket` nor an empty password would keep anyone out.
 //!   The application account (`SELECT, INSERT` on the database, `SLAVE MONITOR` for lag)
-//!   and the replication account (`REPLICATION SLAVE`), both `@'localhost'`, the database
+//!   and the replication account (`REPLICATION SLAVE`), both `@'localhost'` and
+//!   `REQUIRE SSL`, the database
 //!   and the `guestbook` table are created **on the primary only, binary-logged**: a replica
 //!   starts from an empty `gtid_slave_pos` and replays the primary's whole binary log
 //!   (which begins at the primary's first start, after `mariadb-install-db`), so it receives
@@ -41,6 +43,12 @@
 //!   with stale settings before that). The egress listener on that port forwards to the
 //!   primary's relay from the replica host's address (MariaDB KB: "CHANGE MASTER TO",
 //!   "Global Transaction ID").
+//! - **TLS.** Every server loads `<state>/pki/db/<host>.{pem,key}` and the lab's CA
+//!   (`ssl_cert`, `ssl_key`, `ssl_ca`); TLS passes through the relays to `mariadbd` on its
+//!   socket. Replicas replicate with `MASTER_SSL=1, MASTER_SSL_VERIFY_SERVER_CERT=1`; every
+//!   TCP connection of this crate is built by [`tcp_opts`] and leaves through a process
+//!   egress (`egress.rs`), since `mysql_async` can start TLS only on TCP. `root` is used
+//!   over the socket only, without TLS.
 //! - **Processes.** `mariadbd` is a child in its own process group with no parent-death
 //!   signal: it outlives a killed node, and the next start on the same datadir (or
 //!   `rampart down`, via [`mariadbd_pid_file`]) stops it.
@@ -52,12 +60,14 @@ mod client;
 mod cluster;
 mod controller;
 mod credentials;
+mod egress;
 mod error;
 mod gtid;
 mod metrics;
 mod observe;
 mod server;
 mod sqlite;
+mod tls;
 
 use std::path::PathBuf;
 
@@ -66,8 +76,8 @@ use topology::{DbEngine, Topology};
 
 pub use backup::{backup, backups_dir, restore};
 pub use client::{
-    client_egress_socket, connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message,
-    DEFAULT_MAX_LAG_SECONDS, MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
+    connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message, DEFAULT_MAX_LAG_SECONDS,
+    MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
 };
 pub use cluster::{cluster_path, ClusterState};
 pub use controller::{
@@ -76,7 +86,7 @@ pub use controller::{
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
-pub use gtid::GtidPos;
+pub use gtid::{Gtid, GtidPos, GtidState};
 pub use metrics::{register_controller_metrics, register_server_metrics};
 pub use observe::{NodeObservation, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 pub use server::{
@@ -84,6 +94,7 @@ pub use server::{
     DbNodeStatus, DbServer, NodeRole, ServerConfig, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use sqlite::sqlite_path;
+pub use tls::{pki_dir, tcp_opts, ServerTls};
 
 /// The engine the data tier runs on, resolved from [`topology::DbEngine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

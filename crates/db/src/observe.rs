@@ -8,6 +8,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::gtid::{Gtid, GtidState};
+
 /// The table the writable primary updates every [`HEARTBEAT_PERIOD`]; a replica's lag is
 /// the age of the row it has applied (pt-heartbeat's method), which unlike
 /// `Seconds_Behind_Master` also grows while the IO thread is stalled.
@@ -27,6 +29,13 @@ pub struct NodeObservation {
     pub gtid_binlog_pos: String,
     /// `@@gtid_slave_pos`: the last GTID applied by the SQL thread.
     pub gtid_slave_pos: String,
+    /// `@@gtid_binlog_state`: the last GTID of each (domain, originating server) in this
+    /// server's binary log; what errant transactions are found by.
+    #[serde(default)]
+    pub gtid_binlog_state: String,
+    /// `@@server_id`.
+    #[serde(default)]
+    pub server_id: u32,
     /// Whether replication is configured (`SHOW SLAVE STATUS` returned a row).
     pub replicating: bool,
     /// `Slave_IO_Running = Yes`: connected to its primary and receiving.
@@ -53,8 +62,45 @@ pub struct NodeObservation {
     pub connections: u64,
     /// `Questions`: statements received since start.
     pub queries: u64,
-    /// `Ssl_cipher` of this observing connection (empty: not TLS).
+    /// `Ssl_cipher` of this observing connection (empty: not TLS; the node observes its
+    /// own server over the Unix socket, where it is always empty).
     pub ssl_cipher: String,
+    /// `@@have_ssl = YES`: the server loaded its certificate and key and offers TLS.
+    #[serde(default)]
+    pub tls_enabled: bool,
+    /// Accounts that may log in without TLS (empty `ssl_type` in `mysql.user`; MariaDB KB
+    /// "CREATE USER", "REQUIRE SSL"), sorted, besides `root` (reached by the node over the
+    /// socket) and the locked `mariadb.sys`: empty when the application and replication
+    /// accounts require TLS.
+    #[serde(default)]
+    pub plain_accounts: Vec<String>,
+    /// `Master_SSL_Allowed = Yes`: this replica's connection to its primary uses TLS.
+    #[serde(default)]
+    pub replication_tls: bool,
+    /// `Master_SSL_Verify_Server_Cert = Yes`: and it verifies the primary's certificate
+    /// (CA and name).
+    #[serde(default)]
+    pub replication_tls_verified: bool,
+}
+
+impl NodeObservation {
+    /// Transactions in this server's binary log that `primary`'s does not hold (errant
+    /// GTIDs, see [`GtidState::not_in`]); empty when either state does not parse.
+    pub fn errant_against(&self, primary: &NodeObservation) -> Vec<Gtid> {
+        match (
+            GtidState::parse(&self.gtid_binlog_state),
+            GtidState::parse(&primary.gtid_binlog_state),
+        ) {
+            (Some(own), Some(p)) => own.not_in(&p, primary.server_id),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether every link into this server needs TLS: the server offers it and no account
+    /// but `root` may log in without it.
+    pub fn clients_require_tls(&self) -> bool {
+        self.tls_enabled && self.plain_accounts.is_empty()
+    }
 }
 
 /// Bound on each statement of an observation.
@@ -75,12 +121,13 @@ async fn bounded<T>(
 /// Errors: the driver's error or a timeout, as text (the caller treats any error as "not
 /// reachable").
 pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, String> {
-    let vars: Option<(u8, String, String, String, u8)> = bounded(c.query_first(
+    type Vars = (u8, String, String, String, u8, String, u32);
+    let vars: Option<Vars> = bounded(c.query_first(
         "SELECT @@read_only, @@gtid_current_pos, @@gtid_binlog_pos, @@gtid_slave_pos, \
-         @@rpl_semi_sync_master_enabled",
+         @@rpl_semi_sync_master_enabled, @@gtid_binlog_state, @@server_id",
     ))
     .await?;
-    let Some((ro, cur, binlog, slave, ss_enabled)) = vars else {
+    let Some((ro, cur, binlog, slave, ss_enabled, state, server_id)) = vars else {
         return Err("no answer to SELECT @@read_only".into());
     };
     let mut o = NodeObservation {
@@ -88,6 +135,8 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
         gtid_current_pos: cur,
         gtid_binlog_pos: binlog,
         gtid_slave_pos: slave,
+        gtid_binlog_state: state,
+        server_id,
         semi_sync_master_enabled: ss_enabled != 0,
         ..NodeObservation::default()
     };
@@ -110,6 +159,21 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
     let cipher: Option<(String, String)> =
         bounded(c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")).await?;
     o.ssl_cipher = cipher.map(|(_, v)| v).unwrap_or_default();
+    let have_ssl: Option<String> = bounded(c.query_first("SELECT @@have_ssl")).await?;
+    o.tls_enabled = have_ssl.as_deref() == Some("YES");
+    // Compared here rather than in SQL: `ssl_type` is an ENUM whose collation differs from
+    // the connection's.
+    let accounts: Vec<(String, String, String)> =
+        bounded(c.query("SELECT user, CONCAT(ssl_type), CONCAT(is_role) FROM mysql.user")).await?;
+    o.plain_accounts = accounts
+        .into_iter()
+        .filter(|(user, ssl, role)| {
+            ssl.is_empty() && role != "Y" && user != "root" && user != "mariadb.sys"
+        })
+        .map(|(user, _, _)| user)
+        .collect();
+    o.plain_accounts.sort();
+    o.plain_accounts.dedup();
     let row: Option<Row> = bounded(c.query_first("SHOW SLAVE STATUS")).await?;
     if let Some(row) = row {
         let text = |col: &str| -> String {
@@ -123,6 +187,8 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
         o.sql_running = text("Slave_SQL_Running") == "Yes";
         o.gtid_io_pos = text("Gtid_IO_Pos");
         o.last_io_errno = text("Last_IO_Errno").parse().unwrap_or(0);
+        o.replication_tls = text("Master_SSL_Allowed") == "Yes";
+        o.replication_tls_verified = text("Master_SSL_Verify_Server_Cert") == "Yes";
     }
     let age: Option<Option<f64>> = bounded(c.query_first(format!(
         "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, MAX(ts), NOW(6)) / 1000000 AS DOUBLE) \

@@ -114,6 +114,7 @@ async fn lab(net: &str, port: u16) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_path_buf();
     Credentials::ensure(&state).unwrap();
+    pki::ensure(&db::pki_dir(&state), &t).unwrap();
     let cfg = |h| {
         ServerConfig::from_topology(&t, h, &state, test_support::net(&t, h), Engine::Mariadb)
             .unwrap()

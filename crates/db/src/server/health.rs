@@ -8,6 +8,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
 use super::{lock, DbNodeStatus, ADMIN_TIMEOUT};
+use crate::egress::LocalEgress;
 use crate::observe::{observe, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 
 /// Period of the observation.
@@ -69,9 +70,18 @@ pub(super) async fn health_loop(
 }
 
 /// Writes the heartbeat row every [`HEARTBEAT_PERIOD`] with the application account
-/// (`opts`). On a read-only server the write fails (error 1290) and nothing happens: only
-/// the writable primary's heartbeats exist, and replicas measure their lag by them.
-pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
+/// (`opts`, TCP with TLS through `egress`, which lives as long as the loop). On a read-only
+/// server the write fails (error 1290) and nothing happens: only the writable primary's
+/// heartbeats exist, and replicas measure their lag by them.
+///
+/// Each new connection reads its `Ssl_cipher` into `status.relay_tls_cipher` (`None`
+/// while not connected).
+pub(super) async fn heartbeat_loop(
+    _egress: LocalEgress,
+    opts: OptsBuilder,
+    database: String,
+    status: Arc<Mutex<DbNodeStatus>>,
+) {
     let sql = format!(
         "INSERT INTO `{database}`.{HEARTBEAT_TABLE} (id, server_id, ts) \
          VALUES (1, @@server_id, NOW(6)) \
@@ -85,8 +95,23 @@ pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(opts.clone())).await {
-                Ok(Ok(c)) => c,
-                _ => continue,
+                Ok(Ok(mut c)) => {
+                    let cipher: Option<(String, String)> = tokio::time::timeout(
+                        ADMIN_TIMEOUT,
+                        c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'"),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                    lock(&status).relay_tls_cipher =
+                        cipher.map(|(_, v)| v).filter(|v| !v.is_empty());
+                    c
+                }
+                _ => {
+                    lock(&status).relay_tls_cipher = None;
+                    continue;
+                }
             },
         };
         // A write waiting for a semi-synchronous acknowledgement may take up to
@@ -96,6 +121,72 @@ pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
             // Read-only (1290) or no grant yet (1142): keep the connection.
             Ok(Err(mysql_async::Error::Server(_))) => conn = Some(c),
             _ => {}
+        }
+    }
+}
+
+/// How often the certificate files are looked at for a change.
+const CERT_CHECK_PERIOD: Duration = Duration::from_secs(5);
+
+/// The modification times of `files` (`None` for one that cannot be read).
+fn mtimes(files: &[std::path::PathBuf]) -> Vec<Option<std::time::SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Makes the running server load its TLS files again after they changed on disk (the lab's
+/// PKI reissues a certificate 30 days before it expires, or when its names change): every
+/// [`CERT_CHECK_PERIOD`] compares the files' modification times with the last ones seen
+/// and, on a change, runs `FLUSH SSL` as root (MariaDB KB: "FLUSH": reloads `ssl_cert`,
+/// `ssl_key`, `ssl_ca` for new connections; established ones keep theirs). A failed
+/// `FLUSH SSL` is logged and tried again at the next period; a restarted `mariadbd` reads
+/// the files anyway.
+pub(super) async fn cert_reload_loop(
+    host: String,
+    admin: OptsBuilder,
+    files: Vec<std::path::PathBuf>,
+) {
+    let mut seen = {
+        let files = files.clone();
+        tokio::task::spawn_blocking(move || mtimes(&files))
+            .await
+            .unwrap_or_default()
+    };
+    let mut tick = tokio::time::interval(CERT_CHECK_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = {
+            let files = files.clone();
+            match tokio::task::spawn_blocking(move || mtimes(&files)).await {
+                Ok(m) => m,
+                Err(_) => continue,
+            }
+        };
+        if now == seen || now.iter().any(Option::is_none) {
+            continue;
+        }
+        let flushed = async {
+            let mut c = tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(admin.clone()))
+                .await
+                .map_err(|_| "connection timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let r = tokio::time::timeout(ADMIN_TIMEOUT, c.query_drop("FLUSH SSL"))
+                .await
+                .map_err(|_| "FLUSH SSL timed out".to_string())?
+                .map_err(|e| e.to_string());
+            let _ = c.disconnect().await;
+            r
+        };
+        match flushed.await {
+            Ok(()) => {
+                tracing::info!(%host, "TLS certificate files changed: reloaded (FLUSH SSL)");
+                seen = now;
+            }
+            Err(e) => tracing::warn!(%host, "TLS certificate files changed, FLUSH SSL failed: {e}"),
         }
     }
 }
