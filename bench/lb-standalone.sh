@@ -30,7 +30,8 @@
 # (CPU per request below 1 = Rampart spends less), next to the goals.
 #
 # Usage: bench/lb-standalone.sh [seconds per run, default 8] [rounds, default 3]
-# Env: BENCH_MODES (subset of the modes above), IDLE_CONNS (default 10000).
+# Env: BENCH_MODES (subset of the modes above), IDLE_CONNS (default 10000), RAMPART_BIN
+# (a rampart binary to measure instead of building this checkout, e.g. to compare two).
 # Addresses: 127.88.2.0/24 (LBs .10-.12, backends .21/.22, idle clients from .100 up).
 # Needs: haproxy, nginx (nginx-light), wrk, h2load (nghttp2-client), openssl, python3,
 # curl, ss (iproute2), taskset (apt-installed when missing, as root) and a release build
@@ -66,8 +67,12 @@ for p in haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl
   need "$bin" || install "$pkg"
   need "$bin" || { echo "bench: $bin is needed (apt-get install $pkg)" >&2; exit 1; }
 done
-cargo build --release -q -p rampart
-rampart=$PWD/target/release/rampart
+if [ -n "${RAMPART_BIN:-}" ]; then
+  rampart=$(realpath "$RAMPART_BIN")
+else
+  cargo build --release -q -p rampart
+  rampart=$PWD/target/release/rampart
+fi
 helper=$PWD/bench/lb-standalone.py
 work=$(mktemp -d /tmp/lb-bench.XXXXXX)
 declare -A live=()   # pids this script started and has not stopped yet
