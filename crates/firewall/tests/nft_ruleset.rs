@@ -55,13 +55,14 @@ fn only_the_edge_gets_rate_limit_and_blocklist() {
     let web = nft::ruleset(&p, t.host("web-01").unwrap(), &t.firewall);
     assert!(lb.contains("@blocklist4") && lb.contains("limit rate over 200/second"));
     assert!(!web.contains("blocklist") && !web.contains("edge_rate"));
-    // the web port only from the load balancer; the database port from the app hosts
+    // the web port only from the load balancer; the database port from the app and
+    // database hosts and the failover controller (mon-01)
     assert!(
         web.contains("ip saddr { 10.80.0.10 } tcp dport 9443 accept"),
         "{web}"
     );
     assert!(
-        web.contains("ip saddr { 10.80.0.12 } tcp dport 3306 accept"),
+        web.contains("ip saddr { 10.80.0.12, 10.80.0.20 } tcp dport 3306 accept"),
         "{web}"
     );
     let mut no_limit = t.firewall.clone();

@@ -21,7 +21,7 @@ pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, Liste
 pub use model::{
     default_response_headers, parse_duration_seconds, AcmeSettings, AlertRule, CertPaths, Database,
     DbEngine, EmailSettings, Failover, HealthCheck, Host, Ports, Role, Site, SiteTls, Topology,
-    DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
+    BUILT_IN_TOPOLOGIES, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML, SCALED_TOML,
 };
 pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};
