@@ -304,7 +304,47 @@ struct MariaClient {
     _egress: EgressTasks,
 }
 
-struct EgressTasks(Vec<(JoinHandle<()>, PathBuf)>);
+/// Egress listeners (Unix socket → `net.connect`), aborted and their sockets removed on drop.
+pub(crate) struct EgressTasks(pub(crate) Vec<(JoinHandle<()>, PathBuf)>);
+
+/// Binds the Unix socket `path` (0600, in a 0700 directory; a leftover file replaced) and
+/// serves it with [`firewall::egress_unix`]: each connection goes to `to` from `net`'s
+/// address. The task is added to `egress`.
+///
+/// Errors: [`DbError::Config`] for a path too long for a socket, [`DbError::Io`] when the
+/// directory or socket cannot be made.
+pub(crate) fn open_egress(
+    path: &Path,
+    net: &firewall::Net,
+    to: SocketAddr,
+    egress: &mut EgressTasks,
+) -> Result<(), DbError> {
+    crate::server::check_socket_path(path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
+    }
+    // A socket file left by an earlier run of this host's node.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| DbError::io(format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DbError::io(format!("chmod {}", path.display()), e))?;
+    let target = firewall::Target::Tcp {
+        net: net.clone(),
+        to,
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = firewall::egress_unix(listener, target).await {
+            tracing::error!(%to, error = %e, "MariaDB egress stopped");
+        }
+    });
+    egress.0.push((task, path.to_path_buf()));
+    Ok(())
+}
 
 impl Drop for EgressTasks {
     fn drop(&mut self) {
@@ -492,31 +532,7 @@ fn open_node(
     egress: &mut EgressTasks,
 ) -> Result<MariaNode, DbError> {
     let path = client_egress_socket(&cfg.state_dir, &cfg.host, &node.host);
-    crate::server::check_socket_path(&path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
-    }
-    // A socket file left by an earlier run of this host's node.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| DbError::io(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| DbError::io(format!("chmod {}", path.display()), e))?;
-    let target = firewall::Target::Tcp {
-        net: cfg.net.clone(),
-        to: node.addr,
-    };
-    let db_host = node.host.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = firewall::egress_unix(listener, target).await {
-            tracing::error!(db_host = %db_host, error = %e, "MariaDB egress stopped");
-        }
-    });
-    egress.0.push((task, path.clone()));
+    open_egress(&path, &cfg.net, node.addr, egress)?;
     let opts = OptsBuilder::default()
         .socket(Some(path.to_string_lossy().into_owned()))
         .prefer_socket(false)
