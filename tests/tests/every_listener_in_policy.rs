@@ -1,7 +1,8 @@
 //! A tidy invariant over a running lab: every TCP socket a lab process listens on is
 //! covered by a rule of the compiled policy for that host (no listener outside the
-//! firewall), and the replication egress refuses everyone but the replica's own
-//! `mariadbd`.
+//! firewall), or is a process egress of the data tier on `127.0.0.1` that admits only its
+//! own process (this test's connections get nothing); and the replication egress refuses
+//! everyone but the replica's own `mariadbd`.
 //!
 //! Lab on 127.100.1.0/24 with ports of its own (2xxxx).
 
@@ -141,6 +142,7 @@ fn every_listener_of_a_running_lab_is_in_the_policy() {
     let listeners = listening();
     let mut seen = 0;
     let mut outside = Vec::new();
+    let mut process_egresses = Vec::new();
     for (host, pid) in &pids {
         let address = topology.host(host).unwrap().address;
         for inode in socket_inodes(*pid) {
@@ -150,12 +152,25 @@ fn every_listener_of_a_running_lab_is_in_the_policy() {
             seen += 1;
             let covered =
                 addr.ip() == address && policy.rules_for(host).any(|r| r.port == addr.port());
-            if !covered {
+            if !covered && addr.ip() == IpAddr::from([127, 0, 0, 1]) {
+                // The data tier's MariaDB client egress: checked below to refuse us.
+                process_egresses.push(format!("{host} (pid {pid}) {addr}"));
+                let mut tcp = TcpStream::connect_timeout(addr, Duration::from_secs(5)).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 64];
+                let n = tcp.read(&mut buf).unwrap_or(0);
+                if n != 0 {
+                    outside.push(format!(
+                        "{host} (pid {pid}) listens on {addr} and answered another process"
+                    ));
+                }
+            } else if !covered {
                 outside.push(format!("{host} (pid {pid}) listens on {addr}"));
             }
         }
     }
     assert!(seen >= 8, "found only {seen} listening sockets of the lab");
+    println!("process egresses: {process_egresses:?}");
     assert!(
         outside.is_empty(),
         "listeners outside the compiled policy:\n{}",

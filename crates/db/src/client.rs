@@ -1,25 +1,26 @@
 //! The application's handle on the data tier: writes to the primary, reads from a replica
 //! (the one on the application's own host if there is one) with a fallback to the primary.
 //!
-//! In loopback mode a host's outbound connections must leave from the host's own address, and
-//! `mysql_async` cannot choose a source address. So for each database host it talks to, the
-//! client opens a Unix socket `<state>/hosts/<app host>/egress/mysql-<db host>.sock` served by
-//! [`firewall::egress_unix`], which connects to that host's MariaDB relay from the
-//! application host's address; the connection pool points at that socket.
+//! Every connection is TCP with TLS to `mariadbd`, the server certificate verified against
+//! the lab's CA for the database host's name ([`crate::tcp_opts`]); the application account
+//! is `REQUIRE SSL`, so the server refuses it without TLS. In loopback mode a host's
+//! outbound connections must leave from the host's own address, and `mysql_async` cannot
+//! choose a source address: for each database host the client opens a process egress
+//! (`crate::egress`, a `127.0.0.1` listener only this process may use) that connects to that
+//! host's MariaDB relay from the application host's address; the pool points at it.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, Row};
+use mysql_async::{Conn, Pool, PoolConstraints, PoolOpts, Row};
 use serde::Serialize;
-use tokio::task::JoinHandle;
 use topology::{Role, Topology};
 
 use crate::cluster::ClusterState;
+use crate::egress::LocalEgress;
 use crate::observe::HEARTBEAT_TABLE;
 use crate::sqlite::{sqlite_path, SqliteStore};
 use crate::{Credentials, DbError, Engine};
@@ -150,26 +151,17 @@ impl ClientConfig {
     }
 }
 
-/// `<state>/hosts/<app host>/egress/mysql-<db host>.sock`: the Unix socket through which
-/// `app_host`'s client reaches `db_host`'s MariaDB.
-pub fn client_egress_socket(state_dir: &Path, app_host: &str, db_host: &str) -> PathBuf {
-    state_dir
-        .join("hosts")
-        .join(app_host)
-        .join("egress")
-        .join(format!("mysql-{db_host}.sock"))
-}
-
 /// Opens the application's handle on the data tier. For MariaDB: loads the credentials
-/// (`<state>/db/credentials.json`), opens the egress sockets for the primary and the read
-/// replica (see the module docs) and builds small connection pools; no connection is made
-/// yet, so this succeeds while the servers are still starting. For SQLite: opens the shared
-/// file and creates the schema.
+/// (`<state>/db/credentials.json`), opens an egress for every database host (see the module
+/// docs) and builds small connection pools; no connection is made yet, so this succeeds
+/// while the servers are still starting. For SQLite: opens the shared file and creates the
+/// schema.
 ///
 /// The egress listeners live as long as the returned client (and its clones).
 ///
-/// Errors: [`DbError::Credentials`], [`DbError::Io`] when a socket cannot be bound,
-/// [`DbError::Config`] when a socket path is too long, [`DbError::Sqlite`].
+/// Errors: [`DbError::Credentials`], [`DbError::Config`] when the CA certificate
+/// (`<state>/pki/ca.pem`) is missing, [`DbError::Io`] when an egress cannot be bound,
+/// [`DbError::Sqlite`].
 pub async fn connect_client(cfg: ClientConfig) -> Result<DbClient, DbError> {
     let inner = match cfg.engine {
         Engine::Sqlite => Inner::Sqlite {
@@ -300,59 +292,8 @@ struct MariaClient {
     last_gtid: std::sync::Mutex<Option<String>>,
     /// Where the topology put the primary, used until `cluster.json` exists.
     first_primary: String,
-    /// Egress listeners; aborted (and their sockets removed) on drop.
-    _egress: EgressTasks,
-}
-
-/// Egress listeners (Unix socket → `net.connect`), aborted and their sockets removed on drop.
-pub(crate) struct EgressTasks(pub(crate) Vec<(JoinHandle<()>, PathBuf)>);
-
-/// Binds the Unix socket `path` (0600, in a 0700 directory; a leftover file replaced) and
-/// serves it with [`firewall::egress_unix`]: each connection goes to `to` from `net`'s
-/// address. The task is added to `egress`.
-///
-/// Errors: [`DbError::Config`] for a path too long for a socket, [`DbError::Io`] when the
-/// directory or socket cannot be made.
-pub(crate) fn open_egress(
-    path: &Path,
-    net: &firewall::Net,
-    to: SocketAddr,
-    egress: &mut EgressTasks,
-) -> Result<(), DbError> {
-    crate::server::check_socket_path(path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
-    }
-    // A socket file left by an earlier run of this host's node.
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| DbError::io(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| DbError::io(format!("chmod {}", path.display()), e))?;
-    let target = firewall::Target::Tcp {
-        net: net.clone(),
-        to,
-    };
-    let task = tokio::spawn(async move {
-        if let Err(e) = firewall::egress_unix(listener, target).await {
-            tracing::error!(%to, error = %e, "MariaDB egress stopped");
-        }
-    });
-    egress.0.push((task, path.to_path_buf()));
-    Ok(())
-}
-
-impl Drop for EgressTasks {
-    fn drop(&mut self) {
-        for (task, path) in &self.0 {
-            task.abort();
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    /// Egress listeners, one per database host; closed on drop.
+    _egress: Vec<LocalEgress>,
 }
 
 const SELECT_COLUMNS: &str =
@@ -361,10 +302,18 @@ const SELECT_COLUMNS: &str =
 impl MariaClient {
     async fn open(cfg: &ClientConfig) -> Result<MariaClient, DbError> {
         let creds = Credentials::load(&cfg.state_dir)?;
-        let mut egress = EgressTasks(Vec::new());
+        let ca = pki::PkiPaths::new(crate::pki_dir(&cfg.state_dir)).ca_cert();
+        if !ca.is_file() {
+            return Err(DbError::Config(format!(
+                "{}: the CA certificate {} is missing: the lab's PKI issues it (`rampart up`)",
+                cfg.host,
+                ca.display()
+            )));
+        }
+        let mut egress = Vec::new();
         let mut nodes = Vec::new();
         for n in &cfg.nodes {
-            nodes.push(open_node(cfg, n, &creds, &mut egress)?);
+            nodes.push(open_node(cfg, n, &creds, &ca, &mut egress).await?);
         }
         Ok(MariaClient {
             state_dir: cfg.state_dir.clone(),
@@ -525,27 +474,33 @@ impl MariaClient {
     }
 }
 
-fn open_node(
+/// Most connections one egress forwards at once: the pool's, plus the ones being retired.
+const EGRESS_MAX: usize = 2 * POOL_MAX;
+
+async fn open_node(
     cfg: &ClientConfig,
     node: &DbNode,
     creds: &Credentials,
-    egress: &mut EgressTasks,
+    ca: &Path,
+    egress: &mut Vec<LocalEgress>,
 ) -> Result<MariaNode, DbError> {
-    let path = client_egress_socket(&cfg.state_dir, &cfg.host, &node.host);
-    open_egress(&path, &cfg.net, node.addr, egress)?;
-    let opts = OptsBuilder::default()
-        .socket(Some(path.to_string_lossy().into_owned()))
-        .prefer_socket(false)
-        .user(Some(creds.app_user.clone()))
-        .pass(Some(creds.app_password.clone()))
-        .db_name(Some(cfg.database.clone()))
-        .init(vec!["SET time_zone = '+00:00'"])
-        .pool_opts(
-            PoolOpts::default()
-                .with_constraints(PoolConstraints::new(0, POOL_MAX).unwrap_or_default())
-                .with_inactive_connection_ttl(Duration::from_secs(30))
-                .with_ttl_check_interval(Duration::from_secs(10)),
-        );
+    let e = LocalEgress::open(cfg.net.clone(), node.addr, EGRESS_MAX).await?;
+    let opts = crate::tcp_opts(
+        e.addr(),
+        &node.host,
+        ca,
+        &creds.app_user,
+        &creds.app_password,
+    )
+    .db_name(Some(cfg.database.clone()))
+    .init(vec!["SET time_zone = '+00:00'"])
+    .pool_opts(
+        PoolOpts::default()
+            .with_constraints(PoolConstraints::new(0, POOL_MAX).unwrap_or_default())
+            .with_inactive_connection_ttl(Duration::from_secs(30))
+            .with_ttl_check_interval(Duration::from_secs(10)),
+    );
+    egress.push(e);
     Ok(MariaNode {
         host: node.host.clone(),
         pool: Pool::new(opts),

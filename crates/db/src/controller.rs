@@ -40,8 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use topology::{Role, Topology};
 
-use crate::client::{open_egress, EgressTasks};
 use crate::cluster::{load_fences, store_fences, ClusterState, Fence, PromotionLock};
+use crate::egress::LocalEgress;
 use crate::gtid::GtidPos;
 use crate::observe::{observe, NodeObservation};
 use crate::server::{admin_exec, admin_opts_for, make_writable, point_at_primary};
@@ -51,6 +51,9 @@ use crate::{mariadbd_defaults_file, mariadbd_pid_file, Credentials, DbError};
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on connecting to a server for a probe.
 const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections at once through one probe egress (one probe connection, plus one being
+/// replaced).
+const PROBE_EGRESS_MAX: usize = 4;
 /// How often a recorded fence is checked to be still in force while its host is
 /// unreachable.
 const FENCE_RECHECK: Duration = Duration::from_secs(1);
@@ -212,14 +215,18 @@ impl Controller {
     }
 }
 
-/// Starts the reconciler loop (see the module docs).
+/// Starts the reconciler loop (see the module docs). With [`ControllerConfig::net`], first
+/// opens one egress per database server (connections leave from the controller host's
+/// address).
 ///
-/// Errors: [`DbError::Credentials`] when the credentials file cannot be read.
-pub fn start_controller(cfg: ControllerConfig) -> Result<Controller, DbError> {
+/// Errors: [`DbError::Credentials`] when the credentials file cannot be read;
+/// [`DbError::Config`] when the lab's CA certificate is missing (network path);
+/// [`DbError::Io`] when an egress cannot be bound.
+pub async fn start_controller(cfg: ControllerConfig) -> Result<Controller, DbError> {
     let creds = Credentials::load(&cfg.state_dir)?;
     let status = Arc::new(Mutex::new(ControllerStatus::default()));
     let stop = CancellationToken::new();
-    let mut r = Reconciler::new(cfg, creds, status.clone())?;
+    let mut r = Reconciler::new(cfg, creds, status.clone()).await?;
     let token = stop.clone();
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(r.cfg.probe_interval);
@@ -250,7 +257,8 @@ pub async fn switchover(
         cfg,
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
-    )?;
+    )
+    .await?;
     let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     r.observe_all().await;
@@ -265,7 +273,8 @@ pub async fn failover(cfg: ControllerConfig, force: bool) -> Result<ClusterState
         cfg,
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
-    )?;
+    )
+    .await?;
     let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     let obs = r.observe_all().await;
@@ -326,8 +335,8 @@ struct Reconciler {
     cfg: ControllerConfig,
     creds: Credentials,
     probes: Vec<Probe>,
-    /// The network path's egress sockets (with [`ControllerConfig::net`]).
-    _egress: EgressTasks,
+    /// The network path's egresses (with [`ControllerConfig::net`]).
+    _egress: Vec<LocalEgress>,
     /// When each fenced host's cut was last checked to be in force.
     fence_checked: Vec<(String, Instant)>,
     status: Arc<Mutex<ControllerStatus>>,
@@ -345,28 +354,29 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn new(
+    async fn new(
         cfg: ControllerConfig,
         creds: Credentials,
         status: Arc<Mutex<ControllerStatus>>,
     ) -> Result<Reconciler, DbError> {
-        let mut egress = EgressTasks(Vec::new());
+        let mut egress = Vec::new();
         let mut probes = Vec::new();
+        let ca = pki::PkiPaths::new(crate::pki_dir(&cfg.state_dir)).ca_cert();
+        if cfg.net.is_some() && !ca.is_file() {
+            return Err(DbError::Config(format!(
+                "the CA certificate {} is missing: the lab's PKI issues it (`rampart up`)",
+                ca.display()
+            )));
+        }
         for (h, a) in &cfg.nodes {
             let opts = match &cfg.net {
                 Some(net) => {
-                    let path = controller_egress_socket(&cfg.state_dir, net.host(), h);
-                    open_egress(
-                        &path,
-                        net,
-                        std::net::SocketAddr::new(*a, cfg.mysql_port),
-                        &mut egress,
-                    )?;
-                    OptsBuilder::default()
-                        .socket(Some(path.to_string_lossy().into_owned()))
-                        .prefer_socket(false)
-                        .user(Some(creds.ctl_user.clone()))
-                        .pass(Some(creds.ctl_password.clone()))
+                    let to = std::net::SocketAddr::new(*a, cfg.mysql_port);
+                    let e = LocalEgress::open(net.clone(), to, PROBE_EGRESS_MAX).await?;
+                    let opts =
+                        crate::tcp_opts(e.addr(), h, &ca, &creds.ctl_user, &creds.ctl_password);
+                    egress.push(e);
+                    opts
                 }
                 None => admin_opts_for(&cfg.state_dir, h, &creds.admin_password),
             };
@@ -870,24 +880,6 @@ impl Reconciler {
             );
         }
     }
-}
-
-/// `<state>/hosts/<controller host>/egress/ctl-<db host>.<pid>.<n>.sock`: a Unix socket
-/// through which a controller on `ctl_host` reaches `db_host`'s MariaDB relay; unique per
-/// process and controller (`n` counts them), so a commanded switchover beside the running
-/// loop never replaces the loop's socket.
-pub fn controller_egress_socket(
-    state_dir: &std::path::Path,
-    ctl_host: &str,
-    db_host: &str,
-) -> PathBuf {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    state_dir
-        .join("hosts")
-        .join(ctl_host)
-        .join("egress")
-        .join(format!("ctl-{db_host}.{}.{n}.sock", std::process::id()))
 }
 
 fn namespace_of(namespaces: &[(String, String)], host: &str) -> Option<String> {

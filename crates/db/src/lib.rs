@@ -13,7 +13,8 @@
 //! `--defaults-file`, listens on a Unix socket only (`skip-networking`), and is reached over
 //! TCP only through a [`firewall::GuardedListener`]. It never decides firewall policy.
 //!
-//! Order of calls for a lab: [`Credentials::ensure`] once (`rampart up`), then on each
+//! Order of calls for a lab: [`Credentials::ensure`] and `pki::ensure` on [`pki_dir`] once
+//! (`rampart up`), then on each
 //! database host [`start_server`], then on each application host [`connect_client`].
 //!
 //! # How the data tier is put together
@@ -22,7 +23,7 @@
 //!   at every start, passed with `--defaults-file`), `data/` (datadir, binary and relay
 //!   logs), `tmp/`, `mysqld.sock`, `mariadbd.pid`, `error.log`, `install.log`. Shared:
 //!   `<state>/db/credentials.json` (0600) and, for SQLite, `<state>/db/<database>.sqlite3`.
-//!   An application host's egress sockets are `<state>/hosts/<app>/egress/mysql-<db>.sock`.
+//!   TLS: `<state>/pki/ca.pem` and each database host's `<state>/pki/db/<host>.{pem,key}`.
 //! - **Accounts.** `root@localhost` gets the admin password on each server with
 //!   `sql_log_bin=0` (a local change: no GTID, nothing replicated) and the other `root`
 //!   accounts are dropped — every relayed connection reaches the socket from the root-owned
@@ -52,12 +53,14 @@ mod client;
 mod cluster;
 mod controller;
 mod credentials;
+mod egress;
 mod error;
 mod gtid;
 mod metrics;
 mod observe;
 mod server;
 mod sqlite;
+mod tls;
 
 use std::path::PathBuf;
 
@@ -66,13 +69,13 @@ use topology::{DbEngine, Topology};
 
 pub use backup::{backup, backups_dir, restore};
 pub use client::{
-    client_egress_socket, connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message,
-    DEFAULT_MAX_LAG_SECONDS, MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
+    connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message, DEFAULT_MAX_LAG_SECONDS,
+    MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
 };
 pub use cluster::{cluster_path, fences_path, load_fences, ClusterState, Fence};
 pub use controller::{
-    controller_egress_socket, failover, start_controller, switchover, Controller, ControllerConfig,
-    ControllerStatus, FailoverError, Fencing,
+    failover, start_controller, switchover, Controller, ControllerConfig, ControllerStatus,
+    FailoverError, Fencing,
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
@@ -84,6 +87,7 @@ pub use server::{
     DbNodeStatus, DbServer, NodeRole, ServerConfig, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use sqlite::sqlite_path;
+pub use tls::{pki_dir, tcp_opts, ServerTls};
 
 /// The engine the data tier runs on, resolved from [`topology::DbEngine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -162,6 +162,7 @@ mod tests {
                 connections: 3,
                 ..NodeObservation::default()
             }),
+            relay_tls_cipher: None,
         };
         let mut r = Registry::default();
         r.register_collector(Box::new(ServerSeries(Arc::new(Mutex::new(status)))));

@@ -53,8 +53,34 @@ pub struct NodeObservation {
     pub connections: u64,
     /// `Questions`: statements received since start.
     pub queries: u64,
-    /// `Ssl_cipher` of this observing connection (empty: not TLS).
+    /// `Ssl_cipher` of this observing connection (empty: not TLS; the node observes its
+    /// own server over the Unix socket, where it is always empty).
     pub ssl_cipher: String,
+    /// `@@have_ssl = YES`: the server loaded its certificate and key and offers TLS.
+    #[serde(default)]
+    pub tls_enabled: bool,
+    /// Accounts that may log in without TLS (empty `ssl_type` in `mysql.user`; MariaDB KB
+    /// "CREATE USER", "REQUIRE SSL"), sorted, besides `root` (reached by the node over the
+    /// socket) and the locked `mariadb.sys`: empty when the application and replication
+    /// accounts require TLS, and in the failover controller's observations (its account
+    /// may not read `mysql.user`).
+    #[serde(default)]
+    pub plain_accounts: Vec<String>,
+    /// `Master_SSL_Allowed = Yes`: this replica's connection to its primary uses TLS.
+    #[serde(default)]
+    pub replication_tls: bool,
+    /// `Master_SSL_Verify_Server_Cert = Yes`: and it verifies the primary's certificate
+    /// (CA and name).
+    #[serde(default)]
+    pub replication_tls_verified: bool,
+}
+
+impl NodeObservation {
+    /// Whether every link into this server needs TLS: the server offers it and no account
+    /// but `root` may log in without it.
+    pub fn clients_require_tls(&self) -> bool {
+        self.tls_enabled && self.plain_accounts.is_empty()
+    }
 }
 
 /// Bound on each statement of an observation.
@@ -110,6 +136,29 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
     let cipher: Option<(String, String)> =
         bounded(c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")).await?;
     o.ssl_cipher = cipher.map(|(_, v)| v).unwrap_or_default();
+    let have_ssl: Option<String> = bounded(c.query_first("SELECT @@have_ssl")).await?;
+    o.tls_enabled = have_ssl.as_deref() == Some("YES");
+    // Compared here rather than in SQL: `ssl_type` is an ENUM whose collation differs from
+    // the connection's.
+    // The failover controller's account may not read `mysql.user` (it needs no account
+    // data): denied (error 1142) leaves the list empty.
+    let accounts: Vec<(String, String, String)> =
+        match bounded(c.query("SELECT user, CONCAT(ssl_type), CONCAT(is_role) FROM mysql.user"))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if e.contains("(1142)") => Vec::new(),
+            Err(e) => return Err(e),
+        };
+    o.plain_accounts = accounts
+        .into_iter()
+        .filter(|(user, ssl, role)| {
+            ssl.is_empty() && role != "Y" && user != "root" && user != "mariadb.sys"
+        })
+        .map(|(user, _, _)| user)
+        .collect();
+    o.plain_accounts.sort();
+    o.plain_accounts.dedup();
     let row: Option<Row> = bounded(c.query_first("SHOW SLAVE STATUS")).await?;
     if let Some(row) = row {
         let text = |col: &str| -> String {
@@ -123,6 +172,8 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
         o.sql_running = text("Slave_SQL_Running") == "Yes";
         o.gtid_io_pos = text("Gtid_IO_Pos");
         o.last_io_errno = text("Last_IO_Errno").parse().unwrap_or(0);
+        o.replication_tls = text("Master_SSL_Allowed") == "Yes";
+        o.replication_tls_verified = text("Master_SSL_Verify_Server_Cert") == "Yes";
     }
     let age: Option<Option<f64>> = bounded(c.query_first(format!(
         "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, MAX(ts), NOW(6)) / 1000000 AS DOUBLE) \

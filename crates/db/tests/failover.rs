@@ -118,6 +118,7 @@ async fn lab(net: &str, port: u16) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_path_buf();
     Credentials::ensure(&state).unwrap();
+    pki::ensure(&db::pki_dir(&state), &t).unwrap();
     let cfg = |h| {
         ServerConfig::from_topology(&t, h, &state, test_support::net(&t, h), Engine::Mariadb)
             .unwrap()
@@ -273,7 +274,7 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
     let l = lab("127.110.1", 23406).await;
     let _reaper = Reaper(&l.state);
     let ccfg = controller_config(&l);
-    let controller = start_controller(ccfg).unwrap();
+    let controller = start_controller(ccfg).await.unwrap();
     let app = client(&l, "web-02").await;
     eventually("semi-synchronous replication on", 60, || async {
         (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
@@ -352,7 +353,7 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
     let l = lab("127.110.2", 23416).await;
     let _reaper = Reaper(&l.state);
     let ccfg = controller_config(&l);
-    let controller = start_controller(ccfg.clone()).unwrap();
+    let controller = start_controller(ccfg.clone()).await.unwrap();
     let app = client(&l, "web-01").await;
     eventually("semi-synchronous replication on", 60, || async {
         (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())

@@ -157,6 +157,7 @@ async fn primary_replica_client_and_relay() {
     let state = dir.path();
     let _reaper = Reaper(state);
     Credentials::ensure(state).unwrap();
+    pki::ensure(&db::pki_dir(state), &t).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
     let ps = primary.status();
     assert_eq!(
@@ -255,6 +256,7 @@ async fn restart_keeps_data_and_replaces_a_leftover_server() {
     let state = dir.path();
     let _reaper = Reaper(state);
     Credentials::ensure(state).unwrap();
+    pki::ensure(&db::pki_dir(state), &t).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
     let app = client(&t, "web-01", state).await;
     reads_from_replica(&app, &replica).await;
@@ -301,9 +303,12 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
     let state = dir.path();
     let _reaper = Reaper(state);
     Credentials::ensure(state).unwrap();
+    pki::ensure(&db::pki_dir(state), &t).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
     // Servers come back read-only; the controller decides who takes writes again.
-    let controller = start_controller(controller_config(&t, state)).unwrap();
+    let controller = start_controller(controller_config(&t, state))
+        .await
+        .unwrap();
     let app = client(&t, "web-01", state).await;
     reads_from_replica(&app, &replica).await;
     let before = app.insert_message("ann", "before the crash").await.unwrap();

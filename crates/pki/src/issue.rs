@@ -11,7 +11,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
-use topology::Topology;
+use topology::{Role, Topology};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -25,6 +25,20 @@ pub(crate) const ADMIN_COMMON_NAME: &str = "rampart-admin";
 pub(crate) const HOST_URI_PREFIX: &str = "rampart://host/";
 /// URI SAN of the admin certificate.
 pub(crate) const ADMIN_URI: &str = "rampart://operator/admin";
+
+/// The DNS name every database server certificate carries besides its host's name: the
+/// shared identity "a MariaDB server of this lab".
+///
+/// Why the certificates also carry IP SANs of every database host: a replica reaches its
+/// primary through its own host's replication egress, so its `MASTER_HOST` is its own
+/// address, and MariaDB's `MASTER_SSL_VERIFY_SERVER_CERT` checks the primary's
+/// certificate against `MASTER_HOST` (MariaDB KB: "CHANGE MASTER TO",
+/// "Securing Connections for Client and Server"). Any database host may replicate from any
+/// other after a failover, so each database server certificate names the addresses of all
+/// database hosts. What replication verifies is therefore "the peer holds the key of a
+/// database server certificate of this lab's CA", not which database host it is; the
+/// application's client, which names the host it wants, verifies the DNS SAN `<host>`.
+pub const DB_SERVICE_NAME: &str = "mariadb.rampart.internal";
 
 /// CA validity: ten years.
 const CA_VALIDITY: Duration = Duration::days(3650);
@@ -56,6 +70,7 @@ pub(crate) fn ensure(dir: &Path, topology: &Topology) -> Result<PkiPaths, PkiErr
     let paths = PkiPaths::new(dir);
     create_dir(dir)?;
     create_dir(&dir.join("hosts"))?;
+    create_dir(&dir.join("db"))?;
 
     let (ca, fresh) = if paths.ca_cert().exists() && paths.ca_key().exists() {
         (load_ca(&paths)?, false)
@@ -172,6 +187,30 @@ fn leaf_specs(paths: &PkiPaths, topology: &Topology) -> Result<Vec<LeafSpec>, Pk
             common_name: host.name.clone(),
             sans,
             usages: vec![ServerAuth, ClientAuth],
+            what,
+        });
+    }
+
+    let db_hosts: Vec<_> = topology
+        .hosts
+        .iter()
+        .filter(|h| h.has(Role::DbPrimary) || h.has(Role::DbReplica))
+        .collect();
+    for host in &db_hosts {
+        let what = format!("database certificate of host {}", host.name);
+        let mut sans = vec![dns(&host.name, &what)?, dns(DB_SERVICE_NAME, &what)?];
+        for other in &db_hosts {
+            let ip = SanType::IpAddress(other.address);
+            if !sans.contains(&ip) {
+                sans.push(ip);
+            }
+        }
+        specs.push(LeafSpec {
+            cert: paths.db_cert(&host.name),
+            key: paths.db_key(&host.name),
+            common_name: host.name.clone(),
+            sans,
+            usages: vec![ServerAuth],
             what,
         });
     }

@@ -7,12 +7,16 @@
 //! provider explicitly, so no process-wide default provider is needed.
 //!
 //! Identity: every leaf carries a URI SAN, `rampart://host/<name>` for hosts and
-//! `rampart://operator/admin` for the admin client; [`peer_identity`] reads it back.
+//! `rampart://operator/admin` for the admin client; [`peer_identity`] reads it back. The
+//! database servers' certificates ([`PkiPaths::db_cert`]) are server-only leaves with no
+//! identity URI: see [`DB_SERVICE_NAME`] for what they name.
 
 #![forbid(unsafe_code)]
 
 mod issue;
 mod sni;
+
+pub use issue::DB_SERVICE_NAME;
 
 pub use sni::{sni_server_config, CertFiles, CertStore, CertSummary, Resumption, SniResolver};
 
@@ -120,11 +124,22 @@ impl PkiPaths {
     pub fn host_key(&self, name: &str) -> PathBuf {
         self.dir.join("hosts").join(format!("{name}.key"))
     }
+    /// `db/<name>.pem`: the MariaDB server certificate of database host `name` (server
+    /// authentication only). SANs: DNS `<name>`, DNS [`DB_SERVICE_NAME`], and an IP SAN for
+    /// the address of **every** database host of the topology (see [`DB_SERVICE_NAME`]).
+    pub fn db_cert(&self, name: &str) -> PathBuf {
+        self.dir.join("db").join(format!("{name}.pem"))
+    }
+    /// `db/<name>.key` (mode 0600): read by that host's `mariadbd` (`ssl_key`).
+    pub fn db_key(&self, name: &str) -> PathBuf {
+        self.dir.join("db").join(format!("{name}.key"))
+    }
 }
 
 /// Creates what is missing under `dir` for `topology`: the CA (once; never replaced while
-/// `ca.pem` and `ca.key` exist), the site certificate, one certificate per host and the
-/// admin certificate. Leaves signed by the current CA are kept; keys are written mode 0600.
+/// `ca.pem` and `ca.key` exist), the site certificate, one certificate per host, one
+/// MariaDB server certificate per database host ([`PkiPaths::db_cert`]) and the admin
+/// certificate. Leaves signed by the current CA are kept; keys are written mode 0600.
 ///
 /// A leaf is reissued when its certificate or key file is missing or unreadable, when its
 /// authority key identifier is not the CA's (the CA was replaced), when it expires within

@@ -284,3 +284,39 @@ async fn site_negotiates_h2_for_the_domain_and_aliases() {
     let (view, _) = handshake(server, client, "www.foobar.com").await;
     assert_eq!(view.unwrap().alpn.as_deref(), Some(&b"http/1.1"[..]));
 }
+
+/// A database server certificate serves its host's name, the shared database identity and
+/// every database host's address (what a replica dials), and nothing else; only database
+/// hosts get one.
+#[tokio::test]
+async fn database_certificate_names_the_host_the_service_and_database_addresses() {
+    let (_dir, paths) = issue();
+    for name in ["web-01", pki::DB_SERVICE_NAME, "127.80.0.11", "127.80.0.12"] {
+        let server =
+            pki::server_config_from_files(&paths.db_cert("web-01"), &paths.db_key("web-01"))
+                .unwrap();
+        let (view, client_ok) =
+            handshake(server, pki::ca_client_config(&paths).unwrap(), name).await;
+        assert!(
+            view.is_ok() && client_ok,
+            "web-01's database certificate for {name}"
+        );
+    }
+    for name in ["web-02", "127.80.0.10", "127.80.0.20", "www.foobar.com"] {
+        let server =
+            pki::server_config_from_files(&paths.db_cert("web-01"), &paths.db_key("web-01"))
+                .unwrap();
+        let (_, client_ok) = handshake(server, pki::ca_client_config(&paths).unwrap(), name).await;
+        assert!(
+            !client_ok,
+            "web-01's database certificate accepted for {name}"
+        );
+    }
+    let key_mode = std::fs::metadata(paths.db_key("web-02"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    assert!(!paths.db_cert("lb-01").exists());
+    assert!(!paths.db_cert("mon-01").exists());
+}

@@ -15,7 +15,9 @@ use crate::{Credentials, DbError};
 /// How long `mariadb-install-db` may take.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The primary's schema and accounts. Binary-logged on purpose: a replica starting from an
+/// The primary's schema and accounts. The application and replication accounts are
+/// `REQUIRE SSL` (MariaDB KB: "Securing Connections for Client and Server"): the server
+/// refuses them on a connection without TLS, whichever way it arrived. Binary-logged on purpose: a replica starting from an
 /// empty `gtid_slave_pos` replays the primary's binary log from its first event, so it
 /// receives the same database, table and accounts (and GTIDs stay one history). Every
 /// statement is idempotent, so restarts re-run them harmlessly.
@@ -46,9 +48,14 @@ pub(super) async fn bootstrap_primary(
              ) ENGINE=InnoDB"
         ),
         format!(
-            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}'",
+            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}' REQUIRE SSL",
             u = creds.app_user,
             pw = creds.app_password
+        ),
+        // An account made before TLS: from now on, TLS or nothing.
+        format!(
+            "ALTER USER '{u}'@'localhost' REQUIRE SSL",
+            u = creds.app_user
         ),
         format!(
             "GRANT SELECT, INSERT ON `{db}`.* TO '{u}'@'localhost'",
@@ -65,9 +72,13 @@ pub(super) async fn bootstrap_primary(
             u = creds.app_user
         ),
         format!(
-            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}'",
+            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}' REQUIRE SSL",
             u = creds.repl_user,
             pw = creds.repl_password
+        ),
+        format!(
+            "ALTER USER '{u}'@'localhost' REQUIRE SSL",
+            u = creds.repl_user
         ),
         format!(
             "GRANT REPLICATION SLAVE ON *.* TO '{u}'@'localhost'",
@@ -79,7 +90,7 @@ pub(super) async fn bootstrap_primary(
         // an account write while read_only is ON; this one has no data privilege, so it
         // changes nothing but the server's settings.
         format!(
-            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}'",
+            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}' REQUIRE SSL",
             u = creds.ctl_user,
             pw = creds.ctl_password
         ),
@@ -108,15 +119,6 @@ pub(crate) fn admin_opts_for(
     password: &str,
 ) -> OptsBuilder {
     admin_opts(&Paths::new(state_dir, host), password)
-}
-
-/// The application account's connection options on the server's socket (the heartbeat).
-pub(super) fn app_opts(p: &Paths, creds: &Credentials) -> OptsBuilder {
-    OptsBuilder::default()
-        .socket(Some(p.socket.to_string_lossy().into_owned()))
-        .prefer_socket(false)
-        .user(Some(creds.app_user.clone()))
-        .pass(Some(creds.app_password.clone()))
 }
 
 pub(super) fn admin_opts(p: &Paths, password: &str) -> OptsBuilder {

@@ -8,6 +8,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
 use super::{lock, DbNodeStatus, ADMIN_TIMEOUT};
+use crate::egress::LocalEgress;
 use crate::observe::{observe, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 
 /// Period of the observation.
@@ -69,9 +70,18 @@ pub(super) async fn health_loop(
 }
 
 /// Writes the heartbeat row every [`HEARTBEAT_PERIOD`] with the application account
-/// (`opts`). On a read-only server the write fails (error 1290) and nothing happens: only
-/// the writable primary's heartbeats exist, and replicas measure their lag by them.
-pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
+/// (`opts`, TCP with TLS through `egress`, which lives as long as the loop). On a read-only
+/// server the write fails (error 1290) and nothing happens: only the writable primary's
+/// heartbeats exist, and replicas measure their lag by them.
+///
+/// Each new connection reads its `Ssl_cipher` into `status.relay_tls_cipher` (`None`
+/// while not connected).
+pub(super) async fn heartbeat_loop(
+    _egress: LocalEgress,
+    opts: OptsBuilder,
+    database: String,
+    status: Arc<Mutex<DbNodeStatus>>,
+) {
     let sql = format!(
         "INSERT INTO `{database}`.{HEARTBEAT_TABLE} (id, server_id, ts) \
          VALUES (1, @@server_id, NOW(6)) \
@@ -85,8 +95,23 @@ pub(super) async fn heartbeat_loop(opts: OptsBuilder, database: String) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(opts.clone())).await {
-                Ok(Ok(c)) => c,
-                _ => continue,
+                Ok(Ok(mut c)) => {
+                    let cipher: Option<(String, String)> = tokio::time::timeout(
+                        ADMIN_TIMEOUT,
+                        c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'"),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                    lock(&status).relay_tls_cipher =
+                        cipher.map(|(_, v)| v).filter(|v| !v.is_empty());
+                    c
+                }
+                _ => {
+                    lock(&status).relay_tls_cipher = None;
+                    continue;
+                }
             },
         };
         // A write waiting for a semi-synchronous acknowledgement may take up to

@@ -32,10 +32,12 @@ use tokio_util::sync::CancellationToken;
 use topology::{Role, Service, Topology};
 
 use crate::cluster::ClusterState;
+use crate::egress::LocalEgress;
 use crate::sqlite::{sqlite_path, SqliteStore};
+use crate::tls::ServerTls;
 use crate::{Credentials, DbError, Engine};
 
-use bootstrap::{admin_connect, admin_opts, app_opts, bootstrap_primary, install_db};
+use bootstrap::{admin_connect, admin_opts, bootstrap_primary, install_db};
 pub(crate) use bootstrap::{admin_exec, admin_opts_for};
 use health::{health_loop, heartbeat_loop};
 pub use options::SEMI_SYNC_TIMEOUT_MS;
@@ -98,6 +100,9 @@ pub struct ServerConfig {
     pub database: String,
     /// Engine in use.
     pub engine: Engine,
+    /// The certificate files `mariadbd` serves TLS with (from `<state>/pki`, see
+    /// [`crate::pki_dir`]); its replication client verifies its primary against `tls.ca`.
+    pub tls: ServerTls,
 }
 
 impl ServerConfig {
@@ -144,6 +149,7 @@ impl ServerConfig {
                 .collect(),
             database: t.database.name.clone(),
             engine,
+            tls: ServerTls::for_host(&pki::PkiPaths::new(crate::pki_dir(state_dir)), &me.name),
         })
     }
 }
@@ -176,6 +182,11 @@ pub struct DbNodeStatus {
     /// SQLite.
     #[serde(default)]
     pub observed: Option<crate::NodeObservation>,
+    /// The TLS cipher `mariadbd` reports (`Ssl_cipher`) for the node's own connection as
+    /// the application account through its relay (the heartbeat writer's, TCP and TLS
+    /// like every application connection); `None` until that connection is made.
+    #[serde(default)]
+    pub relay_tls_cipher: Option<String>,
 }
 
 /// A running database server. Dropping it closes its listeners but leaves `mariadbd`
@@ -323,6 +334,7 @@ pub async fn start_server(cfg: ServerConfig) -> Result<DbServer, DbError> {
                     healthy: true,
                     restarts: 0,
                     observed: None,
+                    relay_tls_cipher: None,
                 })),
                 supervisor: tokio::sync::Mutex::new(None),
                 stop_server: CancellationToken::new(),
@@ -346,6 +358,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
         )));
     }
     let creds = Credentials::load(&cfg.state_dir)?;
+    cfg.tls.check(&cfg.host)?;
     let cfg = follow_cluster(cfg)?;
     let p = Paths::new(&cfg.state_dir, &cfg.host);
     check_socket_path(&p.socket)?;
@@ -370,7 +383,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
 
     let stop = CancellationToken::new();
     match bring_up(&cfg, &p, &creds, &mut child, pid_cell.clone(), &stop).await {
-        Ok((tasks, filters, admin)) => {
+        Ok((tasks, filters, admin, (egress, heartbeat_opts))) => {
             let status = Arc::new(Mutex::new(DbNodeStatus {
                 host: cfg.host.clone(),
                 role: cfg.role.as_str().into(),
@@ -382,6 +395,7 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 healthy: cfg.role == NodeRole::Primary,
                 restarts: 0,
                 observed: None,
+                relay_tls_cipher: None,
             }));
             let mut tasks = tasks;
             tasks.push(tokio::spawn(health_loop(
@@ -391,8 +405,10 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 status.clone(),
             )));
             tasks.push(tokio::spawn(heartbeat_loop(
-                app_opts(&p, &creds),
+                egress,
+                heartbeat_opts,
                 cfg.database.clone(),
+                status.clone(),
             )));
             let stop_server = CancellationToken::new();
             let supervisor = tokio::spawn(supervise(
@@ -467,7 +483,12 @@ fn follow_cluster(mut cfg: ServerConfig) -> Result<ServerConfig, DbError> {
     Ok(cfg)
 }
 
-type Started = (Vec<JoinHandle<()>>, Vec<Arc<firewall::Filter>>, Conn);
+type Started = (
+    Vec<JoinHandle<()>>,
+    Vec<Arc<firewall::Filter>>,
+    Conn,
+    (LocalEgress, mysql_async::OptsBuilder),
+);
 
 async fn bring_up(
     cfg: &ServerConfig,
@@ -520,7 +541,17 @@ async fn bring_up(
         target,
         stop.clone(),
     )));
-    Ok((tasks, filters, admin))
+    // The heartbeat is written with the application account, which is REQUIRE SSL: over
+    // TCP and TLS through this host's own relay, like the application's connections.
+    let egress = LocalEgress::open(cfg.net.clone(), relay_addr, 2).await?;
+    let opts = crate::tcp_opts(
+        egress.addr(),
+        &cfg.host,
+        &cfg.tls.ca,
+        &creds.app_user,
+        &creds.app_password,
+    );
+    Ok((tasks, filters, admin, (egress, opts)))
 }
 
 fn check_identifier(name: &str) -> Result<(), DbError> {
@@ -621,6 +652,9 @@ roles = [\"web\", \"app\", \"db-replica\"]
             "gtid_strict_mode = ON",
             "read_only = ON",
             "skip-slave-start",
+            "ssl_ca = /s/pki/ca.pem",
+            "ssl_cert = /s/pki/db/web-02.pem",
+            "ssl_key = /s/pki/db/web-02.key",
         ] {
             assert!(cnf.lines().any(|l| l == line), "{line} missing in\n{cnf}");
         }

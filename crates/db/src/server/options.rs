@@ -110,7 +110,15 @@ pub(super) fn my_cnf(cfg: &ServerConfig, p: &Paths) -> String {
          innodb_buffer_pool_size = 64M\n\
          innodb_log_file_size = 32M\n\
          performance_schema = OFF\n\
-         max_connections = 100\n",
+         max_connections = 100\n\
+         # TLS with the lab's internal CA, also on connections arriving over the socket\n\
+         # through the firewall relay; the application and replication accounts are\n\
+         # REQUIRE SSL (require_secure_transport would count every socket connection as\n\
+         # secure). MariaDB KB: \"Securing Connections for Client and Server\".\n\
+         ssl_ca = {ssl_ca}\n\
+         ssl_cert = {ssl_cert}\n\
+         ssl_key = {ssl_key}\n\
+         tls_version = TLSv1.2,TLSv1.3\n",
         host = cfg.host,
         role = cfg.role.as_str(),
         data = p.data.display(),
@@ -121,6 +129,9 @@ pub(super) fn my_cnf(cfg: &ServerConfig, p: &Paths) -> String {
         id = cfg.server_id,
         user = run_as_user(),
         semi_sync_timeout_ms = SEMI_SYNC_TIMEOUT_MS,
+        ssl_ca = cfg.tls.ca.display(),
+        ssl_cert = cfg.tls.cert.display(),
+        ssl_key = cfg.tls.key.display(),
     );
     s
 }

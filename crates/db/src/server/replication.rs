@@ -106,10 +106,16 @@ fn current_primary(cfg: &ServerConfig) -> Option<SocketAddr> {
 /// server's binary log is ahead of `gtid_slave_pos` (it was a primary), `SET GLOBAL
 /// gtid_slave_pos = @@gtid_binlog_pos` so it asks for what follows its own history;
 /// `CHANGE MASTER TO ... MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1,
-/// MASTER_HEARTBEAT_PERIOD=0.5`; `START SLAVE` (MariaDB KB: "CHANGE MASTER TO", "Global
-/// Transaction ID"). Leaves `read_only` as it is (ON on every server but the primary).
+/// MASTER_HEARTBEAT_PERIOD=0.5, MASTER_SSL=1, MASTER_SSL_CA=@@ssl_ca,
+/// MASTER_SSL_VERIFY_SERVER_CERT=1`; `START SLAVE` (MariaDB KB: "CHANGE MASTER TO", "Global
+/// Transaction ID"). The IO thread thus speaks TLS to the primary through both relays and
+/// verifies the primary's certificate against the CA this server was started with, for the
+/// name `MASTER_HOST` (its own egress address: every database certificate names every
+/// database host's address, see `pki::DB_SERVICE_NAME`). Leaves `read_only` as it is (ON
+/// on every server but the primary).
 ///
-/// Errors: [`DbError::Mysql`] or [`DbError::Timeout`] from a statement.
+/// Errors: [`DbError::Mysql`] or [`DbError::Timeout`] from a statement;
+/// [`DbError::Config`] when the server runs without `ssl_ca` (no plain replication).
 ///
 /// The node (after a start or restart) and the failover controller (repointing replicas)
 /// may both run this against one server at once; the whole sequence holds the server's
@@ -159,9 +165,9 @@ async fn point_at_primary_locked(
 ) -> Result<(), DbError> {
     // STOP SLAVE fails harmlessly on a server that never replicated.
     let _ = admin_exec(host, admin, "STOP SLAVE").await;
-    let pos: Option<(String, String)> = tokio::time::timeout(
+    let pos: Option<(String, String, Option<String>)> = tokio::time::timeout(
         ADMIN_TIMEOUT,
-        admin.query_first("SELECT @@gtid_binlog_pos, @@gtid_slave_pos"),
+        admin.query_first("SELECT @@gtid_binlog_pos, @@gtid_slave_pos, @@ssl_ca"),
     )
     .await
     .map_err(|_| DbError::Timeout {
@@ -169,7 +175,17 @@ async fn point_at_primary_locked(
         seconds: ADMIN_TIMEOUT.as_secs(),
     })?
     .map_err(|e| DbError::mysql(host, e))?;
-    if let Some((binlog, slave)) = pos {
+    // The replica verifies its primary against the CA its own server was started with.
+    let ca = pos
+        .as_ref()
+        .and_then(|(_, _, ca)| ca.clone())
+        .filter(|ca| !ca.is_empty() && !ca.contains('\''))
+        .ok_or_else(|| {
+            DbError::Config(format!(
+                "{host}: the server has no usable ssl_ca; replication without TLS is refused"
+            ))
+        })?;
+    if let Some((binlog, slave, _)) = pos {
         let (b, s) = (
             GtidPos::parse(&binlog).unwrap_or_default(),
             GtidPos::parse(&slave).unwrap_or_default(),
@@ -182,7 +198,8 @@ async fn point_at_primary_locked(
     let change = format!(
         "CHANGE MASTER TO MASTER_HOST='{own_address}', MASTER_PORT={egress_port}, \
          MASTER_USER='{user}', MASTER_PASSWORD='{pw}', \
-         MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, MASTER_HEARTBEAT_PERIOD=0.5",
+         MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, MASTER_HEARTBEAT_PERIOD=0.5, \
+         MASTER_SSL=1, MASTER_SSL_CA='{ca}', MASTER_SSL_VERIFY_SERVER_CERT=1",
         user = creds.repl_user,
         pw = creds.repl_password,
     );
