@@ -639,7 +639,14 @@ impl Reconciler {
             receiving |= o.io_running;
             let host = self.probes[i].host.clone();
             let own = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
-            if !primary_pos.contains(&own) || o.last_io_errno == 1236 {
+            // By position, and by server: a former primary's transactions after the
+            // promotion point are in no position comparison once the new primary's
+            // sequence numbers passed them.
+            let diverged = !primary_pos.contains(&own)
+                || GtidPos::state_contains(&p.gtid_binlog_state, &o.gtid_binlog_state)
+                    == Some(false)
+                || o.last_io_errno == 1236;
+            if diverged {
                 // Never a second writable server, even one that is kept out.
                 if !o.read_only {
                     match self.probes[i].exec("SET GLOBAL read_only = ON").await {

@@ -50,6 +50,31 @@ impl GtidPos {
         })
     }
 
+    /// Whether the binary log state `state` (`@@gtid_binlog_state`: the last GTID of each
+    /// domain **and server**, e.g. `0-1-480,0-2-520`) holds every transaction of the
+    /// binary log state `other`: for each `(domain, server)` of `other`, `state` has that
+    /// server's transactions in that domain up to at least the same sequence number.
+    /// Positions alone cannot tell this: a new primary's `0-2-520` "contains" `0-1-500`
+    /// by sequence although the old primary's 481..500 are on no other server. `None` when
+    /// either text does not parse.
+    pub fn state_contains(state: &str, other: &str) -> Option<bool> {
+        let parse = |text: &str| -> Option<BTreeMap<(u32, u32), u64>> {
+            let mut map = BTreeMap::new();
+            for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let g = GtidPos::parse(part)?.0.into_values().next()?;
+                let e = map.entry((g.domain, g.server)).or_insert(g.seq);
+                *e = (*e).max(g.seq);
+            }
+            Some(map)
+        };
+        let (mine, theirs) = (parse(state)?, parse(other)?);
+        Some(
+            theirs
+                .iter()
+                .all(|(k, seq)| mine.get(k).is_some_and(|s| s >= seq)),
+        )
+    }
+
     /// Total of the sequence numbers over domains: a rough measure of how far a server has
     /// got, used to pick the most advanced replica among servers of one history.
     pub fn progress(&self) -> u64 {
@@ -94,5 +119,24 @@ mod tests {
         assert!(!a.contains(&diverged));
         assert!(a.contains(&GtidPos::parse("0-1-42").unwrap()));
         assert_eq!(a.progress(), 49);
+    }
+
+    #[test]
+    fn binlog_state_containment_sees_a_diverged_old_primary() {
+        // The new primary (server 2) went on from 480; the old one (server 1) wrote 481..500
+        // alone: contained by position, not by state.
+        assert!(GtidPos::parse("0-2-520")
+            .unwrap()
+            .contains(&GtidPos::parse("0-1-500").unwrap()));
+        assert_eq!(
+            GtidPos::state_contains("0-1-480,0-2-520", "0-1-500"),
+            Some(false)
+        );
+        assert_eq!(
+            GtidPos::state_contains("0-1-480,0-2-520", "0-1-480"),
+            Some(true)
+        );
+        assert_eq!(GtidPos::state_contains("0-1-480", ""), Some(true));
+        assert_eq!(GtidPos::state_contains("0-1-480", "x"), None);
     }
 }

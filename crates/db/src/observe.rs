@@ -25,6 +25,11 @@ pub struct NodeObservation {
     pub gtid_current_pos: String,
     /// `@@gtid_binlog_pos`: the last GTID of each domain in this server's binary log.
     pub gtid_binlog_pos: String,
+    /// `@@gtid_binlog_state`: the last GTID of each domain and originating server in the
+    /// binary log (what tells a diverged former primary, see
+    /// [`crate::GtidPos::state_contains`]).
+    #[serde(default)]
+    pub gtid_binlog_state: String,
     /// `@@gtid_slave_pos`: the last GTID applied by the SQL thread.
     pub gtid_slave_pos: String,
     /// Whether replication is configured (`SHOW SLAVE STATUS` returned a row).
@@ -101,18 +106,19 @@ async fn bounded<T>(
 /// Errors: the driver's error or a timeout, as text (the caller treats any error as "not
 /// reachable").
 pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, String> {
-    let vars: Option<(u8, String, String, String, u8)> = bounded(c.query_first(
+    let vars: Option<(u8, String, String, String, u8, String)> = bounded(c.query_first(
         "SELECT @@read_only, @@gtid_current_pos, @@gtid_binlog_pos, @@gtid_slave_pos, \
-         @@rpl_semi_sync_master_enabled",
+         @@rpl_semi_sync_master_enabled, @@gtid_binlog_state",
     ))
     .await?;
-    let Some((ro, cur, binlog, slave, ss_enabled)) = vars else {
+    let Some((ro, cur, binlog, slave, ss_enabled, binlog_state)) = vars else {
         return Err("no answer to SELECT @@read_only".into());
     };
     let mut o = NodeObservation {
         read_only: ro != 0,
         gtid_current_pos: cur,
         gtid_binlog_pos: binlog,
+        gtid_binlog_state: binlog_state,
         gtid_slave_pos: slave,
         semi_sync_master_enabled: ss_enabled != 0,
         ..NodeObservation::default()
