@@ -251,15 +251,12 @@ impl Policy {
             }
             if h.has(Role::DbPrimary) || h.has(Role::DbReplica) {
                 // Any database host may become a replica of this one after a failover.
-                // (The host itself only when it is an application host too: nothing else on
-                // it connects to its own relay.)
-                let own = IpNet::from(h.address);
                 let mut nets = addrs(Role::App);
                 for n in addrs(Role::DbReplica)
                     .into_iter()
                     .chain(addrs(Role::DbPrimary))
                 {
-                    if !nets.contains(&n) && n != own {
+                    if !nets.contains(&n) {
                         nets.push(n);
                     }
                 }
@@ -427,7 +424,6 @@ mod tests {
             got.sort();
             let mut want: Vec<IpAddr> = ["web-01", "web-02", "db-01", "db-02", "db-03", "mon-01"]
                 .into_iter()
-                .filter(|h| *h != db)
                 .map(addr)
                 .collect();
             want.sort();
@@ -437,7 +433,6 @@ mod tests {
                 "{db}: host addresses only"
             );
             assert!(!p.allows(db, Service::Mysql, addr("lb-01")));
-            assert!(!p.allows(db, Service::Mysql, addr(db)), "{db} from itself");
             assert!(!p.allows(db, Service::Mysql, ip("127.0.0.1")));
             // Nothing else on a database host but its agent and its own egress.
             assert!(!p.allows(db, Service::Web, addr("lb-01")));
