@@ -250,7 +250,9 @@ impl Policy {
                 );
             }
             if h.has(Role::DbPrimary) || h.has(Role::DbReplica) {
-                // Any database host may become a replica of this one after a failover.
+                // Any database host may become a replica of this one after a failover; the
+                // host itself is among them (its heartbeat writer reaches its own relay
+                // from the host's address).
                 let mut nets = addrs(Role::App);
                 for n in addrs(Role::DbReplica)
                     .into_iter()
