@@ -44,13 +44,13 @@ fn rampart(state: &Path, args: &[&str]) -> Output {
 
 fn possible() -> bool {
     let ok = test_support::is_root()
-        && ["ip", "nft", "mariadbd", "mariadb"]
+        && ["ip", "nft", "mariadbd", "mariadb", "timeout"]
             .iter()
             .all(|b| test_support::have_binary(b));
     if !ok {
         test_support::skip(
-            "the partition test needs root, ip, nft, mariadbd and the mariadb client \
-             (apt-get install iproute2 nftables mariadb-server)",
+            "the partition test needs root, ip, nft, timeout, mariadbd and the mariadb client \
+             (apt-get install iproute2 nftables coreutils mariadb-server)",
         );
     }
     ok
@@ -118,7 +118,8 @@ fn creds(state: &Path) -> Value {
 /// no partition cuts): tab-separated columns.
 fn query(state: &Path, db_host: &str, sql: &str) -> Result<Vec<Vec<String>>, String> {
     let socket = state.join(format!("hosts/{db_host}/mariadb/mysqld.sock"));
-    let out = Command::new("mariadb")
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "10", "mariadb"])
         .arg(format!("--socket={}", socket.display()))
         .args(["-uroot", "-N", "-B", "--connect-timeout=2", "-e", sql])
         .env(
@@ -198,8 +199,12 @@ fn poll_writable(state: &Path, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
                     .map(|(_, addr)| {
                         let (user, pw, ca) = (&user, &pw, &ca);
                         s.spawn(move || {
-                            let out = Command::new("ip")
-                                .args(["netns", "exec", &ns("web-01"), "mariadb"])
+                            // `--connect-timeout` bounds the TCP connect only: a
+                            // connection cut after it would wait for ever, so the whole
+                            // client is killed after 3 s (coreutils timeout(1)).
+                            let out = Command::new("timeout")
+                                .args(["-s", "KILL", "3", "ip", "netns", "exec"])
+                                .args([&ns("web-01"), "mariadb"])
                                 .args(["-h", addr, "-P", "3306", "-u", user])
                                 .arg("--ssl")
                                 .arg(format!("--ssl-ca={}", ca.display()))
@@ -476,6 +481,20 @@ async fn a_partitioned_primary_is_fenced_and_nothing_acknowledged_is_lost() {
                 .status
                 .success(),
                 "db-01 diverged but its fence was lifted"
+            );
+            // And the operator is told.
+            let out = rampart(&state, &["db", "status"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{text}");
+            assert!(
+                text.contains("errant (kept out of replication): db-01"),
+                "{text}"
+            );
+            assert!(text.contains("fenced (cut off"), "{text}");
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("fenced") && l.ends_with("db-01")),
+                "{text}"
             );
         }
     }
