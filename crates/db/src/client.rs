@@ -411,7 +411,16 @@ impl MariaClient {
             };
             let lag = match r.lag(&mut conn).await {
                 Ok(Some(l)) if l <= self.max_lag => l,
-                _ => continue,
+                Ok(_) => continue,
+                Err(e) => {
+                    // A connection keeps the global privileges its account had when it
+                    // logged in (MariaDB KB: "GRANT"): one made while the replica had
+                    // replayed the account but not yet its SLAVE MONITOR grant would fail
+                    // here for as long as the pool reuses it. Close it instead.
+                    tracing::debug!(replica = %r.host, error = %e, "lag unreadable, closing the connection");
+                    let _ = conn.disconnect().await;
+                    continue;
+                }
             };
             if let Some(g) = &gtid {
                 let waited: Result<Option<i64>, _> = r

@@ -627,7 +627,6 @@ impl Reconciler {
         p: &NodeObservation,
         obs: &[Option<NodeObservation>],
     ) {
-        let primary_pos = GtidPos::parse(&p.gtid_binlog_pos).unwrap_or_default();
         let fenced: Vec<String> = lock(&self.status).fenced.clone();
         let mut errant = Vec::new();
         let mut receiving = false;
@@ -638,15 +637,11 @@ impl Reconciler {
             }
             receiving |= o.io_running;
             let host = self.probes[i].host.clone();
-            let own = GtidPos::parse(&o.gtid_binlog_pos).unwrap_or_default();
-            // By position, and by server: a former primary's transactions after the
-            // promotion point are in no position comparison once the new primary's
-            // sequence numbers passed them.
-            let diverged = !primary_pos.contains(&own)
-                || GtidPos::state_contains(&p.gtid_binlog_state, &o.gtid_binlog_state)
-                    == Some(false)
-                || o.last_io_errno == 1236;
-            if diverged {
+            // Errant: transactions the primary's binary log lacks (by originating server,
+            // so a replica observed just after the primary and ahead of it is not; a
+            // former primary's lone writes after the promotion point are), or refused by
+            // the primary as a diverged history (1236).
+            if o.last_io_errno == 1236 || !o.errant_against(p).is_empty() {
                 // Never a second writable server, even one that is kept out.
                 if !o.read_only {
                     match self.probes[i].exec("SET GLOBAL read_only = ON").await {

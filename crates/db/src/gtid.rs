@@ -50,31 +50,6 @@ impl GtidPos {
         })
     }
 
-    /// Whether the binary log state `state` (`@@gtid_binlog_state`: the last GTID of each
-    /// domain **and server**, e.g. `0-1-480,0-2-520`) holds every transaction of the
-    /// binary log state `other`: for each `(domain, server)` of `other`, `state` has that
-    /// server's transactions in that domain up to at least the same sequence number.
-    /// Positions alone cannot tell this: a new primary's `0-2-520` "contains" `0-1-500`
-    /// by sequence although the old primary's 481..500 are on no other server. `None` when
-    /// either text does not parse.
-    pub fn state_contains(state: &str, other: &str) -> Option<bool> {
-        let parse = |text: &str| -> Option<BTreeMap<(u32, u32), u64>> {
-            let mut map = BTreeMap::new();
-            for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let g = GtidPos::parse(part)?.0.into_values().next()?;
-                let e = map.entry((g.domain, g.server)).or_insert(g.seq);
-                *e = (*e).max(g.seq);
-            }
-            Some(map)
-        };
-        let (mine, theirs) = (parse(state)?, parse(other)?);
-        Some(
-            theirs
-                .iter()
-                .all(|(k, seq)| mine.get(k).is_some_and(|s| s >= seq)),
-        )
-    }
-
     /// Total of the sequence numbers over domains: a rough measure of how far a server has
     /// got, used to pick the most advanced replica among servers of one history.
     pub fn progress(&self) -> u64 {
@@ -84,6 +59,53 @@ impl GtidPos {
     /// Whether the position names no transaction.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// A binary log's GTID state (`@@gtid_binlog_state`): the last GTID for **every**
+/// combination of domain and originating server, not only the last of each domain (MariaDB
+/// KB: "gtid_binlog_state"). A transaction a server wrote on its own keeps an entry under
+/// its `server_id` however far the primary's sequence numbers move on, which
+/// [`GtidPos`] (one GTID per domain) loses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GtidState(BTreeMap<(u32, u32), Gtid>);
+
+impl GtidState {
+    /// Parses MariaDB's comma-separated list; `None` as for [`GtidPos::parse`].
+    pub fn parse(text: &str) -> Option<GtidState> {
+        let mut map = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let pos = GtidPos::parse(part)?;
+            for g in pos.0.into_values() {
+                map.insert((g.domain, g.server), g);
+            }
+        }
+        Some(GtidState(map))
+    }
+
+    /// The transactions of `self`'s binary log that `primary`'s does not hold: for each
+    /// (domain, originating server) of `self` other than `primary_server_id`, the last
+    /// GTID when `primary` has none from that server in that domain or an older one.
+    /// GTIDs first written by the primary itself are left out: a replica only has them
+    /// from the primary, and comparing them would race with the primary's newest writes.
+    pub fn not_in(&self, primary: &GtidState, primary_server_id: u32) -> Vec<Gtid> {
+        self.0
+            .values()
+            .filter(|g| g.server != primary_server_id)
+            .filter(|g| {
+                primary
+                    .0
+                    .get(&(g.domain, g.server))
+                    .is_none_or(|p| p.seq < g.seq)
+            })
+            .copied()
+            .collect()
+    }
+}
+
+impl fmt::Display for Gtid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}-{}", self.domain, self.server, self.seq)
     }
 }
 
@@ -122,21 +144,23 @@ mod tests {
     }
 
     #[test]
-    fn binlog_state_containment_sees_a_diverged_old_primary() {
-        // The new primary (server 2) went on from 480; the old one (server 1) wrote 481..500
-        // alone: contained by position, not by state.
-        assert!(GtidPos::parse("0-2-520")
-            .unwrap()
-            .contains(&GtidPos::parse("0-1-500").unwrap()));
-        assert_eq!(
-            GtidPos::state_contains("0-1-480,0-2-520", "0-1-500"),
-            Some(false)
-        );
-        assert_eq!(
-            GtidPos::state_contains("0-1-480,0-2-520", "0-1-480"),
-            Some(true)
-        );
-        assert_eq!(GtidPos::state_contains("0-1-480", ""), Some(true));
-        assert_eq!(GtidPos::state_contains("0-1-480", "x"), None);
+    fn errant_transactions_survive_the_primary_moving_on() {
+        // Primary server 2 after taking over from server 1; replica server 3 wrote 0-3-43
+        // on its own, and the primary has since moved to 0-2-90.
+        let primary = GtidState::parse("0-1-40,0-2-90").unwrap();
+        let replica = GtidState::parse("0-1-40,0-2-88,0-3-43").unwrap();
+        let errant = replica.not_in(&primary, 2);
+        assert_eq!(errant.len(), 1);
+        assert_eq!(errant[0].to_string(), "0-3-43");
+        // Ahead of the primary on the primary's own GTIDs: a race, not errant.
+        let ahead = GtidState::parse("0-1-40,0-2-91").unwrap();
+        assert!(ahead.not_in(&primary, 2).is_empty());
+        // A former primary whose writes the new primary has: not errant.
+        let former = GtidState::parse("0-1-40").unwrap();
+        assert!(former.not_in(&primary, 2).is_empty());
+        // One the new primary never received: errant.
+        let lost = GtidState::parse("0-1-41").unwrap();
+        assert_eq!(lost.not_in(&primary, 2)[0].to_string(), "0-1-41");
+        assert!(GtidState::parse("0-1").is_none());
     }
 }

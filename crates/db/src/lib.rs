@@ -29,7 +29,8 @@
 //!   accounts are dropped — every relayed connection reaches the socket from the root-owned
 //!   node process, so neither `unix_socket` nor an empty password would keep anyone out.
 //!   The application account (`SELECT, INSERT` on the database, `SLAVE MONITOR` for lag)
-//!   and the replication account (`REPLICATION SLAVE`), both `@'localhost'`, the database
+//!   and the replication account (`REPLICATION SLAVE`), both `@'localhost'` and
+//!   `REQUIRE SSL`, the database
 //!   and the `guestbook` table are created **on the primary only, binary-logged**: a replica
 //!   starts from an empty `gtid_slave_pos` and replays the primary's whole binary log
 //!   (which begins at the primary's first start, after `mariadb-install-db`), so it receives
@@ -42,6 +43,12 @@
 //!   with stale settings before that). The egress listener on that port forwards to the
 //!   primary's relay from the replica host's address (MariaDB KB: "CHANGE MASTER TO",
 //!   "Global Transaction ID").
+//! - **TLS.** Every server loads `<state>/pki/db/<host>.{pem,key}` and the lab's CA
+//!   (`ssl_cert`, `ssl_key`, `ssl_ca`); TLS passes through the relays to `mariadbd` on its
+//!   socket. Replicas replicate with `MASTER_SSL=1, MASTER_SSL_VERIFY_SERVER_CERT=1`; every
+//!   TCP connection of this crate is built by [`tcp_opts`] and leaves through a process
+//!   egress (`egress.rs`), since `mysql_async` can start TLS only on TCP. `root` is used
+//!   over the socket only, without TLS.
 //! - **Processes.** `mariadbd` is a child in its own process group with no parent-death
 //!   signal: it outlives a killed node, and the next start on the same datadir (or
 //!   `rampart down`, via [`mariadbd_pid_file`]) stops it.
@@ -79,7 +86,7 @@ pub use controller::{
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;
-pub use gtid::GtidPos;
+pub use gtid::{Gtid, GtidPos, GtidState};
 pub use metrics::{register_controller_metrics, register_server_metrics};
 pub use observe::{NodeObservation, HEARTBEAT_PERIOD, HEARTBEAT_TABLE};
 pub use server::{

@@ -4,6 +4,7 @@
 //! per database node: `rampart_db_queries_total` (`Questions`), `rampart_db_connections`
 //! (`Threads_connected`), `rampart_db_replication_lag_seconds` (heartbeat age),
 //! `rampart_db_replica_io_running`, `rampart_db_replica_sql_running`,
+//! `rampart_db_replication_tls_verified`, `rampart_db_clients_require_tls`,
 //! `rampart_db_semi_sync_master_status`, `rampart_db_read_only`; on the controller's host:
 //! `rampart_db_failovers_total` and `rampart_db_primary_epoch`. A server that does not
 //! answer exposes none of its series (their absence is what an absence rule sees).
@@ -98,7 +99,19 @@ impl Collector for ServerSeries {
                 "1 while the replica's SQL thread applies.",
                 flag(o.sql_running),
             )?;
+            gauge(
+                &mut enc,
+                "rampart_db_replication_tls_verified",
+                "1 when the replica's link to its primary is TLS with the primary's certificate verified (Master_SSL_Allowed, Master_SSL_Verify_Server_Cert).",
+                flag(o.replication_tls && o.replication_tls_verified),
+            )?;
         }
+        gauge(
+            &mut enc,
+            "rampart_db_clients_require_tls",
+            "1 when the server offers TLS and no account but root (socket only) may log in without it.",
+            flag(o.clients_require_tls()),
+        )?;
         gauge(
             &mut enc,
             "rampart_db_semi_sync_master_status",
@@ -158,6 +171,9 @@ mod tests {
                 replicating: true,
                 io_running: true,
                 sql_running: false,
+                tls_enabled: true,
+                replication_tls: true,
+                replication_tls_verified: true,
                 queries: 42,
                 connections: 3,
                 ..NodeObservation::default()
@@ -181,6 +197,8 @@ mod tests {
             "rampart_db_replication_lag_seconds 0.25",
             "rampart_db_replica_io_running 1.0",
             "rampart_db_replica_sql_running 0.0",
+            "rampart_db_replication_tls_verified 1.0",
+            "rampart_db_clients_require_tls 1.0",
             "rampart_db_semi_sync_master_status 0.0",
             "rampart_db_read_only 1.0",
             "rampart_db_failovers_total 2",

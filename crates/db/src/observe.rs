@@ -8,6 +8,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::gtid::{Gtid, GtidState};
+
 /// The table the writable primary updates every [`HEARTBEAT_PERIOD`]; a replica's lag is
 /// the age of the row it has applied (pt-heartbeat's method), which unlike
 /// `Seconds_Behind_Master` also grows while the IO thread is stalled.
@@ -25,13 +27,15 @@ pub struct NodeObservation {
     pub gtid_current_pos: String,
     /// `@@gtid_binlog_pos`: the last GTID of each domain in this server's binary log.
     pub gtid_binlog_pos: String,
-    /// `@@gtid_binlog_state`: the last GTID of each domain and originating server in the
-    /// binary log (what tells a diverged former primary, see
-    /// [`crate::GtidPos::state_contains`]).
-    #[serde(default)]
-    pub gtid_binlog_state: String,
     /// `@@gtid_slave_pos`: the last GTID applied by the SQL thread.
     pub gtid_slave_pos: String,
+    /// `@@gtid_binlog_state`: the last GTID of each (domain, originating server) in this
+    /// server's binary log; what errant transactions are found by.
+    #[serde(default)]
+    pub gtid_binlog_state: String,
+    /// `@@server_id`.
+    #[serde(default)]
+    pub server_id: u32,
     /// Whether replication is configured (`SHOW SLAVE STATUS` returned a row).
     pub replicating: bool,
     /// `Slave_IO_Running = Yes`: connected to its primary and receiving.
@@ -81,6 +85,18 @@ pub struct NodeObservation {
 }
 
 impl NodeObservation {
+    /// Transactions in this server's binary log that `primary`'s does not hold (errant
+    /// GTIDs, see [`GtidState::not_in`]); empty when either state does not parse.
+    pub fn errant_against(&self, primary: &NodeObservation) -> Vec<Gtid> {
+        match (
+            GtidState::parse(&self.gtid_binlog_state),
+            GtidState::parse(&primary.gtid_binlog_state),
+        ) {
+            (Some(own), Some(p)) => own.not_in(&p, primary.server_id),
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether every link into this server needs TLS: the server offers it and no account
     /// but `root` may log in without it.
     pub fn clients_require_tls(&self) -> bool {
@@ -106,20 +122,22 @@ async fn bounded<T>(
 /// Errors: the driver's error or a timeout, as text (the caller treats any error as "not
 /// reachable").
 pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, String> {
-    let vars: Option<(u8, String, String, String, u8, String)> = bounded(c.query_first(
+    type Vars = (u8, String, String, String, u8, String, u32);
+    let vars: Option<Vars> = bounded(c.query_first(
         "SELECT @@read_only, @@gtid_current_pos, @@gtid_binlog_pos, @@gtid_slave_pos, \
-         @@rpl_semi_sync_master_enabled, @@gtid_binlog_state",
+         @@rpl_semi_sync_master_enabled, @@gtid_binlog_state, @@server_id",
     ))
     .await?;
-    let Some((ro, cur, binlog, slave, ss_enabled, binlog_state)) = vars else {
+    let Some((ro, cur, binlog, slave, ss_enabled, state, server_id)) = vars else {
         return Err("no answer to SELECT @@read_only".into());
     };
     let mut o = NodeObservation {
         read_only: ro != 0,
         gtid_current_pos: cur,
         gtid_binlog_pos: binlog,
-        gtid_binlog_state: binlog_state,
         gtid_slave_pos: slave,
+        gtid_binlog_state: state,
+        server_id,
         semi_sync_master_enabled: ss_enabled != 0,
         ..NodeObservation::default()
     };

@@ -57,9 +57,69 @@ struct NodeRow {
     lag_seconds: Option<f64>,
     semi_sync_master_enabled: Option<bool>,
     semi_sync_master_status: Option<bool>,
-    /// The TLS cipher of the observing connection (`null`: not TLS).
-    tls: Option<String>,
+    /// TLS on the node's links; `null` when the node does not answer.
+    tls: Option<TlsRow>,
     restarts: u64,
+}
+
+/// TLS of one database node, as its server reports it.
+#[derive(Serialize, Debug, PartialEq)]
+struct TlsRow {
+    /// The server offers TLS (`@@have_ssl`) and no account but `root` (reached over the
+    /// node's Unix socket) may log in without it (`REQUIRE SSL`).
+    clients_required: bool,
+    /// Accounts that may log in without TLS, `root` aside.
+    plain_accounts: Vec<String>,
+    /// The cipher the server reports for the node's own application-account connection
+    /// through its relay (the same path as the application's); `null` until connected.
+    relay_cipher: Option<String>,
+    /// This replica's link to its primary: `verified` (TLS, the primary's certificate
+    /// checked against the lab CA and `MASTER_HOST`), `unverified` (TLS only) or `plain`;
+    /// `null` on a node that does not replicate.
+    replication: Option<&'static str>,
+}
+
+fn tls_row(d: &db::DbNodeStatus) -> Option<TlsRow> {
+    let o = d.observed.as_ref()?;
+    Some(TlsRow {
+        clients_required: o.clients_require_tls(),
+        plain_accounts: o.plain_accounts.clone(),
+        relay_cipher: d.relay_tls_cipher.clone(),
+        replication: o.replicating.then_some(
+            match (o.replication_tls, o.replication_tls_verified) {
+                (true, true) => "verified",
+                (true, false) => "unverified",
+                (false, _) => "plain",
+            },
+        ),
+    })
+}
+
+/// The table's TLS cell: clients (`required`, `OPEN:<accounts>` or `OFF`), the
+/// replication link (`repl=<state>` on a replica) and the relay cipher.
+fn tls_cell(t: Option<&TlsRow>) -> String {
+    let Some(t) = t else {
+        return "-".into();
+    };
+    let clients = if t.clients_required {
+        "required".to_string()
+    } else if t.plain_accounts.is_empty() {
+        "OFF".to_string()
+    } else {
+        format!("OPEN:{}", t.plain_accounts.join(","))
+    };
+    let mut cell = clients;
+    if let Some(r) = t.replication {
+        let r = if r == "verified" {
+            r.to_string()
+        } else {
+            r.to_uppercase()
+        };
+        cell.push_str(&format!(" repl={r}"));
+    }
+    cell.push(' ');
+    cell.push_str(t.relay_cipher.as_deref().unwrap_or("-"));
+    cell
 }
 
 #[derive(Serialize)]
@@ -105,10 +165,7 @@ fn collect(state: &StateDir, t: &Topology) -> anyhow::Result<DbStatus> {
             lag_seconds: d.as_ref().and_then(|d| d.lag_seconds),
             semi_sync_master_enabled: o.as_ref().map(|o| o.semi_sync_master_enabled),
             semi_sync_master_status: o.as_ref().map(|o| o.semi_sync_master_status),
-            tls: o
-                .as_ref()
-                .map(|o| o.ssl_cipher.clone())
-                .filter(|c| !c.is_empty()),
+            tls: d.as_ref().and_then(tls_row),
             restarts: d.map(|d| d.restarts).unwrap_or(0),
         });
     }
@@ -196,7 +253,7 @@ pub fn run(state: &StateDir, cmd: DbCmd) -> anyhow::Result<()> {
                     yes_no(n.sql_running),
                     n.lag_seconds.map_or("-".into(), |l| format!("{l:.2}")),
                     semi,
-                    n.tls.as_deref().unwrap_or("off"),
+                    tls_cell(n.tls.as_ref()),
                 );
             }
             Ok(())
@@ -221,5 +278,65 @@ pub fn run(state: &StateDir, cmd: DbCmd) -> anyhow::Result<()> {
             println!("primary is now {} (epoch {})", next.primary, next.epoch);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(o: Option<db::NodeObservation>, cipher: Option<&str>) -> db::DbNodeStatus {
+        db::DbNodeStatus {
+            host: "web-02".into(),
+            role: "replica".into(),
+            engine: "mariadb".into(),
+            pid: Some(1),
+            port: 3306,
+            socket: None,
+            lag_seconds: None,
+            healthy: true,
+            restarts: 0,
+            observed: o,
+            relay_tls_cipher: cipher.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn tls_cell_says_what_the_server_reports() {
+        let verified = db::NodeObservation {
+            tls_enabled: true,
+            replicating: true,
+            replication_tls: true,
+            replication_tls_verified: true,
+            ..db::NodeObservation::default()
+        };
+        let row = tls_row(&node(
+            Some(verified.clone()),
+            Some("TLS_AES_256_GCM_SHA384"),
+        ));
+        assert_eq!(
+            tls_cell(row.as_ref()),
+            "required repl=verified TLS_AES_256_GCM_SHA384"
+        );
+        let open = db::NodeObservation {
+            plain_accounts: vec!["rampart_app".into()],
+            replicating: false,
+            ..verified.clone()
+        };
+        assert_eq!(
+            tls_cell(tls_row(&node(Some(open), None)).as_ref()),
+            "OPEN:rampart_app -"
+        );
+        let plain = db::NodeObservation {
+            tls_enabled: false,
+            replication_tls: false,
+            replication_tls_verified: false,
+            ..verified
+        };
+        assert_eq!(
+            tls_cell(tls_row(&node(Some(plain), None)).as_ref()),
+            "OFF repl=PLAIN -"
+        );
+        assert_eq!(tls_cell(tls_row(&node(None, None)).as_ref()), "-");
     }
 }

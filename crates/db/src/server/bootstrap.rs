@@ -17,10 +17,11 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The primary's schema and accounts. The application and replication accounts are
 /// `REQUIRE SSL` (MariaDB KB: "Securing Connections for Client and Server"): the server
-/// refuses them on a connection without TLS, whichever way it arrived. Binary-logged on purpose: a replica starting from an
-/// empty `gtid_slave_pos` replays the primary's binary log from its first event, so it
-/// receives the same database, table and accounts (and GTIDs stay one history). Every
-/// statement is idempotent, so restarts re-run them harmlessly.
+/// refuses them on a connection without TLS, whichever way it arrived. Binary-logged on
+/// purpose: a replica starting from an empty `gtid_slave_pos` replays the primary's binary
+/// log from its first event, so it receives the same database, table and accounts (and
+/// GTIDs stay one history). Every statement is idempotent, so restarts re-run them
+/// harmlessly.
 pub(super) async fn bootstrap_primary(
     cfg: &ServerConfig,
     creds: &Credentials,
