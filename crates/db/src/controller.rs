@@ -445,6 +445,17 @@ impl Reconciler {
                 self.semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).refused = None;
+                // Fenced for a promotion that never happened (no replica could take
+                // over): it is still the primary, so its clients get it back.
+                let stale = load_fences(&self.cfg.state_dir)?
+                    .into_iter()
+                    .any(|f| f.host == cluster.primary && f.epoch > cluster.epoch);
+                if stale {
+                    let host = cluster.primary.clone();
+                    if let Err(e) = self.lift_fence(&host).await {
+                        tracing::error!(%host, "{e}");
+                    }
+                }
                 self.keep_replicas(pi, &p, &obs).await;
             }
             _ if self.seen_writable != Some(cluster.epoch) => {
