@@ -177,6 +177,9 @@ struct Load {
     acked: Mutex<BTreeMap<u64, String>>,
     failed: AtomicU64,
     stop: AtomicBool,
+    /// The first failed write, and the first acknowledged one after it (printed, never
+    /// asserted on).
+    outage: Mutex<(Option<Instant>, Option<Instant>)>,
 }
 
 /// Polls, as a client does (from web-01's namespace, through each database host's firewall
@@ -300,9 +303,17 @@ async fn a_partitioned_primary_is_fenced_and_nothing_acknowledged_is_lost() {
                         let id = m["id"].as_u64().unwrap();
                         let before = load.acked.lock().unwrap().insert(id, text);
                         assert!(before.is_none(), "id {id} acknowledged twice");
+                        let mut o = load.outage.lock().unwrap();
+                        if o.0.is_some() && o.1.is_none() {
+                            o.1 = Some(Instant::now());
+                        }
                     }
                     _ => {
                         load.failed.fetch_add(1, Ordering::Relaxed);
+                        let mut o = load.outage.lock().unwrap();
+                        if o.0.is_none() {
+                            o.0 = Some(Instant::now());
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -328,6 +339,7 @@ async fn a_partitioned_primary_is_fenced_and_nothing_acknowledged_is_lost() {
         .parse()
         .unwrap();
     partition();
+    let cut_at = Instant::now();
     let at_cut = acked(&load);
     let st = state.clone();
     let new_primary = tokio::task::spawn_blocking(move || {
@@ -338,6 +350,7 @@ async fn a_partitioned_primary_is_fenced_and_nothing_acknowledged_is_lost() {
     })
     .await
     .unwrap();
+    let promoted_after = cut_at.elapsed();
     assert!(new_primary == "db-02" || new_primary == "db-03");
     // Writes resume on the new primary.
     wait_acked(at_cut + 30, "writes after the failover")
@@ -498,10 +511,20 @@ async fn a_partitioned_primary_is_fenced_and_nothing_acknowledged_is_lost() {
             );
         }
     }
+    let outage = match *load.outage.lock().unwrap() {
+        (Some(a), Some(b)) => format!(
+            "{:.2} s from the first failed write, {:.2} s from the cut",
+            (b - a).as_secs_f64(),
+            b.saturating_duration_since(cut_at).as_secs_f64()
+        ),
+        _ => "-".into(),
+    };
     eprintln!(
-        "partition: {} writes acknowledged, {} failed, new primary {new_primary}, old primary \
-         {outcome}, {rounds} read-only polls, {two_writable} with two writable",
+        "partition: {} writes acknowledged, {} failed, new primary {new_primary} in cluster.json \
+         {:.1} s after the cut (polled every 0.2 s), next acknowledged write {outage}, old primary {outcome}, {rounds} read-only polls, \
+         {two_writable} with two writable",
         acked_all.len(),
-        load.failed.load(Ordering::Relaxed)
+        load.failed.load(Ordering::Relaxed),
+        promoted_after.as_secs_f64()
     );
 }
