@@ -3,7 +3,8 @@
 //! with the primary's certificate verified, the application and replication accounts are
 //! refused without TLS (also through the firewall relay), the application's client
 //! verifies the server's name and CA, and a replica refuses a primary whose certificate
-//! comes from another CA or does not name the address it dials.
+//! comes from another CA or does not name the address it dials; a reissued certificate is
+//! loaded by the running server.
 //! Skipped (with `SKIP:`) when `mariadbd` is not installed.
 
 use std::net::SocketAddr;
@@ -456,4 +457,64 @@ async fn a_replica_refuses_a_primary_certificate_not_naming_its_master_host() {
     })
     .await;
     assert_refused_by_tls(&status, &pos);
+}
+
+/// `Ssl_server_not_before` of the certificate the server presents to a new TLS
+/// connection (through `via`, as the application account).
+async fn presented_not_before(via: SocketAddr, ca: &Path, creds: &Credentials) -> String {
+    let mut c = connect(db::tcp_opts(
+        via,
+        "web-01",
+        ca,
+        &creds.app_user,
+        &creds.app_password,
+    ))
+    .await
+    .unwrap();
+    let v: Option<(String, String)> = c
+        .query_first("SHOW SESSION STATUS LIKE 'Ssl_server_not_before'")
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    v.unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reissued_certificate_is_loaded_without_a_restart() {
+    if skip() {
+        return;
+    }
+    let t = topology("127.115.5", 24346);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let _reaper = Reaper(state);
+    let creds = Credentials::ensure(state).unwrap();
+    let pki = pki::ensure(&db::pki_dir(state), &t).unwrap();
+    let issued = Instant::now();
+    let primary = start_server(server_config(&t, state, "web-01"))
+        .await
+        .unwrap();
+    let pid = primary.status().pid;
+    let relay = SocketAddr::new("127.115.5.11".parse().unwrap(), 24346);
+    let via = forwarder(test_support::net(&t, "web-02"), relay).await;
+    let ca = pki.ca_cert();
+    let before = presented_not_before(via, &ca, &creds).await;
+    assert!(!before.is_empty(), "no certificate presented");
+
+    // Reissue web-01's database certificate (as `pki::ensure` does near expiry) at least a
+    // second after the first one, so that its validity start differs.
+    if let Some(rest) = Duration::from_millis(1500).checked_sub(issued.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    std::fs::remove_file(pki.db_cert("web-01")).unwrap();
+    pki::ensure(&db::pki_dir(state), &t).unwrap();
+    // New connections get the new certificate, verified as before.
+    let after = eventually("the server presents the new certificate", 30, || async {
+        let now = presented_not_before(via, &ca, &creds).await;
+        (now != before).then_some(now)
+    })
+    .await;
+    assert_ne!(after, before);
+    assert_eq!(primary.status().pid, pid, "the server was restarted");
+    primary.stop().await;
 }

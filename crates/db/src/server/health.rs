@@ -124,3 +124,69 @@ pub(super) async fn heartbeat_loop(
         }
     }
 }
+
+/// How often the certificate files are looked at for a change.
+const CERT_CHECK_PERIOD: Duration = Duration::from_secs(5);
+
+/// The modification times of `files` (`None` for one that cannot be read).
+fn mtimes(files: &[std::path::PathBuf]) -> Vec<Option<std::time::SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Makes the running server load its TLS files again after they changed on disk (the lab's
+/// PKI reissues a certificate 30 days before it expires, or when its names change): every
+/// [`CERT_CHECK_PERIOD`] compares the files' modification times with the last ones seen
+/// and, on a change, runs `FLUSH SSL` as root (MariaDB KB: "FLUSH": reloads `ssl_cert`,
+/// `ssl_key`, `ssl_ca` for new connections; established ones keep theirs). A failed
+/// `FLUSH SSL` is logged and tried again at the next period; a restarted `mariadbd` reads
+/// the files anyway.
+pub(super) async fn cert_reload_loop(
+    host: String,
+    admin: OptsBuilder,
+    files: Vec<std::path::PathBuf>,
+) {
+    let mut seen = {
+        let files = files.clone();
+        tokio::task::spawn_blocking(move || mtimes(&files))
+            .await
+            .unwrap_or_default()
+    };
+    let mut tick = tokio::time::interval(CERT_CHECK_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = {
+            let files = files.clone();
+            match tokio::task::spawn_blocking(move || mtimes(&files)).await {
+                Ok(m) => m,
+                Err(_) => continue,
+            }
+        };
+        if now == seen || now.iter().any(Option::is_none) {
+            continue;
+        }
+        let flushed = async {
+            let mut c = tokio::time::timeout(ADMIN_TIMEOUT, Conn::new(admin.clone()))
+                .await
+                .map_err(|_| "connection timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let r = tokio::time::timeout(ADMIN_TIMEOUT, c.query_drop("FLUSH SSL"))
+                .await
+                .map_err(|_| "FLUSH SSL timed out".to_string())?
+                .map_err(|e| e.to_string());
+            let _ = c.disconnect().await;
+            r
+        };
+        match flushed.await {
+            Ok(()) => {
+                tracing::info!(%host, "TLS certificate files changed: reloaded (FLUSH SSL)");
+                seen = now;
+            }
+            Err(e) => tracing::warn!(%host, "TLS certificate files changed, FLUSH SSL failed: {e}"),
+        }
+    }
+}

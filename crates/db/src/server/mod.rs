@@ -39,7 +39,7 @@ use crate::{Credentials, DbError, Engine};
 
 use bootstrap::{admin_connect, admin_opts, bootstrap_primary, install_db};
 pub(crate) use bootstrap::{admin_exec, admin_opts_for};
-use health::{health_loop, heartbeat_loop};
+use health::{cert_reload_loop, health_loop, heartbeat_loop};
 pub use options::SEMI_SYNC_TIMEOUT_MS;
 pub use options::{mariadb_dir, mariadbd_defaults_file, mariadbd_pid_file, mariadbd_socket};
 use options::{my_cnf, Paths};
@@ -403,6 +403,15 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
                 admin_opts(&p, &creds.admin_password),
                 cfg.database.clone(),
                 status.clone(),
+            )));
+            tasks.push(tokio::spawn(cert_reload_loop(
+                cfg.host.clone(),
+                admin_opts(&p, &creds.admin_password),
+                vec![
+                    cfg.tls.ca.clone(),
+                    cfg.tls.cert.clone(),
+                    cfg.tls.key.clone(),
+                ],
             )));
             tasks.push(tokio::spawn(heartbeat_loop(
                 egress,
