@@ -119,23 +119,74 @@ impl ClusterState {
     /// `rename(2)` over `cluster.json`, then `fsync` of the directory, so a reader sees the
     /// old or the new state, whole, and a crash keeps one of them.
     pub fn store(&self, state_dir: &Path) -> Result<(), DbError> {
-        let path = cluster_path(state_dir);
-        let dir = path.parent().unwrap_or(state_dir);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!(".cluster.json.{}.{seq}", std::process::id()));
         let text = serde_json::to_vec_pretty(self).map_err(|e| DbError::Config(e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| DbError::io(format!("writing {}", path.display()), e))
+        write_atomic(&cluster_path(state_dir), &text)
     }
+}
+
+/// Writes `path` atomically: a temporary file in the same directory, `fsync`, `rename(2)`,
+/// then `fsync` of the directory, so a reader sees the old or the new content, whole, and a
+/// crash keeps one of them.
+fn write_atomic(path: &Path, text: &[u8]) -> Result<(), DbError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.{seq}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| DbError::io(format!("writing {}", path.display()), e))
+}
+
+/// `<state>/db/fences.json`.
+pub fn fences_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("db").join("fences.json")
+}
+
+/// A database host cut off at its firewall by the failover controller (netns mode): the
+/// old primary it could not reach, fenced before a replica was promoted to `epoch`.
+/// Recorded in `<state>/db/fences.json` before the cut is made and removed only after the
+/// controller reached the host again, made it read-only and pointed it at the primary, so
+/// a controller restarted in between finds it and keeps it cut off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    /// The fenced host.
+    pub host: String,
+    /// The epoch of the promotion the fence made safe.
+    pub epoch: u64,
+    /// When the fence was recorded, seconds since the Unix epoch.
+    pub since_unix: u64,
+}
+
+/// The fences in force (`<state>/db/fences.json`; none when it does not exist).
+///
+/// Errors: [`DbError::Io`] when it cannot be read, [`DbError::Config`] when it is not the
+/// JSON this module writes.
+pub fn load_fences(state_dir: &Path) -> Result<Vec<Fence>, DbError> {
+    let path = fences_path(state_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| DbError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(DbError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// Replaces the fences in force, atomically.
+pub(crate) fn store_fences(state_dir: &Path, fences: &[Fence]) -> Result<(), DbError> {
+    let text = serde_json::to_vec_pretty(fences).map_err(|e| DbError::Config(e.to_string()))?;
+    write_atomic(&fences_path(state_dir), &text)
 }
 
 #[cfg(test)]
@@ -165,5 +216,20 @@ mod tests {
         assert_eq!(ClusterState::load_or_init(dir.path(), &s).unwrap(), next);
         std::fs::write(cluster_path(dir.path()), "{").unwrap();
         assert!(ClusterState::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn fences_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_fences(dir.path()).unwrap(), vec![]);
+        let f = Fence {
+            host: "db-01".into(),
+            epoch: 2,
+            since_unix: 1,
+        };
+        store_fences(dir.path(), std::slice::from_ref(&f)).unwrap();
+        assert_eq!(load_fences(dir.path()).unwrap(), vec![f]);
+        store_fences(dir.path(), &[]).unwrap();
+        assert_eq!(load_fences(dir.path()).unwrap(), vec![]);
     }
 }

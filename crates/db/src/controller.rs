@@ -11,16 +11,23 @@
 //!
 //! 1. refuses when the primary's semi-synchronous replication had fallen back to
 //!    asynchronous (acknowledged writes may exist on no replica) unless forced;
-//! 2. fences the old primary: `read_only = ON` if it answers, else `SIGKILL` of its
-//!    `mariadbd` (loopback mode: found by its pid file; it comes back read-only);
+//! 2. fences the old primary: `read_only = ON` if it answers; else, in netns mode, cuts its
+//!    host off at its firewall ([`Fencing::Firewall`]: recorded in `fences.json` first,
+//!    lifted only once the controller has reached it again, made it read-only and pointed
+//!    it at the new primary), or in loopback mode `SIGKILL` of its `mariadbd` (found by its
+//!    pid file; it comes back read-only);
 //! 3. waits until each candidate has applied its relay log (`gtid_slave_pos` covers
 //!    `Gtid_IO_Pos`) and, when the old primary answers, holds its whole binary log;
 //! 4. picks the most advanced candidate, writes `cluster.json` with epoch + 1, makes it
 //!    writable and points every other server at it.
 //!
 //! Orchestrator lost data by promoting before relay logs were applied; this controller
-//! never promotes a server that has not applied all it received. In loopback mode the
-//! controller reaches each server on its Unix socket in the state directory.
+//! never promotes a server that has not applied all it received.
+//!
+//! The controller in a node ([`ControllerConfig::net`] set) reaches every server over the
+//! network, from its host's address through the database host's firewall to its MariaDB
+//! relay, as the controller account: a partition cuts it off like any other peer. The
+//! operator's `rampart db` commands reach the servers on their Unix sockets instead.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -33,7 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use topology::{Role, Topology};
 
-use crate::cluster::{ClusterState, PromotionLock};
+use crate::cluster::{load_fences, store_fences, ClusterState, Fence, PromotionLock};
+use crate::egress::LocalEgress;
 use crate::gtid::GtidPos;
 use crate::observe::{observe, NodeObservation};
 use crate::server::{admin_exec, admin_opts_for, make_writable, point_at_primary};
@@ -43,6 +51,28 @@ use crate::{mariadbd_defaults_file, mariadbd_pid_file, Credentials, DbError};
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on connecting to a server for a probe.
 const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections at once through one probe egress (one probe connection, plus one being
+/// replaced).
+const PROBE_EGRESS_MAX: usize = 4;
+/// How often a recorded fence is checked to be still in force while its host is
+/// unreachable.
+const FENCE_RECHECK: Duration = Duration::from_secs(1);
+
+/// How the controller fences a primary it cannot reach before it promotes a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fencing {
+    /// `SIGKILL` of the primary's `mariadbd`, found by its pid file in the state directory
+    /// (loopback mode: every server runs on this machine). Its node restarts it read-only.
+    Kill,
+    /// Cut its host off at the host's firewall (netns mode, the lab's control plane as the
+    /// fencing device, like a power switch in STONITH): the table `inet rampart_fence`
+    /// ([`firewall::nft::fence_ruleset`]) loaded with `ip netns exec <namespace> nft`,
+    /// letting through only the controller's own connections to the MariaDB relay.
+    Firewall {
+        /// Namespace of every database host, by host name.
+        namespaces: Vec<(String, String)>,
+    },
+}
 
 /// What the controller needs.
 #[derive(Debug, Clone)]
@@ -59,6 +89,16 @@ pub struct ControllerConfig {
     pub probe_interval: Duration,
     /// How long the primary must stay lost before a failover. Default 1 s.
     pub fail_after: Duration,
+    /// `ports.mysql`: every database host's MariaDB relay.
+    pub mysql_port: u16,
+    /// The controller host's network seam. `Some`: every server is reached over the
+    /// network from that host's address, through the database host's firewall to its
+    /// MariaDB relay, as the controller account (`ctl_user` of the credentials); `None`:
+    /// on each server's Unix socket in the state directory as `root` (the operator's
+    /// commands on the machine that holds the lab).
+    pub net: Option<firewall::Net>,
+    /// How an unreachable primary is fenced. Default [`Fencing::Kill`].
+    pub fencing: Fencing,
 }
 
 impl ControllerConfig {
@@ -78,7 +118,23 @@ impl ControllerConfig {
             egress_port: t.ports.mysql_egress,
             probe_interval: Duration::from_millis(t.database.failover.probe_interval_ms),
             fail_after: Duration::from_millis(t.database.failover.fail_after_ms),
+            mysql_port: t.ports.mysql,
+            net: None,
+            fencing: Fencing::Kill,
         })
+    }
+
+    /// Netns mode's fencing for `t` (already laid out with [`Topology::in_netns`]): each
+    /// database host's namespace `<prefix>-<host>`.
+    pub fn firewall_fencing(t: &Topology) -> Fencing {
+        Fencing::Firewall {
+            namespaces: t
+                .hosts
+                .iter()
+                .filter(|h| h.has(Role::DbPrimary) || h.has(Role::DbReplica))
+                .map(|h| (h.name.clone(), t.netns.namespace(&h.name)))
+                .collect(),
+        }
     }
 }
 
@@ -99,6 +155,9 @@ pub struct ControllerStatus {
     pub refused: Option<String>,
     /// Servers kept out of replication because their history diverged from the primary's.
     pub errant: Vec<String>,
+    /// Hosts cut off at their firewall (netns mode), until they rejoin.
+    #[serde(default)]
+    pub fenced: Vec<String>,
 }
 
 /// Why a promotion did not happen.
@@ -118,6 +177,15 @@ pub enum FailoverError {
     /// most advanced).
     #[error("no replica can be promoted: {0}")]
     NoCandidate(String),
+    /// The unreachable primary could not be cut off at its firewall: promoting would risk
+    /// two writable primaries.
+    #[error("cannot fence {host} at its firewall: {reason}")]
+    Fence {
+        /// The old primary.
+        host: String,
+        /// What failed.
+        reason: String,
+    },
     /// The state or a server failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -147,14 +215,18 @@ impl Controller {
     }
 }
 
-/// Starts the reconciler loop (see the module docs).
+/// Starts the reconciler loop (see the module docs). With [`ControllerConfig::net`], first
+/// opens one egress per database server (connections leave from the controller host's
+/// address).
 ///
-/// Errors: [`DbError::Credentials`] when the credentials file cannot be read.
-pub fn start_controller(cfg: ControllerConfig) -> Result<Controller, DbError> {
+/// Errors: [`DbError::Credentials`] when the credentials file cannot be read;
+/// [`DbError::Config`] when the lab's CA certificate is missing (network path);
+/// [`DbError::Io`] when an egress cannot be bound.
+pub async fn start_controller(cfg: ControllerConfig) -> Result<Controller, DbError> {
     let creds = Credentials::load(&cfg.state_dir)?;
     let status = Arc::new(Mutex::new(ControllerStatus::default()));
     let stop = CancellationToken::new();
-    let mut r = Reconciler::new(cfg, creds, status.clone());
+    let mut r = Reconciler::new(cfg, creds, status.clone()).await?;
     let token = stop.clone();
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(r.cfg.probe_interval);
@@ -185,7 +257,8 @@ pub async fn switchover(
         cfg,
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
-    );
+    )
+    .await?;
     let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     r.observe_all().await;
@@ -200,7 +273,8 @@ pub async fn failover(cfg: ControllerConfig, force: bool) -> Result<ClusterState
         cfg,
         creds,
         Arc::new(Mutex::new(ControllerStatus::default())),
-    );
+    )
+    .await?;
     let _lock = PromotionLock::acquire(&r.cfg.state_dir)?;
     let cluster = r.cluster()?;
     let obs = r.observe_all().await;
@@ -261,6 +335,10 @@ struct Reconciler {
     cfg: ControllerConfig,
     creds: Credentials,
     probes: Vec<Probe>,
+    /// The network path's egresses (with [`ControllerConfig::net`]).
+    _egress: Vec<LocalEgress>,
+    /// When each fenced host's cut was last checked to be in force.
+    fence_checked: Vec<(String, Instant)>,
     status: Arc<Mutex<ControllerStatus>>,
     /// Since when the primary has been unreachable or read-only.
     primary_bad_since: Option<Instant>,
@@ -276,31 +354,51 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn new(
+    async fn new(
         cfg: ControllerConfig,
         creds: Credentials,
         status: Arc<Mutex<ControllerStatus>>,
-    ) -> Reconciler {
-        let probes = cfg
-            .nodes
-            .iter()
-            .map(|(h, a)| Probe {
+    ) -> Result<Reconciler, DbError> {
+        let mut egress = Vec::new();
+        let mut probes = Vec::new();
+        let ca = pki::PkiPaths::new(crate::pki_dir(&cfg.state_dir)).ca_cert();
+        if cfg.net.is_some() && !ca.is_file() {
+            return Err(DbError::Config(format!(
+                "the CA certificate {} is missing: the lab's PKI issues it (`rampart up`)",
+                ca.display()
+            )));
+        }
+        for (h, a) in &cfg.nodes {
+            let opts = match &cfg.net {
+                Some(net) => {
+                    let to = std::net::SocketAddr::new(*a, cfg.mysql_port);
+                    let e = LocalEgress::open(net.clone(), to, PROBE_EGRESS_MAX).await?;
+                    let opts =
+                        crate::tcp_opts(e.addr(), h, &ca, &creds.ctl_user, &creds.ctl_password);
+                    egress.push(e);
+                    opts
+                }
+                None => admin_opts_for(&cfg.state_dir, h, &creds.admin_password),
+            };
+            probes.push(Probe {
                 host: h.clone(),
                 address: *a,
-                opts: admin_opts_for(&cfg.state_dir, h, &creds.admin_password),
+                opts,
                 conn: None,
-            })
-            .collect();
-        Reconciler {
+            });
+        }
+        Ok(Reconciler {
             cfg,
             creds,
             probes,
+            _egress: egress,
+            fence_checked: Vec::new(),
             status,
             primary_bad_since: None,
             semi_sync_ok: false,
             refusal_logged: false,
             seen_writable: None,
-        }
+        })
     }
 
     fn cluster(&self) -> Result<ClusterState, DbError> {
@@ -335,6 +433,7 @@ impl Reconciler {
             s.failovers = cluster.failovers;
         }
         let obs = self.observe_all().await;
+        self.keep_fences(&obs).await?;
         let Some(pi) = self.index(&cluster.primary) else {
             return Ok(());
         };
@@ -346,6 +445,17 @@ impl Reconciler {
                 self.semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).refused = None;
+                // Fenced for a promotion that never happened (no replica could take
+                // over): it is still the primary, so its clients get it back.
+                let stale = load_fences(&self.cfg.state_dir)?
+                    .into_iter()
+                    .any(|f| f.host == cluster.primary && f.epoch > cluster.epoch);
+                if stale {
+                    let host = cluster.primary.clone();
+                    if let Err(e) = self.lift_fence(&host).await {
+                        tracing::error!(%host, "{e}");
+                    }
+                }
                 self.keep_replicas(pi, &p, &obs).await;
             }
             _ if self.seen_writable != Some(cluster.epoch) => {
@@ -404,15 +514,131 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Keeps every recorded fence in force while its host stays unreachable: the cut is
+    /// checked (at most every [`FENCE_RECHECK`]) and loaded again when missing (e.g. the
+    /// namespace's ruleset was replaced by hand).
+    async fn keep_fences(&mut self, obs: &[Option<NodeObservation>]) -> Result<(), DbError> {
+        let fences = load_fences(&self.cfg.state_dir)?;
+        lock(&self.status).fenced = fences.iter().map(|f| f.host.clone()).collect();
+        let Fencing::Firewall { namespaces } = self.cfg.fencing.clone() else {
+            return Ok(());
+        };
+        for f in fences {
+            let reachable = self.index(&f.host).is_some_and(|i| obs[i].is_some());
+            let due = self
+                .fence_checked
+                .iter()
+                .find(|(h, _)| *h == f.host)
+                .is_none_or(|(_, at)| at.elapsed() >= FENCE_RECHECK);
+            if reachable || !due {
+                continue;
+            }
+            self.fence_checked.retain(|(h, _)| *h != f.host);
+            self.fence_checked.push((f.host.clone(), Instant::now()));
+            let Some(ns) = namespace_of(&namespaces, &f.host) else {
+                continue;
+            };
+            let (allow, why) = (self.fence_allow(), fence_comment(&f.host, f.epoch));
+            let r = tokio::task::spawn_blocking(move || {
+                let nft = firewall::nft::Nft::in_netns(&ns);
+                if nft.fenced() {
+                    Ok(false)
+                } else {
+                    nft.fence(allow, &why).map(|()| true)
+                }
+            })
+            .await;
+            match r {
+                Ok(Ok(true)) => tracing::warn!(host = %f.host, "fence was missing: cut off again"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::error!(host = %f.host, "cannot keep the fence: {e}"),
+                Err(e) => tracing::error!(host = %f.host, "fence check: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// What a fence lets through: the controller's connections to the MariaDB relay.
+    fn fence_allow(&self) -> Option<(IpAddr, u16)> {
+        self.cfg
+            .net
+            .as_ref()
+            .map(|n| (n.address(), self.cfg.mysql_port))
+    }
+
+    /// Cuts the unreachable `host` off at its firewall before a promotion to `epoch`:
+    /// recorded in `fences.json` first (durable intent), then loaded.
+    async fn cut_off(&mut self, host: &str, epoch: u64) -> Result<(), FailoverError> {
+        let fail = |reason: String| FailoverError::Fence {
+            host: host.to_string(),
+            reason,
+        };
+        let Fencing::Firewall { namespaces } = &self.cfg.fencing else {
+            return Err(fail("this controller has no firewall fencing".into()));
+        };
+        let ns = namespace_of(namespaces, host)
+            .ok_or_else(|| fail("no namespace is known for it".into()))?;
+        let mut fences = load_fences(&self.cfg.state_dir)?;
+        fences.retain(|f| f.host != host);
+        fences.push(Fence {
+            host: host.to_string(),
+            epoch,
+            since_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+        store_fences(&self.cfg.state_dir, &fences)?;
+        let (allow, why) = (self.fence_allow(), fence_comment(host, epoch));
+        tokio::task::spawn_blocking(move || firewall::nft::Nft::in_netns(&ns).fence(allow, &why))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        self.fence_checked.retain(|(h, _)| h != host);
+        self.fence_checked.push((host.to_string(), Instant::now()));
+        tracing::warn!(
+            host,
+            epoch,
+            "fencing the unreachable primary: cut off at its firewall"
+        );
+        lock(&self.status).fenced = fences.into_iter().map(|f| f.host).collect();
+        Ok(())
+    }
+
+    /// Lifts `host`'s fence (it is read-only and replicating from the primary): the cut is
+    /// removed, then the record.
+    async fn lift_fence(&mut self, host: &str) -> Result<(), DbError> {
+        if let Fencing::Firewall { namespaces } = &self.cfg.fencing {
+            if let Some(ns) = namespace_of(namespaces, host) {
+                tokio::task::spawn_blocking(move || firewall::nft::Nft::in_netns(&ns).unfence())
+                    .await
+                    .map_err(|e| DbError::Config(format!("lifting the fence: {e}")))?
+                    .map_err(|e| DbError::Config(format!("lifting the fence: {e}")))?;
+            }
+        }
+        let mut fences = load_fences(&self.cfg.state_dir)?;
+        fences.retain(|f| f.host != host);
+        store_fences(&self.cfg.state_dir, &fences)?;
+        lock(&self.status).fenced = fences.into_iter().map(|f| f.host).collect();
+        tracing::warn!(
+            host,
+            "fence lifted: read-only and replicating from the primary"
+        );
+        Ok(())
+    }
+
     /// With a writable primary `p` (index `pi`): semi-synchronous replication on when a
     /// replica receives, and every other reachable server replicating from it unless its
-    /// history diverged.
+    /// history diverged (then it is made read-only, reported and kept out; a fenced one
+    /// stays cut off). A fenced server that answers again is made read-only, pointed at the
+    /// primary and only then let back in.
     async fn keep_replicas(
         &mut self,
         pi: usize,
         p: &NodeObservation,
         obs: &[Option<NodeObservation>],
     ) {
+        let fenced: Vec<String> = lock(&self.status).fenced.clone();
         let mut errant = Vec::new();
         let mut receiving = false;
         for (i, o) in obs.iter().enumerate() {
@@ -421,24 +647,54 @@ impl Reconciler {
                 continue;
             }
             receiving |= o.io_running;
+            let host = self.probes[i].host.clone();
             // Errant: transactions the primary's binary log lacks (by originating server,
-            // so a replica observed just after the primary and ahead of it is not), or
-            // refused by the primary as a diverged history (1236).
+            // so a replica observed just after the primary and ahead of it is not; a
+            // former primary's lone writes after the promotion point are), or refused by
+            // the primary as a diverged history (1236).
             if o.last_io_errno == 1236 || !o.errant_against(p).is_empty() {
-                errant.push(self.probes[i].host.clone());
+                // Never a second writable server, even one that is kept out.
+                if !o.read_only {
+                    match self.probes[i].exec("SET GLOBAL read_only = ON").await {
+                        Ok(()) => tracing::warn!(%host, "diverged server made read-only"),
+                        Err(e) => {
+                            tracing::error!(%host, "cannot make the diverged server read-only: {e}")
+                        }
+                    }
+                }
+                errant.push(host);
                 continue;
             }
-            if !o.replicating || !o.read_only {
-                let (host, address) = (self.probes[i].host.clone(), self.probes[i].address);
+            let is_fenced = fenced.contains(&host);
+            if !o.replicating || !o.read_only || is_fenced {
+                let address = self.probes[i].address;
+                let mut ok = o.read_only;
                 if !o.read_only {
-                    let _ = self.probes[i].exec("SET GLOBAL read_only = ON").await;
+                    ok = self.probes[i]
+                        .exec("SET GLOBAL read_only = ON")
+                        .await
+                        .is_ok();
                 }
-                let port = self.cfg.egress_port;
-                let creds = self.creds.clone();
-                if let Ok(c) = self.probes[i].conn().await {
-                    match point_at_primary(&host, c, address, port, &creds).await {
-                        Ok(()) => tracing::info!(%host, "replica rejoined the primary"),
-                        Err(e) => tracing::warn!(%host, "cannot point at the primary: {e}"),
+                if ok && !o.replicating {
+                    let port = self.cfg.egress_port;
+                    let creds = self.creds.clone();
+                    ok = match self.probes[i].conn().await {
+                        Ok(c) => match point_at_primary(&host, c, address, port, &creds).await {
+                            Ok(()) => {
+                                tracing::info!(%host, "replica rejoined the primary");
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(%host, "cannot point at the primary: {e}");
+                                false
+                            }
+                        },
+                        Err(_) => false,
+                    };
+                }
+                if ok && is_fenced {
+                    if let Err(e) = self.lift_fence(&host).await {
+                        tracing::error!(%host, "{e}");
                     }
                 }
             }
@@ -501,7 +757,10 @@ impl Reconciler {
                 if !self.semi_sync_ok && !force {
                     return Err(FailoverError::Unsafe { primary: old });
                 }
-                self.kill_old(&old);
+                match self.cfg.fencing {
+                    Fencing::Kill => self.kill_old(&old),
+                    Fencing::Firewall { .. } => self.cut_off(&old, cluster.epoch + 1).await?,
+                }
                 None
             }
         };
@@ -599,10 +858,12 @@ impl Reconciler {
         let what = format!(
             "{old} → {new} at epoch {}{}",
             next.epoch,
-            if old_final.is_some() {
-                " (old primary fenced read-only)"
-            } else {
-                " (old primary unreachable, stopped)"
+            match (&old_final, &self.cfg.fencing) {
+                (Some(_), _) => " (old primary fenced read-only)",
+                (None, Fencing::Kill) => " (old primary unreachable, stopped)",
+                (None, Fencing::Firewall { .. }) => {
+                    " (old primary unreachable, cut off at its firewall)"
+                }
             }
         );
         tracing::warn!("database primary changed: {what}");
@@ -632,6 +893,17 @@ impl Reconciler {
             );
         }
     }
+}
+
+fn namespace_of(namespaces: &[(String, String)], host: &str) -> Option<String> {
+    namespaces
+        .iter()
+        .find(|(h, _)| h == host)
+        .map(|(_, ns)| ns.clone())
+}
+
+fn fence_comment(host: &str, epoch: u64) -> String {
+    format!("rampart: {host} fenced by the failover controller before epoch {epoch}")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

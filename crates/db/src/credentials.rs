@@ -24,6 +24,18 @@ pub struct Credentials {
     pub repl_user: String,
     /// Its password.
     pub repl_password: String,
+    /// The failover controller's account: only what it runs (`READ_ONLY ADMIN` to fence
+    /// and promote, `REPLICATION SLAVE ADMIN` for `STOP/START SLAVE`, `CHANGE MASTER TO`
+    /// and `gtid_slave_pos`, `RELOAD` for `RESET SLAVE ALL`, `REPLICATION MASTER ADMIN`
+    /// for the semi-synchronous master
+    /// side, `SLAVE MONITOR` and `BINLOG MONITOR` to observe, `SELECT` on the heartbeat
+    /// table); no data privilege. Empty in a file written before it existed:
+    /// [`Credentials::ensure`] then adds it.
+    #[serde(default)]
+    pub ctl_user: String,
+    /// Its password.
+    #[serde(default)]
+    pub ctl_password: String,
     /// The password given to every server's `root@localhost`, which the node uses for
     /// bootstrap and health checks. Every connection through the firewall relay arrives
     /// over the server's Unix socket from the (root) node process, so `root` must not be
@@ -36,9 +48,13 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("app_user", &self.app_user)
             .field("repl_user", &self.repl_user)
+            .field("ctl_user", &self.ctl_user)
             .finish_non_exhaustive()
     }
 }
+
+/// The failover controller's account name.
+const CTL_USER: &str = "rampart_ctl";
 
 /// `<state>/db/credentials.json`.
 pub fn credentials_path(state_dir: &Path) -> PathBuf {
@@ -54,22 +70,32 @@ impl Credentials {
     /// `/dev/urandom` cannot be read; [`DbError::Credentials`] for an existing malformed file.
     pub fn ensure(state_dir: &Path) -> Result<Credentials, DbError> {
         let path = credentials_path(state_dir);
-        if path.exists() {
-            return Credentials::load(state_dir);
-        }
+        let creds = if path.exists() {
+            let mut creds = Credentials::read(state_dir)?;
+            if !creds.ctl_user.is_empty() {
+                return Credentials::load(state_dir);
+            }
+            // Written before the controller had an account of its own.
+            creds.ctl_user = CTL_USER.into();
+            creds.ctl_password = random_hex(16)?;
+            creds
+        } else {
+            Credentials {
+                app_user: "rampart_app".into(),
+                app_password: random_hex(16)?,
+                repl_user: "rampart_repl".into(),
+                repl_password: random_hex(16)?,
+                ctl_user: CTL_USER.into(),
+                ctl_password: random_hex(16)?,
+                admin_password: random_hex(16)?,
+            }
+        };
         let dir = state_dir.join("db");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
-        let creds = Credentials {
-            app_user: "rampart_app".into(),
-            app_password: random_hex(16)?,
-            repl_user: "rampart_repl".into(),
-            repl_password: random_hex(16)?,
-            admin_password: random_hex(16)?,
-        };
         let text = serde_json::to_string_pretty(&creds).map_err(|e| DbError::Credentials {
             path: path.clone(),
             reason: e.to_string(),
@@ -97,6 +123,44 @@ impl Credentials {
     /// Errors: [`DbError::Credentials`] when it is missing (run `rampart up`, which creates
     /// it), unreadable, readable by group or others, or malformed.
     pub fn load(state_dir: &Path) -> Result<Credentials, DbError> {
+        let creds = Credentials::read(state_dir)?;
+        let bad = |reason: String| DbError::Credentials {
+            path: credentials_path(state_dir),
+            reason,
+        };
+        for (key, user) in [
+            ("app_user", &creds.app_user),
+            ("repl_user", &creds.repl_user),
+            ("ctl_user", &creds.ctl_user),
+        ] {
+            if user.is_empty()
+                || user.len() > 32
+                || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(bad(format!(
+                    "{key} must be 1 to 32 letters, digits or '_' (`rampart up` adds a missing \
+                     ctl_user)"
+                )));
+            }
+        }
+        for (key, pw) in [
+            ("app_password", &creds.app_password),
+            ("repl_password", &creds.repl_password),
+            ("ctl_password", &creds.ctl_password),
+            ("admin_password", &creds.admin_password),
+        ] {
+            if pw.len() < 16 || !pw.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!(
+                    "{key} must be at least 16 hex characters; delete the file to regenerate it \
+                     (only before the data directories exist)"
+                )));
+            }
+        }
+        Ok(creds)
+    }
+
+    /// The file parsed, its mode checked, its values not yet.
+    fn read(state_dir: &Path) -> Result<Credentials, DbError> {
         let path = credentials_path(state_dir);
         let bad = |reason: String| DbError::Credentials {
             path: path.clone(),
@@ -114,32 +178,7 @@ impl Credentials {
             )));
         }
         let text = fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-        let creds: Credentials =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        for (key, user) in [
-            ("app_user", &creds.app_user),
-            ("repl_user", &creds.repl_user),
-        ] {
-            if user.is_empty()
-                || user.len() > 32
-                || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                return Err(bad(format!("{key} must be 1 to 32 letters, digits or '_'")));
-            }
-        }
-        for (key, pw) in [
-            ("app_password", &creds.app_password),
-            ("repl_password", &creds.repl_password),
-            ("admin_password", &creds.admin_password),
-        ] {
-            if pw.len() < 16 || !pw.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(format!(
-                    "{key} must be at least 16 hex characters; delete the file to regenerate it \
-                     (only before the data directories exist)"
-                )));
-            }
-        }
-        Ok(creds)
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))
     }
 }
 

@@ -79,10 +79,10 @@ pub use client::{
     connect_client, ClientConfig, DbClient, DbInfo, DbNode, Message, DEFAULT_MAX_LAG_SECONDS,
     MAX_AUTHOR_CHARS, MAX_LIST, MAX_TEXT_BYTES,
 };
-pub use cluster::{cluster_path, ClusterState};
+pub use cluster::{cluster_path, fences_path, load_fences, ClusterState, Fence};
 pub use controller::{
     failover, start_controller, switchover, Controller, ControllerConfig, ControllerStatus,
-    FailoverError,
+    FailoverError, Fencing,
 };
 pub use credentials::{credentials_path, Credentials};
 pub use error::DbError;

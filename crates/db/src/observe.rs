@@ -71,7 +71,8 @@ pub struct NodeObservation {
     /// Accounts that may log in without TLS (empty `ssl_type` in `mysql.user`; MariaDB KB
     /// "CREATE USER", "REQUIRE SSL"), sorted, besides `root` (reached by the node over the
     /// socket) and the locked `mariadb.sys`: empty when the application and replication
-    /// accounts require TLS.
+    /// accounts require TLS, and in the failover controller's observations (its account
+    /// may not read `mysql.user`).
     #[serde(default)]
     pub plain_accounts: Vec<String>,
     /// `Master_SSL_Allowed = Yes`: this replica's connection to its primary uses TLS.
@@ -163,8 +164,16 @@ pub async fn observe(c: &mut Conn, database: &str) -> Result<NodeObservation, St
     o.tls_enabled = have_ssl.as_deref() == Some("YES");
     // Compared here rather than in SQL: `ssl_type` is an ENUM whose collation differs from
     // the connection's.
+    // The failover controller's account may not read `mysql.user` (it needs no account
+    // data): denied (error 1142) leaves the list empty.
     let accounts: Vec<(String, String, String)> =
-        bounded(c.query("SELECT user, CONCAT(ssl_type), CONCAT(is_role) FROM mysql.user")).await?;
+        match bounded(c.query("SELECT user, CONCAT(ssl_type), CONCAT(is_role) FROM mysql.user"))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if e.contains("(1142)") => Vec::new(),
+            Err(e) => return Err(e),
+        };
     o.plain_accounts = accounts
         .into_iter()
         .filter(|(user, ssl, role)| {

@@ -10,9 +10,10 @@
 //!
 //! What it does not give: `require_secure_transport` counts every Unix socket connection as
 //! secure, relayed ones included, so it would let a plain connection through the relay.
-//! The application and replication accounts are created `REQUIRE SSL` instead. `root`
-//! stays without it: the node and the controller reach `root` over the server's Unix
-//! socket, where `mysql_async` cannot start TLS.
+//! The application, replication and failover-controller accounts are created `REQUIRE
+//! SSL` instead. `root` stays without it: the node (and the operator's `rampart db`
+//! commands) reach `root` over the server's Unix socket, where `mysql_async` cannot start
+//! TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -117,7 +117,9 @@ async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
     };
     let (p, r) = tokio::join!(start_server(cfg("web-01")), start_server(cfg("web-02")));
     let (primary, replica) = (p.unwrap(), r.unwrap());
-    let controller = start_controller(ControllerConfig::from_topology(&t, state).unwrap()).unwrap();
+    let controller = start_controller(ControllerConfig::from_topology(&t, state).unwrap())
+        .await
+        .unwrap();
     let app = connect_client(
         ClientConfig::from_topology(
             &t,
@@ -182,7 +184,9 @@ async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
     }
     let _ = p.disconnect().await;
     controller.stop().await;
-    let controller = start_controller(ControllerConfig::from_topology(&t, state).unwrap()).unwrap();
+    let controller = start_controller(ControllerConfig::from_topology(&t, state).unwrap())
+        .await
+        .unwrap();
     let status = eventually("web-02 reported errant", 30, || async {
         let s = controller.status();
         s.errant.contains(&"web-02".to_string()).then_some(s)

@@ -41,6 +41,10 @@ roles = ["web", "app", "db-primary"]
 name = "web-02"
 address = "{net}.12"
 roles = ["web", "app", "db-replica"]
+[[hosts]]
+name = "mon-01"
+address = "{net}.20"
+roles = ["monitor"]
 "#,
         egress = port + 1
     );
@@ -126,6 +130,14 @@ async fn lab(net: &str, port: u16) -> Lab {
         state,
         _dir: dir,
     }
+}
+
+/// The lab's failover controller as a node runs it: on mon-01, probing and fencing over the
+/// network through each database host's relay (loopback mode: fencing by `SIGKILL`).
+fn controller_config(l: &Lab) -> ControllerConfig {
+    let mut c = ControllerConfig::from_topology(&l.t, &l.state).unwrap();
+    c.net = Some(test_support::net(&l.t, "mon-01"));
+    c
 }
 
 async fn client(l: &Lab, host: &str) -> DbClient {
@@ -261,8 +273,8 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
     }
     let l = lab("127.110.1", 23406).await;
     let _reaper = Reaper(&l.state);
-    let ccfg = ControllerConfig::from_topology(&l.t, &l.state).unwrap();
-    let controller = start_controller(ccfg).unwrap();
+    let ccfg = controller_config(&l);
+    let controller = start_controller(ccfg).await.unwrap();
     let app = client(&l, "web-02").await;
     eventually("semi-synchronous replication on", 60, || async {
         (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
@@ -340,8 +352,8 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
     }
     let l = lab("127.110.2", 23416).await;
     let _reaper = Reaper(&l.state);
-    let ccfg = ControllerConfig::from_topology(&l.t, &l.state).unwrap();
-    let controller = start_controller(ccfg.clone()).unwrap();
+    let ccfg = controller_config(&l);
+    let controller = start_controller(ccfg.clone()).await.unwrap();
     let app = client(&l, "web-01").await;
     eventually("semi-synchronous replication on", 60, || async {
         (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())

@@ -306,7 +306,9 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
     pki::ensure(&db::pki_dir(state), &t).unwrap();
     let (primary, replica) = start_pair(&t, state).await;
     // Servers come back read-only; the controller decides who takes writes again.
-    let controller = start_controller(controller_config(&t, state)).unwrap();
+    let controller = start_controller(controller_config(&t, state))
+        .await
+        .unwrap();
     let app = client(&t, "web-01", state).await;
     reads_from_replica(&app, &replica).await;
     let before = app.insert_message("ann", "before the crash").await.unwrap();

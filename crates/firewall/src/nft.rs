@@ -424,6 +424,64 @@ impl Nft {
     }
 }
 
+/// The table that cuts a fenced host off: `inet rampart_fence`, apart from the policy's
+/// table so that reloading the policy (a node's start, `--apply-firewall`) never lifts a
+/// fence.
+pub const FENCE_TABLE: &str = "rampart_fence";
+
+/// The ruleset that cuts a host off from every peer (STONITH by firewall, the analogue of
+/// a power switch): inbound and outbound chains hooked before the policy's (`priority
+/// filter - 10`) drop every packet except loopback and, when `allow` is given, the failover
+/// controller's connections to `port` (the MariaDB relay) from `allow` and their replies.
+/// Outbound is cut too, so a reply the host wrote (an acknowledgement of a write) never
+/// reaches a client. `why` becomes the drop rules' comment (quotes removed). Loaded like the
+/// policy: `table` + `delete table` + the table, one transaction.
+pub fn fence_ruleset(allow: Option<(IpAddr, u16)>, why: &str) -> String {
+    let why: String = why.chars().filter(|c| *c != '"' && *c != '\\').collect();
+    let (inbound, outbound) = match allow {
+        Some((addr, port)) => {
+            let fam = if addr.is_ipv4() { "ip" } else { "ip6" };
+            (
+                format!("\t\t{fam} saddr {addr} tcp dport {port} accept\n"),
+                format!("\t\t{fam} daddr {addr} tcp sport {port} accept\n"),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "table inet {FENCE_TABLE}\ndelete table inet {FENCE_TABLE}\ntable inet {FENCE_TABLE} {{\n\
+         \tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;\n\
+         \t\tiif \"lo\" accept\n{inbound}\t\tcounter drop comment \"{why}\"\n\t}}\n\
+         \tchain output {{\n\t\ttype filter hook output priority filter - 10; policy accept;\n\
+         \t\toif \"lo\" accept\n{outbound}\t\tcounter drop comment \"{why}\"\n\t}}\n}}\n"
+    )
+}
+
+impl Nft {
+    /// Cuts this host off ([`fence_ruleset`]), checked then loaded in one transaction;
+    /// loading it again replaces it.
+    ///
+    /// Errors: [`NftError`] when `nft` cannot be run or refuses the ruleset; the host is
+    /// then not fenced.
+    pub fn fence(&self, allow: Option<(IpAddr, u16)>, why: &str) -> Result<(), NftError> {
+        self.apply(&fence_ruleset(allow, why))
+    }
+
+    /// Whether the fence table is loaded here.
+    pub fn fenced(&self) -> bool {
+        self.run(&["list", "table", "inet", FENCE_TABLE], None)
+            .is_ok()
+    }
+
+    /// Removes the fence table (nothing happens when there is none).
+    ///
+    /// Errors: [`NftError`] when `nft` cannot be run or fails.
+    pub fn unfence(&self) -> Result<(), NftError> {
+        let text = format!("table inet {FENCE_TABLE}\ndelete table inet {FENCE_TABLE}\n");
+        self.run(&["-f", "/dev/stdin"], Some(&text)).map(|_| ())
+    }
+}
+
 fn blocklist(addr: &IpNet) -> &'static str {
     match addr {
         IpNet::V4(_) => "blocklist4",

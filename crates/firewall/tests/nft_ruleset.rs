@@ -55,13 +55,14 @@ fn only_the_edge_gets_rate_limit_and_blocklist() {
     let web = nft::ruleset(&p, t.host("web-01").unwrap(), &t.firewall);
     assert!(lb.contains("@blocklist4") && lb.contains("limit rate over 200/second"));
     assert!(!web.contains("blocklist") && !web.contains("edge_rate"));
-    // the web port only from the load balancer; the database port from the app hosts
+    // the web port only from the load balancer; the database port from the app and
+    // database hosts and the failover controller (mon-01)
     assert!(
         web.contains("ip saddr { 10.80.0.10 } tcp dport 9443 accept"),
         "{web}"
     );
     assert!(
-        web.contains("ip saddr { 10.80.0.12 } tcp dport 3306 accept"),
+        web.contains("ip saddr { 10.80.0.12, 10.80.0.20 } tcp dport 3306 accept"),
         "{web}"
     );
     let mut no_limit = t.firewall.clone();
@@ -163,4 +164,51 @@ fn blocked_addresses_expire_and_can_be_unblocked() {
         assert!(Instant::now() < deadline, "the block did not expire");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_fence_survives_a_policy_reload_and_lifts_whole() {
+    let Some(ns) = Ns::new("rpt-dp-fence") else {
+        return;
+    };
+    let t = netns_topology();
+    let p = Policy::compile(&t);
+    let policy = nft::ruleset(&p, t.host("web-01").unwrap(), &t.firewall);
+    let n = Nft::in_netns(&ns.0);
+    n.apply(&policy).unwrap();
+    assert!(!n.fenced());
+    let controller = "10.80.0.20".parse().unwrap();
+    n.fence(Some((controller, 3306)), "fenced \"at\" epoch 2")
+        .unwrap();
+    assert!(n.fenced());
+    let listing = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "list", "table", "inet"])
+        .arg(nft::FENCE_TABLE)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("ip saddr 10.80.0.20 tcp dport 3306 accept"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("ip daddr 10.80.0.20 tcp sport 3306 accept"),
+        "{listing}"
+    );
+    assert_eq!(
+        listing
+            .matches("drop comment \"fenced at epoch 2\"")
+            .count(),
+        2
+    );
+    // Reloading the policy (a node's restart) leaves the fence in force; fencing again
+    // replaces it.
+    n.apply(&policy).unwrap();
+    assert!(n.fenced());
+    n.fence(None, "again").unwrap();
+    assert!(n.fenced());
+    n.unfence().unwrap();
+    assert!(!n.fenced());
+    n.unfence().unwrap();
+    assert!(n.loaded(), "the policy's table is untouched");
 }

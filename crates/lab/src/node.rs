@@ -135,7 +135,9 @@ async fn run_async(state: StateDir, name: String, apply_firewall: bool) -> Resul
 
     let db_controller = match plan.db_controller {
         Some(cfg) => {
-            let c = db::start_controller(cfg).map_err(|e| role_err(&name, Role::Monitor, e))?;
+            let c = db::start_controller(cfg)
+                .await
+                .map_err(|e| role_err(&name, Role::Monitor, e))?;
             tracing::info!(host = %name, "database failover controller started");
             db::register_controller_metrics(&mut registry, &c);
             Some(c)

@@ -21,7 +21,8 @@ pub struct HostPlan {
     pub db_client: Option<db::ClientConfig>,
     /// The database failover controller: on `[database.failover] controller` (default the
     /// first `monitor` host), when the engine is MariaDB and the topology has a
-    /// `db-primary`.
+    /// `db-primary`. It probes over the network from this host; in netns mode it fences an
+    /// unreachable primary at its host's firewall, in loopback mode by `SIGKILL`.
     pub db_controller: Option<db::ControllerConfig>,
     /// The monitoring service of the `monitor` host.
     pub monitor: Option<monitor::MonitorConfig>,
@@ -81,7 +82,15 @@ impl HostPlan {
         let db_controller = if t.database.failover.controller.as_deref() == Some(name)
             && matches!(db::resolve_engine(t), Ok(db::Engine::Mariadb))
         {
-            db::ControllerConfig::from_topology(t, root)
+            db::ControllerConfig::from_topology(t, root).map(|mut c| {
+                // Over the network from this host, through each database host's firewall:
+                // a partition cuts the controller off like any peer.
+                c.net = Some(net.clone());
+                if isolation == firewall::Isolation::Kernel {
+                    c.fencing = db::ControllerConfig::firewall_fencing(t);
+                }
+                c
+            })
         } else {
             None
         };

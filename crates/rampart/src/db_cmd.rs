@@ -216,6 +216,12 @@ pub fn run(state: &StateDir, cmd: DbCmd) -> anyhow::Result<()> {
                 if !c.errant.is_empty() {
                     println!("errant (kept out of replication): {}", c.errant.join(", "));
                 }
+                if !c.fenced.is_empty() {
+                    println!(
+                        "fenced (cut off at the firewall until read-only and replicating): {}",
+                        c.fenced.join(", ")
+                    );
+                }
             }
             println!(
                 "{:<8} {:<8} {:<4} {:<20} {:<20} {:<3} {:<3} {:>7} {:<9} TLS",

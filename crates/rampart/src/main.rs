@@ -48,11 +48,16 @@ struct Cli {
 // Parsed once per run: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Cmd {
-    /// Write the default topology to a file to edit.
+    /// Write a shipped topology (the default, or `scaled`) to a file to edit.
     Init {
         /// Where to write it.
         #[arg(short = 'o', long, default_value = "rampart.toml")]
         output: PathBuf,
+        /// Which one: `default` (the reference design: the database on the two web
+        /// servers) or `scaled` (lb-01, web-01/02, db-01 primary with db-02/03 replicas on
+        /// hosts of their own, mon-01).
+        #[arg(long, value_enum, default_value_t = TopologyArg::Default)]
+        topology: TopologyArg,
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
@@ -203,6 +208,21 @@ enum FwCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TopologyArg {
+    Default,
+    Scaled,
+}
+
+impl TopologyArg {
+    fn text(self) -> &'static str {
+        match self {
+            TopologyArg::Default => topology::DEFAULT_TOML,
+            TopologyArg::Scaled => topology::SCALED_TOML,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     Auto,
     Loopback,
@@ -259,11 +279,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let state = StateDir::new(&cli.state_dir);
     match cli.command {
-        Cmd::Init { output, force } => {
+        Cmd::Init {
+            output,
+            topology,
+            force,
+        } => {
             if output.exists() && !force {
                 anyhow::bail!("{} exists; pass --force to overwrite it", output.display());
             }
-            std::fs::write(&output, topology::DEFAULT_TOML)
+            std::fs::write(&output, topology.text())
                 .with_context(|| format!("writing {}", output.display()))?;
             println!(
                 "wrote {}; edit it, then: rampart up -f {}",

@@ -105,6 +105,47 @@ fn init_writes_the_default_topology_and_refuses_to_overwrite() {
 }
 
 #[test]
+fn init_writes_the_scaled_topology_and_check_shows_its_database_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("scaled.toml");
+    let out = Command::new(BIN)
+        .args(["init", "--topology", "scaled", "-o"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        topology::SCALED_TOML
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok, 7 hosts"), "{text}");
+    // Each database host: MariaDB from the web/application hosts, the database hosts and
+    // the failover controller (mon-01), nothing else.
+    let sources = "127.80.0.11/32, 127.80.0.12/32, 127.80.0.32/32, 127.80.0.33/32, \
+                   127.80.0.31/32, 127.80.0.20/32";
+    for db in ["db-01", "db-02", "db-03"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(db) && l.contains("mysql ") && l.contains("tcp/3306"))
+            .unwrap_or_else(|| panic!("no MariaDB rule for {db}:\n{text}"));
+        assert!(line.ends_with(&format!("from {sources}")), "{line}");
+    }
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("tcp/3306") && (l.contains("web-0") || l.contains("mon-01"))),
+        "MariaDB only on database hosts:\n{text}"
+    );
+}
+
+#[test]
 fn fw_export_prints_a_loadable_file_for_a_real_machine() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("t.toml");

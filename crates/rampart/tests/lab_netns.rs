@@ -292,7 +292,12 @@ async fn netns_lab_serves_the_site_proves_its_firewalls_and_cleans_up() {
             assert_eq!(allowed, to == "lb-01" && (port == 443 || port == 80), "{r}");
         }
         if port == 3306 && (to == "web-01" || to == "web-02") {
-            assert_eq!(allowed, from == "web-01" || from == "web-02", "{r}");
+            // the application and database hosts, and the failover controller (mon-01)
+            assert_eq!(
+                allowed,
+                from == "web-01" || from == "web-02" || from == "mon-01",
+                "{r}"
+            );
         }
     }
     // The same through the table output: a summary line.

@@ -21,7 +21,8 @@ pub use limits::{AccessLogFormat, AccessLogLimits, BalancerLimits, Limits, Liste
 pub use model::{
     default_response_headers, parse_duration_seconds, AcmeSettings, AlertGrouping, AlertRule,
     CertPaths, Database, DbEngine, EmailSettings, Failover, HealthCheck, Host, Ports, Role, Site,
-    SiteTls, SmtpTls, Topology, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
+    SiteTls, SmtpTls, Topology, BUILT_IN_TOPOLOGIES, DEFAULT_SESSION_CACHE_ENTRIES, DEFAULT_TOML,
+    SCALED_TOML,
 };
 pub use netns::{ExtraRule, FirewallSettings, NetnsSettings};
 pub use policy::{Callers, Identity, Policy, Rule, Service, Sources};

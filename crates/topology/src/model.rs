@@ -16,6 +16,16 @@ use crate::ConfigError;
 /// `rampart init` writes exactly this text to `rampart.toml`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
+/// The shipped `scaled` topology as TOML: the load balancer, two web/application hosts,
+/// a database tier of its own (db-01 primary, db-02 and db-03 replicas) and the monitor.
+/// `rampart init --topology scaled` writes exactly this text.
+pub const SCALED_TOML: &str = include_str!("scaled.toml");
+
+/// The topologies shipped in the binary, by name: `default` ([`DEFAULT_TOML`]) and
+/// `scaled` ([`SCALED_TOML`]).
+pub const BUILT_IN_TOPOLOGIES: [(&str, &str); 2] =
+    [("default", DEFAULT_TOML), ("scaled", SCALED_TOML)];
+
 const BUILT_IN: &str = "<built-in default>";
 
 /// A role a host can hold. A host holds any set of roles; one `rampart node` process per host
@@ -473,6 +483,14 @@ impl Topology {
     pub fn default_topology() -> Topology {
         // The built-in text is covered by a unit test, so this cannot fail at run time.
         Topology::parse(DEFAULT_TOML, BUILT_IN).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A topology shipped in the binary by its name in [`BUILT_IN_TOPOLOGIES`]; `None`
+    /// for another name.
+    pub fn built_in(name: &str) -> Option<Topology> {
+        let (_, text) = BUILT_IN_TOPOLOGIES.iter().find(|(n, _)| *n == name)?;
+        // Every built-in text is covered by a unit test, so this cannot fail at run time.
+        Some(Topology::parse(text, &format!("<built-in {name}>")).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Reads and validates a topology file.
@@ -1509,6 +1527,44 @@ mod tests {
         assert_eq!(t.qps_alert.for_seconds, 10);
         assert_eq!(t.health_check.rise, 2);
         assert_eq!(t.health_check.fall, 3);
+    }
+
+    #[test]
+    fn scaled_topology_puts_the_database_tier_on_its_own_hosts() {
+        let t = Topology::built_in("scaled").unwrap();
+        let names: Vec<_> = t.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["lb-01", "web-01", "web-02", "db-01", "db-02", "db-03", "mon-01"]
+        );
+        assert_eq!(t.db_primary().map(|h| h.name.as_str()), Some("db-01"));
+        let replicas: Vec<_> = t
+            .hosts_with(Role::DbReplica)
+            .map(|h| h.name.as_str())
+            .collect();
+        assert_eq!(replicas, ["db-02", "db-03"]);
+        for h in t
+            .hosts_with(Role::DbPrimary)
+            .chain(t.hosts_with(Role::DbReplica))
+        {
+            assert_eq!(
+                h.roles,
+                [h.roles[0], Role::Agent],
+                "{}: database and agent only",
+                h.name
+            );
+        }
+        assert!(t
+            .hosts_with(Role::App)
+            .all(|h| h.has(Role::Web) && h.roles.len() == 3));
+        assert_eq!(t.database.failover.controller.as_deref(), Some("mon-01"));
+        // It reads back to itself, like every topology `up` writes to the state directory.
+        assert_eq!(Topology::parse(&t.to_toml(), "t.toml").unwrap(), t);
+        assert!(Topology::built_in("nope").is_none());
+        assert_eq!(
+            Topology::built_in("default").unwrap(),
+            Topology::default_topology()
+        );
     }
 
     #[test]

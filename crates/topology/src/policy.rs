@@ -178,7 +178,9 @@ impl Policy {
     /// Compiles the policy of the reference design from a topology:
     /// - `lb` hosts: HTTPS and HTTP from anywhere;
     /// - `web` hosts: the web port only from `lb` hosts;
-    /// - database hosts: the MariaDB port only from `app` hosts and `db-replica` hosts;
+    /// - database hosts: the MariaDB port only from `app` hosts, the database hosts
+    ///   (replication, before and after a failover) and the failover controller's host
+    ///   (`[database.failover] controller`: it probes and fences over the network);
     /// - the `monitor` host: ingest only from `agent` hosts and the operator sources;
     /// - `agent` hosts: `/metrics` only from the `monitor` host and the operator sources;
     /// - `db-replica` hosts (loopback mode): the replication egress only from the host
@@ -248,7 +250,9 @@ impl Policy {
                 );
             }
             if h.has(Role::DbPrimary) || h.has(Role::DbReplica) {
-                // Any database host may become a replica of this one after a failover.
+                // Any database host may become a replica of this one after a failover; the
+                // host itself is among them (its heartbeat writer reaches its own relay
+                // from the host's address).
                 let mut nets = addrs(Role::App);
                 for n in addrs(Role::DbReplica)
                     .into_iter()
@@ -258,12 +262,20 @@ impl Policy {
                         nets.push(n);
                     }
                 }
+                // The failover controller observes and fences every server from its host.
+                let controller = t.database.failover.controller.as_deref();
+                if let Some(c) = controller.and_then(|c| t.host(c)) {
+                    let n = IpNet::from(c.address);
+                    if !nets.contains(&n) {
+                        nets.push(n);
+                    }
+                }
                 rule(
                     Service::Mysql,
                     t.ports.mysql,
                     Sources::Nets(nets),
                     Callers::Anyone,
-                    "MariaDB, application and database hosts only",
+                    "MariaDB, application and database hosts and the failover controller only",
                 );
             }
             // Every database host replicates after a failover, the first primary included.
@@ -395,6 +407,48 @@ mod tests {
         assert!(!p.allows("lb-01", Service::MysqlEgress, ip("127.0.0.1")));
         // a former primary replicates from the new one
         assert!(p.allows("web-02", Service::Mysql, web1));
+        // the failover controller (mon-01) probes and fences over the network
+        assert!(p.allows("web-01", Service::Mysql, mon));
+        assert!(!p.allows("mon-01", Service::Mysql, mon));
+    }
+
+    #[test]
+    fn scaled_policy_database_hosts_take_mysql_from_web_replicas_and_controller_only() {
+        let t = Topology::built_in("scaled").unwrap();
+        let p = Policy::compile(&t);
+        let addr = |h: &str| t.host(h).unwrap().address;
+        for db in ["db-01", "db-02", "db-03"] {
+            let rule = p.rule(db, Service::Mysql).unwrap();
+            let Sources::Nets(nets) = &rule.sources else {
+                panic!("{db}: MariaDB open to any source");
+            };
+            let mut got: Vec<IpAddr> = nets.iter().map(|n| n.addr()).collect();
+            got.sort();
+            let mut want: Vec<IpAddr> = ["web-01", "web-02", "db-01", "db-02", "db-03", "mon-01"]
+                .into_iter()
+                .map(addr)
+                .collect();
+            want.sort();
+            assert_eq!(got, want, "{db}");
+            assert!(
+                nets.iter().all(|n| n.prefix_len() == 32),
+                "{db}: host addresses only"
+            );
+            assert!(!p.allows(db, Service::Mysql, addr("lb-01")));
+            assert!(!p.allows(db, Service::Mysql, ip("127.0.0.1")));
+            // Nothing else on a database host but its agent and its own egress.
+            assert!(!p.allows(db, Service::Web, addr("lb-01")));
+            assert!(p.allows(db, Service::Agent, addr("mon-01")));
+        }
+        for web in ["web-01", "web-02"] {
+            assert!(
+                p.rule(web, Service::Mysql).is_none(),
+                "{web} runs no MariaDB"
+            );
+            assert!(p.allows(web, Service::Web, addr("lb-01")));
+        }
+        assert!(p.rule("lb-01", Service::Mysql).is_none());
+        assert!(p.rule("mon-01", Service::Mysql).is_none());
     }
 
     #[test]

@@ -85,6 +85,25 @@ pub(super) async fn bootstrap_primary(
             "GRANT REPLICATION SLAVE ON *.* TO '{u}'@'localhost'",
             u = creds.repl_user
         ),
+        // The failover controller, over the network through the relay: what it runs and
+        // nothing else (MariaDB KB "GRANT", privileges since 10.5.2; RELOAD for
+        // `RESET SLAVE ALL` at a promotion). READ_ONLY ADMIN lets
+        // an account write while read_only is ON; this one has no data privilege, so it
+        // changes nothing but the server's settings.
+        format!(
+            "CREATE USER IF NOT EXISTS '{u}'@'localhost' IDENTIFIED BY '{pw}' REQUIRE SSL",
+            u = creds.ctl_user,
+            pw = creds.ctl_password
+        ),
+        format!(
+            "GRANT READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, REPLICATION MASTER ADMIN, \
+             SLAVE MONITOR, BINLOG MONITOR, RELOAD ON *.* TO '{u}'@'localhost'",
+            u = creds.ctl_user
+        ),
+        format!(
+            "GRANT SELECT ON `{db}`.{HEARTBEAT_TABLE} TO '{u}'@'localhost'",
+            u = creds.ctl_user
+        ),
     ];
     for s in &statements {
         admin_exec(&cfg.host, admin, s).await?;
