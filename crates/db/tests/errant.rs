@@ -5,95 +5,16 @@
 //! controller must report it and keep it out of replication, and the transaction must not
 //! reach the primary. Skipped (with `SKIP:`) when `mariadbd` is not installed.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use db::{
-    connect_client, mariadbd_defaults_file, mariadbd_socket, start_controller, start_server,
-    ClientConfig, ControllerConfig, Credentials, Engine, ServerConfig,
+    connect_client, start_controller, start_server, ClientConfig, ControllerConfig, Credentials,
+    Engine, ServerConfig,
 };
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder};
-use topology::Topology;
 
-fn topology() -> Topology {
-    let text = r#"
-[ports]
-mysql = 24336
-mysql_egress = 24337
-[database]
-engine = "mariadb"
-[[hosts]]
-name = "lb-01"
-address = "127.115.4.10"
-roles = ["lb"]
-[[hosts]]
-name = "web-01"
-address = "127.115.4.11"
-roles = ["web", "app", "db-primary"]
-[[hosts]]
-name = "web-02"
-address = "127.115.4.12"
-roles = ["web", "app", "db-replica"]
-[[hosts]]
-name = "mon-01"
-address = "127.115.4.20"
-roles = ["monitor"]
-"#;
-    Topology::parse(text, "test").unwrap()
-}
-
-/// SIGKILLs every `mariadbd` of the state dir when dropped (a failing test leaves none).
-struct Reaper<'a>(&'a Path);
-
-impl Drop for Reaper<'_> {
-    fn drop(&mut self) {
-        for h in ["web-01", "web-02"] {
-            let needle = mariadbd_defaults_file(self.0, h)
-                .to_string_lossy()
-                .into_owned();
-            for e in std::fs::read_dir("/proc").unwrap().flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmd).contains(&needle) {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status();
-                }
-            }
-        }
-    }
-}
-
-/// Polls `f` every 100 ms for at most `seconds`.
-async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {seconds} s");
-}
-
-async fn root(state: &Path, host: &str) -> Conn {
-    let creds = Credentials::load(state).unwrap();
-    let opts = OptsBuilder::default()
-        .socket(Some(
-            mariadbd_socket(state, host).to_string_lossy().into_owned(),
-        ))
-        .prefer_socket(false)
-        .user(Some("root"))
-        .pass(Some(creds.admin_password));
-    Conn::new(opts).await.unwrap()
-}
+mod common;
+use common::{eventually, pair_topology, root, Reaper};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
@@ -105,7 +26,7 @@ async fn a_replica_with_an_errant_transaction_is_reported_and_kept_out() {
         eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
         return;
     }
-    let t = topology();
+    let t = pair_topology("127.115.4", 24336, true);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);

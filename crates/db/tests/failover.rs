@@ -13,98 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use db::{
-    connect_client, mariadbd_defaults_file, mariadbd_socket, start_controller, start_server,
-    switchover, ClientConfig, ClusterState, ControllerConfig, Credentials, DbClient, DbServer,
-    Engine, ServerConfig,
+    connect_client, start_controller, start_server, switchover, ClientConfig, ClusterState,
+    ControllerConfig, Credentials, DbClient, DbServer, Engine, ServerConfig,
 };
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use topology::Topology;
 
-fn topology(net: &str, port: u16) -> Topology {
-    let text = format!(
-        r#"
-[ports]
-mysql = {port}
-mysql_egress = {egress}
-[database]
-engine = "mariadb"
-[[hosts]]
-name = "lb-01"
-address = "{net}.10"
-roles = ["lb"]
-[[hosts]]
-name = "web-01"
-address = "{net}.11"
-roles = ["web", "app", "db-primary"]
-[[hosts]]
-name = "web-02"
-address = "{net}.12"
-roles = ["web", "app", "db-replica"]
-[[hosts]]
-name = "mon-01"
-address = "{net}.20"
-roles = ["monitor"]
-"#,
-        egress = port + 1
-    );
-    Topology::parse(&text, "test").unwrap()
-}
-
-fn skip() -> bool {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("db=info")
-        .try_init();
-    if db::find_mariadbd().is_none() {
-        eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
-        return true;
-    }
-    false
-}
-
-const HOSTS: [&str; 2] = ["web-01", "web-02"];
-
-/// Kills (SIGKILL) every `mariadbd` of the state dir when dropped.
-struct Reaper<'a>(&'a Path);
-
-impl Drop for Reaper<'_> {
-    fn drop(&mut self) {
-        for h in HOSTS {
-            let needle = mariadbd_defaults_file(self.0, h)
-                .to_string_lossy()
-                .into_owned();
-            for e in std::fs::read_dir("/proc").unwrap().flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-                    if String::from_utf8_lossy(&cmd).contains(&needle) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {seconds} s");
-}
+mod common;
+use common::{eventually, pair_topology, root_opts, skip, Reaper, HOSTS};
 
 struct Lab {
     t: Topology,
@@ -114,7 +31,7 @@ struct Lab {
 }
 
 async fn lab(net: &str, port: u16) -> Lab {
-    let t = topology(net, port);
+    let t = pair_topology(net, port, true);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_path_buf();
     Credentials::ensure(&state).unwrap();
@@ -150,17 +67,6 @@ async fn client(l: &Lab, host: &str) -> DbClient {
     )
     .unwrap();
     connect_client(cfg).await.unwrap()
-}
-
-fn root(state: &Path, host: &str) -> OptsBuilder {
-    let creds = Credentials::load(state).unwrap();
-    OptsBuilder::default()
-        .socket(Some(
-            mariadbd_socket(state, host).to_string_lossy().into_owned(),
-        ))
-        .prefer_socket(false)
-        .user(Some("root"))
-        .pass(Some(creds.admin_password))
 }
 
 /// What the write load saw.
@@ -199,7 +105,7 @@ fn write_load(app: DbClient, load: Arc<Load>) -> tokio::task::JoinHandle<()> {
 /// Polls `@@read_only` on every server every 20 ms until stopped (at most 60 s); returns
 /// how many polls saw more than one writable server.
 fn poll_writable(state: &Path, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    let opts: Vec<OptsBuilder> = HOSTS.iter().map(|h| root(state, h)).collect();
+    let opts: Vec<OptsBuilder> = HOSTS.iter().map(|h| root_opts(state, h)).collect();
     tokio::spawn(async move {
         let mut conns: Vec<Option<Conn>> = HOSTS.iter().map(|_| None).collect();
         let mut both = 0;
@@ -238,7 +144,7 @@ fn poll_writable(state: &Path, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle
 /// Every acknowledged write is on `host`'s server with its own text, and no text is there
 /// twice.
 async fn check_nothing_lost(state: &Path, host: &str, load: &Load) {
-    let mut c = Conn::new(root(state, host)).await.unwrap();
+    let mut c = Conn::new(root_opts(state, host)).await.unwrap();
     let rows: Vec<(u64, String)> = c
         .query("SELECT id, `text` FROM foobar.guestbook")
         .await
@@ -268,7 +174,7 @@ async fn wait_acked(load: &Load, at_least: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
     let l = lab("127.110.1", 23406).await;
@@ -328,7 +234,7 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
     );
     let last = *load.acked.lock().unwrap().keys().last().unwrap();
     eventually("web-01 has every acknowledged write", 30, || async {
-        let mut c = Conn::new(root(&l.state, "web-01")).await.ok()?;
+        let mut c = Conn::new(root_opts(&l.state, "web-01")).await.ok()?;
         let max: Option<u64> = c
             .query_first("SELECT MAX(id) FROM foobar.guestbook")
             .await
@@ -347,7 +253,7 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
     let l = lab("127.110.2", 23416).await;
@@ -369,7 +275,7 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
     let m = app.insert_message("ann", "mine").await.unwrap();
     assert_eq!(app.list_messages(1).await.unwrap(), vec![m.clone()]);
     // A replica whose SQL thread stopped falls behind the heartbeat: reads leave it.
-    let mut r = Conn::new(root(&l.state, "web-02")).await.unwrap();
+    let mut r = Conn::new(root_opts(&l.state, "web-02")).await.unwrap();
     r.query_drop("STOP SLAVE SQL_THREAD").await.unwrap();
     eventually("reads on the primary while web-02 lags", 30, || async {
         (app.info().await.ok()?.read_node == "web-01").then_some(())
@@ -426,7 +332,7 @@ async fn switchover_under_load_loses_nothing_and_reads_follow_lag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_from_the_replica_then_restore_round_trips() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
     let l = lab("127.110.3", 23426).await;
@@ -434,7 +340,7 @@ async fn backup_from_the_replica_then_restore_round_trips() {
     let app = client(&l, "web-01").await;
     let kept = app.insert_message("ann", "kept").await.unwrap();
     eventually("replicated", 30, || async {
-        let mut c = Conn::new(root(&l.state, "web-02")).await.ok()?;
+        let mut c = Conn::new(root_opts(&l.state, "web-02")).await.ok()?;
         let n: Option<u64> = c
             .exec_first(
                 "SELECT COUNT(*) FROM foobar.guestbook WHERE id = ?",
@@ -467,14 +373,14 @@ async fn backup_from_the_replica_then_restore_round_trips() {
         .unwrap()
         .unwrap();
     // The primary holds what the backup held, and the replica receives the restore.
-    let mut c = Conn::new(root(&l.state, "web-01")).await.unwrap();
+    let mut c = Conn::new(root_opts(&l.state, "web-01")).await.unwrap();
     let rows: Vec<(u64, String)> = c
         .query("SELECT id, `text` FROM foobar.guestbook")
         .await
         .unwrap();
     assert_eq!(rows, vec![(kept.id, "kept".to_string())]);
     eventually("restore replicated", 30, || async {
-        let mut c = Conn::new(root(&l.state, "web-02")).await.ok()?;
+        let mut c = Conn::new(root_opts(&l.state, "web-02")).await.ok()?;
         let rows: Vec<(u64, String)> = c
             .query("SELECT id, `text` FROM foobar.guestbook")
             .await

@@ -15,75 +15,8 @@ use db::{
 use tokio::io::AsyncReadExt;
 use topology::Topology;
 
-fn topology(net: &str) -> Topology {
-    let text = format!(
-        r#"
-[ports]
-mysql = 23306
-mysql_egress = 23307
-[database]
-engine = "mariadb"
-[[hosts]]
-name = "lb-01"
-address = "{net}.10"
-roles = ["lb"]
-[[hosts]]
-name = "web-01"
-address = "{net}.11"
-roles = ["web", "app", "db-primary"]
-[[hosts]]
-name = "web-02"
-address = "{net}.12"
-roles = ["web", "app", "db-replica"]
-"#
-    );
-    Topology::parse(&text, "test").unwrap()
-}
-
-fn skip() -> bool {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("db=debug")
-        .try_init();
-    if db::find_mariadbd().is_none() {
-        eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
-        return true;
-    }
-    false
-}
-
-/// Processes whose command line mentions `cnf` (our `--defaults-file`).
-fn processes_of(cnf: &Path) -> Vec<u32> {
-    let needle = cnf.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(&needle) {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
-
-/// Kills (SIGKILL) every `mariadbd` of the state dir when dropped, so a failing test leaves
-/// no server behind.
-struct Reaper<'a>(&'a Path);
-
-impl Drop for Reaper<'_> {
-    fn drop(&mut self) {
-        for h in ["web-01", "web-02"] {
-            for pid in processes_of(&mariadbd_defaults_file(self.0, h)) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
-}
+mod common;
+use common::{pair_topology, processes_of, skip, Reaper};
 
 /// Polls `f` every 100 ms for at most 30 s.
 async fn eventually<T, F, Fut>(what: &str, f: F) -> T
@@ -91,23 +24,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    eventually_for(what, 30, f).await
-}
-
-/// Polls `f` every 100 ms for at most `seconds`.
-async fn eventually_for<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {seconds} s");
+    common::eventually(what, 30, f).await
 }
 
 fn controller_config(t: &Topology, state: &Path) -> ControllerConfig {
@@ -149,10 +66,10 @@ async fn reads_from_replica(app: &DbClient, replica: &db::DbServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_replica_client_and_relay() {
-    if skip() {
+    if skip("db=debug") {
         return;
     }
-    let t = topology("127.93.0");
+    let t = pair_topology("127.93.0", 23306, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
@@ -248,10 +165,10 @@ async fn primary_replica_client_and_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_data_and_replaces_a_leftover_server() {
-    if skip() {
+    if skip("db=debug") {
         return;
     }
-    let t = topology("127.93.2");
+    let t = pair_topology("127.93.2", 23306, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
@@ -295,10 +212,10 @@ async fn restart_keeps_data_and_replaces_a_leftover_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
-    if skip() {
+    if skip("db=debug") {
         return;
     }
-    let t = topology("127.93.3");
+    let t = pair_topology("127.93.3", 23306, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
@@ -320,7 +237,7 @@ async fn a_killed_mariadbd_is_restarted_and_takes_writes_again() {
             .args(["-9", &pid.to_string()])
             .status();
     }
-    let restarted = eventually_for("both servers restarted and healthy", 60, || async {
+    let restarted = common::eventually("both servers restarted and healthy", 60, || async {
         let (p, r) = (primary.status(), replica.status());
         let new_pids = p.pid.is_some_and(|x| x != old.0) && r.pid.is_some_and(|x| x != old.1);
         (p.healthy && r.healthy && new_pids).then_some((p, r))

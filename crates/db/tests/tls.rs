@@ -12,90 +12,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use db::{
-    connect_client, mariadbd_defaults_file, mariadbd_socket, start_server, ClientConfig,
-    Credentials, DbServer, Engine, ServerConfig, ServerTls,
+    connect_client, mariadbd_socket, start_server, ClientConfig, Credentials, DbServer, Engine,
+    ServerConfig, ServerTls,
 };
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Row};
 use topology::Topology;
 
-fn topology(net: &str, port: u16) -> Topology {
-    let text = format!(
-        r#"
-[ports]
-mysql = {port}
-mysql_egress = {egress}
-[database]
-engine = "mariadb"
-[[hosts]]
-name = "lb-01"
-address = "{net}.10"
-roles = ["lb"]
-[[hosts]]
-name = "web-01"
-address = "{net}.11"
-roles = ["web", "app", "db-primary"]
-[[hosts]]
-name = "web-02"
-address = "{net}.12"
-roles = ["web", "app", "db-replica"]
-"#,
-        egress = port + 1
-    );
-    Topology::parse(&text, "test").unwrap()
-}
-
-fn skip() -> bool {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("db=info")
-        .try_init();
-    if db::find_mariadbd().is_none() {
-        eprintln!("SKIP: mariadbd is not installed (apt-get install mariadb-server)");
-        return true;
-    }
-    false
-}
-
-/// SIGKILLs every `mariadbd` of the state dir when dropped (a failing test leaves none).
-struct Reaper<'a>(&'a Path);
-
-impl Drop for Reaper<'_> {
-    fn drop(&mut self) {
-        for h in ["web-01", "web-02"] {
-            let needle = mariadbd_defaults_file(self.0, h)
-                .to_string_lossy()
-                .into_owned();
-            for e in std::fs::read_dir("/proc").unwrap().flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmd).contains(&needle) {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status();
-                }
-            }
-        }
-    }
-}
-
-/// Polls `f` every 100 ms for at most `seconds`.
-async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {seconds} s");
-}
+mod common;
+use common::{eventually, pair_topology, root, skip, Reaper};
 
 fn server_config(t: &Topology, state: &Path, host: &str) -> ServerConfig {
     ServerConfig::from_topology(t, host, state, test_support::net(t, host), Engine::Mariadb)
@@ -105,19 +30,6 @@ fn server_config(t: &Topology, state: &Path, host: &str) -> ServerConfig {
 async fn start_pair(a: ServerConfig, b: ServerConfig) -> (DbServer, DbServer) {
     let (p, r) = tokio::join!(start_server(a), start_server(b));
     (p.unwrap(), r.unwrap())
-}
-
-/// `root` on `host`'s server socket (no TLS: the node's own administrative path).
-async fn root(state: &Path, host: &str) -> Conn {
-    let creds = Credentials::load(state).unwrap();
-    let opts = OptsBuilder::default()
-        .socket(Some(
-            mariadbd_socket(state, host).to_string_lossy().into_owned(),
-        ))
-        .prefer_socket(false)
-        .user(Some("root"))
-        .pass(Some(creds.admin_password));
-    Conn::new(opts).await.unwrap()
 }
 
 /// `SHOW SLAVE STATUS` of `host` as (column, value) text pairs; `None` without replication.
@@ -182,10 +94,10 @@ fn server_error_code(e: &mysql_async::Error) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_and_application_links_are_verified_tls() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
-    let t = topology("127.115.1", 24306);
+    let t = pair_topology("127.115.1", 24306, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
@@ -384,7 +296,7 @@ async fn replica_against_primary_certificate(
     port: u16,
     primary_tls: impl FnOnce(&Topology, &Path) -> ServerTls,
 ) -> (Vec<(String, String)>, String) {
-    let t = topology(net, port);
+    let t = pair_topology(net, port, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
@@ -426,7 +338,7 @@ fn assert_refused_by_tls(status: &[(String, String)], gtid_slave_pos: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_refuses_a_primary_certified_by_another_ca() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
     let other = tempfile::tempdir().unwrap();
@@ -442,7 +354,7 @@ async fn a_replica_refuses_a_primary_certified_by_another_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_refuses_a_primary_certificate_not_naming_its_master_host() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
     // The lab's own CA, but lb-01's host certificate: it names lb-01 and 127.115.3.10, not
@@ -481,10 +393,10 @@ async fn presented_not_before(via: SocketAddr, ca: &Path, creds: &Credentials) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reissued_certificate_is_loaded_without_a_restart() {
-    if skip() {
+    if skip("db=info") {
         return;
     }
-    let t = topology("127.115.5", 24346);
+    let t = pair_topology("127.115.5", 24346, false);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let _reaper = Reaper(state);
