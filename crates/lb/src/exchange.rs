@@ -224,12 +224,19 @@ impl Pool {
         req: &Outgoing<'_>,
         connect: Option<Duration>,
     ) -> Result<Head, Attempt> {
-        write_request(&mut conn.io, req)
-            .await
-            .map_err(|e| Attempt::NothingBack(ExchangeError::Io(e)))?;
+        // A backend may answer before it has read the whole body (an early 413) and close
+        // the connection, which can make the rest of the write fail; its answer is then
+        // still in the receive buffer. So a failed write is followed by a read, and only
+        // when no answer comes is the write's error the outcome.
+        let mut unsent = write_request(&mut conn.io, req).await.err();
+        let partial = unsent.is_some();
         let head_only = req.method == Method::HEAD;
         let (status, version, headers) = loop {
-            let parsed = read_head(&mut conn).await?;
+            let parsed = match (read_head(&mut conn).await, unsent.take()) {
+                (Ok(parsed), _) => parsed,
+                (Err(_), Some(e)) => return Err(Attempt::NothingBack(ExchangeError::Io(e))),
+                (Err(e), None) => return Err(e),
+            };
             // 1xx answers before the final one are skipped (RFC 9110 §15.2); 101 was not
             // asked for (upgrades take their own path).
             if parsed.0.is_informational() {
@@ -243,7 +250,8 @@ impl Pool {
             break parsed;
         };
         let framing = framing(&status, head_only, &headers).map_err(Attempt::Failed)?;
-        let keep_alive = framing != Framing::Close && persistent(version, &headers);
+        // After a partial request the connection is out of step: never reused.
+        let keep_alive = !partial && framing != Framing::Close && persistent(version, &headers);
         Ok(Head {
             status,
             headers,
@@ -852,11 +860,18 @@ mod tests {
         pool: &Pool,
         method: Method,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ExchangeError> {
+        send(pool, method, Bytes::new()).await
+    }
+
+    async fn send(
+        pool: &Pool,
+        method: Method,
+        body: Bytes,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ExchangeError> {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("web-01"));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let target = PathAndQuery::from_static("/x");
-        let body = Bytes::new();
         let out = Outgoing {
             method: &method,
             target: &target,
@@ -966,5 +981,30 @@ mod tests {
             let e = get(&p, Method::GET).await.unwrap_err();
             assert_eq!(e.failure(), want, "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_is_returned_when_the_backend_stops_reading_the_body() {
+        // The backend answers 413 after the head and closes with the body unread (the
+        // kernel then resets the connection): the write of the body fails, the answer
+        // is still there to read.
+        let (addr, accepted) = scripted(vec![
+            (
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig",
+                true,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        ])
+        .await;
+        let p = pool(addr);
+        let body = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
+        let (status, _, answer) = send(&p, Method::POST, body).await.unwrap();
+        assert_eq!(
+            (status, &answer[..]),
+            (StatusCode::PAYLOAD_TOO_LARGE, &b"big"[..])
+        );
+        // That connection is not reused.
+        assert_eq!(&get(&p, Method::GET).await.unwrap().2[..], b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
