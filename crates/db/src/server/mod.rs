@@ -375,7 +375,9 @@ async fn start_mariadb(cfg: ServerConfig) -> Result<DbServer, DbError> {
         install_db(&cfg, &p).await?;
     }
 
-    let mut child = spawn_mariadbd(&mariadbd, &p)?;
+    let replica =
+        process::starts_as_replica(&cfg.state_dir, &cfg.host, cfg.role == NodeRole::Replica);
+    let mut child = spawn_mariadbd(&mariadbd, &p, replica)?;
     let pid = child.id();
     tracing::info!(host = %cfg.host, pid, "mariadbd started");
     // The running server's pid, for the replication egress's owner check across restarts.

@@ -29,10 +29,29 @@ const RESTART_MAX: Duration = Duration::from_secs(30);
 /// A server that ran this long before exiting restarts after [`RESTART_MIN`] again.
 const RESTART_RESET: Duration = Duration::from_secs(60);
 
+/// Whether a server the node starts is to come back as a replica: `<state>/db/cluster.json`
+/// names another primary (or, before any exists, the topology made it a replica). A server
+/// the supervisor restarts after a crash is always started as one.
+///
+/// Such a server starts with `--init-rpl-role=SLAVE`, which makes MariaDB's crash recovery
+/// roll back the transactions its binary log holds but its engine had only prepared (the
+/// tail a semi-synchronous primary wrote with `AFTER_SYNC` and was killed while waiting for
+/// the acknowledgement: never acknowledged to a client, never on a replica). Without it
+/// recovery commits them, and a former primary rejoins with transactions the new primary
+/// does not have (errant GTIDs). Since MariaDB 10.6.17/10.11.7 (MDEV-33465) this option, no
+/// longer `rpl_semi_sync_slave_enabled`, selects that truncation; a server that stays
+/// primary must not truncate (its replicas may hold that tail already).
+pub(super) fn starts_as_replica(state_dir: &Path, host: &str, topology_replica: bool) -> bool {
+    match crate::cluster::ClusterState::load(state_dir) {
+        Ok(Some(c)) => c.primary != host,
+        _ => topology_replica,
+    }
+}
+
 /// Starts `mariadbd` on `p`'s option file, its output appended to the error log, in its own
 /// process group (a terminal's Ctrl-C reaches the node, which stops the server in order; a
-/// killed node leaves it to `rampart down`).
-pub(super) fn spawn_mariadbd(mariadbd: &Path, p: &Paths) -> Result<Child, DbError> {
+/// killed node leaves it to `rampart down`). `replica`: see [`starts_as_replica`].
+pub(super) fn spawn_mariadbd(mariadbd: &Path, p: &Paths, replica: bool) -> Result<Child, DbError> {
     let log_file = || {
         std::fs::OpenOptions::new()
             .create(true)
@@ -40,9 +59,13 @@ pub(super) fn spawn_mariadbd(mariadbd: &Path, p: &Paths) -> Result<Child, DbErro
             .open(&p.log)
             .map_err(|e| DbError::io(format!("opening {}", p.log.display()), e))
     };
-    Command::new(mariadbd)
-        .arg(format!("--defaults-file={}", p.cnf.display()))
-        .stdin(std::process::Stdio::null())
+    let mut cmd = Command::new(mariadbd);
+    // `--defaults-file` must come first.
+    cmd.arg(format!("--defaults-file={}", p.cnf.display()));
+    if replica {
+        cmd.arg("--init-rpl-role=SLAVE");
+    }
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log_file()?)
         .stderr(log_file()?)
         .process_group(0)
@@ -99,7 +122,10 @@ pub(super) async fn supervise(mut child: Child, r: Restart, stop: CancellationTo
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RESTART_MAX);
-            match spawn_mariadbd(&r.mariadbd, &r.p) {
+            // A server restarted after it exited on its own never takes writes again by
+            // itself (a primary comes back read-only and the controller hands its role to
+            // a replica): it recovers as a replica, whatever cluster.json says yet.
+            match spawn_mariadbd(&r.mariadbd, &r.p, true) {
                 Ok(mut c) => {
                     let pid = c.id();
                     r.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
