@@ -126,17 +126,15 @@ struct Conn {
 }
 
 impl Pool {
-    /// A pool over `connector` for `backends`, keeping at most `max_idle` idle connections
-    /// per backend, each for at most `idle_timeout`. When called inside a Tokio runtime it
+    /// A pool over `connector` for its backends, keeping at most `max_idle` idle
+    /// connections per backend, each for at most `idle_timeout`. When called inside a Tokio runtime it
     /// also starts a task that closes expired idle connections; the task ends with the
     /// pool.
-    pub(crate) fn new(
-        connector: Connector,
-        backends: impl IntoIterator<Item = Arc<str>>,
-        idle_timeout: Duration,
-        max_idle: usize,
-    ) -> Pool {
-        let idle = backends.into_iter().map(|b| (b, Vec::new())).collect();
+    pub(crate) fn new(connector: Connector, idle_timeout: Duration, max_idle: usize) -> Pool {
+        let idle = connector
+            .backend_names()
+            .map(|b| (Arc::from(b), Vec::new()))
+            .collect();
         let inner = Arc::new(PoolInner {
             connector,
             idle_timeout,
@@ -853,7 +851,7 @@ mod tests {
             [("web-01".to_string(), (addr, "web-01".to_string()))].into(),
             None,
         );
-        Pool::new(connector, [Arc::from("web-01")], Duration::from_secs(4), 8)
+        Pool::new(connector, Duration::from_secs(4), 8)
     }
 
     async fn get(

@@ -750,62 +750,41 @@ async fn buffer_response(
     permit: OwnedSemaphorePermit,
 ) -> Result<Body, crate::exchange::ExchangeError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    // Most bodies arrive in one piece: kept as it is, not copied.
+    // The body so far: its one piece as it came (most bodies are one piece, so it is not
+    // copied), or all its pieces copied into `buf` once a second one comes. `first` is only
+    // ever set while `buf` is empty.
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
-    loop {
-        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
-        if held >= limit {
-            let prefix = match first.take() {
-                Some(f) if buf.is_empty() => f,
-                Some(f) => {
-                    let mut all = BytesMut::with_capacity(f.len() + buf.len());
-                    all.extend_from_slice(&f);
-                    all.extend_from_slice(&buf);
-                    all.freeze()
-                }
-                None => buf.freeze(),
-            };
-            return Ok(
-                crate::exchange::Streamed::new(prefix, body, RESPONSE_BODY_IDLE, permit)
-                    .map_err(Into::into)
-                    .boxed_unsync(),
-            );
+    let stream_rest = loop {
+        if first.as_ref().map_or(buf.len(), Bytes::len) >= limit {
+            break true;
         }
         match body.next(RESPONSE_BODY_IDLE).await {
-            Ok(None) => break,
-            Ok(Some(data)) => match &first {
-                None if buf.is_empty() => first = Some(data),
-                _ => {
-                    if let Some(f) = first.take() {
-                        buf.extend_from_slice(&f);
-                    }
+            Ok(None) => break false,
+            Ok(Some(data)) => match first.take() {
+                Some(f) => {
+                    buf.extend_from_slice(&f);
                     buf.extend_from_slice(&data);
                 }
+                None if buf.is_empty() => first = Some(data),
+                None => buf.extend_from_slice(&data),
             },
-            Err(crate::exchange::ExchangeError::Stalled) => {
-                let prefix = match first.take() {
-                    Some(f) => f,
-                    None => buf.freeze(),
-                };
-                return Ok(crate::exchange::Streamed::new(
-                    prefix,
-                    body,
-                    RESPONSE_BODY_IDLE,
-                    permit,
-                )
-                .map_err(Into::into)
-                .boxed_unsync());
-            }
+            // A stalled backend: the client gets what arrived, then the rest as it comes
+            // (or the stream ends with an error when it does not).
+            Err(crate::exchange::ExchangeError::Stalled) => break true,
             Err(e) => return Err(e),
         }
+    };
+    let held = first.unwrap_or_else(|| buf.freeze());
+    if stream_rest {
+        return Ok(
+            crate::exchange::Streamed::new(held, body, RESPONSE_BODY_IDLE, permit)
+                .map_err(Into::into)
+                .boxed_unsync(),
+        );
     }
     drop(permit);
-    let whole = match first {
-        Some(f) if buf.is_empty() => f,
-        _ => buf.freeze(),
-    };
-    Ok(Full::new(whole)
+    Ok(Full::new(held)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync())
 }

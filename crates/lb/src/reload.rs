@@ -117,7 +117,6 @@ pub(crate) fn build(
         balancer: balancer.clone(),
         pool: crate::exchange::Pool::new(
             connector.clone(),
-            connector.backend_names().map(Arc::from).collect::<Vec<_>>(),
             Duration::from_millis(limits.upstream_idle_timeout_ms),
             max_conns,
         ),
