@@ -3,7 +3,7 @@
 #![allow(dead_code)] // Each test file uses its own subset.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use db::{mariadbd_defaults_file, mariadbd_socket, Credentials};
 use mysql_async::{Conn, OptsBuilder};
@@ -95,21 +95,13 @@ impl Drop for Reaper<'_> {
     }
 }
 
-/// Polls `f` every 100 ms for at most `seconds`; panics naming `what` when it never
-/// answers `Some`.
-pub async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut f: F) -> T
+/// Polls `f` until it answers `Some`, for at most `seconds` ([`test_support::eventually`]).
+pub async fn eventually<T, F, Fut>(what: &str, seconds: u64, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within {seconds} s");
+    test_support::eventually(what, Duration::from_secs(seconds), f).await
 }
 
 /// Root's connection options for `host`'s server, over its Unix socket.
