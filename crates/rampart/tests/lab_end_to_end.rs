@@ -439,32 +439,13 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         .unwrap()
         .trim_end_matches('/')
         .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let doc: Value = admin
-            .get(format!("{api}/alerts"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let firing = |alert: &str, host: &str| {
-            doc["active"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
-        };
-        if firing("HostDown", "web-01") && firing("BackendDown", "lb-01") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "HostDown web-01 and BackendDown lb-01 did not fire: {doc}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_firing(
+        &admin,
+        &format!("{api}/alerts"),
+        &[("HostDown", "web-01"), ("BackendDown", "lb-01")],
+        Duration::from_secs(30),
+    )
+    .await;
 
     // status reports the dead node, and the monitor still gives the others' QPS (web-01's
     // pushes have stopped: its QPS is unknown, not zero).
@@ -533,6 +514,30 @@ async fn up_serves_the_site_survives_a_dead_web_server_and_down_cleans_up() {
         ports.is_empty(),
         "listening sockets left after down: {ports:?}"
     );
+}
+
+/// Polls the monitor's `/alerts` document at `url` every 500 ms until every
+/// `(alertname, host)` of `want` is firing; panics with the last document after `timeout`.
+async fn wait_firing(admin: &reqwest::Client, url: &str, want: &[(&str, &str)], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let doc: Value = admin.get(url).send().await.unwrap().json().await.unwrap();
+        let firing = |alert: &str, host: &str| {
+            doc["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
+        };
+        if want.iter().all(|(alert, host)| firing(alert, host)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{want:?} did not all fire within {timeout:?}: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn admin_client(status: &Value) -> reqwest::Client {
@@ -1238,32 +1243,13 @@ async fn range_queries_match_the_load_the_monitor_survives_restarts_and_a_dead_s
             .unwrap();
         assert!(killed.success());
     }
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let doc: Value = admin
-            .get(format!("{api}alerts"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let firing = |alert: &str, host: &str| {
-            doc["active"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["alert"] == alert && a["host"] == host && a["state"] == "firing")
-        };
-        if firing("BackendDown", "lb-01") && firing("SiteUnavailable", "lb-01") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "BackendDown and SiteUnavailable did not fire for lb-01: {doc}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_firing(
+        &admin,
+        &format!("{api}alerts"),
+        &[("BackendDown", "lb-01"), ("SiteUnavailable", "lb-01")],
+        Duration::from_secs(40),
+    )
+    .await;
     let r = site.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 503, "no backend left");
 }
