@@ -410,12 +410,29 @@ const TIME_FORMAT: &[time::format_description::FormatItem<'static>] = time::macr
 );
 
 /// Appends `at` in UTC in the shape of nginx's `$time_local`: `22/Nov/2026:03:40:01 +0000`.
+/// The text of the last second formatted is kept per thread (as nginx caches its time
+/// strings), so a busy log formats a date once a second, not once a line.
 fn push_time(s: &mut String, at: SystemTime) {
-    match time::OffsetDateTime::from(at).format(TIME_FORMAT) {
-        Ok(text) => s.push_str(&text),
-        // Only years beyond 9999 fail to format.
-        Err(_) => s.push('-'),
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
+    // Only years beyond 9999 fail to format.
+    let format = || {
+        time::OffsetDateTime::from(at)
+            .format(TIME_FORMAT)
+            .unwrap_or_else(|_| "-".to_string())
+    };
+    let Ok(since_epoch) = at.duration_since(SystemTime::UNIX_EPOCH) else {
+        return s.push_str(&format());
+    };
+    let second = since_epoch.as_secs();
+    LAST.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *text = format();
+            *cached = second;
+        }
+        s.push_str(text);
+    });
 }
 
 /// Writes one access log line per request of a listener; without an access log
@@ -455,17 +472,14 @@ pub(crate) struct AccessLogged<S> {
     layer: AccessLogLayer,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
-
 impl<S, B, ResB> Service<Request<B>> for AccessLogged<S>
 where
     S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
-    S::Future: Send + 'static,
     ResB: http_body::Body,
 {
     type Response = Response<ResB>;
     type Error = Infallible;
-    type Future = BoxFuture<Response<ResB>>;
+    type Future = LoggedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -473,24 +487,71 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(log) = self.layer.log.clone() else {
-            return Box::pin(self.inner.call(req));
+            return LoggedFuture {
+                inner: self.inner.call(req),
+                pending: None,
+            };
         };
-        let (listener, client) = (self.layer.listener, self.layer.client);
-        let started = Instant::now();
-        let time = SystemTime::now();
         // Cheap clones (reference-counted bytes) taken before the request moves on.
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let version = req.version();
-        let referer = req.headers().get(header::REFERER).cloned();
-        let user_agent = req.headers().get(header::USER_AGENT).cloned();
-        let tls_handshake = req
-            .extensions()
-            .get::<serve::ConnInfo>()
-            .and_then(|i| i.tls_handshake);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
+        let pending = LineParts {
+            log,
+            listener: self.layer.listener,
+            client: self.layer.client,
+            started: Instant::now(),
+            time: SystemTime::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer: req.headers().get(header::REFERER).cloned(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            tls_handshake: req
+                .extensions()
+                .get::<serve::ConnInfo>()
+                .and_then(|i| i.tls_handshake),
+        };
+        LoggedFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
+    }
+}
+
+/// What a request's log line needs from the request, kept until its response is ready.
+struct LineParts {
+    log: AccessLog,
+    listener: Listener,
+    client: IpAddr,
+    started: Instant,
+    time: SystemTime,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    tls_handshake: Option<Duration>,
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`AccessLogged`]: writes the line when the response head is
+    /// ready (`pending` is `None` without an access log). No allocation per request.
+    pub(crate) struct LoggedFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<LineParts>,
+    }
+}
+
+impl<F, ResB> Future for LoggedFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, Infallible>>,
+    ResB: http_body::Body,
+{
+    type Output = Result<Response<ResB>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(resp) = std::task::ready!(this.inner.poll(cx));
+        if let Some(p) = this.pending.take() {
             let body_bytes = resp
                 .headers()
                 .get(header::CONTENT_LENGTH)
@@ -498,24 +559,24 @@ where
                 .and_then(|v| v.parse::<u64>().ok())
                 .or_else(|| resp.body().size_hint().exact());
             let entry = Entry {
-                client,
-                time,
-                method: &method,
-                uri: &uri,
-                version,
+                client: p.client,
+                time: p.time,
+                method: &p.method,
+                uri: &p.uri,
+                version: p.version,
                 status: resp.status(),
                 body_bytes,
-                referer: referer.as_ref(),
-                user_agent: user_agent.as_ref(),
+                referer: p.referer.as_ref(),
+                user_agent: p.user_agent.as_ref(),
                 backend: resp.extensions().get::<ServedBy>().map(|s| &*s.0),
-                response_time: started.elapsed(),
-                listener,
-                tls_handshake,
+                response_time: p.started.elapsed(),
+                listener: p.listener,
+                tls_handshake: p.tls_handshake,
                 timing: resp.extensions().get::<UpstreamTiming>(),
             };
-            log.send(&entry.line_as((log.0).0.format));
-            Ok(resp)
-        })
+            p.log.send(&entry.line_as((p.log.0).0.format));
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -637,6 +698,15 @@ mod tests {
         assert_eq!(at(951_868_799), "29/Feb/2000:23:59:59 +0000");
         assert_eq!(at(951_868_800), "01/Mar/2000:00:00:00 +0000");
         assert_eq!(at(1_795_318_801), "22/Nov/2026:03:40:01 +0000");
+        // The per-second cache: the same second again, a later fraction of it, and back.
+        assert_eq!(at(1_795_318_801), "22/Nov/2026:03:40:01 +0000");
+        let mut s = String::new();
+        push_time(
+            &mut s,
+            UNIX_EPOCH + Duration::from_millis(1_795_318_801_999),
+        );
+        assert_eq!(s, "22/Nov/2026:03:40:01 +0000");
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
         // 2100 is not a leap year.
         assert_eq!(at(4_107_542_399), "28/Feb/2100:23:59:59 +0000");
         assert_eq!(at(4_107_542_400), "01/Mar/2100:00:00:00 +0000");

@@ -156,7 +156,7 @@ impl Pool {
     /// request may go to another backend.
     pub(crate) async fn send(
         &self,
-        backend: &str,
+        backend: &Arc<str>,
         req: &Outgoing<'_>,
     ) -> Result<Head, ExchangeError> {
         if let Some(conn) = self.checkout(backend) {
@@ -171,7 +171,9 @@ impl Pool {
             }
         }
         let started = Instant::now();
-        let io = self.inner.connector.connect_pooled(backend).await?;
+        // Boxed: connecting (a TLS handshake to a TLS backend) is the largest state of a
+        // request's future and the rare one; every request's future would carry its size.
+        let io = Box::pin(self.inner.connector.connect_pooled(backend)).await?;
         let conn = Conn {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -217,7 +219,7 @@ impl Pool {
 
     async fn exchange(
         &self,
-        backend: &str,
+        backend: &Arc<str>,
         mut conn: Conn,
         req: &Outgoing<'_>,
         connect: Option<Duration>,
@@ -259,7 +261,7 @@ impl Pool {
                 framing,
                 keep_alive,
                 pool: self.clone(),
-                backend: Arc::from(backend),
+                backend: backend.clone(),
             },
         })
     }
@@ -876,7 +878,7 @@ mod tests {
             headers: &h,
             body: &body,
         };
-        let mut head = pool.send("web-01", &out).await?;
+        let mut head = pool.send(&Arc::from("web-01"), &out).await?;
         let mut all = BytesMut::new();
         while let Some(piece) = head.body.next(Duration::from_secs(5)).await? {
             all.extend_from_slice(&piece);

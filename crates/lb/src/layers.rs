@@ -70,7 +70,7 @@ impl<S> Layer<S> for MetricsLayer {
     fn layer(&self, inner: S) -> Metered<S> {
         Metered {
             inner,
-            metrics: self.0.clone(),
+            metrics: std::sync::Arc::new(self.0.clone()),
         }
     }
 }
@@ -79,33 +79,54 @@ impl<S> Layer<S> for MetricsLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct Metered<S> {
     inner: S,
-    metrics: Metrics,
+    metrics: std::sync::Arc<Metrics>,
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
 
 impl<S, B, ResB> Service<Request<B>> for Metered<S>
 where
     S: Service<Request<B>, Response = Response<ResB>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ResB>;
     type Error = Infallible;
-    type Future = BoxFuture<Response<ResB>>;
+    type Future = MeteredFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let started = Instant::now();
-        let metrics = self.metrics.clone();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            metrics.record(resp.status(), started);
-            Ok(resp)
-        })
+        MeteredFuture {
+            started: Instant::now(),
+            metrics: Some(self.metrics.clone()),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Metered`]: records the response when it is ready (no
+    /// allocation per request).
+    pub(crate) struct MeteredFuture<F> {
+        #[pin]
+        inner: F,
+        started: Instant,
+        metrics: Option<std::sync::Arc<Metrics>>,
+    }
+}
+
+impl<F, ResB> Future for MeteredFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, Infallible>>,
+{
+    type Output = Result<Response<ResB>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(resp) = std::task::ready!(this.inner.poll(cx));
+        if let Some(metrics) = this.metrics.take() {
+            metrics.record(resp.status(), *this.started);
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -134,8 +155,8 @@ impl SecurityHeaders {
     /// Adds every field `resp` lacks.
     pub(crate) fn apply<B>(&self, mut resp: Response<B>) -> Response<B> {
         for (name, value) in &self.0 {
-            if !resp.headers().contains_key(name) {
-                resp.headers_mut().insert(name.clone(), value.clone());
+            if let http::header::Entry::Vacant(slot) = resp.headers_mut().entry(name) {
+                slot.insert(value.clone());
             }
         }
         resp

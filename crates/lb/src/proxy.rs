@@ -92,7 +92,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; 7];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
             any = true;
         }
@@ -105,6 +105,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
+    }
+}
+
+/// The position of `name` in [`HOP_BY_HOP`], if it is one of them: one comparison of the
+/// name's text by length and bytes, instead of one per listed name.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        _ => None,
     }
 }
 
@@ -151,12 +166,58 @@ impl Scheme {
 /// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
 /// otherwise a new random UUID.
 pub(crate) fn upstream_headers(
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     uri: &Uri,
     client_ip: IpAddr,
     version: Version,
     scheme: Scheme,
 ) -> HeaderMap {
+    forwarded_headers(headers, uri, &Client::new(client_ip, scheme), version)
+}
+
+/// The client of one downstream connection: its address and the scheme it came over, with
+/// the address already written out as `X-Forwarded-For` and `Forwarded` carry it, so that
+/// it is formatted once per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    /// The client's address.
+    pub(crate) ip: IpAddr,
+    /// The scheme the connection speaks.
+    pub(crate) scheme: Scheme,
+    /// The address alone: the `X-Forwarded-For` value when the request carried none.
+    xff: HeaderValue,
+    /// `for=<address>;proto=<scheme>`: the start of this hop's `Forwarded` element
+    /// (RFC 7239 §4: an IPv6 address bracketed and quoted).
+    forwarded: String,
+}
+
+impl Client {
+    /// The client at `ip`, connected over `scheme`.
+    pub(crate) fn new(ip: IpAddr, scheme: Scheme) -> Client {
+        let text = itoa_ip(ip);
+        let forwarded = match ip {
+            IpAddr::V4(_) => format!("for={text};proto={}", scheme.as_str()),
+            IpAddr::V6(_) => format!("for=\"[{text}]\";proto={}", scheme.as_str()),
+        };
+        let xff = HeaderValue::from_maybe_shared(Bytes::from(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client {
+            ip,
+            scheme,
+            xff,
+            forwarded,
+        }
+    }
+}
+
+/// [`upstream_headers`] for a connection's [`Client`].
+pub(crate) fn forwarded_headers(
+    mut headers: HeaderMap,
+    uri: &Uri,
+    client: &Client,
+    version: Version,
+) -> HeaderMap {
+    let scheme = client.scheme;
     strip_hop_by_hop(&mut headers);
     if !headers.contains_key(header::HOST) {
         if let Some(v) = uri
@@ -167,7 +228,7 @@ pub(crate) fn upstream_headers(
         }
     }
     let xff = X_FORWARDED_FOR;
-    let mut client = itoa_ip(client_ip);
+    let mut value = client.xff.clone();
     if headers.contains_key(&xff) {
         let earlier: Vec<&str> = headers
             .get_all(&xff)
@@ -177,12 +238,13 @@ pub(crate) fn upstream_headers(
             .filter(|v| !v.is_empty())
             .collect();
         if !earlier.is_empty() {
-            client = format!("{}, {client}", earlier.join(", "));
+            let list = format!("{}, {}", earlier.join(", "), itoa_ip(client.ip));
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(list)) {
+                value = v;
+            }
         }
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(client)) {
-        headers.insert(xff, v);
-    }
+    headers.insert(xff, value);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     match headers.get(header::HOST).cloned() {
         Some(host) => {
@@ -192,23 +254,21 @@ pub(crate) fn upstream_headers(
             headers.remove(X_FORWARDED_HOST);
         }
     }
-    // RFC 7239 §4: IPv6 addresses bracketed and quoted; a host with a port quoted.
-    let mut element = String::with_capacity(64);
-    match client_ip {
-        IpAddr::V4(a) => {
-            let _ = write!(element, "for={a};proto={}", scheme.as_str());
-        }
-        IpAddr::V6(a) => {
-            let _ = write!(element, "for=\"[{a}]\";proto={}", scheme.as_str());
-        }
-    }
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        if host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            let _ = write!(element, ";host=\"{host}\"");
-        }
+    // RFC 7239 §4: a host with a port quoted.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|host| {
+            host.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        });
+    let mut element =
+        String::with_capacity(client.forwarded.len() + host.map_or(0, |h| h.len() + 8));
+    element.push_str(&client.forwarded);
+    if let Some(host) = host {
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
     }
     append_list(&mut headers, FORWARDED, element);
     let via = match version {
@@ -488,23 +548,18 @@ pub(crate) async fn read_body(
 #[derive(Clone)]
 pub(crate) struct Proxy {
     upstreams: Arc<Upstreams>,
-    client_ip: IpAddr,
-    scheme: Scheme,
+    client: Arc<Client>,
 }
 
 impl Proxy {
-    pub(crate) fn new(upstreams: Arc<Upstreams>, client_ip: IpAddr, scheme: Scheme) -> Proxy {
-        Proxy {
-            upstreams,
-            client_ip,
-            scheme,
-        }
+    pub(crate) fn new(upstreams: Arc<Upstreams>, client: Arc<Client>) -> Proxy {
+        Proxy { upstreams, client }
     }
 
     async fn forward(self, req: Request<Incoming>) -> Response<Body> {
         let up = &self.upstreams;
         if let Some(limit) = &up.rate_limit {
-            if !limit.admit(self.client_ip, std::time::Instant::now()) {
+            if !limit.admit(self.client.ip, std::time::Instant::now()) {
                 let mut resp = up.reject(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
@@ -558,7 +613,14 @@ impl Proxy {
             }
         }
         if crate::websocket::is_upgrade(&req) {
-            return crate::websocket::forward(up, req, self.client_ip, self.scheme).await;
+            // Boxed, so that the rare tunnel's state does not size every request's future.
+            return Box::pin(crate::websocket::forward(
+                up,
+                req,
+                self.client.ip,
+                self.client.scheme,
+            ))
+            .await;
         }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken
@@ -592,20 +654,14 @@ impl Proxy {
                 )
             }
         };
-        let mut headers = upstream_headers(
-            parts.headers,
-            &parts.uri,
-            self.client_ip,
-            parts.version,
-            self.scheme,
-        );
+        let mut headers = forwarded_headers(parts.headers, &parts.uri, &self.client, parts.version);
         let request_id = headers.get(X_REQUEST_ID).cloned();
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
 
-        let affinity = up.balancer.affinity(&headers, self.client_ip);
+        let affinity = up.balancer.affinity(&headers, self.client.ip);
         up.retry_budget.deposit();
         let idempotent = crate::retry::idempotent(&parts.method);
         let mut tried: Vec<Arc<str>> = Vec::new();
@@ -666,8 +722,13 @@ impl Proxy {
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
                     // bug report; it is in the backend's logs).
+                    // Marked sensitive, an HTTP/2 response sends it as a literal never indexed
+                    // (RFC 7541 §6.2.3): a value that changes with every response would only
+                    // churn the connection's HPACK table and evict the fields that repeat.
                     if let Some(id) = &request_id {
-                        parts.headers.insert(X_REQUEST_ID, id.clone());
+                        let mut id = id.clone();
+                        id.set_sensitive(true);
+                        parts.headers.insert(X_REQUEST_ID, id);
                     }
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
@@ -823,6 +884,16 @@ mod tests {
 
     fn ip() -> IpAddr {
         "192.0.2.7".parse().unwrap()
+    }
+
+    #[test]
+    fn the_hop_by_hop_index_names_the_listed_fields_only() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for other in ["host", "content-length", "x-upgrade", "tee", "connections"] {
+            assert_eq!(hop_by_hop_index(&HeaderName::from_static(other)), None);
+        }
     }
 
     #[test]

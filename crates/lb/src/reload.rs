@@ -179,16 +179,14 @@ fn served_names(site_names: &[String], cert_names: &[String]) -> Vec<String> {
 #[derive(Clone)]
 pub(crate) struct Current {
     live: Live,
-    client_ip: IpAddr,
-    scheme: Scheme,
+    client: Arc<crate::proxy::Client>,
 }
 
 impl Current {
     pub(crate) fn new(live: Live, client_ip: IpAddr, scheme: Scheme) -> Current {
         Current {
             live,
-            client_ip,
-            scheme,
+            client: Arc::new(crate::proxy::Client::new(client_ip, scheme)),
         }
     }
 }
@@ -203,7 +201,7 @@ impl tower::Service<Request<Incoming>> for Current {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        Proxy::new(self.live.load_full(), self.client_ip, self.scheme).call(req)
+        Proxy::new(self.live.load_full(), self.client.clone()).call(req)
     }
 }
 
