@@ -289,6 +289,8 @@ pub struct Setup {
     pub backends: Vec<Backend>,
     pub lb: LbHandle,
     pub registry: Registry,
+    /// The configuration the load balancer started with (a base for reloads).
+    pub cfg: LbConfig,
 }
 
 pub fn health() -> HealthCheck {
@@ -305,11 +307,22 @@ pub fn health() -> HealthCheck {
 /// two), then a load balancer whose config `tune` may change, and waits until every
 /// backend is up.
 pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Setup {
+    setup_with_limits(n, tls, |_| {}, tune).await
+}
+
+/// [`setup`] with the topology's listener limits changed by `limits` first.
+pub async fn setup_with_limits(
+    n: usize,
+    tls: bool,
+    limits: impl FnOnce(&mut topology::Limits),
+    tune: impl FnOnce(&mut LbConfig),
+) -> Setup {
     assert!(
         !tls || n <= 2,
         "the test PKI has certificates for web-01 and web-02"
     );
-    let pki = TestPki::new(test_support::topology_in_block(113));
+    let mut pki = TestPki::new(test_support::topology_in_block(113));
+    limits(&mut pki.topology.limits);
     let mut backends = Vec::new();
     for i in 0..n {
         let name = format!("web-{:02}", i + 1);
@@ -326,7 +339,7 @@ pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Set
     tune(&mut cfg);
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
-    let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
+    let lb = lb::start(cfg.clone(), &mut registry, &http).await.unwrap();
     eventually("every backend up", WAIT, || {
         let up = lb.backends().iter().all(|(_, up)| *up);
         async move { up.then_some(()) }
@@ -337,6 +350,7 @@ pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Set
         backends,
         lb,
         registry,
+        cfg,
     }
 }
 
