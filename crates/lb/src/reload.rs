@@ -149,6 +149,9 @@ pub(crate) fn build(
         tunnel_idle: Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
         tunnels: fixed.tunnels.clone(),
     });
+    for b in &cfg.backends {
+        fixed.tunnels.declare(&b.name);
+    }
     let (stop, stop_rx) = watch::channel(false);
     for index in 0..cfg.backends.len() {
         tokio::spawn(health::run(

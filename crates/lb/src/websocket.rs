@@ -88,6 +88,14 @@ impl Tunnels {
         }
     }
 
+    /// Creates backend `backend`'s series (at 0 until a tunnel opens), so a scrape shows
+    /// every configured backend.
+    pub(crate) fn declare(&self, backend: &str) {
+        drop(self.open.get_or_create(&TunnelLabels {
+            backend: backend.to_string(),
+        }));
+    }
+
     /// Runs the tunnel `run` to backend `backend`, opened through the `scheme` listener,
     /// as one of the role's tasks; `run` gets the future that completes when the tunnel
     /// must close (the listener's drain time after the stop).
