@@ -1,13 +1,15 @@
 //! The dashboard in a real browser: mon-01 and lb-01's agent in-process (127.112.0.0/24,
 //! real PKI), lb-01 counting requests and running a real load balancer in front of web-01
-//! (a plain HTTP backend answering 200 and 404) and web-02 (nothing listening: down);
+//! (a plain HTTP backend answering 200 and 404), web-02 (nothing listening: down), web-03
+//! (answering 500: ejected) and web-04 (drained);
 //! headless Chromium loads the dashboard and its vendored uPlot through a plain-HTTP relay
 //! on 127.112.4.1 that presents the admin client certificate to mon-01 (headless Chromium
 //! cannot pick a client certificate without a user profile), lets the page refresh for a
 //! virtual 20 s, and dumps the DOM: no error recorded by the page, all 11 charts drawn as
 //! uPlot canvases (firewall drops and replication lag among them), the ones with data
 //! non-empty, and the backends table with every column filled from the load balancer's
-//! own series: web-01 up with 2xx and 4xx rates and a p99, web-02 down with no answers.
+//! own series: web-01 up with 2xx and 4xx rates and a p99, web-02 down with no answers,
+//! web-03 ejected, web-04 draining.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,8 +26,9 @@ use test_support::{eventually, topology_in_block, TestPki};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A plain HTTP/1.1 backend on `at`: 200 for `/healthz` and `/`, 404 for anything else.
-async fn backend(at: std::net::IpAddr) -> std::net::SocketAddr {
+/// A plain HTTP/1.1 backend on `at`: 200 for `/healthz`, `root` for `/`, 404 for anything
+/// else.
+async fn backend(at: std::net::IpAddr, root: u16) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind((at, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -34,19 +37,18 @@ async fn backend(at: std::net::IpAddr) -> std::net::SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let status = if matches!(req.uri().path(), "/" | "/healthz") {
-                            200
-                        } else {
-                            404
-                        };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let status = match req.uri().path() {
+                        "/healthz" => 200,
+                        "/" => root,
+                        _ => 404,
+                    };
+                    async move {
                         Response::builder()
                             .status(status)
-                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                                b"web-01",
-                            )))
-                    });
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
@@ -143,8 +145,11 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         lag,
     );
     // A real load balancer on lb-01, its series in the agent's registry: web-01 serves,
-    // web-02 has nothing listening.
-    let web01 = backend(t.host("web-01").unwrap().address).await;
+    // web-02 has nothing listening, web-03 answers 500 (ejected), web-04 is drained.
+    let web_addr = t.host("web-01").unwrap().address;
+    let web01 = backend(web_addr, 200).await;
+    let web03 = backend(web_addr, 500).await;
+    let web04 = backend(web_addr, 200).await;
     let web02 = {
         let l = std::net::TcpListener::bind((t.host("web-02").unwrap().address, 0)).unwrap();
         l.local_addr().unwrap()
@@ -171,13 +176,19 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     lcfg.backends = vec![
         lb::Backend::new("web-01", web01),
         lb::Backend::new("web-02", web02),
+        lb::Backend::new("web-03", web03),
+        lb::Backend::new("web-04", web04),
     ];
+    // Ejected for longer than the test.
+    lcfg.balancer.balancing.ejection_base_ms = 600_000;
+    lcfg.balancer.balancing.ejection_max_ms = 600_000;
     let balancer = lb::start(lcfg, &mut registry, &http).await.unwrap();
-    eventually("web-01 up behind lb-01", WAIT, || {
-        let up = balancer.healthy();
+    eventually("web-01, web-03, web-04 up behind lb-01", WAIT, || {
+        let up = balancer.backends().iter().filter(|(_, up)| *up).count() == 3;
         async move { up.then_some(()) }
     })
     .await;
+    assert!(balancer.set_draining("web-04", true));
     let site = reqwest::Client::builder()
         .use_preconfigured_tls(pki::ca_client_config(&pki.paths).unwrap())
         .resolve("www.foobar.com", balancer.https_addr())
@@ -195,6 +206,14 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         }
     });
     let _agent = start_agent(acfg, registry, vec![]).await.unwrap();
+    eventually("web-03 ejected", WAIT, || {
+        let ejected = balancer
+            .backend_status()
+            .iter()
+            .any(|b| b.name == "web-03" && b.ejected);
+        async move { ejected.then_some(()) }
+    })
+    .await;
 
     let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
     let admin = reqwest::Client::builder()
@@ -370,7 +389,9 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     };
     let up = backend_row(&dom, "web-01");
     let down = backend_row(&dom, "web-02");
-    eprintln!("backends table: {up:?} / {down:?}");
+    let ejected = backend_row(&dom, "web-03");
+    let drained = backend_row(&dom, "web-04");
+    eprintln!("backends table: {up:?}\n{down:?}\n{ejected:?}\n{drained:?}");
     assert_eq!(up.len(), columns.len(), "{up:?}");
     assert_eq!((up[0].as_str(), up[2].as_str()), ("lb-01", "up"));
     assert_eq!(down[2], "down", "{down:?}");
@@ -383,4 +404,7 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     assert!(number(&up, "p99") > 0.0, "{up:?}");
     assert_eq!(number(&up, "5xx/s"), 0.0, "{up:?}");
     assert_eq!(number(&down, "2xx/s"), 0.0, "{down:?}");
+    assert_eq!(ejected[2], "ejected", "{ejected:?}");
+    assert!(number(&ejected, "ejections") >= 1.0, "{ejected:?}");
+    assert_eq!(drained[2], "draining", "{drained:?}");
 }
