@@ -220,6 +220,13 @@ async fn on_stop_an_open_tunnel_gets_the_drain_time_then_is_closed_before_the_st
         0.0,
         "the stop returned with a tunnel open"
     );
+    // The backend's side was closed too: its WebSocket session ended.
+    let b = s.backends.iter().find(|b| b.name == backend).unwrap();
+    test_support::eventually("the backend saw the tunnel close", common::WAIT, || {
+        let n = b.ws_ended.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,8 @@ pub struct Backend {
     /// `X-Test-Id` of every request answered or dropped here (method, id).
     pub seen: Arc<Mutex<Vec<(String, String)>>>,
     pub requests: Arc<AtomicU64>,
+    /// WebSocket sessions that ended here (the connection closed or a close frame came).
+    pub ws_ended: Arc<AtomicU64>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -69,6 +71,7 @@ struct Shared {
     delay_ms: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<(String, String)>>>,
     requests: Arc<AtomicU64>,
+    ws_ended: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -89,6 +92,7 @@ impl Backend {
             delay_ms: Arc::new(AtomicU64::new(0)),
             seen: Arc::default(),
             requests: Arc::default(),
+            ws_ended: Arc::default(),
         };
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task_shared = shared.clone();
@@ -138,6 +142,7 @@ impl Backend {
             delay_ms: shared.delay_ms,
             seen: shared.seen,
             requests: shared.requests,
+            ws_ended: shared.ws_ended,
             stop: Mutex::new(Some(stop_tx)),
             task: Mutex::new(Some(task)),
         }
@@ -201,7 +206,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
             .unwrap());
     }
     if req.uri().path() == "/ws" {
-        return Ok(websocket_echo(&s.name, req));
+        return Ok(websocket_echo(&s.name, s.ws_ended.clone(), req));
     }
     s.requests.fetch_add(1, Ordering::SeqCst);
     let id = req
@@ -239,8 +244,12 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
 }
 
 /// Answers a WebSocket upgrade (RFC 6455 §4.2.2) and echoes every message on the upgraded
-/// connection, prefixed with the backend's name.
-fn websocket_echo(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// connection, prefixed with the backend's name; counts the session in `ended` when it ends.
+fn websocket_echo(
+    name: &str,
+    ended: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -273,6 +282,7 @@ fn websocket_echo(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 break;
             }
         }
+        ended.fetch_add(1, Ordering::SeqCst);
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
