@@ -13,7 +13,7 @@
 //! opened it: a reload leaves open tunnels alone (they keep the backend connection they
 //! have, even when the new configuration drops that backend, as an old HAProxy process
 //! keeps its tunnels after a reload), and a stop gives each the `drain_timeout_ms` of the
-//! listener it came through to end by itself, then closes both sides (TLS `close_notify`
+//! listener it came through, counted from the stop, to end by itself, then closes both sides (TLS `close_notify`
 //! and FIN, then the sockets) — the role's shutdown returns only after that. Open tunnels
 //! are the gauge `rampart_lb_websocket_tunnels{backend}`. The handshake follows the
 //! request rules: forwarding fields added, the backend chosen by the algorithm and sticky
@@ -22,6 +22,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -62,6 +63,9 @@ pub(crate) struct Tunnels {
     /// `drain_timeout_ms` of the HTTPS and of the HTTP listener.
     drain_https: Duration,
     drain_http: Duration,
+    /// When the stop was first seen: the drain time of every tunnel counts from it, so a
+    /// tunnel whose handshake ended during the drain gets no more time than the others.
+    stopped_at: Arc<OnceLock<tokio::time::Instant>>,
     open: Family<TunnelLabels, Gauge>,
 }
 
@@ -84,6 +88,7 @@ impl Tunnels {
             tasks,
             drain_https,
             drain_http,
+            stopped_at: Arc::default(),
             open,
         }
     }
@@ -110,14 +115,15 @@ impl Tunnels {
             })
             .clone();
         gauge.inc();
-        let token = self.tasks.token();
+        let (token, stopped_at) = (self.tasks.token(), self.stopped_at.clone());
         let drain = match scheme {
             Scheme::Https => self.drain_https,
             Scheme::Http => self.drain_http,
         };
         let closing: Closing = Box::pin(async move {
             token.cancelled().await;
-            tokio::time::sleep(drain).await;
+            let stopped = *stopped_at.get_or_init(tokio::time::Instant::now);
+            tokio::time::sleep_until(stopped + drain).await;
         });
         let task = run(closing);
         self.tasks.spawn(async move {
