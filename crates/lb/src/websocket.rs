@@ -126,10 +126,20 @@ impl Tunnels {
             tokio::time::sleep_until(stopped + drain).await;
         });
         let task = run(closing);
+        let open = Open(gauge);
         self.tasks.spawn(async move {
             task.await;
-            gauge.dec();
+            drop(open);
         });
+    }
+}
+
+/// One open tunnel in the gauge, taken out when dropped (also when its task panics).
+struct Open(Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
