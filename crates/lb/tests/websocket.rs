@@ -220,7 +220,7 @@ async fn on_stop_an_open_tunnel_gets_the_drain_time_then_is_closed_before_the_st
         0.0,
         "the stop returned with a tunnel open"
     );
-    // The backend's side was closed too: its WebSocket session ended.
+    // The backend's side was closed too: its WebSocket connection ended.
     let b = s.backends.iter().find(|b| b.name == backend).unwrap();
     test_support::eventually("the backend saw the tunnel close", common::WAIT, || {
         let n = b.ws_ended.load(std::sync::atomic::Ordering::SeqCst);

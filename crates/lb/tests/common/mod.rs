@@ -57,7 +57,7 @@ pub struct Backend {
     /// `X-Test-Id` of every request answered or dropped here (method, id).
     pub seen: Arc<Mutex<Vec<(String, String)>>>,
     pub requests: Arc<AtomicU64>,
-    /// WebSocket sessions that ended here (the connection closed or a close frame came).
+    /// WebSocket connections that ended here (closed, or a close frame came).
     pub ws_ended: Arc<AtomicU64>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -244,7 +244,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
 }
 
 /// Answers a WebSocket upgrade (RFC 6455 §4.2.2) and echoes every message on the upgraded
-/// connection, prefixed with the backend's name; counts the session in `ended` when it ends.
+/// connection, prefixed with the backend's name; counts the connection in `ended` when it ends.
 fn websocket_echo(
     name: &str,
     ended: Arc<AtomicU64>,
