@@ -11,7 +11,8 @@
 //! backend, response time and listener, written by one background thread) and the load
 //! balancer's own metrics (`rampart_backend_up`, `rampart_lb_access_log_dropped_total`,
 //! `rampart_lb_rejected_requests_total{reason}`, `rampart_lb_connections_closed_total`,
-//! `rampart_lb_backend_active_requests`, `rampart_lb_backend_queue_length`); requests are
+//! `rampart_lb_backend_active_requests`, `rampart_lb_backend_queue_length`,
+//! `rampart_lb_websocket_tunnels`); requests are
 //! recorded in the node's shared HTTP families from `telemetry`, never registered here. It
 //! never issues certificates or decides who may connect (that is `pki` and
 //! `topology::Policy`, enforced through `firewall` and `serve`), never holds a backend
@@ -265,8 +266,9 @@ impl LbHandle {
     }
 
     /// Stops accepting connections and health checking; open connections finish their
-    /// in-flight requests (up to the listeners' `drain_timeout_ms`) and close. Returns
-    /// immediately; [`RoleHandle::shutdown`] also waits for the drain.
+    /// in-flight requests and WebSocket tunnels may end by themselves (up to the listeners'
+    /// `drain_timeout_ms`), then both close. Returns immediately;
+    /// [`RoleHandle::shutdown`] also waits for the drain.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
         self.remove_admin_socket();
@@ -480,6 +482,15 @@ pub async fn start(
         None
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
+    let tasks = RoleTasks::new();
+    let tunnels = websocket::Tunnels::register(
+        registry,
+        tasks.clone(),
+        https.limits().drain_timeout(),
+        http.as_ref().map_or(std::time::Duration::ZERO, |(l, _)| {
+            l.limits().drain_timeout()
+        }),
+    );
     let https_filter = https.filter().clone();
     let http_filter = http.as_ref().map(|(l, _)| l.filter().clone());
     let closed = Family::<ClosedLabels, Counter>::default();
@@ -517,6 +528,7 @@ pub async fn start(
         metrics: metrics.clone(),
         rejected,
         backend_families: backend_metrics::Families::register(registry),
+        tunnels,
     };
     let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names, None);
     let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));
@@ -552,7 +564,6 @@ pub async fn start(
         });
 
     let reopen_log = access_log.clone();
-    let tasks = RoleTasks::new();
     let https_metrics = metrics.clone();
     let https_log = access_log.clone();
     tasks.spawn(serve::serve_http(

@@ -358,6 +358,8 @@ pub(crate) struct Upstreams {
     pub(crate) connector: crate::upstream::Connector,
     /// A WebSocket tunnel with no byte either way for this long is closed.
     pub(crate) tunnel_idle: Duration,
+    /// Where tunnels run, shared by every generation.
+    pub(crate) tunnels: crate::websocket::Tunnels,
     /// `rampart_lb_retries_refused_total`.
     pub(crate) retries_refused: Counter,
 }

@@ -52,6 +52,8 @@ pub(crate) struct Fixed {
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-backend request series, registered once; every generation records into them.
     pub(crate) backend_families: crate::backend_metrics::Families,
+    /// The WebSocket tunnels of every generation.
+    pub(crate) tunnels: crate::websocket::Tunnels,
 }
 
 /// The TLS client config to backends: the host certificate for mutual TLS in the lab, a CA
@@ -145,7 +147,11 @@ pub(crate) fn build(
         retries_refused: fixed.backend_families.refused.clone(),
         connector: connector.clone(),
         tunnel_idle: Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
+        tunnels: fixed.tunnels.clone(),
     });
+    for b in &cfg.backends {
+        fixed.tunnels.declare(&b.name);
+    }
     let (stop, stop_rx) = watch::channel(false);
     for index in 0..cfg.backends.len() {
         tokio::spawn(health::run(

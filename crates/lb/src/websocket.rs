@@ -7,13 +7,22 @@
 //! The tunnel ends when either side closes, or when no byte has crossed it in either
 //! direction for `tunnel_idle_timeout_ms` (nginx `proxy_read_timeout`, HAProxy `timeout
 //! tunnel`). A tunnel does not hold one of the backend's request slots (it is not a
-//! request in flight) and its connection is never pooled. The handshake follows the
+//! request in flight) and its connection is never pooled.
+//!
+//! Every tunnel is one of the load balancer's tasks ([`Tunnels`]), whatever generation
+//! opened it: a reload leaves open tunnels alone (they keep the backend connection they
+//! have, even when the new configuration drops that backend, as an old HAProxy process
+//! keeps its tunnels after a reload), and a stop gives each the `drain_timeout_ms` of the
+//! listener it came through, counted from the stop, to end by itself, then closes both sides (TLS `close_notify`
+//! and FIN, then the sockets) — the role's shutdown returns only after that. Open tunnels
+//! are the gauge `rampart_lb_websocket_tunnels{backend}`. The handshake follows the
 //! request rules: forwarding fields added, the backend chosen by the algorithm and sticky
 //! cookie, a connect failure or a reset before the answer tried on another backend under
 //! the retry budget.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +31,11 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serve::RoleTasks;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balancer::{Outcome, QueueError};
@@ -30,6 +44,107 @@ use crate::retry::Failure;
 
 /// Time allowed for the backend's answer to the upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time allowed to send the closing `close_notify` and FIN to one side of a tunnel the
+/// load balancer ends (a peer that reads nothing cannot hold the stop).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    backend: String,
+}
+
+/// The open WebSocket tunnels of one load balancer, across its generations: each runs as
+/// one of the role's tasks (so its shutdown waits for them) and is counted in
+/// `rampart_lb_websocket_tunnels{backend}`. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunnels {
+    tasks: RoleTasks,
+    /// `drain_timeout_ms` of the HTTPS and of the HTTP listener.
+    drain_https: Duration,
+    drain_http: Duration,
+    /// When the stop was first seen: the drain time of every tunnel counts from it, so a
+    /// tunnel whose handshake ended during the drain gets no more time than the others.
+    stopped_at: Arc<OnceLock<tokio::time::Instant>>,
+    open: Family<TunnelLabels, Gauge>,
+}
+
+impl Tunnels {
+    /// Registers `rampart_lb_websocket_tunnels` in `registry`; tunnels run on `tasks` and,
+    /// once its token is cancelled, get the drain time of their listener.
+    pub(crate) fn register(
+        registry: &mut Registry,
+        tasks: RoleTasks,
+        drain_https: Duration,
+        drain_http: Duration,
+    ) -> Tunnels {
+        let open = Family::<TunnelLabels, Gauge>::default();
+        registry.register(
+            "rampart_lb_websocket_tunnels",
+            "Open WebSocket tunnels (upgraded connections joined to a backend), by backend",
+            open.clone(),
+        );
+        Tunnels {
+            tasks,
+            drain_https,
+            drain_http,
+            stopped_at: Arc::default(),
+            open,
+        }
+    }
+
+    /// Creates backend `backend`'s series (at 0 until a tunnel opens), so a scrape shows
+    /// every configured backend.
+    pub(crate) fn declare(&self, backend: &str) {
+        drop(self.open.get_or_create(&TunnelLabels {
+            backend: backend.to_string(),
+        }));
+    }
+
+    /// Runs the tunnel `run` to backend `backend`, opened through the `scheme` listener,
+    /// as one of the role's tasks; `run` gets the future that completes when the tunnel
+    /// must close (the listener's drain time after the stop).
+    fn spawn<F>(&self, backend: &str, scheme: Scheme, run: impl FnOnce(Closing) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let gauge = self
+            .open
+            .get_or_create(&TunnelLabels {
+                backend: backend.to_string(),
+            })
+            .clone();
+        gauge.inc();
+        let (token, stopped_at) = (self.tasks.token(), self.stopped_at.clone());
+        let drain = match scheme {
+            Scheme::Https => self.drain_https,
+            Scheme::Http => self.drain_http,
+        };
+        let closing: Closing = Box::pin(async move {
+            token.cancelled().await;
+            let stopped = *stopped_at.get_or_init(tokio::time::Instant::now);
+            tokio::time::sleep_until(stopped + drain).await;
+        });
+        let task = run(closing);
+        let open = Open(gauge);
+        self.tasks.spawn(async move {
+            task.await;
+            drop(open);
+        });
+    }
+}
+
+/// One open tunnel in the gauge, taken out when dropped (also when its task panics).
+struct Open(Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Completes when an open tunnel must be closed by the load balancer.
+type Closing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Whether `req` asks for a WebSocket upgrade over HTTP/1.1.
 pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -129,12 +244,15 @@ pub(crate) async fn forward(
                 let backend_side = hyper::upgrade::on(&mut resp);
                 let idle = up.tunnel_idle;
                 let name = backend.name.clone();
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_side, backend_side) {
+                up.tunnels.spawn(&backend.name, scheme, |mut closing| async move {
+                    let both = tokio::select! {
+                        both = async { tokio::try_join!(client_side, backend_side) } => both,
+                        () = &mut closing => return,
+                    };
+                    match both {
                         Ok((c, b)) => {
-                            let (to_backend, to_client) =
-                                tunnel(TokioIo::new(c), TokioIo::new(b), idle).await;
-                            tracing::debug!(backend = %name, to_backend, to_client, "websocket tunnel closed");
+                            let end = tunnel(TokioIo::new(c), TokioIo::new(b), idle, closing).await;
+                            tracing::debug!(backend = %name, to_backend = end.to_backend, to_client = end.to_client, reason = end.reason.as_str(), "websocket tunnel closed");
                         }
                         Err(e) => tracing::debug!(backend = %name, error = %e, "upgrade failed"),
                     }
@@ -174,50 +292,101 @@ pub(crate) async fn forward(
     }
 }
 
-/// Copies both ways until each side has closed its sending half, an error, or `idle`
-/// without a byte either way; returns the bytes sent (to the backend, to the client), or
-/// zeros when the idle timeout ended it.
-async fn tunnel<C, B>(client: C, backend: B, idle: Duration) -> (u64, u64)
+/// Why a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    /// Both sides closed their sending half, or one failed.
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The load balancer stopped and the drain time is over.
+    Drained,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Closed => "closed",
+            Reason::Idle => "idle",
+            Reason::Drained => "drained",
+        }
+    }
+}
+
+/// How a tunnel ended: why, and the bytes copied to the backend and to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TunnelEnd {
+    reason: Reason,
+    to_backend: u64,
+    to_client: u64,
+}
+
+/// Copies both ways until each side has closed its sending half or failed, `idle` passes
+/// without a byte either way, or `closing` completes. In the last two cases both sides are
+/// shut down (each within [`CLOSE_TIMEOUT`]) before they are dropped, so each peer reads an
+/// orderly end of stream rather than a reset.
+async fn tunnel<C, B>(
+    client: C,
+    backend: B,
+    idle: Duration,
+    closing: impl std::future::Future<Output = ()>,
+) -> TunnelEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let epoch = Instant::now();
     let last = AtomicU64::new(0);
-    let (cr, cw) = tokio::io::split(client);
-    let (br, bw) = tokio::io::split(backend);
-    let up = pump(cr, bw, &last, epoch);
-    let down = pump(br, cw, &last, epoch);
-    let watchdog = async {
-        let tick = (idle / 4).max(Duration::from_millis(50));
-        loop {
-            tokio::time::sleep(tick).await;
-            let quiet = epoch
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if quiet >= idle {
-                return;
+    let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let reason = {
+        let up = pump(&mut cr, &mut bw, &last, &to_backend, epoch);
+        let down = pump(&mut br, &mut cw, &last, &to_client, epoch);
+        let watchdog = async {
+            let tick = (idle / 4).max(Duration::from_millis(50));
+            loop {
+                tokio::time::sleep(tick).await;
+                let quiet = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(up, down) } => Reason::Closed,
+            () = watchdog => Reason::Idle,
+            () = closing => Reason::Drained,
         }
     };
-    tokio::select! {
-        both = async { tokio::join!(up, down) } => both,
-        _ = watchdog => {
-            tracing::debug!(?idle, "websocket tunnel idle: closed");
-            (0, 0)
-        }
+    if reason != Reason::Closed {
+        tracing::debug!(
+            ?idle,
+            reason = reason.as_str(),
+            "websocket tunnel closed by the load balancer"
+        );
+        let _ = tokio::join!(
+            tokio::time::timeout(CLOSE_TIMEOUT, cw.shutdown()),
+            tokio::time::timeout(CLOSE_TIMEOUT, bw.shutdown()),
+        );
+    }
+    TunnelEnd {
+        reason,
+        to_backend: to_backend.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
     }
 }
 
-/// Copies `from` to `to` until end of stream or an error (then shuts `to` down); the bytes
-/// copied. Marks `last` (ms since `epoch`) at every chunk.
-async fn pump<R, W>(mut from: R, mut to: W, last: &AtomicU64, epoch: Instant) -> u64
+/// Copies `from` to `to` until end of stream or an error (then shuts `to` down), adding
+/// the bytes copied to `total`. Marks `last` (ms since `epoch`) at every chunk.
+async fn pump<R, W>(from: &mut R, to: &mut W, last: &AtomicU64, total: &AtomicU64, epoch: Instant)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut total = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -226,14 +395,13 @@ where
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        total += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         last.store(
             u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
     }
     let _ = to.shutdown().await;
-    total
 }
 
 #[cfg(test)]
@@ -288,14 +456,65 @@ mod tests {
     async fn an_idle_tunnel_is_closed() {
         let (client, mut client_peer) = tokio::io::duplex(64);
         let (backend, mut backend_peer) = tokio::io::duplex(64);
-        let t = tokio::spawn(tunnel(client, backend, Duration::from_millis(200)));
+        let t = tokio::spawn(tunnel(
+            client,
+            backend,
+            Duration::from_millis(200),
+            std::future::pending(),
+        ));
         client_peer.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         backend_peer.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         // Nothing more: the tunnel ends by itself and both peers see end of stream.
-        t.await.unwrap();
+        let end = t.await.unwrap();
+        assert_eq!(
+            (end.reason, end.to_backend, end.to_client),
+            (Reason::Idle, 4, 0)
+        );
         assert_eq!(client_peer.read(&mut buf).await.unwrap(), 0);
         assert_eq!(backend_peer.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_closing_tunnel_shuts_both_sides_down() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (backend, mut backend_peer) = tokio::io::duplex(64);
+        let (close, closing) = tokio::sync::oneshot::channel::<()>();
+        let t = tokio::spawn(tunnel(client, backend, Duration::from_secs(3600), async {
+            let _ = closing.await;
+        }));
+        backend_peer.write_all(b"pong").await.unwrap();
+        let mut buf = [0u8; 4];
+        client_peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        close.send(()).unwrap();
+        let end = t.await.unwrap();
+        assert_eq!(
+            (end.reason, end.to_backend, end.to_client),
+            (Reason::Drained, 0, 4)
+        );
+        assert_eq!(client_peer.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(backend_peer.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_both_peers_close_ends_as_closed() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (backend, mut backend_peer) = tokio::io::duplex(64);
+        let t = tokio::spawn(tunnel(
+            client,
+            backend,
+            Duration::from_secs(3600),
+            std::future::pending(),
+        ));
+        client_peer.write_all(b"bye").await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        backend_peer.shutdown().await.unwrap();
+        let end = t.await.unwrap();
+        assert_eq!(
+            (end.reason, end.to_backend, end.to_client),
+            (Reason::Closed, 3, 0)
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! WebSocket upgrades through the load balancer: a real WebSocket client (tokio-tungstenite)
-//! over TLS to the load balancer, echo backends behind it over mutual TLS.
+//! over TLS to the load balancer, echo backends behind it over mutual TLS. Tunnels across a
+//! reload and a stop, and their gauge.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{setup, Setup};
+use common::{served_by, setup, setup_with_limits, Setup};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -77,4 +78,182 @@ async fn websocket_messages_pass_both_ways_and_an_idle_tunnel_is_closed() {
         .into_text()
         .unwrap()
         .ends_with(": again"));
+}
+
+/// Sends `text` on `ws` and returns the echo (`<backend>: <text>`).
+async fn echo(ws: &mut Ws, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("no echo")
+        .unwrap()
+        .unwrap();
+    back.into_text().unwrap().to_string()
+}
+
+/// `rampart_lb_websocket_tunnels{backend="name"}`.
+fn tunnels(s: &Setup, backend: &str) -> f64 {
+    s.metric(&format!(
+        "rampart_lb_websocket_tunnels{{backend=\"{backend}\"}}"
+    ))
+}
+
+async fn wait_tunnels(s: &Setup, backend: &str, want: f64) {
+    test_support::eventually(
+        &format!("{want} tunnel(s) to {backend}"),
+        common::WAIT,
+        || {
+            let n = tunnels(s, backend);
+            async move { (n == want).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// Waits (bounded) for the end of `ws` as the client sees it; panics on a data message.
+async fn closed_by_peer(ws: &mut Ws) -> String {
+    let end = tokio::time::timeout(Duration::from_secs(15), ws.next())
+        .await
+        .expect("the client never saw the tunnel close");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+    format!("{end:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_survives_a_reload_that_drops_its_backend_and_is_counted_until_it_ends() {
+    let s = setup(2, true, |_| {}).await;
+    let (mut ws, _) = connect(&s).await;
+    let first = echo(&mut ws, "before").await;
+    let backend = first.split(':').next().unwrap().to_string();
+    let other = if backend == "web-01" {
+        "web-02"
+    } else {
+        "web-01"
+    };
+    wait_tunnels(&s, &backend, 1.0).await;
+    assert_eq!(tunnels(&s, other), 0.0);
+
+    // The new generation has only the other backend.
+    let mut cfg = s.cfg.clone();
+    cfg.backends.retain(|b| b.name == other);
+    let report = s.lb.reload(Some(cfg)).await.unwrap();
+    assert_eq!(
+        (report.generation, report.backends.clone()),
+        (2, vec![other.to_string()])
+    );
+    let r = s.client(false).get(s.url("/")).send().await.unwrap();
+    assert_eq!(
+        served_by(&r),
+        other,
+        "new requests go to the new generation"
+    );
+
+    // The old generation's tunnel still carries messages both ways, and still counts.
+    for i in 0..5 {
+        let text = format!("after reload {i}");
+        assert_eq!(echo(&mut ws, &text).await, format!("{backend}: {text}"));
+    }
+    assert_eq!(tunnels(&s, &backend), 1.0);
+    let (mut ws2, _) = connect(&s).await;
+    assert!(echo(&mut ws2, "new").await.starts_with(other));
+    wait_tunnels(&s, other, 1.0).await;
+
+    // Closed by the client: the gauge goes back down.
+    ws.close(None).await.unwrap();
+    closed_by_peer(&mut ws).await;
+    drop(ws);
+    wait_tunnels(&s, &backend, 0.0).await;
+    assert_eq!(tunnels(&s, other), 1.0);
+    ws2.close(None).await.unwrap();
+    closed_by_peer(&mut ws2).await;
+    drop(ws2);
+    wait_tunnels(&s, other, 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_stop_an_open_tunnel_gets_the_drain_time_then_is_closed_before_the_stop_returns() {
+    let s = setup_with_limits(
+        2,
+        true,
+        |limits| limits.listeners.get_mut("https").unwrap().drain_timeout_ms = 3_000,
+        |_| {},
+    )
+    .await;
+    let (mut ws, _) = connect(&s).await;
+    let backend = echo(&mut ws, "hello")
+        .await
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    // A tunnel of generation 1, stopped while generation 2 serves.
+    s.lb.reload(Some(s.cfg.clone())).await.unwrap();
+    wait_tunnels(&s, &backend, 1.0).await;
+
+    let started = Instant::now();
+    let stop = tokio::spawn(serve::RoleHandle::shutdown(&s.lb));
+    // Within the drain time the tunnel still works, and the stop waits for it.
+    assert_eq!(
+        echo(&mut ws, "draining").await,
+        format!("{backend}: draining")
+    );
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for the open tunnel"
+    );
+
+    // Then the load balancer closes it: the client sees the end, not a hang.
+    let end = closed_by_peer(&mut ws).await;
+    tokio::time::timeout(Duration::from_secs(15), stop)
+        .await
+        .expect("the stop never finished")
+        .unwrap();
+    println!(
+        "tunnel closed and stop done after {:?} (drain 3 s): {end}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tunnels(&s, &backend),
+        0.0,
+        "the stop returned with a tunnel open"
+    );
+    // The backend's side was closed too: its WebSocket connection ended.
+    let b = s.backends.iter().find(|b| b.name == backend).unwrap();
+    test_support::eventually("the backend saw the tunnel close", common::WAIT, || {
+        let n = b.ws_ended.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_ends_during_the_drain_lets_the_stop_finish_early() {
+    // A drain far longer than the test's bound: the stop ends when the tunnel does.
+    let s = setup_with_limits(
+        1,
+        true,
+        |limits| limits.listeners.get_mut("https").unwrap().drain_timeout_ms = 600_000,
+        |_| {},
+    )
+    .await;
+    let (mut ws, _) = connect(&s).await;
+    assert_eq!(echo(&mut ws, "hi").await, "web-01: hi");
+    let stop = tokio::spawn(serve::RoleHandle::shutdown(&s.lb));
+    assert_eq!(echo(&mut ws, "still").await, "web-01: still");
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for the open tunnel"
+    );
+    // The close handshake, then the client closes its socket.
+    ws.close(None).await.unwrap();
+    closed_by_peer(&mut ws).await;
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(30), stop)
+        .await
+        .expect("the stop waited for the drain timer, not for the tunnel")
+        .unwrap();
+    assert_eq!(tunnels(&s, "web-01"), 0.0);
 }

@@ -1,10 +1,15 @@
 //! The dashboard in a real browser: mon-01 and lb-01's agent in-process (127.112.0.0/24,
-//! real PKI), lb-01 counting requests; headless Chromium loads the dashboard and its
-//! vendored uPlot through a plain-HTTP relay on 127.112.4.1 that presents the admin client
-//! certificate to mon-01 (headless Chromium cannot pick a client certificate without a
-//! user profile), lets the page refresh for a virtual 20 s, and dumps the DOM: no error
-//! recorded by the page, all 11 charts drawn as uPlot canvases (firewall drops and
-//! replication lag among them), the ones with data non-empty.
+//! real PKI), lb-01 counting requests and running a real load balancer in front of web-01
+//! (a plain HTTP backend answering 200 and 404), web-02 (nothing listening: down), web-03
+//! (answering 500: ejected) and web-04 (drained);
+//! headless Chromium loads the dashboard and its vendored uPlot through a plain-HTTP relay
+//! on 127.112.4.1 that presents the admin client certificate to mon-01 (headless Chromium
+//! cannot pick a client certificate without a user profile), lets the page refresh for a
+//! virtual 20 s, and dumps the DOM: no error recorded by the page, all 11 charts drawn as
+//! uPlot canvases (firewall drops and replication lag among them), the ones with data
+//! non-empty, and the backends table with every column filled from the load balancer's
+//! own series: web-01 up with 2xx and 4xx rates and a p99, web-02 down with no answers,
+//! web-03 ejected, web-04 draining.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +25,58 @@ use prometheus_client::registry::Registry;
 use test_support::{eventually, topology_in_block, TestPki};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// A plain HTTP/1.1 backend on `at`: 200 for `/healthz`, `root` for `/`, 404 for anything
+/// else.
+async fn backend(at: std::net::IpAddr, root: u16) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind((at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let status = match req.uri().path() {
+                        "/healthz" => 200,
+                        "/" => root,
+                        _ => 404,
+                    };
+                    async move {
+                        Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The cells of the backends table's row for `backend` in the dumped DOM.
+fn backend_row(dom: &str, backend: &str) -> Vec<String> {
+    let body = dom
+        .split("<tbody id=\"backends\">")
+        .nth(1)
+        .and_then(|s| s.split("</tbody>").next())
+        .unwrap_or_else(|| panic!("no backends table:\n{dom}"));
+    let row = body
+        .split("<tr>")
+        .find(|r| r.contains(&format!("<td>{backend}</td>")))
+        .unwrap_or_else(|| panic!("no row for {backend}: {body}"));
+    row.split("<td")
+        .skip(1)
+        .map(|c| {
+            let text = c.split_once('>').map_or("", |(_, rest)| rest);
+            text.split("</td>").next().unwrap_or("").to_string()
+        })
+        .collect()
+}
 
 /// Forwards a GET to mon-01 with the admin certificate.
 async fn relay(
@@ -87,7 +144,76 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         prometheus_client::registry::Unit::Seconds,
         lag,
     );
+    // A real load balancer on lb-01, its series in the agent's registry: web-01 serves,
+    // web-02 has nothing listening, web-03 answers 500 (ejected), web-04 is drained.
+    let web_addr = t.host("web-01").unwrap().address;
+    let web01 = backend(web_addr, 200).await;
+    let web03 = backend(web_addr, 500).await;
+    let web04 = backend(web_addr, 200).await;
+    let web02 = {
+        let l = std::net::TcpListener::bind((t.host("web-02").unwrap().address, 0)).unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut lcfg = lb::LbConfig::from_topology(
+        &t,
+        "lb-01",
+        pki.paths.clone(),
+        test_support::net(&t, "lb-01"),
+    )
+    .unwrap();
+    lcfg.https_port = 0;
+    lcfg.http_port = 0;
+    lcfg.plain_backends = true;
+    lcfg.access_log = None;
+    lcfg.admin_socket = None;
+    lcfg.health = topology::HealthCheck {
+        path: "/healthz".into(),
+        interval_ms: 100,
+        timeout_ms: 1000,
+        rise: 2,
+        fall: 2,
+    };
+    lcfg.backends = vec![
+        lb::Backend::new("web-01", web01),
+        lb::Backend::new("web-02", web02),
+        lb::Backend::new("web-03", web03),
+        lb::Backend::new("web-04", web04),
+    ];
+    // Ejected for longer than the test.
+    lcfg.balancer.balancing.ejection_base_ms = 600_000;
+    lcfg.balancer.balancing.ejection_max_ms = 600_000;
+    let balancer = lb::start(lcfg, &mut registry, &http).await.unwrap();
+    eventually("web-01, web-03, web-04 up behind lb-01", WAIT, || {
+        let up = balancer.backends().iter().filter(|(_, up)| *up).count() == 3;
+        async move { up.then_some(()) }
+    })
+    .await;
+    assert!(balancer.set_draining("web-04", true));
+    let site = reqwest::Client::builder()
+        .use_preconfigured_tls(pki::ca_client_config(&pki.paths).unwrap())
+        .resolve("www.foobar.com", balancer.https_addr())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let site_base = format!("https://www.foobar.com:{}", balancer.https_addr().port());
+    // Requests through the load balancer every 50 ms while the test runs, one in four
+    // answered 404 (bounded by the test's end).
+    let browsing = tokio::spawn(async move {
+        for i in 0..4000u32 {
+            let path = if i % 4 == 0 { "/missing" } else { "/" };
+            let _ = site.get(format!("{site_base}{path}")).send().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
     let _agent = start_agent(acfg, registry, vec![]).await.unwrap();
+    eventually("web-03 ejected", WAIT, || {
+        let ejected = balancer
+            .backend_status()
+            .iter()
+            .any(|b| b.name == "web-03" && b.ejected);
+        async move { ejected.then_some(()) }
+    })
+    .await;
 
     let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
     let admin = reqwest::Client::builder()
@@ -113,6 +239,16 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     eventually("QPS of lb-01 in the Prometheus API", WAIT, || async {
         let doc: serde_json::Value = admin.get(&q).send().await.ok()?.json().await.ok()?;
         (!doc["data"]["result"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let q = format!("{base}/api/v1/query?query=rate(rampart_lb_backend_responses_total%7Bbackend%3D%22web-01%22%2Ccode%3D%224xx%22%7D%5B30s%5D)");
+    eventually("web-01's 4xx rate in the Prometheus API", WAIT, || async {
+        let doc: serde_json::Value = admin.get(&q).send().await.ok()?.json().await.ok()?;
+        let v: f64 = doc["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()?;
+        (v > 0.0).then_some(())
     })
     .await;
 
@@ -150,6 +286,7 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     .expect("chromium did not finish within 120 s")
     .unwrap();
     counting.abort();
+    browsing.abort();
     let dom = String::from_utf8_lossy(&out.stdout);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chromium failed:\n{log}");
@@ -218,4 +355,56 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         dom.contains("<td>lb-01</td><td class=\"up\">up</td>"),
         "{dom}"
     );
+
+    // The backends table: every column, each filled from lb-01's series.
+    let head = dom
+        .split("<tr id=\"backend-head\">")
+        .nth(1)
+        .and_then(|s| s.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no backends header:\n{dom}"));
+    let columns = [
+        "load balancer",
+        "backend",
+        "state",
+        "active req",
+        "queue",
+        "conns active",
+        "conns idle",
+        "2xx/s",
+        "4xx/s",
+        "5xx/s",
+        "p99",
+        "retries/s",
+        "ejections",
+        "tunnels",
+    ];
+    let header: String = columns.iter().map(|c| format!("<th>{c}</th>")).collect();
+    assert_eq!(head, header);
+    let col = |name: &str| columns.iter().position(|c| *c == name).unwrap();
+    let number = |row: &[String], name: &str| -> f64 {
+        let text = &row[col(name)];
+        text.trim_end_matches(" ms")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is {text:?} in {row:?}"))
+    };
+    let up = backend_row(&dom, "web-01");
+    let down = backend_row(&dom, "web-02");
+    let ejected = backend_row(&dom, "web-03");
+    let drained = backend_row(&dom, "web-04");
+    eprintln!("backends table: {up:?}\n{down:?}\n{ejected:?}\n{drained:?}");
+    assert_eq!(up.len(), columns.len(), "{up:?}");
+    assert_eq!((up[0].as_str(), up[2].as_str()), ("lb-01", "up"));
+    assert_eq!(down[2], "down", "{down:?}");
+    // Every value cell of web-01 comes from a series that exists (none shows "–").
+    for name in &columns[3..] {
+        number(&up, name);
+    }
+    assert!(number(&up, "2xx/s") > 0.0, "{up:?}");
+    assert!(number(&up, "4xx/s") > 0.0, "{up:?}");
+    assert!(number(&up, "p99") > 0.0, "{up:?}");
+    assert_eq!(number(&up, "5xx/s"), 0.0, "{up:?}");
+    assert_eq!(number(&down, "2xx/s"), 0.0, "{down:?}");
+    assert_eq!(ejected[2], "ejected", "{ejected:?}");
+    assert!(number(&ejected, "ejections") >= 1.0, "{ejected:?}");
+    assert_eq!(drained[2], "draining", "{drained:?}");
 }

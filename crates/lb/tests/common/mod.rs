@@ -57,6 +57,8 @@ pub struct Backend {
     /// `X-Test-Id` of every request answered or dropped here (method, id).
     pub seen: Arc<Mutex<Vec<(String, String)>>>,
     pub requests: Arc<AtomicU64>,
+    /// WebSocket connections that ended here (closed, or a close frame came).
+    pub ws_ended: Arc<AtomicU64>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -69,6 +71,7 @@ struct Shared {
     delay_ms: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<(String, String)>>>,
     requests: Arc<AtomicU64>,
+    ws_ended: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -89,6 +92,7 @@ impl Backend {
             delay_ms: Arc::new(AtomicU64::new(0)),
             seen: Arc::default(),
             requests: Arc::default(),
+            ws_ended: Arc::default(),
         };
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task_shared = shared.clone();
@@ -138,6 +142,7 @@ impl Backend {
             delay_ms: shared.delay_ms,
             seen: shared.seen,
             requests: shared.requests,
+            ws_ended: shared.ws_ended,
             stop: Mutex::new(Some(stop_tx)),
             task: Mutex::new(Some(task)),
         }
@@ -201,7 +206,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
             .unwrap());
     }
     if req.uri().path() == "/ws" {
-        return Ok(websocket_echo(&s.name, req));
+        return Ok(websocket_echo(&s.name, s.ws_ended.clone(), req));
     }
     s.requests.fetch_add(1, Ordering::SeqCst);
     let id = req
@@ -239,8 +244,12 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
 }
 
 /// Answers a WebSocket upgrade (RFC 6455 §4.2.2) and echoes every message on the upgraded
-/// connection, prefixed with the backend's name.
-fn websocket_echo(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// connection, prefixed with the backend's name; counts the connection in `ended` when it ends.
+fn websocket_echo(
+    name: &str,
+    ended: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -273,6 +282,7 @@ fn websocket_echo(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 break;
             }
         }
+        ended.fetch_add(1, Ordering::SeqCst);
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -289,6 +299,8 @@ pub struct Setup {
     pub backends: Vec<Backend>,
     pub lb: LbHandle,
     pub registry: Registry,
+    /// The configuration the load balancer started with (a base for reloads).
+    pub cfg: LbConfig,
 }
 
 pub fn health() -> HealthCheck {
@@ -305,11 +317,22 @@ pub fn health() -> HealthCheck {
 /// two), then a load balancer whose config `tune` may change, and waits until every
 /// backend is up.
 pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Setup {
+    setup_with_limits(n, tls, |_| {}, tune).await
+}
+
+/// [`setup`] with the topology's listener limits changed by `limits` first.
+pub async fn setup_with_limits(
+    n: usize,
+    tls: bool,
+    limits: impl FnOnce(&mut topology::Limits),
+    tune: impl FnOnce(&mut LbConfig),
+) -> Setup {
     assert!(
         !tls || n <= 2,
         "the test PKI has certificates for web-01 and web-02"
     );
-    let pki = TestPki::new(test_support::topology_in_block(113));
+    let mut pki = TestPki::new(test_support::topology_in_block(113));
+    limits(&mut pki.topology.limits);
     let mut backends = Vec::new();
     for i in 0..n {
         let name = format!("web-{:02}", i + 1);
@@ -326,7 +349,7 @@ pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Set
     tune(&mut cfg);
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
-    let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
+    let lb = lb::start(cfg.clone(), &mut registry, &http).await.unwrap();
     eventually("every backend up", WAIT, || {
         let up = lb.backends().iter().all(|(_, up)| *up);
         async move { up.then_some(()) }
@@ -337,6 +360,7 @@ pub async fn setup(n: usize, tls: bool, tune: impl FnOnce(&mut LbConfig)) -> Set
         backends,
         lb,
         registry,
+        cfg,
     }
 }
 
