@@ -274,8 +274,11 @@ impl<M> Ctx<M> {
             _ = closed.cancelled() => return self.ended(Ended::Evicted, peer),
             _ = shutdown.cancelled() => return,
         };
+        // Boxed: the TLS session (about 1.3 KiB) is then allocated once at its own size,
+        // instead of being carried inline in the connection task and in hyper's
+        // connection state (see `http`).
         let tls = match handshake {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(_)) => return self.ended(Ended::HandshakeFailed, peer),
             Err(_) => return self.ended(Ended::HandshakeTimeout, peer),
         };
@@ -347,10 +350,13 @@ impl<M> Ctx<M> {
         });
         // With upgrades: a handler that takes the connection over (the load balancer's
         // WebSocket tunnels) may; no other handler ever asks.
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(io, hyper_service);
-        tokio::pin!(conn);
+        // Boxed: hyper's connection state (an enum sized for HTTP/2 even when the client
+        // speaks HTTP/1.1) is allocated at its own size instead of widening this future,
+        // whose every byte every connection task carries (idle ones included).
+        let mut conn = Box::pin(
+            self.builder
+                .serve_connection_with_upgrades(io, hyper_service),
+        );
         let closed = activity.closed().clone();
         let bytes_at_start = activity.bytes_read();
         let started = tokio::time::Instant::now();
