@@ -6,6 +6,8 @@
 //! reserve are already enforced at accept), the role's TLS config, and a per-connection
 //! service; it enforces, with the listener's [`topology::ListenerLimits`]:
 //! - the TLS handshake timeout;
+//! - HTTP/1.1 served by hyper's HTTP/1 connection when the TLS handshake chose it by ALPN
+//!   (RFC 7301), otherwise HTTP/1.1 or HTTP/2 told apart by the first bytes;
 //! - the caller identities the policy's rule names (mutual TLS; roles never decide who
 //!   may call them);
 //! - the first-byte (protocol detection) timeout, then the HTTP/1 header read timeout;
