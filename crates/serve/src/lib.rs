@@ -6,6 +6,8 @@
 //! reserve are already enforced at accept), the role's TLS config, and a per-connection
 //! service; it enforces, with the listener's [`topology::ListenerLimits`]:
 //! - the TLS handshake timeout;
+//! - HTTP/1.1 served by hyper's HTTP/1 connection when the TLS handshake chose it by ALPN
+//!   (RFC 7301), otherwise HTTP/1.1 or HTTP/2 told apart by the first bytes;
 //! - the caller identities the policy's rule names (mutual TLS; roles never decide who
 //!   may call them);
 //! - the first-byte (protocol detection) timeout, then the HTTP/1 header read timeout;
@@ -43,6 +45,7 @@ use firewall::{Activity, GuardedListener};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
@@ -154,6 +157,17 @@ fn http_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The HTTP/1.1 settings of [`http_builder`] alone, for a connection whose TLS handshake
+/// chose `http/1.1` by ALPN (RFC 7301 §3.2: the client speaks that protocol and no other),
+/// served without protocol detection. Keep it the same as `http_builder`'s HTTP/1 half.
+fn http1_builder(limits: &ListenerLimits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
+    b
+}
+
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` is cancelled, then drains: no
 /// new connections, in-flight requests get `drain_timeout_ms`, then every connection is
 /// closed. `make` builds the service of one connection from its [`ConnInfo`] (also put in
@@ -185,6 +199,7 @@ pub async fn serve_http<M, S, B>(
         .unwrap_or(Callers::Identities(Vec::new()));
     let ctx = Arc::new(Ctx {
         builder: http_builder(&limits),
+        http1: http1_builder(&limits),
         acceptor: opts.tls.map(TlsAcceptor::from),
         on_ended: opts.on_ended,
         limits,
@@ -220,8 +235,32 @@ pub async fn serve_http<M, S, B>(
     drop(tasks);
 }
 
+/// hyper's connection with one client, boxed (see [`Ctx::http`]).
+enum Served<'a, I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+{
+    /// HTTP/1.1, chosen by ALPN.
+    Http1(Pin<Box<http1::UpgradeableConnection<I, S>>>),
+    /// HTTP/1.1 or HTTP/2, told apart by the first bytes (HTTP/2's preface, RFC 9113 §3.4).
+    Auto(Pin<Box<auto::UpgradeableConnection<'a, I, S, TokioExecutor>>>),
+}
+
+/// Asks a [`Served`] connection to finish the request in flight, if any, then close
+/// (HTTP/2: GOAWAY first). A macro, not a method: the bounds that make both hyper
+/// connections closable are those of [`Ctx::http`], where it is used.
+macro_rules! graceful_shutdown {
+    ($conn:expr) => {
+        match &mut $conn {
+            Served::Http1(c) => c.as_mut().graceful_shutdown(),
+            Served::Auto(c) => c.as_mut().graceful_shutdown(),
+        }
+    };
+}
+
 struct Ctx<M> {
     builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
     acceptor: Option<TlsAcceptor>,
     on_ended: Option<OnEnded>,
     limits: ListenerLimits,
@@ -265,7 +304,15 @@ impl<M> Ctx<M> {
             }
             let svc = (self.make)(&info);
             return self
-                .http(TokioIo::new(io), info, svc, &activity, &shutdown, &linger)
+                .http(
+                    TokioIo::new(io),
+                    false,
+                    info,
+                    svc,
+                    &activity,
+                    &shutdown,
+                    &linger,
+                )
                 .await;
         };
         let handshake_started = std::time::Instant::now();
@@ -274,11 +321,15 @@ impl<M> Ctx<M> {
             _ = closed.cancelled() => return self.ended(Ended::Evicted, peer),
             _ = shutdown.cancelled() => return,
         };
+        // Boxed: the TLS session (about 1.3 KiB) is then allocated once at its own size,
+        // instead of being carried inline in the connection task and in hyper's
+        // connection state (see `http`).
         let tls = match handshake {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(_)) => return self.ended(Ended::HandshakeFailed, peer),
             Err(_) => return self.ended(Ended::HandshakeTimeout, peer),
         };
+        let http1_by_alpn = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1");
         let identity = tls
             .get_ref()
             .1
@@ -299,6 +350,7 @@ impl<M> Ctx<M> {
             return self
                 .http(
                     TokioIo::new(tls),
+                    http1_by_alpn,
                     info,
                     forbidden(),
                     &activity,
@@ -308,13 +360,25 @@ impl<M> Ctx<M> {
                 .await;
         }
         let svc = (self.make)(&info);
-        self.http(TokioIo::new(tls), info, svc, &activity, &shutdown, &linger)
-            .await
+        self.http(
+            TokioIo::new(tls),
+            http1_by_alpn,
+            info,
+            svc,
+            &activity,
+            &shutdown,
+            &linger,
+        )
+        .await
     }
 
+    /// Serves HTTP on `io` until it closes; `http1_only`: the client chose HTTP/1.1 by
+    /// ALPN, so hyper's HTTP/1 connection serves it directly (no protocol detection).
+    #[allow(clippy::too_many_arguments)]
     async fn http<I, S, B>(
         &self,
         io: I,
+        http1_only: bool,
         info: ConnInfo,
         svc: S,
         activity: &Arc<Activity>,
@@ -347,10 +411,26 @@ impl<M> Ctx<M> {
         });
         // With upgrades: a handler that takes the connection over (the load balancer's
         // WebSocket tunnels) may; no other handler ever asks.
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(io, hyper_service);
-        tokio::pin!(conn);
+        // Boxed: hyper's connection state (an enum sized for HTTP/2 even when the client
+        // speaks HTTP/1.1) is allocated at its own size instead of widening this future,
+        // whose every byte every connection task carries (idle ones included).
+        //
+        // HTTP/1.1 chosen by ALPN is served by hyper's HTTP/1 connection directly: the
+        // auto-detecting one first reads 24 bytes to tell HTTP/2's preface from HTTP/1, then
+        // hands them back in front of the stream, and hyper's read buffer, topped up to
+        // 8 KiB after those 24 bytes, doubles to 16 KiB, kept for the connection's life.
+        let mut conn = if http1_only {
+            Served::Http1(Box::pin(
+                self.http1
+                    .serve_connection(io, hyper_service)
+                    .with_upgrades(),
+            ))
+        } else {
+            Served::Auto(Box::pin(
+                self.builder
+                    .serve_connection_with_upgrades(io, hyper_service),
+            ))
+        };
         let closed = activity.closed().clone();
         let bytes_at_start = activity.bytes_read();
         let started = tokio::time::Instant::now();
@@ -382,14 +462,17 @@ impl<M> Ctx<M> {
                 )
             };
             tokio::select! {
-                r = conn.as_mut() => break r,
+                r = std::future::poll_fn(|cx| match &mut conn {
+                    Served::Http1(c) => c.as_mut().poll(cx).map_err(Into::into),
+                    Served::Auto(c) => c.as_mut().poll(cx),
+                }) => break r,
                 _ = closed.cancelled() => {
                     self.ended(Ended::Evicted, peer);
                     return;
                 }
                 _ = shutdown.cancelled(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown!(conn);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let Some(why) = why else {
@@ -410,7 +493,7 @@ impl<M> Ctx<M> {
                             self.ended(why, peer);
                             return;
                         }
-                        conn.as_mut().graceful_shutdown();
+                        graceful_shutdown!(conn);
                         closing = Some((why, tokio::time::Instant::now() + CLOSE_GRACE));
                     }
                 }
