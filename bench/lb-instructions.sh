@@ -36,24 +36,8 @@ for m in $modes; do
   esac
 done
 [ "$window" -ge 5 ] && [ "$window" -le 600 ] || { echo "bench: window must be 5..600 s" >&2; exit 64; }
-need() { command -v "$1" >/dev/null 2>&1; }
-updated=0
-install() {
-  [ "$(id -u)" -eq 0 ] || return 0
-  local made=0
-  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null 2>&1 \
-    || { [ $updated -eq 1 ] || { apt-get update -q </dev/null >/dev/null 2>&1 || true; updated=1; }
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null || true; }
-  [ "$made" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-  return 0
-}
-for p in valgrind:valgrind callgrind_control:valgrind haproxy:haproxy nginx:nginx-light wrk:wrk \
-         h2load:nghttp2-client openssl:openssl curl:curl; do
-  bin=${p%%:*}; pkg=${p#*:}
-  need "$bin" || install "$pkg"
-  need "$bin" || { echo "bench: $bin is needed (apt-get install $pkg)" >&2; exit 1; }
-done
+. bench/lib.sh
+require valgrind:valgrind callgrind_control:valgrind haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl
 if [ -n "${RAMPART_BIN:-}" ]; then
   rampart=$(realpath "$RAMPART_BIN")
 else

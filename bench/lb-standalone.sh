@@ -48,25 +48,8 @@ for m in $modes; do
   esac
 done
 [ "$idle_n" -ge 1 ] && [ "$idle_n" -le 15000 ] || { echo "bench: IDLE_CONNS must be 1..15000" >&2; exit 64; }
-need() { command -v "$1" >/dev/null 2>&1; }
-# Installed packages' own services are never started (policy-rc.d), as in install-deps.sh.
-updated=0
-install() {
-  [ "$(id -u)" -eq 0 ] || return 0
-  local made=0
-  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null 2>&1 \
-    || { [ $updated -eq 1 ] || { apt-get update -q </dev/null >/dev/null 2>&1 || true; updated=1; }
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1" </dev/null >/dev/null || true; }
-  [ "$made" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-  return 0
-}
-for p in haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl \
-         python3:python3 curl:curl ss:iproute2 taskset:util-linux; do
-  bin=${p%%:*}; pkg=${p#*:}
-  need "$bin" || install "$pkg"
-  need "$bin" || { echo "bench: $bin is needed (apt-get install $pkg)" >&2; exit 1; }
-done
+. bench/lib.sh
+require haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3 curl:curl ss:iproute2 taskset:util-linux
 if [ -n "${RAMPART_BIN:-}" ]; then
   rampart=$(realpath "$RAMPART_BIN")
 else
