@@ -4,9 +4,11 @@
 //! `101 Switching Protocols`, the client gets that answer and the two connections are
 //! joined byte for byte. Any other answer is passed back as is.
 //!
-//! The tunnel ends when either side closes, or when no byte has crossed it in either
-//! direction for `tunnel_idle_timeout_ms` (nginx `proxy_read_timeout`, HAProxy `timeout
-//! tunnel`). A tunnel does not hold one of the backend's request slots (it is not a
+//! The tunnel ends when both sides have closed their sending half; when one has and the
+//! other direction carries no byte for [`HALF_CLOSED_IDLE`] (HAProxy `timeout client-fin` /
+//! `timeout server-fin`: a WebSocket peer answers a Close promptly); or when no byte has
+//! crossed it in either direction for `tunnel_idle_timeout_ms` (nginx
+//! `proxy_read_timeout`, HAProxy `timeout tunnel`). A tunnel does not hold one of the backend's request slots (it is not a
 //! request in flight) and its connection is never pooled.
 //!
 //! Every tunnel is one of the load balancer's tasks ([`Tunnels`]), whatever generation
@@ -48,6 +50,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed to send the closing `close_notify` and FIN to one side of a tunnel the
 /// load balancer ends (a peer that reads nothing cannot hold the stop).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// After one side of a tunnel has closed its sending half, how long the other direction
+/// may stay quiet before the tunnel is closed (the tunnel's idle timeout when that is
+/// shorter).
+pub(crate) const HALF_CLOSED_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -251,7 +258,16 @@ pub(crate) async fn forward(
                     };
                     match both {
                         Ok((c, b)) => {
-                            let end = tunnel(TokioIo::new(c), TokioIo::new(b), idle, closing).await;
+                            let end = tunnel(
+                                TokioIo::new(c),
+                                TokioIo::new(b),
+                                Limits {
+                                    idle,
+                                    half_closed: HALF_CLOSED_IDLE.min(idle),
+                                },
+                                closing,
+                            )
+                            .await;
                             tracing::debug!(backend = %name, to_backend = end.to_backend, to_client = end.to_client, reason = end.reason.as_str(), "websocket tunnel closed");
                         }
                         Err(e) => tracing::debug!(backend = %name, error = %e, "upgrade failed"),
@@ -299,6 +315,9 @@ enum Reason {
     Closed,
     /// No byte either way for the idle timeout.
     Idle,
+    /// One side closed its sending half and the other direction stayed quiet for
+    /// [`HALF_CLOSED_IDLE`].
+    HalfClosed,
     /// The load balancer stopped and the drain time is over.
     Drained,
 }
@@ -308,6 +327,7 @@ impl Reason {
         match self {
             Reason::Closed => "closed",
             Reason::Idle => "idle",
+            Reason::HalfClosed => "half_closed",
             Reason::Drained => "drained",
         }
     }
@@ -321,6 +341,14 @@ struct TunnelEnd {
     to_client: u64,
 }
 
+/// A tunnel's idle limits: `idle` with no byte either way, `half_closed` with no byte after
+/// one side closed its sending half.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    idle: Duration,
+    half_closed: Duration,
+}
+
 /// Copies both ways until each side has closed its sending half or failed, `idle` passes
 /// without a byte either way, or `closing` completes. In the last two cases both sides are
 /// shut down (each within [`CLOSE_TIMEOUT`]) before they are dropped, so each peer reads an
@@ -328,36 +356,48 @@ struct TunnelEnd {
 async fn tunnel<C, B>(
     client: C,
     backend: B,
-    idle: Duration,
+    limits: Limits,
     closing: impl std::future::Future<Output = ()>,
 ) -> TunnelEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let Limits { idle, half_closed } = limits;
     let epoch = Instant::now();
     let last = AtomicU64::new(0);
+    // Directions that reached end of stream (or failed).
+    let ended = AtomicU64::new(0);
     let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
     let reason = {
-        let up = pump(&mut cr, &mut bw, &last, &to_backend, epoch);
-        let down = pump(&mut br, &mut cw, &last, &to_client, epoch);
+        let up = async {
+            pump(&mut cr, &mut bw, &last, &to_backend, epoch).await;
+            ended.fetch_add(1, Ordering::Relaxed);
+        };
+        let down = async {
+            pump(&mut br, &mut cw, &last, &to_client, epoch).await;
+            ended.fetch_add(1, Ordering::Relaxed);
+        };
         let watchdog = async {
-            let tick = (idle / 4).max(Duration::from_millis(50));
+            let tick = (half_closed.min(idle) / 4).max(Duration::from_millis(50));
             loop {
                 tokio::time::sleep(tick).await;
                 let quiet = epoch
                     .elapsed()
                     .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
                 if quiet >= idle {
-                    return;
+                    return Reason::Idle;
+                }
+                if ended.load(Ordering::Relaxed) > 0 && quiet >= half_closed {
+                    return Reason::HalfClosed;
                 }
             }
         };
         tokio::select! {
             _ = async { tokio::join!(up, down) } => Reason::Closed,
-            () = watchdog => Reason::Idle,
+            why = watchdog => why,
             () = closing => Reason::Drained,
         }
     };
@@ -459,7 +499,7 @@ mod tests {
         let t = tokio::spawn(tunnel(
             client,
             backend,
-            Duration::from_millis(200),
+            limits(Duration::from_millis(200)),
             std::future::pending(),
         ));
         client_peer.write_all(b"ping").await.unwrap();
@@ -481,9 +521,14 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(64);
         let (backend, mut backend_peer) = tokio::io::duplex(64);
         let (close, closing) = tokio::sync::oneshot::channel::<()>();
-        let t = tokio::spawn(tunnel(client, backend, Duration::from_secs(3600), async {
-            let _ = closing.await;
-        }));
+        let t = tokio::spawn(tunnel(
+            client,
+            backend,
+            limits(Duration::from_secs(3600)),
+            async {
+                let _ = closing.await;
+            },
+        ));
         backend_peer.write_all(b"pong").await.unwrap();
         let mut buf = [0u8; 4];
         client_peer.read_exact(&mut buf).await.unwrap();
@@ -505,7 +550,7 @@ mod tests {
         let t = tokio::spawn(tunnel(
             client,
             backend,
-            Duration::from_secs(3600),
+            limits(Duration::from_secs(3600)),
             std::future::pending(),
         ));
         client_peer.write_all(b"bye").await.unwrap();
@@ -516,5 +561,48 @@ mod tests {
             (end.reason, end.to_backend, end.to_client),
             (Reason::Closed, 3, 0)
         );
+    }
+
+    /// `idle` both ways, and the same after a half close.
+    fn limits(idle: Duration) -> Limits {
+        Limits {
+            idle,
+            half_closed: idle,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_tunnel_is_closed_when_the_other_direction_stays_quiet() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (backend, mut backend_peer) = tokio::io::duplex(64);
+        let t = tokio::spawn(tunnel(
+            client,
+            backend,
+            Limits {
+                idle: Duration::from_secs(3600),
+                half_closed: Duration::from_secs(2),
+            },
+            std::future::pending(),
+        ));
+        // The backend closes its side (after its Close frame); the client never does.
+        backend_peer.write_all(b"bye").await.unwrap();
+        backend_peer.shutdown().await.unwrap();
+        let mut buf = [0u8; 3];
+        client_peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(client_peer.read(&mut buf).await.unwrap(), 0);
+        // The client still sends within the limit: it gets through.
+        client_peer.write_all(b"ack").await.unwrap();
+        backend_peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ack");
+        // Without the half-close limit it would wait for the hour-long idle timeout.
+        let end = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("the half-closed tunnel was not closed")
+            .unwrap();
+        assert_eq!(
+            (end.reason, end.to_backend, end.to_client),
+            (Reason::HalfClosed, 3, 3)
+        );
+        assert_eq!(backend_peer.read(&mut buf).await.unwrap(), 0);
     }
 }
