@@ -157,24 +157,6 @@ impl Scheme {
     }
 }
 
-/// The header fields sent upstream for a request from `client_ip` received as `version`
-/// over `scheme` (RFC 9110 §7.6.1 for the hop-by-hop fields):
-/// `Host` kept, or taken from the request target's authority (HTTP/2 `:authority`);
-/// `X-Forwarded-For` the earlier list plus `client_ip`; `X-Forwarded-Proto: <scheme>`
-/// (replacing a client's); `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the
-/// earlier elements plus `for=…;proto=<scheme>;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
-/// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
-/// otherwise a new random UUID.
-pub(crate) fn upstream_headers(
-    headers: HeaderMap,
-    uri: &Uri,
-    client_ip: IpAddr,
-    version: Version,
-    scheme: Scheme,
-) -> HeaderMap {
-    forwarded_headers(headers, uri, &Client::new(client_ip, scheme), version)
-}
-
 /// The client of one downstream connection: its address and the scheme it came over, with
 /// the address already written out as `X-Forwarded-For` and `Forwarded` carry it, so that
 /// it is formatted once per connection rather than once per request.
@@ -208,10 +190,22 @@ impl Client {
             forwarded,
         }
     }
+
+    /// The address as text (as `X-Forwarded-For` carries it).
+    fn text(&self) -> &str {
+        self.xff.to_str().unwrap_or("unknown")
+    }
 }
 
-/// [`upstream_headers`] for a connection's [`Client`].
-pub(crate) fn forwarded_headers(
+/// The header fields sent upstream for a request from `client` received as `version`
+/// (RFC 9110 §7.6.1 for the hop-by-hop fields): `Host` kept, or taken from the request
+/// target's authority (HTTP/2 `:authority`); `X-Forwarded-For` the earlier list plus the
+/// client's address; `X-Forwarded-Proto: <scheme>` (replacing a client's);
+/// `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the earlier elements plus
+/// `for=…;proto=<scheme>;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
+/// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
+/// otherwise a new random UUID.
+pub(crate) fn upstream_headers(
     mut headers: HeaderMap,
     uri: &Uri,
     client: &Client,
@@ -238,7 +232,7 @@ pub(crate) fn forwarded_headers(
             .filter(|v| !v.is_empty())
             .collect();
         if !earlier.is_empty() {
-            let list = format!("{}, {}", earlier.join(", "), itoa_ip(client.ip));
+            let list = format!("{}, {}", earlier.join(", "), client.text());
             if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(list)) {
                 value = v;
             }
@@ -616,13 +610,7 @@ impl Proxy {
         }
         if crate::websocket::is_upgrade(&req) {
             // Boxed, so that the rare tunnel's state does not size every request's future.
-            return Box::pin(crate::websocket::forward(
-                up,
-                req,
-                self.client.ip,
-                self.client.scheme,
-            ))
-            .await;
+            return Box::pin(crate::websocket::forward(up, req, &self.client)).await;
         }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken
@@ -656,7 +644,7 @@ impl Proxy {
                 )
             }
         };
-        let mut headers = forwarded_headers(parts.headers, &parts.uri, &self.client, parts.version);
+        let mut headers = upstream_headers(parts.headers, &parts.uri, &self.client, parts.version);
         let request_id = headers.get(X_REQUEST_ID).cloned();
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut headers);
@@ -723,10 +711,10 @@ impl Proxy {
                     strip_hop_by_hop(&mut parts.headers);
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
-                    // bug report; it is in the backend's logs).
-                    // Marked sensitive, an HTTP/2 response sends it as a literal never indexed
-                    // (RFC 7541 §6.2.3): a value that changes with every response would only
-                    // churn the connection's HPACK table and evict the fields that repeat.
+                    // bug report; it is in the backend's logs). Marked sensitive, HTTP/2
+                    // sends it as a literal never indexed (RFC 7541 §6.2.3): a value that
+                    // changes with every response would only churn the connection's HPACK
+                    // table and evict the fields that repeat.
                     if let Some(id) = &request_id {
                         let mut id = id.clone();
                         id.set_sensitive(true);
@@ -920,9 +908,8 @@ mod tests {
         let h = upstream_headers(
             h,
             &Uri::from_static("/x"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -939,9 +926,8 @@ mod tests {
         let h = upstream_headers(
             h,
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
@@ -957,9 +943,8 @@ mod tests {
         let out = upstream_headers(
             h,
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_2,
-            Scheme::Https,
         );
         assert_eq!(
             out["forwarded"],
@@ -973,9 +958,8 @@ mod tests {
         let again = upstream_headers(
             HeaderMap::new(),
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_ne!(again["x-request-id"], out["x-request-id"]);
         let mut h = HeaderMap::new();
@@ -983,9 +967,8 @@ mod tests {
         let kept = upstream_headers(
             h,
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_eq!(kept["x-request-id"], "abc-123");
         let mut h = HeaderMap::new();
@@ -993,17 +976,15 @@ mod tests {
         let replaced = upstream_headers(
             h,
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_ne!(replaced["x-request-id"], "has space");
         let v6 = upstream_headers(
             HeaderMap::new(),
             &Uri::from_static("/"),
-            "2001:db8::1".parse().unwrap(),
+            &Client::new("2001:db8::1".parse().unwrap(), Scheme::Https),
             Version::HTTP_11,
-            Scheme::Https,
         );
         assert_eq!(v6["forwarded"], "for=\"[2001:db8::1]\";proto=https");
         // the plain HTTP listener in proxy mode says so, replacing what a client claimed
@@ -1012,9 +993,8 @@ mod tests {
         let plain = upstream_headers(
             h,
             &Uri::from_static("/"),
-            ip(),
+            &Client::new(ip(), Scheme::Http),
             Version::HTTP_11,
-            Scheme::Http,
         );
         assert_eq!(plain["x-forwarded-proto"], "http");
         assert!(plain["forwarded"]
@@ -1026,7 +1006,12 @@ mod tests {
     #[test]
     fn http2_authority_becomes_host() {
         let uri = Uri::from_static("https://www.foobar.com:8443/a?b=1");
-        let h = upstream_headers(HeaderMap::new(), &uri, ip(), Version::HTTP_2, Scheme::Https);
+        let h = upstream_headers(
+            HeaderMap::new(),
+            &uri,
+            &Client::new(ip(), Scheme::Https),
+            Version::HTTP_2,
+        );
         assert_eq!(h["host"], "www.foobar.com:8443");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com:8443");
     }

@@ -8,22 +8,22 @@
 //! other direction carries no byte for [`HALF_CLOSED_IDLE`] (HAProxy `timeout client-fin` /
 //! `timeout server-fin`: a WebSocket peer answers a Close promptly); or when no byte has
 //! crossed it in either direction for `tunnel_idle_timeout_ms` (nginx
-//! `proxy_read_timeout`, HAProxy `timeout tunnel`). A tunnel does not hold one of the backend's request slots (it is not a
-//! request in flight) and its connection is never pooled.
+//! `proxy_read_timeout`, HAProxy `timeout tunnel`). A tunnel does not hold one of the
+//! backend's request slots (it is not a request in flight) and its connection is never
+//! pooled.
 //!
 //! Every tunnel is one of the load balancer's tasks ([`Tunnels`]), whatever generation
 //! opened it: a reload leaves open tunnels alone (they keep the backend connection they
 //! have, even when the new configuration drops that backend, as an old HAProxy process
 //! keeps its tunnels after a reload), and a stop gives each the `drain_timeout_ms` of the
-//! listener it came through, counted from the stop, to end by itself, then closes both sides (TLS `close_notify`
-//! and FIN, then the sockets) — the role's shutdown returns only after that. Open tunnels
-//! are the gauge `rampart_lb_websocket_tunnels{backend}`. The handshake follows the
-//! request rules: forwarding fields added, the backend chosen by the algorithm and sticky
-//! cookie, a connect failure or a reset before the answer tried on another backend under
-//! the retry budget.
+//! listener it came through, counted from the stop, to end by itself, then closes both
+//! sides (TLS `close_notify` and FIN, then the sockets) — the role's shutdown returns only
+//! after that. Open tunnels are the gauge `rampart_lb_websocket_tunnels{backend}`. The
+//! handshake follows the request rules: forwarding fields added, the backend chosen by the
+//! algorithm and sticky cookie, a connect failure or a reset before the answer tried on
+//! another backend under the retry budget.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,9 @@ use serve::RoleTasks;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balancer::{Outcome, QueueError};
-use crate::proxy::{local, strip_hop_by_hop, upstream_headers, Body, Scheme, ServedBy, Upstreams};
+use crate::proxy::{
+    local, strip_hop_by_hop, upstream_headers, Body, Client, Scheme, ServedBy, Upstreams,
+};
 use crate::retry::Failure;
 
 /// Time allowed for the backend's answer to the upgrade request.
@@ -54,7 +56,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After one side of a tunnel has closed its sending half, how long the other direction
 /// may stay quiet before the tunnel is closed (the tunnel's idle timeout when that is
 /// shorter).
-pub(crate) const HALF_CLOSED_IDLE: Duration = Duration::from_secs(10);
+const HALF_CLOSED_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -169,13 +171,11 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         && has_token(header::UPGRADE, "websocket")
 }
 
-/// Forwards the upgrade request `req` (already checked: target, `Host`) from `client_ip`,
-/// received over `scheme`.
+/// Forwards the upgrade request `req` (already checked: target, `Host`) from `client`.
 pub(crate) async fn forward(
     up: &Upstreams,
     mut req: Request<Incoming>,
-    client_ip: IpAddr,
-    scheme: Scheme,
+    client: &Client,
 ) -> Response<Body> {
     let client_side = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
@@ -189,10 +189,10 @@ pub(crate) async fn forward(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
-    let mut headers = upstream_headers(parts.headers, &parts.uri, client_ip, parts.version, scheme);
+    let mut headers = upstream_headers(parts.headers, &parts.uri, client, parts.version);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, upgrade.clone());
-    let affinity = up.balancer.affinity(&headers, client_ip);
+    let affinity = up.balancer.affinity(&headers, client.ip);
     up.retry_budget.deposit();
     let mut tried = Vec::new();
     loop {
@@ -251,7 +251,7 @@ pub(crate) async fn forward(
                 let backend_side = hyper::upgrade::on(&mut resp);
                 let idle = up.tunnel_idle;
                 let name = backend.name.clone();
-                up.tunnels.spawn(&backend.name, scheme, |mut closing| async move {
+                up.tunnels.spawn(&backend.name, client.scheme, |mut closing| async move {
                     let both = tokio::select! {
                         both = async { tokio::try_join!(client_side, backend_side) } => both,
                         () = &mut closing => return,
@@ -349,9 +349,9 @@ struct Limits {
     half_closed: Duration,
 }
 
-/// Copies both ways until each side has closed its sending half or failed, `idle` passes
-/// without a byte either way, or `closing` completes. In the last two cases both sides are
-/// shut down (each within [`CLOSE_TIMEOUT`]) before they are dropped, so each peer reads an
+/// Copies both ways until each side has closed its sending half or failed, one side has
+/// closed and `limits.half_closed` passes without a byte, `limits.idle` passes without a
+/// byte either way, or `closing` completes. In the last three cases both sides are shut down (each within [`CLOSE_TIMEOUT`]) before they are dropped, so each peer reads an
 /// orderly end of stream rather than a reset.
 async fn tunnel<C, B>(
     client: C,
@@ -366,19 +366,19 @@ where
     let Limits { idle, half_closed } = limits;
     let epoch = Instant::now();
     let last = AtomicU64::new(0);
-    // Directions that reached end of stream (or failed).
-    let ended = AtomicU64::new(0);
+    // A direction reached end of stream (or failed).
+    let half_closed_seen = AtomicBool::new(false);
     let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
     let reason = {
         let up = async {
             pump(&mut cr, &mut bw, &last, &to_backend, epoch).await;
-            ended.fetch_add(1, Ordering::Relaxed);
+            half_closed_seen.store(true, Ordering::Relaxed);
         };
         let down = async {
             pump(&mut br, &mut cw, &last, &to_client, epoch).await;
-            ended.fetch_add(1, Ordering::Relaxed);
+            half_closed_seen.store(true, Ordering::Relaxed);
         };
         let watchdog = async {
             let tick = (half_closed.min(idle) / 4).max(Duration::from_millis(50));
@@ -390,7 +390,7 @@ where
                 if quiet >= idle {
                     return Reason::Idle;
                 }
-                if ended.load(Ordering::Relaxed) > 0 && quiet >= half_closed {
+                if half_closed_seen.load(Ordering::Relaxed) && quiet >= half_closed {
                     return Reason::HalfClosed;
                 }
             }
