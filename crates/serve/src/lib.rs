@@ -143,13 +143,22 @@ pub struct HttpOptions {
     pub on_ended: Option<OnEnded>,
 }
 
+/// Applies a listener's HTTP/1 settings to `$builder`: hyper's own HTTP/1 builder and the
+/// auto-detecting builder's HTTP/1 half have the same methods but different types, and
+/// both must get the same settings.
+macro_rules! http1_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout())
+            .max_buf_size(MAX_HTTP1_HEAD_BYTES)
+    };
+}
+
 /// The HTTP/1.1 + HTTP/2 server settings of a listener.
 fn http_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout())
-        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
+    http1_settings!(b.http1(), limits);
     b.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
@@ -159,12 +168,10 @@ fn http_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
 
 /// The HTTP/1.1 settings of [`http_builder`] alone, for a connection whose TLS handshake
 /// chose `http/1.1` by ALPN (RFC 7301 §3.2: the client speaks that protocol and no other),
-/// served without protocol detection. Keep it the same as `http_builder`'s HTTP/1 half.
+/// served without protocol detection.
 fn http1_builder(limits: &ListenerLimits) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout())
-        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
+    http1_settings!(b, limits);
     b
 }
 
