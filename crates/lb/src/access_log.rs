@@ -22,11 +22,9 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::future::Future;
 use std::io::{self, BufWriter, Write as _};
 use std::net::IpAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +36,7 @@ use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
 use crate::access_format::UpstreamTiming;
+use crate::layers::{AfterResponse, OnResponse};
 use crate::proxy::ServedBy;
 use topology::AccessLogFormat;
 
@@ -479,7 +478,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = Infallible;
-    type Future = LoggedFuture<S::Future>;
+    type Future = AfterResponse<S::Future, LineParts>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -487,10 +486,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(log) = self.layer.log.clone() else {
-            return LoggedFuture {
-                inner: self.inner.call(req),
-                pending: None,
-            };
+            return AfterResponse::new(self.inner.call(req), None);
         };
         // Cheap clones (reference-counted bytes) taken before the request moves on.
         let pending = LineParts {
@@ -509,15 +505,12 @@ where
                 .get::<serve::ConnInfo>()
                 .and_then(|i| i.tls_handshake),
         };
-        LoggedFuture {
-            inner: self.inner.call(req),
-            pending: Some(pending),
-        }
+        AfterResponse::new(self.inner.call(req), Some(pending))
     }
 }
 
 /// What a request's log line needs from the request, kept until its response is ready.
-struct LineParts {
+pub(crate) struct LineParts {
     log: AccessLog,
     listener: Listener,
     client: IpAddr,
@@ -531,52 +524,32 @@ struct LineParts {
     tls_handshake: Option<Duration>,
 }
 
-pin_project_lite::pin_project! {
-    /// The response future of [`AccessLogged`]: writes the line when the response head is
-    /// ready (`pending` is `None` without an access log). No allocation per request.
-    pub(crate) struct LoggedFuture<F> {
-        #[pin]
-        inner: F,
-        pending: Option<LineParts>,
-    }
-}
-
-impl<F, ResB> Future for LoggedFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, Infallible>>,
-    ResB: http_body::Body,
-{
-    type Output = Result<Response<ResB>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(resp) = std::task::ready!(this.inner.poll(cx));
-        if let Some(p) = this.pending.take() {
-            let body_bytes = resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .or_else(|| resp.body().size_hint().exact());
-            let entry = Entry {
-                client: p.client,
-                time: p.time,
-                method: &p.method,
-                uri: &p.uri,
-                version: p.version,
-                status: resp.status(),
-                body_bytes,
-                referer: p.referer.as_ref(),
-                user_agent: p.user_agent.as_ref(),
-                backend: resp.extensions().get::<ServedBy>().map(|s| &*s.0),
-                response_time: p.started.elapsed(),
-                listener: p.listener,
-                tls_handshake: p.tls_handshake,
-                timing: resp.extensions().get::<UpstreamTiming>(),
-            };
-            p.log.send(&entry.line_as((p.log.0).0.format));
-        }
-        Poll::Ready(Ok(resp))
+impl<B: http_body::Body> OnResponse<B> for LineParts {
+    /// Writes the request's line.
+    fn on_response(self, resp: &Response<B>) {
+        let body_bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .or_else(|| resp.body().size_hint().exact());
+        let entry = Entry {
+            client: self.client,
+            time: self.time,
+            method: &self.method,
+            uri: &self.uri,
+            version: self.version,
+            status: resp.status(),
+            body_bytes,
+            referer: self.referer.as_ref(),
+            user_agent: self.user_agent.as_ref(),
+            backend: resp.extensions().get::<ServedBy>().map(|s| &*s.0),
+            response_time: self.started.elapsed(),
+            listener: self.listener,
+            tls_handshake: self.tls_handshake,
+            timing: resp.extensions().get::<UpstreamTiming>(),
+        };
+        self.log.send(&entry.line_as((self.log.0).0.format));
     }
 }
 

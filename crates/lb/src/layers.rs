@@ -88,43 +88,69 @@ where
 {
     type Response = Response<ResB>;
     type Error = Infallible;
-    type Future = MeteredFuture<S::Future>;
+    type Future = AfterResponse<S::Future, Record>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        MeteredFuture {
+        let record = Record {
+            metrics: self.metrics.clone(),
             started: Instant::now(),
-            metrics: Some(self.metrics.clone()),
-            inner: self.inner.call(req),
-        }
+        };
+        AfterResponse::new(self.inner.call(req), Some(record))
     }
+}
+
+/// A request's metrics, recorded when its response head is ready.
+pub(crate) struct Record {
+    metrics: std::sync::Arc<Metrics>,
+    started: Instant,
+}
+
+impl<B> OnResponse<B> for Record {
+    fn on_response(self, resp: &Response<B>) {
+        self.metrics.record(resp.status(), self.started);
+    }
+}
+
+/// What a layer does with a response head once the service it wraps has produced it.
+pub(crate) trait OnResponse<B> {
+    /// Called once, with the response before it goes on.
+    fn on_response(self, resp: &Response<B>);
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`Metered`]: records the response when it is ready (no
-    /// allocation per request).
-    pub(crate) struct MeteredFuture<F> {
+    /// The response future of a layer that only looks at the response: the wrapped
+    /// service's future, then `after` (when there is one) on its response. No allocation
+    /// per request.
+    pub(crate) struct AfterResponse<F, A> {
         #[pin]
         inner: F,
-        started: Instant,
-        metrics: Option<std::sync::Arc<Metrics>>,
+        after: Option<A>,
     }
 }
 
-impl<F, ResB> Future for MeteredFuture<F>
+impl<F, A> AfterResponse<F, A> {
+    /// `inner`, then `after` on its response.
+    pub(crate) fn new(inner: F, after: Option<A>) -> Self {
+        AfterResponse { inner, after }
+    }
+}
+
+impl<F, A, ResB> Future for AfterResponse<F, A>
 where
     F: Future<Output = Result<Response<ResB>, Infallible>>,
+    A: OnResponse<ResB>,
 {
     type Output = Result<Response<ResB>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(resp) = std::task::ready!(this.inner.poll(cx));
-        if let Some(metrics) = this.metrics.take() {
-            metrics.record(resp.status(), *this.started);
+        if let Some(after) = this.after.take() {
+            after.on_response(&resp);
         }
         Poll::Ready(Ok(resp))
     }
