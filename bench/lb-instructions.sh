@@ -55,16 +55,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
 
-cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -keyout ca.key -out ca.pem -subj "/CN=Rampart bench CA" 2>/dev/null
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout site.key \
-  -out site.csr -subj "/CN=bench.test" 2>/dev/null
-printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:bench.test\n' > site.ext
-openssl x509 -req -in site.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-  -extfile site.ext -out site.pem 2>/dev/null
-cat site.pem site.key > haproxy.pem
-cd - >/dev/null
+bench_ca "$work"
+bench_leaf "$work" site bench.test DNS:bench.test
+cat "$work/site.pem" "$work/site.key" > "$work/haproxy.pem"
 mkdir -p "$work/www" && chmod 755 "$work" "$work/www"
 head -c 612 /dev/zero | tr '\0' 'x' > "$work/www/index.html"
 echo ok > "$work/www/check.html"

@@ -81,20 +81,10 @@ trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
 
 # A bench CA; the site certificate (every load balancer's, ECDSA P-256) and the backends'
 # certificate (their two addresses and a name) are signed by it.
-cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -keyout ca.key -out ca.pem -subj "/CN=Rampart bench CA" 2>/dev/null
-leaf() { # NAME CN SAN
-  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1.key" \
-    -out "$1.csr" -subj "/CN=$2" 2>/dev/null
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-    -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-}
-leaf site bench.test DNS:bench.test
-leaf backend backend.bench.test "DNS:backend.bench.test,IP:$ip.21,IP:$ip.22"
-cat site.pem site.key > haproxy.pem
-cd - >/dev/null
+bench_ca "$work"
+bench_leaf "$work" site bench.test DNS:bench.test
+bench_leaf "$work" backend backend.bench.test "DNS:backend.bench.test,IP:$ip.21,IP:$ip.22"
+cat "$work/site.pem" "$work/site.key" > "$work/haproxy.pem"
 # The page the backends serve (nginx's default page size), readable by nginx's workers.
 mkdir -p "$work/www" && chmod 755 "$work" "$work/www"
 head -c 612 /dev/zero | tr '\0' 'x' > "$work/www/index.html" && chmod 644 "$work/www/index.html"

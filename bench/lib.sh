@@ -21,3 +21,22 @@ require() {
   done
   return 0
 }
+
+# bench_ca DIR — a bench certificate authority, DIR/ca.pem and DIR/ca.key (ECDSA P-256,
+# valid 2 days).
+bench_ca() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -keyout "$1/ca.key" -out "$1/ca.pem" -subj "/CN=Rampart bench CA" 2>/dev/null
+}
+
+# bench_leaf DIR NAME CN SAN — a server certificate DIR/NAME.pem with its key DIR/NAME.key
+# (ECDSA P-256, subject CN, subjectAltName SAN such as "DNS:bench.test,IP:127.0.0.1"),
+# signed by DIR's bench CA.
+bench_leaf() {
+  local d=$1 n=$2
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/$n.key" \
+    -out "$d/$n.csr" -subj "/CN=$3" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$4" > "$d/$n.ext"
+  openssl x509 -req -in "$d/$n.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+    -extfile "$d/$n.ext" -out "$d/$n.pem" 2>/dev/null
+}
