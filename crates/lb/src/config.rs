@@ -95,6 +95,11 @@ pub struct LbConfig {
     /// proxy plain HTTP to the backends like the HTTPS listener (`rampart lb
     /// --http-proxy`; then `X-Forwarded-Proto`/`Forwarded` say `http`).
     pub http_mode: HttpMode,
+    /// [`HttpMode::Proxy`] only: the HTTP listener also serves HTTP/2 with prior knowledge
+    /// ("h2c", RFC 9113 §3.3; `rampart lb --h2c`), like nginx `listen … http2` or HAProxy
+    /// `bind … proto h2`. Default false: HTTP/1.1 only, and a client that starts with the
+    /// HTTP/2 preface is closed without an answer (see [`serve::HttpOptions::h2c`]).
+    pub h2c: bool,
     /// Where the local admin socket is bound (`rampart lb drain|enable|status`; see
     /// [`crate::admin`]); its directory must exist and the path fit a Unix socket address
     /// (107 bytes) — otherwise a warning is logged and the load balancer runs without it.
@@ -170,6 +175,7 @@ impl LbConfig {
             standalone: None,
             http_enabled: true,
             http_mode: HttpMode::Redirect,
+            h2c: false,
             admin_socket: None,
             extra_certs: t
                 .site
@@ -215,6 +221,9 @@ pub struct StandaloneOptions {
     pub http_listen: Option<std::net::SocketAddr>,
     /// What the HTTP listener does: redirect to HTTPS or proxy plain HTTP.
     pub http_mode: HttpMode,
+    /// The proxying HTTP listener also serves HTTP/2 with prior knowledge (`--h2c`; see
+    /// [`LbConfig::h2c`]).
+    pub h2c: bool,
     /// Certificate, key and backend CA.
     pub tls: StandaloneTls,
     /// Backends, in order (named `b1`, `b2`, … in metrics, logs and `rampart lb drain`).
@@ -240,7 +249,7 @@ impl LbConfig {
     /// policy that admits anyone on the two listeners, TLS from files.
     ///
     /// Errors: the HTTP listener is on another address than the HTTPS one (one network seam
-    /// has one address); a hash header without the `consistent_hash` algorithm; every
+    /// has one address); h2c on an HTTP listener that does not proxy; a hash header without the `consistent_hash` algorithm; every
     /// backend a backup.
     pub fn standalone(o: StandaloneOptions) -> Result<LbConfig, String> {
         if o.balancing.hash_header.is_some()
@@ -270,6 +279,11 @@ impl LbConfig {
         use topology::{Callers, Policy, Rule, Service, Sources};
         if o.http_mode == HttpMode::Proxy && o.http_listen.is_none() {
             return Err("--http-proxy needs --http-listen ADDR (the listener that proxies)".into());
+        }
+        if o.h2c && o.http_mode != HttpMode::Proxy {
+            return Err(
+                "--h2c needs --http-proxy (only a proxying HTTP listener serves HTTP/2)".into(),
+            );
         }
         if let Some(h) = o.http_listen {
             if h.ip() != o.listen.ip() {
@@ -350,6 +364,7 @@ impl LbConfig {
             standalone: Some(o.tls),
             http_enabled: o.http_listen.is_some(),
             http_mode: o.http_mode,
+            h2c: o.h2c,
             admin_socket: o.admin_socket,
             extra_certs: Vec::new(),
             resumption: resumption(&t.site.tls),

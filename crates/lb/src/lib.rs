@@ -374,7 +374,10 @@ fn closed_counter(
                 reason: why.as_str(),
             })
             .inc();
-        if matches!(why, Ended::BadRequest | Ended::HeadTooLarge) {
+        if matches!(
+            why,
+            Ended::BadRequest | Ended::HeadTooLarge | Ended::H2cRefused
+        ) {
             tracing::info!(%peer, listener, reason = why.as_str(), "request rejected before routing");
         }
     })
@@ -496,7 +499,7 @@ pub async fn start(
     let closed = Family::<ClosedLabels, Counter>::default();
     registry.register(
         "rampart_lb_connections_closed",
-        "Connections the load balancer closed by reason: TLS handshake failed or timed out, no first byte, incomplete head, idle, stalled, evicted from a full listener, unparsable (400) or oversized (431) head",
+        "Connections the load balancer closed by reason: TLS handshake failed or timed out, no first byte, incomplete head, idle, stalled, evicted from a full listener, unparsable (400) or oversized (431) head, HTTP/2 preface on a plain HTTP/1.1 listener (h2c_refused)",
         closed.clone(),
     );
 
@@ -571,6 +574,7 @@ pub async fn start(
         HttpOptions {
             tls: Some(site_tls),
             on_ended: Some(closed_counter(&closed, "https")),
+            h2c: false,
         },
         move |info: &serve::ConnInfo| {
             ServiceBuilder::new()
@@ -603,6 +607,7 @@ pub async fn start(
             HttpOptions {
                 tls: None,
                 on_ended: Some(closed_counter(&closed, "http")),
+                h2c: cfg.http_mode == HttpMode::Proxy && cfg.h2c,
             },
             move |info: &serve::ConnInfo| {
                 let inner = match mode {

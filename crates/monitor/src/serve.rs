@@ -46,6 +46,7 @@ pub fn spawn_with(
     let opts = HttpOptions {
         tls,
         on_ended: None,
+        h2c: false,
     };
     tasks.spawn(serve::serve_http(
         listener,

@@ -89,6 +89,10 @@ struct RunArgs {
     /// redirecting to HTTPS.
     #[arg(long, requires = "http_listen")]
     http_proxy: bool,
+    /// The --http-proxy listener also serves HTTP/2 with prior knowledge (h2c, RFC 9113
+    /// §3.3), like nginx `listen … http2`. Without it, plain HTTP is HTTP/1.1 only.
+    #[arg(long, requires = "http_proxy")]
+    h2c: bool,
     /// A name the site answers to (repeat for more; others get 421). Default: any.
     #[arg(long = "site-name")]
     site_names: Vec<String>,
@@ -168,6 +172,7 @@ pub(crate) fn run(
         } else {
             lb::HttpMode::Redirect
         },
+        h2c: r.h2c,
         tls: lb::StandaloneTls {
             certs,
             cert_dir: r.tls_cert_dir,

@@ -261,3 +261,106 @@ async fn standalone_lb_proxies_plain_http_with_http_proxy() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `curl --http2-prior-knowledge URL`: curl's exit code and `HTTP-VERSION STATUS`.
+async fn curl_h2c(url: &str) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["--http2-prior-knowledge", "--silent", "--max-time", "10"])
+        .args([
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `--h2c`: the proxying HTTP listener serves HTTP/2 with prior knowledge (curl
+/// `--http2-prior-knowledge`) beside HTTP/1.1; without it, the same curl is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_lb_serves_h2c_on_the_plain_proxy_listener_only_with_h2c() {
+    if !test_support::have_binary("curl") {
+        return test_support::skip("curl is not installed (Debian package curl)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (backend, _task) = backend("127.98.2.11:0", "A").await;
+    for h2c in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "lb",
+            "--listen",
+            "127.98.2.10:0",
+            "--http-listen",
+            "127.98.2.10:0",
+            "--http-proxy",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .args(["--backend", &backend.to_string(), "--threads", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+        if h2c {
+            cmd.arg("--h2c");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let http: SocketAddr = line
+            .split("http on ")
+            .nth(1)
+            .and_then(|s| s.split([',', ' ']).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no http address in {line:?}"));
+        let url = format!("http://{http}/");
+        // HTTP/1.1 works either way (once the backend's health check passed).
+        let client = reqwest::Client::builder()
+            .http1_only()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the plain listener never proxied"
+            );
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status() == 200 {
+                    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (code, out) = curl_h2c(&url).await;
+        println!("--h2c {h2c}: curl --http2-prior-knowledge exit {code:?}, {out:?}");
+        if h2c {
+            assert_eq!((code, out.as_str()), (Some(0), "2 200"));
+        } else {
+            // Closed without an answer: curl fails, no status.
+            assert_ne!(code, Some(0), "HTTP/2 served without --h2c: {out:?}");
+            assert!(out.ends_with(" 000"), "{out:?}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

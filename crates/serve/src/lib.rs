@@ -7,7 +7,9 @@
 //! service; it enforces, with the listener's [`topology::ListenerLimits`]:
 //! - the TLS handshake timeout;
 //! - HTTP/1.1 served by hyper's HTTP/1 connection when the TLS handshake chose it by ALPN
-//!   (RFC 7301), otherwise HTTP/1.1 or HTTP/2 told apart by the first bytes;
+//!   (RFC 7301), otherwise HTTP/1.1 or HTTP/2 told apart by the first bytes; on a plain
+//!   listener HTTP/1.1 only, unless [`HttpOptions::h2c`] asks for HTTP/2 with prior
+//!   knowledge as well;
 //! - the caller identities the policy's rule names (mutual TLS; roles never decide who
 //!   may call them);
 //! - the first-byte (protocol detection) timeout, then the HTTP/1 header read timeout;
@@ -110,6 +112,10 @@ pub enum Ended {
     HeadTooLarge,
     /// Unparsable HTTP (hyper answered 400).
     BadRequest,
+    /// HTTP/2's connection preface (RFC 9113 §3.4) on a plain listener that serves
+    /// HTTP/1.1 only ([`HttpOptions::h2c`] off): closed without an answer, as hyper's
+    /// HTTP/1 server does (an HTTP/1 status line would mean nothing to an HTTP/2 client).
+    H2cRefused,
 }
 
 impl Ended {
@@ -126,6 +132,7 @@ impl Ended {
             Ended::Evicted => "evicted",
             Ended::HeadTooLarge => "head_too_large",
             Ended::BadRequest => "bad_request",
+            Ended::H2cRefused => "h2c_refused",
         }
     }
 }
@@ -141,6 +148,13 @@ pub struct HttpOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Notified of every connection that ends for an [`Ended`] reason.
     pub on_ended: Option<OnEnded>,
+    /// Plain listeners only (`tls: None`): serve HTTP/2 with prior knowledge ("h2c",
+    /// RFC 9113 §3.3) beside HTTP/1.1, told apart by the first 24 bytes (the preface). Off:
+    /// every plain connection is HTTP/1.1 (hyper's HTTP/1 connection, no detection), and a
+    /// client that starts with the HTTP/2 preface is closed without an answer
+    /// ([`Ended::H2cRefused`]). Peers make it opt-in too: nginx `listen … http2`, HAProxy
+    /// `bind … proto h2`. Ignored with TLS, where ALPN (RFC 7301) chooses.
+    pub h2c: bool,
 }
 
 /// Applies a listener's HTTP/1 settings to `$builder`: hyper's own HTTP/1 builder and the
@@ -207,6 +221,7 @@ pub async fn serve_http<M, S, B>(
     let ctx = Arc::new(Ctx {
         builder: http_builder(&limits),
         http1: http1_builder(&limits),
+        plain_http1_only: !opts.h2c,
         acceptor: opts.tls.map(TlsAcceptor::from),
         on_ended: opts.on_ended,
         limits,
@@ -247,7 +262,7 @@ enum Served<'a, I, S>
 where
     S: hyper::service::HttpService<Incoming>,
 {
-    /// HTTP/1.1, chosen by ALPN.
+    /// HTTP/1.1 only: chosen by ALPN, or a plain listener without h2c.
     Http1(Pin<Box<http1::UpgradeableConnection<I, S>>>),
     /// HTTP/1.1 or HTTP/2, told apart by the first bytes (HTTP/2's preface, RFC 9113 §3.4).
     Auto(Pin<Box<auto::UpgradeableConnection<'a, I, S, TokioExecutor>>>),
@@ -268,6 +283,8 @@ macro_rules! graceful_shutdown {
 struct Ctx<M> {
     builder: auto::Builder<TokioExecutor>,
     http1: http1::Builder,
+    /// A plain connection is HTTP/1.1 only ([`HttpOptions::h2c`] off).
+    plain_http1_only: bool,
     acceptor: Option<TlsAcceptor>,
     on_ended: Option<OnEnded>,
     limits: ListenerLimits,
@@ -313,7 +330,7 @@ impl<M> Ctx<M> {
             return self
                 .http(
                     TokioIo::new(io),
-                    false,
+                    self.plain_http1_only,
                     info,
                     svc,
                     &activity,
@@ -380,7 +397,8 @@ impl<M> Ctx<M> {
     }
 
     /// Serves HTTP on `io` until it closes; `http1_only`: the client chose HTTP/1.1 by
-    /// ALPN, so hyper's HTTP/1 connection serves it directly (no protocol detection).
+    /// ALPN, or the plain listener serves HTTP/1.1 only, so hyper's HTTP/1 connection
+    /// serves it directly (no protocol detection).
     #[allow(clippy::too_many_arguments)]
     async fn http<I, S, B>(
         &self,
@@ -422,8 +440,8 @@ impl<M> Ctx<M> {
         // speaks HTTP/1.1) is allocated at its own size instead of widening this future,
         // whose every byte every connection task carries (idle ones included).
         //
-        // HTTP/1.1 chosen by ALPN is served by hyper's HTTP/1 connection directly: the
-        // auto-detecting one first reads 24 bytes to tell HTTP/2's preface from HTTP/1, then
+        // HTTP/1.1 only (chosen by ALPN, or a plain listener without h2c) is served by
+        // hyper's HTTP/1 connection directly: the auto-detecting one first reads 24 bytes to tell HTTP/2's preface from HTTP/1, then
         // hands them back in front of the stream, and hyper's read buffer, topped up to
         // 8 KiB after those 24 bytes, doubles to 16 KiB, kept for the connection's life.
         let mut conn = if http1_only {
@@ -556,6 +574,9 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<Ended> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse_version_h2() {
+                return Some(Ended::H2cRefused);
+            }
             if h.is_parse_too_large() {
                 return Some(Ended::HeadTooLarge);
             }

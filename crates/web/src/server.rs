@@ -149,6 +149,7 @@ pub async fn start(
             }
             _ => {}
         })),
+        h2c: false,
     };
     let tasks = RoleTasks::new();
     tasks.spawn(serve::serve_http(
