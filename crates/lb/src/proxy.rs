@@ -352,6 +352,9 @@ pub(crate) struct Upstreams {
     pub(crate) connector: crate::upstream::Connector,
     /// A WebSocket tunnel with no byte either way for this long is closed.
     pub(crate) tunnel_idle: Duration,
+    /// After one side of a tunnel closed its sending half, the other may stay quiet this
+    /// long (capped by `tunnel_idle`).
+    pub(crate) tunnel_half_closed: Duration,
     /// Where tunnels run, shared by every generation.
     pub(crate) tunnels: crate::websocket::Tunnels,
     /// `rampart_lb_retries_refused_total`.

@@ -147,6 +147,7 @@ pub(crate) fn build(
         retries_refused: fixed.backend_families.refused.clone(),
         connector: connector.clone(),
         tunnel_idle: Duration::from_millis(limits.balancing.tunnel_idle_timeout_ms),
+        tunnel_half_closed: Duration::from_millis(limits.balancing.tunnel_half_closed_timeout_ms),
         tunnels: fixed.tunnels.clone(),
     });
     for b in &cfg.backends {

@@ -5,8 +5,8 @@
 //! joined byte for byte. Any other answer is passed back as is.
 //!
 //! The tunnel ends when both sides have closed their sending half; when one has and the
-//! other direction carries no byte for [`HALF_CLOSED_IDLE`] (HAProxy `timeout client-fin` /
-//! `timeout server-fin`: a WebSocket peer answers a Close promptly); or when no byte has
+//! other direction carries no byte for `tunnel_half_closed_timeout_ms` (HAProxy `timeout
+//! client-fin` / `timeout server-fin`: a WebSocket peer answers a Close promptly); or when no byte has
 //! crossed it in either direction for `tunnel_idle_timeout_ms` (nginx
 //! `proxy_read_timeout`, HAProxy `timeout tunnel`). A tunnel does not hold one of the
 //! backend's request slots (it is not a request in flight) and its connection is never
@@ -52,11 +52,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed to send the closing `close_notify` and FIN to one side of a tunnel the
 /// load balancer ends (a peer that reads nothing cannot hold the stop).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// After one side of a tunnel has closed its sending half, how long the other direction
-/// may stay quiet before the tunnel is closed (the tunnel's idle timeout when that is
-/// shorter).
-const HALF_CLOSED_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -250,6 +245,7 @@ pub(crate) async fn forward(
                 }
                 let backend_side = hyper::upgrade::on(&mut resp);
                 let idle = up.tunnel_idle;
+                let half_closed = up.tunnel_half_closed.min(idle);
                 let name = backend.name.clone();
                 up.tunnels.spawn(&backend.name, client.scheme, |mut closing| async move {
                     let both = tokio::select! {
@@ -263,7 +259,7 @@ pub(crate) async fn forward(
                                 TokioIo::new(b),
                                 Limits {
                                     idle,
-                                    half_closed: HALF_CLOSED_IDLE.min(idle),
+                                    half_closed,
                                 },
                                 closing,
                             )
@@ -316,7 +312,7 @@ enum Reason {
     /// No byte either way for the idle timeout.
     Idle,
     /// One side closed its sending half and the other direction stayed quiet for
-    /// [`HALF_CLOSED_IDLE`].
+    /// `tunnel_half_closed_timeout_ms`.
     HalfClosed,
     /// The load balancer stopped and the drain time is over.
     Drained,

@@ -181,3 +181,30 @@ fn fw_export_prints_a_loadable_file_for_a_real_machine() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
+
+#[test]
+fn a_zero_half_closed_tunnel_timeout_exits_64_naming_the_key_and_the_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("t.toml");
+    std::fs::write(
+        &file,
+        topology::DEFAULT_TOML.replace(
+            "tunnel_half_closed_timeout_ms = 10000",
+            "tunnel_half_closed_timeout_ms = 0",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("t.toml"), "{err}");
+    assert!(
+        err.contains("balancer.tunnel_half_closed_timeout_ms"),
+        "{err}"
+    );
+    assert!(err.contains("fix:") && err.contains("10000"), "{err}");
+}

@@ -140,6 +140,11 @@ pub struct Balancing {
     /// A WebSocket tunnel with no byte in either direction for this long is closed (nginx
     /// `proxy_read_timeout`, HAProxy `timeout tunnel`). Milliseconds, default 300 000.
     pub tunnel_idle_timeout_ms: u64,
+    /// After one side of a WebSocket tunnel closed its sending half, the other direction
+    /// may stay quiet this long before the tunnel is closed (HAProxy `timeout client-fin`
+    /// / `timeout server-fin`: a WebSocket peer answers a Close at once, RFC 6455 §5.5.1);
+    /// `tunnel_idle_timeout_ms` when that is shorter. Milliseconds, default 10 000.
+    pub tunnel_half_closed_timeout_ms: u64,
     /// Per-backend options by host name; hosts not listed have the defaults.
     pub backends: BTreeMap<String, BackendOptions>,
 }
@@ -158,6 +163,7 @@ impl Default for Balancing {
             retry_budget_percent: 20,
             retry_min_per_second: 10,
             tunnel_idle_timeout_ms: 300_000,
+            tunnel_half_closed_timeout_ms: 10_000,
             backends: BTreeMap::new(),
         }
     }
@@ -244,6 +250,9 @@ pub(crate) fn validate_balancing(raw: &RawBalancer, file: &str) -> Result<Balanc
         tunnel_idle_timeout_ms: raw
             .tunnel_idle_timeout_ms
             .unwrap_or(d.tunnel_idle_timeout_ms),
+        tunnel_half_closed_timeout_ms: raw
+            .tunnel_half_closed_timeout_ms
+            .unwrap_or(d.tunnel_half_closed_timeout_ms),
         backends: BTreeMap::new(),
     };
     if b.tunnel_idle_timeout_ms == 0 {
@@ -252,6 +261,14 @@ pub(crate) fn validate_balancing(raw: &RawBalancer, file: &str) -> Result<Balanc
             "balancer.tunnel_idle_timeout_ms".into(),
             "must be positive",
             "remove the key for the default (300000)",
+        ));
+    }
+    if b.tunnel_half_closed_timeout_ms == 0 {
+        return Err(err(
+            file,
+            "balancer.tunnel_half_closed_timeout_ms".into(),
+            "must be positive (a half-closed tunnel would be closed at once)",
+            "remove the key for the default (10000)",
         ));
     }
     if b.ejection_base_ms == 0 || b.ejection_max_ms < b.ejection_base_ms {
@@ -363,6 +380,31 @@ mod tests {
     }
 
     #[test]
+    fn the_half_closed_tunnel_timeout_defaults_to_ten_seconds_and_is_read() {
+        let t = Topology::default_topology();
+        assert_eq!(t.balancer.balancing.tunnel_half_closed_timeout_ms, 10_000);
+        let text = format!(
+            "[balancer]\ntunnel_half_closed_timeout_ms = 2500\n{}",
+            hosts()
+        );
+        let t = Topology::parse(&text, "x.toml").unwrap();
+        assert_eq!(t.balancer.balancing.tunnel_half_closed_timeout_ms, 2_500);
+        assert_eq!(Topology::parse(&t.to_toml(), "x").unwrap(), t);
+        let e = Topology::parse(
+            &format!("[balancer]\ntunnel_half_closed_timeout_ms = 0\n{}", hosts()),
+            "x.toml",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("x.toml"), "{text}");
+        assert!(
+            text.contains("balancer.tunnel_half_closed_timeout_ms"),
+            "{text}"
+        );
+        assert!(text.contains("10000"), "{text}");
+    }
+
+    #[test]
     fn bad_balancing_keys_name_the_key() {
         for (toml, key) in [
             ("[balancer]\nalgorithm = \"fastest\"\n", "balancer.algorithm"),
@@ -383,6 +425,10 @@ mod tests {
             (
                 "[balancer]\nejection_base_ms = 5000\nejection_max_ms = 1000\n",
                 "balancer.ejection_max_ms",
+            ),
+            (
+                "[balancer]\ntunnel_half_closed_timeout_ms = 0\n",
+                "balancer.tunnel_half_closed_timeout_ms",
             ),
         ] {
             let e = Topology::parse(&format!("{toml}{}", hosts()), "x.toml").unwrap_err();

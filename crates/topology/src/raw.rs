@@ -126,6 +126,7 @@ pub(crate) struct RawBalancer {
     pub retry_budget_percent: Option<u32>,
     pub retry_min_per_second: Option<u32>,
     pub tunnel_idle_timeout_ms: Option<u64>,
+    pub tunnel_half_closed_timeout_ms: Option<u64>,
     pub backends: Option<std::collections::BTreeMap<String, crate::balancing::RawBackendOptions>>,
 }
 
