@@ -1,6 +1,6 @@
 //! WebSocket upgrades through the load balancer: a real WebSocket client (tokio-tungstenite)
-//! over TLS to the load balancer, echo backends behind it over mutual TLS. Tunnels across a
-//! reload and a stop, and their gauge.
+//! over TLS to the load balancer (and over plain HTTP to its proxying HTTP listener), echo
+//! backends behind it over mutual TLS. Tunnels across a reload and a stop, and their gauge.
 
 #![allow(clippy::unwrap_used)]
 
@@ -256,4 +256,55 @@ async fn a_tunnel_that_ends_during_the_drain_lets_the_stop_finish_early() {
         .expect("the stop waited for the drain timer, not for the tunnel")
         .unwrap();
     assert_eq!(tunnels(&s, "web-01"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_passes_through_the_plain_http_proxy_listener() {
+    let s = setup(2, true, |cfg| cfg.http_mode = lb::HttpMode::Proxy).await;
+    let http = s.lb.http_addr().unwrap();
+    let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    let url = format!("ws://www.foobar.com:{}/ws", http.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    let first = echo_plain(&mut ws, "hello").await;
+    let backend = first.split(':').next().unwrap().to_string();
+    assert_eq!(first, format!("{backend}: hello"));
+    assert!(backend.starts_with("web-0"), "{first}");
+    wait_tunnels(&s, &backend, 1.0).await;
+    for i in 0..20 {
+        let payload = vec![i as u8; 1000 + i * 500];
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no echo")
+            .unwrap()
+            .unwrap()
+            .into_data();
+        assert_eq!(back.as_ref(), payload.as_slice());
+    }
+    // Closed by the client: the tunnel ends and is no longer counted.
+    ws.close(None).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(15), ws.next())
+        .await
+        .expect("the client never saw the tunnel close");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+    drop(ws);
+    wait_tunnels(&s, &backend, 0.0).await;
+}
+
+/// [`echo`] over a plain-HTTP WebSocket.
+async fn echo_plain(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    text: &str,
+) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("no echo")
+        .unwrap()
+        .unwrap();
+    back.into_text().unwrap().to_string()
 }
