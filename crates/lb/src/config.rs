@@ -539,6 +539,46 @@ roles = ["web", "app"]
         );
     }
 
+    fn standalone_options(http_mode: HttpMode, h2c: bool) -> StandaloneOptions {
+        StandaloneOptions {
+            listen: "127.98.2.30:8443".parse().unwrap(),
+            http_listen: Some("127.98.2.30:8080".parse().unwrap()),
+            http_mode,
+            h2c,
+            tls: StandaloneTls {
+                certs: Vec::new(),
+                cert_dir: None,
+                backend_ca: None,
+            },
+            backends: vec!["127.98.2.31:80".parse().unwrap()],
+            balancing: topology::Balancing::default(),
+            site_names: Vec::new(),
+            health_path: "/".into(),
+            access_log: None,
+            access_log_format: topology::AccessLogFormat::default(),
+            admin_socket: None,
+        }
+    }
+
+    #[test]
+    fn standalone_h2c_is_off_by_default_and_only_on_a_proxying_http_listener() {
+        let cfg = LbConfig::standalone(standalone_options(HttpMode::Proxy, false)).unwrap();
+        assert!(!cfg.h2c);
+        let cfg = LbConfig::standalone(standalone_options(HttpMode::Proxy, true)).unwrap();
+        assert!(cfg.h2c);
+        let e = LbConfig::standalone(standalone_options(HttpMode::Redirect, true)).unwrap_err();
+        assert!(e.contains("--h2c needs --http-proxy"), "{e}");
+        let t = Topology::parse(TOML, "test.toml").unwrap();
+        let cfg = LbConfig::from_topology(
+            &t,
+            "lb-01",
+            pki::PkiPaths::new("/nonexistent"),
+            net(&t, "lb-01"),
+        )
+        .unwrap();
+        assert!(!cfg.h2c, "the lab's HTTP listener only redirects");
+    }
+
     fn net(t: &Topology, host: &str) -> firewall::Net {
         let policy = Arc::new(Policy::compile(t));
         let address = t
