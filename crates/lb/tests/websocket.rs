@@ -308,3 +308,72 @@ async fn echo_plain(
         .unwrap();
     back.into_text().unwrap().to_string()
 }
+
+/// Opens `ws://www.foobar.com/ws` through the plain HTTP proxy listener, has the backend
+/// end its side (a Close, after which the echo backend drops its connection), and returns
+/// the client's stream once the load balancer passed that end on: the tunnel is then
+/// half closed, the client's sending half still open and quiet.
+async fn half_closed_by_the_backend(
+    s: &Setup,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let http = s.lb.http_addr().unwrap();
+    let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    let url = format!("ws://www.foobar.com:{}/ws", http.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    assert_eq!(echo_plain(&mut ws, "hi").await, "web-01: hi");
+    wait_tunnels(s, "web-01", 1.0).await;
+    let ended_before = s.backends[0]
+        .ws_ended
+        .load(std::sync::atomic::Ordering::SeqCst);
+    ws.close(None).await.unwrap();
+    // The backend's end of stream reaches the client: the load balancer forwarded it.
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        for _ in 0..100 {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+        panic!("the backend's side never ended");
+    })
+    .await;
+    assert!(end.is_ok(), "the client never saw the backend's side end");
+    assert_eq!(
+        s.backends[0]
+            .ws_ended
+            .load(std::sync::atomic::Ordering::SeqCst),
+        ended_before + 1
+    );
+    ws
+}
+
+/// `tunnel_half_closed_timeout_ms` is honoured both ways: a long one keeps a half-closed
+/// tunnel open past the 10 s default, and after a reload to a short one a half-closed
+/// tunnel is closed although its idle timeout is an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_half_closed_tunnel_timeout_is_the_configured_one() {
+    let s = setup(1, false, |cfg| {
+        cfg.http_mode = lb::HttpMode::Proxy;
+        cfg.balancer.balancing.tunnel_idle_timeout_ms = 3_600_000;
+        cfg.balancer.balancing.tunnel_half_closed_timeout_ms = 600_000;
+    })
+    .await;
+    let ws = half_closed_by_the_backend(&s).await;
+    // Longer than the 10 s default: with a 10-minute limit the tunnel is still open.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        tunnels(&s, "web-01"),
+        1.0,
+        "a half-closed tunnel was closed before tunnel_half_closed_timeout_ms"
+    );
+    drop(ws);
+    wait_tunnels(&s, "web-01", 0.0).await;
+
+    let mut cfg = s.cfg.clone();
+    cfg.balancer.balancing.tunnel_half_closed_timeout_ms = 300;
+    s.lb.reload(Some(cfg)).await.unwrap();
+    let ws = half_closed_by_the_backend(&s).await;
+    // Closed by the load balancer while the client still holds its side open.
+    wait_tunnels(&s, "web-01", 0.0).await;
+    drop(ws);
+}
