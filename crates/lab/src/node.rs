@@ -43,7 +43,10 @@ pub struct NodeStatus {
     pub updated_unix_ms: u64,
 }
 
-/// Runs the node for `host` until SIGTERM or SIGINT. Blocks the calling thread.
+/// Runs the node for `host` until SIGTERM or SIGINT. Blocks the calling thread. The
+/// runtime has one worker thread per CPU the process may run on ([`serve::runtime`]): a
+/// host pinned to one CPU (`taskset -c 1 rampart up`, a cpuset) runs its roles on one
+/// thread, with no cross-thread wake-ups.
 ///
 /// Errors: the resolved topology is missing or invalid, the host is not in it, or a role
 /// fails to start (the error names the role).
@@ -52,10 +55,7 @@ pub struct NodeStatus {
 /// is loaded into the network namespace this process runs in before any role starts: a
 /// lab host's namespace in netns mode, or the machine itself on a real deployment.
 pub fn run(state: &StateDir, host: &str, apply_firewall: bool) -> Result<(), LabError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    let runtime = serve::runtime(None)
         .map_err(|e| LabError::Other(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(run_async(state.clone(), host.to_string(), apply_firewall))
 }

@@ -80,13 +80,53 @@ impl ExchangeError {
     }
 }
 
-/// The request as it goes to the backend: the target in origin form, the fields the proxy
-/// built (with `Host` and `Content-Length`), and the whole body.
+/// The request as it goes to the backend: its method, its head as bytes (a finished
+/// [`RequestHead`]) and the whole body.
 pub(crate) struct Outgoing<'a> {
     pub(crate) method: &'a Method,
-    pub(crate) target: &'a PathAndQuery,
-    pub(crate) headers: &'a HeaderMap,
+    pub(crate) head: &'a [u8],
     pub(crate) body: &'a Bytes,
+}
+
+/// A request head being written for a backend, as the bytes HTTP/1.1 sends (RFC 9112 §3,
+/// §5): `METHOD target HTTP/1.1`, one line per field, a blank line. Fields go in through
+/// [`FieldSink`](crate::proxy::FieldSink), straight from the client's request: no
+/// header map is built for the way upstream.
+pub(crate) struct RequestHead(Vec<u8>);
+
+impl RequestHead {
+    /// The request line for `method` and `target` (origin form, RFC 9112 §3.2.1).
+    pub(crate) fn new(method: &Method, target: &PathAndQuery) -> RequestHead {
+        let mut b = Vec::with_capacity(1024);
+        b.extend_from_slice(method.as_str().as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(target.as_str().as_bytes());
+        b.extend_from_slice(b" HTTP/1.1\r\n");
+        RequestHead(b)
+    }
+
+    /// The whole head: the fields so far, `Content-Length: body_len` (RFC 9110 §8.6, sent
+    /// for every request, 0 included: the body is always read whole first) and the blank
+    /// line.
+    pub(crate) fn finish(mut self, body_len: usize) -> Vec<u8> {
+        let mut n = itoa::Buffer::new();
+        crate::proxy::FieldSink::field(
+            &mut self,
+            &header::CONTENT_LENGTH,
+            n.format(body_len).as_bytes(),
+        );
+        self.0.extend_from_slice(b"\r\n");
+        self.0
+    }
+}
+
+impl crate::proxy::FieldSink for RequestHead {
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        self.0.extend_from_slice(name.as_str().as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value);
+        self.0.extend_from_slice(b"\r\n");
+    }
 }
 
 /// A response head and the reader of its body.
@@ -231,7 +271,12 @@ impl Pool {
         let mut unsent = write_request(&mut conn.io, req).await.err();
         let partial = unsent.is_some();
         let head_only = req.method == Method::HEAD;
-        let (status, version, headers) = loop {
+        let ResponseHead {
+            status,
+            version,
+            headers,
+            hop,
+        } = loop {
             let parsed = match (read_head(&mut conn).await, unsent.take()) {
                 (Ok(parsed), _) => parsed,
                 (Err(_), Some(e)) => return Err(Attempt::NothingBack(ExchangeError::Io(e))),
@@ -239,8 +284,8 @@ impl Pool {
             };
             // 1xx answers before the final one are skipped (RFC 9110 §15.2); 101 was not
             // asked for (upgrades take their own path).
-            if parsed.0.is_informational() {
-                if parsed.0 == StatusCode::SWITCHING_PROTOCOLS {
+            if parsed.status.is_informational() {
+                if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Attempt::Failed(ExchangeError::Protocol(
                         "101 to a request that asked for no upgrade",
                     )));
@@ -249,9 +294,9 @@ impl Pool {
             }
             break parsed;
         };
-        let framing = framing(&status, head_only, &headers).map_err(Attempt::Failed)?;
+        let framing = framing(&status, head_only, &hop).map_err(Attempt::Failed)?;
         // After a partial request the connection is out of step: never reused.
-        let keep_alive = !partial && framing != Framing::Close && persistent(version, &headers);
+        let keep_alive = !partial && framing != Framing::Close && persistent(version, &hop);
         Ok(Head {
             status,
             headers,
@@ -304,45 +349,48 @@ async fn reap(pool: Weak<PoolInner>) {
     }
 }
 
-/// Writes the request line, the fields and the body.
+/// Writes the request head and the body: in one write when the body is small.
 async fn write_request(io: &mut UpstreamIo, req: &Outgoing<'_>) -> io::Result<()> {
-    let fields: usize = req
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let head_len = req.method.as_str().len() + req.target.as_str().len() + 13 + fields + 2;
-    let coalesce = req.body.len() <= COALESCE_BODY;
-    let mut out = Vec::with_capacity(head_len + if coalesce { req.body.len() } else { 0 });
-    out.extend_from_slice(req.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(req.target.as_str().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if coalesce {
+    if req.body.is_empty() {
+        io.write_all(req.head).await?;
+    } else if req.body.len() <= COALESCE_BODY {
+        let mut out = Vec::with_capacity(req.head.len() + req.body.len());
+        out.extend_from_slice(req.head);
         out.extend_from_slice(req.body);
         io.write_all(&out).await?;
     } else {
-        io.write_all(&out).await?;
+        io.write_all(req.head).await?;
         io.write_all(req.body).await?;
     }
     io.flush().await
 }
 
-/// Reads and parses one response head from `conn`.
-async fn read_head(conn: &mut Conn) -> Result<(StatusCode, Version, HeaderMap), Attempt> {
+/// A parsed response head: status, version, the end-to-end fields (the hop-by-hop ones
+/// left out) and what the hop-by-hop and framing fields said.
+struct ResponseHead {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    hop: HopFields,
+}
+
+/// Reads and parses one response head from `conn`. Its fields go into a [`HeaderMap`] for
+/// the client's response, except the hop-by-hop ones (RFC 9110 §7.6.1: the fixed set and
+/// those `Connection` names), which are read into a [`HopFields`] instead: the response
+/// is forwarded without them, and nothing has to be removed from the map afterwards.
+async fn read_head(conn: &mut Conn) -> Result<ResponseHead, Attempt> {
     let mut got_any = !conn.buf.is_empty();
     loop {
         if !conn.buf.is_empty() {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut fields);
-            match resp.parse(&conn.buf) {
+            // Uninitialised: the parser writes the fields it finds, and nothing is spent
+            // on the slots a short head does not use.
+            let mut fields = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                &conn.buf,
+                &mut fields,
+            ) {
                 Ok(httparse::Status::Complete(len)) => {
                     let status = resp
                         .code
@@ -353,27 +401,38 @@ async fn read_head(conn: &mut Conn) -> Result<(StatusCode, Version, HeaderMap), 
                     } else {
                         Version::HTTP_11
                     };
-                    // Where each value lies in the head, so that the values can be slices
-                    // of it (no copy) once the parser's borrow of the buffer ends.
+                    // Where each kept value lies in the head, so that the values can be
+                    // slices of it (no copy) once the parser's borrow of the buffer ends.
                     let base = conn.buf.as_ptr() as usize;
-                    let mut names = Vec::with_capacity(resp.headers.len());
+                    let mut hop = HopFields::default();
+                    let mut kept = Vec::with_capacity(resp.headers.len());
                     for f in resp.headers.iter() {
                         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| {
                             Attempt::Failed(ExchangeError::Protocol("bad field name"))
                         })?;
-                        let start = f.value.as_ptr() as usize - base;
-                        names.push((name, start, start + f.value.len()));
+                        if hop.see(&name, f.value) {
+                            let start = f.value.as_ptr() as usize - base;
+                            kept.push((name, start, start + f.value.len()));
+                        }
                     }
                     let head = conn.buf.split_to(len).freeze();
-                    let mut headers = HeaderMap::with_capacity(names.len());
-                    for (name, start, end) in names {
+                    let mut headers = HeaderMap::with_capacity(kept.len());
+                    for (name, start, end) in kept {
+                        if !hop.listed.is_empty() && hop.listed.contains(&name) {
+                            continue;
+                        }
                         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                             .map_err(|_| {
                                 Attempt::Failed(ExchangeError::Protocol("bad field value"))
                             })?;
                         headers.append(name, value);
                     }
-                    return Ok((status, version, headers));
+                    return Ok(ResponseHead {
+                        status,
+                        version,
+                        headers,
+                        hop,
+                    });
                 }
                 Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD_BYTES => {}
                 Ok(httparse::Status::Partial) => {
@@ -412,6 +471,68 @@ async fn read_head(conn: &mut Conn) -> Result<(StatusCode, Version, HeaderMap), 
     }
 }
 
+/// What a response's hop-by-hop and framing fields say, gathered field by field while
+/// the head is read (`Content-Length` is end-to-end and stays in the head as well).
+#[derive(Debug, Default)]
+struct HopFields {
+    /// `Transfer-Encoding` was present, and whether its last coding is `chunked`
+    /// (RFC 9112 §6.3: only then is the body chunked).
+    transfer_encoding: Option<bool>,
+    /// The `Content-Length`, once seen (a list of identical values is one value,
+    /// RFC 9110 §8.6).
+    content_length: Option<u64>,
+    /// A `Content-Length` was unparsable or conflicted with another.
+    bad_length: bool,
+    /// `Connection: close` was present.
+    close: bool,
+    /// `Connection: keep-alive` was present (HTTP/1.0 persistence).
+    keep_alive: bool,
+    /// Other fields `Connection` names, to leave out (RFC 9110 §7.6.1).
+    listed: Vec<HeaderName>,
+}
+
+impl HopFields {
+    /// Takes in the field `name: value`; true when it is end-to-end (to forward).
+    fn see(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        match name.as_str() {
+            "content-length" => {
+                for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    match std::str::from_utf8(part)
+                        .ok()
+                        .and_then(|p| p.parse::<u64>().ok())
+                    {
+                        Some(n) if self.content_length.is_none_or(|l| l == n) => {
+                            self.content_length = Some(n);
+                        }
+                        _ => self.bad_length = true,
+                    }
+                }
+                true
+            }
+            "transfer-encoding" => {
+                // The last field's last coding decides.
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or(value);
+                self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                false
+            }
+            "connection" => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if let Ok(listed) = HeaderName::from_bytes(token) {
+                        self.listed.push(listed);
+                    }
+                }
+                false
+            }
+            "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade" => false,
+            _ => true,
+        }
+    }
+}
+
 /// How the end of a response body is found (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -436,60 +557,33 @@ enum Chunk {
     Trailers,
 }
 
+/// How the body of a response with `status` to a request (`head_only`: HEAD) whose
+/// fields said `hop` ends (RFC 9112 §6.3).
+///
+/// Errors: an invalid or conflicting `Content-Length`.
 fn framing(
     status: &StatusCode,
     head_only: bool,
-    headers: &HeaderMap,
+    hop: &HopFields,
 ) -> Result<Framing, ExchangeError> {
     if head_only || *status == StatusCode::NO_CONTENT || *status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        // Chunked must be the last coding; otherwise the body runs to the close.
-        let last = te
-            .to_str()
-            .ok()
-            .and_then(|s| s.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Close,
-        });
+    // Chunked must be the last coding; otherwise the body runs to the close.
+    match hop.transfer_encoding {
+        Some(true) => return Ok(Framing::Chunked(Chunk::Size)),
+        Some(false) => return Ok(Framing::Close),
+        None => {}
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        // A list of identical values is one value (RFC 9110 §8.6).
-        for part in v.to_str().map_err(|_| bad_length())?.split(',') {
-            let n: u64 = part.trim().parse().map_err(|_| bad_length())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad_length());
-            }
-            length = Some(n);
-        }
+    if hop.bad_length {
+        return Err(ExchangeError::Protocol("invalid Content-Length"));
     }
-    Ok(length.map_or(Framing::Close, Framing::Length))
-}
-
-fn bad_length() -> ExchangeError {
-    ExchangeError::Protocol("invalid Content-Length")
+    Ok(hop.content_length.map_or(Framing::Close, Framing::Length))
 }
 
 /// Whether the connection stays open after this response (RFC 9112 §9.3).
-fn persistent(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if has("close") {
-        return false;
-    }
-    version == Version::HTTP_11 || has("keep-alive")
+fn persistent(version: Version, hop: &HopFields) -> bool {
+    !hop.close && (version == Version::HTTP_11 || hop.keep_alive)
 }
 
 /// Reads one response body from its connection; the connection goes back to the pool
@@ -721,15 +815,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
+    /// What a head with `fields` says, read as [`read_head`] reads it.
+    fn headers(fields: &[(&str, &str)]) -> HopFields {
+        let mut hop = HopFields::default();
         for (n, v) in fields {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            hop.see(&HeaderName::from_bytes(n.as_bytes()).unwrap(), v.as_bytes());
         }
-        h
+        hop
     }
 
     #[test]
@@ -868,14 +960,12 @@ mod tests {
         method: Method,
         body: Bytes,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ExchangeError> {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("web-01"));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let target = PathAndQuery::from_static("/x");
+        let mut head = RequestHead::new(&method, &PathAndQuery::from_static("/x"));
+        crate::proxy::FieldSink::field(&mut head, &header::HOST, b"web-01");
+        let head = head.finish(body.len());
         let out = Outgoing {
             method: &method,
-            target: &target,
-            headers: &h,
+            head: &head,
             body: &body,
         };
         let mut head = pool.send(&Arc::from("web-01"), &out).await?;
@@ -901,6 +991,30 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             1,
             "the second request reused the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_fields_of_the_answer_are_left_out_and_still_obeyed() {
+        // `Connection` names X-Private and asks for the close; Keep-Alive and the
+        // chunked coding are for this hop only. The body is still read as chunked.
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\n\
+            X-Private: secret\r\nKeep-Alive: timeout=5\r\nX-Public: yes\r\n\
+            Transfer-Encoding: chunked\r\nProxy-Connection: keep-alive\r\n\r\n\
+            2\r\nok\r\n0\r\n\r\n";
+        let (addr, accepted) = scripted(vec![(answer, false), (answer, false)]).await;
+        let p = pool(addr);
+        for _ in 0..2 {
+            let (status, headers, body) = get(&p, Method::GET).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"ok");
+            let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+            assert_eq!(names, ["x-public"]);
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "Connection: close was obeyed: the connection was not reused"
         );
     }
 

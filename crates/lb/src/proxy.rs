@@ -125,16 +125,30 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 
 /// Removes the fields `Connection` names (RFC 9110 §7.6.1).
 fn strip_connection_listed(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_listed(headers) {
         headers.remove(name);
     }
+}
+
+/// The fields `Connection` names (RFC 9110 §7.6.1) other than the fixed hop-by-hop set,
+/// which goes anyway; `close` and `keep-alive` are options, not names. Empty, and nothing
+/// allocated, for a message without such names (nearly all).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',').map(str::trim) {
+            if token.is_empty() || token.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if hop_by_hop_index(&name).is_none() {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    named
 }
 
 /// The scheme a request arrived with: what `X-Forwarded-Proto` and `Forwarded: proto=`
@@ -197,111 +211,188 @@ impl Client {
     }
 }
 
-/// The header fields sent upstream for a request from `client` received as `version`
-/// (RFC 9110 §7.6.1 for the hop-by-hop fields): `Host` kept, or taken from the request
-/// target's authority (HTTP/2 `:authority`); `X-Forwarded-For` the earlier list plus the
-/// client's address; `X-Forwarded-Proto: <scheme>` (replacing a client's);
-/// `X-Forwarded-Host` the `Host`; `Forwarded` (RFC 7239) the earlier elements plus
-/// `for=…;proto=<scheme>;host=…`; `Via` (RFC 9110 §7.6.3) the earlier list plus
-/// `<version> rampart`; `X-Request-Id` kept when it is 1–200 visible ASCII characters,
-/// otherwise a new random UUID.
-pub(crate) fn upstream_headers(
-    mut headers: HeaderMap,
+/// Where [`upstream_fields`] puts the fields of a request going upstream: the bytes of an
+/// HTTP/1.1 request head ([`crate::exchange::RequestHead`]) or a [`HeaderMap`] (the
+/// WebSocket handshake, sent by hyper's client).
+pub(crate) trait FieldSink {
+    /// Adds the field `name: value`; `value` is a valid field value (RFC 9110 §5.5: no
+    /// CR, LF or NUL), as every value [`upstream_fields`] passes is.
+    fn field(&mut self, name: &HeaderName, value: &[u8]);
+}
+
+impl FieldSink for HeaderMap {
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            self.append(name.clone(), v);
+        }
+    }
+}
+
+/// What [`upstream_fields`] does with a field of the client's request, found by one
+/// comparison of the name's text.
+enum Role {
+    /// Hop-by-hop (RFC 9110 §7.6.1), or replaced by the proxy's own: left out.
+    Dropped,
+    /// `Host`: kept, and the source of `X-Forwarded-Host` and `Forwarded: host=`.
+    Host,
+    /// `X-Forwarded-For`: its list is extended.
+    ForwardedFor,
+    /// `Forwarded`: its list is extended.
+    Forwarded,
+    /// `Via`: its list is extended.
+    Via,
+    /// `X-Request-Id`: kept when well-formed.
+    RequestId,
+    /// `Cookie`: kept; HTTP/2's crumbs are joined into one field.
+    Cookie,
+    /// Anything else: kept as it came.
+    Other,
+}
+
+fn role(name: &HeaderName) -> Role {
+    match name.as_str() {
+        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer"
+        | "transfer-encoding" | "upgrade" | "x-forwarded-proto" | "x-forwarded-host"
+        | "content-length" => Role::Dropped,
+        "host" => Role::Host,
+        "x-forwarded-for" => Role::ForwardedFor,
+        "forwarded" => Role::Forwarded,
+        "via" => Role::Via,
+        "x-request-id" => Role::RequestId,
+        "cookie" => Role::Cookie,
+        _ => Role::Other,
+    }
+}
+
+/// Writes to `out` the header fields sent upstream for a request with `headers` from
+/// `client`, received as `version` (RFC 9110 §7.6.1 for the hop-by-hop fields), in one
+/// pass over the request's fields, hashing none of them:
+/// - every field of the request except the hop-by-hop ones (the fixed set and those
+///   `Connection` names), `Content-Length` (the caller sends the body's) and the ones
+///   replaced below;
+/// - `Host` kept, or taken from the request target's authority (HTTP/2 `:authority`);
+/// - `X-Forwarded-For` the earlier list plus the client's address;
+///   `X-Forwarded-Proto: <scheme>` (replacing a client's); `X-Forwarded-Host` the `Host`;
+/// - `Forwarded` (RFC 7239) the earlier elements plus `for=…;proto=<scheme>;host=…`;
+/// - `Via` (RFC 9110 §7.6.3) the earlier list plus `<version> rampart`;
+/// - `X-Request-Id` kept when it is 1–200 visible ASCII characters, otherwise a new random
+///   UUID;
+/// - HTTP/2's `Cookie` crumbs joined with `; ` into one field (RFC 9113 §8.2.3).
+///
+/// Returns the `X-Request-Id` sent.
+pub(crate) fn upstream_fields(
+    headers: &HeaderMap,
     uri: &Uri,
     client: &Client,
     version: Version,
-) -> HeaderMap {
-    let scheme = client.scheme;
-    strip_hop_by_hop(&mut headers);
-    if !headers.contains_key(header::HOST) {
-        if let Some(v) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, v);
+    out: &mut impl FieldSink,
+) -> HeaderValue {
+    let listed = connection_listed(headers);
+    let mut host: Option<&[u8]> = None;
+    let mut forwarded_for: Vec<&HeaderValue> = Vec::new();
+    let mut forwarded: Vec<&HeaderValue> = Vec::new();
+    let mut via: Vec<&HeaderValue> = Vec::new();
+    let mut cookies: Vec<&HeaderValue> = Vec::new();
+    let mut request_id: Option<&HeaderValue> = None;
+    for (name, value) in headers {
+        if !listed.is_empty() && listed.contains(name) {
+            continue;
         }
-    }
-    let xff = X_FORWARDED_FOR;
-    let mut value = client.xff.clone();
-    if headers.contains_key(&xff) {
-        let earlier: Vec<&str> = headers
-            .get_all(&xff)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        if !earlier.is_empty() {
-            let list = format!("{}, {}", earlier.join(", "), client.text());
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(list)) {
-                value = v;
+        match role(name) {
+            Role::Dropped => {}
+            Role::Host => {
+                host.get_or_insert(value.as_bytes());
+                out.field(name, value.as_bytes());
             }
+            Role::ForwardedFor => forwarded_for.push(value),
+            Role::Forwarded => forwarded.push(value),
+            Role::Via => via.push(value),
+            Role::RequestId => {
+                request_id.get_or_insert(value);
+            }
+            Role::Cookie if version == Version::HTTP_2 => cookies.push(value),
+            Role::Cookie | Role::Other => out.field(name, value.as_bytes()),
         }
     }
-    headers.insert(xff, value);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
-    match headers.get(header::HOST).cloned() {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
+    if host.is_none() {
+        if let Some(authority) = uri.authority() {
+            host = Some(authority.as_str().as_bytes());
+            out.field(&header::HOST, authority.as_str().as_bytes());
         }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
-        }
+    }
+    if forwarded_for.is_empty() {
+        out.field(&X_FORWARDED_FOR, client.xff.as_bytes());
+    } else {
+        out.field(
+            &X_FORWARDED_FOR,
+            list(&forwarded_for, client.text()).as_bytes(),
+        );
+    }
+    out.field(&X_FORWARDED_PROTO, client.scheme.as_str().as_bytes());
+    if let Some(host) = host {
+        out.field(&X_FORWARDED_HOST, host);
     }
     // RFC 7239 §4: a host with a port quoted.
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|host| {
-            host.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        });
+    let forwarded_host = host.filter(|h| {
+        h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
     let mut element =
-        String::with_capacity(client.forwarded.len() + host.map_or(0, |h| h.len() + 8));
+        String::with_capacity(client.forwarded.len() + forwarded_host.map_or(0, |h| h.len() + 8));
     element.push_str(&client.forwarded);
-    if let Some(host) = host {
+    if let Some(h) = forwarded_host.and_then(|h| std::str::from_utf8(h).ok()) {
         element.push_str(";host=\"");
-        element.push_str(host);
+        element.push_str(h);
         element.push('"');
     }
-    append_list(&mut headers, FORWARDED, element);
-    let via = match version {
+    out.field(&FORWARDED, list(&forwarded, &element).as_bytes());
+    let ours = match version {
         Version::HTTP_2 => "2 rampart",
         Version::HTTP_10 => "1.0 rampart",
         _ => "1.1 rampart",
     };
-    if headers.contains_key(header::VIA) {
-        append_list(&mut headers, header::VIA, via.to_string());
-    } else {
-        headers.insert(header::VIA, HeaderValue::from_static(via));
-    }
-    let request_id = X_REQUEST_ID;
-    let keep = headers.get(&request_id).is_some_and(|v| {
+    out.field(&header::VIA, list(&via, ours).as_bytes());
+    let id = match request_id.filter(|v| {
         let b = v.as_bytes();
         !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic())
-    });
-    if !keep {
-        let mut id = [0u8; uuid::fmt::Simple::LENGTH];
-        let id = uuid::Uuid::new_v4().simple().encode_lower(&mut id);
-        if let Ok(v) = HeaderValue::from_str(id) {
-            headers.insert(request_id, v);
+    }) {
+        Some(kept) => kept.clone(),
+        None => {
+            let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut id);
+            HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        }
+    };
+    out.field(&X_REQUEST_ID, id.as_bytes());
+    match cookies[..] {
+        [] => {}
+        [one] => out.field(&header::COOKIE, one.as_bytes()),
+        _ => {
+            let crumbs: Vec<&[u8]> = cookies.iter().map(|v| v.as_bytes()).collect();
+            out.field(&header::COOKIE, &crumbs.join(&b"; "[..]));
         }
     }
-    headers
+    id
 }
 
-/// `ip` as text (for `X-Forwarded-For`).
-fn itoa_ip(ip: IpAddr) -> String {
-    let mut s = String::with_capacity(40);
-    let _ = write!(s, "{ip}");
-    s
+/// The header fields sent upstream, as a [`HeaderMap`]: [`upstream_fields`] for a request
+/// sent by hyper's client (the WebSocket handshake).
+pub(crate) fn upstream_headers(
+    headers: &HeaderMap,
+    uri: &Uri,
+    client: &Client,
+    version: Version,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len() + 6);
+    upstream_fields(headers, uri, client, version, &mut out);
+    out
 }
 
-/// Sets `name` to its earlier values (joined into one comma-separated list) plus `value`.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: String) {
+/// `earlier`'s values (trimmed, empty ones left out) and then `last`, as one
+/// comma-separated list (RFC 9110 §5.3: a list in several fields is one list).
+fn list<'a>(earlier: &[&HeaderValue], last: &'a str) -> std::borrow::Cow<'a, str> {
     let mut all = String::new();
-    for v in headers
-        .get_all(&name)
+    for v in earlier
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
@@ -310,15 +401,18 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: String) {
         all.push_str(v);
         all.push_str(", ");
     }
-    let joined = if all.is_empty() {
-        value
-    } else {
-        all.push_str(&value);
-        all
-    };
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
-        headers.insert(name, v);
+    if all.is_empty() {
+        return last.into();
     }
+    all.push_str(last);
+    all.into()
+}
+
+/// `ip` as text (for `X-Forwarded-For`).
+fn itoa_ip(ip: IpAddr) -> String {
+    let mut s = String::with_capacity(40);
+    let _ = write!(s, "{ip}");
+    s
 }
 
 /// The name of the backend that answered, in the extensions of every response the proxy
@@ -484,22 +578,6 @@ fn host_of(authority: &str) -> Option<String> {
     ok.then(|| host.to_ascii_lowercase())
 }
 
-/// Joins HTTP/2 cookie crumbs into one field for HTTP/1.1 (RFC 9113 §8.2.3: "; ").
-pub(crate) fn join_cookies(headers: &mut HeaderMap) {
-    let crumbs: Vec<&[u8]> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    if crumbs.len() < 2 {
-        return;
-    }
-    let joined = crumbs.join(&b"; "[..]);
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        headers.insert(header::COOKIE, v);
-    }
-}
-
 /// Why reading a request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyError {
@@ -647,14 +725,18 @@ impl Proxy {
                 )
             }
         };
-        let mut headers = upstream_headers(parts.headers, &parts.uri, &self.client, parts.version);
-        let request_id = headers.get(X_REQUEST_ID).cloned();
-        if parts.version == Version::HTTP_2 {
-            join_cookies(&mut headers);
-        }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        // The head is written out once, as bytes, and resent as is on a retry.
+        let mut head = crate::exchange::RequestHead::new(&parts.method, &path);
+        let request_id = upstream_fields(
+            &parts.headers,
+            &parts.uri,
+            &self.client,
+            parts.version,
+            &mut head,
+        );
+        let head = head.finish(body.len());
 
-        let affinity = up.balancer.affinity(&headers, self.client.ip);
+        let affinity = up.balancer.affinity(&parts.headers, self.client.ip);
         up.retry_budget.deposit();
         let idempotent = crate::retry::idempotent(&parts.method);
         let mut tried: Vec<Arc<str>> = Vec::new();
@@ -694,8 +776,7 @@ impl Proxy {
             let backend = slot.backend;
             let out = crate::exchange::Outgoing {
                 method: &parts.method,
-                target: &path,
-                headers: &headers,
+                head: &head,
                 body: &body,
             };
             let attempt = std::time::Instant::now();
@@ -711,18 +792,16 @@ impl Proxy {
                     if let Some(cookie) = up.balancer.sticky_cookie(&affinity, slot.index) {
                         parts.headers.append(header::SET_COOKIE, cookie);
                     }
-                    strip_hop_by_hop(&mut parts.headers);
+                    // The exchange left the backend's hop-by-hop fields out of the head.
                     parts.extensions.insert(ServedBy(backend.name.clone()));
                     // The client sees the id its request carried upstream (to quote in a
                     // bug report; it is in the backend's logs). Marked sensitive, HTTP/2
                     // sends it as a literal never indexed (RFC 7541 §6.2.3): a value that
                     // changes with every response would only churn the connection's HPACK
                     // table and evict the fields that repeat.
-                    if let Some(id) = &request_id {
-                        let mut id = id.clone();
-                        id.set_sensitive(true);
-                        parts.headers.insert(X_REQUEST_ID, id);
-                    }
+                    let mut id = request_id.clone();
+                    id.set_sensitive(true);
+                    parts.headers.insert(X_REQUEST_ID, id);
                     let body = match buffer_response(body, up.response_buffer, slot.permit).await {
                         Ok(b) => b,
                         Err(e) => {
@@ -909,7 +988,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("www.foobar.com"));
         let h = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/x"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
@@ -927,7 +1006,7 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         let h = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
@@ -944,7 +1023,7 @@ mod tests {
         h.insert("forwarded", HeaderValue::from_static("for=198.51.100.1"));
         h.insert("via", HeaderValue::from_static("1.1 corp-proxy"));
         let out = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_2,
@@ -959,7 +1038,7 @@ mod tests {
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         // a fresh id per request; a client's own valid id is kept, a bad one replaced
         let again = upstream_headers(
-            HeaderMap::new(),
+            &HeaderMap::new(),
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
@@ -968,7 +1047,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
         let kept = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
@@ -977,14 +1056,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         let replaced = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_11,
         );
         assert_ne!(replaced["x-request-id"], "has space");
         let v6 = upstream_headers(
-            HeaderMap::new(),
+            &HeaderMap::new(),
             &Uri::from_static("/"),
             &Client::new("2001:db8::1".parse().unwrap(), Scheme::Https),
             Version::HTTP_11,
@@ -994,7 +1073,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let plain = upstream_headers(
-            h,
+            &h,
             &Uri::from_static("/"),
             &Client::new(ip(), Scheme::Http),
             Version::HTTP_11,
@@ -1006,11 +1085,98 @@ mod tests {
             .ends_with(";proto=http"));
     }
 
+    /// The head bytes [`upstream_fields`] writes for `headers`, parsed back into a map.
+    fn sent_head(headers: &HeaderMap, version: Version) -> HeaderMap {
+        let mut head = crate::exchange::RequestHead::new(
+            &http::Method::POST,
+            &http::uri::PathAndQuery::from_static("/x"),
+        );
+        upstream_fields(
+            headers,
+            &Uri::from_static("/x"),
+            &Client::new(ip(), Scheme::Https),
+            version,
+            &mut head,
+        );
+        let bytes = head.finish(3);
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut fields);
+        assert!(req.parse(&bytes).unwrap().is_complete());
+        assert_eq!((req.method, req.path), (Some("POST"), Some("/x")));
+        let mut out = HeaderMap::new();
+        for f in req.headers.iter() {
+            out.append(
+                HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn the_head_sent_upstream_leaves_out_hop_by_hop_fields_and_the_clients_length() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("www.foobar.com"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("999"));
+        h.append("accept", HeaderValue::from_static("text/html"));
+        h.append("accept", HeaderValue::from_static("*/*"));
+        let sent = sent_head(&h, Version::HTTP_11);
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+        ] {
+            assert!(!sent.contains_key(gone), "{gone} was sent upstream");
+        }
+        // the body's own length, once
+        assert_eq!(sent.get_all("content-length").iter().count(), 1);
+        assert_eq!(sent["content-length"], "3");
+        let accept: Vec<_> = sent.get_all("accept").iter().collect();
+        assert_eq!(accept, ["text/html", "*/*"]);
+        assert_eq!(sent["host"], "www.foobar.com");
+        assert_eq!(sent["x-forwarded-for"], "192.0.2.7");
+        // the map the WebSocket handshake sends has the same fields, Content-Length aside
+        let mut map = upstream_headers(
+            &h,
+            &Uri::from_static("/x"),
+            &Client::new(ip(), Scheme::Https),
+            Version::HTTP_11,
+        );
+        let mut sent = sent;
+        sent.remove("content-length");
+        // each has its own fresh request id
+        assert_ne!(map.remove("x-request-id"), sent.remove("x-request-id"));
+        assert_eq!(map, sent);
+    }
+
+    #[test]
+    fn http2_cookie_crumbs_go_upstream_as_one_field() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        let sent = sent_head(&h, Version::HTTP_2);
+        let cookies: Vec<_> = sent.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        // HTTP/1.1 sends one Cookie field already; several are passed as they came
+        let sent = sent_head(&h, Version::HTTP_11);
+        assert_eq!(sent.get_all("cookie").iter().count(), 2);
+    }
+
     #[test]
     fn http2_authority_becomes_host() {
         let uri = Uri::from_static("https://www.foobar.com:8443/a?b=1");
         let h = upstream_headers(
-            HeaderMap::new(),
+            &HeaderMap::new(),
             &uri,
             &Client::new(ip(), Scheme::Https),
             Version::HTTP_2,

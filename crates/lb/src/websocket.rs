@@ -184,7 +184,7 @@ pub(crate) async fn forward(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
-    let mut headers = upstream_headers(parts.headers, &parts.uri, client, parts.version);
+    let mut headers = upstream_headers(&parts.headers, &parts.uri, client, parts.version);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, upgrade.clone());
     let affinity = up.balancer.affinity(&headers, client.ip);

@@ -449,33 +449,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it. The runtime has
-/// `threads` workers, by default as many as the CPUs in this process's affinity mask
-/// (`available_parallelism` reads `sched_getaffinity(2)`). With one, it is tokio's
-/// current-thread runtime: every connection is driven by the one thread that accepts it,
-/// so a load balancer pinned to one CPU pays no cross-thread wake-ups at all (a
-/// multi-thread runtime with one worker still hands work between the worker and the
-/// thread blocked in `block_on`).
+/// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it, on
+/// [`serve::runtime`]: `threads` workers, by default one per CPU of this process's affinity
+/// mask, and tokio's current-thread runtime when that is one.
 fn run_standalone_lb(
     cfg: lb::LbConfig,
     threads: Option<usize>,
     pid_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let threads = threads
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
-        .max(1);
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .context("starting the async runtime")?;
+    let threads = serve::worker_threads(threads);
+    let rt = serve::runtime(Some(threads)).context("starting the async runtime")?;
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);

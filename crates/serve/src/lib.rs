@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use topology::{Callers, Identity, ListenerLimits, Service};
 use tower::ServiceExt;
 
-pub use lifecycle::{RoleHandle, RoleTasks};
+pub use lifecycle::{runtime, worker_threads, RoleHandle, RoleTasks};
 
 /// Limit on an HTTP/1 request head (request line and headers), bytes. hyper checks it
 /// against its read buffer, so a head a little larger can slip through; a much larger one

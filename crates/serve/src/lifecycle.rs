@@ -77,3 +77,35 @@ impl RoleTasks {
         self.token.cancel();
     }
 }
+
+/// The async runtime of a process that runs roles (`rampart lb`, a lab node), with
+/// `threads` workers, by default as many as the CPUs in the process's affinity mask
+/// (`available_parallelism` reads `sched_getaffinity(2)`), so that a process pinned to
+/// fewer CPUs (`taskset`, a cgroup's cpuset) runs no more threads than it may use.
+///
+/// With one, it is tokio's current-thread runtime: every connection is driven by the one
+/// thread that accepts it, so a process pinned to one CPU pays no cross-thread wake-ups at
+/// all (a multi-thread runtime with one worker still hands work between the worker and the
+/// thread blocked in `block_on`). Blocking work still goes to `spawn_blocking`'s pool.
+///
+/// Errors: the runtime cannot be built (threads or the I/O driver cannot be created).
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match worker_threads(threads) {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+/// The worker threads [`runtime`] starts: `threads`, else the CPUs this process may run on,
+/// at least 1.
+pub fn worker_threads(threads: Option<usize>) -> usize {
+    threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1)
+}
