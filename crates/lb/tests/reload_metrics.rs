@@ -1,6 +1,7 @@
 //! The per-backend series across reloads, as `/metrics` and the agent's pushes carry them
 //! (the registry encoded in the Prometheus text format): a backend a reload removes stops
-//! being reported by its gauges. Load balancer and
+//! being reported by its gauges, and a backend a reload keeps keeps its counters (a
+//! Prometheus counter is monotonic for the life of the process). Load balancer and
 //! plain-HTTP backends on 127.99.2.0/24, ports chosen by the kernel.
 
 #![allow(clippy::unwrap_used)]
@@ -26,7 +27,8 @@ fn ip(last: u8) -> IpAddr {
 }
 
 /// A plain HTTP/1.1 backend answering its name, or 500 to everything but `/healthz` when
-/// `failing` (a backend whose application broke while its health endpoint still answers).
+/// `failing` (a backend whose application broke while its health endpoint still answers:
+/// what passive outlier detection is for).
 async fn backend(name: &'static str, last: u8, failing: bool) -> Backend {
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(last), 0))
         .await
@@ -214,5 +216,50 @@ async fn a_backend_removed_by_a_reload_is_no_longer_reported() {
         async move { (up == Some(1.0)).then_some(()) }
     })
     .await;
+    lb.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_kept_by_a_reload_keeps_its_counters() {
+    let pki = TestPki::new(test_support::topology_in_block(99));
+    let a = backend("A", 31, false).await;
+    let b = backend("B", 32, true).await;
+    let mut registry = Registry::default();
+    let http = telemetry::HttpMetrics::register(&mut registry);
+    let lb = lb::start(config(&pki, &[&a, &b]), &mut registry, &http)
+        .await
+        .unwrap();
+    all_up(&lb).await;
+    let client = client(&pki, &lb);
+    let url = format!("https://www.foobar.com:{}/", lb.https_addr().port());
+    let ejections = r#"rampart_lb_backend_ejections_total{backend="B"}"#;
+    let b_5xx = r#"rampart_lb_backend_responses_total{backend="B",code="5xx"}"#;
+    let a_2xx = r#"rampart_lb_backend_responses_total{backend="A",code="2xx"}"#;
+    // B answers 500 to every request it gets: two in a row eject it.
+    let mut ejected = false;
+    for _ in 0..100 {
+        client.get(&url).send().await.unwrap();
+        if value(&scrape(&registry), ejections).unwrap_or(0.0) >= 1.0 {
+            ejected = true;
+            break;
+        }
+    }
+    assert!(ejected, "B was not ejected after 100 requests");
+    let before = scrape(&registry);
+    assert_eq!(
+        value(&before, r#"rampart_lb_backend_ejected{backend="B"}"#),
+        Some(1.0)
+    );
+
+    // The same backends again: a reload that keeps both.
+    lb.reload(Some(config(&pki, &[&a, &b]))).await.unwrap();
+    let after = scrape(&registry);
+    for series in [ejections, b_5xx, a_2xx] {
+        let (was, is) = (value(&before, series).unwrap(), value(&after, series));
+        assert!(
+            is.is_some_and(|is| is >= was),
+            "{series} went from {was} to {is:?} across a reload"
+        );
+    }
     lb.shutdown();
 }
