@@ -261,5 +261,20 @@ async fn a_backend_kept_by_a_reload_keeps_its_counters() {
             "{series} went from {was} to {is:?} across a reload"
         );
     }
+    // The new generation judges B afresh: ejected again, counted on top.
+    let mut again = false;
+    for _ in 0..100 {
+        client.get(&url).send().await.unwrap();
+        if value(&scrape(&registry), ejections).unwrap_or(0.0) >= 2.0 {
+            again = true;
+            break;
+        }
+    }
+    let text = scrape(&registry);
+    assert!(
+        again,
+        "B was not ejected again after the reload: {:?}",
+        lines_with(&text, r#"backend="B""#, &[])
+    );
     lb.shutdown();
 }
