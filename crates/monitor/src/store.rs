@@ -1169,6 +1169,16 @@ mod tests {
         // well inside the 5 min lookback.
         assert_eq!(instant(&s, "g", 11.0), vec![("a".to_string(), 1.0)]);
         assert_eq!(instant(&s, "g", 20.0), vec![("a".to_string(), 1.0)]);
+        // A range query (the dashboard's charts) has its values up to the push that left
+        // it out, none after.
+        let range = crate::promql::Range::new(8.0, 12.0, 1.0).unwrap();
+        let crate::promql::Value::Vector(v) =
+            crate::promql::query(&s, "g{code=\"b\"}", range).unwrap().0
+        else {
+            panic!("not a vector");
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].values, [Some(0.0), Some(0.0), Some(0.0), None, None]);
         // Range functions read its samples and skip the marker.
         assert_eq!(
             instant(&s, "count_over_time(g[30s])", 20.0),
