@@ -11,7 +11,9 @@
 //! - `rampart_lb_backend_retries_total{backend}` — requests retried elsewhere after
 //!   failing on this backend;
 //! - `rampart_lb_retries_refused_total` — retries the retry budget refused;
-//! - read at each scrape: `rampart_lb_backend_ejections_total{backend}`,
+//! - `rampart_lb_backend_ejections_total{backend}` — times passive outlier detection
+//!   ejected the backend;
+//! - read at each scrape, for the backends of the generation serving now:
 //!   `rampart_lb_backend_ejected{backend}` (1 while ejected),
 //!   `rampart_lb_backend_draining{backend}`, `rampart_lb_backend_connections{backend,state}`
 //!   (`active`: carrying a request; `idle`: open in the pool).
@@ -19,8 +21,12 @@
 //! Health state is `rampart_backend_up{backend}`; requests in flight and queued are
 //! `rampart_lb_backend_active_requests` and `rampart_lb_backend_queue_length`.
 //!
-//! Every series of a backend is created once at start and held by the backend, so the
-//! request path only increments atomics.
+//! The counters and the histogram are kept per backend name for the life of the process
+//! (a Prometheus counter is monotonic): every configuration generation that has a backend
+//! records into the same series, so a reload neither restarts them nor drops them (a
+//! backend a reload removed keeps its last counts; the gauges, read from the serving
+//! generation, stop being exported for it). A generation takes its backends' series once
+//! when it is built, so the request path only increments atomics.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -62,6 +68,7 @@ pub(crate) struct Families {
     durations: Family<BackendLabels, Histogram, fn() -> Histogram>,
     failures: Family<KindLabels, Counter>,
     retries: Family<BackendLabels, Counter>,
+    ejections: Family<BackendLabels, Counter>,
     /// Retries refused by the budget.
     pub(crate) refused: Counter,
 }
@@ -74,6 +81,7 @@ impl Families {
             durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             failures: Family::default(),
             retries: Family::default(),
+            ejections: Family::default(),
             refused: Counter::default(),
         }
     }
@@ -102,11 +110,25 @@ impl Families {
             f.retries.clone(),
         );
         registry.register(
+            "rampart_lb_backend_ejections",
+            "Times passive outlier detection ejected a backend",
+            f.ejections.clone(),
+        );
+        registry.register(
             "rampart_lb_retries_refused",
             "Retries refused because the retry budget was spent",
             f.refused.clone(),
         );
         f
+    }
+
+    /// The ejection counter of backend `name` (held by its [`crate::outlier::Outlier`]).
+    pub(crate) fn ejections(&self, name: &str) -> Counter {
+        self.ejections
+            .get_or_create(&BackendLabels {
+                backend: name.to_string(),
+            })
+            .clone()
     }
 
     /// The series of backend `name`.
@@ -196,21 +218,10 @@ impl prometheus_client::collector::Collector for Scraped {
         mut enc: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
-        use prometheus_client::metrics::counter::ConstCounter;
         use prometheus_client::metrics::gauge::ConstGauge;
         use prometheus_client::metrics::MetricType;
         let current = self.live.load();
         let backends = current.balancer.backends();
-        let mut m = enc.encode_descriptor(
-            "rampart_lb_backend_ejections",
-            "Times passive outlier detection ejected a backend",
-            None,
-            MetricType::Counter,
-        )?;
-        for b in backends {
-            ConstCounter::new(b.outlier.ejections())
-                .encode(m.encode_family(&[("backend", &*b.name)])?)?;
-        }
         for (name, help, value) in [
             (
                 "rampart_lb_backend_ejected",

@@ -196,7 +196,7 @@ impl Balancer {
                         ever_up: AtomicBool::new(false),
                         draining: AtomicBool::new(false),
                         ramp_from_ms: AtomicU64::new(0),
-                        outlier: Outlier::default(),
+                        outlier: Outlier::counting(families.ejections(&b.name)),
                         metrics: families.backend(&b.name),
                         gauge: g,
                         slots: Arc::new(Semaphore::new(max)),

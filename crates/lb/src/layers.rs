@@ -56,6 +56,15 @@ impl Metrics {
             .clone()
     }
 
+    /// Removes the `rampart_backend_up` series of `backend` (a reload removed it), so
+    /// scrapes and pushes stop carrying it, as a removed target's series go stale in
+    /// Prometheus. A later [`Metrics::backend_up`] creates it again, at 0.
+    pub(crate) fn forget_backend(&self, backend: &str) {
+        self.backend_up.remove(&BackendLabels {
+            backend: backend.to_string(),
+        });
+    }
+
     fn record(&self, status: http::StatusCode, started: Instant) {
         self.http.observe(status, started.elapsed().as_secs_f64());
     }

@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use prometheus_client::metrics::counter::Counter;
 use topology::Balancing;
 
 /// The ejection settings of a balancer.
@@ -54,13 +55,24 @@ pub(crate) struct Outlier {
     failures: AtomicU32,
     /// Ejected until this time (ms since epoch); 0 = not ejected.
     until_ms: AtomicU64,
-    /// Ejections so far (the metric).
-    total: AtomicU64,
+    /// Ejections so far: the backend's `rampart_lb_backend_ejections_total` series, shared
+    /// by every generation that has this backend, so a reload does not restart it.
+    total: Counter,
     /// (ejections in a row, end of the last one): written under the lock only.
     streak: Mutex<(u32, u64)>,
 }
 
 impl Outlier {
+    /// A backend's passive health counting its ejections in `total`.
+    pub(crate) fn counting(total: Counter) -> Outlier {
+        Outlier {
+            failures: AtomicU32::new(0),
+            until_ms: AtomicU64::new(0),
+            total,
+            streak: Mutex::new((0, 0)),
+        }
+    }
+
     /// Whether the backend is ejected at `now_ms`.
     pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {
         now_ms < self.until_ms.load(Ordering::Acquire)
@@ -71,9 +83,10 @@ impl Outlier {
         self.until_ms.load(Ordering::Acquire)
     }
 
-    /// Ejections since start.
+    /// Ejections since the process started (of every generation with this backend).
+    #[cfg(test)]
     pub(crate) fn ejections(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.total.get()
     }
 
     /// A request the backend answered without failing: the failure count restarts.
@@ -108,7 +121,7 @@ impl Outlier {
         *streak = (in_a_row, until);
         self.failures.store(0, Ordering::Release);
         self.until_ms.store(until, Ordering::Release);
-        self.total.fetch_add(1, Ordering::Relaxed);
+        self.total.inc();
         Some(length)
     }
 

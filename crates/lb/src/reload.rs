@@ -390,10 +390,14 @@ impl Reloader {
                 .backend_up(&b.name)
                 .set(i64::from(b.is_up()));
         }
-        // Series of backends that left: down, rather than frozen at their last value.
+        // Series of backends that left are removed, not frozen at their last value: a
+        // scrape or push no longer carries them, so the monitor sees them go stale (as
+        // Prometheus does a series missing from a scrape). Their counters stay: a counter
+        // is monotonic for the life of the process, and the same backend may come back.
         for b in old_gen.balancer.backends() {
             if !new.balancer.backends().iter().any(|n| n.name == b.name) {
-                self.fixed.metrics.backend_up(&b.name).set(0);
+                self.fixed.metrics.forget_backend(&b.name);
+                self.fixed.tunnels.forget(&b.name);
             }
         }
         let report = ReloadReport {

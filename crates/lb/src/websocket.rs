@@ -105,6 +105,18 @@ impl Tunnels {
         }));
     }
 
+    /// Removes backend `backend`'s series when no tunnel to it is open (a reload removed
+    /// the backend; one still open keeps its series until a later reload finds it at 0).
+    pub(crate) fn forget(&self, backend: &str) {
+        let labels = TunnelLabels {
+            backend: backend.to_string(),
+        };
+        let idle = self.open.get(&labels).is_some_and(|g| g.get() == 0);
+        if idle {
+            self.open.remove(&labels);
+        }
+    }
+
     /// Runs the tunnel `run` to backend `backend`, opened through the `scheme` listener,
     /// as one of the role's tasks; `run` gets the future that completes when the tunnel
     /// must close (the listener's drain time after the stop).

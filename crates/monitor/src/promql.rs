@@ -16,7 +16,10 @@
 //! [`QueryError::Unsupported`] naming the construct.
 //!
 //! An instant vector selector takes, at each step, the newest sample at most
-//! [`LOOKBACK_SECONDS`] old (Prometheus' default lookback delta).
+//! [`LOOKBACK_SECONDS`] old (Prometheus' default lookback delta), unless that is a
+//! staleness marker ([`is_stale_marker`]): a series that left its host's pushes has no
+//! value from then on, as in Prometheus ("Staleness" in its querying basics). Range
+//! functions skip the markers.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -89,10 +92,21 @@ pub enum QueryError {
     Execution(String),
 }
 
+/// The bit pattern of the NaN a [`Source`] gives as a staleness marker (Prometheus'
+/// `StaleNaN`, `0x7ff0000000000002`).
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// Whether `v` is a staleness marker ([`STALE_NAN_BITS`]).
+pub fn is_stale_marker(v: f64) -> bool {
+    v.to_bits() == STALE_NAN_BITS
+}
+
 /// Where the series come from.
 pub trait Source {
     /// Every series whose labels satisfy all `matchers`, with its samples in
-    /// `[start, end]` (seconds), oldest first.
+    /// `[start, end]` (seconds), oldest first. A series whose source stopped reporting it
+    /// may end with a staleness marker ([`STALE_NAN_BITS`]) at the time it was first
+    /// missing.
     fn select(&self, matchers: &[&Matcher], start: f64, end: f64)
         -> Vec<(Labels, Vec<(f64, f64)>)>;
 }
@@ -184,7 +198,10 @@ pub fn query(src: &dyn Source, text: &str, range: Range) -> Result<(Value, Vec<f
                 .select(&sel, t - range_s, t)
                 .into_iter()
                 .map(|(l, pts)| {
-                    let pts: Vec<_> = pts.into_iter().filter(|p| p.0 > t - range_s).collect();
+                    let pts: Vec<_> = pts
+                        .into_iter()
+                        .filter(|p| p.0 > t - range_s && !is_stale_marker(p.1))
+                        .collect();
                     (l, pts)
                 })
                 .filter(|(_, p)| !p.is_empty())
@@ -276,7 +293,18 @@ impl Eval<'_> {
         }
     }
 
+    /// The samples of `vs` from `back` seconds before the first step to the last, without
+    /// staleness markers (what range functions read).
     fn fetch(&self, vs: &VectorSelector, back: f64) -> Result<Selected, QueryError> {
+        let mut data = self.fetch_with_markers(vs, back)?;
+        for (_, pts) in &mut data {
+            pts.retain(|p| !is_stale_marker(p.1));
+        }
+        data.retain(|(_, pts)| !pts.is_empty());
+        Ok(data)
+    }
+
+    fn fetch_with_markers(&self, vs: &VectorSelector, back: f64) -> Result<Selected, QueryError> {
         let nm = name_matcher(vs);
         let m = with_name(vs, &nm, selector(vs)?);
         let first = self.times[0];
@@ -285,7 +313,7 @@ impl Eval<'_> {
     }
 
     fn instant_selector(&self, vs: &VectorSelector) -> Result<Value, QueryError> {
-        let data = self.fetch(vs, LOOKBACK_SECONDS)?;
+        let data = self.fetch_with_markers(vs, LOOKBACK_SECONDS)?;
         let mut out = Vec::with_capacity(data.len());
         for (labels, pts) in data {
             let values: Vec<Option<f64>> = self
@@ -294,7 +322,7 @@ impl Eval<'_> {
                 .map(|&t| {
                     let i = pts.partition_point(|p| p.0 <= t);
                     let (pt, pv) = *pts.get(i.checked_sub(1)?)?;
-                    (t - pt <= LOOKBACK_SECONDS).then_some(pv)
+                    (t - pt <= LOOKBACK_SECONDS && !is_stale_marker(pv)).then_some(pv)
                 })
                 .collect();
             if values.iter().any(Option::is_some) {

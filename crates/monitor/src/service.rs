@@ -53,7 +53,8 @@ pub enum RuleKind {
     /// never pushed).
     HostDown,
     /// `BackendDown`: how many backends the host's load balancer has marked down (latest
-    /// [`BACKEND_UP_METRIC`] samples equal to 0); hosts without backends have no value.
+    /// [`BACKEND_UP_METRIC`] samples equal to 0, of the series in the host's newest push: a
+    /// backend a reload removed is not counted); hosts without backends have no value.
     BackendDown,
     /// `SiteUnavailable`: the share of the host's load balancer's backends that are down
     /// (1 = every backend down: the site answers 503 only).
@@ -637,6 +638,9 @@ impl MonitorState {
                 .store
                 .series(BACKEND_UP_METRIC, Some(host))
                 .into_iter()
+                // A backend whose series left the pushes (a reload removed it) is gone,
+                // not down.
+                .filter(|s| !s.stale)
                 .filter_map(|s| s.samples.last().map(|(_, v)| v))
                 .collect()
         };
@@ -1953,6 +1957,43 @@ mod tests {
             .map(|r| r["name"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(names, ["HostDown", "BackendDown", "SiteUnavailable"]);
+    }
+
+    #[test]
+    fn a_backend_removed_from_the_pushes_resolves_backend_down() {
+        let st = MonitorState::new(rule(), vec!["lb-01".into()]).with_rules(default_rules());
+        let t0 = unix_now();
+        let firing = |st: &MonitorState| -> Vec<String> {
+            st.alerts_json()["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["state"] == "firing")
+                .map(|a| a["alert"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // web-02 is down...
+        for i in 0..10 {
+            let t = t0 + f64::from(i);
+            st.ingest(
+                "lb-01",
+                t,
+                "rampart_backend_up{backend=\"web-01\"} 1\n\
+                 rampart_backend_up{backend=\"web-02\"} 0\n",
+            )
+            .unwrap();
+            st.evaluate(t);
+        }
+        assert_eq!(firing(&st), ["BackendDown"]);
+        // ...then a reload removes it: its series leaves the pushes, its last sample
+        // (0) is no longer a down backend.
+        for i in 10..25 {
+            let t = t0 + f64::from(i);
+            st.ingest("lb-01", t, "rampart_backend_up{backend=\"web-01\"} 1\n")
+                .unwrap();
+            st.evaluate(t);
+        }
+        assert_eq!(firing(&st), Vec::<String>::new());
     }
 
     /// lb-01's push at `t`: its start time (when given) and its requests counter.

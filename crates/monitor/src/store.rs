@@ -37,6 +37,9 @@ pub struct SeriesRef<'a> {
     pub labels: &'a [(String, String)],
     /// The samples.
     pub samples: &'a Samples,
+    /// The host pushed after this series' newest sample without it: the series left
+    /// (Prometheus marks it stale), its last value is no longer current.
+    pub stale: bool,
 }
 
 /// Why a whole push was not stored (it is malformed; single bad samples are
@@ -155,6 +158,23 @@ struct HostSeries {
     /// When the host's last push was received (monitor clock), whatever its timestamps.
     received: Option<f64>,
     series: HashMap<SeriesId, Samples>,
+}
+
+impl HostSeries {
+    /// When `samples`' series went stale, up to `until` seconds: the time of the host's
+    /// first push that stored samples after the series' newest one, since every push
+    /// carries every series of its agent (Prometheus writes a staleness marker when a
+    /// series is missing from a scrape). `None` while the series is in the newest push.
+    fn stale_at(&self, samples: &Samples, until: f64) -> Option<f64> {
+        let last = samples.last_time()?;
+        if self.pushes.last_time().is_none_or(|p| p <= last) {
+            return None;
+        }
+        self.pushes
+            .between(last, until)
+            .find(|&(t, stored)| t > last && stored > 0.0)
+            .map(|(t, _)| t)
+    }
 }
 
 /// The first bytes of a store snapshot (format version 2: compressed chunks).
@@ -640,6 +660,7 @@ impl Store {
                             host: h.as_str(),
                             labels: labels.as_slice(),
                             samples: ring,
+                            stale: hs.stale_at(ring, f64::INFINITY).is_some(),
                         },
                     )
                 })
@@ -698,8 +719,11 @@ impl crate::promql::Source for Store {
                     m.is_match(v)
                 });
                 if ok {
-                    let pts: Vec<(f64, f64)> = samples.between(start, end).collect();
+                    let mut pts: Vec<(f64, f64)> = samples.between(start, end).collect();
                     if !pts.is_empty() {
+                        if let Some(at) = h.stale_at(samples, end) {
+                            pts.push((at, f64::from_bits(crate::promql::STALE_NAN_BITS)));
+                        }
                         out.push((l, pts));
                     }
                 }
@@ -1103,6 +1127,90 @@ mod tests {
     }
 
     const REQ: &str = "rampart_http_requests_total";
+
+    /// Instant query `q` at `t` over `store`: labels (without `job`) and value per series.
+    fn instant(store: &Store, q: &str, t: f64) -> Vec<(String, f64)> {
+        match crate::promql::query(store, q, crate::promql::Range::instant(t))
+            .unwrap()
+            .0
+        {
+            crate::promql::Value::Vector(v) => {
+                let mut out: Vec<_> = v
+                    .into_iter()
+                    .filter_map(|s| {
+                        let l = s.labels.iter().find(|(k, _)| k == "code");
+                        Some((l.map_or(String::new(), |l| l.1.clone()), s.values[0]?))
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                out
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_series_missing_from_a_later_push_is_stale_from_that_push_on() {
+        let mut s = Store::new();
+        // Two series in each push up to t=10, then only "a" (the other left: a reload
+        // removed a backend).
+        for t in 0..=20 {
+            let mut push = vec![sample("g", "a", 1.0), sample("c_total", "a", f64::from(t))];
+            if t <= 10 {
+                push.push(sample("g", "b", 0.0));
+                push.push(sample("c_total", "b", f64::from(t)));
+            }
+            s.ingest("lb-01", f64::from(t), push).unwrap();
+        }
+        let both = vec![("a".to_string(), 1.0), ("b".to_string(), 0.0)];
+        // Before it left, it is there, as it was.
+        assert_eq!(instant(&s, "g", 10.0), both);
+        // From the first push without it, it has no value, although its last sample is
+        // well inside the 5 min lookback.
+        assert_eq!(instant(&s, "g", 11.0), vec![("a".to_string(), 1.0)]);
+        assert_eq!(instant(&s, "g", 20.0), vec![("a".to_string(), 1.0)]);
+        // A range query (the dashboard's charts) has its values up to the push that left
+        // it out, none after.
+        let range = crate::promql::Range::new(8.0, 12.0, 1.0).unwrap();
+        let crate::promql::Value::Vector(v) =
+            crate::promql::query(&s, "g{code=\"b\"}", range).unwrap().0
+        else {
+            panic!("not a vector");
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].values, [Some(0.0), Some(0.0), Some(0.0), None, None]);
+        // Range functions read its samples and skip the marker.
+        assert_eq!(
+            instant(&s, "count_over_time(g[30s])", 20.0),
+            vec![("a".to_string(), 21.0), ("b".to_string(), 11.0)]
+        );
+        let inc = instant(&s, "increase(c_total[15s])", 20.0);
+        assert_eq!(inc[0], ("a".to_string(), 15.0));
+        // b: 4 between its samples at 6 and 10, extrapolated (never NaN from the marker)
+        assert!(
+            inc[1].0 == "b" && (4.0..=6.0).contains(&inc[1].1),
+            "{inc:?}"
+        );
+        // `series` says which left.
+        let stale: Vec<(String, bool)> = s
+            .series("g", Some("lb-01"))
+            .iter()
+            .map(|r| (r.labels[0].1.clone(), r.stale))
+            .collect();
+        assert_eq!(stale, [("a".into(), false), ("b".into(), true)]);
+        // Back in a push: current again.
+        s.ingest(
+            "lb-01",
+            21.0,
+            vec![sample("g", "a", 1.0), sample("g", "b", 1.0)],
+        )
+        .unwrap();
+        assert_eq!(
+            instant(&s, "g", 21.0),
+            vec![("a".to_string(), 1.0), ("b".to_string(), 1.0)]
+        );
+        assert!(s.series("g", None).iter().all(|r| !r.stale));
+    }
 
     #[test]
     fn increase_handles_counter_resets() {

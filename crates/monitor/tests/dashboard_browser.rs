@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: mon-01 and lb-01's agent in-process (127.112.0.0/24,
 //! real PKI), lb-01 counting requests and running a real load balancer in front of web-01
 //! (a plain HTTP backend answering 200 and 404), web-02 (nothing listening: down), web-03
-//! (answering 500: ejected) and web-04 (drained);
+//! (answering 500 to every request: ejected), web-04 (drained), web-05 (dropping every other connection
+//! after reading its request, without an answer: the load balancer retries those requests
+//! on web-01) and web-06 (removed by a reload before the page loads);
 //! headless Chromium loads the dashboard and its vendored uPlot through a plain-HTTP relay
 //! on 127.112.4.1 that presents the admin client certificate to mon-01 (headless Chromium
 //! cannot pick a client certificate without a user profile), lets the page refresh for a
@@ -9,7 +11,8 @@
 //! uPlot canvases (firewall drops and replication lag among them), the ones with data
 //! non-empty, and the backends table with every column filled from the load balancer's
 //! own series: web-01 up with 2xx and 4xx rates and a p99, web-02 down with no answers,
-//! web-03 ejected, web-04 draining.
+//! web-03 ejected and counted in the last 5 minutes' ejections, web-04 draining, web-05
+//! with retries per second, and no row for web-06.
 
 #![allow(clippy::unwrap_used)]
 
@@ -26,9 +29,9 @@ use test_support::{eventually, topology_in_block, TestPki};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A plain HTTP/1.1 backend on `at`: 200 for `/healthz`, `root` for `/`, 404 for anything
-/// else.
-async fn backend(at: std::net::IpAddr, root: u16) -> std::net::SocketAddr {
+/// A plain HTTP/1.1 backend on `at`: 200 for `/healthz`, `root` for `/`, `other` for
+/// anything else.
+async fn backend(at: std::net::IpAddr, root: u16, other: u16) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind((at, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -41,7 +44,7 @@ async fn backend(at: std::net::IpAddr, root: u16) -> std::net::SocketAddr {
                     let status = match req.uri().path() {
                         "/healthz" => 200,
                         "/" => root,
-                        _ => 404,
+                        _ => other,
                     };
                     async move {
                         Response::builder()
@@ -52,6 +55,49 @@ async fn backend(at: std::net::IpAddr, root: u16) -> std::net::SocketAddr {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain HTTP/1.1 backend on `at` that answers `/healthz` and every other request in
+/// turn with 200, and closes the connection of the others after reading the request,
+/// without answering (the load balancer sees the connection closed early: a reset it
+/// retries for an idempotent request). One request per connection.
+async fn dropping_backend(at: std::net::IpAddr) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                // The request head, bounded in size and time.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
+                    match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let health = head.starts_with(b"GET /healthz ");
+                if health
+                    || requests
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                        .is_multiple_of(2)
+                {
+                    let _ = tcp
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                }
             });
         }
     });
@@ -147,9 +193,11 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     // A real load balancer on lb-01, its series in the agent's registry: web-01 serves,
     // web-02 has nothing listening, web-03 answers 500 (ejected), web-04 is drained.
     let web_addr = t.host("web-01").unwrap().address;
-    let web01 = backend(web_addr, 200).await;
-    let web03 = backend(web_addr, 500).await;
-    let web04 = backend(web_addr, 200).await;
+    let web01 = backend(web_addr, 200, 404).await;
+    let web03 = backend(web_addr, 500, 500).await;
+    let web04 = backend(web_addr, 200, 404).await;
+    let web05 = dropping_backend(web_addr).await;
+    let web06 = backend(web_addr, 200, 404).await;
     let web02 = {
         let l = std::net::TcpListener::bind((t.host("web-02").unwrap().address, 0)).unwrap();
         l.local_addr().unwrap()
@@ -178,17 +226,73 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         lb::Backend::new("web-02", web02),
         lb::Backend::new("web-03", web03),
         lb::Backend::new("web-04", web04),
+        lb::Backend::new("web-05", web05),
+        lb::Backend::new("web-06", web06),
     ];
     // Ejected for longer than the test.
     lcfg.balancer.balancing.ejection_base_ms = 600_000;
     lcfg.balancer.balancing.ejection_max_ms = 600_000;
+    let mut without_web06 = lcfg.clone();
+    without_web06.backends.retain(|b| b.name != "web-06");
     let balancer = lb::start(lcfg, &mut registry, &http).await.unwrap();
-    eventually("web-01, web-03, web-04 up behind lb-01", WAIT, || {
-        let up = balancer.backends().iter().filter(|(_, up)| *up).count() == 3;
+    eventually("all but web-02 up behind lb-01", WAIT, || {
+        let up = balancer.backends().iter().filter(|(_, up)| *up).count() == 5;
         async move { up.then_some(()) }
     })
     .await;
     assert!(balancer.set_draining("web-04", true));
+    let _agent = start_agent(acfg, registry, vec![]).await.unwrap();
+
+    let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
+    let admin = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .resolve("mon-01", mon.addr())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let base = format!("https://mon-01:{}", mon.addr().port());
+    // The value of instant query `expr` for lb-01's `backend` in the Prometheus API.
+    let value = |expr: &'static str, backend: &'static str| {
+        let (admin, base) = (admin.clone(), base.clone());
+        async move {
+            let doc: serde_json::Value = admin
+                .get(format!("{base}/api/v1/query"))
+                .query(&[("query", expr)])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let series = doc["data"]["result"]
+                .as_array()?
+                .iter()
+                .find(|s| s["metric"]["backend"] == backend)?;
+            series["value"][1].as_str()?.parse::<f64>().ok()
+        }
+    };
+    // The monitor holds web-03's ejection counter at 0 before any request (so its
+    // increase counts the ejection to come) and web-06 up...
+    eventually(
+        "web-03's ejections at 0 and web-06 up in the API",
+        WAIT,
+        || async {
+            let ejections = value("rampart_lb_backend_ejections_total", "web-03").await;
+            let up = value("rampart_backend_up", "web-06").await;
+            (ejections == Some(0.0) && up == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    // ...then a reload removes web-06: its series leave the pushes and go stale.
+    let report = balancer.reload(Some(without_web06)).await.unwrap();
+    assert!(!report.backends.iter().any(|b| b == "web-06"), "{report:?}");
+    eventually("web-06 gone from the API", WAIT, || async {
+        value("rampart_backend_up", "web-06")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
     let site = reqwest::Client::builder()
         .use_preconfigured_tls(pki::ca_client_config(&pki.paths).unwrap())
         .resolve("www.foobar.com", balancer.https_addr())
@@ -205,7 +309,6 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    let _agent = start_agent(acfg, registry, vec![]).await.unwrap();
     eventually("web-03 ejected", WAIT, || {
         let ejected = balancer
             .backend_status()
@@ -215,14 +318,6 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     })
     .await;
 
-    let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
-    let admin = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .resolve("mon-01", mon.addr())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let base = format!("https://mon-01:{}", mon.addr().port());
     // Requests counted every 100 ms while the test runs (bounded by the test's end).
     let counting = tokio::spawn(async move {
         for i in 0..2000u32 {
@@ -248,6 +343,11 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
             .as_str()?
             .parse()
             .ok()?;
+        (v > 0.0).then_some(())
+    })
+    .await;
+    eventually("web-05's retries in the Prometheus API", WAIT, || async {
+        let v = value("rate(rampart_lb_backend_retries_total[30s])", "web-05").await?;
         (v > 0.0).then_some(())
     })
     .await;
@@ -375,7 +475,7 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
         "5xx/s",
         "p99",
         "retries/s",
-        "ejections",
+        "ejections 5m",
         "tunnels",
     ];
     let header: String = columns.iter().map(|c| format!("<th>{c}</th>")).collect();
@@ -391,7 +491,8 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     let down = backend_row(&dom, "web-02");
     let ejected = backend_row(&dom, "web-03");
     let drained = backend_row(&dom, "web-04");
-    eprintln!("backends table: {up:?}\n{down:?}\n{ejected:?}\n{drained:?}");
+    let dropping = backend_row(&dom, "web-05");
+    eprintln!("backends table: {up:?}\n{down:?}\n{ejected:?}\n{drained:?}\n{dropping:?}");
     assert_eq!(up.len(), columns.len(), "{up:?}");
     assert_eq!((up[0].as_str(), up[2].as_str()), ("lb-01", "up"));
     assert_eq!(down[2], "down", "{down:?}");
@@ -405,6 +506,17 @@ async fn dashboard_draws_its_charts_in_headless_chromium() {
     assert_eq!(number(&up, "5xx/s"), 0.0, "{up:?}");
     assert_eq!(number(&down, "2xx/s"), 0.0, "{down:?}");
     assert_eq!(ejected[2], "ejected", "{ejected:?}");
-    assert!(number(&ejected, "ejections") >= 1.0, "{ejected:?}");
+    assert!(number(&ejected, "ejections 5m") >= 1.0, "{ejected:?}");
+    assert_eq!(number(&up, "ejections 5m"), 0.0, "{up:?}");
     assert_eq!(drained[2], "draining", "{drained:?}");
+    // web-05's dropped requests were retried on another backend, and it stays up (a
+    // success between two failures: never ejected).
+    assert_eq!(dropping[2], "up", "{dropping:?}");
+    assert!(number(&dropping, "retries/s") > 0.0, "{dropping:?}");
+    assert_eq!(number(&up, "retries/s"), 0.0, "{up:?}");
+    // The backend the reload removed has no row.
+    assert!(
+        !dom.contains("<td>web-06</td>"),
+        "web-06 is listed after its removal"
+    );
 }
