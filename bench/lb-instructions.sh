@@ -20,8 +20,10 @@
 # in the load balancers; site certificate ECDSA P-256; TLS 1.3.
 #
 # Usage: bench/lb-instructions.sh [window seconds, default 20]
-# Env: BENCH_MODES (subset of "keepalive plain h2"), RAMPART_BIN (a rampart binary instead
-# of building this checkout).
+# Env: BENCH_MODES (subset of "keepalive plain h2"), BENCH_LBS (subset of "rampart haproxy
+# nginx"; ratios are printed when all three ran), BENCH_KEEP (a directory: each run's
+# callgrind profile is kept there as callgrind.LB.MODE, for callgrind_annotate --inclusive=yes),
+# RAMPART_BIN (a rampart binary instead of building this checkout).
 # Addresses: 127.88.6.0/24 (load balancers .10-.12, backends .21/.22).
 # Needs: valgrind, haproxy, nginx (nginx-light), wrk, h2load (nghttp2-client), openssl,
 # curl (apt-installed when missing, as root) and a release build (made here).
@@ -29,12 +31,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${1:-20}
 modes=${BENCH_MODES:-keepalive plain h2}
+lbs=${BENCH_LBS:-rampart haproxy nginx}
+keep=${BENCH_KEEP:-}
 ip=127.88.6
 for m in $modes; do
   case $m in keepalive|plain|h2) ;;
     *) echo "bench: unknown mode '$m' (keepalive plain h2)" >&2; exit 64;;
   esac
 done
+for l in $lbs; do
+  case $l in rampart|haproxy|nginx) ;;
+    *) echo "bench: unknown load balancer '$l' (rampart haproxy nginx)" >&2; exit 64;;
+  esac
+done
+[ -z "$keep" ] || mkdir -p "$keep" || { echo "bench: cannot create BENCH_KEEP $keep" >&2; exit 64; }
 [ "$window" -ge 5 ] && [ "$window" -le 600 ] || { echo "bench: window must be 5..600 s" >&2; exit 64; }
 . bench/lib.sh
 require valgrind:valgrind callgrind_control:valgrind haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl
@@ -173,7 +183,10 @@ measure() {
   after=$(served)
   kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
   stop_lb
-  total=$(callgrind_annotate "$(ls "$work/cg.$lb".* | sort | head -1)" 2>/dev/null \
+  local profile
+  profile=$(ls "$work/cg.$lb".* | sort | head -1)
+  [ -z "$keep" ] || cp "$profile" "$keep/callgrind.$lb.$mode"
+  total=$(callgrind_annotate "$profile" 2>/dev/null \
     | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
   echo "$total $((after - before))" > "$work/line"
 }
@@ -183,7 +196,7 @@ echo "user-space instructions per request (callgrind), ${window} s window, acces
 printf '%-10s %-8s %14s %9s %12s\n' mode lb instructions requests "instr/req"
 declare -A per=()
 for mode in $modes; do
-  for lb in rampart haproxy nginx; do
+  for lb in $lbs; do
     measure "$lb" "$mode"
     read -r total reqs < "$work/line"
     [ "${reqs:-0}" -gt 0 ] || { echo "bench: no request reached the backends ($lb, $mode)" >&2; exit 1; }
@@ -191,6 +204,7 @@ for mode in $modes; do
     printf '%-10s %-8s %14s %9s %12s\n' "$mode" "$lb" "$total" "$reqs" "${per[$mode.$lb]}"
   done
 done
+for l in rampart haproxy nginx; do case " $lbs " in *" $l "*) ;; *) exit 0;; esac; done
 echo
 for mode in $modes; do
   awk -v m="$mode" -v r="${per[$mode.rampart]}" -v h="${per[$mode.haproxy]}" -v n="${per[$mode.nginx]}" \

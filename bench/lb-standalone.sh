@@ -4,7 +4,10 @@
 # worker serving a 612-byte file on two addresses, plain HTTP and TLS, so the backends are
 # never the bottleneck), with the same ECDSA P-256 site certificate, each load balancer
 # pinned to CPU 1 while the load generator and the backends run on CPU 0. Access logs are
-# OFF for all three. The figure of merit is each load balancer's own CPU time per request:
+# OFF for all three, or with BENCH_LOG=on ON for all three in the same line format
+# (Rampart's `combined`: NCSA combined plus backend and timings) to a file: Rampart's
+# batched writer thread, nginx `access_log … buffer=64k flush=1s`, HAProxy `log stdout`
+# (one write per line; HAProxy has no buffered file log) redirected to a file. The figure of merit is each load balancer's own CPU time per request:
 # utime+stime of its processes (/proc/PID/stat, clock ticks) over the run, divided by the
 # requests completed. Also prints requests/s and p50/p99 latency.
 #
@@ -30,7 +33,8 @@
 # (CPU per request below 1 = Rampart spends less), next to the goals.
 #
 # Usage: bench/lb-standalone.sh [seconds per run, default 8] [rounds, default 3]
-# Env: BENCH_MODES (subset of the modes above), IDLE_CONNS (default 10000), RAMPART_BIN
+# Env: BENCH_MODES (subset of the modes above), BENCH_LOG (off, the default, or on),
+# IDLE_CONNS (default 10000), RAMPART_BIN
 # (a rampart binary to measure instead of building this checkout, e.g. to compare two).
 # Addresses: 127.88.2.0/24 (LBs .10-.12, backends .21/.22, idle clients from .100 up).
 # Needs: haproxy, nginx (nginx-light), wrk, h2load (nghttp2-client), openssl, python3,
@@ -41,7 +45,9 @@ cd "$(dirname "$0")/.."
 secs=${1:-8}; rounds=${2:-3}
 modes=${BENCH_MODES:-keepalive newconn h2 plain reencrypt idle-rss}
 idle_n=${IDLE_CONNS:-10000}
+log_on=${BENCH_LOG:-off}
 ip=127.88.2
+case $log_on in on|off) ;; *) echo "bench: BENCH_LOG must be on or off" >&2; exit 64;; esac
 for m in $modes; do
   case $m in keepalive|newconn|h2|plain|reencrypt|idle-rss) ;;
     *) echo "bench: unknown mode '$m' (keepalive newconn h2 plain reencrypt idle-rss)" >&2; exit 64;;
@@ -96,6 +102,7 @@ pid $work/backends.pid;
 error_log $work/backends.err;
 events { worker_connections 4096; }
 http {
+  # The backends never log, whatever BENCH_LOG says: they share CPU 0 with the clients.
   access_log off;
   keepalive_requests 1000000;
   keepalive_timeout 120s;
@@ -118,9 +125,11 @@ declare -A pid_of=()
 start_rampart() {
   local name=$1 listen=$2; shift 2
   mkdir -p "$work/$name.state"
+  local log=()
+  [ "$log_on" = off ] || log=(--access-log "$work/$name.access.log")
   taskset -c 1 "$rampart" lb --state-dir "$work/$name.state" --listen "$listen" \
     --tls-cert "$work/site.pem" --tls-key "$work/site.key" --health-path /index.html --threads 1 \
-    "$@" 2>"$work/$name.err" &
+    "${log[@]}" "$@" 2>"$work/$name.err" &
   pid_of[$name]=$!; live[$!]=1
 }
 
@@ -135,8 +144,10 @@ global
     # (HAProxy reserves two per connection); without strict-limits it warns and runs.
     no strict-limits
     ssl-default-bind-options ssl-min-ver TLSv1.2
+$([ "$log_on" = off ] || echo "    log stdout format raw local0")
 defaults
     mode http
+$([ "$log_on" = off ] || echo "    log global")
     timeout connect 3s
     timeout client 120s
     timeout http-keep-alive 120s
@@ -170,7 +181,9 @@ error_log $work/$1.err;
 pid $work/$1.pid;
 events { worker_connections $((idle_n + 2000)); }
 http {
-  access_log off;
+$(if [ "$log_on" = off ]; then echo "  access_log off;"; else
+  echo "  log_format rampart '\$remote_addr - - [\$time_local] \"\$request\" \$status \$body_bytes_sent \"\$http_referer\" \"\$http_user_agent\" backend=\$upstream_addr rt=\$request_time tls=- queue=- connect=\$upstream_connect_time upstream=\$upstream_response_time listener=https';"
+  echo "  access_log $work/$1.access.log rampart buffer=64k flush=1s;"; fi)
   keepalive_requests 1000000;
   keepalive_timeout 120s;
   ssl_certificate $work/site.pem; ssl_certificate_key $work/site.key;
@@ -205,15 +218,27 @@ wait_up() { # URL: up to 15 s for a 2xx/3xx
 # standalone mode has one set of backends per process).
 start_rampart rampart "$ip.10:8443" --http-listen "$ip.10:8080" --http-proxy --backend "$ip.21:8081" --backend "$ip.22:8082"
 start_rampart rampart-tls "$ip.10:8444" --backend "$ip.21:9081" --backend "$ip.22:9082" --backend-ca "$work/ca.pem"
+# With BENCH_LOG=on, each frontend logs Rampart's combined line (HAProxy's timers in ms).
+haproxy_log() {
+  [ "$log_on" = off ] && return 0
+  cat <<CFG
+    http-request capture req.hdr(Referer) len 128
+    http-request capture req.hdr(User-Agent) len 128
+    log-format "%ci - - [%trl] \\"%r\\" %ST %B \\"%[capture.req.hdr(0)]\\" \\"%[capture.req.hdr(1)]\\" backend=%s rt=%Tr tls=- queue=%Tw connect=%Tc upstream=%Tr listener=%f"
+CFG
+}
 { haproxy_global; cat <<CFG; } > "$work/haproxy.cfg"
 frontend site
     bind $ip.11:8443 ssl crt $work/haproxy.pem alpn h2,http/1.1
+$(haproxy_log)
     default_backend web
 frontend reencrypt
     bind $ip.11:8444 ssl crt $work/haproxy.pem alpn h2,http/1.1
+$(haproxy_log)
     default_backend webtls
 frontend plain
     bind $ip.11:8080
+$(haproxy_log)
     default_backend web
 CFG
 start_haproxy haproxy "$work/haproxy.cfg"
@@ -240,7 +265,7 @@ for a in $ip.10 $ip.11 $ip.12; do
   openssl s_client -connect "$a:8443" -servername bench.test -CAfile "$work/ca.pem" -brief </dev/null 2>&1 \
     | sed -n 's/^\(Protocol version\|Ciphersuite\|Server Temp Key\|Peer Temp Key\): */\1 /p' | paste -sd ',' | sed 's/,/, /g'
 done
-echo "access logs: off for all three; site certificate ECDSA P-256; load balancers on CPU 1, clients and backends on CPU 0"
+echo "access logs: $log_on for all three; site certificate ECDSA P-256; load balancers on CPU 1, clients and backends on CPU 0"
 echo "limits for idle-rss ($idle_n connections): Rampart topology defaults (https max_connections 10000, 1024 per source, keep-alive idle 10 s in effect); HAProxy maxconn $((idle_n + 2000)) with no strict-limits (20000 descriptors), timeout client/http-keep-alive 120 s; nginx worker_connections $((idle_n + 2000)), worker_rlimit_nofile 20000, keepalive_timeout 120 s"
 
 # utime+stime of the given pids, in clock ticks (fields 14 and 15 of /proc/PID/stat).
@@ -354,6 +379,15 @@ for mode in $modes; do
 done
 echo
 python3 "$helper" report "$rounds" "$results"
+if [ "$log_on" = on ]; then
+  # Every load balancer wrote its lines (HAProxy's go to its stdout, kept in NAME.err).
+  echo "access log lines: rampart $(cat "$work"/rampart*.access.log 2>/dev/null | wc -l)," \
+    "haproxy $(grep -hc ' "[A-Z]* /' "$work"/haproxy.err 2>/dev/null || echo 0)," \
+    "nginx $(cat "$work"/nginx.access.log 2>/dev/null | wc -l)"
+  for f in rampart.access.log haproxy.err nginx.access.log; do
+    grep -m1 ' "[A-Z]* /' "$work/$f" 2>/dev/null || echo "($f: no line)"
+  done
+fi
 if [ -n "$(echo " $modes " | sed 's/ idle-rss / /g' | tr -d ' ')" ]; then
   echo "(requests/s and latency on a 2-core machine: the load generator and the backends share CPU 0;"
   echo " keepalive/newconn/plain/reencrypt latency from wrk --latency, h2 from h2load's per-request log)"
