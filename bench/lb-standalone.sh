@@ -381,7 +381,9 @@ echo
 python3 "$helper" report "$rounds" "$results"
 if [ "$log_on" = on ]; then
   # Every load balancer wrote its lines (HAProxy's go to its stdout, kept in NAME.err).
-  echo "access log lines: rampart $(cat "$work"/rampart*.access.log 2>/dev/null | wc -l)," \
+  # Rampart rotates its log at 64 MiB and keeps 3 rotated files (topology defaults), so
+  # after a long run its count covers only the newest 256 MiB of lines.
+  echo "access log lines: rampart $(cat "$work"/rampart*.access.log* 2>/dev/null | wc -l) (newest 4 x 64 MiB)," \
     "haproxy $(grep -hc ' "[A-Z]* /' "$work"/haproxy.err 2>/dev/null || echo 0)," \
     "nginx $(cat "$work"/nginx.access.log 2>/dev/null | wc -l)"
   for f in rampart.access.log haproxy.err nginx.access.log; do
