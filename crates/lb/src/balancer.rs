@@ -157,6 +157,11 @@ pub(crate) struct Balancer {
     slow_start_ms: u64,
     ejection: Policy,
     epoch: Instant,
+    /// Whether this generation's health verdicts still reach `rampart_backend_up`; false
+    /// once a reload has retired it ([`Balancer::retire`]). A mutex rather than an atomic
+    /// flag: a verdict being published while the reload retires the generation is written
+    /// before the reload writes the new generation's verdicts, never after them.
+    publishing: std::sync::Mutex<bool>,
 }
 
 impl Balancer {
@@ -219,7 +224,19 @@ impl Balancer {
             slow_start_ms: balancing.slow_start_ms,
             ejection: Policy::from_config(balancing),
             epoch: Instant::now(),
+            publishing: std::sync::Mutex::new(true),
         }
+    }
+
+    /// Stops this generation's health verdicts from reaching `rampart_backend_up` (a
+    /// reload swapped in a new one, which shares the series). A health check of this
+    /// generation that ends after the swap still updates its own backends' state, which
+    /// nothing routes by any more, but cannot overwrite the new generation's verdict.
+    pub(crate) fn retire(&self) {
+        *self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
     }
 
     /// Milliseconds since the balancer started, at least 1 (0 means "never" in the
@@ -388,7 +405,13 @@ impl Balancer {
                 }
                 b.outlier.clear(now);
             }
-            b.gauge.set(i64::from(up));
+            let publishing = self
+                .publishing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *publishing {
+                b.gauge.set(i64::from(up));
+            }
         }
     }
 
@@ -492,6 +515,30 @@ mod tests {
 
     fn balancer(n: usize) -> Balancer {
         with(&vec![(1, false); n], Balancing::default())
+    }
+
+    #[test]
+    fn a_retired_generation_no_longer_writes_the_shared_up_series() {
+        let series = Gauge::default();
+        let old = Balancer::new(
+            &backends(&[(1, false)]),
+            |_| series.clone(),
+            &Families::unregistered(),
+            2,
+            1,
+            Duration::from_millis(50),
+            &Balancing::default(),
+        );
+        old.set_up(0, true);
+        assert_eq!(series.get(), 1);
+        // A reload swapped in a new generation, which set the series from its verdict.
+        old.retire();
+        series.set(1);
+        // A health check of the old generation that ends now (its probe was in flight at
+        // the swap) changes the old state only.
+        old.set_up(0, false);
+        assert!(!old.backends()[0].is_up());
+        assert_eq!(series.get(), 1);
     }
 
     /// The backend a request with `affinity` gets (its slot given back at once).

@@ -122,9 +122,13 @@ pub(crate) async fn run(
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
         }
-        let outcome = tokio::time::timeout(timeout, probe(&connector, &name, &cfg.path))
-            .await
-            .unwrap_or(Err(ProbeError::Timeout(timeout)));
+        // A probe in flight when the generation stops is abandoned, not waited for.
+        let outcome = tokio::select! {
+            _ = shutdown.changed() => return,
+            o = tokio::time::timeout(timeout, probe(&connector, &name, &cfg.path)) => {
+                o.unwrap_or(Err(ProbeError::Timeout(timeout)))
+            }
+        };
         if let Err(e) = &outcome {
             tracing::debug!(backend = %name, error = %e, "health check failed");
         }

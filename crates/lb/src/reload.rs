@@ -382,6 +382,9 @@ impl Reloader {
             let previous = std::mem::replace(&mut *stop, generation_state.stop);
             previous.send_replace(true);
         }
+        // A health check of the old generation still in flight must not overwrite the
+        // verdicts written below.
+        old_gen.balancer.retire();
         // From now on the series report the new generation's verdicts (its checkers only
         // write on a change, so a backend that stayed down there is written here).
         for b in new.balancer.backends() {
