@@ -7,16 +7,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use lb::{Backend, LbConfig, LbHandle};
 use prometheus_client::registry::Registry;
 use test_support::{eventually, TestPki};
@@ -30,32 +25,13 @@ fn ip(last: u8) -> IpAddr {
 
 /// A plain HTTP/1.1 backend answering its name; `/slow` after `slow`.
 async fn backend(name: &'static str, last: u8, slow: Duration) -> Backend {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(last), 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| async move {
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(slow).await;
-                        }
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            name.as_bytes(),
-                        ))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
+    let addr = test_support::http_backend(ip(last), move |req| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(slow).await;
         }
-    });
+        test_support::text_response(200, name)
+    })
+    .await;
     Backend {
         name: name.into(),
         addr,

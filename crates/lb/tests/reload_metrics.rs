@@ -6,15 +6,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use lb::{Backend, LbConfig, LbHandle};
 use prometheus_client::registry::Registry;
 use test_support::{eventually, TestPki};
@@ -30,31 +25,15 @@ fn ip(last: u8) -> IpAddr {
 /// `failing` (a backend whose application broke while its health endpoint still answers:
 /// what passive outlier detection is for).
 async fn backend(name: &'static str, last: u8, failing: bool) -> Backend {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(last), 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| async move {
-                        let mut r = Response::new(Full::new(Bytes::from_static(name.as_bytes())));
-                        if failing && req.uri().path() != "/healthz" {
-                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        Ok::<_, Infallible>(r)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = test_support::http_backend(ip(last), move |req| async move {
+        let status = if failing && req.uri().path() != "/healthz" {
+            500
+        } else {
+            200
+        };
+        test_support::text_response(status, name)
+    })
+    .await;
     Backend {
         name: name.into(),
         addr,

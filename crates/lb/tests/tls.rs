@@ -5,15 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use lb::{Backend, LbConfig, LbHandle};
 use prometheus_client::registry::Registry;
@@ -34,27 +33,10 @@ fn ip(last: u8) -> IpAddr {
 
 /// A plain HTTP/1.1 backend answering `/healthz` and everything else with `web-01`.
 async fn backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(11), 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"web-01"))))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    test_support::http_backend(ip(11), |_| async {
+        test_support::text_response(200, "web-01")
+    })
+    .await
 }
 
 /// A CA of the test's own, issuing the extra (non-lab) certificates.

@@ -32,33 +32,15 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A plain HTTP/1.1 backend on `at`: 200 for `/healthz`, `root` for `/`, `other` for
 /// anything else.
 async fn backend(at: std::net::IpAddr, root: u16, other: u16) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind((at, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let status = match req.uri().path() {
-                        "/healthz" => 200,
-                        "/" => root,
-                        _ => other,
-                    };
-                    async move {
-                        Response::builder()
-                            .status(status)
-                            .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    test_support::http_backend(at, move |req| async move {
+        let status = match req.uri().path() {
+            "/healthz" => 200,
+            "/" => root,
+            _ => other,
+        };
+        test_support::text_response(status, "")
+    })
+    .await
 }
 
 /// A plain HTTP/1.1 backend on `at` that answers `/healthz` and every other request in

@@ -1,6 +1,6 @@
 //! Shared pieces of Rampart's tests: printing a skip with its reason, checking for external
-//! binaries and root, waiting for a condition with a bound ("eventually"), and a throwaway
-//! PKI for a topology.
+//! binaries and root, waiting for a condition with a bound ("eventually"), a throwaway
+//! PKI for a topology, and plain HTTP/1.1 test backends.
 //!
 //! This crate is for tests only (`[dev-dependencies]`); it never starts roles itself and
 //! never touches anything outside the temporary directories it creates.
@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -135,6 +136,57 @@ pub fn net(t: &Topology, host: &str) -> firewall::Net {
         .address;
     let policy = std::sync::Arc::new(topology::Policy::compile(t));
     firewall::Net::loopback(host, address, policy, t.limits.clone())
+}
+
+/// The request a [`http_backend`] answers.
+pub type BackendRequest = http::Request<hyper::body::Incoming>;
+/// The response a [`http_backend`] gives.
+pub type BackendResponse = http::Response<http_body_util::Full<bytes::Bytes>>;
+
+/// Starts a plain HTTP/1.1 backend on `at` (port chosen by the kernel) that answers every
+/// request with `answer(request)`, on a task of the calling runtime that lives as long as
+/// the runtime; returns its address. Keep-alive as hyper's HTTP/1 server does it.
+///
+/// Panics when `at` cannot be bound (a test machine without that loopback address).
+pub async fn http_backend<F, Fut>(at: IpAddr, answer: F) -> SocketAddr
+where
+    F: Fn(BackendRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = BackendResponse> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(at, 0))
+        .await
+        .unwrap_or_else(|e| panic!("test backend: cannot bind {at}: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("test backend: no local address: {e}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: BackendRequest| {
+                    let response = answer(req);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A [`BackendResponse`] with `status` and `body`.
+pub fn text_response(status: u16, body: &'static str) -> BackendResponse {
+    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+        body.as_bytes(),
+    )));
+    *r.status_mut() = http::StatusCode::from_u16(status)
+        .unwrap_or_else(|_| panic!("text_response: {status} is not a status code"));
+    r
 }
 
 #[cfg(test)]
