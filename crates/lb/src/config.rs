@@ -472,13 +472,7 @@ roles = ["web", "app"]
     #[test]
     fn from_topology_takes_every_web_host_as_backend() {
         let t = Topology::parse(TOML, "test.toml").unwrap();
-        let cfg = LbConfig::from_topology(
-            &t,
-            "lb-01",
-            pki::PkiPaths::new("/nonexistent"),
-            net(&t, "lb-01"),
-        )
-        .unwrap();
+        let cfg = lab_config(&t);
         assert_eq!(cfg.net.address(), "127.91.0.10".parse::<IpAddr>().unwrap());
         assert_eq!((cfg.https_port, cfg.http_port), (8443, 8080));
         assert_eq!(cfg.site_domain, "www.foobar.com");
@@ -524,13 +518,7 @@ roles = ["web", "app"]
             "[balancer]\nalgorithm = \"least_connections\"\n[balancer.backends.web-02]\nweight = 4\nbackup = true\n{TOML}"
         );
         let t = Topology::parse(&text, "test.toml").unwrap();
-        let cfg = LbConfig::from_topology(
-            &t,
-            "lb-01",
-            pki::PkiPaths::new("/nonexistent"),
-            net(&t, "lb-01"),
-        )
-        .unwrap();
+        let cfg = lab_config(&t);
         assert_eq!((cfg.backends[0].weight, cfg.backends[0].backup), (1, false));
         assert_eq!((cfg.backends[1].weight, cfg.backends[1].backup), (4, true));
         assert_eq!(
@@ -569,14 +557,19 @@ roles = ["web", "app"]
         let e = LbConfig::standalone(standalone_options(HttpMode::Redirect, true)).unwrap_err();
         assert!(e.contains("--h2c needs --http-proxy"), "{e}");
         let t = Topology::parse(TOML, "test.toml").unwrap();
-        let cfg = LbConfig::from_topology(
-            &t,
+        let cfg = lab_config(&t);
+        assert!(!cfg.h2c, "the lab's HTTP listener only redirects");
+    }
+
+    /// lb-01's configuration from `t` (certificates never read).
+    fn lab_config(t: &Topology) -> LbConfig {
+        LbConfig::from_topology(
+            t,
             "lb-01",
             pki::PkiPaths::new("/nonexistent"),
-            net(&t, "lb-01"),
+            net(t, "lb-01"),
         )
-        .unwrap();
-        assert!(!cfg.h2c, "the lab's HTTP listener only redirects");
+        .unwrap()
     }
 
     fn net(t: &Topology, host: &str) -> firewall::Net {

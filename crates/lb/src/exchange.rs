@@ -527,8 +527,7 @@ impl HopFields {
                 }
                 false
             }
-            "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade" => false,
-            _ => true,
+            _ => crate::proxy::hop_by_hop_index(name).is_none(),
         }
     }
 }

@@ -109,8 +109,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The position of `name` in [`HOP_BY_HOP`], if it is one of them: one comparison of the
-/// name's text by length and bytes, instead of one per listed name.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+/// name's text by length and bytes, instead of one per listed name. The one test of the
+/// fixed hop-by-hop set, on the way to a backend and on the way back.
+pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     match name.as_str() {
         "connection" => Some(0),
         "keep-alive" => Some(1),
@@ -228,8 +229,8 @@ impl FieldSink for HeaderMap {
     }
 }
 
-/// What [`upstream_fields`] does with a field of the client's request, found by one
-/// comparison of the name's text.
+/// What [`upstream_fields`] does with a field of the client's request, found by
+/// comparisons of the name's text.
 enum Role {
     /// Hop-by-hop (RFC 9110 §7.6.1), or replaced by the proxy's own: left out.
     Dropped,
@@ -250,10 +251,11 @@ enum Role {
 }
 
 fn role(name: &HeaderName) -> Role {
+    if hop_by_hop_index(name).is_some() {
+        return Role::Dropped;
+    }
     match name.as_str() {
-        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer"
-        | "transfer-encoding" | "upgrade" | "x-forwarded-proto" | "x-forwarded-host"
-        | "content-length" => Role::Dropped,
+        "x-forwarded-proto" | "x-forwarded-host" | "content-length" => Role::Dropped,
         "host" => Role::Host,
         "x-forwarded-for" => Role::ForwardedFor,
         "forwarded" => Role::Forwarded,
