@@ -23,6 +23,31 @@ async fn backend(addr: &str, name: &'static str) -> (SocketAddr, tokio::task::Jo
     (addr, task)
 }
 
+/// Starts `cmd` (a `rampart lb` command line) with its standard error piped and returns it
+/// with the first line it writes there: "rampart lb: https on ADDR, http on ADDR, N worker
+/// thread(s); ...".
+fn start_lb(cmd: &mut Command) -> (std::process::Child, String) {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+/// The address after `key` ("https on ", "http on ") in the first line of `rampart lb`.
+fn addr_after(line: &str, key: &str) -> SocketAddr {
+    line.split(key)
+        .nth(1)
+        .and_then(|s| s.split([',', ' ']).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -42,37 +67,26 @@ async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
 
     let (a, _a) = backend("127.98.1.11:0", "A").await;
     let (b, b_task) = backend("127.98.1.12:0", "B").await;
-    let mut child = Command::new(BIN)
-        .args([
-            "lb",
-            "--listen",
-            "127.98.1.10:0",
-            "--http-listen",
-            "127.98.1.10:0",
-        ])
-        .arg("--tls-cert")
-        .arg(&cert_path)
-        .arg("--tls-key")
-        .arg(&key_path)
-        .args(["--backend", &a.to_string(), "--backend", &b.to_string()])
-        .args(["--site-name", "www.example.test", "--threads", "1"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // "rampart lb: https on ADDR, http on ADDR, 1 worker thread(s); ..."
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr_after = |key: &str| -> SocketAddr {
-        line.split(key)
-            .nth(1)
-            .and_then(|s| s.split([',', ' ']).next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
-    };
-    let (https, http) = (addr_after("https on "), addr_after("http on "));
+    let (mut child, line) = start_lb(
+        Command::new(BIN)
+            .args([
+                "lb",
+                "--listen",
+                "127.98.1.10:0",
+                "--http-listen",
+                "127.98.1.10:0",
+            ])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .args(["--backend", &a.to_string(), "--backend", &b.to_string()])
+            .args(["--site-name", "www.example.test", "--threads", "1"]),
+    );
+    let (https, http) = (
+        addr_after(&line, "https on "),
+        addr_after(&line, "http on "),
+    );
     assert!(line.contains("1 worker thread"), "{line}");
 
     let client = reqwest::Client::builder()
@@ -201,34 +215,23 @@ async fn standalone_lb_proxies_plain_http_with_http_proxy() {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    let mut child = Command::new(BIN)
-        .args([
-            "lb",
-            "--listen",
-            "127.98.1.20:0",
-            "--http-listen",
-            "127.98.1.20:0",
-        ])
-        .arg("--http-proxy")
-        .arg("--tls-cert")
-        .arg(&cert_path)
-        .arg("--tls-key")
-        .arg(&key_path)
-        .args(["--backend", &backend.to_string(), "--threads", "1"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let http: SocketAddr = line
-        .split("http on ")
-        .nth(1)
-        .and_then(|s| s.split([',', ' ']).next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no http address in {line:?}"));
+    let (mut child, line) = start_lb(
+        Command::new(BIN)
+            .args([
+                "lb",
+                "--listen",
+                "127.98.1.20:0",
+                "--http-listen",
+                "127.98.1.20:0",
+            ])
+            .arg("--http-proxy")
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .args(["--backend", &backend.to_string(), "--threads", "1"]),
+    );
+    let http = addr_after(&line, "http on ");
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(5))
@@ -313,23 +316,12 @@ async fn standalone_lb_serves_h2c_on_the_plain_proxy_listener_only_with_h2c() {
         .arg(&cert_path)
         .arg("--tls-key")
         .arg(&key_path)
-        .args(["--backend", &backend.to_string(), "--threads", "1"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
+        .args(["--backend", &backend.to_string(), "--threads", "1"]);
         if h2c {
             cmd.arg("--h2c");
         }
-        let mut child = cmd.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let http: SocketAddr = line
-            .split("http on ")
-            .nth(1)
-            .and_then(|s| s.split([',', ' ']).next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no http address in {line:?}"));
+        let (mut child, line) = start_lb(&mut cmd);
+        let http = addr_after(&line, "http on ");
         let url = format!("http://{http}/");
         // HTTP/1.1 works either way (once the backend's health check passed).
         let client = reqwest::Client::builder()
