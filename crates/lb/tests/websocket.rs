@@ -80,8 +80,12 @@ async fn websocket_messages_pass_both_ways_and_an_idle_tunnel_is_closed() {
         .ends_with(": again"));
 }
 
-/// Sends `text` on `ws` and returns the echo (`<backend>: <text>`).
-async fn echo(ws: &mut Ws, text: &str) -> String {
+/// Sends `text` on `ws` (over TLS or plain HTTP) and returns the echo
+/// (`<backend>: <text>`).
+async fn echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     ws.send(Message::text(text)).await.unwrap();
     let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
@@ -266,7 +270,7 @@ async fn websocket_passes_through_the_plain_http_proxy_listener() {
     let url = format!("ws://www.foobar.com:{}/ws", http.port());
     let (mut ws, resp) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
     assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
-    let first = echo_plain(&mut ws, "hello").await;
+    let first = echo(&mut ws, "hello").await;
     let backend = first.split(':').next().unwrap().to_string();
     assert_eq!(first, format!("{backend}: hello"));
     assert!(backend.starts_with("web-0"), "{first}");
@@ -295,20 +299,6 @@ async fn websocket_passes_through_the_plain_http_proxy_listener() {
     wait_tunnels(&s, &backend, 0.0).await;
 }
 
-/// [`echo`] over a plain-HTTP WebSocket.
-async fn echo_plain(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-    text: &str,
-) -> String {
-    ws.send(Message::text(text)).await.unwrap();
-    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("no echo")
-        .unwrap()
-        .unwrap();
-    back.into_text().unwrap().to_string()
-}
-
 /// Opens `ws://www.foobar.com/ws` through the plain HTTP proxy listener, has the backend
 /// end its side (a Close, after which the echo backend drops its connection), and returns
 /// the client's stream once the load balancer passed that end on: the tunnel is then
@@ -320,7 +310,7 @@ async fn half_closed_by_the_backend(
     let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
     let url = format!("ws://www.foobar.com:{}/ws", http.port());
     let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
-    assert_eq!(echo_plain(&mut ws, "hi").await, "web-01: hi");
+    assert_eq!(echo(&mut ws, "hi").await, "web-01: hi");
     wait_tunnels(s, "web-01", 1.0).await;
     let ended_before = s.backends[0]
         .ws_ended
