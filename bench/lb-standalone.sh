@@ -218,15 +218,8 @@ wait_up() { # URL: up to 15 s for a 2xx/3xx
 # standalone mode has one set of backends per process).
 start_rampart rampart "$ip.10:8443" --http-listen "$ip.10:8080" --http-proxy --backend "$ip.21:8081" --backend "$ip.22:8082"
 start_rampart rampart-tls "$ip.10:8444" --backend "$ip.21:9081" --backend "$ip.22:9082" --backend-ca "$work/ca.pem"
-# With BENCH_LOG=on, each frontend logs Rampart's combined line (HAProxy's timers in ms).
-haproxy_log() {
-  [ "$log_on" = off ] && return 0
-  cat <<CFG
-    http-request capture req.hdr(Referer) len 128
-    http-request capture req.hdr(User-Agent) len 128
-    log-format "%ci - - [%trl] \\"%r\\" %ST %B \\"%[capture.req.hdr(0)]\\" \\"%[capture.req.hdr(1)]\\" backend=%s rt=%Tr tls=- queue=%Tw connect=%Tc upstream=%Tr listener=%f"
-CFG
-}
+# With BENCH_LOG=on, each frontend logs Rampart's combined line.
+haproxy_log() { [ "$log_on" = off ] || haproxy_combined_log; }
 { haproxy_global; cat <<CFG; } > "$work/haproxy.cfg"
 frontend site
     bind $ip.11:8443 ssl crt $work/haproxy.pem alpn h2,http/1.1

@@ -57,13 +57,10 @@ defaults
     timeout client 30s
     timeout server 30s
     option http-keep-alive
-frontend site
+# The frontend is named like lb-01's listener, which its log lines name.
+frontend https
     bind $block.30:8443 ssl crt $work/site.pem alpn h2,http/1.1
-    http-request capture req.hdr(Referer) len 128
-    http-request capture req.hdr(User-Agent) len 128
-    # lb-01's combined line: client, date, request line, status, bytes, referer, user agent,
-    # backend and timings (HAProxy's in ms, Rampart's in s).
-    log-format "%ci - - [%trl] \\"%r\\" %ST %B \\"%[capture.req.hdr(0)]\\" \\"%[capture.req.hdr(1)]\\" backend=%s rt=%Tr tls=- queue=%Tw connect=%Tc upstream=%Tr listener=https"
+$(haproxy_combined_log)
     http-response set-header Strict-Transport-Security "max-age=31536000"
     default_backend web
 backend web

@@ -40,3 +40,14 @@ bench_leaf() {
   openssl x509 -req -in "$d/$n.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
     -extfile "$d/$n.ext" -out "$d/$n.pem" 2>/dev/null
 }
+
+# haproxy_combined_log — the lines of an HAProxy frontend that log Rampart's `combined`
+# access log line (NCSA combined plus backend and timings; HAProxy's timers in ms,
+# Rampart's in s; `listener` is the frontend's name), to a `log` set in `global`.
+haproxy_combined_log() {
+  cat <<'CFG'
+    http-request capture req.hdr(Referer) len 128
+    http-request capture req.hdr(User-Agent) len 128
+    log-format "%ci - - [%trl] \"%r\" %ST %B \"%[capture.req.hdr(0)]\" \"%[capture.req.hdr(1)]\" backend=%s rt=%Tr tls=- queue=%Tw connect=%Tc upstream=%Tr listener=%f"
+CFG
+}
