@@ -502,9 +502,18 @@ mod tests {
     }
 
     fn with(specs: &[(u32, bool)], balancing: Balancing) -> Balancer {
+        reporting_to(|_| Gauge::default(), specs, balancing)
+    }
+
+    /// [`with`], each backend's `rampart_backend_up` series given by `gauge(name)`.
+    fn reporting_to(
+        gauge: impl Fn(&str) -> Gauge,
+        specs: &[(u32, bool)],
+        balancing: Balancing,
+    ) -> Balancer {
         Balancer::new(
             &backends(specs),
-            |_| Gauge::default(),
+            gauge,
             &Families::unregistered(),
             2,
             1,
@@ -520,15 +529,7 @@ mod tests {
     #[test]
     fn a_retired_generation_no_longer_writes_the_shared_up_series() {
         let series = Gauge::default();
-        let old = Balancer::new(
-            &backends(&[(1, false)]),
-            |_| series.clone(),
-            &Families::unregistered(),
-            2,
-            1,
-            Duration::from_millis(50),
-            &Balancing::default(),
-        );
+        let old = reporting_to(|_| series.clone(), &[(1, false)], Balancing::default());
         old.set_up(0, true);
         assert_eq!(series.get(), 1);
         // A reload swapped in a new generation, which set the series from its verdict.
