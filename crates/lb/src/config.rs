@@ -98,7 +98,8 @@ pub struct LbConfig {
     /// [`HttpMode::Proxy`] only: the HTTP listener also serves HTTP/2 with prior knowledge
     /// ("h2c", RFC 9113 §3.3; `rampart lb --h2c`), like nginx `listen … http2` or HAProxy
     /// `bind … proto h2`. Default false: HTTP/1.1 only, and a client that starts with the
-    /// HTTP/2 preface is closed without an answer (see [`serve::HttpOptions::h2c`]).
+    /// HTTP/2 preface gets GOAWAY HTTP_1_1_REQUIRED and is closed (see
+    /// [`serve::HttpOptions::h2c`]).
     pub h2c: bool,
     /// Where the local admin socket is bound (`rampart lb drain|enable|status`; see
     /// [`crate::admin`]); its directory must exist and the path fit a Unix socket address

@@ -31,10 +31,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use serve::RequestBody;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::balancer::{Balancer, Outcome, QueueError};
@@ -594,7 +594,7 @@ pub(crate) enum BodyError {
 /// Reads a whole request body, at most `max` bytes, waiting at most `idle` for each chunk
 /// (nginx `client_max_body_size`, `client_body_timeout`).
 pub(crate) async fn read_body(
-    mut body: Incoming,
+    mut body: RequestBody,
     max: u64,
     idle: Duration,
 ) -> Result<Bytes, BodyError> {
@@ -635,7 +635,7 @@ impl Proxy {
         Proxy { upstreams, client }
     }
 
-    async fn forward(self, req: Request<Incoming>) -> Response<Body> {
+    async fn forward(self, req: Request<RequestBody>) -> Response<Body> {
         let up = &self.upstreams;
         if let Some(limit) = &up.rate_limit {
             if !limit.admit(self.client.ip, std::time::Instant::now()) {
@@ -936,7 +936,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-impl tower::Service<Request<Incoming>> for Proxy {
+impl tower::Service<Request<RequestBody>> for Proxy {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -945,7 +945,7 @@ impl tower::Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
     }

@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use pki::{CertSummary, SniResolver};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use serve::RequestBody;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -198,16 +198,16 @@ impl Current {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Current {
+impl tower::Service<Request<RequestBody>> for Current {
     type Response = Response<crate::proxy::Body>;
     type Error = Infallible;
-    type Future = <Proxy as tower::Service<Request<Incoming>>>::Future;
+    type Future = <Proxy as tower::Service<Request<RequestBody>>>::Future;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         Proxy::new(self.live.load_full(), self.client.clone()).call(req)
     }
 }

@@ -31,18 +31,18 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serve::RequestBody;
 use serve::RoleTasks;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balancer::{Outcome, QueueError};
 use crate::proxy::{
-    local, strip_hop_by_hop, upstream_headers, Body, Client, Scheme, ServedBy, Upstreams,
+    local, strip_hop_by_hop, upstream_headers, Body, BoxError, Client, Scheme, ServedBy, Upstreams,
 };
 use crate::retry::Failure;
 
@@ -181,10 +181,10 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Forwards the upgrade request `req` (already checked: target, `Host`) from `client`.
 pub(crate) async fn forward(
     up: &Upstreams,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     client: &Client,
 ) -> Response<Body> {
-    let client_side = hyper::upgrade::on(&mut req);
+    let client_side = serve::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
     let upgrade = parts
         .headers
@@ -261,13 +261,17 @@ pub(crate) async fn forward(
                 let name = backend.name.clone();
                 up.tunnels.spawn(&backend.name, client.scheme, |mut closing| async move {
                     let both = tokio::select! {
-                        both = async { tokio::try_join!(client_side, backend_side) } => both,
+                        both = async {
+                            let backend_side = async { backend_side.await.map_err(BoxError::from) };
+                            let client_side = async { client_side.await.map_err(BoxError::from) };
+                            tokio::try_join!(client_side, backend_side)
+                        } => both,
                         () = &mut closing => return,
                     };
                     match both {
                         Ok((c, b)) => {
                             let end = tunnel(
-                                TokioIo::new(c),
+                                c,
                                 TokioIo::new(b),
                                 Limits {
                                     idle,

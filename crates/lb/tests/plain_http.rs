@@ -1,5 +1,5 @@
 //! The plain HTTP listener proxying to the backends (`HttpMode::Proxy`): HTTP/1.1 only by
-//! default, a client starting with HTTP/2's preface refused; HTTP/2 with prior knowledge
+//! default, a client starting with HTTP/2's preface refused (GOAWAY HTTP_1_1_REQUIRED); HTTP/2 with prior knowledge
 //! (h2c, RFC 9113 §3.3) beside HTTP/1.1 when `h2c` is on. Real clients (reqwest, a raw
 //! TCP socket) against the load balancer in front of two real backends.
 
@@ -87,14 +87,14 @@ async fn plain_proxy_listener_is_http11_only_by_default_and_refuses_the_h2c_pref
     assert_eq!(r.version(), Version::HTTP_11);
     assert!(served_by(&r).starts_with("web-0"));
 
-    // An h2c client with prior knowledge: the connection is closed without an answer.
+    // An h2c client with prior knowledge: GOAWAY HTTP_1_1_REQUIRED, then the close.
     let err = client(&s, true).get(url(&s)).send().await.unwrap_err();
     println!("h2c client against the HTTP/1.1-only listener: {err:?}");
     let back = raw_exchange(&s, H2_PREFACE_AND_SETTINGS).await;
-    assert!(
-        back.is_empty(),
-        "answered the HTTP/2 preface: {:?}",
-        String::from_utf8_lossy(&back)
+    assert_eq!(
+        back,
+        serve::h1::H2_REFUSAL,
+        "the answer to the HTTP/2 preface"
     );
     assert_eq!(closed(&s, "h2c_refused"), 2.0);
     assert_eq!(closed(&s, "bad_request"), 0.0);

@@ -48,6 +48,14 @@ impl EdgeIo {
         (io, linger)
     }
 
+    /// Ready when a read would not wait (tokio's `TcpStream::poll_read_ready`).
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.stream {
+            Some(s) => s.poll_read_ready(cx),
+            None => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
+        }
+    }
+
     fn stream(&mut self) -> io::Result<&mut TcpStream> {
         self.stream
             .as_mut()

@@ -6,10 +6,10 @@
 //! reserve are already enforced at accept), the role's TLS config, and a per-connection
 //! service; it enforces, with the listener's [`topology::ListenerLimits`]:
 //! - the TLS handshake timeout;
-//! - HTTP/1.1 served by hyper's HTTP/1 connection when the TLS handshake chose it by ALPN
-//!   (RFC 7301), otherwise HTTP/1.1 or HTTP/2 told apart by the first bytes; on a plain
-//!   listener HTTP/1.1 only, unless [`HttpOptions::h2c`] asks for HTTP/2 with prior
-//!   knowledge as well;
+//! - HTTP/1.1 served by Rampart's own HTTP/1 server side ([`h1`]: an idle connection holds
+//!   no buffer), HTTP/2 by hyper: ALPN (RFC 7301) chooses on TLS, and without ALPN the
+//!   first bytes tell (HTTP/2's preface); on a plain listener HTTP/1.1 only, unless
+//!   [`HttpOptions::h2c`] asks for HTTP/2 with prior knowledge as well;
 //! - the caller identities the policy's rule names (mutual TLS; roles never decide who
 //!   may call them);
 //! - the first-byte (protocol detection) timeout, then the HTTP/1 header read timeout;
@@ -30,6 +30,8 @@
 
 #![forbid(unsafe_code)]
 
+mod body;
+pub mod h1;
 pub mod io;
 mod lifecycle;
 
@@ -47,20 +49,21 @@ use firewall::{Activity, GuardedListener};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use topology::{Callers, Identity, ListenerLimits, Service};
 use tower::ServiceExt;
 
+pub use body::{upgrade, BodyError, RequestBody};
 pub use lifecycle::{runtime, worker_threads, RoleHandle, RoleTasks};
 
-/// Limit on an HTTP/1 request head (request line and headers), bytes. hyper checks it
-/// against its read buffer, so a head a little larger can slip through; a much larger one
-/// is answered `431 Request Header Fields Too Large` (RFC 6585 §5).
+/// Limit on an HTTP/1 request head (request line and headers), bytes; a larger one is
+/// answered `431 Request Header Fields Too Large` (RFC 6585 §5). Checked against what is
+/// buffered, so a head up to one read (8 KiB) larger can slip through.
 pub const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
 
 /// Concurrent HTTP/2 streams per connection (RFC 9113 §6.5.2
@@ -108,13 +111,14 @@ pub enum Ended {
     Stalled,
     /// Closed to admit a new connection on a full listener.
     Evicted,
-    /// HTTP/1 head larger than [`MAX_HTTP1_HEAD_BYTES`] (hyper answered 431).
+    /// HTTP/1 head larger than [`MAX_HTTP1_HEAD_BYTES`] (answered 431).
     HeadTooLarge,
-    /// Unparsable HTTP (hyper answered 400).
+    /// Unparsable HTTP (answered 400).
     BadRequest,
-    /// HTTP/2's connection preface (RFC 9113 §3.4) on a plain listener that serves
-    /// HTTP/1.1 only ([`HttpOptions::h2c`] off): closed without an answer, as hyper's
-    /// HTTP/1 server does (an HTTP/1 status line would mean nothing to an HTTP/2 client).
+    /// HTTP/2's connection preface (RFC 9113 §3.4) where HTTP/1.1 alone is served (a
+    /// plain listener with [`HttpOptions::h2c`] off, or TLS whose ALPN chose `http/1.1`):
+    /// answered with GOAWAY HTTP_1_1_REQUIRED ([`h1::H2_REFUSAL`]; an HTTP/1 status line
+    /// would mean nothing to an HTTP/2 client), then closed.
     H2cRefused,
 }
 
@@ -150,42 +154,18 @@ pub struct HttpOptions {
     pub on_ended: Option<OnEnded>,
     /// Plain listeners only (`tls: None`): serve HTTP/2 with prior knowledge ("h2c",
     /// RFC 9113 §3.3) beside HTTP/1.1, told apart by the first 24 bytes (the preface). Off:
-    /// every plain connection is HTTP/1.1 (hyper's HTTP/1 connection, no detection), and a
-    /// client that starts with the HTTP/2 preface is closed without an answer
-    /// ([`Ended::H2cRefused`]). Peers make it opt-in too: nginx `listen … http2`, HAProxy
+    /// every plain connection is HTTP/1.1, and a client that starts with the HTTP/2
+    /// preface gets GOAWAY HTTP_1_1_REQUIRED and is closed ([`Ended::H2cRefused`]). Peers make it opt-in too: nginx `listen … http2`, HAProxy
     /// `bind … proto h2`. Ignored with TLS, where ALPN (RFC 7301) chooses.
     pub h2c: bool,
 }
 
-/// Applies a listener's HTTP/1 settings to `$builder`: hyper's own HTTP/1 builder and the
-/// auto-detecting builder's HTTP/1 half have the same methods but different types, and
-/// both must get the same settings.
-macro_rules! http1_settings {
-    ($builder:expr, $limits:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            .header_read_timeout($limits.header_read_timeout())
-            .max_buf_size(MAX_HTTP1_HEAD_BYTES)
-    };
-}
-
-/// The HTTP/1.1 + HTTP/2 server settings of a listener.
-fn http_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    http1_settings!(b.http1(), limits);
-    b.http2()
-        .timer(TokioTimer::new())
+/// The HTTP/2 server settings of a listener.
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
-    b
-}
-
-/// The HTTP/1.1 settings of [`http_builder`] alone, for a connection whose TLS handshake
-/// chose `http/1.1` by ALPN (RFC 7301 §3.2: the client speaks that protocol and no other),
-/// served without protocol detection.
-fn http1_builder(limits: &ListenerLimits) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    http1_settings!(b, limits);
     b
 }
 
@@ -202,7 +182,7 @@ pub async fn serve_http<M, S, B>(
     tasks: TaskTracker,
 ) where
     M: Fn(&ConnInfo) -> S + Send + Sync + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -219,9 +199,13 @@ pub async fn serve_http<M, S, B>(
         .map(|r| r.callers.clone())
         .unwrap_or(Callers::Identities(Vec::new()));
     let ctx = Arc::new(Ctx {
-        builder: http_builder(&limits),
-        http1: http1_builder(&limits),
-        plain_http1_only: !opts.h2c,
+        http2: http2_builder(),
+        http1: h1::Settings {
+            header_read_timeout: limits.header_read_timeout(),
+            max_head: MAX_HTTP1_HEAD_BYTES,
+            http2: false,
+        },
+        plain_h2c: opts.h2c,
         acceptor: opts.tls.map(TlsAcceptor::from),
         on_ended: opts.on_ended,
         limits,
@@ -257,34 +241,29 @@ pub async fn serve_http<M, S, B>(
     drop(tasks);
 }
 
-/// hyper's connection with one client, boxed (see [`Ctx::http`]).
-enum Served<'a, I, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-{
-    /// HTTP/1.1 only: chosen by ALPN, or a plain listener without h2c.
-    Http1(Pin<Box<http1::UpgradeableConnection<I, S>>>),
-    /// HTTP/1.1 or HTTP/2, told apart by the first bytes (HTTP/2's preface, RFC 9113 §3.4).
-    Auto(Pin<Box<auto::UpgradeableConnection<'a, I, S, TokioExecutor>>>),
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy)]
+enum Proto {
+    /// HTTP/1.1 ([`h1`]); `http2`: a connection that opens with HTTP/2's preface is served
+    /// as HTTP/2 (TLS without ALPN, or a plain listener with h2c), else it is refused.
+    Http1 { http2: bool },
+    /// HTTP/2, chosen by ALPN (RFC 7301).
+    Http2,
 }
 
-/// Asks a [`Served`] connection to finish the request in flight, if any, then close
-/// (HTTP/2: GOAWAY first). A macro, not a method: the bounds that make both hyper
-/// connections closable are those of [`Ctx::http`], where it is used.
-macro_rules! graceful_shutdown {
-    ($conn:expr) => {
-        match &mut $conn {
-            Served::Http1(c) => c.as_mut().graceful_shutdown(),
-            Served::Auto(c) => c.as_mut().graceful_shutdown(),
-        }
-    };
+/// Why a connection's protocol ended with an error.
+enum ConnError {
+    /// One of the reasons a role counts.
+    Ended(Ended),
+    /// Anything else (logged at debug).
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 struct Ctx<M> {
-    builder: auto::Builder<TokioExecutor>,
-    http1: http1::Builder,
-    /// A plain connection is HTTP/1.1 only ([`HttpOptions::h2c`] off).
-    plain_http1_only: bool,
+    http2: http2::Builder<TokioExecutor>,
+    http1: h1::Settings,
+    /// A plain connection may speak HTTP/2 with prior knowledge ([`HttpOptions::h2c`]).
+    plain_h2c: bool,
     acceptor: Option<TlsAcceptor>,
     on_ended: Option<OnEnded>,
     limits: ListenerLimits,
@@ -304,7 +283,7 @@ impl<M> Ctx<M> {
     async fn connection<S, B>(&self, a: firewall::Admitted, shutdown: CancellationToken)
     where
         M: Fn(&ConnInfo) -> S,
-        S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
             + 'static,
@@ -327,16 +306,11 @@ impl<M> Ctx<M> {
                 return self.ended(Ended::Identity, peer);
             }
             let svc = (self.make)(&info);
+            let proto = Proto::Http1 {
+                http2: self.plain_h2c,
+            };
             return self
-                .http(
-                    TokioIo::new(io),
-                    self.plain_http1_only,
-                    info,
-                    svc,
-                    &activity,
-                    &shutdown,
-                    &linger,
-                )
+                .http(io, proto, info, svc, &activity, &shutdown, &linger)
                 .await;
         };
         let handshake_started = std::time::Instant::now();
@@ -346,14 +320,19 @@ impl<M> Ctx<M> {
             _ = shutdown.cancelled() => return,
         };
         // Boxed: the TLS session (about 1.3 KiB) is then allocated once at its own size,
-        // instead of being carried inline in the connection task and in hyper's
-        // connection state (see `http`).
+        // instead of being carried inline in the connection task's future.
         let tls = match handshake {
             Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(_)) => return self.ended(Ended::HandshakeFailed, peer),
             Err(_) => return self.ended(Ended::HandshakeTimeout, peer),
         };
-        let http1_by_alpn = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+        // ALPN (RFC 7301 §3.2) names the one protocol the client speaks; without it the
+        // first bytes tell.
+        let proto = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Proto::Http2,
+            Some(_) => Proto::Http1 { http2: false },
+            None => Proto::Http1 { http2: true },
+        };
         let identity = tls
             .get_ref()
             .1
@@ -372,46 +351,29 @@ impl<M> Ctx<M> {
             tracing::warn!(listener = %self.service, %peer, identity = ?info.identity, "caller not admitted by the policy");
             self.ended(Ended::Identity, peer);
             return self
-                .http(
-                    TokioIo::new(tls),
-                    http1_by_alpn,
-                    info,
-                    forbidden(),
-                    &activity,
-                    &shutdown,
-                    &linger,
-                )
+                .http(tls, proto, info, forbidden(), &activity, &shutdown, &linger)
                 .await;
         }
         let svc = (self.make)(&info);
-        self.http(
-            TokioIo::new(tls),
-            http1_by_alpn,
-            info,
-            svc,
-            &activity,
-            &shutdown,
-            &linger,
-        )
-        .await
+        self.http(tls, proto, info, svc, &activity, &shutdown, &linger)
+            .await
     }
 
-    /// Serves HTTP on `io` until it closes; `http1_only`: the client chose HTTP/1.1 by
-    /// ALPN, or the plain listener serves HTTP/1.1 only, so hyper's HTTP/1 connection
-    /// serves it directly (no protocol detection).
+    /// Serves HTTP on `io` until it closes, watching its timeouts (first byte, first
+    /// head, keep-alive idle, stall) and the role's shutdown.
     #[allow(clippy::too_many_arguments)]
     async fn http<I, S, B>(
         &self,
         io: I,
-        http1_only: bool,
+        proto: Proto,
         info: ConnInfo,
         svc: S,
         activity: &Arc<Activity>,
         shutdown: &CancellationToken,
         linger: &std::sync::atomic::AtomicBool,
     ) where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        I: AsyncRead + AsyncWrite + h1::ReadReady + Unpin + Send + 'static,
+        S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
             + 'static,
@@ -421,41 +383,49 @@ impl<M> Ctx<M> {
     {
         let peer = info.peer;
         let counted = activity.clone();
-        let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let handle = move |mut req: Request<RequestBody>| {
             counted.request_started();
             let guard = InFlight(counted.clone());
             req.extensions_mut().insert(info.clone());
             let fut = svc.clone().oneshot(req);
             async move {
-                let resp = fut.await?;
-                Ok::<_, Infallible>(resp.map(|body| CountedBody {
+                let resp = match fut.await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                resp.map(|body| CountedBody {
                     inner: body,
                     _guard: guard,
-                }))
+                })
+            }
+        };
+        // Asks the connection to finish the request in flight, if any, then close
+        // (HTTP/2: GOAWAY first).
+        let graceful = CancellationToken::new();
+        // Boxed: the connection's state is allocated at its own size instead of widening
+        // this future.
+        let mut conn = Box::pin({
+            let graceful = graceful.clone();
+            let http2 = self.http2.clone();
+            let mut settings = self.http1;
+            async move {
+                let http2_allowed = match proto {
+                    Proto::Http2 => {
+                        return serve_http2(&http2, TokioIo::new(io), handle, &graceful).await
+                    }
+                    Proto::Http1 { http2 } => http2,
+                };
+                settings.http2 = http2_allowed;
+                match h1::serve(io, settings, &graceful, handle.clone()).await {
+                    Ok(h1::Done::Http2(io)) => {
+                        serve_http2(&http2, TokioIo::new(io), handle, &graceful).await
+                    }
+                    Ok(h1::Done::Closed | h1::Done::Upgraded) => Ok(()),
+                    Err(h1::Failed::Ended(why)) => Err(ConnError::Ended(why)),
+                    Err(h1::Failed::Io(e)) => Err(ConnError::Other(e.into())),
+                }
             }
         });
-        // With upgrades: a handler that takes the connection over (the load balancer's
-        // WebSocket tunnels) may; no other handler ever asks.
-        // Boxed: hyper's connection state (an enum sized for HTTP/2 even when the client
-        // speaks HTTP/1.1) is allocated at its own size instead of widening this future,
-        // whose every byte every connection task carries (idle ones included).
-        //
-        // HTTP/1.1 only (chosen by ALPN, or a plain listener without h2c) is served by
-        // hyper's HTTP/1 connection directly: the auto-detecting one first reads 24 bytes to tell HTTP/2's preface from HTTP/1, then
-        // hands them back in front of the stream, and hyper's read buffer, topped up to
-        // 8 KiB after those 24 bytes, doubles to 16 KiB, kept for the connection's life.
-        let mut conn = if http1_only {
-            Served::Http1(Box::pin(
-                self.http1
-                    .serve_connection(io, hyper_service)
-                    .with_upgrades(),
-            ))
-        } else {
-            Served::Auto(Box::pin(
-                self.builder
-                    .serve_connection_with_upgrades(io, hyper_service),
-            ))
-        };
         let closed = activity.closed().clone();
         let bytes_at_start = activity.bytes_read();
         let started = tokio::time::Instant::now();
@@ -487,17 +457,14 @@ impl<M> Ctx<M> {
                 )
             };
             tokio::select! {
-                r = std::future::poll_fn(|cx| match &mut conn {
-                    Served::Http1(c) => c.as_mut().poll(cx).map_err(Into::into),
-                    Served::Auto(c) => c.as_mut().poll(cx),
-                }) => break r,
+                r = conn.as_mut() => break r,
                 _ = closed.cancelled() => {
                     self.ended(Ended::Evicted, peer);
                     return;
                 }
                 _ = shutdown.cancelled(), if !draining => {
                     draining = true;
-                    graceful_shutdown!(conn);
+                    graceful.cancel();
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let Some(why) = why else {
@@ -518,7 +485,7 @@ impl<M> Ctx<M> {
                             self.ended(why, peer);
                             return;
                         }
-                        graceful_shutdown!(conn);
+                        graceful.cancel();
                         closing = Some((why, tokio::time::Instant::now() + CLOSE_GRACE));
                     }
                 }
@@ -530,13 +497,9 @@ impl<M> Ctx<M> {
                     self.ended(why, peer);
                 }
             }
-            Err(e) => {
-                let why = classify(&*e);
-                if let Some(why) = why {
-                    self.ended(why, peer);
-                } else {
-                    tracing::debug!(listener = %self.service, %peer, error = %e, "connection ended with an error");
-                }
+            Err(ConnError::Ended(why)) => self.ended(why, peer),
+            Err(ConnError::Other(e)) => {
+                tracing::debug!(listener = %self.service, %peer, error = %e, "connection ended with an error");
             }
         }
         // The connection ended normally after serving: close lingering, so a response sent
@@ -547,14 +510,43 @@ impl<M> Ctx<M> {
     }
 }
 
+/// Serves HTTP/2 on `io` with hyper until it closes; `graceful`: GOAWAY, finish the
+/// streams in flight, close.
+async fn serve_http2<I, H, Fut, B>(
+    builder: &http2::Builder<TokioExecutor>,
+    io: I,
+    handle: H,
+    graceful: &CancellationToken,
+) -> Result<(), ConnError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let answer = handle(req.map(RequestBody::hyper));
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
+    let other = |e: hyper::Error| ConnError::Other(e.into());
+    tokio::select! {
+        r = conn.as_mut() => return r.map_err(other),
+        () = graceful.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(other)
+}
+
 type Forbidden = tower::util::ServiceFn<
-    fn(Request<Incoming>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    fn(Request<RequestBody>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
 >;
 
 /// Answers every request `403 Forbidden` and closes the connection.
 fn forbidden() -> Forbidden {
     fn answer(
-        _req: Request<Incoming>,
+        _req: Request<RequestBody>,
     ) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
         let mut resp = Response::new(Full::new(Bytes::from_static(
             b"this certificate's identity may not call this service\n",
@@ -567,29 +559,6 @@ fn forbidden() -> Forbidden {
         std::future::ready(Ok(resp))
     }
     tower::service_fn(answer as fn(_) -> _)
-}
-
-/// The [`Ended`] reason of a hyper connection error, when it is one.
-fn classify(e: &(dyn std::error::Error + 'static)) -> Option<Ended> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_parse_version_h2() {
-                return Some(Ended::H2cRefused);
-            }
-            if h.is_parse_too_large() {
-                return Some(Ended::HeadTooLarge);
-            }
-            if h.is_parse() {
-                return Some(Ended::BadRequest);
-            }
-            if h.is_timeout() {
-                return Some(Ended::HeaderTimeout);
-            }
-        }
-        cur = err.source();
-    }
-    None
 }
 
 /// Marks a request ended (its response body finished or was dropped).

@@ -1,0 +1,1159 @@
+//! The HTTP/1.1 server side of a connection (RFC 9112), written for the edge: buffers are
+//! taken when bytes arrive and given back when the connection goes idle, so an idle
+//! keep-alive connection holds no read or write buffer (hyper's HTTP/1 connection keeps
+//! 8 KiB + 8 KiB for its whole life; HAProxy and nginx release theirs the same way).
+//!
+//! One request at a time (pipelined requests wait in the read buffer, RFC 9112 §9.3.2):
+//! - the head is parsed with `httparse`, at most [`crate::MAX_HTTP1_HEAD_BYTES`] and
+//!   [`MAX_HEADERS`] fields (`431`, RFC 6585 §5), unparsable: `400`; field values are
+//!   slices of the read buffer, not copies;
+//! - the first head of a connection that starts with HTTP/2's preface (RFC 9113 §3.4) is
+//!   handed back ([`Done::Http2`]) when HTTP/2 may be spoken here, refused otherwise;
+//! - a head that does not complete within the header-read timeout after its first byte
+//!   closes the connection without an answer (as hyper does);
+//! - the request body (RFC 9112 §6: `Transfer-Encoding: chunked` last, or one
+//!   `Content-Length`; anything else is `400`) is read only once the service polls it,
+//!   which is also when `100 Continue` goes out (RFC 9110 §10.1.1);
+//! - the answer is framed by the body's exact length when known, else chunked (HTTP/1.1)
+//!   or by closing (HTTP/1.0); `HEAD`, `1xx`, `204` and `304` answers have no body
+//!   (RFC 9112 §6.3); a `Date` field is added when missing (RFC 9110 §6.6.1);
+//! - persistence follows RFC 9112 §9.3: HTTP/1.1 unless `Connection: close`, HTTP/1.0
+//!   only with `Connection: keep-alive`; a body the service did not read closes the
+//!   connection after the answer;
+//! - a `101` answer to a request that asked for an upgrade hands the connection to
+//!   [`crate::upgrade::on`].
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::upgrade::{Pending, Upgraded};
+use crate::body::{Http1Body, RequestBody};
+use crate::Ended;
+
+/// Most header fields in a request head (hyper's default; nginx and HAProxy allow 100
+/// and 101).
+pub const MAX_HEADERS: usize = 100;
+
+/// Bytes asked of the connection per read.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Answer bodies up to this size are copied behind the head and go out in one write.
+const COPY_BODY_BYTES: usize = 16 * 1024;
+
+/// Longest chunk-size line or trailer section accepted in a chunked request body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a client that opened with HTTP/2's preface gets where HTTP/1.1 alone is served:
+/// an empty SETTINGS frame (the server's preface, RFC 9113 §3.4, §6.5), then GOAWAY
+/// (§6.8) for stream 0 with the error HTTP_1_1_REQUIRED (0xd, §7).
+pub const H2_REFUSAL: &[u8] = &[
+    0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, no parameters
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes of payload
+    0, 0, 0, 0, // last stream id 0
+    0, 0, 0, 0xd, // HTTP_1_1_REQUIRED
+];
+
+/// A connection the serve path can wait on for readability without a read buffer.
+pub trait ReadReady {
+    /// Ready when a read would not wait (data, end of stream or an error arrived, or bytes
+    /// are already decoded and held).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for crate::io::EdgeIo {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        crate::io::EdgeIo::poll_read_ready(self, cx)
+    }
+}
+
+impl<T: ReadReady> ReadReady for Box<tokio_rustls::server::TlsStream<T>> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, tls) = self.get_ref();
+        // Plaintext already decrypted (or a close_notify) is ready now.
+        if !tls.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        io.poll_read_ready(cx)
+    }
+}
+
+/// How a connection's HTTP/1.1 service ended without an error.
+pub(crate) enum Done<I> {
+    /// Closed: by the client, after `Connection: close`, or on a graceful shutdown.
+    Closed,
+    /// Handed to the request's upgrade (a `101` answer).
+    Upgraded,
+    /// The client spoke HTTP/2 (its preface, with the bytes read so far to replay).
+    Http2(Rewind<I>),
+}
+
+/// What ends a connection with an error: an [`Ended`] reason the role counts, or an I/O or
+/// body error (logged only).
+#[derive(Debug)]
+pub(crate) enum Failed {
+    Ended(Ended),
+    Io(io::Error),
+}
+
+impl From<io::Error> for Failed {
+    fn from(e: io::Error) -> Self {
+        Failed::Io(e)
+    }
+}
+
+/// Settings of the HTTP/1.1 side of one listener.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// Longest wait for the rest of a head once its first byte came.
+    pub(crate) header_read_timeout: Duration,
+    /// Largest request head, bytes.
+    pub(crate) max_head: usize,
+    /// The first bytes may be HTTP/2's preface, served as HTTP/2.
+    pub(crate) http2: bool,
+}
+
+/// Serves HTTP/1.1 on `io`: each request goes to `handle`, whose answer is written back.
+/// `graceful`: finish the request in flight (its answer says `Connection: close`), then
+/// close; an idle connection closes at once.
+pub(crate) async fn serve<I, F, Fut, B>(
+    mut io: I,
+    settings: Settings,
+    graceful: &CancellationToken,
+    mut handle: F,
+) -> Result<Done<I>, Failed>
+where
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        // 1. Wait for bytes. Between requests with nothing buffered, the connection is
+        //    idle: it gives its buffers back and waits for readability alone.
+        if buf.is_empty() && !first {
+            if graceful.is_cancelled() {
+                return close(&mut io).await;
+            }
+            let mut ready = pin!(std::future::poll_fn(|cx| io.poll_read_ready(cx)));
+            if poll_once(ready.as_mut()).await.is_pending() {
+                buf = BytesMut::new();
+                out = Vec::new();
+                tokio::select! {
+                    r = ready => r?,
+                    () = graceful.cancelled() => return close(&mut io).await,
+                }
+            }
+        }
+        // 2. Read until a whole head is buffered.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let parsed = loop {
+            if !buf.is_empty() {
+                if first {
+                    let n = buf.len().min(H2_PREFACE.len());
+                    if buf[..n] == H2_PREFACE[..n] {
+                        if n == H2_PREFACE.len() {
+                            if settings.http2 {
+                                return Ok(Done::Http2(Rewind {
+                                    first: buf.freeze(),
+                                    io,
+                                }));
+                            }
+                            // An HTTP/2 client learns why (RFC 9113 §3.4: the server's
+                            // preface is a SETTINGS frame; §7: HTTP_1_1_REQUIRED).
+                            let _ = io.write_all(H2_REFUSAL).await;
+                            let _ = io.shutdown().await;
+                            return Err(Failed::Ended(Ended::H2cRefused));
+                        }
+                    } else {
+                        first = false;
+                    }
+                }
+                if !first {
+                    match parse_head(&mut buf) {
+                        Ok(Some(head)) => break head,
+                        Ok(None) if buf.len() >= settings.max_head => {
+                            return refuse(&mut io, &mut out, Ended::HeadTooLarge).await
+                        }
+                        Ok(None) => {}
+                        Err(why) => return refuse(&mut io, &mut out, why).await,
+                    }
+                }
+                deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + settings.header_read_timeout
+                });
+            }
+            buf.reserve(READ_SIZE);
+            let n = match deadline {
+                None => io.read_buf(&mut buf).await?,
+                Some(at) => match tokio::time::timeout_at(at, io.read_buf(&mut buf)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Failed::Ended(Ended::HeaderTimeout)),
+                },
+            };
+            if n == 0 {
+                // The client closed, between requests or within a head.
+                return Ok(Done::Closed);
+            }
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + settings.header_read_timeout);
+            }
+        };
+        first = false;
+
+        // 3. The request, and its body read as the service asks for it.
+        let Parsed {
+            mut request,
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+        } = parsed;
+        let is_head = request.method() == Method::HEAD;
+        let version = request.version();
+        let upgrade = upgrade.then(|| {
+            let (tx, rx) = oneshot::channel::<Upgraded>();
+            request
+                .extensions_mut()
+                .insert(Pending(Arc::new(Mutex::new(Some(rx)))));
+            tx
+        });
+        let (response, body_read) = match framing {
+            None => (handle(request.map(|()| RequestBody::empty())).await, true),
+            Some(decoder) => {
+                let (tx, rx) = mpsc::channel(1);
+                let (wanted_tx, wanted_rx) = oneshot::channel();
+                let remaining = match decoder {
+                    Decoder::Length(n) => Some(n),
+                    _ => None,
+                };
+                let request = request.map(|()| {
+                    RequestBody::http1(Http1Body {
+                        chunks: rx,
+                        wanted: Some(wanted_tx),
+                        remaining,
+                    })
+                });
+                let answer = handle(request);
+                let mut answer = pin!(answer);
+                let mut pumped: Option<Result<(), Failed>> = None;
+                let response = {
+                    let pump = pump_body(
+                        &mut io,
+                        &mut buf,
+                        decoder,
+                        tx,
+                        wanted_rx,
+                        expect_continue && version == Version::HTTP_11,
+                    );
+                    let mut pump = pin!(pump);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = answer.as_mut() => break r,
+                            r = pump.as_mut(), if pumped.is_none() => pumped = Some(r),
+                        }
+                    }
+                };
+                match pumped {
+                    // The connection broke under the body: nothing more can be said on it.
+                    Some(Err(Failed::Io(e))) => return Err(Failed::Io(e)),
+                    Some(Ok(())) => (response, true),
+                    // Broken framing (the service answered it) or a body left unread.
+                    Some(Err(_)) | None => (response, false),
+                }
+            }
+        };
+
+        // 4. The answer.
+        let (parts, body) = response.into_parts();
+        let status = parts.status;
+        let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
+        let mut persist = keep_alive && body_read && !graceful.is_cancelled();
+        if (status == StatusCode::SWITCHING_PROTOCOLS && !upgraded)
+            || has_token(&parts.headers, header::CONNECTION, "close")
+        {
+            persist = false;
+        }
+        let no_body = is_head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = head_framing(&parts.headers, &body, no_body, version, &mut persist);
+        out.clear();
+        encode_head(
+            &mut out,
+            version,
+            status,
+            &parts.headers,
+            framing,
+            persist,
+            upgraded,
+        );
+        drop(parts);
+        if no_body {
+            drop(body);
+            io.write_all(&out).await?;
+            io.flush().await?;
+        } else {
+            write_body(&mut io, &mut out, body, framing).await?;
+        }
+        if let (true, Some(tx)) = (upgraded, upgrade) {
+            let _ = tx.send(Upgraded {
+                io: Box::new(io),
+                read_first: buf.freeze(),
+            });
+            return Ok(Done::Upgraded);
+        }
+        if !persist {
+            return close(&mut io).await;
+        }
+    }
+}
+
+/// Shuts the sending side down (TLS: close_notify first) and reports a closed connection.
+async fn close<I: AsyncWrite + Unpin>(io: &mut I) -> Result<Done<I>, Failed> {
+    let _ = io.shutdown().await;
+    Ok(Done::Closed)
+}
+
+/// Answers an unusable head (`400`, `431`) and closes.
+async fn refuse<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    why: Ended,
+) -> Result<Done<I>, Failed> {
+    let status = match why {
+        Ended::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    out.clear();
+    encode_head(
+        out,
+        Version::HTTP_11,
+        status,
+        &HeaderMap::new(),
+        Framing::Length(0),
+        false,
+        false,
+    );
+    let _ = io.write_all(out).await;
+    let _ = io.shutdown().await;
+    Err(Failed::Ended(why))
+}
+
+/// Polls `fut` once.
+async fn poll_once<F: Future + Unpin>(mut fut: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
+}
+
+/// A parsed request head and what the connection must do with it.
+struct Parsed {
+    request: Request<()>,
+    framing: Option<Decoder>,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// Parses the head at the front of `buf`, taking it out of `buf` when complete.
+/// `Ok(None)`: incomplete. Errors are the reason the connection is refused.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Ended::HeadTooLarge),
+        Err(_) => return Err(Ended::BadRequest),
+    };
+    // Offsets into the buffer, so the values can be slices of it once it is frozen.
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let method =
+        Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| Ended::BadRequest)?;
+    let target = at(req.path.unwrap_or("").as_bytes());
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut fields: Vec<(HeaderName, std::ops::Range<usize>)> =
+        Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Ended::BadRequest)?;
+        fields.push((name, at(h.value)));
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| Ended::BadRequest)?;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, range) in fields {
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| Ended::BadRequest)?;
+        headers.append(name, value);
+    }
+
+    // Framing (RFC 9112 §6.1–6.3): chunked last, or one length; both: the length goes.
+    let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 || !chunked_last(&headers) {
+            return Err(Ended::BadRequest);
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        Some(Decoder::Chunked(Chunked::Size))
+    } else {
+        match content_length(&headers)? {
+            None | Some(0) => None,
+            Some(n) => Some(Decoder::Length(n)),
+        }
+    };
+    let close = has_token(&headers, header::CONNECTION, "close");
+    let keep_alive = match version {
+        Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive") && !close,
+        _ => !close,
+    };
+    let expect_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && has_token(&headers, header::CONNECTION, "upgrade");
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Parsed {
+        request,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// Whether the last transfer coding is `chunked` (RFC 9112 §6.3 item 4: otherwise a
+/// request's length cannot be known).
+fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// The request's `Content-Length`: every value (and list element) must be the same
+/// number (RFC 9112 §6.3 item 5), else the request is refused.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Ended> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let text = v.to_str().map_err(|_| Ended::BadRequest)?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Ended::BadRequest);
+            }
+            let n: u64 = part.parse().map_err(|_| Ended::BadRequest)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(Ended::BadRequest);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a comma-separated field lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// How a request body is delimited, and how far it has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    /// This many bytes are still to come.
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// Where a chunked body's decoding stands (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk: this many data bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines up to the empty one.
+    Trailers,
+    Done,
+}
+
+/// One step of decoding.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoded {
+    Data(Bytes),
+    NeedMore,
+    Done,
+    Invalid,
+}
+
+impl Decoder {
+    /// Decodes from the front of `buf`, taking what it used.
+    fn decode(&mut self, buf: &mut BytesMut) -> Decoded {
+        loop {
+            match self {
+                Decoder::Length(0) => return Decoded::Done,
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Decoded::NeedMore;
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    return Decoded::Data(buf.split_to(n).freeze());
+                }
+                Decoder::Chunked(state) => match *state {
+                    Chunked::Done => return Decoded::Done,
+                    Chunked::Size => {
+                        let Some(end) = find_crlf(buf) else {
+                            return if buf.len() > MAX_CHUNK_LINE {
+                                Decoded::Invalid
+                            } else {
+                                Decoded::NeedMore
+                            };
+                        };
+                        let line = &buf[..end];
+                        let digits = line
+                            .iter()
+                            .position(|b| *b == b';' || *b == b' ' || *b == b'\t')
+                            .map_or(line, |i| &line[..i]);
+                        if digits.is_empty() || digits.len() > 15 {
+                            return Decoded::Invalid;
+                        }
+                        let mut size = 0u64;
+                        for d in digits {
+                            let v = match d {
+                                b'0'..=b'9' => d - b'0',
+                                b'a'..=b'f' => d - b'a' + 10,
+                                b'A'..=b'F' => d - b'A' + 10,
+                                _ => return Decoded::Invalid,
+                            };
+                            size = size * 16 + u64::from(v);
+                        }
+                        buf.advance(end + 2);
+                        *state = if size == 0 {
+                            Chunked::Trailers
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Chunked::Data(left) => {
+                        if buf.is_empty() {
+                            return Decoded::NeedMore;
+                        }
+                        let n = left.min(buf.len() as u64) as usize;
+                        *state = if left == n as u64 {
+                            Chunked::DataEnd
+                        } else {
+                            Chunked::Data(left - n as u64)
+                        };
+                        return Decoded::Data(buf.split_to(n).freeze());
+                    }
+                    Chunked::DataEnd => {
+                        if buf.len() < 2 {
+                            return Decoded::NeedMore;
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Decoded::Invalid;
+                        }
+                        buf.advance(2);
+                        *state = Chunked::Size;
+                    }
+                    Chunked::Trailers => {
+                        let Some(end) = find_crlf(buf) else {
+                            return if buf.len() > MAX_CHUNK_LINE {
+                                Decoded::Invalid
+                            } else {
+                                Decoded::NeedMore
+                            };
+                        };
+                        buf.advance(end + 2);
+                        if end == 0 {
+                            *state = Chunked::Done;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Reads the request body from the connection into `tx` once the service first polls it
+/// (`wanted`). `Ok`: read whole. Errors: the service dropped the body (`Failed::Ended`
+/// with [`Ended::BadRequest`] standing for "unread"), the framing was broken (the service
+/// got an error), or the connection failed.
+async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    mut decoder: Decoder,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    wanted: oneshot::Receiver<()>,
+    expect_continue: bool,
+) -> Result<(), Failed> {
+    let unread = || Failed::Ended(Ended::BadRequest);
+    if wanted.await.is_err() {
+        return Err(unread());
+    }
+    if expect_continue && buf.is_empty() {
+        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        io.flush().await?;
+    }
+    loop {
+        match decoder.decode(buf) {
+            Decoded::Data(data) => tx.send(Ok(data)).await.map_err(|_| unread())?,
+            Decoded::Done => return Ok(()),
+            Decoded::Invalid => {
+                let _ = tx
+                    .send(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed chunked request body",
+                    )))
+                    .await;
+                return Err(unread());
+            }
+            Decoded::NeedMore => {
+                buf.reserve(READ_SIZE);
+                let n = tokio::select! {
+                    r = io.read_buf(buf) => r,
+                    () = tx.closed() => return Err(unread()),
+                };
+                match n {
+                    Ok(0) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed within the request body",
+                        );
+                        let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into())).await;
+                        return Err(Failed::Io(e));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
+                        return Err(Failed::Io(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (`HEAD`, `1xx`, `204`, `304`), fields left as the service set them.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 with no known length).
+    Close,
+}
+
+/// Chooses the answer's framing (and whether the connection can persist with it).
+fn head_framing<B: Body>(
+    headers: &HeaderMap,
+    body: &B,
+    no_body: bool,
+    version: Version,
+    persist: &mut bool,
+) -> Framing {
+    if no_body {
+        return Framing::None;
+    }
+    if let Some(n) = body.size_hint().exact() {
+        return Framing::Length(n);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        return Framing::Length(n);
+    }
+    if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        *persist = false;
+        Framing::Close
+    }
+}
+
+/// Writes the status line and fields of an answer into `out`.
+fn encode_head(
+    out: &mut Vec<u8>,
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    persist: bool,
+    upgraded: bool,
+) {
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    let no_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH {
+            if framing != Framing::None || no_length {
+                continue;
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            continue;
+        } else if *name == header::CONNECTION {
+            if !upgraded && !persist {
+                // Said below, once.
+                continue;
+            }
+        } else if *name == header::DATE {
+            has_date = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::Close => {}
+    }
+    if !upgraded {
+        if !persist {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 && !headers.contains_key(header::CONNECTION) {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head in `out` and then the body, as `framing` says. A body that is ready
+/// at once and small goes out in the same write as the head.
+async fn write_body<I, B>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    body: B,
+    framing: Framing,
+) -> Result<(), Failed>
+where
+    I: AsyncWrite + Unpin,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = pin!(body);
+    let mut written: u64 = 0;
+    loop {
+        let frame = {
+            // Errors become boxed at once: `B::Error` need not be `Send`.
+            let mut next = pin!(std::future::poll_fn(|cx| {
+                body.as_mut()
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(Into::into)))
+            }));
+            match poll_once(next.as_mut()).await {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    // Nothing more now: what is held goes out while the body waits.
+                    io.write_all(out).await?;
+                    out.clear();
+                    io.flush().await?;
+                    next.await
+                }
+            }
+        };
+        let frame = match frame {
+            None => break,
+            Some(Err(e)) => {
+                let e: Box<dyn std::error::Error + Send + Sync> = e;
+                return Err(Failed::Io(io::Error::other(e)));
+            }
+            Some(Ok(frame)) => frame,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            // Trailers: HTTP/1.1 answers here carry none.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Framing::Length(n) = framing {
+            if written + data.len() as u64 > n {
+                return Err(Failed::Io(io::Error::other(
+                    "answer body longer than its length",
+                )));
+            }
+        }
+        written += data.len() as u64;
+        if framing == Framing::Chunked {
+            write_hex(out, data.len());
+        }
+        if out.len() + data.len() <= COPY_BODY_BYTES {
+            out.extend_from_slice(&data);
+        } else {
+            io.write_all(out).await?;
+            out.clear();
+            while data.has_remaining() {
+                io.write_buf(&mut data).await?;
+            }
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    io.write_all(out).await?;
+    out.clear();
+    io.flush().await?;
+    if let Framing::Length(n) = framing {
+        if written != n {
+            return Err(Failed::Io(io::Error::other(
+                "answer body shorter than its length",
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Appends `n` as a chunk-size line (hex, CRLF).
+fn write_hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = HEX[v & 15];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A stream with bytes already read from it put back in front.
+pub(crate) struct Rewind<I> {
+    first: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The `Date` field's value (RFC 9110 §5.6.7 IMF-fixdate), made once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    pub(super) fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                *c = (secs, httpdate::fmt_http_date(now));
+            }
+            out.extend_from_slice(c.1.as_bytes());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Parsed>, Ended> {
+        parse_head(&mut BytesMut::from(text.as_bytes()))
+    }
+
+    #[test]
+    fn heads_are_parsed_with_their_framing_and_persistence() {
+        let p = parse("GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.request.uri(), "/a?b");
+        assert_eq!(p.request.headers()["host"], "x");
+        assert!(p.framing.is_none() && p.keep_alive && !p.upgrade);
+        let p = parse("POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, Some(Decoder::Length(5)));
+        assert!(!p.keep_alive);
+        let p = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(p.keep_alive);
+        let p = parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!p.keep_alive);
+        let p = parse("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(p.upgrade);
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused_rfc_9112_section_6_3() {
+        // Length and chunked: chunked wins and the length is dropped.
+        let p = parse("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, Some(Decoder::Chunked(Chunked::Size)));
+        assert!(!p.request.headers().contains_key("content-length"));
+        for bad in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
+        ] {
+            assert_eq!(parse(bad).err(), Some(Ended::BadRequest), "{bad:?}");
+        }
+        let p = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.framing, Some(Decoder::Length(3)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: y\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(Ended::HeadTooLarge)
+        );
+    }
+
+    fn decode_all(mut d: Decoder, wire: &[u8], step: usize) -> Result<Vec<u8>, ()> {
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match d.decode(&mut buf) {
+                Decoded::Data(b) => body.extend_from_slice(&b),
+                Decoded::Done => return Ok(body),
+                Decoded::Invalid => return Err(()),
+                Decoded::NeedMore => {
+                    if fed == wire.len() {
+                        return Err(());
+                    }
+                    let n = step.min(wire.len() - fed);
+                    buf.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split_rfc_9112_section_7_1() {
+        let wire = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            assert_eq!(
+                decode_all(Decoder::Chunked(Chunked::Size), wire, step).unwrap(),
+                b"hello0123456789",
+                "step {step}"
+            );
+        }
+        for bad in [
+            &b"5\r\nhelloXX0\r\n\r\n"[..],
+            b"z\r\n",
+            b"12345678901234567\r\n",
+        ] {
+            assert!(decode_all(Decoder::Chunked(Chunked::Size), bad, 1).is_err());
+        }
+        assert_eq!(
+            decode_all(Decoder::Length(3), b"abcdef", 2).unwrap(),
+            b"abc"
+        );
+    }
+
+    fn head(
+        status: StatusCode,
+        headers: &[(&str, &str)],
+        framing: Framing,
+        persist: bool,
+    ) -> String {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            Version::HTTP_11,
+            status,
+            &map,
+            framing,
+            persist,
+            false,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn answer_heads_carry_one_framing_and_a_date() {
+        let h = head(
+            StatusCode::OK,
+            &[
+                ("content-length", "99"),
+                ("transfer-encoding", "chunked"),
+                ("x-a", "1"),
+            ],
+            Framing::Length(2),
+            true,
+        );
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+        assert!(
+            h.contains("x-a: 1\r\n") && h.contains("content-length: 2\r\n"),
+            "{h}"
+        );
+        assert!(!h.contains("99") && !h.contains("transfer-encoding"), "{h}");
+        assert!(h.contains("\r\ndate: ") && h.ends_with("\r\n\r\n"), "{h}");
+        let h = head(
+            StatusCode::NOT_FOUND,
+            &[("connection", "close")],
+            Framing::Chunked,
+            false,
+        );
+        assert_eq!(h.matches("connection: close").count(), 1, "{h}");
+        assert!(h.contains("transfer-encoding: chunked\r\n"), "{h}");
+        // A HEAD answer keeps the length the service gave; a 204 has none.
+        let h = head(
+            StatusCode::OK,
+            &[("content-length", "99")],
+            Framing::None,
+            true,
+        );
+        assert!(h.contains("content-length: 99\r\n"), "{h}");
+        let h = head(
+            StatusCode::NO_CONTENT,
+            &[("content-length", "0")],
+            Framing::None,
+            true,
+        );
+        assert!(!h.contains("content-length"), "{h}");
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let mut out = Vec::new();
+        write_hex(&mut out, 0x1a2f);
+        write_hex(&mut out, 0);
+        assert_eq!(out, b"1a2f\r\n0\r\n");
+    }
+}
