@@ -94,13 +94,14 @@ impl<T: ReadReady> ReadReady for Box<tokio_rustls::server::TlsStream<T>> {
 }
 
 /// How a connection's HTTP/1.1 service ended without an error.
-pub(crate) enum Done<I> {
+pub(crate) enum Done<I, F> {
     /// Closed: by the client, after `Connection: close`, or on a graceful shutdown.
     Closed,
     /// Handed to the request's upgrade (a `101` answer).
     Upgraded,
-    /// The client spoke HTTP/2 (its preface, with the bytes read so far to replay).
-    Http2(Rewind<I>),
+    /// The client spoke HTTP/2: its connection (with the bytes read so far to replay) and
+    /// the request handler, for an HTTP/2 server.
+    Http2(Rewind<I>, F),
 }
 
 /// What ends a connection with an error: an [`Ended`] reason the role counts, or an I/O or
@@ -136,7 +137,7 @@ pub(crate) async fn serve<I, F, Fut, B>(
     settings: Settings,
     graceful: &CancellationToken,
     mut handle: F,
-) -> Result<Done<I>, Failed>
+) -> Result<Done<I, F>, Failed>
 where
     I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     F: FnMut(Request<RequestBody>) -> Fut,
@@ -164,184 +165,231 @@ where
                 }
             }
         }
-        // 2. Read until a whole head is buffered.
-        let mut deadline: Option<tokio::time::Instant> = None;
-        let parsed = loop {
-            if !buf.is_empty() {
-                if first {
-                    let n = buf.len().min(H2_PREFACE.len());
-                    if buf[..n] == H2_PREFACE[..n] {
-                        if n == H2_PREFACE.len() {
-                            if settings.http2 {
-                                return Ok(Done::Http2(Rewind {
-                                    first: buf.freeze(),
-                                    io,
-                                }));
+        // 2. Read until a whole head is buffered; 3. serve the request and its answer,
+        //    boxed, so an idle connection's task holds no request state. Built in a block:
+        //    a local of this function that lived across the await would keep its slot
+        //    (moved out or not) in this future for the connection's whole life.
+        let exchange = {
+            let mut deadline: Option<tokio::time::Instant> = None;
+            let parsed = loop {
+                if !buf.is_empty() {
+                    if first {
+                        let n = buf.len().min(H2_PREFACE.len());
+                        if buf[..n] == H2_PREFACE[..n] {
+                            if n == H2_PREFACE.len() {
+                                if settings.http2 {
+                                    let io = Rewind {
+                                        first: buf.freeze(),
+                                        io,
+                                    };
+                                    return Ok(Done::Http2(io, handle));
+                                }
+                                // An HTTP/2 client learns why (RFC 9113 §3.4: the server's
+                                // preface is a SETTINGS frame; §7: HTTP_1_1_REQUIRED).
+                                let _ = io.write_all(H2_REFUSAL).await;
+                                let _ = io.shutdown().await;
+                                return Err(Failed::Ended(Ended::H2cRefused));
                             }
-                            // An HTTP/2 client learns why (RFC 9113 §3.4: the server's
-                            // preface is a SETTINGS frame; §7: HTTP_1_1_REQUIRED).
-                            let _ = io.write_all(H2_REFUSAL).await;
-                            let _ = io.shutdown().await;
-                            return Err(Failed::Ended(Ended::H2cRefused));
+                        } else {
+                            first = false;
                         }
-                    } else {
-                        first = false;
                     }
-                }
-                if !first {
-                    match parse_head(&mut buf) {
-                        Ok(Some(head)) => break head,
-                        Ok(None) if buf.len() >= settings.max_head => {
-                            return refuse(&mut io, &mut out, Ended::HeadTooLarge).await
+                    if !first {
+                        match parse_head(&mut buf) {
+                            Ok(Some(head)) => break head,
+                            Ok(None) if buf.len() >= settings.max_head => {
+                                return refuse(&mut io, &mut out, Ended::HeadTooLarge).await
+                            }
+                            Ok(None) => {}
+                            Err(why) => return refuse(&mut io, &mut out, why).await,
                         }
-                        Ok(None) => {}
-                        Err(why) => return refuse(&mut io, &mut out, why).await,
                     }
+                    deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + settings.header_read_timeout
+                    });
                 }
-                deadline.get_or_insert_with(|| {
-                    tokio::time::Instant::now() + settings.header_read_timeout
-                });
-            }
-            buf.reserve(READ_SIZE);
-            let n = match deadline {
-                None => io.read_buf(&mut buf).await?,
-                Some(at) => match tokio::time::timeout_at(at, io.read_buf(&mut buf)).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(Failed::Ended(Ended::HeaderTimeout)),
-                },
+                buf.reserve(READ_SIZE);
+                let n = match deadline {
+                    None => io.read_buf(&mut buf).await?,
+                    Some(at) => match tokio::time::timeout_at(at, io.read_buf(&mut buf)).await {
+                        Ok(r) => r?,
+                        Err(_) => return Err(Failed::Ended(Ended::HeaderTimeout)),
+                    },
+                };
+                if n == 0 {
+                    // The client closed, between requests or within a head.
+                    return Ok(Done::Closed);
+                }
+                if deadline.is_none() {
+                    deadline = Some(tokio::time::Instant::now() + settings.header_read_timeout);
+                }
             };
-            if n == 0 {
-                // The client closed, between requests or within a head.
-                return Ok(Done::Closed);
-            }
-            if deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + settings.header_read_timeout);
-            }
+            first = false;
+            Box::pin(exchange(
+                &mut io,
+                &mut buf,
+                &mut out,
+                parsed,
+                &mut handle,
+                graceful,
+            ))
         };
-        first = false;
-
-        // 3. The request, and its body read as the service asks for it.
-        let Parsed {
-            mut request,
-            framing,
-            keep_alive,
-            expect_continue,
-            upgrade,
-        } = parsed;
-        let is_head = request.method() == Method::HEAD;
-        let version = request.version();
-        let upgrade = upgrade.then(|| {
-            let (tx, rx) = oneshot::channel::<Upgraded>();
-            request
-                .extensions_mut()
-                .insert(Pending(Arc::new(Mutex::new(Some(rx)))));
-            tx
-        });
-        let (response, body_read) = match framing {
-            None => (handle(request.map(|()| RequestBody::empty())).await, true),
-            Some(decoder) => {
-                let (tx, rx) = mpsc::channel(1);
-                let (wanted_tx, wanted_rx) = oneshot::channel();
-                let remaining = match decoder {
-                    Decoder::Length(n) => Some(n),
-                    _ => None,
-                };
-                let request = request.map(|()| {
-                    RequestBody::http1(Http1Body {
-                        chunks: rx,
-                        wanted: Some(wanted_tx),
-                        remaining,
-                    })
+        let step = exchange.await?;
+        match step {
+            Step::Next => {}
+            Step::Close => return close(&mut io).await,
+            Step::Upgrade(tx) => {
+                let _ = tx.send(Upgraded {
+                    io: Box::new(io),
+                    read_first: buf.freeze(),
                 });
-                let answer = handle(request);
-                let mut answer = pin!(answer);
-                let mut pumped: Option<Result<(), Failed>> = None;
-                let response = {
-                    let pump = pump_body(
-                        &mut io,
-                        &mut buf,
-                        decoder,
-                        tx,
-                        wanted_rx,
-                        expect_continue && version == Version::HTTP_11,
-                    );
-                    let mut pump = pin!(pump);
-                    loop {
-                        tokio::select! {
-                            biased;
-                            r = answer.as_mut() => break r,
-                            r = pump.as_mut(), if pumped.is_none() => pumped = Some(r),
-                        }
-                    }
-                };
-                match pumped {
-                    // The connection broke under the body: nothing more can be said on it.
-                    Some(Err(Failed::Io(e))) => return Err(Failed::Io(e)),
-                    Some(Ok(())) => (response, true),
-                    // Broken framing (the service answered it) or a body left unread.
-                    Some(Err(_)) | None => (response, false),
-                }
+                return Ok(Done::Upgraded);
             }
-        };
-
-        // 4. The answer.
-        let (parts, body) = response.into_parts();
-        let status = parts.status;
-        let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
-        let mut persist = keep_alive && body_read && !graceful.is_cancelled();
-        if (status == StatusCode::SWITCHING_PROTOCOLS && !upgraded)
-            || has_token(&parts.headers, header::CONNECTION, "close")
-        {
-            persist = false;
-        }
-        let no_body = is_head
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let framing = head_framing(&parts.headers, &body, no_body, version, &mut persist);
-        out.clear();
-        encode_head(
-            &mut out,
-            version,
-            status,
-            &parts.headers,
-            framing,
-            persist,
-            upgraded,
-        );
-        drop(parts);
-        if no_body {
-            drop(body);
-            io.write_all(&out).await?;
-            io.flush().await?;
-        } else {
-            write_body(&mut io, &mut out, body, framing).await?;
-        }
-        if let (true, Some(tx)) = (upgraded, upgrade) {
-            let _ = tx.send(Upgraded {
-                io: Box::new(io),
-                read_first: buf.freeze(),
-            });
-            return Ok(Done::Upgraded);
-        }
-        if !persist {
-            return close(&mut io).await;
         }
     }
 }
 
+/// What follows an answer on the connection.
+enum Step {
+    /// The next request.
+    Next,
+    Close,
+    /// The answer was `101`: the connection goes to the request's upgrade.
+    Upgrade(oneshot::Sender<Upgraded>),
+}
+
+/// Serves one request: hands it to `handle`, reads its body as the service polls it,
+/// and writes the answer.
+async fn exchange<I, F, Fut, B>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    parsed: Parsed,
+    handle: &mut F,
+    graceful: &CancellationToken,
+) -> Result<Step, Failed>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Parsed {
+        mut request,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    } = parsed;
+    let is_head = request.method() == Method::HEAD;
+    let version = request.version();
+    let upgrade = upgrade.then(|| {
+        let (tx, rx) = oneshot::channel::<Upgraded>();
+        request
+            .extensions_mut()
+            .insert(Pending(Arc::new(Mutex::new(Some(rx)))));
+        tx
+    });
+    let (response, body_read) = match framing {
+        None => (handle(request.map(|()| RequestBody::empty())).await, true),
+        Some(decoder) => {
+            let (tx, rx) = mpsc::channel(1);
+            let (wanted_tx, wanted_rx) = oneshot::channel();
+            let remaining = match decoder {
+                Decoder::Length(n) => Some(n),
+                _ => None,
+            };
+            let request = request.map(|()| {
+                RequestBody::http1(Http1Body {
+                    chunks: rx,
+                    wanted: Some(wanted_tx),
+                    remaining,
+                })
+            });
+            let answer = handle(request);
+            let mut answer = pin!(answer);
+            let mut pumped: Option<Result<(), Failed>> = None;
+            let response = {
+                let pump = pump_body(
+                    io,
+                    buf,
+                    decoder,
+                    tx,
+                    wanted_rx,
+                    expect_continue && version == Version::HTTP_11,
+                );
+                let mut pump = pin!(pump);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = answer.as_mut() => break r,
+                        r = pump.as_mut(), if pumped.is_none() => pumped = Some(r),
+                    }
+                }
+            };
+            match pumped {
+                // The connection broke under the body: nothing more can be said on it.
+                Some(Err(Failed::Io(e))) => return Err(Failed::Io(e)),
+                Some(Ok(())) => (response, true),
+                // Broken framing (the service answered it) or a body left unread.
+                Some(Err(_)) | None => (response, false),
+            }
+        }
+    };
+
+    // 4. The answer.
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
+    let mut persist = keep_alive && body_read && !graceful.is_cancelled();
+    if (status == StatusCode::SWITCHING_PROTOCOLS && !upgraded)
+        || has_token(&parts.headers, header::CONNECTION, "close")
+    {
+        persist = false;
+    }
+    let no_body = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = head_framing(&parts.headers, &body, no_body, version, &mut persist);
+    out.clear();
+    encode_head(
+        out,
+        version,
+        status,
+        &parts.headers,
+        framing,
+        persist,
+        upgraded,
+    );
+    drop(parts);
+    if no_body {
+        drop(body);
+        io.write_all(out).await?;
+        io.flush().await?;
+    } else {
+        write_body(io, out, body, framing).await?;
+    }
+    Ok(match upgrade {
+        Some(tx) if upgraded => Step::Upgrade(tx),
+        _ if persist => Step::Next,
+        _ => Step::Close,
+    })
+}
+
 /// Shuts the sending side down (TLS: close_notify first) and reports a closed connection.
-async fn close<I: AsyncWrite + Unpin>(io: &mut I) -> Result<Done<I>, Failed> {
+async fn close<I: AsyncWrite + Unpin, F>(io: &mut I) -> Result<Done<I, F>, Failed> {
     let _ = io.shutdown().await;
     Ok(Done::Closed)
 }
 
 /// Answers an unusable head (`400`, `431`) and closes.
-async fn refuse<I: AsyncWrite + Unpin>(
+async fn refuse<I: AsyncWrite + Unpin, F>(
     io: &mut I,
     out: &mut Vec<u8>,
     why: Ended,
-) -> Result<Done<I>, Failed> {
+) -> Result<Done<I, F>, Failed> {
     let status = match why {
         Ended::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,

@@ -309,20 +309,22 @@ impl<M> Ctx<M> {
             let proto = Proto::Http1 {
                 http2: self.plain_h2c,
             };
-            return self
-                .http(io, proto, info, svc, &activity, &shutdown, &linger)
-                .await;
+            let served = Box::pin(self.http(io, proto, info, svc, &activity, &shutdown, &linger));
+            return served.await;
         };
         let handshake_started = std::time::Instant::now();
+        // The handshake and the TLS session it yields (about 1.3 KiB) are boxed: a session
+        // held inline, even one already moved out, would keep its bytes in this task's
+        // future for the connection's whole life (a future keeps a slot for every local
+        // that lives across an await).
+        let accept = Box::pin(async move { acceptor.accept(io).await.map(Box::new) });
         let handshake = tokio::select! {
-            r = tokio::time::timeout(self.limits.tls_handshake_timeout(), acceptor.accept(io)) => r,
+            r = tokio::time::timeout(self.limits.tls_handshake_timeout(), accept) => r,
             _ = closed.cancelled() => return self.ended(Ended::Evicted, peer),
             _ = shutdown.cancelled() => return,
         };
-        // Boxed: the TLS session (about 1.3 KiB) is then allocated once at its own size,
-        // instead of being carried inline in the connection task's future.
         let tls = match handshake {
-            Ok(Ok(tls)) => Box::new(tls),
+            Ok(Ok(tls)) => tls,
             Ok(Err(_)) => return self.ended(Ended::HandshakeFailed, peer),
             Err(_) => return self.ended(Ended::HandshakeTimeout, peer),
         };
@@ -350,13 +352,13 @@ impl<M> Ctx<M> {
             // why (403, RFC 9110 §15.5.4) and the operator sees it counted.
             tracing::warn!(listener = %self.service, %peer, identity = ?info.identity, "caller not admitted by the policy");
             self.ended(Ended::Identity, peer);
-            return self
-                .http(tls, proto, info, forbidden(), &activity, &shutdown, &linger)
-                .await;
+            let served =
+                Box::pin(self.http(tls, proto, info, forbidden(), &activity, &shutdown, &linger));
+            return served.await;
         }
         let svc = (self.make)(&info);
-        self.http(tls, proto, info, svc, &activity, &shutdown, &linger)
-            .await
+        let served = Box::pin(self.http(tls, proto, info, svc, &activity, &shutdown, &linger));
+        served.await
     }
 
     /// Serves HTTP on `io` until it closes, watching its timeouts (first byte, first
@@ -406,19 +408,26 @@ impl<M> Ctx<M> {
         // this future.
         let mut conn = Box::pin({
             let graceful = graceful.clone();
-            let http2 = self.http2.clone();
+            let http2 = &self.http2;
             let mut settings = self.http1;
+            // hyper's HTTP/2 connection is boxed on its own: its state would otherwise size
+            // every HTTP/1.1 connection's.
             async move {
                 let http2_allowed = match proto {
                     Proto::Http2 => {
-                        return serve_http2(&http2, TokioIo::new(io), handle, &graceful).await
+                        let served =
+                            Box::pin(serve_http2(http2, TokioIo::new(io), handle, &graceful));
+                        return served.await;
                     }
                     Proto::Http1 { http2 } => http2,
                 };
                 settings.http2 = http2_allowed;
-                match h1::serve(io, settings, &graceful, handle.clone()).await {
-                    Ok(h1::Done::Http2(io)) => {
-                        serve_http2(&http2, TokioIo::new(io), handle, &graceful).await
+                let served = h1::serve(io, settings, &graceful, handle).await;
+                match served {
+                    Ok(h1::Done::Http2(io, handle)) => {
+                        let served =
+                            Box::pin(serve_http2(http2, TokioIo::new(io), handle, &graceful));
+                        served.await
                     }
                     Ok(h1::Done::Closed | h1::Done::Upgraded) => Ok(()),
                     Err(h1::Failed::Ended(why)) => Err(ConnError::Ended(why)),
