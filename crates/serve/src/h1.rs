@@ -343,9 +343,7 @@ where
     let status = parts.status;
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
     let mut persist = keep_alive && body_read && !graceful.is_cancelled();
-    if (status == StatusCode::SWITCHING_PROTOCOLS && !upgraded)
-        || has_token(&parts.headers, header::CONNECTION, "close")
-    {
+    if status == StatusCode::SWITCHING_PROTOCOLS && !upgraded {
         persist = false;
     }
     let no_body = is_head
@@ -354,13 +352,20 @@ where
         || status == StatusCode::NOT_MODIFIED;
     let framing = head_framing(&parts.headers, &body, no_body, version, &mut persist);
     out.clear();
+    // Room for the head and a body that is copied behind it, so the buffer (given back
+    // while idle) grows once per request, not field by field.
+    let copied = match framing {
+        Framing::Length(n) if n <= COPY_BODY_BYTES as u64 => n as usize,
+        _ => 0,
+    };
+    out.reserve(256 + 64 * parts.headers.len() + copied);
     encode_head(
         out,
         version,
         status,
         &parts.headers,
         framing,
-        persist,
+        &mut persist,
         upgraded,
     );
     drop(parts);
@@ -401,7 +406,7 @@ async fn refuse<I: AsyncWrite + Unpin, F>(
         status,
         &HeaderMap::new(),
         Framing::Length(0),
-        false,
+        &mut false,
         false,
     );
     let _ = io.write_all(out).await;
@@ -450,8 +455,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
     };
     let mut fields: Vec<(HeaderName, std::ops::Range<usize>)> =
         Vec::with_capacity(req.headers.len());
+    let mut facts = Facts::default();
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Ended::BadRequest)?;
+        facts.see(&name, h.value);
         fields.push((name, at(h.value)));
     }
     let head = buf.split_to(len).freeze();
@@ -464,29 +471,26 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
     }
 
     // Framing (RFC 9112 §6.1–6.3): chunked last, or one length; both: the length goes.
-    let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
-        if version == Version::HTTP_10 || !chunked_last(&headers) {
-            return Err(Ended::BadRequest);
+    let framing = match facts.transfer_encoding {
+        Some(chunked_last) => {
+            if version == Version::HTTP_10 || !chunked_last {
+                return Err(Ended::BadRequest);
+            }
+            headers.remove(header::CONTENT_LENGTH);
+            Some(Decoder::Chunked(Chunked::Size))
         }
-        headers.remove(header::CONTENT_LENGTH);
-        Some(Decoder::Chunked(Chunked::Size))
-    } else {
-        match content_length(&headers)? {
+        None if facts.bad_length => return Err(Ended::BadRequest),
+        None => match facts.content_length {
             None | Some(0) => None,
             Some(n) => Some(Decoder::Length(n)),
-        }
+        },
     };
-    let close = has_token(&headers, header::CONNECTION, "close");
     let keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive") && !close,
-        _ => !close,
+        Version::HTTP_10 => facts.keep_alive && !facts.close,
+        _ => !facts.close,
     };
-    let expect_continue = headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && has_token(&headers, header::CONNECTION, "upgrade");
+    let upgrade = version == Version::HTTP_11 && facts.upgrade_field && facts.upgrade_token;
+    let expect_continue = facts.expect_continue;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -501,45 +505,62 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
     }))
 }
 
-/// Whether the last transfer coding is `chunked` (RFC 9112 §6.3 item 4: otherwise a
-/// request's length cannot be known).
-fn chunked_last(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+/// What a request's fields say about its framing and persistence, gathered while the
+/// fields are read (one pass, no lookups afterwards).
+#[derive(Debug, Default)]
+struct Facts {
+    /// `Transfer-Encoding` was present, and whether its last field's last coding is
+    /// `chunked` (RFC 9112 §6.3 item 4: otherwise a request's length cannot be known).
+    transfer_encoding: Option<bool>,
+    /// The `Content-Length`: every value (and list element) must be the same number
+    /// (RFC 9112 §6.3 item 5).
+    content_length: Option<u64>,
+    /// A `Content-Length` was unparsable or conflicted with another.
+    bad_length: bool,
+    /// `Connection` tokens (RFC 9110 §7.6.1).
+    close: bool,
+    keep_alive: bool,
+    upgrade_token: bool,
+    /// An `Upgrade` field (RFC 9110 §7.8).
+    upgrade_field: bool,
+    /// `Expect: 100-continue` (RFC 9110 §10.1.1).
+    expect_continue: bool,
 }
 
-/// The request's `Content-Length`: every value (and list element) must be the same
-/// number (RFC 9112 §6.3 item 5), else the request is refused.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Ended> {
-    let mut found: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let text = v.to_str().map_err(|_| Ended::BadRequest)?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Ended::BadRequest);
+impl Facts {
+    fn see(&mut self, name: &HeaderName, value: &[u8]) {
+        let list = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        if *name == header::CONTENT_LENGTH {
+            for part in list() {
+                let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                    .flatten();
+                match n {
+                    Some(n) if self.content_length.is_none_or(|l| l == n) => {
+                        self.content_length = Some(n);
+                    }
+                    _ => self.bad_length = true,
+                }
             }
-            let n: u64 = part.parse().map_err(|_| Ended::BadRequest)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(Ended::BadRequest);
+        } else if *name == header::TRANSFER_ENCODING {
+            let last = list().next_back().unwrap_or_default();
+            self.transfer_encoding = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if *name == header::CONNECTION {
+            for token in list() {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    self.upgrade_token = true;
+                }
             }
-            found = Some(n);
+        } else if *name == header::UPGRADE {
+            self.upgrade_field = true;
+        } else if *name == header::EXPECT {
+            self.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
-    Ok(found)
-}
-
-/// Whether a comma-separated field lists `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// How a request body is delimited, and how far it has been read.
@@ -773,7 +794,7 @@ fn encode_head(
     status: StatusCode,
     headers: &HeaderMap,
     framing: Framing,
-    persist: bool,
+    persist: &mut bool,
     upgraded: bool,
 ) {
     out.extend_from_slice(if version == Version::HTTP_10 {
@@ -786,6 +807,8 @@ fn encode_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
+    let mut has_connection = false;
+    let mut said_close = false;
     let no_length = status.is_informational() || status == StatusCode::NO_CONTENT;
     for (name, value) in headers {
         if *name == header::CONTENT_LENGTH {
@@ -795,9 +818,20 @@ fn encode_head(
         } else if *name == header::TRANSFER_ENCODING {
             continue;
         } else if *name == header::CONNECTION {
-            if !upgraded && !persist {
-                // Said below, once.
-                continue;
+            has_connection = true;
+            if !upgraded {
+                if !*persist {
+                    // Said below, once.
+                    continue;
+                }
+                // The service's own `Connection: close` ends the connection too.
+                if value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+                {
+                    *persist = false;
+                    said_close = true;
+                }
             }
         } else if *name == header::DATE {
             has_date = true;
@@ -817,9 +851,11 @@ fn encode_head(
         Framing::None | Framing::Close => {}
     }
     if !upgraded {
-        if !persist {
-            out.extend_from_slice(b"connection: close\r\n");
-        } else if version == Version::HTTP_10 && !headers.contains_key(header::CONNECTION) {
+        if !*persist {
+            if !said_close {
+                out.extend_from_slice(b"connection: close\r\n");
+            }
+        } else if version == Version::HTTP_10 && !has_connection {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
@@ -1147,7 +1183,7 @@ mod tests {
             status,
             &map,
             framing,
-            persist,
+            &mut { persist },
             false,
         );
         String::from_utf8(out).unwrap()
@@ -1180,6 +1216,27 @@ mod tests {
         );
         assert_eq!(h.matches("connection: close").count(), 1, "{h}");
         assert!(h.contains("transfer-encoding: chunked\r\n"), "{h}");
+        // The service's own `Connection: close` ends a connection that could persist.
+        let mut map = HeaderMap::new();
+        map.insert(header::CONNECTION, HeaderValue::from_static("Close"));
+        let (mut out, mut persist) = (Vec::new(), true);
+        let (v, ok) = (Version::HTTP_11, StatusCode::OK);
+        encode_head(
+            &mut out,
+            v,
+            ok,
+            &map,
+            Framing::Length(0),
+            &mut persist,
+            false,
+        );
+        let h = String::from_utf8(out).unwrap();
+        assert!(!persist, "{h}");
+        assert_eq!(
+            h.to_ascii_lowercase().matches("connection: close").count(),
+            1,
+            "{h}"
+        );
         // A HEAD answer keeps the length the service gave; a 204 has none.
         let h = head(
             StatusCode::OK,
