@@ -209,6 +209,42 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let a = answers.next().await;
     assert_eq!(a.status(), 200, "{a:?}");
     assert_eq!(a.body, b"ping");
+
+    // A body refused by its announced length is refused at once: no 100 Continue first
+    // (the client never has to send it), then the close.
+    let mut tcp = connect(&s).await;
+    tcp.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answers = Answers::new(tcp);
+    let a = answers.next().await;
+    assert_eq!(a.status(), 413, "{a:?}");
+    assert!(
+        answers.closes().await,
+        "open after a body that was never read"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_request_leaves_the_connection_in_step() {
+    let s = proxy().await;
+    let mut tcp = connect(&s).await;
+    tcp.write_all(b"HEAD /index.html HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = Answers::new(tcp);
+    let a = answers.next().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert!(a.field("transfer-encoding").is_none(), "{a:?}");
+    answers
+        .tcp
+        .write_all(post("after head", "").as_bytes())
+        .await
+        .unwrap();
+    let a = answers.next().await;
+    assert_eq!(a.body, b"after head", "{a:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
