@@ -130,11 +130,16 @@ async fn a_minute_cut_off_is_delivered_afterwards() {
         .unwrap();
 
     let tls = pki::mtls_client_config(&pki.paths, &Identity::Admin, &[b"http/1.1"]).unwrap();
+    // Pooled connections are dropped after 30 s idle, below the listeners' 60 s keep-alive
+    // timeout (as a client should, RFC 9112 §9.3.1): the first query after the 60 s
+    // outage would otherwise go out on a connection the server is closing at that moment,
+    // and fail with an incomplete message.
     let admin = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .resolve("mon-01", monitor.addr())
         .resolve("lb-01", agent.addr())
         .timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     let base = format!("https://mon-01:{}", monitor.addr().port());

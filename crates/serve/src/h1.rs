@@ -151,15 +151,20 @@ where
     loop {
         // 1. Wait for bytes. Between requests with nothing buffered, the connection is
         //    idle: it gives its buffers back and waits for readability alone.
+        //    A request that has already arrived is served even when a close was asked
+        //    (idle timeout, drain): its answer says `Connection: close`. Closing on it
+        //    would lose a request the client may not retry (the keep-alive race,
+        //    RFC 9112 §9.3.1).
         if buf.is_empty() && !first {
-            if graceful.is_cancelled() {
-                return close(&mut io).await;
-            }
             let mut ready = pin!(std::future::poll_fn(|cx| io.poll_read_ready(cx)));
             if poll_once(ready.as_mut()).await.is_pending() {
+                if graceful.is_cancelled() {
+                    return close(&mut io).await;
+                }
                 buf = BytesMut::new();
                 out = Vec::new();
                 tokio::select! {
+                    biased;
                     r = ready => r?,
                     () = graceful.cancelled() => return close(&mut io).await,
                 }

@@ -479,6 +479,13 @@ impl<M> Ctx<M> {
                     let Some(why) = why else {
                         // The grace after a graceful close is over.
                         if let Some((why, _)) = closing {
+                            if why == Ended::Idle && activity.in_flight() > 0 {
+                                // A request came in as the idle close was asked: it is
+                                // answered (under the stall rule, with `Connection: close`),
+                                // then the connection closes.
+                                closing = None;
+                                continue;
+                            }
                             self.ended(why, peer);
                         }
                         return;
