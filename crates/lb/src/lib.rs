@@ -361,7 +361,7 @@ struct ClosedLabels {
 }
 
 /// Counts connections the serve path closed for a reason (timeouts, handshake failures,
-/// unparsable or oversized heads answered by hyper itself, evictions) per listener.
+/// unparsable or oversized heads answered by the serve path itself, evictions) per listener.
 fn closed_counter(
     family: &Family<ClosedLabels, Counter>,
     listener: &'static str,
