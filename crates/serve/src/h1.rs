@@ -23,6 +23,7 @@
 //! - a `101` answer to a request that asked for an upgrade hands the connection to
 //!   [`crate::upgrade::on`].
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -141,7 +142,7 @@ pub(crate) async fn serve<I, F, Fut, B>(
 where
     I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -276,7 +277,7 @@ async fn exchange<I, F, Fut, B>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -297,7 +298,10 @@ where
         tx
     });
     let (response, body_read) = match framing {
-        None => (handle(request.map(|()| RequestBody::empty())).await, true),
+        None => {
+            let Ok(response) = handle(request.map(|()| RequestBody::empty())).await;
+            (response, true)
+        }
         Some(decoder) => {
             let (tx, rx) = mpsc::channel(1);
             let (wanted_tx, wanted_rx) = oneshot::channel();
@@ -328,7 +332,7 @@ where
                 loop {
                     tokio::select! {
                         biased;
-                        r = answer.as_mut() => break r,
+                        Ok(r) = answer.as_mut() => break r,
                         r = pump.as_mut(), if pumped.is_none() => pumped = Some(r),
                     }
                 }

@@ -390,15 +390,14 @@ impl<M> Ctx<M> {
             let guard = InFlight(counted.clone());
             req.extensions_mut().insert(info.clone());
             let fut = svc.clone().oneshot(req);
+            // `Result<_, Infallible>`: hyper's HTTP/2 service takes the future as it is,
+            // without another async block around it (one move less per request).
             async move {
-                let resp = match fut.await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                };
-                resp.map(|body| CountedBody {
+                let Ok(resp) = fut.await;
+                Ok::<_, Infallible>(resp.map(|body| CountedBody {
                     inner: body,
                     _guard: guard,
-                })
+                }))
             }
         };
         // Asks the connection to finish the request in flight, if any, then close
@@ -537,13 +536,12 @@ async fn serve_http2<I, H, Fut, B>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
-    Fut: Future<Output = Response<B>> + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let answer = handle(req.map(RequestBody::hyper));
-        async move { Ok::<_, Infallible>(answer.await) }
+        handle(req.map(RequestBody::hyper))
     });
     let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
     let other = |e: hyper::Error| ConnError::Other(e.into());
