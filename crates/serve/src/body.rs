@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 /// Error of a request body: the connection failed or the framing was broken while it was
@@ -118,57 +118,12 @@ pub mod upgrade {
     use super::*;
 
     /// An I/O stream the serve path can hand over.
-    pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+    pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
     impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
     /// The client's connection after a `101 Switching Protocols` answer: bytes the client
     /// sent after its request head (already read by the server) come first.
-    pub struct Upgraded {
-        pub(crate) io: Box<dyn Io>,
-        pub(crate) read_first: Bytes,
-    }
-
-    impl std::fmt::Debug for Upgraded {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("Upgraded")
-                .field("read_first", &self.read_first.len())
-                .finish()
-        }
-    }
-
-    impl AsyncRead for Upgraded {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let this = self.get_mut();
-            if !this.read_first.is_empty() {
-                let n = this.read_first.len().min(buf.remaining());
-                buf.put_slice(&this.read_first.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            Pin::new(&mut this.io).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Upgraded {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().io).poll_flush(cx)
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-        }
-    }
+    pub type Upgraded = crate::io::Rewind<Box<dyn Io>>;
 
     /// Why no upgraded connection came.
     #[derive(Debug, thiserror::Error)]

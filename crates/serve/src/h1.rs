@@ -36,12 +36,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::upgrade::{Pending, Upgraded};
 use crate::body::{Http1Body, RequestBody};
+use crate::io::Rewind;
 use crate::Ended;
 
 /// Most header fields in a request head (hyper's default; nginx and HAProxy allow 100
@@ -184,10 +185,7 @@ where
                         if buf[..n] == H2_PREFACE[..n] {
                             if n == H2_PREFACE.len() {
                                 if settings.http2 {
-                                    let io = Rewind {
-                                        first: buf.freeze(),
-                                        io,
-                                    };
+                                    let io = Rewind::new(buf.freeze(), io);
                                     return Ok(Done::Http2(io, handle));
                                 }
                                 // An HTTP/2 client learns why (RFC 9113 §3.4: the server's
@@ -245,10 +243,8 @@ where
             Step::Next => {}
             Step::Close => return close(&mut io).await,
             Step::Upgrade(tx) => {
-                let _ = tx.send(Upgraded {
-                    io: Box::new(io),
-                    read_first: buf.freeze(),
-                });
+                let io: Box<dyn crate::upgrade::Io> = Box::new(io);
+                let _ = tx.send(Rewind::new(buf.freeze(), io));
                 return Ok(Done::Upgraded);
             }
         }
@@ -981,58 +977,6 @@ fn write_hex(out: &mut Vec<u8>, n: usize) {
     }
     out.extend_from_slice(&digits[i..]);
     out.extend_from_slice(b"\r\n");
-}
-
-/// A stream with bytes already read from it put back in front.
-pub(crate) struct Rewind<I> {
-    first: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.first.is_empty() {
-            let n = this.first.len().min(buf.remaining());
-            buf.put_slice(&this.first.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
 }
 
 /// The `Date` field's value (RFC 9110 §5.6.7 IMF-fixdate), made once a second per thread.
