@@ -616,12 +616,9 @@ impl Decoder {
                 Decoder::Chunked(state) => match *state {
                     Chunked::Done => return Decoded::Done,
                     Chunked::Size => {
-                        let Some(end) = find_crlf(buf) else {
-                            return if buf.len() > MAX_CHUNK_LINE {
-                                Decoded::Invalid
-                            } else {
-                                Decoded::NeedMore
-                            };
+                        let end = match line_end(buf) {
+                            Ok(end) => end,
+                            Err(wait_or_refuse) => return wait_or_refuse,
                         };
                         let line = &buf[..end];
                         let digits = line
@@ -671,12 +668,9 @@ impl Decoder {
                         *state = Chunked::Size;
                     }
                     Chunked::Trailers => {
-                        let Some(end) = find_crlf(buf) else {
-                            return if buf.len() > MAX_CHUNK_LINE {
-                                Decoded::Invalid
-                            } else {
-                                Decoded::NeedMore
-                            };
+                        let end = match line_end(buf) {
+                            Ok(end) => end,
+                            Err(wait_or_refuse) => return wait_or_refuse,
                         };
                         buf.advance(end + 2);
                         if end == 0 {
@@ -689,8 +683,15 @@ impl Decoder {
     }
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// Where the line at the front of `buf` ends (its CRLF), for a chunk-size or trailer line:
+/// `Err(NeedMore)` while it may still come, `Err(Invalid)` once it is longer than
+/// [`MAX_CHUNK_LINE`].
+fn line_end(buf: &[u8]) -> Result<usize, Decoded> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => Ok(end),
+        None if buf.len() > MAX_CHUNK_LINE => Err(Decoded::Invalid),
+        None => Err(Decoded::NeedMore),
+    }
 }
 
 /// Reads the request body from the connection into `tx` once the service first polls it
