@@ -314,7 +314,7 @@ where
             });
             let answer = handle(request);
             let mut answer = pin!(answer);
-            let mut pumped: Option<Result<(), Failed>> = None;
+            let mut pumped: Option<io::Result<Pumped>> = None;
             let response = {
                 let pump = pump_body(
                     io,
@@ -335,10 +335,10 @@ where
             };
             match pumped {
                 // The connection broke under the body: nothing more can be said on it.
-                Some(Err(Failed::Io(e))) => return Err(Failed::Io(e)),
-                Some(Ok(())) => (response, true),
+                Some(Err(e)) => return Err(Failed::Io(e)),
+                Some(Ok(Pumped::Whole)) => (response, true),
                 // Broken framing (the service answered it) or a body left unread.
-                Some(Err(_)) | None => (response, false),
+                Some(Ok(Pumped::Unread)) | None => (response, false),
             }
         }
     };
@@ -694,10 +694,17 @@ fn line_end(buf: &[u8]) -> Result<usize, Decoded> {
     }
 }
 
+/// How reading a request body ended, short of a broken connection.
+enum Pumped {
+    /// Read to its end.
+    Whole,
+    /// Not read to its end: the service dropped it, or its framing was broken (the
+    /// service got an error). The connection cannot carry another request.
+    Unread,
+}
+
 /// Reads the request body from the connection into `tx` once the service first polls it
-/// (`wanted`). `Ok`: read whole. Errors: the service dropped the body (`Failed::Ended`
-/// with [`Ended::BadRequest`] standing for "unread"), the framing was broken (the service
-/// got an error), or the connection failed.
+/// (`wanted`). Errors: the connection failed (the service got the error too).
 async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
@@ -705,10 +712,9 @@ async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
     tx: mpsc::Sender<io::Result<Bytes>>,
     wanted: oneshot::Receiver<()>,
     expect_continue: bool,
-) -> Result<(), Failed> {
-    let unread = || Failed::Ended(Ended::BadRequest);
+) -> io::Result<Pumped> {
     if wanted.await.is_err() {
-        return Err(unread());
+        return Ok(Pumped::Unread);
     }
     if expect_continue && buf.is_empty() {
         io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
@@ -716,8 +722,12 @@ async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
     }
     loop {
         match decoder.decode(buf) {
-            Decoded::Data(data) => tx.send(Ok(data)).await.map_err(|_| unread())?,
-            Decoded::Done => return Ok(()),
+            Decoded::Data(data) => {
+                if tx.send(Ok(data)).await.is_err() {
+                    return Ok(Pumped::Unread);
+                }
+            }
+            Decoded::Done => return Ok(Pumped::Whole),
             Decoded::Invalid => {
                 let _ = tx
                     .send(Err(io::Error::new(
@@ -725,13 +735,13 @@ async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
                         "malformed chunked request body",
                     )))
                     .await;
-                return Err(unread());
+                return Ok(Pumped::Unread);
             }
             Decoded::NeedMore => {
                 buf.reserve(READ_SIZE);
                 let n = tokio::select! {
                     r = io.read_buf(buf) => r,
-                    () = tx.closed() => return Err(unread()),
+                    () = tx.closed() => return Ok(Pumped::Unread),
                 };
                 match n {
                     Ok(0) => {
@@ -740,12 +750,12 @@ async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
                             "connection closed within the request body",
                         );
                         let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into())).await;
-                        return Err(Failed::Io(e));
+                        return Err(e);
                     }
                     Ok(_) => {}
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
-                        return Err(Failed::Io(e));
+                        return Err(e);
                     }
                 }
             }
