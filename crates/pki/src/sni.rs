@@ -260,6 +260,7 @@ pub fn sni_server_config(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn_list(WEB_ALPN);
+    config.ignore_client_order = true;
     config.session_storage = if resumption.cache_entries > 0 {
         ServerSessionMemoryCache::new(resumption.cache_entries)
     } else {

@@ -29,6 +29,7 @@ fn issue() -> (tempfile::TempDir, PkiPaths) {
 struct ServerView {
     identity: Option<Identity>,
     alpn: Option<Vec<u8>>,
+    suite: Option<rustls::CipherSuite>,
 }
 
 /// Accepts one TLS connection with `server`, connects to it with `client` for `name`, and
@@ -51,9 +52,14 @@ async fn handshake(
             .and_then(|certs| certs.first())
             .and_then(pki::peer_identity);
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
         tls.write_all(b"hello\n").await.map_err(|e| e.to_string())?;
         tls.shutdown().await.map_err(|e| e.to_string())?;
-        Ok(ServerView { identity, alpn })
+        Ok(ServerView {
+            identity,
+            alpn,
+            suite,
+        })
     });
 
     let connector = TlsConnector::from(Arc::new(client));
@@ -283,6 +289,64 @@ async fn site_negotiates_h2_for_the_domain_and_aliases() {
     client.alpn_protocols = vec![b"http/1.1".to_vec()];
     let (view, _) = handshake(server, client, "www.foobar.com").await;
     assert_eq!(view.unwrap().alpn.as_deref(), Some(&b"http/1.1"[..]));
+}
+
+/// The site picks AES-128-GCM even when the client lists AES-256-GCM first (rustls' and
+/// OpenSSL's own order), and still serves a client that offers AES-256-GCM alone.
+#[tokio::test]
+async fn site_prefers_aes_128_gcm_over_the_clients_order() {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    use rustls::CipherSuite;
+    let (_dir, paths) = issue();
+    let client_with = |suites: Vec<rustls::SupportedCipherSuite>, tls12: bool| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in pki::load_certs(&paths.ca_cert()).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..default_provider()
+        };
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    };
+    let cases = [
+        (
+            default_provider().cipher_suites,
+            false,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            default_provider().cipher_suites,
+            true,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            vec![cipher_suite::TLS13_AES_256_GCM_SHA384],
+            false,
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ),
+    ];
+    assert_eq!(
+        default_provider().cipher_suites[0].suite(),
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "the client's own order starts with AES-256"
+    );
+    for (suites, tls12, want) in cases {
+        let server = pki::site_server_config(&paths).unwrap();
+        let (view, client_ok) =
+            handshake(server, client_with(suites, tls12), "www.foobar.com").await;
+        assert!(client_ok);
+        assert_eq!(view.unwrap().suite, Some(want), "TLS 1.2 only: {tls12}");
+    }
 }
 
 /// A database server certificate serves its host's name, the shared database identity and

@@ -249,3 +249,45 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+/// A stream that tells its writer it has no vectored writes, forwarding everything else.
+/// What hyper's HTTP/2 connection writes to: the `h2` crate sends every DATA payload over
+/// 256 bytes as a slice of its own when the stream is vectored, and then has to write it
+/// out before it can take the next frame — one write (one TLS record, one syscall) per
+/// response. Told the stream is not vectored, it copies payloads up to 1 KiB into its
+/// 16 KiB frame buffer instead, so the small responses of many streams that finish
+/// together go out in one write.
+#[derive(Debug)]
+pub struct Unvectored<I>(pub I);
+
+impl<I: AsyncRead + Unpin> AsyncRead for Unvectored<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Unvectored<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}

@@ -414,8 +414,12 @@ impl<M> Ctx<M> {
             async move {
                 let http2_allowed = match proto {
                     Proto::Http2 => {
-                        let served =
-                            Box::pin(serve_http2(http2, TokioIo::new(io), handle, &graceful));
+                        let served = Box::pin(serve_http2(
+                            http2,
+                            TokioIo::new(io::Unvectored(io)),
+                            handle,
+                            &graceful,
+                        ));
                         return served.await;
                     }
                     Proto::Http1 { http2 } => http2,
@@ -424,8 +428,12 @@ impl<M> Ctx<M> {
                 let served = h1::serve(io, settings, &graceful, handle).await;
                 match served {
                     Ok(h1::Done::Http2(io, handle)) => {
-                        let served =
-                            Box::pin(serve_http2(http2, TokioIo::new(io), handle, &graceful));
+                        let served = Box::pin(serve_http2(
+                            http2,
+                            TokioIo::new(io::Unvectored(io)),
+                            handle,
+                            &graceful,
+                        ));
                         served.await
                     }
                     Ok(h1::Done::Closed | h1::Done::Upgraded) => Ok(()),
