@@ -33,7 +33,14 @@
 # (CPU per request below 1 = Rampart spends less), next to the goals.
 #
 # Usage: bench/lb-standalone.sh [seconds per run, default 8] [rounds, default 3]
+# TLS suites: with BENCH_SUITES=own (the default) each load balancer keeps its own order of
+# preference: Rampart picks AES-128-GCM (TLS 1.3: TLS_AES_128_GCM_SHA256) whatever the
+# client lists first; HAProxy and nginx (OpenSSL 3.0) pick TLS_AES_256_GCM_SHA384 for wrk and
+# h2load. With BENCH_SUITES=same HAProxy and nginx are set to Rampart's order too (server
+# preference, and the same offer to the TLS backends), so all three negotiate the same suite.
+# The negotiated suite of each is printed before the runs.
 # Env: BENCH_MODES (subset of the modes above), BENCH_LOG (off, the default, or on),
+# BENCH_SUITES (own, the default, or same),
 # IDLE_CONNS (default 10000), RAMPART_BIN
 # (a rampart binary to measure instead of building this checkout, e.g. to compare two).
 # Addresses: 127.88.2.0/24 (LBs .10-.12, backends .21/.22, idle clients from .100 up).
@@ -46,8 +53,13 @@ secs=${1:-8}; rounds=${2:-3}
 modes=${BENCH_MODES:-keepalive newconn h2 plain reencrypt idle-rss}
 idle_n=${IDLE_CONNS:-10000}
 log_on=${BENCH_LOG:-off}
+suites=${BENCH_SUITES:-own}
 ip=127.88.2
 case $log_on in on|off) ;; *) echo "bench: BENCH_LOG must be on or off" >&2; exit 64;; esac
+case $suites in own|same) ;; *) echo "bench: BENCH_SUITES must be own or same" >&2; exit 64;; esac
+# Rampart's order of preference, for HAProxy and nginx with BENCH_SUITES=same.
+tls13_order=TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384
+tls12_order=ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384
 for m in $modes; do
   case $m in keepalive|newconn|h2|plain|reencrypt|idle-rss) ;;
     *) echo "bench: unknown mode '$m' (keepalive newconn h2 plain reencrypt idle-rss)" >&2; exit 64;;
@@ -144,6 +156,8 @@ global
     # (HAProxy reserves two per connection); without strict-limits it warns and runs.
     no strict-limits
     ssl-default-bind-options ssl-min-ver TLSv1.2
+$([ "$suites" = own ] || printf '    %s\n' "ssl-default-bind-ciphersuites $tls13_order" "ssl-default-bind-ciphers $tls12_order" \
+  "ssl-default-server-ciphersuites $tls13_order" "ssl-default-server-ciphers $tls12_order")
 $([ "$log_on" = off ] || echo "    log stdout format raw local0")
 defaults
     mode http
@@ -188,6 +202,9 @@ $(if [ "$log_on" = off ]; then echo "  access_log off;"; else
   keepalive_timeout 120s;
   ssl_certificate $work/site.pem; ssl_certificate_key $work/site.key;
   ssl_protocols TLSv1.2 TLSv1.3;
+$([ "$suites" = own ] || printf '  %s\n' "ssl_prefer_server_ciphers on;" "ssl_ciphers $tls12_order;" \
+  "ssl_conf_command Ciphersuites $tls13_order;" "proxy_ssl_ciphers $tls12_order;" \
+  "proxy_ssl_conf_command Ciphersuites $tls13_order;")
   upstream web { server $ip.21:8081; server $ip.22:8082; keepalive 64; }
   upstream webtls { server $ip.21:9081; server $ip.22:9082; keepalive 64; }
 CFG
@@ -258,6 +275,7 @@ for a in $ip.10 $ip.11 $ip.12; do
   openssl s_client -connect "$a:8443" -servername bench.test -CAfile "$work/ca.pem" -brief </dev/null 2>&1 \
     | sed -n 's/^\(Protocol version\|Ciphersuite\|Server Temp Key\|Peer Temp Key\): */\1 /p' | paste -sd ',' | sed 's/,/, /g'
 done
+echo "TLS suites: $suites (own: each load balancer's own order of preference; same: HAProxy and nginx set to Rampart's)"
 echo "access logs: $log_on for all three; site certificate ECDSA P-256; load balancers on CPU 1, clients and backends on CPU 0"
 echo "limits for idle-rss ($idle_n connections): Rampart topology defaults (https max_connections 10000, 1024 per source, keep-alive idle 10 s in effect); HAProxy maxconn $((idle_n + 2000)) with no strict-limits (20000 descriptors), timeout client/http-keep-alive 120 s; nginx worker_connections $((idle_n + 2000)), worker_rlimit_nofile 20000, keepalive_timeout 120 s"
 

@@ -496,16 +496,8 @@ impl HopFields {
     fn see(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         match name.as_str() {
             "content-length" => {
-                for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    match std::str::from_utf8(part)
-                        .ok()
-                        .and_then(|p| p.parse::<u64>().ok())
-                    {
-                        Some(n) if self.content_length.is_none_or(|l| l == n) => {
-                            self.content_length = Some(n);
-                        }
-                        _ => self.bad_length = true,
-                    }
+                if !serve::h1::fold_content_length(&mut self.content_length, value) {
+                    self.bad_length = true;
                 }
                 true
             }
@@ -836,6 +828,11 @@ mod tests {
         );
         assert!(framing(&ok, false, &headers(&[("content-length", "12, 13")])).is_err());
         assert!(framing(&ok, false, &headers(&[("content-length", "-1")])).is_err());
+        // Digits alone, as the request side reads them: a sign or an inner space is refused.
+        for bad in ["+12", "1 2", "", "12,", "0x1"] {
+            let hop = headers(&[("content-length", bad)]);
+            assert!(framing(&ok, false, &hop).is_err(), "{bad:?}");
+        }
         // Transfer-Encoding wins over Content-Length.
         assert_eq!(
             framing(

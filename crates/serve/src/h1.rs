@@ -536,16 +536,8 @@ impl Facts {
     fn see(&mut self, name: &HeaderName, value: &[u8]) {
         let list = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
         if *name == header::CONTENT_LENGTH {
-            for part in list() {
-                let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
-                    .flatten();
-                match n {
-                    Some(n) if self.content_length.is_none_or(|l| l == n) => {
-                        self.content_length = Some(n);
-                    }
-                    _ => self.bad_length = true,
-                }
+            if !fold_content_length(&mut self.content_length, value) {
+                self.bad_length = true;
             }
         } else if *name == header::TRANSFER_ENCODING {
             let last = list().next_back().unwrap_or_default();
@@ -566,6 +558,26 @@ impl Facts {
             self.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
+}
+
+/// Folds one `Content-Length` field value into `seen`, the value of the fields before it:
+/// a comma-separated list whose elements are all the same decimal number, equal to `seen`
+/// if set (RFC 9110 §8.6, RFC 9112 §6.3 item 5). Returns false when an element is empty, is
+/// not ASCII digits alone (a sign, an inner space) or overflows u64, or when two values
+/// differ; `seen` keeps the values that were valid. Both sides of the load balancer read
+/// lengths through this one function, so a request and a response are framed alike.
+pub fn fold_content_length(seen: &mut Option<u64>, value: &[u8]) -> bool {
+    let mut ok = true;
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+            .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+            .flatten();
+        match n {
+            Some(n) if seen.is_none_or(|l| l == n) => *seen = Some(n),
+            _ => ok = false,
+        }
+    }
+    ok
 }
 
 /// How a request body is delimited, and how far it has been read.
