@@ -288,46 +288,8 @@ pub struct StandaloneAgentConfig {
 pub async fn start_standalone_agent(
     cfg: StandaloneAgentConfig,
 ) -> Result<AgentHandle, MonitorError> {
-    use topology::{Callers, Policy, Rule, Sources};
-    let rule = Rule {
-        host: "agent".into(),
-        service: Service::Agent,
-        port: cfg.listen.port(),
-        sources: if cfg.allow.is_empty() {
-            Sources::Any
-        } else {
-            Sources::Nets(cfg.allow.clone())
-        },
-        callers: Callers::Anyone,
-        comment: "standalone agent".into(),
-    };
-    let policy = Arc::new(Policy {
-        rules: vec![rule],
-        extra: Vec::new(),
-    });
-    let limits = topology::Topology::default_topology().limits;
-    let net = firewall::Net::new(
-        "agent",
-        cfg.listen.ip(),
-        policy,
-        limits,
-        firewall::Isolation::Kernel,
-    );
-    let listener = net
-        .listen(Service::Agent, cfg.listen.port())
-        .await
-        .map_err(|source| MonitorError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| MonitorError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
-    let filter = listener.filter().clone();
     let mut registry = Registry::default();
     registry.register_collector(Box::new(HostCollector::default()));
-    let tasks = ::serve::RoleTasks::new();
     let push = match &cfg.push {
         Some(p) => {
             let tls = client_tls_from_files(&p.cert, &p.key, &p.ca)?;
@@ -389,19 +351,74 @@ pub async fn start_standalone_agent(
     }
     registry.register_collector(Box::new(PushCollector { targets }));
     let registry = Arc::new(registry);
-    let app = Router::new()
-        .route("/metrics", get(public_metrics))
-        .with_state(registry.clone());
-    serve::spawn_with(listener, None, app, &tasks);
+    let handle = serve_metrics(cfg.listen, &cfg.allow, registry.clone(), "agent").await?;
     for (target, spool, stats) in push.into_iter().chain(remote_write) {
         tracing::info!(
             "agent pushing to {} every {:?}",
             target.url,
             target.interval
         );
-        crate::push::spawn(&tasks, registry.clone(), target, spool, stats);
+        crate::push::spawn(&handle.tasks, registry.clone(), target, spool, stats);
     }
-    tracing::info!("agent serving /metrics on http://{addr}/metrics");
+    Ok(handle)
+}
+
+/// Serves `registry` on `GET /metrics` over plain HTTP on `listen`, as a scrape target of
+/// its own (what `rampart agent` and `rampart lb --metrics-listen` run): the Prometheus text
+/// format 0.0.4, or OpenMetrics 1.0 when `Accept` asks for it; readable from the networks
+/// in `allow` (empty: any source), other sources refused at accept by the firewall filter
+/// of the one serve path; the topology model's default timeouts and connection caps of an
+/// agent listener. `owner` names the listener's host in logs and firewall counters. The
+/// listener stops when the handle is dropped.
+///
+/// Errors: [`MonitorError::Bind`] when `listen` cannot be bound.
+pub async fn serve_metrics(
+    listen: SocketAddr,
+    allow: &[ipnet::IpNet],
+    registry: Arc<Registry>,
+    owner: &str,
+) -> Result<AgentHandle, MonitorError> {
+    use topology::{Callers, Policy, Rule, Sources};
+    let rule = Rule {
+        host: owner.into(),
+        service: Service::Agent,
+        port: listen.port(),
+        sources: if allow.is_empty() {
+            Sources::Any
+        } else {
+            Sources::Nets(allow.to_vec())
+        },
+        callers: Callers::Anyone,
+        comment: format!("{owner} metrics"),
+    };
+    let policy = Arc::new(Policy {
+        rules: vec![rule],
+        extra: Vec::new(),
+    });
+    let limits = topology::Topology::default_topology().limits;
+    let net = firewall::Net::new(
+        owner,
+        listen.ip(),
+        policy,
+        limits,
+        firewall::Isolation::Kernel,
+    );
+    let bind_err = |source| MonitorError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = net
+        .listen(Service::Agent, listen.port())
+        .await
+        .map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let filter = listener.filter().clone();
+    let tasks = ::serve::RoleTasks::new();
+    let app = Router::new()
+        .route("/metrics", get(public_metrics))
+        .with_state(registry);
+    serve::spawn_with(listener, None, app, &tasks);
+    tracing::info!("{owner} serving /metrics on http://{addr}/metrics");
     Ok(AgentHandle {
         addr,
         filter,

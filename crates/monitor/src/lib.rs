@@ -51,8 +51,8 @@ pub mod spool;
 pub mod store;
 
 pub use agent::{
-    start_agent, start_standalone_agent, AgentHandle, StandaloneAgentConfig, StandalonePush,
-    StandaloneRemoteWrite,
+    serve_metrics, start_agent, start_standalone_agent, AgentHandle, StandaloneAgentConfig,
+    StandalonePush, StandaloneRemoteWrite,
 };
 pub use serve::Peer;
 pub use service::{

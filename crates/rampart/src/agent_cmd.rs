@@ -76,7 +76,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+/// `--allow NET`: a CIDR network or a single address.
+pub(crate) fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is not an address or CIDR network"))

@@ -124,6 +124,24 @@ struct RunArgs {
     /// 0600).
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    /// Serve the load balancer's metrics (per backend, per status class, connections,
+    /// TLS handshakes) on `GET /metrics` at this address, plain HTTP, as a Prometheus
+    /// scrape target.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Only these source networks may scrape --metrics-listen (repeat; default: any).
+    #[arg(long = "metrics-allow", requires = "metrics_listen", value_parser = crate::agent_cmd::parse_net)]
+    metrics_allow: Vec<ipnet::IpNet>,
+}
+
+/// How the standalone load balancer runs, beside its configuration.
+pub(crate) struct RunOptions {
+    /// Worker threads (default: the CPUs of the affinity mask).
+    pub(crate) threads: Option<usize>,
+    /// Where to write the process id.
+    pub(crate) pid_file: Option<PathBuf>,
+    /// The `/metrics` listener and the networks that may scrape it (empty: any).
+    pub(crate) metrics: Option<(SocketAddr, Vec<ipnet::IpNet>)>,
 }
 
 /// `--balance NAME` → the algorithm (both `-` and `_` spellings).
@@ -144,11 +162,11 @@ fn parse_log_format(name: &str) -> Result<lb::AccessLogFormat, String> {
 }
 
 /// Runs `rampart lb …`: a subcommand against a running load balancer, or a standalone
-/// load balancer through `serve(config, threads, pid_file)` (until SIGTERM).
+/// load balancer through `serve(config, options)` (until SIGTERM).
 pub(crate) fn run(
     cmd: LbCmd,
     state: &StateDir,
-    serve: impl FnOnce(lb::LbConfig, Option<usize>, Option<PathBuf>) -> anyhow::Result<()>,
+    serve: impl FnOnce(lb::LbConfig, RunOptions) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if let Some(action) = cmd.action {
         return admin(action, state);
@@ -186,7 +204,14 @@ pub(crate) fn run(
         admin_socket: r.admin_socket,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    serve(cfg, r.threads, r.pid_file)
+    serve(
+        cfg,
+        RunOptions {
+            threads: r.threads,
+            pid_file: r.pid_file,
+            metrics: r.metrics_listen.map(|a| (a, r.metrics_allow)),
+        },
+    )
 }
 
 /// The admin sockets `target` names: its `--socket`, or the lab's load balancers'.

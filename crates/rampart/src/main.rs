@@ -6,6 +6,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod agent_cmd;
@@ -450,32 +451,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Runs a standalone load balancer until SIGTERM or SIGINT, then drains it, on
-/// [`serve::runtime`]: `threads` workers, by default one per CPU of this process's affinity
-/// mask, and tokio's current-thread runtime when that is one.
-fn run_standalone_lb(
-    cfg: lb::LbConfig,
-    threads: Option<usize>,
-    pid_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let threads = serve::worker_threads(threads);
+/// [`serve::runtime`]: `opts.threads` workers, by default one per CPU of this process's
+/// affinity mask, and tokio's current-thread runtime when that is one. With
+/// `opts.metrics`, its registry is also served on `GET /metrics` there.
+fn run_standalone_lb(cfg: lb::LbConfig, opts: lb_cmd::RunOptions) -> anyhow::Result<()> {
+    let threads = serve::worker_threads(opts.threads);
     let rt = serve::runtime(Some(threads)).context("starting the async runtime")?;
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let http = telemetry::HttpMetrics::register(&mut registry);
         let handle = lb::start(cfg, &mut registry, &http).await?;
-        let pid = pid_file.map(reload_cmd::PidFile::write).transpose()?;
+        let metrics = match opts.metrics {
+            Some((listen, allow)) => Some(
+                monitor::serve_metrics(listen, &allow, Arc::new(registry), "lb")
+                    .await
+                    .with_context(|| format!("the --metrics-listen listener on {listen}"))?,
+            ),
+            None => None,
+        };
+        let pid = opts.pid_file.map(reload_cmd::PidFile::write).transpose()?;
         eprintln!(
-            "rampart lb: https on {}{}, {} worker thread(s); SIGTERM or Ctrl-C stops it",
+            "rampart lb: https on {}{}{}, {} worker thread(s); SIGTERM or Ctrl-C stops it",
             handle.https_addr(),
             handle
                 .http_addr()
                 .map(|a| format!(", http on {a}"))
+                .unwrap_or_default(),
+            metrics
+                .as_ref()
+                .map(|m| format!(", metrics on {}", m.addr()))
                 .unwrap_or_default(),
             threads
         );
         reload_cmd::serve_signals(&handle, pid.as_ref()).await?;
         // Drain: stop accepting, let requests in flight finish (limits.drain_timeout_ms).
         serve::RoleHandle::shutdown(&handle).await;
+        drop(metrics);
         Ok(())
     })
 }

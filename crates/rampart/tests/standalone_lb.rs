@@ -356,3 +356,77 @@ async fn standalone_lb_serves_h2c_on_the_plain_proxy_listener_only_with_h2c() {
         let _ = child.wait();
     }
 }
+
+/// `--metrics-listen`: the standalone load balancer's registry on `GET /metrics` (per
+/// backend answers by status class, backend health), readable only from `--metrics-allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_lb_serves_metrics_to_allowed_sources_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (backend, _task) = backend("127.98.3.11:0", "A").await;
+    let (mut child, line) = start_lb(
+        Command::new(BIN)
+            .args(["lb", "--listen", "127.98.3.10:0"])
+            .args(["--http-listen", "127.98.3.10:0", "--http-proxy"])
+            .args(["--metrics-listen", "127.98.3.10:0"])
+            .args(["--metrics-allow", "127.98.3.30/32"])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .args(["--backend", &backend.to_string(), "--threads", "1"]),
+    );
+    let (http, metrics) = (
+        addr_after(&line, "http on "),
+        addr_after(&line, "metrics on "),
+    );
+    let client_from = |source: &str| {
+        reqwest::Client::builder()
+            .local_address(source.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let client = client_from("127.98.3.30");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = 0;
+    while answered < 3 {
+        assert!(Instant::now() < deadline, "the backend never came up");
+        match client.get(format!("http://{http}/")).send().await {
+            Ok(r) if r.status() == 200 => answered += 1,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let r = client
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(
+        sample("rampart_lb_backend_responses_total{backend=\"b1\",code=\"2xx\"}"),
+        3.0
+    );
+    assert_eq!(sample("rampart_backend_up{backend=\"b1\"}"), 1.0);
+    // Another source is refused before any HTTP.
+    let refused = client_from("127.98.3.31")
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
