@@ -27,11 +27,19 @@ pub(crate) struct UpstreamTiming {
 
 fn secs(s: &mut String, d: Option<Duration>) {
     match d {
-        Some(d) => {
-            let _ = write!(s, "{:.4}", d.as_secs_f64());
-        }
+        Some(d) => push_secs(s, d),
         None => s.push('-'),
     }
+}
+
+/// Appends `d` in seconds with four decimals, rounded to the nearest 100 µs (`0.0031`, as
+/// `{:.4}` of the seconds would print it). Integer arithmetic: formatting an `f64` with a
+/// fixed precision went through core's exact float printing, about a tenth of the access
+/// log's cost per line.
+pub(crate) fn push_secs(s: &mut String, d: Duration) {
+    let units = (d.as_micros() + 50) / 100;
+    // Writing to a String cannot fail.
+    let _ = write!(s, "{}.{:04}", units / 10_000, units % 10_000);
 }
 
 /// The timing fields of a `combined` line after `rt=`: ` tls=… queue=… connect=…

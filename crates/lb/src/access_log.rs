@@ -359,9 +359,11 @@ impl Entry<'_> {
         push_header(&mut s, self.user_agent);
         s.push_str("\" backend=");
         s.push_str(self.backend.unwrap_or("-"));
-        let _ = write!(s, " rt={:.4}", self.response_time.as_secs_f64());
+        s.push_str(" rt=");
+        crate::access_format::push_secs(&mut s, self.response_time);
         crate::access_format::push_timings(&mut s, self);
-        let _ = write!(s, " listener={}", self.listener.as_str());
+        s.push_str(" listener=");
+        s.push_str(self.listener.as_str());
         s.push('\n');
         s
     }
@@ -647,6 +649,26 @@ mod tests {
         let mut s = String::new();
         push_escaped(&mut s, bytes);
         s
+    }
+
+    #[test]
+    fn seconds_print_with_four_decimals_like_the_float_format() {
+        let secs = |d: Duration| {
+            let mut s = String::new();
+            crate::access_format::push_secs(&mut s, d);
+            s
+        };
+        assert_eq!(secs(Duration::ZERO), "0.0000");
+        assert_eq!(secs(Duration::from_micros(49)), "0.0000");
+        assert_eq!(secs(Duration::from_micros(50)), "0.0001");
+        assert_eq!(secs(Duration::from_millis(31)), "0.0310");
+        assert_eq!(secs(Duration::from_micros(3_141_590)), "3.1416");
+        assert_eq!(secs(Duration::from_secs(12_345)), "12345.0000");
+        // Away from the exact half-way points, the same text as `{:.4}` of the seconds.
+        for micros in (0..2_000_000u64).step_by(7_919).chain([99_949, 1_000_149]) {
+            let d = Duration::from_micros(micros);
+            assert_eq!(secs(d), format!("{:.4}", d.as_secs_f64()), "{micros} µs");
+        }
     }
 
     #[test]
