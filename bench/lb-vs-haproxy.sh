@@ -3,7 +3,9 @@
 # in front of the SAME two Rampart web servers (mutual TLS to them, from lb-01's address so
 # both pass the web servers' firewall, presenting lb-01's certificate).
 #
-# Both load balancers terminate TLS with the site certificate, forward HTTP/1.1 over pooled
+# Both load balancers terminate TLS with the site certificate and the same order of TLS
+# suites (lb-01's: AES-128-GCM first; HAProxy is set to it, each run prints what was
+# negotiated), forward HTTP/1.1 over pooled
 # mutual-TLS connections and write an access log line per request in the same format
 # (lb-01's `combined`: NCSA combined plus backend and timings; HAProxy's `log-format` to
 # stdout, redirected to a file). The lab is started on CPU 0 (every node then runs one
@@ -49,6 +51,10 @@ global
     nbthread 1
     maxconn 4096
     ssl-default-bind-options ssl-min-ver TLSv1.2
+    # lb-01's order of TLS suites (AES-128-GCM first, the server's choice), so both
+    # negotiate the same suite with wrk; OpenSSL's own order starts with AES-256-GCM.
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384
+    ssl-default-bind-ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384
     log stdout format raw local0
 defaults
     mode http
@@ -86,6 +92,11 @@ ready() { # port address
 }
 ready "$https_port" "$block.10"
 ready 8443 "$block.30"
+for a in "$block.10:$https_port" "$block.30:8443"; do
+  printf '%s: ' "$a"
+  openssl s_client -connect "$a" -servername www.foobar.com -CAfile "$pki/ca.pem" -brief </dev/null 2>&1 \
+    | sed -n 's/^Ciphersuite: *//p'
+done
 
 # utime+stime of a process (all its threads), in clock ticks (fields 14 and 15 of /proc/PID/stat).
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
