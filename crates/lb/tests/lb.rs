@@ -399,6 +399,27 @@ async fn an_oversized_request_head_gets_431() {
         .await
         .unwrap();
     assert_eq!(big.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // The cap is exact: a head a little over it is refused however it arrives, one a
+    // little under it is served.
+    let cap = serve::MAX_HTTP1_HEAD_BYTES;
+    for (pad, fits) in [
+        (cap - 1024, true),
+        (cap + 1024, false),
+        (cap + 6 * 1024, false),
+    ] {
+        let r = c
+            .get(&url)
+            .header("x-pad", "x".repeat(pad))
+            .send()
+            .await
+            .unwrap();
+        let want = if fits {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        };
+        assert_eq!(r.status(), want, "a field of {pad} bytes");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

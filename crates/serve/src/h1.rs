@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -213,12 +213,19 @@ where
                     });
                 }
                 buf.reserve(READ_SIZE);
+                // Never read past the head cap: a head that has not ended within it is
+                // refused above, whatever sizes its bytes arrive in. (Never zero: a full
+                // buffer has been refused or parsed before this point.)
+                let room = settings.max_head.saturating_sub(buf.len()).max(1);
+                let mut limited = (&mut buf).limit(room);
                 let n = match deadline {
-                    None => io.read_buf(&mut buf).await?,
-                    Some(at) => match tokio::time::timeout_at(at, io.read_buf(&mut buf)).await {
-                        Ok(r) => r?,
-                        Err(_) => return Err(Failed::Ended(Ended::HeaderTimeout)),
-                    },
+                    None => io.read_buf(&mut limited).await?,
+                    Some(at) => {
+                        match tokio::time::timeout_at(at, io.read_buf(&mut limited)).await {
+                            Ok(r) => r?,
+                            Err(_) => return Err(Failed::Ended(Ended::HeaderTimeout)),
+                        }
+                    }
                 };
                 if n == 0 {
                     // The client closed, between requests or within a head.

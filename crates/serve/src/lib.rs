@@ -62,8 +62,8 @@ pub use body::{upgrade, BodyError, RequestBody};
 pub use lifecycle::{runtime, worker_threads, RoleHandle, RoleTasks};
 
 /// Limit on an HTTP/1 request head (request line and headers), bytes; a larger one is
-/// answered `431 Request Header Fields Too Large` (RFC 6585 §5). Checked against what is
-/// buffered, so a head up to one read (8 KiB) larger can slip through.
+/// answered `431 Request Header Fields Too Large` (RFC 6585 §5). Exact: reads stop at the
+/// cap until the head has ended.
 pub const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
 
 /// Concurrent HTTP/2 streams per connection (RFC 9113 §6.5.2
