@@ -247,6 +247,43 @@ async fn a_head_request_leaves_the_connection_in_step() {
     assert_eq!(a.body, b"after head", "{a:?}");
 }
 
+/// A request the load balancer answers before reading its body (421, another host) keeps
+/// its connection when the body is small: the body is read and discarded after the answer,
+/// then the next request is served. A large one closes the connection after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_answered_unread_is_discarded_and_the_connection_kept() {
+    let s = proxy().await;
+    let early = |len: usize| {
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: elsewhere.test\r\nContent-Length: {len}\r\n\r\n{}",
+            "x".repeat(len)
+        )
+    };
+    let mut tcp = connect(&s).await;
+    tcp.write_all(early(1000).as_bytes()).await.unwrap();
+    let mut answers = Answers::new(tcp);
+    let a = answers.next().await;
+    assert_eq!(a.status(), 421, "{a:?}");
+    assert_ne!(a.field("connection"), Some("close"), "{a:?}");
+    answers
+        .tcp
+        .write_all(post("after the discarded body", "").as_bytes())
+        .await
+        .unwrap();
+    let a = answers.next().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.body, b"after the discarded body", "{a:?}");
+
+    // Over the bound: the answer says close, and the connection closes.
+    let mut tcp = connect(&s).await;
+    tcp.write_all(early(100 * 1024).as_bytes()).await.unwrap();
+    let mut answers = Answers::new(tcp);
+    let a = answers.next().await;
+    assert_eq!(a.status(), 421, "{a:?}");
+    assert_eq!(a.field("connection"), Some("close"), "{a:?}");
+    assert!(answers.closes().await, "open after a large unread body");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_connections_persist_only_with_keep_alive() {
     let s = proxy().await;

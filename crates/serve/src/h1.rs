@@ -18,8 +18,10 @@
 //!   or by closing (HTTP/1.0); `HEAD`, `1xx`, `204` and `304` answers have no body
 //!   (RFC 9112 §6.3); a `Date` field is added when missing (RFC 9110 §6.6.1);
 //! - persistence follows RFC 9112 §9.3: HTTP/1.1 unless `Connection: close`, HTTP/1.0
-//!   only with `Connection: keep-alive`; a body the service did not read closes the
-//!   connection after the answer;
+//!   only with `Connection: keep-alive`; a body the service did not read is read and
+//!   discarded after the answer when at most 64 KiB of it remains and it ends within 2 s
+//!   (nginx discards such bodies too), else the connection closes after the answer, as it
+//!   does when the client still waits for `100 Continue` or the body's framing broke;
 //! - a `101` answer to a request that asked for an upgrade hands the connection to
 //!   [`crate::upgrade::on`].
 
@@ -57,6 +59,15 @@ const COPY_BODY_BYTES: usize = 16 * 1024;
 
 /// Longest chunk-size line or trailer section accepted in a chunked request body.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// A request body the service answered without reading is read and discarded after the
+/// answer, so the connection can carry the next request, when at most this much of it
+/// remains (nginx discards the body of a request it answered early the same way); a longer
+/// one closes the connection.
+const DRAIN_BYTES: u64 = 64 * 1024;
+
+/// Longest time spent discarding such a body before closing instead.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// HTTP/2's connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -303,9 +314,9 @@ where
     let (response, body_read) = match framing {
         None => {
             let Ok(response) = handle(request.map(|()| RequestBody::empty())).await;
-            (response, true)
+            (response, BodyLeft::Read)
         }
-        Some(decoder) => {
+        Some(mut decoder) => {
             let (tx, rx) = mpsc::channel(1);
             let (wanted_tx, wanted_rx) = oneshot::channel();
             let remaining = match decoder {
@@ -322,14 +333,16 @@ where
             let answer = handle(request);
             let mut answer = pin!(answer);
             let mut pumped: Option<io::Result<Pumped>> = None;
+            let expect_continue = expect_continue && version == Version::HTTP_11;
+            let mut continued = false;
             let response = {
                 let pump = pump_body(
                     io,
                     buf,
-                    decoder,
+                    &mut decoder,
                     tx,
                     wanted_rx,
-                    expect_continue && version == Version::HTTP_11,
+                    expect_continue.then_some(&mut continued),
                 );
                 let mut pump = pin!(pump);
                 loop {
@@ -343,9 +356,23 @@ where
             match pumped {
                 // The connection broke under the body: nothing more can be said on it.
                 Some(Err(e)) => return Err(Failed::Io(e)),
-                Some(Ok(Pumped::Whole)) => (response, true),
-                // Broken framing (the service answered it) or a body left unread.
-                Some(Ok(Pumped::Unread)) | None => (response, false),
+                Some(Ok(Pumped::Whole)) => (response, BodyLeft::Read),
+                // Broken framing (the service answered it).
+                Some(Ok(Pumped::Broken)) => (response, BodyLeft::Unreadable),
+                // A body left unread, perhaps begun. It can be discarded after the answer
+                // unless the client still waits for `100 Continue` (RFC 9110 §10.1.1: it
+                // may then never send the body) or too much of it remains.
+                Some(Ok(Pumped::Unread)) | None => {
+                    let small = match decoder {
+                        Decoder::Length(n) => n <= DRAIN_BYTES,
+                        Decoder::Chunked(_) => true,
+                    };
+                    if small && (!expect_continue || continued) {
+                        (response, BodyLeft::Discard(decoder))
+                    } else {
+                        (response, BodyLeft::Unreadable)
+                    }
+                }
             }
         }
     };
@@ -354,7 +381,8 @@ where
     let (parts, body) = response.into_parts();
     let status = parts.status;
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
-    let mut persist = keep_alive && body_read && !graceful.is_cancelled();
+    let mut persist =
+        keep_alive && !matches!(body_read, BodyLeft::Unreadable) && !graceful.is_cancelled();
     if status == StatusCode::SWITCHING_PROTOCOLS && !upgraded {
         persist = false;
     }
@@ -388,11 +416,60 @@ where
     } else {
         write_body(io, out, body, framing).await?;
     }
+    if let (true, BodyLeft::Discard(mut decoder)) = (persist && !upgraded, body_read) {
+        persist = discard_body(io, buf, &mut decoder).await;
+    }
     Ok(match upgrade {
         Some(tx) if upgraded => Step::Upgrade(tx),
         _ if persist => Step::Next,
         _ => Step::Close,
     })
+}
+
+/// What became of a request's body by the time its answer is ready.
+enum BodyLeft {
+    /// None, or read to its end.
+    Read,
+    /// Left unread, framing intact and small enough: discarded after the answer.
+    Discard(Decoder),
+    /// Left unread for good (broken framing, too long, or `100 Continue` never sent): the
+    /// connection closes after the answer.
+    Unreadable,
+}
+
+/// Reads and discards the rest of a request body the service did not read, at most
+/// [`DRAIN_BYTES`] within [`DRAIN_TIME`]. True when it ended within those bounds and the
+/// connection can carry the next request.
+async fn discard_body<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> bool {
+    let drain = async {
+        let mut discarded = 0u64;
+        loop {
+            match decoder.decode(buf) {
+                Decoded::Data(data) => {
+                    discarded += data.len() as u64;
+                    if discarded > DRAIN_BYTES {
+                        return false;
+                    }
+                }
+                Decoded::Done => return true,
+                Decoded::Invalid => return false,
+                Decoded::NeedMore => {
+                    buf.reserve(READ_SIZE);
+                    match io.read_buf(buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIME, drain)
+        .await
+        .unwrap_or(false)
 }
 
 /// Shuts the sending side down (TLS: close_notify first) and reports a closed connection.
@@ -717,27 +794,35 @@ fn line_end(buf: &[u8]) -> Result<usize, Decoded> {
 enum Pumped {
     /// Read to its end.
     Whole,
-    /// Not read to its end: the service dropped it, or its framing was broken (the
-    /// service got an error). The connection cannot carry another request.
+    /// Not read to its end: the service dropped it. The decoder says what remains.
     Unread,
+    /// Its framing was broken (the service got an error): the connection cannot carry
+    /// another request.
+    Broken,
 }
 
 /// Reads the request body from the connection into `tx` once the service first polls it
-/// (`wanted`). Errors: the connection failed (the service got the error too).
+/// (`wanted`), advancing `decoder`. With `continued` (the client sent `Expect:
+/// 100-continue`), answers `100 Continue` first unless body bytes already came, and sets
+/// it once the client may send the body. Errors: the connection failed (the service got
+/// the error too).
 async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
-    mut decoder: Decoder,
+    decoder: &mut Decoder,
     tx: mpsc::Sender<io::Result<Bytes>>,
     wanted: oneshot::Receiver<()>,
-    expect_continue: bool,
+    continued: Option<&mut bool>,
 ) -> io::Result<Pumped> {
     if wanted.await.is_err() {
         return Ok(Pumped::Unread);
     }
-    if expect_continue && buf.is_empty() {
-        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-        io.flush().await?;
+    if let Some(continued) = continued {
+        if buf.is_empty() {
+            io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            io.flush().await?;
+        }
+        *continued = true;
     }
     loop {
         match decoder.decode(buf) {
@@ -754,7 +839,7 @@ async fn pump_body<I: AsyncRead + AsyncWrite + Unpin>(
                         "malformed chunked request body",
                     )))
                     .await;
-                return Ok(Pumped::Unread);
+                return Ok(Pumped::Broken);
             }
             Decoded::NeedMore => {
                 buf.reserve(READ_SIZE);
