@@ -228,6 +228,37 @@ impl Balancer {
         }
     }
 
+    /// The same balancer counting time from `epoch` instead of its creation: a reload's
+    /// new generation shares the live one's, so ejection times carry over unchanged
+    /// ([`Balancer::adopt_passive_health`]).
+    pub(crate) fn sharing_epoch(mut self, epoch: Instant) -> Balancer {
+        self.epoch = epoch;
+        self
+    }
+
+    /// When this balancer's millisecond timestamps start.
+    pub(crate) fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Takes over the passive health ([`Outlier`]) of every backend of `old` that this
+    /// generation keeps (same name and address): a reload must not end an ejection early.
+    /// `old` must share this balancer's epoch; without it nothing is taken.
+    pub(crate) fn adopt_passive_health(&self, old: &Balancer) {
+        if old.epoch != self.epoch {
+            return;
+        }
+        for b in &self.backends {
+            if let Some(o) = old
+                .backends
+                .iter()
+                .find(|o| o.name == b.name && o.addr == b.addr)
+            {
+                b.outlier.adopt(&o.outlier);
+            }
+        }
+    }
+
     /// Stops this generation's health verdicts from reaching `rampart_backend_up` (a
     /// reload swapped in a new one, which shares the series). A health check of this
     /// generation that ends after the swap still updates its own backends' state, which

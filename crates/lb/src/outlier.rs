@@ -125,6 +125,19 @@ impl Outlier {
         Some(length)
     }
 
+    /// Takes over `old`'s state — failures in a row, the ejection in force, the streak that
+    /// sets the next ejection's length — when a reload keeps the backend, so a reload
+    /// neither frees an ejected backend early nor forgets its record. Both must count time
+    /// from the same epoch ([`crate::balancer::Balancer::sharing_epoch`]).
+    pub(crate) fn adopt(&self, old: &Outlier) {
+        let streak = *old.streak.lock().unwrap_or_else(|p| p.into_inner());
+        *self.streak.lock().unwrap_or_else(|p| p.into_inner()) = streak;
+        self.failures
+            .store(old.failures.load(Ordering::Acquire), Ordering::Release);
+        self.until_ms
+            .store(old.until_ms.load(Ordering::Acquire), Ordering::Release);
+    }
+
     /// Ends an ejection early (an active health check saw the backend come back up).
     pub(crate) fn clear(&self, now_ms: u64) {
         if self.is_ejected(now_ms) {
@@ -204,6 +217,24 @@ mod tests {
         assert_eq!(policy().max_ejected(2), 1);
         assert_eq!(policy().max_ejected(1), 1);
         assert_eq!(policy().max_ejected(10), 5);
+    }
+
+    #[test]
+    fn adopting_keeps_the_ejection_and_the_streak() {
+        let (p, old, new) = (policy(), Outlier::default(), Outlier::default());
+        for _ in 0..3 {
+            old.failure(&p, 0, true);
+        }
+        old.failure(&p, 500, true); // one failure towards the next, ignored while ejected
+        new.adopt(&old);
+        assert!(new.is_ejected(999));
+        assert!(!new.is_ejected(1_000));
+        // The next ejection is the second in a row: twice the base time.
+        let mut got = None;
+        for _ in 0..3 {
+            got = new.failure(&p, 1_000, true);
+        }
+        assert_eq!(got, Some(2_000));
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub(crate) struct Generation {
 /// (stopped by the generation's `stop`). Its backends start down. `cert_names`, the exact
 /// names on the certificates after the default, are served besides `cfg.site_names` (unless those are
 /// empty: then every host is). `previous`, the generation being replaced, lends its
-/// per-source rate-limit buckets when the limits did not change.
+/// per-source rate-limit buckets when the limits did not change, and its balancer's epoch
+/// (see [`Reloader::reload`] for what else carries over).
 pub(crate) fn build(
     cfg: &LbConfig,
     fixed: &Fixed,
@@ -95,7 +96,7 @@ pub(crate) fn build(
 ) -> Generation {
     let limits = &cfg.balancer;
     let max_conns = limits.backend_max_connections as usize;
-    let balancer = Arc::new(Balancer::new(
+    let mut balancer = Balancer::new(
         &cfg.backends,
         |name| fixed.metrics.backend_up(name),
         &fixed.backend_families,
@@ -103,7 +104,12 @@ pub(crate) fn build(
         limits.backend_queue_max as usize,
         Duration::from_millis(limits.backend_queue_timeout_ms),
         &limits.balancing,
-    ));
+    );
+    // One clock for every generation, so passive health carries over a reload as is.
+    if let Some(p) = previous {
+        balancer = balancer.sharing_epoch(p.balancer.epoch());
+    }
+    let balancer = Arc::new(balancer);
     let connector = Connector::new(
         cfg.net.clone(),
         cfg.backends
@@ -371,12 +377,17 @@ impl Reloader {
         while !ready() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Drain flags set at runtime (`rampart lb drain`) survive the reload.
-        for b in self.live.load().balancer.backends() {
+        // Drain flags set at runtime (`rampart lb drain`) survive the reload, and so do
+        // ejections and the failure counts behind them (as late as possible: the live
+        // generation keeps counting until the swap).
+        let live = self.live.load();
+        for b in live.balancer.backends() {
             if b.is_draining() {
                 new.balancer.set_draining(&b.name, true);
             }
         }
+        new.balancer.adopt_passive_health(&live.balancer);
+        drop(live);
         let old_gen = self.live.swap(new.clone());
         if let Ok(mut stop) = self.stop.lock() {
             let previous = std::mem::replace(&mut *stop, generation_state.stop);

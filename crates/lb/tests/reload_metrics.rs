@@ -240,20 +240,28 @@ async fn a_backend_kept_by_a_reload_keeps_its_counters() {
             "{series} went from {was} to {is:?} across a reload"
         );
     }
-    // The new generation judges B afresh: ejected again, counted on top.
-    let mut again = false;
-    for _ in 0..100 {
-        client.get(&url).send().await.unwrap();
-        if value(&scrape(&registry), ejections).unwrap_or(0.0) >= 2.0 {
-            again = true;
-            break;
-        }
+    // The ejection carries over (10 s, the default base time): B is still ejected in the
+    // new generation, and every request goes to A, none to B.
+    assert_eq!(
+        value(&after, r#"rampart_lb_backend_ejected{backend="B"}"#),
+        Some(1.0),
+        "the reload ended B's ejection: {:?}",
+        lines_with(&after, r#"backend="B""#, &[])
+    );
+    for _ in 0..20 {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
     }
     let text = scrape(&registry);
-    assert!(
-        again,
-        "B was not ejected again after the reload: {:?}",
-        lines_with(&text, r#"backend="B""#, &[])
+    assert_eq!(
+        value(&text, b_5xx),
+        value(&after, b_5xx),
+        "B answered after the reload"
     );
+    assert_eq!(
+        value(&text, a_2xx).unwrap(),
+        value(&after, a_2xx).unwrap() + 20.0
+    );
+    assert_eq!(value(&text, ejections), value(&after, ejections));
     lb.shutdown();
 }
