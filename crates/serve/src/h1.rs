@@ -311,7 +311,7 @@ where
             .insert(Pending(Arc::new(Mutex::new(Some(rx)))));
         tx
     });
-    let (response, body_read) = match framing {
+    let (response, body_left) = match framing {
         None => {
             let Ok(response) = handle(request.map(|()| RequestBody::empty())).await;
             (response, BodyLeft::Read)
@@ -382,7 +382,7 @@ where
     let status = parts.status;
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
     let mut persist =
-        keep_alive && !matches!(body_read, BodyLeft::Unreadable) && !graceful.is_cancelled();
+        keep_alive && !matches!(body_left, BodyLeft::Unreadable) && !graceful.is_cancelled();
     if status == StatusCode::SWITCHING_PROTOCOLS && !upgraded {
         persist = false;
     }
@@ -416,7 +416,7 @@ where
     } else {
         write_body(io, out, body, framing).await?;
     }
-    if let (true, BodyLeft::Discard(mut decoder)) = (persist && !upgraded, body_read) {
+    if let (true, BodyLeft::Discard(mut decoder)) = (persist && !upgraded, body_left) {
         persist = discard_body(io, buf, &mut decoder).await;
     }
     Ok(match upgrade {
