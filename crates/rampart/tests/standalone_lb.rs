@@ -48,6 +48,27 @@ fn addr_after(line: &str, key: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
 }
 
+/// Writes a self-signed certificate for `params` and its key into `dir` (`cert.pem`,
+/// `key.pem`) for `--tls-cert`/`--tls-key`; returns the certificate's PEM and both paths.
+fn self_signed(
+    dir: &std::path::Path,
+    params: rcgen::CertificateParams,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, &pem).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (pem, cert_path, key_path)
+}
+
+/// A self-signed certificate for `www.example.test` in `dir` (see [`self_signed`]).
+fn example_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let params = rcgen::CertificateParams::new(vec!["www.example.test".to_string()]).unwrap();
+    let (_, cert, key) = self_signed(dir, params);
+    (cert, key)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,11 +80,7 @@ async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
     params
         .subject_alt_names
         .push(rcgen::SanType::IpAddress("127.98.1.10".parse().unwrap()));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_pem, cert_path, key_path) = self_signed(dir.path(), params);
 
     let (a, _a) = backend("127.98.1.11:0", "A").await;
     let (b, b_task) = backend("127.98.1.12:0", "B").await;
@@ -91,7 +108,7 @@ async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
 
     let client = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
         .resolve("www.example.test", https)
         .resolve("other.example.test", https)
         .redirect(reqwest::redirect::Policy::none())
@@ -186,14 +203,7 @@ async fn standalone_lb_balances_redirects_checks_hosts_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_lb_proxies_plain_http_with_http_proxy() {
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = example_cert(dir.path());
     // The backend answers with the scheme the load balancer reported.
     let listener = tokio::net::TcpListener::bind("127.98.1.21:0")
         .await
@@ -293,14 +303,7 @@ async fn standalone_lb_serves_h2c_on_the_plain_proxy_listener_only_with_h2c() {
         return test_support::skip("curl is not installed (Debian package curl)");
     }
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = example_cert(dir.path());
     let (backend, _task) = backend("127.98.2.11:0", "A").await;
     for h2c in [false, true] {
         let mut cmd = Command::new(BIN);
@@ -362,14 +365,7 @@ async fn standalone_lb_serves_h2c_on_the_plain_proxy_listener_only_with_h2c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_lb_serves_metrics_to_allowed_sources_only() {
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["www.example.test".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = example_cert(dir.path());
     let (backend, _task) = backend("127.98.3.11:0", "A").await;
     let (mut child, line) = start_lb(
         Command::new(BIN)
