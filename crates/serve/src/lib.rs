@@ -414,12 +414,7 @@ impl<M> Ctx<M> {
             async move {
                 let http2_allowed = match proto {
                     Proto::Http2 => {
-                        let served = Box::pin(serve_http2(
-                            http2,
-                            TokioIo::new(io::Unvectored(io)),
-                            handle,
-                            &graceful,
-                        ));
+                        let served = Box::pin(serve_http2(http2, io, handle, &graceful));
                         return served.await;
                     }
                     Proto::Http1 { http2 } => http2,
@@ -428,12 +423,7 @@ impl<M> Ctx<M> {
                 let served = h1::serve(io, settings, &graceful, handle).await;
                 match served {
                     Ok(h1::Done::Http2(io, handle)) => {
-                        let served = Box::pin(serve_http2(
-                            http2,
-                            TokioIo::new(io::Unvectored(io)),
-                            handle,
-                            &graceful,
-                        ));
+                        let served = Box::pin(serve_http2(http2, io, handle, &graceful));
                         served.await
                     }
                     Ok(h1::Done::Closed | h1::Done::Upgraded) => Ok(()),
@@ -534,7 +524,8 @@ impl<M> Ctx<M> {
 }
 
 /// Serves HTTP/2 on `io` with hyper until it closes; `graceful`: GOAWAY, finish the
-/// streams in flight, close.
+/// streams in flight, close. hyper writes through [`io::Unvectored`], so the small
+/// responses of streams that finish together share one write.
 async fn serve_http2<I, H, Fut, B>(
     builder: &http2::Builder<TokioExecutor>,
     io: I,
@@ -542,7 +533,7 @@ async fn serve_http2<I, H, Fut, B>(
     graceful: &CancellationToken,
 ) -> Result<(), ConnError>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -551,6 +542,7 @@ where
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         handle(req.map(RequestBody::hyper))
     });
+    let io = TokioIo::new(io::Unvectored(io));
     let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
     let other = |e: hyper::Error| ConnError::Other(e.into());
     tokio::select! {
