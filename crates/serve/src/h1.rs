@@ -416,8 +416,8 @@ where
     } else {
         write_body(io, out, body, framing).await?;
     }
-    if let (true, BodyLeft::Discard(mut decoder)) = (persist && !upgraded, body_left) {
-        persist = discard_body(io, buf, &mut decoder).await;
+    if let (true, BodyLeft::Discard(decoder)) = (persist && !upgraded, body_left) {
+        persist = discard_body(io, buf, decoder).await;
     }
     Ok(match upgrade {
         Some(tx) if upgraded => Step::Upgrade(tx),
@@ -443,7 +443,7 @@ enum BodyLeft {
 async fn discard_body<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
-    decoder: &mut Decoder,
+    mut decoder: Decoder,
 ) -> bool {
     let drain = async {
         let mut discarded = 0u64;
