@@ -443,15 +443,18 @@ pub(crate) struct AccessLogLayer {
     log: Option<AccessLog>,
     listener: Listener,
     client: IpAddr,
+    tls_handshake: Option<Duration>,
 }
 
 impl AccessLogLayer {
-    /// The layer for one connection from `client` on `listener`.
-    pub(crate) fn new(log: Option<AccessLog>, listener: Listener, client: IpAddr) -> Self {
+    /// The layer for one connection on `listener`: the client's address and how long its
+    /// TLS handshake took (`None` on plain TCP) go into every line of the connection.
+    pub(crate) fn new(log: Option<AccessLog>, listener: Listener, conn: &serve::ConnInfo) -> Self {
         AccessLogLayer {
             log,
             listener,
-            client,
+            client: conn.peer.ip(),
+            tls_handshake: conn.tls_handshake,
         }
     }
 }
@@ -502,10 +505,7 @@ where
             version: req.version(),
             referer: req.headers().get(header::REFERER).cloned(),
             user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            tls_handshake: req
-                .extensions()
-                .get::<serve::ConnInfo>()
-                .and_then(|i| i.tls_handshake),
+            tls_handshake: self.layer.tls_handshake,
         };
         AfterResponse::new(self.inner.call(req), Some(pending))
     }
@@ -802,9 +802,14 @@ mod tests {
         )
         .await
         .unwrap();
-        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let conn = serve::ConnInfo {
+            peer: "192.0.2.7:40000".parse().unwrap(),
+            identity: None,
+            service: topology::Service::Https,
+            tls_handshake: Some(Duration::from_micros(2500)),
+        };
         let svc = ServiceBuilder::new()
-            .layer(AccessLogLayer::new(Some(log), Listener::Https, client))
+            .layer(AccessLogLayer::new(Some(log), Listener::Https, &conn))
             .service(service_fn(|_req: Request<()>| async {
                 let mut resp = Response::new(Full::new(Bytes::from_static(b"hello")));
                 resp.extensions_mut().insert(ServedBy("web-02".into()));
@@ -830,6 +835,8 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with(" listener=https\n"), "{text}");
+        // The connection's handshake time, given when the layer was made, is in the line.
+        assert!(text.contains(" tls=0.0025 "), "{text}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         // 0644 before the umask: never executable, never writable by group or others.

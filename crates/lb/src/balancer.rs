@@ -123,6 +123,9 @@ pub(crate) struct Slot<'a> {
     /// The backend's index (for the sticky cookie).
     pub(crate) index: usize,
     pub(crate) permit: OwnedSemaphorePermit,
+    /// How long the request waited in the backend's queue for this slot: zero when a slot
+    /// was free at once (the clock is read only when the request had to wait).
+    pub(crate) queued: Duration,
 }
 
 /// What of a request steers its backend choice: the consistent-hash key and the backend
@@ -351,20 +354,21 @@ impl Balancer {
                 self.selector.keeps_affinity(),
             ),
         };
-        let slot = |index: usize, permit| Slot {
+        let slot = |index: usize, permit, queued| Slot {
             backend: &self.backends[index],
             index,
             permit,
+            queued,
         };
         let b = &self.backends[chosen];
         if let Ok(permit) = b.slots.clone().try_acquire_owned() {
-            return Ok(slot(chosen, permit));
+            return Ok(slot(chosen, permit, Duration::ZERO));
         }
         let mut wait_at = chosen;
         if !keep {
             for c in &cands {
                 if let Ok(permit) = self.backends[c.index].slots.clone().try_acquire_owned() {
-                    return Ok(slot(c.index, permit));
+                    return Ok(slot(c.index, permit, Duration::ZERO));
                 }
             }
             wait_at = cands
@@ -377,10 +381,11 @@ impl Balancer {
             b.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(QueueError::Full);
         }
+        let waiting = Instant::now();
         let got = tokio::time::timeout(self.queue_timeout, b.slots.clone().acquire_owned()).await;
         b.waiting.fetch_sub(1, Ordering::AcqRel);
         match got {
-            Ok(Ok(permit)) => Ok(slot(wait_at, permit)),
+            Ok(Ok(permit)) => Ok(slot(wait_at, permit, waiting.elapsed())),
             _ => Err(QueueError::Timeout),
         }
     }

@@ -416,7 +416,9 @@ async fn read_head(conn: &mut Conn) -> Result<ResponseHead, Attempt> {
                         }
                     }
                     let head = conn.buf.split_to(len).freeze();
-                    let mut headers = HeaderMap::with_capacity(kept.len());
+                    // Room for the two fields the proxy adds (X-Request-Id, a sticky
+                    // cookie): a map filled to its capacity grows by rehashing it all.
+                    let mut headers = HeaderMap::with_capacity(kept.len() + 2);
                     for (name, start, end) in kept {
                         if !hop.listed.is_empty() && hop.listed.contains(&name) {
                             continue;

@@ -581,7 +581,7 @@ pub async fn start(
                 .layer(AccessLogLayer::new(
                     https_log.clone(),
                     Listener::Https,
-                    info.peer.ip(),
+                    info,
                 ))
                 .layer(MetricsLayer(https_metrics.clone()))
                 .map_response(add_hsts)
@@ -624,7 +624,7 @@ pub async fn start(
                     .layer(AccessLogLayer::new(
                         access_log.clone(),
                         Listener::Http,
-                        info.peer.ip(),
+                        info,
                     ))
                     .layer(MetricsLayer(metrics.clone()))
                     .service(inner)

@@ -744,11 +744,11 @@ impl Proxy {
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut queued = Duration::ZERO;
         loop {
-            let waiting = std::time::Instant::now();
-            let acquired = up.balancer.acquire(&tried, &affinity).await;
-            queued += waiting.elapsed();
-            let slot = match acquired {
-                Ok(s) => s,
+            let slot = match up.balancer.acquire(&tried, &affinity).await {
+                Ok(s) => {
+                    queued += s.queued;
+                    s
+                }
                 Err(QueueError::NoBackend) if tried.is_empty() => {
                     tracing::warn!(side = "upstream", "no backend is available");
                     return crate::unavailable::no_backend(up);

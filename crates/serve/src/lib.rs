@@ -77,8 +77,10 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// After a graceful close was asked of an idle connection, how long it gets to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// What a role's service knows about the connection a request came on, in every request's
-/// extensions.
+/// What a role's service knows about the connection a request came on: given to the role's
+/// `make` function, which builds the connection's service from it (not put in each
+/// request's extensions: a first extension allocates the request's extension map, and no
+/// service needs it per request).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
@@ -171,8 +173,7 @@ fn http2_builder() -> http2::Builder<TokioExecutor> {
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` is cancelled, then drains: no
 /// new connections, in-flight requests get `drain_timeout_ms`, then every connection is
-/// closed. `make` builds the service of one connection from its [`ConnInfo`] (also put in
-/// every request's extensions). Spawns its connection tasks on `tasks`, so a role's
+/// closed. `make` builds the service of one connection from its [`ConnInfo`]. Spawns its connection tasks on `tasks`, so a role's
 /// shutdown can wait for them.
 pub async fn serve_http<M, S, B>(
     listener: GuardedListener,
@@ -385,10 +386,9 @@ impl<M> Ctx<M> {
     {
         let peer = info.peer;
         let counted = activity.clone();
-        let handle = move |mut req: Request<RequestBody>| {
+        let handle = move |req: Request<RequestBody>| {
             counted.request_started();
             let guard = InFlight(counted.clone());
-            req.extensions_mut().insert(info.clone());
             let fut = svc.clone().oneshot(req);
             // `Result<_, Infallible>`: hyper's HTTP/2 service takes the future as it is,
             // without another async block around it (one move less per request).
