@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -85,32 +84,42 @@ pub struct Activity {
     in_flight: AtomicU32,
     requests: AtomicU64,
     bytes_read: AtomicU64,
+    /// [`coarse_ms`] when bytes last moved or a request last started or ended.
     last_active_ms: AtomicU64,
-    epoch: Instant,
     close: CancellationToken,
 }
 
+/// Milliseconds on the kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`,
+/// clock_gettime(2)): the time of the last timer tick, so 1 to 4 ms behind, read from the
+/// vDSO without reading the TSC. Activity is touched several times per request and only
+/// orders connections by idleness (seconds) for eviction, so the tick's precision does.
+fn coarse_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000
+    })
+}
+
 impl Activity {
-    fn new(epoch: Instant, close: CancellationToken) -> Activity {
+    fn new(close: CancellationToken) -> Activity {
         Activity {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
-            last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
-            epoch,
+            last_active_ms: AtomicU64::new(coarse_ms()),
             close,
         }
     }
 
     /// An activity record outside any listener's table (e.g. for a Unix-socket egress).
     pub fn detached() -> Arc<Activity> {
-        Arc::new(Activity::new(Instant::now(), CancellationToken::new()))
+        Arc::new(Activity::new(CancellationToken::new()))
     }
 
     /// Records that bytes moved or a request started or ended.
     pub fn touch(&self) {
-        self.last_active_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_active_ms.store(coarse_ms(), Ordering::Relaxed);
     }
 
     /// A request started on the connection.
@@ -149,7 +158,7 @@ impl Activity {
 
     /// Time since the last activity.
     pub fn idle_for(&self) -> std::time::Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = coarse_ms();
         std::time::Duration::from_millis(
             now.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),
         )
@@ -195,7 +204,6 @@ impl Refusal {
 pub(crate) struct Admission {
     max: usize,
     per_source_max: u32,
-    epoch: Instant,
     next_id: AtomicU64,
     table: Mutex<Table>,
     evicted: AtomicU64,
@@ -212,7 +220,6 @@ impl Admission {
         Admission {
             max: max_connections.max(1) as usize,
             per_source_max: per_source.max(1),
-            epoch: Instant::now(),
             next_id: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
             evicted: AtomicU64::new(0),
@@ -267,7 +274,7 @@ impl Admission {
             budget.used.fetch_add(1, Ordering::AcqRel);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let activity = Arc::new(Activity::new(self.epoch, parent.child_token()));
+        let activity = Arc::new(Activity::new(parent.child_token()));
         t.conns.insert(id, activity.clone());
         *t.per_source.entry(src).or_insert(0) += 1;
         Ok(ConnSlot {
