@@ -374,6 +374,11 @@ struct ResponseHead {
     hop: HopFields,
 }
 
+/// Fields a response usually gains between the backend and the client: X-Request-Id and a
+/// sticky cookie (the proxy), HSTS and the default `site.response_headers` (four; the
+/// HTTPS listener). The response's header map is made with room for them.
+const ADDED_FIELDS: usize = 7;
+
 /// Reads and parses one response head from `conn`. Its fields go into a [`HeaderMap`] for
 /// the client's response, except the hop-by-hop ones (RFC 9110 §7.6.1: the fixed set and
 /// those `Connection` names), which are read into a [`HopFields`] instead: the response
@@ -416,9 +421,9 @@ async fn read_head(conn: &mut Conn) -> Result<ResponseHead, Attempt> {
                         }
                     }
                     let head = conn.buf.split_to(len).freeze();
-                    // Room for the two fields the proxy adds (X-Request-Id, a sticky
-                    // cookie): a map filled to its capacity grows by rehashing it all.
-                    let mut headers = HeaderMap::with_capacity(kept.len() + 2);
+                    // Room for the fields added on the way to the client: a map filled to
+                    // its capacity grows by rehashing it all.
+                    let mut headers = HeaderMap::with_capacity(kept.len() + ADDED_FIELDS);
                     for (name, start, end) in kept {
                         if !hop.listed.is_empty() && hop.listed.contains(&name) {
                             continue;
