@@ -233,7 +233,7 @@ impl Balancer {
 
     /// The same balancer counting time from `epoch` instead of its creation: a reload's
     /// new generation shares the live one's, so ejection times carry over unchanged
-    /// ([`Balancer::adopt_passive_health`]).
+    /// ([`Balancer::adopt_health_state`]).
     pub(crate) fn sharing_epoch(mut self, epoch: Instant) -> Balancer {
         self.epoch = epoch;
         self
@@ -244,10 +244,12 @@ impl Balancer {
         self.epoch
     }
 
-    /// Takes over the passive health ([`Outlier`]) of every backend of `old` that this
-    /// generation keeps (same name and address): a reload must not end an ejection early.
-    /// `old` must share this balancer's epoch; without it nothing is taken.
-    pub(crate) fn adopt_passive_health(&self, old: &Balancer) {
+    /// Takes over, for every backend of `old` that this generation keeps (same name and
+    /// address), its passive health ([`Outlier`]: a reload must not end an ejection early)
+    /// and its slow-start ramp (a backend that came back up shortly before the reload keeps
+    /// ramping instead of getting its full weight at once; one that was ever up ramps when it
+    /// next comes back). `old` must share this balancer's epoch; without it nothing is taken.
+    pub(crate) fn adopt_health_state(&self, old: &Balancer) {
         if old.epoch != self.epoch {
             return;
         }
@@ -258,6 +260,13 @@ impl Balancer {
                 .find(|o| o.name == b.name && o.addr == b.addr)
             {
                 b.outlier.adopt(&o.outlier);
+                if o.ever_up.load(Ordering::Acquire) {
+                    b.ever_up.store(true, Ordering::Release);
+                }
+                let ramp = o.ramp_from_ms.load(Ordering::Relaxed);
+                if ramp != 0 {
+                    b.ramp_from_ms.fetch_max(ramp, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -770,5 +779,40 @@ mod tests {
         let seen = picks(&b, 110).await;
         println!("during slow start: {seen:?}");
         assert!(seen["web-00"] <= 30, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_a_backends_slow_start_ramp() {
+        let cfg = Balancing {
+            slow_start_ms: 60_000,
+            ..Balancing::default()
+        };
+        let old = with(&[(1, false); 2], cfg.clone());
+        old.set_up(0, true);
+        old.set_up(1, true);
+        // web-00 went down and came back: it ramps from a tenth of its weight.
+        old.set_up(0, false);
+        old.set_up(0, true);
+        let full = old.backends()[1].effective_weight(old.now_ms(), 60_000);
+        let ramping = old.backends()[0].effective_weight(old.now_ms(), 60_000);
+        assert!(ramping < full / 2, "{ramping} of {full}");
+        // The reload's generation sees both up on its first checks (no ramp of its own).
+        let new = with(&[(1, false); 2], cfg).sharing_epoch(old.epoch());
+        new.set_up(0, true);
+        new.set_up(1, true);
+        let before = new.backends()[0].effective_weight(new.now_ms(), 60_000);
+        assert_eq!(before, full, "a first rise has no ramp");
+        new.adopt_health_state(&old);
+        let after = new.backends()[0].effective_weight(new.now_ms(), 60_000);
+        assert!(after < full / 2, "the ramp carried over: {after} of {full}");
+        assert_eq!(
+            new.backends()[1].effective_weight(new.now_ms(), 60_000),
+            full
+        );
+        // web-01 was up before the reload: its next return ramps in the new generation too.
+        new.set_up(1, false);
+        new.set_up(1, true);
+        let back = new.backends()[1].effective_weight(new.now_ms(), 60_000);
+        assert!(back < full / 2, "{back} of {full}");
     }
 }

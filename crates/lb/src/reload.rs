@@ -378,15 +378,15 @@ impl Reloader {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Drain flags set at runtime (`rampart lb drain`) survive the reload, and so do
-        // ejections and the failure counts behind them (as late as possible: the live
-        // generation keeps counting until the swap).
+        // ejections, the failure counts behind them and slow-start ramps (as late as
+        // possible: the live generation keeps counting until the swap).
         let live = self.live.load();
         for b in live.balancer.backends() {
             if b.is_draining() {
                 new.balancer.set_draining(&b.name, true);
             }
         }
-        new.balancer.adopt_passive_health(&live.balancer);
+        new.balancer.adopt_health_state(&live.balancer);
         drop(live);
         let old_gen = self.live.swap(new.clone());
         if let Ok(mut stop) = self.stop.lock() {
