@@ -30,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+mod armed;
 mod body;
 pub mod h1;
 pub mod io;
@@ -57,6 +58,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use topology::{Callers, Identity, ListenerLimits, Service};
 use tower::ServiceExt;
+
+use crate::armed::Armed;
 
 pub use body::{upgrade, BodyError, RequestBody};
 pub use lifecycle::{runtime, worker_threads, RoleHandle, RoleTasks};
@@ -462,17 +465,20 @@ impl<M> Ctx<M> {
                     Some(Ended::Stalled),
                 )
             };
+            // The watchdogs are Armed: after registering the task's waker they are polled
+            // only once they may have fired, not on every wake of the connection.
             tokio::select! {
+                biased;
                 r = conn.as_mut() => break r,
-                _ = closed.cancelled() => {
+                _ = Armed::new(closed.cancelled(), |_| closed.is_cancelled()) => {
                     self.ended(Ended::Evicted, peer);
                     return;
                 }
-                _ = shutdown.cancelled(), if !draining => {
+                _ = Armed::new(shutdown.cancelled(), |_| shutdown.is_cancelled()), if !draining => {
                     draining = true;
                     graceful.cancel();
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = Armed::new(tokio::time::sleep_until(deadline), tokio::time::Sleep::is_elapsed) => {
                     let Some(why) = why else {
                         // The grace after a graceful close is over.
                         if let Some((why, _)) = closing {
