@@ -97,7 +97,7 @@ mod tests {
         let mut armed = std::pin::pin!(Armed::new(Counted(polls.clone()), move |_: &Counted| {
             f.load(Ordering::Relaxed)
         }));
-        let waker = futures_waker();
+        let waker = nop_waker();
         let mut cx = Context::from_waker(&waker);
         for _ in 0..5 {
             assert!(armed.as_mut().poll(&mut cx).is_pending());
@@ -116,7 +116,7 @@ mod tests {
         );
         // Another waker: the inner future must see it to wake the right task.
         flag.store(false, Ordering::Relaxed);
-        let other = futures_waker();
+        let other = nop_waker();
         assert!(armed
             .as_mut()
             .poll(&mut Context::from_waker(&other))
@@ -147,7 +147,7 @@ mod tests {
     }
 
     /// A waker that does nothing (each call a distinct one).
-    fn futures_waker() -> Waker {
+    fn nop_waker() -> Waker {
         struct Nop;
         impl std::task::Wake for Nop {
             fn wake(self: Arc<Self>) {}
