@@ -233,7 +233,7 @@ impl Balancer {
 
     /// The same balancer counting time from `epoch` instead of its creation: a reload's
     /// new generation shares the live one's, so ejection times carry over unchanged
-    /// ([`Balancer::adopt_health_state`]).
+    /// ([`Balancer::carry_over_from`]).
     pub(crate) fn sharing_epoch(mut self, epoch: Instant) -> Balancer {
         self.epoch = epoch;
         self
@@ -244,29 +244,33 @@ impl Balancer {
         self.epoch
     }
 
-    /// Takes over, for every backend of `old` that this generation keeps (same name and
-    /// address), its passive health ([`Outlier`]: a reload must not end an ejection early)
-    /// and its slow-start ramp (a backend that came back up shortly before the reload keeps
-    /// ramping instead of getting its full weight at once; one that was ever up ramps when it
-    /// next comes back). `old` must share this balancer's epoch; without it nothing is taken.
-    pub(crate) fn adopt_health_state(&self, old: &Balancer) {
-        if old.epoch != self.epoch {
-            return;
-        }
+    /// Takes over what a reload must not reset from `old`, the generation being replaced,
+    /// for every backend this generation keeps:
+    /// - its drain flag (`rampart lb drain`), by name;
+    /// - by name and address, and only when `old` shares this balancer's epoch: its passive
+    ///   health ([`Outlier`]: a reload must not end an ejection early) and its slow-start
+    ///   ramp (a backend that came back up shortly before the reload keeps ramping instead
+    ///   of getting its full weight at once; one that was ever up ramps when it next comes
+    ///   back).
+    pub(crate) fn carry_over_from(&self, old: &Balancer) {
+        let same_clock = old.epoch == self.epoch;
         for b in &self.backends {
-            if let Some(o) = old
-                .backends
-                .iter()
-                .find(|o| o.name == b.name && o.addr == b.addr)
-            {
-                b.outlier.adopt(&o.outlier);
-                if o.ever_up.load(Ordering::Acquire) {
-                    b.ever_up.store(true, Ordering::Release);
-                }
-                let ramp = o.ramp_from_ms.load(Ordering::Relaxed);
-                if ramp != 0 {
-                    b.ramp_from_ms.fetch_max(ramp, Ordering::Relaxed);
-                }
+            let Some(o) = old.backends.iter().find(|o| o.name == b.name) else {
+                continue;
+            };
+            if o.is_draining() {
+                b.draining.store(true, Ordering::Release);
+            }
+            if !same_clock || o.addr != b.addr {
+                continue;
+            }
+            b.outlier.adopt(&o.outlier);
+            if o.ever_up.load(Ordering::Acquire) {
+                b.ever_up.store(true, Ordering::Release);
+            }
+            let ramp = o.ramp_from_ms.load(Ordering::Relaxed);
+            if ramp != 0 {
+                b.ramp_from_ms.fetch_max(ramp, Ordering::Relaxed);
             }
         }
     }
@@ -802,7 +806,7 @@ mod tests {
         new.set_up(1, true);
         let before = new.backends()[0].effective_weight(new.now_ms(), 60_000);
         assert_eq!(before, full, "a first rise has no ramp");
-        new.adopt_health_state(&old);
+        new.carry_over_from(&old);
         let after = new.backends()[0].effective_weight(new.now_ms(), 60_000);
         assert!(after < full / 2, "the ramp carried over: {after} of {full}");
         assert_eq!(

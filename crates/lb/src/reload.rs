@@ -377,17 +377,10 @@ impl Reloader {
         while !ready() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Drain flags set at runtime (`rampart lb drain`) survive the reload, and so do
-        // ejections, the failure counts behind them and slow-start ramps (as late as
-        // possible: the live generation keeps counting until the swap).
-        let live = self.live.load();
-        for b in live.balancer.backends() {
-            if b.is_draining() {
-                new.balancer.set_draining(&b.name, true);
-            }
-        }
-        new.balancer.adopt_health_state(&live.balancer);
-        drop(live);
+        // Drain flags set at runtime (`rampart lb drain`), ejections, the failure counts
+        // behind them and slow-start ramps survive the reload (taken as late as possible:
+        // the live generation keeps counting until the swap).
+        new.balancer.carry_over_from(&self.live.load().balancer);
         let old_gen = self.live.swap(new.clone());
         if let Ok(mut stop) = self.stop.lock() {
             let previous = std::mem::replace(&mut *stop, generation_state.stop);

@@ -176,8 +176,8 @@ fn http2_builder() -> http2::Builder<TokioExecutor> {
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` is cancelled, then drains: no
 /// new connections, in-flight requests get `drain_timeout_ms`, then every connection is
-/// closed. `make` builds the service of one connection from its [`ConnInfo`]. Spawns its connection tasks on `tasks`, so a role's
-/// shutdown can wait for them.
+/// closed. `make` builds the service of one connection from its [`ConnInfo`]. Spawns its
+/// connection tasks on `tasks`, so a role's shutdown can wait for them.
 pub async fn serve_http<M, S, B>(
     listener: GuardedListener,
     opts: HttpOptions,
