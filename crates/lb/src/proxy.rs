@@ -272,7 +272,9 @@ fn role(name: &HeaderName) -> Role {
 /// - every field of the request except the hop-by-hop ones (the fixed set and those
 ///   `Connection` names), `Content-Length` (the caller sends the body's) and the ones
 ///   replaced below;
-/// - `Host` kept, or taken from the request target's authority (HTTP/2 `:authority`);
+/// - `Host` the request target's authority when it has one (HTTP/1.1 absolute form, HTTP/2
+///   `:authority`), which replaces a received `Host` (RFC 9112 §3.2.2: the authority is
+///   what [`request_host`] checked), otherwise the received `Host`;
 /// - `X-Forwarded-For` the earlier list plus the client's address;
 ///   `X-Forwarded-Proto: <scheme>` (replacing a client's); `X-Forwarded-Host` the `Host`;
 /// - `Forwarded` (RFC 7239) the earlier elements plus `for=…;proto=<scheme>;host=…`;
@@ -290,6 +292,7 @@ pub(crate) fn upstream_fields(
     out: &mut impl FieldSink,
 ) -> HeaderValue {
     let listed = connection_listed(headers);
+    let authority = uri.authority().map(|a| a.as_str().as_bytes());
     let mut host: Option<&[u8]> = None;
     let mut forwarded_for: Vec<&HeaderValue> = Vec::new();
     let mut forwarded: Vec<&HeaderValue> = Vec::new();
@@ -302,6 +305,7 @@ pub(crate) fn upstream_fields(
         }
         match role(name) {
             Role::Dropped => {}
+            Role::Host if authority.is_some() => {}
             Role::Host => {
                 host.get_or_insert(value.as_bytes());
                 out.field(name, value.as_bytes());
@@ -316,11 +320,9 @@ pub(crate) fn upstream_fields(
             Role::Cookie | Role::Other => out.field(name, value.as_bytes()),
         }
     }
-    if host.is_none() {
-        if let Some(authority) = uri.authority() {
-            host = Some(authority.as_str().as_bytes());
-            out.field(&header::HOST, authority.as_str().as_bytes());
-        }
+    if let Some(authority) = authority {
+        host = Some(authority);
+        out.field(&header::HOST, authority);
     }
     if forwarded_for.is_empty() {
         out.field(&X_FORWARDED_FOR, client.xff.as_bytes());
@@ -1185,5 +1187,24 @@ mod tests {
         );
         assert_eq!(h["host"], "www.foobar.com:8443");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com:8443");
+    }
+
+    #[test]
+    fn an_absolute_form_target_replaces_the_received_host_rfc_9112_section_3_2_2() {
+        // The authority is what the site-name check saw; a different Host behind it must
+        // not reach the backend.
+        let uri = Uri::from_static("http://www.foobar.com/reset");
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("evil.example"));
+        let sent = upstream_headers(&h, &uri, &Client::new(ip(), Scheme::Http), Version::HTTP_11);
+        assert_eq!(
+            sent.get_all("host").iter().collect::<Vec<_>>(),
+            ["www.foobar.com"]
+        );
+        assert_eq!(sent["x-forwarded-host"], "www.foobar.com");
+        assert!(sent["forwarded"]
+            .to_str()
+            .unwrap()
+            .ends_with("host=\"www.foobar.com\""));
     }
 }

@@ -311,13 +311,39 @@ async fn http10_connections_persist_only_with_keep_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_is_the_host_checked_and_forwarded() {
+    // RFC 9112 §3.2.2: the target's authority replaces a received Host. The site-name check
+    // reads the authority, so the backend must get that too, never the Host behind it.
+    let s = setup(2, false, |cfg| {
+        cfg.http_mode = lb::HttpMode::Proxy;
+        cfg.site_names = vec!["www.foobar.com".into()];
+    })
+    .await;
+    let mut tcp = connect(&s).await;
+    tcp.write_all(b"GET http://www.foobar.com/echo HTTP/1.1\r\nHost: evil.example\r\n\r\nGET http://evil.example/echo HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = Answers::new(tcp);
+    let a = answers.next().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.field("x-seen-host"), Some("www.foobar.com"), "{a:?}");
+    let b = answers.next().await;
+    assert_eq!(b.status(), 421, "{b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_that_could_smuggle_a_request_is_refused_with_400() {
     let s = proxy().await;
     let shapes = [
         "POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: 3\r\nContent-Length: 40\r\n\r\nabc",
         "POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nTransfer-Encoding: chunked, gzip\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
         "POST /echo HTTP/1.0\r\nHost: www.foobar.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        // A length and chunked: a reader in front going by the length would take the
+        // request after the last chunk for body.
+        "POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n",
         "POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n",
+        // Chunk lines ended by a bare LF: refused when seen, not waited on until a timeout.
+        "POST /echo HTTP/1.1\r\nHost: www.foobar.com\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\nGET /smuggled HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n",
     ];
     for (i, shape) in shapes.iter().enumerate() {
         let mut tcp = connect(&s).await;
@@ -330,9 +356,9 @@ async fn framing_that_could_smuggle_a_request_is_refused_with_400() {
             "shape {i}: a second answer followed"
         );
     }
-    // The first three are refused at the head; the broken chunk is the body's fault, so the
-    // proxy answers it (400 bad_framing) and the connection closes after.
-    assert_eq!(closed(&s, "bad_request"), 3.0);
+    // The first four are refused at the head; the broken chunks are the body's fault, so
+    // the proxy answers them (400 bad_framing) and the connection closes after.
+    assert_eq!(closed(&s, "bad_request"), 4.0);
     let smuggled = s.backends.iter().map(|b| b.ids("GET").len()).sum::<usize>();
     assert_eq!(smuggled, 0, "a request hidden in a body reached a backend");
 }

@@ -559,13 +559,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
         headers.append(name, value);
     }
 
-    // Framing (RFC 9112 §6.1–6.3): chunked last, or one length; both: the length goes.
+    // Framing (RFC 9112 §6.1–6.3): chunked last, or one length. Both: refused, as nginx
+    // does (RFC 9112 §6.1 allows it; a reader in front that went by the length would see
+    // a different request boundary than we would).
     let framing = match facts.transfer_encoding {
         Some(chunked_last) => {
-            if version == Version::HTTP_10 || !chunked_last {
+            if version == Version::HTTP_10
+                || !chunked_last
+                || facts.content_length.is_some()
+                || facts.bad_length
+            {
                 return Err(Ended::BadRequest);
             }
-            headers.remove(header::CONTENT_LENGTH);
             Some(Decoder::Chunked(Chunked::Size))
         }
         None if facts.bad_length => return Err(Ended::BadRequest),
@@ -782,11 +787,27 @@ impl Decoder {
 /// Where the line at the front of `buf` ends (its CRLF), for a chunk-size or trailer line:
 /// `Err(NeedMore)` while it may still come, `Err(Invalid)` once it is longer than
 /// [`MAX_CHUNK_LINE`].
+///
+/// A line is ended by CRLF alone (RFC 9112 §7.1): a bare LF, or a control character other
+/// than HTAB inside the line (a bare CR, NUL), is `Err(Invalid)` at once. Readers that took
+/// a bare LF as a line end would frame the body differently, so such a body is refused
+/// rather than waited on.
 fn line_end(buf: &[u8]) -> Result<usize, Decoded> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(end) => Ok(end),
-        None if buf.len() > MAX_CHUNK_LINE => Err(Decoded::Invalid),
-        None => Err(Decoded::NeedMore),
+    let scanned = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+    for (i, &b) in scanned.iter().enumerate() {
+        match b {
+            b'\r' if scanned.get(i + 1) == Some(&b'\n') => return Ok(i),
+            // A CR as the last byte read so far: its LF may still come.
+            b'\r' if i + 1 == scanned.len() => break,
+            b'\t' => {}
+            0..=0x1f | 0x7f => return Err(Decoded::Invalid),
+            _ => {}
+        }
+    }
+    if buf.len() > MAX_CHUNK_LINE {
+        Err(Decoded::Invalid)
+    } else {
+        Err(Decoded::NeedMore)
     }
 }
 
@@ -1158,13 +1179,15 @@ mod tests {
 
     #[test]
     fn smuggling_shapes_are_refused_rfc_9112_section_6_3() {
-        // Length and chunked: chunked wins and the length is dropped.
-        let p = parse("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+        let p = parse("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(p.framing, Some(Decoder::Chunked(Chunked::Size)));
-        assert!(!p.request.headers().contains_key("content-length"));
         for bad in [
+            // A length and chunked, in either order.
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1228,6 +1251,28 @@ mod tests {
         assert_eq!(
             decode_all(Decoder::Length(3), b"abcdef", 2).unwrap(),
             b"abc"
+        );
+        // A line that is not ended by CRLF alone is refused as soon as it is seen, not
+        // waited on: a bare LF, a bare CR, NUL, in a size line or a trailer line.
+        for bad in [
+            &b"3\nabc\r\n"[..],
+            b"3;x=y\n",
+            b"3;x\r=y\r\n",
+            b"3;\0\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+        ] {
+            let mut d = Decoder::Chunked(Chunked::Size);
+            let mut buf = BytesMut::from(bad);
+            let last = std::iter::repeat_with(|| d.decode(&mut buf))
+                .find(|step| !matches!(step, Decoded::Data(_)))
+                .unwrap();
+            assert_eq!(last, Decoded::Invalid, "{bad:?}");
+        }
+        // A CR that ends what has come so far waits for its LF.
+        let mut d = Decoder::Chunked(Chunked::Size);
+        assert_eq!(
+            d.decode(&mut BytesMut::from(&b"3;x\r"[..])),
+            Decoded::NeedMore
         );
     }
 

@@ -222,6 +222,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let host = req.headers().get("host").cloned();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let delay = s.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
@@ -235,11 +236,15 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
             .body(Full::new(Bytes::from_static(b"broken")))
             .unwrap()),
         2 => Err(Dropped),
-        _ => Ok(Response::builder()
-            .header("x-served-by", &s.name)
-            .header("x-seen-cookie", cookie)
-            .body(Full::new(body))
-            .unwrap()),
+        _ => {
+            let mut resp = Response::builder()
+                .header("x-served-by", &s.name)
+                .header("x-seen-cookie", cookie);
+            if let Some(host) = host {
+                resp = resp.header("x-seen-host", host);
+            }
+            Ok(resp.body(Full::new(body)).unwrap())
+        }
     }
 }
 
