@@ -92,7 +92,12 @@ pub(crate) struct Outgoing<'a> {
 /// §5): `METHOD target HTTP/1.1`, one line per field, a blank line. Fields go in through
 /// [`FieldSink`](crate::proxy::FieldSink), straight from the client's request: no
 /// header map is built for the way upstream.
-pub(crate) struct RequestHead(Vec<u8>);
+pub(crate) struct RequestHead {
+    bytes: Vec<u8>,
+    /// The method gives content a meaning (RFC 9110 §9.3: not GET, HEAD, DELETE, OPTIONS,
+    /// TRACE), so an empty body is still announced with `Content-Length: 0`.
+    body_expected: bool,
+}
 
 impl RequestHead {
     /// The request line for `method` and `target` (origin form, RFC 9112 §3.2.1).
@@ -102,30 +107,40 @@ impl RequestHead {
         b.push(b' ');
         b.extend_from_slice(target.as_str().as_bytes());
         b.extend_from_slice(b" HTTP/1.1\r\n");
-        RequestHead(b)
+        let body_expected = !matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        );
+        RequestHead {
+            bytes: b,
+            body_expected,
+        }
     }
 
-    /// The whole head: the fields so far, `Content-Length: body_len` (RFC 9110 §8.6, sent
-    /// for every request, 0 included: the body is always read whole first) and the blank
+    /// The whole head: the fields so far, `Content-Length: body_len` (RFC 9110 §8.6: the
+    /// body is always read whole first, so its length is known; left out when it is 0 and
+    /// the method gives content no meaning, as a user agent should per §8.6) and the blank
     /// line.
     pub(crate) fn finish(mut self, body_len: usize) -> Vec<u8> {
-        let mut n = itoa::Buffer::new();
-        crate::proxy::FieldSink::field(
-            &mut self,
-            &header::CONTENT_LENGTH,
-            n.format(body_len).as_bytes(),
-        );
-        self.0.extend_from_slice(b"\r\n");
-        self.0
+        if body_len > 0 || self.body_expected {
+            let mut n = itoa::Buffer::new();
+            crate::proxy::FieldSink::field(
+                &mut self,
+                &header::CONTENT_LENGTH,
+                n.format(body_len).as_bytes(),
+            );
+        }
+        self.bytes.extend_from_slice(b"\r\n");
+        self.bytes
     }
 }
 
 impl crate::proxy::FieldSink for RequestHead {
     fn field(&mut self, name: &HeaderName, value: &[u8]) {
-        self.0.extend_from_slice(name.as_str().as_bytes());
-        self.0.extend_from_slice(b": ");
-        self.0.extend_from_slice(value);
-        self.0.extend_from_slice(b"\r\n");
+        self.bytes.extend_from_slice(name.as_str().as_bytes());
+        self.bytes.extend_from_slice(b": ");
+        self.bytes.extend_from_slice(value);
+        self.bytes.extend_from_slice(b"\r\n");
     }
 }
 
@@ -820,6 +835,24 @@ mod tests {
             hop.see(&HeaderName::from_bytes(n.as_bytes()).unwrap(), v.as_bytes());
         }
         hop
+    }
+
+    #[test]
+    fn an_empty_body_is_announced_only_where_the_method_gives_content_a_meaning() {
+        let head = |method: Method, body_len: usize| {
+            let bytes = RequestHead::new(&method, &PathAndQuery::from_static("/")).finish(body_len);
+            String::from_utf8(bytes).unwrap()
+        };
+        for method in [Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS] {
+            assert_eq!(
+                head(method.clone(), 0),
+                format!("{method} / HTTP/1.1\r\n\r\n")
+            );
+        }
+        assert!(head(Method::DELETE, 2).ends_with("content-length: 2\r\n\r\n"));
+        for method in [Method::POST, Method::PUT, Method::PATCH] {
+            assert!(head(method, 0).ends_with("content-length: 0\r\n\r\n"));
+        }
     }
 
     #[test]
