@@ -31,6 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::retry::Failure;
 use crate::upstream::{ConnectError, Connector, UpstreamIo};
+use serve::h1::{Decoded, Decoder};
 
 /// Largest response head accepted from a backend (status line and fields), as the
 /// listener's own request head cap.
@@ -38,10 +39,6 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Most fields in a response head; more is a malformed answer.
 const MAX_HEADERS: usize = 128;
-
-/// Largest chunk-size line or trailer section accepted in a chunked body.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
-const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Request bodies up to this size are copied behind the head so that both leave in one
 /// write; larger ones are written after it.
@@ -549,25 +546,10 @@ impl HopFields {
 /// How the end of a response body is found (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
-    /// Exactly this many more bytes.
-    Length(u64),
-    /// Chunked transfer coding.
-    Chunked(Chunk),
+    /// By its length or chunks, read with the decoder the request side uses too.
+    Decode(Decoder),
     /// Until the backend closes the connection (which is then not reused).
     Close,
-}
-
-/// Where a chunked body's reader is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes left, then its CRLF.
-    Data(u64),
-    /// Expecting the CRLF that ends a chunk's data.
-    DataEnd,
-    /// After the last chunk: the trailer section, up to an empty line.
-    Trailers,
 }
 
 /// How the body of a response with `status` to a request (`head_only`: HEAD) whose
@@ -580,18 +562,20 @@ fn framing(
     hop: &HopFields,
 ) -> Result<Framing, ExchangeError> {
     if head_only || *status == StatusCode::NO_CONTENT || *status == StatusCode::NOT_MODIFIED {
-        return Ok(Framing::Length(0));
+        return Ok(Framing::Decode(Decoder::Length(0)));
     }
     // Chunked must be the last coding; otherwise the body runs to the close.
     match hop.transfer_encoding {
-        Some(true) => return Ok(Framing::Chunked(Chunk::Size)),
+        Some(true) => return Ok(Framing::Decode(Decoder::CHUNKED)),
         Some(false) => return Ok(Framing::Close),
         None => {}
     }
     if hop.bad_length {
         return Err(ExchangeError::Protocol("invalid Content-Length"));
     }
-    Ok(hop.content_length.map_or(Framing::Close, Framing::Length))
+    Ok(hop
+        .content_length
+        .map_or(Framing::Close, |n| Framing::Decode(Decoder::Length(n))))
 }
 
 /// Whether the connection stays open after this response (RFC 9112 §9.3).
@@ -618,26 +602,7 @@ impl BodyReader {
             let Some(conn) = self.conn.as_mut() else {
                 return Ok(None);
             };
-            match self.framing {
-                Framing::Length(0) => {
-                    self.finish();
-                    return Ok(None);
-                }
-                Framing::Length(left) => {
-                    if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
-                        return Err(self.fail(ExchangeError::Closed));
-                    }
-                    let take = conn
-                        .buf
-                        .len()
-                        .min(usize::try_from(left).unwrap_or(usize::MAX));
-                    self.framing = Framing::Length(left - take as u64);
-                    let data = conn.buf.split_to(take).freeze();
-                    if self.framing == Framing::Length(0) {
-                        self.finish();
-                    }
-                    return Ok(Some(data));
-                }
+            match &mut self.framing {
                 Framing::Close => {
                     if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
                         self.keep_alive = false;
@@ -646,69 +611,28 @@ impl BodyReader {
                     }
                     return Ok(Some(conn.buf.split().freeze()));
                 }
-                Framing::Chunked(Chunk::Data(left)) => {
-                    if conn.buf.is_empty() && fill(conn, idle).await? == 0 {
-                        return Err(self.fail(ExchangeError::Closed));
+                Framing::Decode(decoder) => match decoder.decode(&mut conn.buf) {
+                    Decoded::Data(data) => {
+                        // The last of a length-delimited body: the connection can go back
+                        // at once, before the caller asks for the end.
+                        if *decoder == Decoder::Length(0) {
+                            self.finish();
+                        }
+                        return Ok(Some(data));
                     }
-                    let take = conn
-                        .buf
-                        .len()
-                        .min(usize::try_from(left).unwrap_or(usize::MAX));
-                    let left = left - take as u64;
-                    self.framing = Framing::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    return Ok(Some(conn.buf.split_to(take).freeze()));
-                }
-                Framing::Chunked(Chunk::Size) => match httparse::parse_chunk_size(&conn.buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        let _ = conn.buf.split_to(used);
-                        self.framing = Framing::Chunked(if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        });
+                    Decoded::Done => {
+                        self.finish();
+                        return Ok(None);
                     }
-                    Ok(httparse::Status::Partial) if conn.buf.len() < MAX_CHUNK_LINE => {
+                    Decoded::NeedMore => {
                         if fill(conn, idle).await? == 0 {
                             return Err(self.fail(ExchangeError::Closed));
                         }
                     }
-                    _ => return Err(self.fail(ExchangeError::Protocol("bad chunk size"))),
+                    Decoded::Invalid => {
+                        return Err(self.fail(ExchangeError::Protocol("bad chunked framing")))
+                    }
                 },
-                Framing::Chunked(Chunk::DataEnd) => {
-                    if conn.buf.len() < 2 {
-                        if fill(conn, idle).await? == 0 {
-                            return Err(self.fail(ExchangeError::Closed));
-                        }
-                        continue;
-                    }
-                    if &conn.buf[..2] != b"\r\n" {
-                        return Err(self.fail(ExchangeError::Protocol("chunk without CRLF")));
-                    }
-                    let _ = conn.buf.split_to(2);
-                    self.framing = Framing::Chunked(Chunk::Size);
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    // Trailer fields are dropped (the response is buffered or streamed
-                    // without them); the section ends with an empty line.
-                    if let Some(end) = find_crlf(&conn.buf) {
-                        let line_empty = end == 0;
-                        let _ = conn.buf.split_to(end + 2);
-                        if line_empty {
-                            self.framing = Framing::Length(0);
-                        }
-                        continue;
-                    }
-                    if conn.buf.len() >= MAX_TRAILERS {
-                        return Err(self.fail(ExchangeError::Protocol("trailers too large")));
-                    }
-                    if fill(conn, idle).await? == 0 {
-                        return Err(self.fail(ExchangeError::Closed));
-                    }
-                }
             }
         }
     }
@@ -738,10 +662,6 @@ async fn fill(conn: &mut Conn, idle: Duration) -> Result<usize, ExchangeError> {
         Ok(Err(e)) => Err(ExchangeError::Io(e)),
         Ok(Ok(n)) => Ok(n),
     }
-}
-
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -860,11 +780,11 @@ mod tests {
         let ok = StatusCode::OK;
         assert_eq!(
             framing(&ok, false, &headers(&[("content-length", "12")])).unwrap(),
-            Framing::Length(12)
+            Framing::Decode(Decoder::Length(12))
         );
         assert_eq!(
             framing(&ok, false, &headers(&[("content-length", "12, 12")])).unwrap(),
-            Framing::Length(12)
+            Framing::Decode(Decoder::Length(12))
         );
         assert!(framing(&ok, false, &headers(&[("content-length", "12, 13")])).is_err());
         assert!(framing(&ok, false, &headers(&[("content-length", "-1")])).is_err());
@@ -884,7 +804,7 @@ mod tests {
                 ])
             )
             .unwrap(),
-            Framing::Chunked(Chunk::Size)
+            Framing::Decode(Decoder::CHUNKED)
         );
         assert_eq!(
             framing(&ok, false, &headers(&[("transfer-encoding", "gzip")])).unwrap(),
@@ -894,7 +814,7 @@ mod tests {
         // No body after HEAD, 204 and 304 whatever the fields say.
         assert_eq!(
             framing(&ok, true, &headers(&[("content-length", "12")])).unwrap(),
-            Framing::Length(0)
+            Framing::Decode(Decoder::Length(0))
         );
         assert_eq!(
             framing(
@@ -903,7 +823,7 @@ mod tests {
                 &headers(&[("content-length", "9")])
             )
             .unwrap(),
-            Framing::Length(0)
+            Framing::Decode(Decoder::Length(0))
         );
     }
 
@@ -1109,6 +1029,17 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// A chunked answer whose trailer section runs past 16 KiB (lines of 1 KiB).
+    fn big_trailers() -> &'static [u8] {
+        let mut wire =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n".to_vec();
+        for i in 0..17 {
+            wire.extend_from_slice(format!("x-t{i:02}: {}\r\n", "v".repeat(1015)).as_bytes());
+        }
+        wire.extend_from_slice(b"\r\n");
+        wire.leak()
+    }
+
     #[tokio::test]
     async fn malformed_answers_are_protocol_errors_and_a_cut_body_is_a_reset() {
         let (addr, _) = scripted(vec![
@@ -1119,6 +1050,13 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 true,
             ),
+            // Framed by the request side's decoder: a chunk line ended by a bare LF, and
+            // a trailer section over 16 KiB, are broken framing, not a wait.
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+                false,
+            ),
+            (big_trailers(), false),
         ])
         .await;
         let p = pool(addr);
@@ -1126,6 +1064,8 @@ mod tests {
             Failure::Other,
             Failure::Other,
             Failure::Reset,
+            Failure::Other,
+            Failure::Other,
             Failure::Other,
         ] {
             let e = get(&p, Method::GET).await.unwrap_err();

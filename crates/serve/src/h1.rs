@@ -57,8 +57,11 @@ const READ_SIZE: usize = 8 * 1024;
 /// Answer bodies up to this size are copied behind the head and go out in one write.
 const COPY_BODY_BYTES: usize = 16 * 1024;
 
-/// Longest chunk-size line or trailer section accepted in a chunked request body.
+/// Longest chunk-size or trailer line accepted in a chunked body.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Largest trailer section (all its lines) accepted after a chunked body's last chunk.
+const MAX_TRAILERS: usize = 16 * 1024;
 
 /// A request body the service answered without reading is read and discarded after the
 /// answer, so the connection can carry the next request, when at most this much of it
@@ -571,7 +574,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Ended> {
             {
                 return Err(Ended::BadRequest);
             }
-            Some(Decoder::Chunked(Chunked::Size))
+            Some(Decoder::CHUNKED)
         }
         None if facts.bad_length => return Err(Ended::BadRequest),
         None => match facts.content_length {
@@ -669,40 +672,56 @@ pub fn fold_content_length(seen: &mut Option<u64>, value: &[u8]) -> bool {
     ok
 }
 
-/// How a request body is delimited, and how far it has been read.
+/// How an HTTP/1.1 message body is delimited, and how far it has been read: the one body
+/// reader of both sides of the load balancer (requests here, backend answers in its
+/// exchange), so a message is framed alike whichever way it travels (RFC 9112 §6.3, §7.1).
+/// A body delimited by the connection's close has no decoder: its reader takes every byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decoder {
-    /// This many bytes are still to come.
+pub enum Decoder {
+    /// This many bytes are still to come (`Content-Length`).
     Length(u64),
+    /// Chunked transfer coding.
     Chunked(Chunked),
 }
 
 /// Where a chunked body's decoding stands (RFC 9112 §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub enum Chunked {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk: this many data bytes left.
     Data(u64),
     /// After a chunk's data: its CRLF.
     DataEnd,
-    /// After the last chunk: trailer lines up to the empty one.
-    Trailers,
+    /// After the last chunk: trailer lines up to the empty one, this many bytes of them
+    /// read so far (at most 16 KiB). Trailer fields are read and dropped.
+    Trailers(usize),
+    /// The body has ended.
     Done,
 }
 
-/// One step of decoding.
+/// One step of [`Decoder::decode`].
 #[derive(Debug, PartialEq, Eq)]
-enum Decoded {
+pub enum Decoded {
+    /// The next piece of the body.
     Data(Bytes),
+    /// The buffer holds no more of the body: read more and call again.
     NeedMore,
+    /// The body has ended; bytes left in the buffer belong to the next message.
     Done,
+    /// The framing is broken (a bad chunk-size line, a chunk not ended by CRLF, a line
+    /// not ended by CRLF alone or longer than 4 KiB, a trailer section over 16 KiB): the
+    /// connection cannot carry another message.
     Invalid,
 }
 
 impl Decoder {
-    /// Decodes from the front of `buf`, taking what it used.
-    fn decode(&mut self, buf: &mut BytesMut) -> Decoded {
+    /// A chunked body, before its first chunk-size line.
+    pub const CHUNKED: Decoder = Decoder::Chunked(Chunked::Size);
+
+    /// Decodes from the front of `buf`, taking what it used. Never returns an empty
+    /// [`Decoded::Data`].
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Decoded {
         loop {
             match self {
                 Decoder::Length(0) => return Decoded::Done,
@@ -741,7 +760,7 @@ impl Decoder {
                         }
                         buf.advance(end + 2);
                         *state = if size == 0 {
-                            Chunked::Trailers
+                            Chunked::Trailers(0)
                         } else {
                             Chunked::Data(size)
                         };
@@ -768,15 +787,20 @@ impl Decoder {
                         buf.advance(2);
                         *state = Chunked::Size;
                     }
-                    Chunked::Trailers => {
+                    Chunked::Trailers(seen) => {
                         let end = match line_end(buf) {
                             Ok(end) => end,
                             Err(wait_or_refuse) => return wait_or_refuse,
                         };
-                        buf.advance(end + 2);
-                        if end == 0 {
-                            *state = Chunked::Done;
+                        if seen + end + 2 > MAX_TRAILERS {
+                            return Decoded::Invalid;
                         }
+                        buf.advance(end + 2);
+                        *state = if end == 0 {
+                            Chunked::Done
+                        } else {
+                            Chunked::Trailers(seen + end + 2)
+                        };
                     }
                 },
             }
@@ -1182,7 +1206,7 @@ mod tests {
         let p = parse("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(p.framing, Some(Decoder::Chunked(Chunked::Size)));
+        assert_eq!(p.framing, Some(Decoder::CHUNKED));
         for bad in [
             // A length and chunked, in either order.
             "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1236,7 +1260,7 @@ mod tests {
         let wire = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
         for step in [1, 2, 3, 7, wire.len()] {
             assert_eq!(
-                decode_all(Decoder::Chunked(Chunked::Size), wire, step).unwrap(),
+                decode_all(Decoder::CHUNKED, wire, step).unwrap(),
                 b"hello0123456789",
                 "step {step}"
             );
@@ -1246,7 +1270,7 @@ mod tests {
             b"z\r\n",
             b"12345678901234567\r\n",
         ] {
-            assert!(decode_all(Decoder::Chunked(Chunked::Size), bad, 1).is_err());
+            assert!(decode_all(Decoder::CHUNKED, bad, 1).is_err());
         }
         assert_eq!(
             decode_all(Decoder::Length(3), b"abcdef", 2).unwrap(),
@@ -1261,7 +1285,7 @@ mod tests {
             b"3;\0\r\n",
             b"0\r\nx-t: 1\n\r\n",
         ] {
-            let mut d = Decoder::Chunked(Chunked::Size);
+            let mut d = Decoder::CHUNKED;
             let mut buf = BytesMut::from(bad);
             let last = std::iter::repeat_with(|| d.decode(&mut buf))
                 .find(|step| !matches!(step, Decoded::Data(_)))
@@ -1269,7 +1293,7 @@ mod tests {
             assert_eq!(last, Decoded::Invalid, "{bad:?}");
         }
         // A CR that ends what has come so far waits for its LF.
-        let mut d = Decoder::Chunked(Chunked::Size);
+        let mut d = Decoder::CHUNKED;
         assert_eq!(
             d.decode(&mut BytesMut::from(&b"3;x\r"[..])),
             Decoded::NeedMore
