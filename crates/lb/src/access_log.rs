@@ -536,7 +536,10 @@ impl<B: http_body::Body> OnResponse<B> for LineParts {
             .and_then(|v| v.parse::<u64>().ok())
             .or_else(|| resp.body().size_hint().exact());
         let entry = Entry {
-            client: self.client,
+            client: resp
+                .extensions()
+                .get::<crate::proxy::ForwardedClient>()
+                .map_or(self.client, |c| c.0),
             time: self.time,
             method: &self.method,
             uri: &self.uri,

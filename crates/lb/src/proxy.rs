@@ -425,6 +425,65 @@ fn itoa_ip(ip: IpAddr) -> String {
 #[derive(Debug, Clone)]
 pub(crate) struct ServedBy(pub(crate) Arc<str>);
 
+/// In a response's extensions when the request came through a trusted proxy: the client
+/// found in its `X-Forwarded-For` ([`real_client`]), which the access log names instead of
+/// the connection's address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardedClient(pub(crate) IpAddr);
+
+/// The client of a request that came from `peer` with `headers`: `peer` itself unless it
+/// is in `trusted`; then the rightmost `X-Forwarded-For` address that is not in `trusted`
+/// (read from the right, across every `X-Forwarded-For` field, as nginx's realip module
+/// with `real_ip_recursive on` does). An element that is not an address (`unknown`, an
+/// obfuscated name) stops the walk: the last trusted hop is the client then, since
+/// nothing to the left of a broken element can be checked. When every element is
+/// trusted, the leftmost is the client. An element may carry a port (`192.0.2.7:4711`,
+/// `[2001:db8::1]:4711`). Costs one comparison when `trusted` is empty.
+pub(crate) fn real_client(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for field in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(list) = field.to_str() else {
+            return client;
+        };
+        for element in list.rsplit(',').map(str::trim) {
+            let Some(ip) = element_address(element) else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(&ip) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// The address of one `X-Forwarded-For` element: `192.0.2.7`, `192.0.2.7:4711`,
+/// `2001:db8::1`, `[2001:db8::1]` or `[2001:db8::1]:4711`.
+fn element_address(element: &str) -> Option<IpAddr> {
+    if let Ok(ip) = element.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = element.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        if !(after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok()))
+        {
+            return None;
+        }
+        return ip.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let (ip, port) = element.split_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
 /// Labels of `rampart_lb_rejected_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RejectLabels {
@@ -444,6 +503,8 @@ pub(crate) struct Upstreams {
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
     pub(crate) rate_limit: Option<Arc<crate::rate_limit::RateLimit>>,
+    /// Proxies whose `X-Forwarded-For` names the client (`balancer.trusted_proxies`).
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     /// Bounds retries to a share of requests.
     pub(crate) retry_budget: RetryBudget,
     /// Dedicated (unpooled) connections for WebSocket tunnels.
@@ -638,9 +699,25 @@ impl Proxy {
     }
 
     async fn forward(self, req: Request<RequestBody>) -> Response<Body> {
+        let source = real_client(
+            self.client.ip,
+            req.headers(),
+            &self.upstreams.trusted_proxies,
+        );
+        let forwarded = source != self.client.ip;
+        let mut resp = self.forward_from(req, source).await;
+        if forwarded {
+            resp.extensions_mut().insert(ForwardedClient(source));
+        }
+        resp
+    }
+
+    /// Forwards `req` from the client at `source` (the connection's address, or the one a
+    /// trusted proxy forwarded).
+    async fn forward_from(self, req: Request<RequestBody>, source: IpAddr) -> Response<Body> {
         let up = &self.upstreams;
         if let Some(limit) = &up.rate_limit {
-            if !limit.admit(self.client.ip, std::time::Instant::now()) {
+            if !limit.admit(source, std::time::Instant::now()) {
                 let mut resp = up.reject(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
@@ -695,7 +772,7 @@ impl Proxy {
         }
         if crate::websocket::is_upgrade(&req) {
             // Boxed, so that the rare tunnel's state does not size every request's future.
-            return Box::pin(crate::websocket::forward(up, req, &self.client)).await;
+            return Box::pin(crate::websocket::forward(up, req, &self.client, source)).await;
         }
         let (parts, body) = req.into_parts();
         // The whole body first: a slow client never holds a backend connection, broken
@@ -740,7 +817,7 @@ impl Proxy {
         );
         let head = head.finish(body.len());
 
-        let affinity = up.balancer.affinity(&parts.headers, self.client.ip);
+        let affinity = up.balancer.affinity(&parts.headers, source);
         up.retry_budget.deposit();
         let idempotent = crate::retry::idempotent(&parts.method);
         let mut tried: Vec<Arc<str>> = Vec::new();
@@ -1187,6 +1264,53 @@ mod tests {
         );
         assert_eq!(h["host"], "www.foobar.com:8443");
         assert_eq!(h["x-forwarded-host"], "www.foobar.com:8443");
+    }
+
+    #[test]
+    fn the_client_behind_trusted_proxies_is_the_rightmost_untrusted_address() {
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let xff = |fields: &[&str]| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append("x-forwarded-for", HeaderValue::from_str(f).unwrap());
+            }
+            h
+        };
+        let at = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cdn = at("10.1.2.3");
+        let cases: [(&[&str], &str); 9] = [
+            // A client's own claim on the left is not believed: the rightmost untrusted.
+            (&["6.6.6.6, 198.51.100.7"], "198.51.100.7"),
+            // Trusted hops on the right are skipped, across fields.
+            (&["6.6.6.6, 198.51.100.7", "10.9.9.9"], "198.51.100.7"),
+            (&["198.51.100.7:4711, 10.0.0.2"], "198.51.100.7"),
+            (&["[2001:db9::7]:4711, 2001:db8::1"], "2001:db9::7"),
+            (&["2001:db9::7"], "2001:db9::7"),
+            // A broken element stops the walk at the last trusted hop.
+            (&["198.51.100.7, unknown, 10.0.0.2"], "10.0.0.2"),
+            (&["garbage"], "10.1.2.3"),
+            // Every element trusted: the leftmost.
+            (&["10.0.0.5, 10.0.0.2"], "10.0.0.5"),
+            // No field: the proxy itself.
+            (&[], "10.1.2.3"),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(
+                real_client(cdn, &xff(fields), &trusted),
+                at(want),
+                "{fields:?}"
+            );
+        }
+        // From an untrusted peer, or with nothing trusted, the field is not read at all.
+        let claim = xff(&["198.51.100.7"]);
+        assert_eq!(
+            real_client(at("192.0.2.1"), &claim, &trusted),
+            at("192.0.2.1")
+        );
+        assert_eq!(real_client(cdn, &claim, &[]), cdn);
     }
 
     #[test]

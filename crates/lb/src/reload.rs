@@ -146,6 +146,7 @@ pub(crate) fn build(
                 .filter(|l| l.has_limits(rate, burst))
                 .unwrap_or_else(|| Arc::new(rate_limit::RateLimit::new(rate, burst)))
         }),
+        trusted_proxies: limits.trusted_proxies.clone(),
         retry_budget: crate::retry::RetryBudget::new(
             limits.balancing.retry_budget_percent,
             limits.balancing.retry_min_per_second,

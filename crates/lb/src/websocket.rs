@@ -178,11 +178,13 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         && has_token(header::UPGRADE, "websocket")
 }
 
-/// Forwards the upgrade request `req` (already checked: target, `Host`) from `client`.
+/// Forwards the upgrade request `req` (already checked: target, `Host`) that came over the
+/// connection of `client`, from the client at `source` (see [`crate::proxy::real_client`]).
 pub(crate) async fn forward(
     up: &Upstreams,
     mut req: Request<RequestBody>,
     client: &Client,
+    source: std::net::IpAddr,
 ) -> Response<Body> {
     let client_side = serve::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
@@ -199,7 +201,7 @@ pub(crate) async fn forward(
     let mut headers = upstream_headers(&parts.headers, &parts.uri, client, parts.version);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, upgrade.clone());
-    let affinity = up.balancer.affinity(&headers, client.ip);
+    let affinity = up.balancer.affinity(&headers, source);
     up.retry_budget.deposit();
     let mut tried = Vec::new();
     loop {

@@ -195,13 +195,13 @@ fn health() -> HealthCheck {
 }
 
 async fn setup(tls: bool) -> Setup {
-    setup_with(tls, None, None).await
+    setup_with(tls, None, |_| {}).await
 }
 
 async fn setup_with(
     tls: bool,
     access_log: Option<std::path::PathBuf>,
-    rate_limit: Option<(u32, u32)>,
+    tune: impl FnOnce(&mut LbConfig),
 ) -> Setup {
     let pki = TestPki::new(test_support::topology_in_block(91));
     let policy = Arc::new(Policy::compile(&pki.topology));
@@ -217,10 +217,7 @@ async fn setup_with(
     cfg.health = health();
     cfg.backends = backends.iter().map(TestBackend::backend).collect();
     cfg.access_log = access_log;
-    if let Some((rate, burst)) = rate_limit {
-        cfg.balancer.rate_limit_per_source = rate;
-        cfg.balancer.rate_limit_burst = burst;
-    }
+    tune(&mut cfg);
     let mut registry = Registry::default();
     let http = telemetry::HttpMetrics::register(&mut registry);
     let lb = lb::start(cfg, &mut registry, &http).await.unwrap();
@@ -238,7 +235,18 @@ async fn setup_with(
     }
 }
 
+/// Turns the per-source rate limit on: `rate` requests a second, bursts of `burst`.
+fn rate_limit(cfg: &mut LbConfig, rate: u32, burst: u32) {
+    cfg.balancer.rate_limit_per_source = rate;
+    cfg.balancer.rate_limit_burst = burst;
+}
+
 fn client(s: &Setup, h2: bool) -> reqwest::Client {
+    client_from(s, h2, CLIENT_IP)
+}
+
+/// A client of the HTTPS listener whose connections come from `source`.
+fn client_from(s: &Setup, h2: bool, source: &str) -> reqwest::Client {
     let mut tls = pki::ca_client_config(&s.pki.paths).unwrap();
     // reqwest keeps a preconfigured config's ALPN list as it is.
     if !h2 {
@@ -247,7 +255,7 @@ fn client(s: &Setup, h2: bool) -> reqwest::Client {
     let b = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .resolve("www.foobar.com", s.lb.https_addr())
-        .local_address(CLIENT_IP.parse::<IpAddr>().unwrap())
+        .local_address(source.parse::<IpAddr>().unwrap())
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10));
     let b = if h2 { b } else { b.http1_only() };
@@ -527,7 +535,7 @@ struct Expected {
 async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
-    let s = setup_with(true, Some(path.clone()), None).await;
+    let s = setup_with(true, Some(path.clone()), |_| {}).await;
     let mut expected = Vec::new();
 
     for h2 in [false, true] {
@@ -649,7 +657,7 @@ async fn access_log_has_one_escaped_line_per_request_naming_the_backend() {
 async fn a_reload_keeps_the_rate_limit_buckets() {
     // 1 request a second, bursts of 40: spend the burst, reload with the same limits, and
     // the source is still limited (a fresh table would let the next 40 through).
-    let s = setup_with(true, None, Some((1, 40))).await;
+    let s = setup_with(true, None, |cfg| rate_limit(cfg, 1, 40)).await;
     let c = client(&s, false);
     let mut spent = 0;
     for _ in 0..60 {
@@ -678,7 +686,7 @@ async fn a_reload_keeps_the_rate_limit_buckets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_over_the_rate_limit_gets_429_and_others_do_not() {
     // 2 requests a second, bursts of 5: 20 requests at once get 5 through.
-    let s = setup_with(true, None, Some((2, 5))).await;
+    let s = setup_with(true, None, |cfg| rate_limit(cfg, 2, 5)).await;
     let c = client(&s, false);
     let mut ok = 0;
     let mut limited = 0;
@@ -702,17 +710,79 @@ async fn a_source_over_the_rate_limit_gets_429_and_others_do_not() {
         "{text}"
     );
     // Another source address has its own bucket.
-    let mut tls = pki::ca_client_config(&s.pki.paths).unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let other = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .resolve("www.foobar.com", s.lb.https_addr())
-        .local_address("127.91.0.99".parse::<IpAddr>().unwrap())
-        .http1_only()
-        .build()
-        .unwrap();
+    let other = client_from(&s, false, "127.91.0.99");
     assert_eq!(
         other.get(url(&s, "/")).send().await.unwrap().status(),
         StatusCode::OK
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_limited_and_logged() {
+    // The test client's address stands for a CDN in front: its X-Forwarded-For names the
+    // client. 1 request a second, bursts of 3.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let s = setup_with(true, Some(path.clone()), |cfg| {
+        rate_limit(cfg, 1, 3);
+        cfg.balancer.trusted_proxies = vec![format!("{CLIENT_IP}/32").parse().unwrap()];
+    })
+    .await;
+    let c = client(&s, false);
+    let get = |xff: &'static str| c.get(url(&s, "/")).header("x-forwarded-for", xff).send();
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..6 {
+        let r = get("198.51.100.7").await.unwrap();
+        match r.status() {
+            StatusCode::OK => {
+                // The chain goes on with the address the request came from.
+                assert_eq!(
+                    r.headers()["x-seen-forwarded-for"],
+                    format!("198.51.100.7, {CLIENT_IP}").as_str()
+                );
+                ok += 1;
+            }
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // A request may straddle a refill (1 a second): at most one more than the burst.
+    assert!(
+        (3..=4).contains(&ok) && limited >= 2,
+        "ok {ok}, limited {limited}"
+    );
+    // Another forwarded client has its own bucket, also when a claim stands to its left:
+    // the rightmost untrusted address is the client.
+    assert_eq!(get("198.51.100.8").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        get("6.6.6.6, 198.51.100.8").await.unwrap().status(),
+        StatusCode::OK
+    );
+    // From a source that is not trusted the field is a claim: the connection's address is
+    // the client, whatever the field says.
+    let untrusted = client_from(&s, false, "127.91.0.99");
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = untrusted
+            .get(url(&s, "/"))
+            .header("x-forwarded-for", format!("203.0.113.{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // The access log names the forwarded client, and the untrusted source as itself.
+    let lines = eventually("the access log lines", WAIT, || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        async move { (text.lines().count() >= 14).then_some(text) }
+    })
+    .await;
+    let clients: Vec<&str> = lines
+        .lines()
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(clients[..6], ["198.51.100.7"; 6], "{lines}");
+    assert_eq!(clients[6..8], ["198.51.100.8"; 2], "{lines}");
+    assert_eq!(clients[8..14], ["127.91.0.99"; 6], "{lines}");
 }

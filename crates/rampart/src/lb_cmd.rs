@@ -120,6 +120,11 @@ struct RunArgs {
     /// Pin each client to a backend with this cookie (re-pinned when it goes down).
     #[arg(long)]
     sticky_cookie: Option<String>,
+    /// A proxy in front (a CDN, another load balancer) whose X-Forwarded-For names the
+    /// client, as an address or CIDR network (repeat): rate limits, hashing and the access
+    /// log then use the rightmost untrusted address of that field. Default: none.
+    #[arg(long = "trusted-proxy", value_parser = crate::agent_cmd::parse_net)]
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// Serve `rampart lb drain|enable|status --socket PATH` on this Unix socket (mode
     /// 0600).
     #[arg(long)]
@@ -176,7 +181,7 @@ pub(crate) fn run(
         anyhow::bail!("--listen is required");
     };
     let certs = crate::reload_cmd::cert_pairs(r.tls_certs, r.tls_keys, r.tls_cert_dir.is_some())?;
-    let cfg = lb::LbConfig::standalone(lb::StandaloneOptions {
+    let mut cfg = lb::LbConfig::standalone(lb::StandaloneOptions {
         balancing: lb::Balancing {
             algorithm: r.balance,
             hash_header: r.hash_header.map(|h| h.to_ascii_lowercase()),
@@ -204,6 +209,7 @@ pub(crate) fn run(
         admin_socket: r.admin_socket,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
+    cfg.balancer.trusted_proxies = r.trusted_proxies;
     serve(
         cfg,
         RunOptions {

@@ -426,3 +426,58 @@ async fn standalone_lb_serves_metrics_to_allowed_sources_only() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `--trusted-proxy`: a request from a trusted proxy is logged as the client its
+/// X-Forwarded-For names; from any other source the field is only a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_lb_believes_x_forwarded_for_from_a_trusted_proxy_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = example_cert(dir.path());
+    let log = dir.path().join("access.log");
+    let (backend, _task) = backend("127.98.3.12:0", "A").await;
+    let (mut child, line) = start_lb(
+        Command::new(BIN)
+            .args(["lb", "--listen", "127.98.3.10:0"])
+            .args(["--http-listen", "127.98.3.10:0", "--http-proxy"])
+            .args(["--trusted-proxy", "127.98.3.40/32"])
+            .arg("--access-log")
+            .arg(&log)
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .args(["--backend", &backend.to_string(), "--threads", "1"]),
+    );
+    let http = addr_after(&line, "http on ");
+    let get_from = |source: &str, xff: &str| {
+        reqwest::Client::builder()
+            .local_address(source.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+            .get(format!("http://{http}/"))
+            .header("x-forwarded-for", xff)
+            .send()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(get_from("127.98.3.40", "198.51.100.7").await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "the backend never came up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = get_from("127.98.3.41", "198.51.100.9").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let served: Vec<&str> = text.lines().filter(|l| l.contains("\" 200 ")).collect();
+        if served.len() >= 2 {
+            break served.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        }
+        assert!(Instant::now() < deadline, "no access log lines: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let n = text.len();
+    assert!(text[n - 2].starts_with("198.51.100.7 "), "{text:?}");
+    assert!(text[n - 1].starts_with("127.98.3.41 "), "{text:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -171,6 +171,14 @@ pub struct BalancerLimits {
     pub rate_limit_per_source: u32,
     /// Requests one address may send at once above that rate. Default twice the rate.
     pub rate_limit_burst: u32,
+    /// Proxies in front of the load balancer whose `X-Forwarded-For` is believed (nginx
+    /// `set_real_ip_from` with `real_ip_recursive on`, Caddy `trusted_proxies`): for a
+    /// request from one of these networks, the client is the rightmost address of its
+    /// `X-Forwarded-For` that is not itself a trusted proxy. That client is what the
+    /// per-source rate limit counts, what `consistent_hash` hashes and what the access log
+    /// names; the forwarded fields sent on still end with the address the request came
+    /// from. Default none: every client is the address its connection comes from.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Algorithm, stickiness, slow start, outlier ejection, retry budget and per-backend
     /// weights (the same `[balancer]` table; see [`crate::Balancing`]).
     #[serde(flatten)]
@@ -188,6 +196,7 @@ impl Default for BalancerLimits {
             upstream_idle_timeout_ms: 4_000,
             rate_limit_per_source: 0,
             rate_limit_burst: 0,
+            trusted_proxies: Vec::new(),
             balancing: crate::Balancing::default(),
         }
     }
@@ -406,6 +415,18 @@ pub(crate) fn validate_balancer(
 ) -> Result<BalancerLimits, ConfigError> {
     let d = BalancerLimits::default();
     let balancing = crate::balancing::validate_balancing(&raw, file)?;
+    let mut trusted_proxies = Vec::new();
+    for (i, s) in raw.trusted_proxies.iter().flatten().enumerate() {
+        let net = crate::model::net_or_address(s).ok_or_else(|| {
+            err(
+                file,
+                format!("balancer.trusted_proxies[{i}]"),
+                format!("{s:?} is not an address or CIDR network"),
+                "list the proxies in front of the load balancer, e.g. \"10.0.0.0/8\" or \"192.0.2.7\"",
+            )
+        })?;
+        trusted_proxies.push(net);
+    }
     let b = BalancerLimits {
         backend_max_connections: raw
             .backend_max_connections
@@ -425,6 +446,7 @@ pub(crate) fn validate_balancer(
         rate_limit_burst: raw
             .rate_limit_burst
             .unwrap_or_else(|| raw.rate_limit_per_source.unwrap_or(0).saturating_mul(2)),
+        trusted_proxies,
         balancing,
     };
     for (key, v) in [
@@ -503,6 +525,34 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "balancer.backend_max_connections");
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses() {
+        let hosts = hosts();
+        let text = format!(
+            "{hosts}\n[balancer]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n"
+        );
+        let t = Topology::parse(&text, "t").unwrap();
+        let nets: Vec<String> = t
+            .balancer
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert_eq!(Topology::parse(&t.to_toml(), "x").unwrap(), t);
+        assert!(Topology::default_topology()
+            .balancer
+            .trusted_proxies
+            .is_empty());
+        let e = Topology::parse(
+            &format!("{hosts}\n[balancer]\ntrusted_proxies = [\"10.0.0.0/8\", \"cdn\"]\n"),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "balancer.trusted_proxies[1]");
+        assert!(e.reason.contains("\"cdn\""), "{e}");
     }
 
     #[test]

@@ -1160,17 +1160,14 @@ fn validate(raw: RawTopology, file: &str) -> Result<Topology, ConfigError> {
         .iter()
         .enumerate()
     {
-        let net = s
-            .parse::<IpNet>()
-            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                err(
-                    file,
-                    format!("firewall.operator_sources[{i}]"),
-                    format!("{s:?} is not an address or CIDR network"),
-                    "e.g. \"127.0.0.1/32\"",
-                )
-            })?;
+        let net = net_or_address(s).ok_or_else(|| {
+            err(
+                file,
+                format!("firewall.operator_sources[{i}]"),
+                format!("{s:?} is not an address or CIDR network"),
+                "e.g. \"127.0.0.1/32\"",
+            )
+        })?;
         operator_sources.push(net);
     }
 
@@ -1508,6 +1505,14 @@ fn is_dns_label(s: &str) -> bool {
 
 fn is_dns_name(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A CIDR network (`10.0.0.0/8`, `2001:db8::/32`) or one address (`192.0.2.7`, taken as
+/// its host network), as the topology's source lists accept them; `None` for anything else.
+pub(crate) fn net_or_address(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 #[cfg(test)]

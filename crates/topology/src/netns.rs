@@ -191,17 +191,14 @@ fn validate_extra(r: &RawExtraRule, i: usize, file: &str) -> Result<ExtraRule, C
     };
     let mut sources = Vec::new();
     for (j, s) in r.sources.iter().flatten().enumerate() {
-        let net = s
-            .parse::<IpNet>()
-            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                ConfigError::new(
-                    file,
-                    format!("firewall.allow[{i}].sources[{j}]"),
-                    format!("{s:?} is not an address or CIDR network"),
-                    "e.g. \"192.168.10.0/24\"",
-                )
-            })?;
+        let net = crate::model::net_or_address(s).ok_or_else(|| {
+            ConfigError::new(
+                file,
+                format!("firewall.allow[{i}].sources[{j}]"),
+                format!("{s:?} is not an address or CIDR network"),
+                "e.g. \"192.168.10.0/24\"",
+            )
+        })?;
         sources.push(net);
     }
     if sources.is_empty() {

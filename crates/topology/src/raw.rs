@@ -115,6 +115,7 @@ pub(crate) struct RawBalancer {
     pub upstream_idle_timeout_ms: Option<u64>,
     pub rate_limit_per_source: Option<u32>,
     pub rate_limit_burst: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub algorithm: Option<String>,
     pub hash_header: Option<String>,
     pub sticky_cookie: Option<String>,
