@@ -833,11 +833,9 @@ impl Proxy {
                     return crate::unavailable::no_backend(up);
                 }
                 Err(QueueError::NoBackend) => {
-                    return up.reject(
-                        StatusCode::BAD_GATEWAY,
-                        "no_backend",
-                        "no backend reachable",
-                    )
+                    // Every backend left has been tried and failed: the answer is the
+                    // last failure's, not a refusal of the load balancer's own.
+                    return local(StatusCode::BAD_GATEWAY, "bad gateway");
                 }
                 Err(QueueError::Full) => {
                     return up.reject(

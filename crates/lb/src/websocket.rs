@@ -210,11 +210,20 @@ pub(crate) async fn forward(
             Err(QueueError::NoBackend) if tried.is_empty() => {
                 return crate::unavailable::no_backend(up)
             }
-            Err(_) => {
+            // Every backend left has been tried and failed.
+            Err(QueueError::NoBackend) => return local(StatusCode::BAD_GATEWAY, "bad gateway"),
+            Err(QueueError::Full) => {
                 return up.reject(
-                    StatusCode::BAD_GATEWAY,
-                    "no_backend",
-                    "no backend reachable",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_full",
+                    "server busy, try again",
+                )
+            }
+            Err(QueueError::Timeout) => {
+                return up.reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_timeout",
+                    "server busy, try again",
                 )
             }
         };

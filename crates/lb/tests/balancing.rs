@@ -281,6 +281,27 @@ async fn consecutive_5xx_eject_a_backend_until_its_time_is_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_with_no_backend_left_to_try_is_a_bad_gateway_not_a_refusal() {
+    // One backend, which drops every request unanswered: the GET is retried, finds no
+    // other backend, and gets the failure's 502, not the "no backend" refusal (that one
+    // is for when no backend is up at all).
+    let s = setup(1, true, |cfg| {
+        cfg.balancer.balancing.eject_consecutive_failures = 0;
+    })
+    .await;
+    s.backends[0].set_mode(Mode::Drop);
+    let r = s.client(false).get(s.url("/item")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(r.text().await.unwrap().trim(), "bad gateway");
+    assert_eq!(
+        s.metric("rampart_lb_rejected_requests_total{reason=\"no_backend\"}"),
+        0.0,
+        "{}",
+        s.metrics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_before_the_answer_is_retried_for_idempotent_methods_only() {
     let s = setup(2, true, |cfg| {
         let b = &mut cfg.balancer.balancing;
