@@ -679,6 +679,8 @@ type NextPiece = Pin<
 /// client takes it; holds `permit` (the backend slot) until it ends or is dropped.
 pub(crate) struct Streamed {
     prefix: Option<Bytes>,
+    /// The prefix's room in the response buffer budget.
+    _held: Option<crate::buffer_budget::Held>,
     reader: Option<BodyReader>,
     idle: Duration,
     pending: Option<NextPiece>,
@@ -686,15 +688,18 @@ pub(crate) struct Streamed {
 }
 
 impl Streamed {
-    /// `prefix` (what was buffered), then the rest of `reader`.
+    /// `prefix` (what was buffered, holding `held` of the response buffer budget), then
+    /// the rest of `reader`.
     pub(crate) fn new(
         prefix: Bytes,
+        held: Option<crate::buffer_budget::Held>,
         reader: BodyReader,
         idle: Duration,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Streamed {
         Streamed {
             prefix: Some(prefix),
+            _held: held,
             reader: Some(reader),
             idle,
             pending: None,
@@ -712,10 +717,12 @@ impl http_body::Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, ExchangeError>>> {
         let this = &mut *self;
-        if let Some(prefix) = this.prefix.take() {
+        if let Some(prefix) = this.prefix.as_mut() {
             if !prefix.is_empty() {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+                let frame = crate::buffer_budget::next_frame(prefix);
+                return Poll::Ready(Some(Ok(http_body::Frame::data(frame))));
             }
+            this.prefix = None;
         }
         if this.pending.is_none() {
             let Some(mut reader) = this.reader.take() else {

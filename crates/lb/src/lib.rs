@@ -35,6 +35,7 @@ mod acme;
 pub mod admin;
 mod backend_metrics;
 mod balancer;
+mod buffer_budget;
 mod config;
 mod exchange;
 mod health;
@@ -532,6 +533,10 @@ pub async fn start(
         rejected,
         backend_families: backend_metrics::Families::register(registry),
         tunnels,
+        buffer_budget: buffer_budget::BufferBudget::register(
+            registry,
+            cfg.balancer.response_buffer_total_bytes,
+        ),
     };
     let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names, None);
     let reloader = Arc::new(Reloader::new(cfg.clone(), generation, resolver, fixed));

@@ -500,6 +500,8 @@ pub(crate) struct Upstreams {
     pub(crate) body_timeout: Duration,
     pub(crate) body_deadline: Duration,
     pub(crate) response_buffer: u64,
+    /// Caps the response bytes held for clients over all connections.
+    pub(crate) buffer_budget: crate::buffer_budget::BufferBudget,
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
     pub(crate) rate_limit: Option<Arc<crate::rate_limit::RateLimit>>,
@@ -881,7 +883,14 @@ impl Proxy {
                     let mut id = request_id.clone();
                     id.set_sensitive(true);
                     parts.headers.insert(X_REQUEST_ID, id);
-                    let body = match buffer_response(body, up.response_buffer, slot.permit).await {
+                    let body = match buffer_response(
+                        body,
+                        up.response_buffer,
+                        &up.buffer_budget,
+                        slot.permit,
+                    )
+                    .await
+                    {
                         Ok(b) => b,
                         Err(e) => {
                             // Nothing has reached the client yet: an idempotent request
@@ -959,46 +968,92 @@ const RESPONSE_BODY_IDLE: Duration = Duration::from_secs(30);
 async fn buffer_response(
     mut body: crate::exchange::BodyReader,
     limit: u64,
+    budget: &crate::buffer_budget::BufferBudget,
     permit: OwnedSemaphorePermit,
 ) -> Result<Body, crate::exchange::ExchangeError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     // The body so far: its one piece as it came (most bodies are one piece, so it is not
     // copied), or all its pieces copied into `buf` once a second one comes. `first` is only
-    // ever set while `buf` is empty.
+    // ever set while `buf` is empty. `held` is its room in the budget.
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let mut held: Option<crate::buffer_budget::Held> = None;
     let stream_rest = loop {
         if first.as_ref().map_or(buf.len(), Bytes::len) >= limit {
             break true;
         }
         match body.next(RESPONSE_BODY_IDLE).await {
             Ok(None) => break false,
-            Ok(Some(data)) => match first.take() {
-                Some(f) => {
-                    buf.extend_from_slice(&f);
-                    buf.extend_from_slice(&data);
+            Ok(Some(data)) => {
+                // Out of budget, this piece (one read) is the last one held; the rest is
+                // streamed as the client reads.
+                let room = budget.try_take(data.len());
+                let spent = room.is_none();
+                match (&mut held, room) {
+                    (Some(h), Some(more)) => h.merge(more),
+                    (h, more) => *h = h.take().or(more),
                 }
-                None if buf.is_empty() => first = Some(data),
-                None => buf.extend_from_slice(&data),
-            },
+                match first.take() {
+                    Some(f) => {
+                        buf.extend_from_slice(&f);
+                        buf.extend_from_slice(&data);
+                    }
+                    None if buf.is_empty() => first = Some(data),
+                    None => buf.extend_from_slice(&data),
+                }
+                if spent {
+                    budget.exhausted();
+                    break true;
+                }
+            }
             // A stalled backend: the client gets what arrived, then the rest as it comes
             // (or the stream ends with an error when it does not).
             Err(crate::exchange::ExchangeError::Stalled) => break true,
             Err(e) => return Err(e),
         }
     };
-    let held = first.unwrap_or_else(|| buf.freeze());
+    let data = first.unwrap_or_else(|| buf.freeze());
     if stream_rest {
         return Ok(
-            crate::exchange::Streamed::new(held, body, RESPONSE_BODY_IDLE, permit)
+            crate::exchange::Streamed::new(data, held, body, RESPONSE_BODY_IDLE, permit)
                 .map_err(Into::into)
                 .boxed_unsync(),
         );
     }
     drop(permit);
-    Ok(Full::new(held)
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync())
+    Ok(Buffered { data, _held: held }.boxed_unsync())
+}
+
+/// A response read whole from its backend, given to the client in frames of at most
+/// [`crate::buffer_budget::FRAME_BYTES`]; its room in the budget comes back when it is
+/// dropped.
+struct Buffered {
+    data: Bytes,
+    _held: Option<crate::buffer_budget::Held>,
+}
+
+impl http_body::Body for Buffered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if self.data.is_empty() {
+            return Poll::Ready(None);
+        }
+        let frame = crate::buffer_budget::next_frame(&mut self.data);
+        Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.len() as u64)
+    }
 }
 
 /// An error and its sources, `outer: inner: innermost`.

@@ -54,6 +54,8 @@ pub(crate) struct Fixed {
     pub(crate) backend_families: crate::backend_metrics::Families,
     /// The WebSocket tunnels of every generation.
     pub(crate) tunnels: crate::websocket::Tunnels,
+    /// The response bytes held for clients, by every generation together.
+    pub(crate) buffer_budget: crate::buffer_budget::BufferBudget,
 }
 
 /// The TLS client config to backends: the host certificate for mutual TLS in the lab, a CA
@@ -133,6 +135,7 @@ pub(crate) fn build(
         body_timeout: cfg.request_body_timeout,
         body_deadline: cfg.request_body_deadline,
         response_buffer: limits.response_buffer_bytes,
+        buffer_budget: fixed.buffer_budget.clone(),
         rejected: fixed.rejected.clone(),
         rate_limit: (limits.rate_limit_per_source > 0).then(|| {
             let (rate, burst) = (
@@ -447,6 +450,10 @@ fn needs_restart(old: &LbConfig, new: &LbConfig) -> Vec<&'static str> {
     );
     differs("session resumption", old.resumption != new.resumption);
     differs("access_log", old.access_log != new.access_log);
+    differs(
+        "response_buffer_total_bytes",
+        old.balancer.response_buffer_total_bytes != new.balancer.response_buffer_total_bytes,
+    );
     differs("acme", old.acme != new.acme);
     differs(
         "response_headers",

@@ -1,0 +1,154 @@
+//! The one budget of response bytes the load balancer holds for clients, across all
+//! connections and generations.
+//!
+//! A response up to `response_buffer_bytes` is read from the backend in full before it
+//! goes to the client, so that a slow client never holds a backend connection. Without a
+//! bound over all of them, that buffering is a memory amplifier: a client that asks for
+//! large responses and never reads them (an HTTP/1.1 connection that does not read, an
+//! HTTP/2 stream whose window stays shut) makes the load balancer hold a buffer each, up to
+//! `max_connections` × streams × `response_buffer_bytes`. The budget
+//! (`balancer.response_buffer_total_bytes`) caps the sum: a response is buffered only as
+//! far as the budget allows, and the rest of it is streamed from the backend as the client
+//! reads, holding the backend's slot the way HAProxy and nginx without
+//! `proxy_buffering` do. Bytes come back to the budget when the response's body is dropped
+//! (sent, or its client gone).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Largest data frame a buffered body yields at a time. An HTTP/2 stream takes a frame
+/// only when the client's window has room, so a client that stops reading leaves the rest
+/// in the body, where the budget counts it, rather than in the connection's send queue.
+pub(crate) const FRAME_BYTES: usize = 64 * 1024;
+
+/// See the module documentation. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct BufferBudget {
+    /// Bytes held now (the sum of every [`Held`]) and the most that may be.
+    used: Arc<AtomicU64>,
+    total: u64,
+    /// `rampart_lb_response_buffer_bytes`: bytes held now.
+    held: Gauge,
+    /// `rampart_lb_response_buffer_exhausted_total`: responses streamed because the
+    /// budget was spent.
+    exhausted: Counter,
+}
+
+/// Bytes taken from a [`BufferBudget`]; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Held {
+    used: Arc<AtomicU64>,
+    bytes: u64,
+    gauge: Gauge,
+}
+
+impl BufferBudget {
+    /// A budget of `total_bytes`, its series registered in `registry`.
+    pub(crate) fn register(registry: &mut Registry, total_bytes: u64) -> BufferBudget {
+        let held = Gauge::default();
+        registry.register(
+            "rampart_lb_response_buffer_bytes",
+            "Bytes of responses the load balancer holds for clients (at most balancer.response_buffer_total_bytes)",
+            held.clone(),
+        );
+        let exhausted = Counter::default();
+        registry.register(
+            "rampart_lb_response_buffer_exhausted",
+            "Responses streamed from the backend instead of buffered because the response buffer budget was spent",
+            exhausted.clone(),
+        );
+        BufferBudget::new(total_bytes, held, exhausted)
+    }
+
+    fn new(total_bytes: u64, held: Gauge, exhausted: Counter) -> BufferBudget {
+        BufferBudget {
+            used: Arc::new(AtomicU64::new(0)),
+            total: total_bytes,
+            held,
+            exhausted,
+        }
+    }
+
+    /// Takes room for `bytes` more, or `None` when the budget has not that much left;
+    /// never waits.
+    pub(crate) fn try_take(&self, bytes: usize) -> Option<Held> {
+        let bytes = bytes as u64;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&after| after <= self.total)
+            })
+            .ok()?;
+        self.held.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        Some(Held {
+            used: self.used.clone(),
+            bytes,
+            gauge: self.held.clone(),
+        })
+    }
+
+    /// Counts a response that could not be buffered whole for want of budget.
+    pub(crate) fn exhausted(&self) {
+        self.exhausted.inc();
+    }
+}
+
+impl Held {
+    /// Adds `other` to these bytes: both come back together.
+    pub(crate) fn merge(&mut self, mut other: Held) {
+        // `other`'s bytes now come back with `self` (both are of the same budget).
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.gauge
+            .dec_by(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// The next data frame of a buffered body: at most [`FRAME_BYTES`] off the front of
+/// `rest`, without copying.
+pub(crate) fn next_frame(rest: &mut Bytes) -> Bytes {
+    rest.split_to(rest.len().min(FRAME_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn takes_bytes_until_spent_and_gives_back_on_drop() {
+        let (held, exhausted) = (Gauge::default(), Counter::default());
+        let budget = BufferBudget::new(10_000, held.clone(), exhausted);
+        let mut a = budget.try_take(1_000).unwrap();
+        a.merge(budget.try_take(5_000).unwrap());
+        assert_eq!(held.get(), 6_000);
+        let b = budget.try_take(4_000).unwrap();
+        assert!(budget.try_take(1).is_none(), "the budget is spent");
+        drop(a);
+        assert_eq!(held.get(), 4_000);
+        assert!(budget.try_take(6_001).is_none(), "more than is left");
+        let c = budget.try_take(6_000).unwrap();
+        drop((b, c));
+        assert_eq!(held.get(), 0);
+        assert!(budget.try_take(10_000).is_some());
+    }
+
+    #[test]
+    fn frames_are_cut_without_copying() {
+        let whole = Bytes::from(vec![7u8; FRAME_BYTES * 2 + 5]);
+        let mut rest = whole.clone();
+        let sizes: Vec<usize> =
+            std::iter::from_fn(|| (!rest.is_empty()).then(|| next_frame(&mut rest).len()))
+                .collect();
+        assert_eq!(sizes, [FRAME_BYTES, FRAME_BYTES, 5]);
+    }
+}
