@@ -1,17 +1,18 @@
-//! The one budget of response bytes the load balancer holds for clients, across all
-//! connections and generations.
+//! The one budget of bytes the load balancer holds for clients (request bodies and
+//! responses), across all connections and generations.
 //!
-//! A response up to `response_buffer_bytes` is read from the backend in full before it
-//! goes to the client, so that a slow client never holds a backend connection. Without a
-//! bound over all of them, that buffering is a memory amplifier: a client that asks for
-//! large responses and never reads them (an HTTP/1.1 connection that does not read, an
-//! HTTP/2 stream whose window stays shut) makes the load balancer hold a buffer each, up to
-//! `max_connections` × streams × `response_buffer_bytes`. The budget
-//! (`balancer.response_buffer_total_bytes`) caps the sum: a response is buffered only as
-//! far as the budget allows, and the rest of it is streamed from the backend as the client
-//! reads, holding the backend's slot the way HAProxy and nginx without
-//! `proxy_buffering` do. Bytes come back to the budget when the response's body is dropped
-//! (sent, or its client gone).
+//! A request body is read whole before a backend is chosen, and a response up to
+//! `response_buffer_bytes` is read from the backend in full before it goes to the client,
+//! so that a slow client never holds a backend connection. Without a bound over all of
+//! them, that buffering is a memory amplifier: a client that asks for large responses and
+//! never reads them (an HTTP/1.1 connection that does not read, an HTTP/2 stream whose
+//! window stays shut) makes the load balancer hold a buffer each, up to `max_connections`
+//! × streams × `response_buffer_bytes`. The budget (`balancer.buffer_total_bytes`) caps
+//! the sum: a response is buffered only as far as the budget allows, and the rest of it is
+//! streamed from the backend as the client reads, holding the backend's slot the way
+//! HAProxy and nginx without `proxy_buffering` do; a request body that finds no room gets
+//! 503. Bytes come back to the budget when the body holding them is dropped (sent, or its
+//! client gone).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,10 +33,10 @@ pub(crate) struct BufferBudget {
     /// Bytes held now (the sum of every [`Held`]) and the most that may be.
     used: Arc<AtomicU64>,
     total: u64,
-    /// `rampart_lb_response_buffer_bytes`: bytes held now.
+    /// `rampart_lb_buffered_bytes`: bytes held now.
     held: Gauge,
-    /// `rampart_lb_response_buffer_exhausted_total`: responses streamed because the
-    /// budget was spent.
+    /// `rampart_lb_buffer_exhausted_total`: responses streamed and request bodies
+    /// refused because the budget was spent.
     exhausted: Counter,
 }
 
@@ -52,14 +53,14 @@ impl BufferBudget {
     pub(crate) fn register(registry: &mut Registry, total_bytes: u64) -> BufferBudget {
         let held = Gauge::default();
         registry.register(
-            "rampart_lb_response_buffer_bytes",
-            "Bytes of responses the load balancer holds for clients (at most balancer.response_buffer_total_bytes)",
+            "rampart_lb_buffered_bytes",
+            "Bytes of request bodies and responses the load balancer holds (at most balancer.buffer_total_bytes)",
             held.clone(),
         );
         let exhausted = Counter::default();
         registry.register(
-            "rampart_lb_response_buffer_exhausted",
-            "Responses streamed from the backend instead of buffered because the response buffer budget was spent",
+            "rampart_lb_buffer_exhausted",
+            "Responses streamed instead of buffered, and request bodies refused (503), because the buffer budget was spent",
             exhausted.clone(),
         );
         BufferBudget::new(total_bytes, held, exhausted)
@@ -91,7 +92,8 @@ impl BufferBudget {
         })
     }
 
-    /// Counts a response that could not be buffered whole for want of budget.
+    /// Counts a response that could not be buffered whole, or a request body refused, for
+    /// want of budget.
     pub(crate) fn exhausted(&self) {
         self.exhausted.inc();
     }

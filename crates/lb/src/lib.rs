@@ -525,7 +525,7 @@ pub async fn start(
     let rejected = Family::<proxy::RejectLabels, Counter>::default();
     registry.register(
         "rampart_lb_rejected_requests",
-        "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend 503, method 405, rate_limited 429)",
+        "Requests the load balancer answered itself, by reason (bad_host 400, misdirected 421, uri_too_long 414, body_too_large 413, body_timeout 408, bad_framing 400, queue_full/queue_timeout/no_backend/buffer_full 503, method 405, rate_limited 429)",
         rejected.clone(),
     );
     let fixed = reload::Fixed {
@@ -535,7 +535,7 @@ pub async fn start(
         tunnels,
         buffer_budget: buffer_budget::BufferBudget::register(
             registry,
-            cfg.balancer.response_buffer_total_bytes,
+            cfg.balancer.buffer_total_bytes,
         ),
     };
     let generation = reload::build(&cfg, &fixed, upstream_tls, &cert_names, None);

@@ -654,32 +654,45 @@ pub(crate) enum BodyError {
     Timeout,
     /// Broken framing (bad chunk size, data past a chunk, a reset HTTP/2 stream): 400.
     Framing,
+    /// The buffer budget (`buffer_total_bytes`) has no room for it now: 503.
+    Busy,
 }
 
 /// Reads a whole request body, at most `max` bytes, waiting at most `idle` for each chunk
-/// (nginx `client_max_body_size`, `client_body_timeout`).
+/// (nginx `client_max_body_size`, `client_body_timeout`), with room for it taken from
+/// `budget` as it comes: the body and its room in the budget, held until both are dropped.
 pub(crate) async fn read_body(
     mut body: RequestBody,
     max: u64,
     idle: Duration,
-) -> Result<Bytes, BodyError> {
+    budget: &crate::buffer_budget::BufferBudget,
+) -> Result<(Bytes, Option<crate::buffer_budget::Held>), BodyError> {
     if body.size_hint().lower() > max {
         return Err(BodyError::TooLarge);
     }
     if body.is_end_stream() {
         // No body (most GETs): nothing to wait for.
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     let mut buf = BytesMut::new();
+    let mut held: Option<crate::buffer_budget::Held> = None;
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(BodyError::Timeout),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok((buf.freeze(), held)),
             Ok(Some(Err(_))) => return Err(BodyError::Framing),
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if (buf.len() + data.len()) as u64 > max {
                         return Err(BodyError::TooLarge);
+                    }
+                    let Some(room) = budget.try_take(data.len()) else {
+                        budget.exhausted();
+                        return Err(BodyError::Busy);
+                    };
+                    match &mut held {
+                        Some(h) => h.merge(room),
+                        None => held = Some(room),
                     }
                     buf.extend_from_slice(&data);
                 }
@@ -782,10 +795,21 @@ impl Proxy {
         // failure.
         let read = tokio::time::timeout(
             up.body_deadline,
-            read_body(body, up.max_body, up.body_timeout),
+            read_body(body, up.max_body, up.body_timeout, &up.buffer_budget),
         );
-        let body = match read.await.unwrap_or(Err(BodyError::Timeout)) {
+        // `_body_room` holds the body's room in the buffer budget until the request ends.
+        let (body, _body_room) = match read.await.unwrap_or(Err(BodyError::Timeout)) {
             Ok(b) => b,
+            Err(BodyError::Busy) => {
+                let mut resp = up.reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "buffer_full",
+                    "server busy, try again",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
             Err(BodyError::TooLarge) => {
                 return up.reject(
                     StatusCode::PAYLOAD_TOO_LARGE,

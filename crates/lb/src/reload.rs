@@ -451,8 +451,8 @@ fn needs_restart(old: &LbConfig, new: &LbConfig) -> Vec<&'static str> {
     differs("session resumption", old.resumption != new.resumption);
     differs("access_log", old.access_log != new.access_log);
     differs(
-        "response_buffer_total_bytes",
-        old.balancer.response_buffer_total_bytes != new.balancer.response_buffer_total_bytes,
+        "buffer_total_bytes",
+        old.balancer.buffer_total_bytes != new.balancer.buffer_total_bytes,
     );
     differs("acme", old.acme != new.acme);
     differs(

@@ -1,8 +1,9 @@
-//! The response buffer budget: clients that ask for large answers over HTTP/2 and never
-//! open their flow-control window make the load balancer hold no more than
-//! `balancer.response_buffer_total_bytes` of answers, however many streams they open;
-//! past it, answers are streamed from the backend as the client reads. Once the windows
-//! open, every answer arrives whole and the budget is given back.
+//! The buffer budget: clients that ask for large answers over HTTP/2 and never open their
+//! flow-control window make the load balancer hold no more than
+//! `balancer.buffer_total_bytes` of answers, however many streams they open; past it,
+//! answers are streamed from the backend as the client reads, and a request body that
+//! does not fit gets 503. Once the windows open, every answer arrives whole and the budget
+//! is given back.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,9 +21,9 @@ const BUDGET: u64 = 1 << 20;
 const ANSWER: usize = 600 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_http2_streams_hold_no_more_than_the_response_buffer_budget() {
+async fn stalled_http2_streams_and_large_bodies_hold_no_more_than_the_buffer_budget() {
     let s = setup(2, false, |cfg| {
-        cfg.balancer.response_buffer_total_bytes = BUDGET;
+        cfg.balancer.buffer_total_bytes = BUDGET;
     })
     .await;
     let mut tls = pki::ca_client_config(&s.pki.paths).unwrap();
@@ -51,40 +52,53 @@ async fn stalled_http2_streams_hold_no_more_than_the_response_buffer_budget() {
             }
         }
     });
-    // Three echoed bodies of 600 KiB each: 1.8 MiB of answers against a 1 MiB budget.
+    // Three answers of 600 KiB each: 1.8 MiB against a 1 MiB budget.
     let mut pending = Vec::new();
-    for i in 0..3u8 {
-        let body = Bytes::from(vec![b'a' + i; ANSWER]);
-        let req = http::Request::post("https://www.foobar.com/echo")
+    for _ in 0..3 {
+        let req = http::Request::get(format!("https://www.foobar.com/bytes/{ANSWER}"))
             .body(())
             .unwrap();
-        let (resp, mut send) = client.send_request(req, false).unwrap();
-        send.reserve_capacity(ANSWER);
-        send.send_data(body.clone(), true).unwrap();
-        pending.push((resp, body));
+        let (resp, _) = client.send_request(req, true).unwrap();
+        pending.push(resp);
     }
     let mut answers = Vec::new();
-    for (resp, body) in pending {
+    for resp in pending {
         let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
         assert_eq!(resp.status(), 200);
-        answers.push((resp.into_body(), body));
+        answers.push(resp.into_body());
     }
     // Every answer's head has come, none of its data could: the load balancer holds what
     // it buffered, within the budget, and streamed the rest.
-    let held = s.metric("rampart_lb_response_buffer_bytes");
+    let held = s.metric("rampart_lb_buffered_bytes");
     assert!(
         held > 0.0 && held <= BUDGET as f64,
         "held {held} of a {BUDGET}-byte budget\n{}",
         s.metrics()
     );
     assert!(
-        s.metric("rampart_lb_response_buffer_exhausted_total") >= 1.0,
+        s.metric("rampart_lb_buffer_exhausted_total") >= 1.0,
         "{}",
         s.metrics()
     );
+    // With the budget taken by answers nobody reads, a request body that does not fit in
+    // what is left is refused at once, not held.
+    let big = s
+        .client(false)
+        .post(s.url("/echo"))
+        .body(vec![b'z'; 100 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 503);
+    assert_eq!(big.headers()["retry-after"], "1");
+    assert_eq!(
+        s.metric("rampart_lb_rejected_requests_total{reason=\"buffer_full\"}"),
+        1.0
+    );
     // Windows open: every answer arrives whole.
     settings_tx.send(8 << 20).await.unwrap();
-    for (mut body, sent) in answers {
+    let want: Vec<u8> = (0..ANSWER).map(|i| (i % 251) as u8).collect();
+    for mut body in answers {
         let mut got = Vec::with_capacity(ANSWER);
         while let Some(chunk) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
             let chunk = chunk.unwrap();
@@ -92,13 +106,13 @@ async fn stalled_http2_streams_hold_no_more_than_the_response_buffer_budget() {
             got.extend_from_slice(&chunk);
         }
         assert!(
-            got == sent,
-            "an answer of {} bytes differs from its request",
+            got == want,
+            "an answer of {} bytes is not the backend's",
             got.len()
         );
     }
     eventually("the budget given back", WAIT, || {
-        let held = s.metric("rampart_lb_response_buffer_bytes");
+        let held = s.metric("rampart_lb_buffered_bytes");
         async move { (held == 0.0).then_some(()) }
     })
     .await;

@@ -162,12 +162,14 @@ pub struct BalancerLimits {
     /// A response body up to this size is read from the backend in full before it is sent
     /// on, so a slow client never holds a backend connection. Bytes, default 1 048 576.
     pub response_buffer_bytes: u64,
-    /// All responses buffered at once, over every connection, hold at most this much;
-    /// beyond it a response is streamed from its backend as its client reads (holding the
-    /// backend's slot meanwhile). It bounds what clients that ask and never read can make
-    /// the load balancer hold. Bytes, default 268 435 456 (256 MiB); at least
-    /// `response_buffer_bytes`.
-    pub response_buffer_total_bytes: u64,
+    /// Request bodies and responses the load balancer holds at once, over every
+    /// connection and stream, at most this much together: past it a response is streamed
+    /// from its backend as its client reads (holding the backend's slot meanwhile), and a
+    /// request body that does not fit gets 503 with `Retry-After`. It bounds what clients
+    /// that send large bodies, or ask for large answers and never read them, can make the
+    /// load balancer hold. Bytes, default 268 435 456 (256 MiB); at least
+    /// `response_buffer_bytes` and `max_request_body_bytes`.
+    pub buffer_total_bytes: u64,
     /// Idle pooled connections to backends are closed after this long; must be below the
     /// web listeners' `idle_timeout_ms`. Milliseconds, default 4 000.
     pub upstream_idle_timeout_ms: u64,
@@ -199,7 +201,7 @@ impl Default for BalancerLimits {
             backend_queue_timeout_ms: 10_000,
             max_request_body_bytes: 1 << 20,
             response_buffer_bytes: 1 << 20,
-            response_buffer_total_bytes: 256 << 20,
+            buffer_total_bytes: 256 << 20,
             upstream_idle_timeout_ms: 4_000,
             rate_limit_per_source: 0,
             rate_limit_burst: 0,
@@ -446,9 +448,7 @@ pub(crate) fn validate_balancer(
             .max_request_body_bytes
             .unwrap_or(d.max_request_body_bytes),
         response_buffer_bytes: raw.response_buffer_bytes.unwrap_or(d.response_buffer_bytes),
-        response_buffer_total_bytes: raw
-            .response_buffer_total_bytes
-            .unwrap_or(d.response_buffer_total_bytes),
+        buffer_total_bytes: raw.buffer_total_bytes.unwrap_or(d.buffer_total_bytes),
         upstream_idle_timeout_ms: raw
             .upstream_idle_timeout_ms
             .unwrap_or(d.upstream_idle_timeout_ms),
@@ -476,15 +476,16 @@ pub(crate) fn validate_balancer(
             ));
         }
     }
-    if b.response_buffer_total_bytes < b.response_buffer_bytes {
+    let one = b.response_buffer_bytes.max(b.max_request_body_bytes);
+    if b.buffer_total_bytes < one {
         return Err(err(
             file,
-            "balancer.response_buffer_total_bytes".into(),
+            "balancer.buffer_total_bytes".into(),
             format!(
-                "{} is below response_buffer_bytes ({})",
-                b.response_buffer_total_bytes, b.response_buffer_bytes
+                "{} is below response_buffer_bytes or max_request_body_bytes ({one})",
+                b.buffer_total_bytes
             ),
-            "give all buffered responses together at least room for one (default 268435456)",
+            "give everything buffered together at least room for one body (default 268435456)",
         ));
     }
     Ok(b)
@@ -552,13 +553,13 @@ mod tests {
     fn the_response_buffer_budget_holds_at_least_one_response() {
         let hosts = hosts();
         let t = Topology::default_topology();
-        assert_eq!(t.balancer.response_buffer_total_bytes, 256 << 20);
+        assert_eq!(t.balancer.buffer_total_bytes, 256 << 20);
         let e = Topology::parse(
-            &format!("{hosts}\n[balancer]\nresponse_buffer_total_bytes = 65536\n"),
+            &format!("{hosts}\n[balancer]\nbuffer_total_bytes = 65536\n"),
             "t",
         )
         .unwrap_err();
-        assert_eq!(e.key, "balancer.response_buffer_total_bytes");
+        assert_eq!(e.key, "balancer.buffer_total_bytes");
     }
 
     #[test]

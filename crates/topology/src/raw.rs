@@ -112,7 +112,7 @@ pub(crate) struct RawBalancer {
     pub backend_queue_timeout_ms: Option<u64>,
     pub max_request_body_bytes: Option<u64>,
     pub response_buffer_bytes: Option<u64>,
-    pub response_buffer_total_bytes: Option<u64>,
+    pub buffer_total_bytes: Option<u64>,
     pub upstream_idle_timeout_ms: Option<u64>,
     pub rate_limit_per_source: Option<u32>,
     pub rate_limit_burst: Option<u32>,

@@ -2,7 +2,8 @@
 //! 127.113.0.0/24 (lb-01 .10, backends .11, .12, .13), ports chosen by the kernel.
 //!
 //! A [`Backend`] is a small HTTP/1.1 server (mutual TLS for web-01/web-02 when asked, plain
-//! otherwise) whose behaviour the test switches at run time: healthy or not on
+//! otherwise) that echoes request bodies and answers `/bytes/N` with N bytes of a fixed
+//! pattern, and whose behaviour the test switches at run time: healthy or not on
 //! `/healthz`, answering 500 or closing the connection without an answer on other paths,
 //! an added delay. It records which request ids (`X-Test-Id`) it answered.
 
@@ -203,6 +204,15 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Result<Response<Full<Byte
         return Ok(Response::builder()
             .status(status)
             .body(Full::new(Bytes::from_static(b"health")))
+            .unwrap());
+    }
+    if let Some(n) = req.uri().path().strip_prefix("/bytes/") {
+        // `n` bytes of a fixed pattern (byte i is i mod 251), whatever the request.
+        let n: usize = n.parse().unwrap_or(0);
+        let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        return Ok(Response::builder()
+            .header("x-served-by", &s.name)
+            .body(Full::new(Bytes::from(body)))
             .unwrap());
     }
     if req.uri().path() == "/ws" {
