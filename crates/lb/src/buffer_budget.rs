@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Largest data frame a buffered body yields at a time. An HTTP/2 stream takes a frame
@@ -30,48 +29,48 @@ pub(crate) const FRAME_BYTES: usize = 64 * 1024;
 /// See the module documentation. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct BufferBudget {
-    /// Bytes held now (the sum of every [`Held`]) and the most that may be.
-    used: Arc<AtomicU64>,
-    total: u64,
-    /// `rampart_lb_buffered_bytes`: bytes held now.
-    held: Gauge,
+    inner: Arc<Inner>,
     /// `rampart_lb_buffer_exhausted_total`: responses streamed and request bodies
     /// refused because the budget was spent.
     exhausted: Counter,
 }
 
+#[derive(Debug)]
+struct Inner {
+    /// Bytes held now: the sum of every [`Held`]. `rampart_lb_buffered_bytes` reads it
+    /// at each scrape.
+    used: AtomicU64,
+    /// The most that may be held.
+    total: u64,
+}
+
 /// Bytes taken from a [`BufferBudget`]; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Held {
-    used: Arc<AtomicU64>,
+    inner: Arc<Inner>,
     bytes: u64,
-    gauge: Gauge,
 }
 
 impl BufferBudget {
     /// A budget of `total_bytes`, its series registered in `registry`.
     pub(crate) fn register(registry: &mut Registry, total_bytes: u64) -> BufferBudget {
-        let held = Gauge::default();
-        registry.register(
-            "rampart_lb_buffered_bytes",
-            "Bytes of request bodies and responses the load balancer holds (at most balancer.buffer_total_bytes)",
-            held.clone(),
-        );
-        let exhausted = Counter::default();
+        let budget = BufferBudget::new(total_bytes);
         registry.register(
             "rampart_lb_buffer_exhausted",
             "Responses streamed instead of buffered, and request bodies refused (503), because the buffer budget was spent",
-            exhausted.clone(),
+            budget.exhausted.clone(),
         );
-        BufferBudget::new(total_bytes, held, exhausted)
+        registry.register_collector(Box::new(Scraped(budget.inner.clone())));
+        budget
     }
 
-    fn new(total_bytes: u64, held: Gauge, exhausted: Counter) -> BufferBudget {
+    fn new(total_bytes: u64) -> BufferBudget {
         BufferBudget {
-            used: Arc::new(AtomicU64::new(0)),
-            total: total_bytes,
-            held,
-            exhausted,
+            inner: Arc::new(Inner {
+                used: AtomicU64::new(0),
+                total: total_bytes,
+            }),
+            exhausted: Counter::default(),
         }
     }
 
@@ -79,16 +78,16 @@ impl BufferBudget {
     /// never waits.
     pub(crate) fn try_take(&self, bytes: usize) -> Option<Held> {
         let bytes = bytes as u64;
-        self.used
+        let total = self.inner.total;
+        self.inner
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&after| after <= self.total)
+                used.checked_add(bytes).filter(|&after| after <= total)
             })
             .ok()?;
-        self.held.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
         Some(Held {
-            used: self.used.clone(),
+            inner: self.inner.clone(),
             bytes,
-            gauge: self.held.clone(),
         })
     }
 
@@ -96,6 +95,12 @@ impl BufferBudget {
     /// want of budget.
     pub(crate) fn exhausted(&self) {
         self.exhausted.inc();
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::Acquire)
     }
 }
 
@@ -109,9 +114,30 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.gauge
-            .dec_by(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+        self.inner.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// `rampart_lb_buffered_bytes`, read from the budget at each scrape.
+#[derive(Debug)]
+struct Scraped(Arc<Inner>);
+
+impl prometheus_client::collector::Collector for Scraped {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let used = i64::try_from(self.0.used.load(Ordering::Acquire)).unwrap_or(i64::MAX);
+        let m = enc.encode_descriptor(
+            "rampart_lb_buffered_bytes",
+            "Bytes of request bodies and responses the load balancer holds (at most balancer.buffer_total_bytes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(used).encode(m)
     }
 }
 
@@ -128,20 +154,33 @@ mod tests {
 
     #[test]
     fn takes_bytes_until_spent_and_gives_back_on_drop() {
-        let (held, exhausted) = (Gauge::default(), Counter::default());
-        let budget = BufferBudget::new(10_000, held.clone(), exhausted);
+        let budget = BufferBudget::new(10_000);
         let mut a = budget.try_take(1_000).unwrap();
         a.merge(budget.try_take(5_000).unwrap());
-        assert_eq!(held.get(), 6_000);
+        assert_eq!(budget.used(), 6_000);
         let b = budget.try_take(4_000).unwrap();
         assert!(budget.try_take(1).is_none(), "the budget is spent");
         drop(a);
-        assert_eq!(held.get(), 4_000);
+        assert_eq!(budget.used(), 4_000);
         assert!(budget.try_take(6_001).is_none(), "more than is left");
         let c = budget.try_take(6_000).unwrap();
         drop((b, c));
-        assert_eq!(held.get(), 0);
+        assert_eq!(budget.used(), 0);
         assert!(budget.try_take(10_000).is_some());
+    }
+
+    #[test]
+    fn the_held_bytes_are_scraped_as_a_gauge() {
+        let mut registry = Registry::default();
+        let budget = BufferBudget::register(&mut registry, 10_000);
+        let _held = budget.try_take(1_234).unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("rampart_lb_buffered_bytes 1234"), "{text}");
+        assert!(
+            text.contains("rampart_lb_buffer_exhausted_total 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -713,23 +713,9 @@ impl Proxy {
         Proxy { upstreams, client }
     }
 
-    async fn forward(self, req: Request<RequestBody>) -> Response<Body> {
-        let source = real_client(
-            self.client.ip,
-            req.headers(),
-            &self.upstreams.trusted_proxies,
-        );
-        let forwarded = source != self.client.ip;
-        let mut resp = self.forward_from(req, source).await;
-        if forwarded {
-            resp.extensions_mut().insert(ForwardedClient(source));
-        }
-        resp
-    }
-
     /// Forwards `req` from the client at `source` (the connection's address, or the one a
-    /// trusted proxy forwarded).
-    async fn forward_from(self, req: Request<RequestBody>, source: IpAddr) -> Response<Body> {
+    /// trusted proxy forwarded, see [`real_client`]).
+    async fn forward(self, req: Request<RequestBody>, source: IpAddr) -> Response<Body> {
         let up = &self.upstreams;
         if let Some(limit) = &up.rate_limit {
             if !limit.admit(source, std::time::Instant::now()) {
@@ -1103,7 +1089,21 @@ impl tower::Service<Request<RequestBody>> for Proxy {
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.forward(req).await) })
+        let source = real_client(
+            this.client.ip,
+            req.headers(),
+            &this.upstreams.trusted_proxies,
+        );
+        if source == this.client.ip {
+            return Box::pin(async move { Ok(this.forward(req, source).await) });
+        }
+        // Through a trusted proxy: the access log names the forwarded client. (A future of
+        // its own, so the common path's future does not carry the step.)
+        Box::pin(async move {
+            let mut resp = this.forward(req, source).await;
+            resp.extensions_mut().insert(ForwardedClient(source));
+            Ok(resp)
+        })
     }
 }
 
