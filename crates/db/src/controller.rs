@@ -308,26 +308,43 @@ impl Probe {
             .ok_or_else(|| DbError::Config("no connection".into()))
     }
 
+    /// The server's state, or `None` when it does not answer. A failure on a connection
+    /// kept from before is tried once more on a new one: a server that restarted since
+    /// answers the new connection, and must not look unreachable (and be fenced by a kill)
+    /// because the old one broke.
     async fn observe(&mut self, database: &str) -> Option<NodeObservation> {
-        let c = self.conn().await.ok()?;
-        match observe(c, database).await {
-            Ok(o) => Some(o),
-            Err(e) => {
-                tracing::debug!(host = %self.host, error = %e, "probe failed");
-                self.conn = None;
-                None
+        loop {
+            let reused = self.conn.is_some();
+            let c = self.conn().await.ok()?;
+            match observe(c, database).await {
+                Ok(o) => return Some(o),
+                Err(e) => {
+                    tracing::debug!(host = %self.host, error = %e, reused, "probe failed");
+                    self.conn = None;
+                    if !reused {
+                        return None;
+                    }
+                }
             }
         }
     }
 
+    /// Runs `sql` (an idempotent `SET GLOBAL`), retried once on a new connection when a kept
+    /// one failed, as [`Probe::observe`] does.
     async fn exec(&mut self, sql: &str) -> Result<(), DbError> {
         let host = self.host.clone();
-        let c = self.conn().await?;
-        let r = admin_exec(&host, c, sql).await;
-        if r.is_err() {
+        loop {
+            let reused = self.conn.is_some();
+            let c = self.conn().await?;
+            let r = admin_exec(&host, c, sql).await;
+            if r.is_ok() || !reused {
+                if r.is_err() {
+                    self.conn = None;
+                }
+                return r;
+            }
             self.conn = None;
         }
-        r
     }
 }
 
