@@ -500,7 +500,7 @@ pub(crate) struct Upstreams {
     pub(crate) body_timeout: Duration,
     pub(crate) body_deadline: Duration,
     pub(crate) response_buffer: u64,
-    /// Caps the response bytes held for clients over all connections.
+    /// Caps the request bodies and responses held for clients, over all connections.
     pub(crate) buffer_budget: crate::buffer_budget::BufferBudget,
     pub(crate) rejected: Family<RejectLabels, Counter>,
     /// The per-source request rate limit, when on.
