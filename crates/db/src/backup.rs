@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::cluster::ClusterState;
+use crate::observe::HEARTBEAT_TABLE;
 use crate::{mariadbd_socket, Credentials, DbError};
 
 /// `<state>/backups`.
@@ -63,7 +64,9 @@ fn check(what: &str, status: std::io::Result<std::process::ExitStatus>) -> Resul
 
 /// Dumps `database` from a replica of the cluster (in `nodes` order; the primary when no
 /// replica's server socket answers) into a new dated, gzip-compressed file under
-/// `<state>/backups/`, and returns its path. Blocking: run it off the async runtime.
+/// `<state>/backups/`, and returns its path. The heartbeat table
+/// ([`HEARTBEAT_TABLE`], the servers' own liveness row) is left out. Blocking: run it off
+/// the async runtime.
 ///
 /// Errors: [`DbError::Config`] when a tool is missing or fails, [`DbError::Io`].
 pub fn backup(state_dir: &Path, database: &str) -> Result<PathBuf, DbError> {
@@ -103,13 +106,12 @@ pub fn backup(state_dir: &Path, database: &str) -> Result<PathBuf, DbError> {
             "--socket={}",
             mariadbd_socket(state_dir, &host).display()
         ))
-        .args([
-            "--single-transaction",
-            "--gtid",
-            "--master-data=2",
-            "--databases",
-            database,
-        ])
+        .args(["--single-transaction", "--gtid", "--master-data=2"])
+        // The heartbeat row is the servers' own state, rewritten every period: restoring it
+        // would race the writer (the dump's INSERT after its CREATE meets the row the writer
+        // put back in between) and say nothing true. Bootstrap creates the table.
+        .arg(format!("--ignore-table={database}.{HEARTBEAT_TABLE}"))
+        .args(["--databases", database])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
