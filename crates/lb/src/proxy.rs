@@ -544,6 +544,43 @@ impl Upstreams {
         resp
     }
 
+    /// [`Upstreams::reject`] with `Retry-After: seconds` (RFC 9110 §10.2.3): the refusal is
+    /// for now, and the client may come back then.
+    pub(crate) fn reject_for_now(
+        &self,
+        status: StatusCode,
+        reason: &'static str,
+        text: &str,
+        seconds: &'static str,
+    ) -> Response<Body> {
+        let mut resp = self.reject(status, reason, text);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+        resp
+    }
+
+    /// The answer when no backend slot was obtained for a request (`error`) after
+    /// `tried_any` attempts had failed or none had: no backend up at all is
+    /// [`crate::unavailable::no_backend`]; none left to try after failures is the last
+    /// failure's 502, not a refusal of the load balancer's own; a full or timed-out queue
+    /// is 503.
+    pub(crate) fn no_slot(&self, error: QueueError, tried_any: bool) -> Response<Body> {
+        match error {
+            QueueError::NoBackend if !tried_any => crate::unavailable::no_backend(self),
+            QueueError::NoBackend => local(StatusCode::BAD_GATEWAY, "bad gateway"),
+            QueueError::Full => self.reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                "server busy, try again",
+            ),
+            QueueError::Timeout => self.reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_timeout",
+                "server busy, try again",
+            ),
+        }
+    }
+
     /// Whether a failed attempt is tried again on another backend: the failure allows it
     /// for this method ([`Failure::retryable`]) and the retry budget has room.
     pub(crate) fn may_retry(&self, idempotent: bool, failure: Failure) -> bool {
@@ -719,14 +756,12 @@ impl Proxy {
         let up = &self.upstreams;
         if let Some(limit) = &up.rate_limit {
             if !limit.admit(source, std::time::Instant::now()) {
-                let mut resp = up.reject(
+                return up.reject_for_now(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
                     "too many requests from your address, slow down",
+                    "1",
                 );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return resp;
             }
         }
         if req.method() == Method::CONNECT {
@@ -787,14 +822,12 @@ impl Proxy {
         let (body, _body_room) = match read.await.unwrap_or(Err(BodyError::Timeout)) {
             Ok(b) => b,
             Err(BodyError::Busy) => {
-                let mut resp = up.reject(
+                return up.reject_for_now(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "buffer_full",
                     "server busy, try again",
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return resp;
+                    "1",
+                )
             }
             Err(BodyError::TooLarge) => {
                 return up.reject(
@@ -840,28 +873,11 @@ impl Proxy {
                     queued += s.queued;
                     s
                 }
-                Err(QueueError::NoBackend) if tried.is_empty() => {
-                    tracing::warn!(side = "upstream", "no backend is available");
-                    return crate::unavailable::no_backend(up);
-                }
-                Err(QueueError::NoBackend) => {
-                    // Every backend left has been tried and failed: the answer is the
-                    // last failure's, not a refusal of the load balancer's own.
-                    return local(StatusCode::BAD_GATEWAY, "bad gateway");
-                }
-                Err(QueueError::Full) => {
-                    return up.reject(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "queue_full",
-                        "server busy, try again",
-                    )
-                }
-                Err(QueueError::Timeout) => {
-                    return up.reject(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "queue_timeout",
-                        "server busy, try again",
-                    )
+                Err(e) => {
+                    if e == QueueError::NoBackend && tried.is_empty() {
+                        tracing::warn!(side = "upstream", "no backend is available");
+                    }
+                    return up.no_slot(e, !tried.is_empty());
                 }
             };
             let backend = slot.backend;

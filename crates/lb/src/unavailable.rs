@@ -4,7 +4,6 @@
 //! The operator's signal is `rampart_backend_up` at 0 for every backend (the monitor's
 //! SiteUnavailable alert) and `rampart_lb_rejected_requests_total{reason="no_backend"}`.
 
-use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::proxy::{Body, Upstreams};
@@ -18,8 +17,10 @@ pub(crate) const TEXT: &str = "503 Service Unavailable: no backend server is ava
 
 /// The 503 for a request no backend can take, counted as `no_backend`.
 pub(crate) fn no_backend(up: &Upstreams) -> Response<Body> {
-    let mut resp = up.reject(StatusCode::SERVICE_UNAVAILABLE, "no_backend", TEXT);
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
-    resp
+    up.reject_for_now(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_backend",
+        TEXT,
+        RETRY_AFTER_SECONDS,
+    )
 }

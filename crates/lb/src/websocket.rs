@@ -40,7 +40,7 @@ use serve::RequestBody;
 use serve::RoleTasks;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::balancer::{Outcome, QueueError};
+use crate::balancer::Outcome;
 use crate::proxy::{
     local, strip_hop_by_hop, upstream_headers, Body, BoxError, Client, Scheme, ServedBy, Upstreams,
 };
@@ -207,25 +207,7 @@ pub(crate) async fn forward(
     loop {
         let slot = match up.balancer.acquire(&tried, &affinity).await {
             Ok(s) => s,
-            Err(QueueError::NoBackend) if tried.is_empty() => {
-                return crate::unavailable::no_backend(up)
-            }
-            // Every backend left has been tried and failed.
-            Err(QueueError::NoBackend) => return local(StatusCode::BAD_GATEWAY, "bad gateway"),
-            Err(QueueError::Full) => {
-                return up.reject(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "queue_full",
-                    "server busy, try again",
-                )
-            }
-            Err(QueueError::Timeout) => {
-                return up.reject(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "queue_timeout",
-                    "server busy, try again",
-                )
-            }
+            Err(e) => return up.no_slot(e, !tried.is_empty()),
         };
         let (backend, index) = (slot.backend, slot.index);
         // Not a request in flight once upgraded: the slot only covers the handshake.
