@@ -113,6 +113,43 @@ impl Lab {
             .unwrap()
     }
 
+    /// `(alert, host, event)` of every firing and resolved event in the monitor's alert
+    /// history, read from its API with the lab's admin certificate.
+    fn alert_history(&self) -> Vec<(String, String, String)> {
+        let out = Command::new(bin("rampart"))
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status --json failed");
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let file = |key: &str| std::fs::read(status[key].as_str().unwrap()).unwrap();
+        let mut identity = file("admin_cert");
+        identity.extend(file("admin_key"));
+        let admin = reqwest::blocking::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&file("ca_cert")).unwrap())
+            .identity(reqwest::Identity::from_pem(&identity).unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let api = status["endpoints"]["monitor_api"].as_str().unwrap();
+        let doc: Value = admin
+            .get(format!("{}/alerts", api.trim_end_matches('/')))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        doc["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (text(&e["alert"]), text(&e["host"]), text(&e["event"])))
+            .collect()
+    }
+
     fn lb_file(&self, name: &str) -> PathBuf {
         self.state.join("hosts/lb-01").join(name)
     }
@@ -305,6 +342,25 @@ fn the_site_keeps_answering_under_attack() {
     }
     assert!(total >= 20_000, "only {total} idle connections were opened");
     println!("idle flood: {total} connections, {probes} probes all 200");
+    // The flood filled the HTTPS listener (14 000 connections against max_connections
+    // 10 000): the operator is told, by the built-in ListenerFull alert.
+    let fired = |history: &[(String, String, String)]| {
+        history.iter().any(|(alert, host, event)| {
+            alert == "ListenerFull" && host == "lb-01" && event == "firing"
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let history = lab.alert_history();
+        if fired(&history) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle flood raised no ListenerFull alert for lb-01: {history:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 
     // (b) 2 500 slow request bodies.
     let probe = Probe::start(&ca);

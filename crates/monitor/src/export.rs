@@ -9,11 +9,14 @@
 //! annotations); Grafana "JSON model". Strings are written YAML double-quoted (JSON string
 //! syntax, which YAML 1.2 accepts), so no value can break the file's structure.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pki::PkiPaths;
 use serde_json::{json, Value};
 use topology::{Role, Topology};
+
+use crate::rules::BUILTIN_RULES;
 
 /// The scrape job of the agents (its `job` label).
 pub const JOB: &str = "rampart-agent";
@@ -71,122 +74,114 @@ pub fn prometheus_yml(
 
 /// One alert rule of the rule file.
 struct Rule {
-    alert: &'static str,
+    alert: String,
     expr: String,
     for_seconds: u64,
     keep_firing_seconds: u64,
-    severity: &'static str,
-    summary: &'static str,
+    /// `labels:`: at least `severity`.
+    labels: BTreeMap<String, String>,
+    /// `annotations:`: at least `summary`.
+    annotations: BTreeMap<String, String>,
+}
+
+impl Rule {
+    /// A rule of the service's own state machines, written out as PromQL: `severity` and a
+    /// summary prefixed with the instance.
+    fn service(
+        alert: &str,
+        expr: String,
+        for_seconds: u64,
+        keep_firing_seconds: u64,
+        severity: &str,
+        summary: &str,
+    ) -> Rule {
+        Rule {
+            alert: alert.into(),
+            expr,
+            for_seconds,
+            keep_firing_seconds,
+            labels: BTreeMap::from([("severity".into(), severity.into())]),
+            annotations: BTreeMap::from([(
+                "summary".into(),
+                format!("{{{{ $labels.instance }}}}: {summary}"),
+            )]),
+        }
+    }
 }
 
 /// The built-in alert rules as PromQL over the agents' series (see the module
-/// documentation of [`crate::collect`] and the roles' metrics), with the topology's QPS
-/// and firewall-drop thresholds.
+/// documentation of [`crate::collect`] and the roles' metrics): first the rules the
+/// monitor runs as state machines of its own (HighQPS and FirewallDropSurge with the
+/// topology's thresholds, BackendDown, SiteUnavailable, and HostDown as Prometheus' `up`),
+/// then every rule of [`BUILTIN_RULES`] as it is written there, so the two rule sets
+/// cannot drift apart.
 fn rules(t: &Topology) -> Vec<Rule> {
     let qps = &t.qps_alert;
     let drops = &t.drop_alert;
     // A rate window holding at least two scrapes.
     let w = |s: u64| format!("{}s", s.max(30));
-    vec![
-        Rule {
-            alert: "HighQPS",
-            expr: format!(
+    let mut rules = vec![
+        Rule::service(
+            "HighQPS",
+            format!(
                 "sum by (instance) (rate(rampart_http_requests_total[{}])) > {}",
                 w(qps.window_seconds),
                 qps.threshold_rps
             ),
-            for_seconds: qps.for_seconds,
-            keep_firing_seconds: qps.clear_for_seconds,
-            severity: "warning",
-            summary: "QPS above the bound",
-        },
-        Rule {
-            alert: "QPSDroppedToZero",
-            expr: format!(
-                "sum by (instance) (rate(rampart_http_requests_total{{role=\"lb\"}}[1m])) == 0 and on (instance) up{{job=\"{JOB}\"}} == 1"
-            ),
-            for_seconds: 60,
-            keep_firing_seconds: 0,
-            severity: "critical",
-            summary: "the load balancer is up but serves no request",
-        },
-        Rule {
-            alert: "BackendDown",
-            expr: "rampart_backend_up == 0".into(),
-            for_seconds: 15,
-            keep_firing_seconds: 0,
-            severity: "warning",
-            summary: "a backend fails its health checks",
-        },
-        Rule {
-            alert: "SiteUnavailable",
-            expr: "max by (instance) (rampart_backend_up) == 0".into(),
-            for_seconds: 5,
-            keep_firing_seconds: 0,
-            severity: "critical",
-            summary: "no backend of a load balancer is up",
-        },
-        Rule {
-            alert: "HighErrorRatio",
-            expr: "sum by (instance) (rate(rampart_http_requests_total{code=\"5xx\"}[1m])) / sum by (instance) (rate(rampart_http_requests_total[1m])) > 0.05".into(),
-            for_seconds: 60,
-            keep_firing_seconds: 60,
-            severity: "warning",
-            summary: "more than 5% of the answers are 5xx",
-        },
-        Rule {
-            alert: "HighLatencyP99",
-            expr: "histogram_quantile(0.99, sum by (instance, le) (rate(rampart_http_request_duration_seconds_bucket[1m]))) > 1".into(),
-            for_seconds: 120,
-            keep_firing_seconds: 60,
-            severity: "warning",
-            summary: "p99 latency above 1 s",
-        },
-        Rule {
-            alert: "HostDown",
-            expr: format!("up{{job=\"{JOB}\"}} == 0"),
-            for_seconds: 30,
-            keep_firing_seconds: 0,
-            severity: "critical",
-            summary: "an agent does not answer scrapes",
-        },
-        Rule {
-            alert: "DiskNearlyFull",
-            expr: "rampart_host_filesystem_avail_bytes / rampart_host_filesystem_size_bytes < 0.1".into(),
-            for_seconds: 300,
-            keep_firing_seconds: 0,
-            severity: "warning",
-            summary: "less than 10% of a filesystem is available",
-        },
-        Rule {
-            alert: "FirewallDropSurge",
-            expr: format!(
+            qps.for_seconds,
+            qps.clear_for_seconds,
+            "warning",
+            "QPS above the bound",
+        ),
+        Rule::service(
+            "BackendDown",
+            "rampart_backend_up == 0".into(),
+            15,
+            0,
+            "warning",
+            "a backend fails its health checks",
+        ),
+        Rule::service(
+            "SiteUnavailable",
+            "max by (instance) (rampart_backend_up) == 0".into(),
+            5,
+            0,
+            "critical",
+            "no backend of a load balancer is up",
+        ),
+        Rule::service(
+            "HostDown",
+            format!("up{{job=\"{JOB}\"}} == 0"),
+            30,
+            0,
+            "critical",
+            "an agent does not answer scrapes",
+        ),
+        Rule::service(
+            "FirewallDropSurge",
+            format!(
                 "sum by (instance) (rate(rampart_firewall_dropped_packets_total[{w}]) or rate(rampart_firewall_connections_total{{verdict=\"refused\"}}[{w}])) > {}",
                 drops.threshold_rps,
                 w = w(drops.window_seconds)
             ),
-            for_seconds: drops.for_seconds,
-            keep_firing_seconds: drops.clear_for_seconds,
-            severity: "warning",
-            summary: "firewall drops above the bound",
-        },
-        Rule {
-            alert: "CertificateExpiring",
-            expr: "rampart_tls_certificate_not_after_timestamp_seconds - time() < 14 * 86400 and rampart_tls_certificate_not_after_timestamp_seconds - time() >= 3 * 86400".into(),
-            for_seconds: 60,
-            keep_firing_seconds: 0,
-            severity: "warning",
-            summary: "a certificate expires within 14 days",
-        },
-        Rule {
-            alert: "CertificateExpiring",
-            expr: "rampart_tls_certificate_not_after_timestamp_seconds - time() < 3 * 86400".into(),
-            for_seconds: 60,
-            keep_firing_seconds: 0,
-            severity: "critical",
-            summary: "a certificate expires within 3 days or has expired",
-        },
-    ]
+            drops.for_seconds,
+            drops.clear_for_seconds,
+            "warning",
+            "firewall drops above the bound",
+        ),
+    ];
+    // The embedded file parses (checked by its own tests); were it ever not to, the
+    // export would hold the service's rules only, and promtool's rule count shows it.
+    let file = crate::rules::parse(BUILTIN_RULES, "built-in").unwrap_or_default();
+    rules.extend(file.into_iter().map(|r| Rule {
+        alert: r.name,
+        expr: r.expr,
+        for_seconds: r.for_seconds as u64,
+        keep_firing_seconds: r.keep_firing_for_seconds as u64,
+        labels: r.labels,
+        annotations: r.annotations,
+    }));
+    rules
 }
 
 /// The rule file (Prometheus alerting-rule format), one group `rampart`.
@@ -207,11 +202,12 @@ pub fn rules_yml(t: &Topology) -> String {
                 r.keep_firing_seconds
             ));
         }
-        y.push_str(&format!(
-            "        labels:\n          severity: {}\n        annotations:\n          summary: {}\n",
-            q(r.severity),
-            q(&format!("{{{{ $labels.instance }}}}: {}", r.summary))
-        ));
+        for (key, map) in [("labels", &r.labels), ("annotations", &r.annotations)] {
+            y.push_str(&format!("        {key}:\n"));
+            for (k, v) in map {
+                y.push_str(&format!("          {k}: {}\n", q(v)));
+            }
+        }
     }
     y
 }
@@ -388,6 +384,22 @@ mod tests {
             return;
         };
         assert!(ok, "promtool check config:\n{report}\n{yml}");
+        // The rule file holds the service's rules and every rule of the built-in file,
+        // under the same names.
+        let exported = std::fs::read_to_string(&files[1]).unwrap();
+        let built_in = crate::rules::parse(BUILTIN_RULES, "built-in").unwrap();
+        assert_eq!(rules(&t).len(), 5 + built_in.len());
+        for name in built_in
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(["HighQPS", "BackendDown", "SiteUnavailable", "HostDown"])
+            .chain(["FirewallDropSurge"])
+        {
+            assert!(
+                exported.contains(&format!("- alert: {name}\n")),
+                "{name} missing:\n{exported}"
+            );
+        }
         let (ok, report) = promtool(&["check", "rules", files[1].to_str().unwrap()]).unwrap();
         assert!(ok, "promtool check rules:\n{report}");
         assert!(

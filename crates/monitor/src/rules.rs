@@ -409,6 +409,11 @@ mod tests {
             "SemiSyncOff",
             "FailoverHappened",
             "CertificateExpiring",
+            "BufferBudgetExhausted",
+            "ListenerRefusingConnections",
+            "ListenerFull",
+            "AccessLogDropping",
+            "MetricsDropped",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
@@ -477,6 +482,92 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// The saturation alerts: each fires when its counter grows and not while it stays
+    /// flat, with the labels its summary names, and resolves once the increase has left
+    /// its window and `keep_firing_for` has passed.
+    #[test]
+    fn saturation_counters_raise_their_alerts() {
+        /// Alert, counter, the counter's labels, the expanded summary.
+        type Case = (
+            &'static str,
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            &'static str,
+        );
+        let cases: [Case; 5] = [
+            (
+                "BufferBudgetExhausted",
+                "rampart_lb_buffer_exhausted_total",
+                &[],
+                "lb-01's load balancer ran out of buffer budget (balancer.buffer_total_bytes)",
+            ),
+            (
+                "ListenerRefusingConnections",
+                "rampart_listener_limited_connections_total",
+                &[("service", "https"), ("reason", "per_source")],
+                "https on lb-01 resets new connections (limit per_source)",
+            ),
+            (
+                "ListenerFull",
+                "rampart_listener_evicted_connections_total",
+                &[("service", "https")],
+                "https on lb-01 is full and evicts idle connections",
+            ),
+            (
+                "AccessLogDropping",
+                "rampart_lb_access_log_dropped_total",
+                &[],
+                "lb-01 dropped access log lines (the disk is too slow or full)",
+            ),
+            (
+                "MetricsDropped",
+                "rampart_agent_spool_dropped_total",
+                &[("target", "monitor")],
+                "lb-01 dropped pushes for monitor: its series have a gap",
+            ),
+        ];
+        let all = parse(BUILTIN_RULES, "built-in").unwrap();
+        for (name, metric, labels, summary) in cases {
+            let mut rule = all.iter().find(|r| r.name == name).unwrap().clone();
+            let mut store = crate::store::Store::new();
+            let start = 1_800_000_000.0;
+            // Flat at 7 for two minutes, one more at +120 s, then flat for an hour.
+            let value = |t: f64| if t < start + 120.0 { 7.0 } else { 8.0 };
+            let mut events = Vec::new();
+            for step in 0..=360 {
+                let t = start + f64::from(step) * 10.0;
+                let sample = crate::exposition::Sample {
+                    name: metric.into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    value: value(t),
+                    timestamp: None,
+                };
+                store.ingest("lb-01", t, vec![sample]).unwrap();
+                for e in rule.evaluate(&store, t) {
+                    assert_eq!(e.alert.label("instance"), "lb-01", "{name}");
+                    for (k, v) in labels {
+                        assert_eq!(e.alert.label(k), *v, "{name}");
+                    }
+                    assert_eq!(e.alert.label("severity"), "warning", "{name}");
+                    let text = expand(&rule.annotations["summary"], &e.alert);
+                    assert_eq!(text, summary, "{name}");
+                    events.push((t - start, e.event));
+                }
+                assert_eq!(rule.last_error, None, "{name}");
+            }
+            assert_eq!(events.len(), 2, "{name}: {events:?}");
+            assert_eq!(events[0], (120.0, Event::Firing), "{name}");
+            assert_eq!(events[1].1, Event::Resolved, "{name}");
+            assert!(
+                events[1].0 > 120.0 && events[1].0 < 3600.0,
+                "{name}: {events:?}"
+            );
+        }
     }
 
     #[test]
