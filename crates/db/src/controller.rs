@@ -15,7 +15,9 @@
 //!    host off at its firewall ([`Fencing::Firewall`]: recorded in `fences.json` first,
 //!    lifted only once the controller has reached it again, made it read-only and pointed
 //!    it at the new primary), or in loopback mode `SIGKILL` of its `mariadbd` (found by its
-//!    pid file; it comes back read-only);
+//!    pid file; it comes back read-only), unless that process is a restart since the
+//!    primary was last seen writable (every server starts read-only: it is fenced
+//!    already, and a kill would only interrupt its crash recovery);
 //! 3. waits until each candidate has applied its relay log (`gtid_slave_pos` covers
 //!    `Gtid_IO_Pos`) and, when the old primary answers, holds its whole binary log;
 //! 4. picks the most advanced candidate, writes `cluster.json` with epoch + 1, makes it
@@ -368,6 +370,10 @@ struct Reconciler {
     /// primary was already gone when the controller started (`rampart db failover`
     /// decides then).
     seen_writable: Option<u64>,
+    /// Loopback mode: the pid of the primary's `mariadbd` when this controller last saw it
+    /// writable. A different process there later is a restart, which starts read-only
+    /// (fenced already): fencing by kill leaves it to finish its crash recovery.
+    writable_pid: Option<i32>,
 }
 
 impl Reconciler {
@@ -415,6 +421,7 @@ impl Reconciler {
             semi_sync_ok: false,
             refusal_logged: false,
             seen_writable: None,
+            writable_pid: None,
         })
     }
 
@@ -459,6 +466,9 @@ impl Reconciler {
                 self.primary_bad_since = None;
                 self.refusal_logged = false;
                 self.seen_writable = Some(cluster.epoch);
+                if matches!(self.cfg.fencing, Fencing::Kill) {
+                    self.writable_pid = self.pid_of(&cluster.primary);
+                }
                 self.semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).semi_sync_ok = p.semi_sync_master_status;
                 lock(&self.status).refused = None;
@@ -759,6 +769,7 @@ impl Reconciler {
             )));
         }
         // 1. Fence.
+        let mut restarting = false;
         let old_final: Option<GtidPos> = match self.probes[oi].observe(&self.cfg.database).await {
             Some(_) => {
                 self.probes[oi].exec("SET GLOBAL read_only = ON").await?;
@@ -775,7 +786,7 @@ impl Reconciler {
                     return Err(FailoverError::Unsafe { primary: old });
                 }
                 match self.cfg.fencing {
-                    Fencing::Kill => self.kill_old(&old),
+                    Fencing::Kill => restarting = !self.kill_old(&old),
                     Fencing::Firewall { .. } => self.cut_off(&old, cluster.epoch + 1).await?,
                 }
                 None
@@ -877,6 +888,9 @@ impl Reconciler {
             next.epoch,
             match (&old_final, &self.cfg.fencing) {
                 (Some(_), _) => " (old primary fenced read-only)",
+                (None, Fencing::Kill) if restarting => {
+                    " (old primary restarting, read-only until it follows)"
+                }
                 (None, Fencing::Kill) => " (old primary unreachable, stopped)",
                 (None, Fencing::Firewall { .. }) => {
                     " (old primary unreachable, cut off at its firewall)"
@@ -894,22 +908,48 @@ impl Reconciler {
         Ok(next)
     }
 
-    /// Loopback-mode fencing of an unreachable primary: `SIGKILL` to the `mariadbd` of its
-    /// pid file (only when that process runs our option file). Its node restarts it
-    /// read-only, and it follows `cluster.json` from then on.
-    fn kill_old(&self, host: &str) {
+    /// The pid of `host`'s `mariadbd` from its pid file, when that process runs our
+    /// option file (loopback mode).
+    fn pid_of(&self, host: &str) -> Option<i32> {
         let pid_file = mariadbd_pid_file(&self.cfg.state_dir, host);
         let cnf = mariadbd_defaults_file(&self.cfg.state_dir, host);
-        if let Some(pid) =
-            crate::server::read_pid(&pid_file).filter(|p| crate::server::is_ours(*p, &cnf))
-        {
-            tracing::warn!(host, pid, "fencing the unreachable primary: SIGKILL");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        crate::server::read_pid(&pid_file).filter(|p| crate::server::is_ours(*p, &cnf))
     }
+
+    /// Loopback-mode fencing of an unreachable primary: `SIGKILL` to the `mariadbd` of its
+    /// pid file (only when that process runs our option file). Its node restarts it
+    /// read-only, and it follows `cluster.json` from then on. Returns false, killing
+    /// nothing, when that process is not the one last seen writable
+    /// ([`kill_fences`]): a restart, read-only from its option file and perhaps still in
+    /// crash recovery, which a kill would only interrupt.
+    fn kill_old(&self, host: &str) -> bool {
+        let Some(pid) = self.pid_of(host) else {
+            return true;
+        };
+        if !kill_fences(pid, self.writable_pid) {
+            tracing::warn!(
+                host,
+                pid,
+                "the unreachable primary restarted since it was last writable: it starts read-only, not killed"
+            );
+            return false;
+        }
+        tracing::warn!(host, pid, "fencing the unreachable primary: SIGKILL");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        true
+    }
+}
+
+/// Whether killing `running`, the pid now in an unreachable primary's pid file, fences
+/// anything: yes unless it is known to differ from `writable`, the pid of the process last
+/// seen taking writes. Every `mariadbd` starts with `read_only = ON` (its option file), so
+/// a process started since then has taken no write and takes none until the controller
+/// makes it writable. Unknown (`None`): kill, the safe side.
+fn kill_fences(running: i32, writable: Option<i32>) -> bool {
+    writable.is_none_or(|w| w == running)
 }
 
 fn namespace_of(namespaces: &[(String, String)], host: &str) -> Option<String> {
@@ -925,4 +965,18 @@ fn fence_comment(host: &str, epoch: u64) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kill_fences;
+
+    #[test]
+    fn only_the_process_seen_writable_is_killed() {
+        // The one that took writes, or one nobody recorded: killed.
+        assert!(kill_fences(4242, Some(4242)));
+        assert!(kill_fences(4242, None));
+        // A restart since (another pid): read-only from its start, left to recover.
+        assert!(!kill_fences(4300, Some(4242)));
+    }
 }

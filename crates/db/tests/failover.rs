@@ -57,6 +57,17 @@ fn controller_config(l: &Lab) -> ControllerConfig {
     c
 }
 
+/// Starts the controller and waits until the primary runs semi-synchronous replication
+/// with a healthy replica (a failover before that is refused as unsafe).
+async fn controller_with_semi_sync(l: &Lab, cfg: ControllerConfig) -> db::Controller {
+    let controller = start_controller(cfg).await.unwrap();
+    eventually("semi-synchronous replication on", 60, || async {
+        (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
+    })
+    .await;
+    controller
+}
+
 async fn client(l: &Lab, host: &str) -> DbClient {
     let cfg = ClientConfig::from_topology(
         &l.t,
@@ -180,12 +191,8 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
     let l = lab("127.110.1", 23406).await;
     let _reaper = Reaper(&l.state);
     let ccfg = controller_config(&l);
-    let controller = start_controller(ccfg).await.unwrap();
+    let controller = controller_with_semi_sync(&l, ccfg).await;
     let app = client(&l, "web-02").await;
-    eventually("semi-synchronous replication on", 60, || async {
-        (controller.status().semi_sync_ok && l.servers[1].status().healthy).then_some(())
-    })
-    .await;
 
     let load = Arc::new(Load::default());
     let stop_poll = Arc::new(AtomicBool::new(false));
@@ -398,6 +405,54 @@ async fn backup_from_the_replica_then_restore_round_trips() {
     })
     .await;
     drop(app);
+    for s in &l.servers {
+        s.stop().await;
+    }
+}
+
+/// A primary that hangs (SIGSTOP: alive, holding its connections, answering nothing) is
+/// fenced by SIGKILL in loopback mode: it is the process last seen writable. Its node
+/// restarts it read-only and it rejoins as a replica of the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_is_killed_to_fence_it() {
+    if skip("db=info") {
+        return;
+    }
+    let l = lab("127.110.4", 23436).await;
+    let _reaper = Reaper(&l.state);
+    let controller = controller_with_semi_sync(&l, controller_config(&l)).await;
+    let pid = l.servers[0].status().pid.unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    // cluster.json is written before the promotion ends; the controller's report after.
+    let last = eventually("web-02 promoted and reported", 60, || async {
+        let s = ClusterState::load(&l.state).ok()??;
+        let last = controller.status().last_failover?;
+        (s.primary == "web-02" && s.epoch == 2).then_some(last)
+    })
+    .await;
+    assert!(last.contains("unreachable, stopped"), "{last}");
+    eventually("the hung process killed", 30, || async {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // Gone, or a zombie until its parent reaps it.
+        state
+            .is_none_or(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .then_some(())
+    })
+    .await;
+    eventually("web-01 rejoined as a replica", 90, || async {
+        let o = l.servers[0].status().observed?;
+        (o.read_only && o.io_running && o.sql_running).then_some(())
+    })
+    .await;
+    controller.stop().await;
     for s in &l.servers {
         s.stop().await;
     }
