@@ -738,6 +738,25 @@ pub(crate) async fn read_body(
     }
 }
 
+/// The methods a 405 lists in `Allow` (RFC 9110 §15.5.6 requires the field): every method
+/// the load balancer forwards. CONNECT (no tunnels to arbitrary hosts) and TRACE are
+/// answered here. TRACE would echo the request as the backend received it, with the
+/// forwarding fields the load balancer added and any cookie or credential the client
+/// sent, to a script that asks for it (cross-site tracing); nginx refuses it the same way.
+const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
+
+/// 405 for `method`, with [`ALLOW`]; counted as `rejected{reason="method"}`.
+fn refuse_method(up: &Upstreams, method: &Method) -> Response<Body> {
+    let mut resp = up.reject(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method",
+        &format!("{method} is not supported"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+    resp
+}
+
 /// The forwarding service of one downstream connection (it knows the client's address).
 #[derive(Clone)]
 pub(crate) struct Proxy {
@@ -764,12 +783,8 @@ impl Proxy {
                 );
             }
         }
-        if req.method() == Method::CONNECT {
-            return up.reject(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method",
-                "CONNECT is not supported",
-            );
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            return refuse_method(up, req.method());
         }
         let path = match req.uri().path_and_query() {
             Some(pq) if pq.as_str().len() > MAX_URI_BYTES => {

@@ -332,6 +332,46 @@ async fn an_absolute_form_target_is_the_host_checked_and_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_and_connect_are_answered_405_with_allow_and_never_forwarded() {
+    // TRACE would echo the forwarding fields and the client's cookies to a script;
+    // CONNECT would make the site an open tunnel. Both get 405 with the Allow field
+    // (RFC 9110 §15.5.6) and the connection goes on.
+    let s = proxy().await;
+    let mut tcp = connect(&s).await;
+    tcp.write_all(
+        b"TRACE /echo HTTP/1.1\r\nHost: www.foobar.com\r\nCookie: session=secret\r\n\r\n\
+          CONNECT www.foobar.com:443 HTTP/1.1\r\nHost: www.foobar.com:443\r\n\r\n\
+          GET /echo HTTP/1.1\r\nHost: www.foobar.com\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answers = Answers::new(tcp);
+    for method in ["TRACE", "CONNECT"] {
+        let a = answers.next().await;
+        assert_eq!(a.status(), 405, "{method}: {a:?}");
+        assert_eq!(
+            a.field("allow"),
+            Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
+            "{method}: {a:?}"
+        );
+    }
+    let a = answers.next().await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    for method in ["TRACE", "CONNECT"] {
+        let seen = s
+            .backends
+            .iter()
+            .map(|b| b.ids(method).len())
+            .sum::<usize>();
+        assert_eq!(seen, 0, "a {method} reached a backend");
+    }
+    assert_eq!(
+        s.metric("rampart_lb_rejected_requests_total{reason=\"method\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_that_could_smuggle_a_request_is_refused_with_400() {
     let s = proxy().await;
     let shapes = [
