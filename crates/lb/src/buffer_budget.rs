@@ -76,7 +76,7 @@ impl BufferBudget {
 
     /// Takes room for `bytes` more, or `None` when the budget has not that much left;
     /// never waits.
-    pub(crate) fn try_take(&self, bytes: usize) -> Option<Held> {
+    fn try_take(&self, bytes: usize) -> Option<Held> {
         let bytes = bytes as u64;
         let total = self.inner.total;
         self.inner
@@ -91,10 +91,20 @@ impl BufferBudget {
         })
     }
 
-    /// Counts a response that could not be buffered whole, or a request body refused, for
-    /// want of budget.
-    pub(crate) fn exhausted(&self) {
-        self.exhausted.inc();
+    /// Adds room for `bytes` more to `held`, the one [`Held`] of a whole body (made by the
+    /// first piece). When the budget has not that much left, `held` is left as it is, the
+    /// want is counted in `rampart_lb_buffer_exhausted_total`, and the answer is false: the
+    /// caller streams the rest of a response, or refuses a request body. Never waits.
+    pub(crate) fn take_into(&self, held: &mut Option<Held>, bytes: usize) -> bool {
+        let Some(room) = self.try_take(bytes) else {
+            self.exhausted.inc();
+            return false;
+        };
+        match held {
+            Some(h) => h.merge(room),
+            None => *held = Some(room),
+        }
+        true
     }
 
     /// Bytes held now.
@@ -106,7 +116,7 @@ impl BufferBudget {
 
 impl Held {
     /// Adds `other` to these bytes: both come back together.
-    pub(crate) fn merge(&mut self, mut other: Held) {
+    fn merge(&mut self, mut other: Held) {
         // `other`'s bytes now come back with `self` (both are of the same budget).
         self.bytes += std::mem::take(&mut other.bytes);
     }
@@ -167,6 +177,22 @@ mod tests {
         drop((b, c));
         assert_eq!(budget.used(), 0);
         assert!(budget.try_take(10_000).is_some());
+    }
+
+    #[test]
+    fn a_body_holds_one_share_and_a_refusal_is_counted() {
+        let budget = BufferBudget::new(10_000);
+        let mut body = None;
+        assert!(budget.take_into(&mut body, 4_000));
+        assert!(budget.take_into(&mut body, 5_000));
+        assert_eq!(budget.used(), 9_000);
+        assert_eq!(budget.exhausted.get(), 0);
+        // Too much: the body keeps what it had, and the want is counted.
+        assert!(!budget.take_into(&mut body, 1_001));
+        assert_eq!(budget.used(), 9_000);
+        assert_eq!(budget.exhausted.get(), 1);
+        drop(body);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

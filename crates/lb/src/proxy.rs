@@ -723,13 +723,8 @@ pub(crate) async fn read_body(
                     if (buf.len() + data.len()) as u64 > max {
                         return Err(BodyError::TooLarge);
                     }
-                    let Some(room) = budget.try_take(data.len()) else {
-                        budget.exhausted();
+                    if !budget.take_into(&mut held, data.len()) {
                         return Err(BodyError::Busy);
-                    };
-                    match &mut held {
-                        Some(h) => h.merge(room),
-                        None => held = Some(room),
                     }
                     buf.extend_from_slice(&data);
                 }
@@ -1028,12 +1023,7 @@ async fn buffer_response(
             Ok(Some(data)) => {
                 // Out of budget, this piece (one read) is the last one held; the rest is
                 // streamed as the client reads.
-                let room = budget.try_take(data.len());
-                let spent = room.is_none();
-                match (&mut held, room) {
-                    (Some(h), Some(more)) => h.merge(more),
-                    (h, more) => *h = h.take().or(more),
-                }
+                let spent = !budget.take_into(&mut held, data.len());
                 match first.take() {
                     Some(f) => {
                         buf.extend_from_slice(&f);
@@ -1043,7 +1033,6 @@ async fn buffer_response(
                     None => buf.extend_from_slice(&data),
                 }
                 if spent {
-                    budget.exhausted();
                     break true;
                 }
             }

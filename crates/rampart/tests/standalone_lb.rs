@@ -383,13 +383,6 @@ async fn standalone_lb_serves_metrics_to_allowed_sources_only() {
         addr_after(&line, "http on "),
         addr_after(&line, "metrics on "),
     );
-    let client_from = |source: &str| {
-        reqwest::Client::builder()
-            .local_address(source.parse::<std::net::IpAddr>().unwrap())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
-    };
     let client = client_from("127.98.3.30");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut answered = 0;
@@ -427,6 +420,15 @@ async fn standalone_lb_serves_metrics_to_allowed_sources_only() {
     let _ = child.wait();
 }
 
+/// A client whose connections leave from `source` (a loopback address), 5 s timeout.
+fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
 /// `--trusted-proxy`: a request from a trusted proxy is logged as the client its
 /// X-Forwarded-For names; from any other source the field is only a claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,11 +452,7 @@ async fn standalone_lb_believes_x_forwarded_for_from_a_trusted_proxy_only() {
     );
     let http = addr_after(&line, "http on ");
     let get_from = |source: &str, xff: &str| {
-        reqwest::Client::builder()
-            .local_address(source.parse::<std::net::IpAddr>().unwrap())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
+        client_from(source)
             .get(format!("http://{http}/"))
             .header("x-forwarded-for", xff)
             .send()
