@@ -883,12 +883,7 @@ impl Proxy {
                     queued += s.queued;
                     s
                 }
-                Err(e) => {
-                    if e == QueueError::NoBackend && tried.is_empty() {
-                        tracing::warn!(side = "upstream", "no backend is available");
-                    }
-                    return up.no_slot(e, !tried.is_empty());
-                }
+                Err(e) => return up.no_slot(e, !tried.is_empty()),
             };
             let backend = slot.backend;
             let out = crate::exchange::Outgoing {

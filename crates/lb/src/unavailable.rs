@@ -15,8 +15,10 @@ pub(crate) const RETRY_AFTER_SECONDS: &str = "5";
 pub(crate) const TEXT: &str = "503 Service Unavailable: no backend server is available right now \
 (all are down, ejected or draining). This is the load balancer answering; try again in a few seconds.";
 
-/// The 503 for a request no backend can take, counted as `no_backend`.
+/// The 503 for a request (or WebSocket handshake) no backend can take, counted as
+/// `no_backend` and logged.
 pub(crate) fn no_backend(up: &Upstreams) -> Response<Body> {
+    tracing::warn!(side = "upstream", "no backend is available");
     up.reject_for_now(
         StatusCode::SERVICE_UNAVAILABLE,
         "no_backend",
