@@ -176,6 +176,31 @@ async fn check_nothing_lost(state: &Path, host: &str, load: &Load) {
     );
 }
 
+/// Sends `signal` to web-01's `mariadbd` (the primary); returns its pid.
+fn signal_primary(l: &Lab, signal: nix::sys::signal::Signal) -> i32 {
+    let pid = l.servers[0].status().pid.unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    pid
+}
+
+/// Waits until `cluster.json` names web-02 the primary of epoch 2.
+async fn web_02_promoted(l: &Lab) {
+    eventually("web-02 promoted", 60, || async {
+        let s = ClusterState::load(&l.state).ok()??;
+        (s.primary == "web-02" && s.epoch == 2).then_some(())
+    })
+    .await;
+}
+
+/// Waits until web-01 is back as a read-only replica, both replication threads running.
+async fn web_01_rejoined(l: &Lab) {
+    eventually("web-01 rejoined as a replica", 90, || async {
+        let o = l.servers[0].status().observed?;
+        (o.read_only && o.io_running && o.sql_running).then_some(())
+    })
+    .await;
+}
+
 async fn wait_acked(load: &Load, at_least: usize) {
     eventually("acknowledged writes", 60, || async {
         (load.acked.lock().unwrap().len() >= at_least).then_some(())
@@ -201,26 +226,13 @@ async fn sigkill_of_the_primary_fails_over_without_losing_a_write() {
     wait_acked(&load, 30).await;
 
     // SIGKILL the primary's mariadbd.
-    let pid = l.servers[0].status().pid.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal_primary(&l, nix::sys::signal::Signal::SIGKILL);
     let acked_at_kill = load.acked.lock().unwrap().len();
-    eventually("web-02 promoted", 60, || async {
-        let s = ClusterState::load(&l.state).ok()??;
-        (s.primary == "web-02" && s.epoch == 2).then_some(())
-    })
-    .await;
+    web_02_promoted(&l).await;
     // Writes resume on the new primary.
     wait_acked(&load, acked_at_kill + 30).await;
     // The old primary comes back by itself as a read-only replica of the new one.
-    eventually("web-01 rejoined as a replica", 90, || async {
-        let o = l.servers[0].status().observed?;
-        (o.read_only && o.io_running && o.sql_running).then_some(())
-    })
-    .await;
+    web_01_rejoined(&l).await;
     load.stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     stop_poll.store(true, Ordering::Relaxed);
@@ -421,17 +433,11 @@ async fn a_hung_primary_is_killed_to_fence_it() {
     let l = lab("127.110.4", 23436).await;
     let _reaper = Reaper(&l.state);
     let controller = controller_with_semi_sync(&l, controller_config(&l)).await;
-    let pid = l.servers[0].status().pid.unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    let pid = signal_primary(&l, nix::sys::signal::Signal::SIGSTOP);
+    web_02_promoted(&l).await;
     // cluster.json is written before the promotion ends; the controller's report after.
-    let last = eventually("web-02 promoted and reported", 60, || async {
-        let s = ClusterState::load(&l.state).ok()??;
-        let last = controller.status().last_failover?;
-        (s.primary == "web-02" && s.epoch == 2).then_some(last)
+    let last = eventually("the failover reported", 30, || async {
+        controller.status().last_failover
     })
     .await;
     assert!(last.contains("unreachable, stopped"), "{last}");
@@ -447,11 +453,7 @@ async fn a_hung_primary_is_killed_to_fence_it() {
             .then_some(())
     })
     .await;
-    eventually("web-01 rejoined as a replica", 90, || async {
-        let o = l.servers[0].status().observed?;
-        (o.read_only && o.io_running && o.sql_running).then_some(())
-    })
-    .await;
+    web_01_rejoined(&l).await;
     controller.stop().await;
     for s in &l.servers {
         s.stop().await;
